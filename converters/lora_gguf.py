@@ -1,0 +1,139 @@
+"""PEFT LoRA → GGUF LoRA: the file llama.cpp's ``llama_adapter_lora_init`` loads.
+
+llama.cpp applies ``y += (alpha / rank) · B·A·x`` per tensor with one file-wide ``adapter.lora.alpha``. PEFT's
+per-module scale (alpha/r or alpha/√r, with rank_pattern and alpha_pattern overrides) is made exact by folding
+the ratio between the two into B, so every module computes exactly what PEFT computes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from converters.architectures import BaseModelLayout, read_base_layout
+from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
+from edge_runtime import gguf_info
+from edge_runtime.atomic import atomic_output
+from edge_runtime.names import validate_name
+
+OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
+    "f32": gguf.GGMLQuantizationType.F32,
+    "f16": gguf.GGMLQuantizationType.F16,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+}
+DEFAULT_OUTTYPE = "f16"
+
+ProgressCallback = Callable[[int, int], None]
+"""Called with (bytes written so far, total bytes) while tensors are written."""
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What ``convert_peft_to_gguf`` wrote."""
+
+    output: Path
+    name: str
+    architecture: str
+    tensor_count: int
+    ranks: tuple[int, ...]
+    alpha: float
+    size_bytes: int
+    base_fingerprint: str
+
+
+@dataclass(frozen=True)
+class _PlannedTensor:
+    name: str  # GGUF name of the LoRA half, e.g. blk.0.attn_q.weight.lora_a
+    target: str  # GGUF name of the base tensor it adapts
+    pair: LoraPair
+    is_b: bool
+    qtype: gguf.GGMLQuantizationType
+
+
+def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | Path, outtype: str = DEFAULT_OUTTYPE,
+                         name: str | None = None, progress: ProgressCallback | None = None) -> ConversionResult:
+    """Convert the PEFT adapter at ``source`` (a folder or ``hf://ORG/REPO[@REV]``) for ``base`` into ``output``."""
+    if outtype not in OUTTYPES:
+        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+    output = Path(output)
+    peft_dir = resolve_peft_dir(source)
+    adapter = read_peft_adapter(peft_dir)
+    layout = read_base_layout(str(base))
+    adapter_name = validate_name(name or output.stem)
+    alpha = adapter.config.lora_alpha
+    plan = _plan(adapter, layout, OUTTYPES[outtype])
+    with atomic_output(output) as temp:
+        _write(temp, adapter, layout, adapter_name, alpha, plan, progress)
+    ranks = tuple(sorted({p.pair.rank for p in plan}))
+    return ConversionResult(output=output, name=adapter_name, architecture=layout.architecture,
+                            tensor_count=len(plan), ranks=ranks, alpha=alpha, size_bytes=output.stat().st_size,
+                            base_fingerprint=layout.fingerprint)
+
+
+def gguf_lora_b(adapter: PeftAdapter, layout: BaseModelLayout, pair: LoraPair, gguf_name: str) -> np.ndarray:
+    """B as stored in the GGUF: rows in llama.cpp's order, scaled so that llama.cpp's alpha/rank equals PEFT's."""
+    peft_scale = adapter.config.scaling_for(pair.module)
+    gguf_alpha = adapter.config.lora_alpha
+    # llama.cpp uses alpha/rank when alpha != 0, else 1.
+    llama_scale = gguf_alpha / pair.rank if gguf_alpha else 1.0
+    lora_b = layout.arrange_lora_b(gguf_name, pair.lora_b)
+    factor = peft_scale / llama_scale
+    return lora_b if factor == 1.0 else (lora_b * np.float32(factor)).astype(np.float32)
+
+
+def _plan(adapter: PeftAdapter, layout: BaseModelLayout,
+          qtype: gguf.GGMLQuantizationType) -> list[_PlannedTensor]:
+    planned: list[_PlannedTensor] = []
+    for pair in adapter.pairs:
+        target = layout.gguf_name(pair.module)
+        layout.check_shape(pair.module, target, pair.lora_a, pair.lora_b)
+        stem = target.removesuffix(".weight")
+        for is_b, matrix in ((False, pair.lora_a), (True, pair.lora_b)):
+            planned.append(_PlannedTensor(name=f"{stem}.weight.lora_{'b' if is_b else 'a'}", target=target,
+                                          pair=pair, is_b=is_b, qtype=_type_for(matrix.shape, qtype)))
+    return planned
+
+
+def _type_for(shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    # Block-quantised rows must hold whole blocks (rank-8 B rows do not); llama.cpp's converter falls back to F16.
+    block_size, _ = gguf.GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
+
+
+def _encode(matrix: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    return gguf.quants.quantize(np.ascontiguousarray(matrix, dtype=np.float32), qtype)
+
+
+def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,
+           plan: list[_PlannedTensor], progress: ProgressCallback | None) -> None:
+    writer = gguf.GGUFWriter(path, arch=layout.architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_name(adapter_name)
+    writer.add_uint32(gguf_info.KEY_FORMAT, gguf_info.FORMAT_VERSION)
+    writer.add_string(gguf_info.KEY_ADAPTER_NAME, adapter_name)
+    writer.add_string(gguf_info.KEY_BASE_FINGERPRINT, layout.fingerprint)
+    writer.add_string(gguf_info.KEY_BASE_NAME, layout.name)
+    writer.add_string(gguf_info.KEY_PEFT_CONFIG_SHA256, adapter.config_sha256)
+    encoded: list[np.ndarray] = []
+    for item in plan:
+        matrix = gguf_lora_b(adapter, layout, item.pair, item.target) if item.is_b else item.pair.lora_a
+        data = _encode(matrix, item.qtype)
+        writer.add_tensor_info(item.name, data.shape, data.dtype, data.nbytes, raw_dtype=item.qtype)
+        encoded.append(data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    total, done = sum(d.nbytes for d in encoded), 0
+    for data in encoded:
+        writer.write_tensor_data(data)
+        done += data.nbytes
+        if progress is not None:
+            progress(done, total)
+    writer.close()

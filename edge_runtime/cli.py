@@ -1,0 +1,104 @@
+"""The ``edge-rt`` command: parses arguments, calls the library, prints. No logic of its own."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from edge_runtime import __version__
+from edge_runtime.errors import EdgeRtError
+from edge_runtime.gguf_info import GGUFInfo, read_info
+from edge_runtime.models import resolve_model
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _reports_errors(command: F) -> F:
+    """Turn an ``EdgeRtError`` into one clear line on stderr and the error's exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EdgeRtError as exc:
+            click.secho(f"error: {exc}", fg="red", err=True)
+            raise SystemExit(exc.exit_code) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-rt")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """edge-rt: one resident INT4 base model, task LoRA adapters hot-applied per request."""
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command()
+@click.argument("peft_dir")
+@click.option("--base", "base", default=None, help="Base model GGUF the adapter was trained on [default: embedded].")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="GGUF LoRA file to write.")
+@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+              help="Tensor type of the written adapter.")
+@click.option("--name", default=None, help="Adapter name recorded in the file [default: OUTPUT's stem].")
+@_reports_errors
+def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: str | None) -> None:
+    """Convert a PEFT LoRA (a folder or hf://ORG/REPO[@REV]) into a GGUF LoRA for BASE."""
+    from converters import convert_peft_to_gguf
+
+    base_path = resolve_model(base)
+    with click.progressbar(length=1, label=f"writing {output.name}", file=click.get_text_stream("stderr")) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.length = total
+            bar.update(done - bar.pos)
+
+        result = convert_peft_to_gguf(peft_dir, base=base_path, output=output, outtype=outtype, name=name,
+                                      progress=progress)
+    click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
+               f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
+               f"{result.architecture}, base {result.base_fingerprint[:12]}")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path), required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_reports_errors
+def inspect(file: Path | None, as_json: bool) -> None:
+    """Show what a GGUF file is: a LoRA adapter (ranks, alpha, base) or a base model (arch, quantisation, size).
+
+    Without FILE, inspects the embedded default model.
+    """
+    info = read_info(file if file is not None else resolve_model(None))
+    summary = _summary(info)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        click.echo(f"{key.ljust(width)}  {value}")
+
+
+def _summary(info: GGUFInfo) -> dict[str, Any]:
+    common: dict[str, Any] = {
+        "path": str(info.path), "kind": info.kind, "name": info.name, "architecture": info.architecture,
+        "size_bytes": info.size_bytes, "tensor_count": info.tensor_count,
+    }
+    if info.is_adapter:
+        return common | {
+            "lora_ranks": list(info.lora_ranks), "lora_alpha": info.lora_alpha,
+            "tensor_types": sorted({t.type_name for t in info.tensors}),
+            "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get("edge_rt.base.name"),
+            "peft_config_sha256": info.metadata.get("edge_rt.peft.config_sha256"),
+        }
+    return common | {
+        "quantization": info.quantization, "parameter_count": info.parameter_count,
+        "context_length": info.context_length, "fingerprint": info.fingerprint,
+    }

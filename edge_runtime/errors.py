@@ -1,0 +1,146 @@
+"""Typed errors: one class per failure a user can act on.
+
+Every error carries the offending value, the limit it broke and the fix, and declares the HTTP status and the
+CLI exit code it maps to. Only ``cli.py`` and the server's error middleware read those two ClassVars.
+
+The tree::
+
+    EdgeRtError                                  (Exception)
+    ├── ModelNotFound                            (FileNotFoundError)   the base model file is missing
+    ├── InvalidGGUF                              (ValueError)          not a GGUF file, or a corrupt one
+    ├── SourceUnavailable                        (ConnectionError)     an hf:// source could not be resolved
+    ├── InvalidName                              (ValueError)          a name that would become a path is unsafe
+    ├── PeftAdapterError                         (ValueError)          a PEFT directory edge-rt cannot read
+    │   ├── AdapterFilesMissing                  (FileNotFoundError)   adapter_config.json / safetensors missing
+    │   ├── MalformedAdapter                                           unreadable JSON, corrupt tensors, rank mismatch
+    │   └── UnsupportedAdapterFeature            (NotImplementedError) DoRA, biases, modules_to_save, ...
+    └── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
+        └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class EdgeRtError(Exception):
+    """Base of every error edge-rt raises on purpose; ``fix`` tells the user what to do next."""
+
+    http_status: ClassVar[int] = 500
+    exit_code: ClassVar[int] = 1
+    error_type: ClassVar[str] = "edge_rt_error"
+
+    def __init__(self, message: str, *, fix: str | None = None) -> None:
+        self.message = message
+        self.fix = fix
+        super().__init__(message if fix is None else f"{message}. {fix}")
+
+
+class ModelNotFound(EdgeRtError, FileNotFoundError):
+    """The base model file does not exist (or the embedded default model is not installed)."""
+
+    http_status = 404
+    exit_code = 3
+    error_type = "model_not_found"
+
+    def __init__(self, message: str, *, path: str | None = None, fix: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, fix=fix)
+
+
+class InvalidGGUF(EdgeRtError, ValueError):
+    """A file given as GGUF is not one, or cannot be parsed."""
+
+    http_status = 400
+    exit_code = 4
+    error_type = "invalid_gguf"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path} is not a readable GGUF file: {reason}",
+                         fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`")
+
+
+class SourceUnavailable(EdgeRtError, ConnectionError):
+    """A remote source (hf://) could not be resolved: offline without a cached copy, not found, or refused."""
+
+    http_status = 502
+    exit_code = 5
+    error_type = "source_unavailable"
+
+    def __init__(self, source: str, reason: str, *, fix: str | None = None) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot fetch {source}: {reason}", fix=fix)
+
+
+class InvalidName(EdgeRtError, ValueError):
+    """A user-supplied name that would become part of a path or a key does not match the allowed pattern."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_name"
+
+    def __init__(self, name: str, pattern: str) -> None:
+        self.name = name
+        self.pattern = pattern
+        super().__init__(f"invalid name {name!r}",
+                         fix=f"Names must match {pattern} (letters, digits, '.', '_', '-'; no paths)")
+
+
+class PeftAdapterError(EdgeRtError, ValueError):
+    """A PEFT adapter directory that edge-rt cannot convert."""
+
+    http_status = 400
+    exit_code = 4
+    error_type = "invalid_adapter"
+
+
+class AdapterFilesMissing(PeftAdapterError, FileNotFoundError):
+    """The PEFT directory lacks ``adapter_config.json`` or ``adapter_model.safetensors``."""
+
+    def __init__(self, directory: str, missing: str, *, fix: str) -> None:
+        self.directory = directory
+        self.missing = missing
+        super().__init__(f"{directory}: {missing}", fix=fix)
+
+
+class MalformedAdapter(PeftAdapterError):
+    """The PEFT files exist but their content is unreadable or inconsistent."""
+
+    def __init__(self, path: str, problem: str, *, fix: str | None = None) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"{path}: {problem}", fix=fix)
+
+
+class UnsupportedAdapterFeature(PeftAdapterError, NotImplementedError):
+    """The adapter uses a PEFT feature whose math a GGUF LoRA cannot express."""
+
+    def __init__(self, feature: str, value: object, *, fix: str) -> None:
+        self.feature = feature
+        self.value = value
+        super().__init__(f"unsupported PEFT feature {feature}={value!r}", fix=fix)
+
+
+class IncompatibleAdapter(EdgeRtError, ValueError):
+    """The adapter was made for a different base model than the one it is being used with."""
+
+    http_status = 409
+    exit_code = 6
+    error_type = "incompatible_adapter"
+
+    def __init__(self, message: str, *, fix: str = "Convert the adapter with --base set to the model it was "
+                                                     "trained on, and serve it with that model") -> None:
+        super().__init__(message, fix=fix)
+
+
+class UnsupportedArchitecture(IncompatibleAdapter, NotImplementedError):
+    """The base model's architecture has no known mapping from Hugging Face module names."""
+
+    def __init__(self, architecture: str, supported: tuple[str, ...]) -> None:
+        self.architecture = architecture
+        self.supported = supported
+        super().__init__(f"base architecture {architecture!r} is not supported by the converter",
+                         fix=f"Supported architectures: {', '.join(supported)}")

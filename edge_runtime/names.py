@@ -1,0 +1,18 @@
+"""Adapter names: the one check every name passes before it becomes a key, a header value or part of a path."""
+
+from __future__ import annotations
+
+import re
+
+from edge_runtime.errors import InvalidName
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_NAME = re.compile(NAME_PATTERN)
+
+
+def validate_name(name: str) -> str:
+    """Return ``name`` unchanged when it is a safe adapter name, else raise ``InvalidName``."""
+    # fullmatch, not match: `$` would accept a trailing newline.
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in {".", ".."} or ".." in name:
+        raise InvalidName(repr(name) if not isinstance(name, str) else name, NAME_PATTERN)
+    return name
