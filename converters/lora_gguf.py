@@ -127,13 +127,15 @@ def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_na
         data = _encode(matrix, item.qtype)
         writer.add_tensor_info(item.name, data.shape, data.dtype, data.nbytes, raw_dtype=item.qtype)
         encoded.append(data)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    total, done = sum(d.nbytes for d in encoded), 0
-    for data in encoded:
-        writer.write_tensor_data(data)
-        done += data.nbytes
-        if progress is not None:
-            progress(done, total)
-    writer.close()
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        total, done = sum(d.nbytes for d in encoded), 0
+        for data in encoded:
+            writer.write_tensor_data(data)
+            done += data.nbytes
+            if progress is not None:
+                progress(done, total)
+    finally:
+        writer.close()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -55,7 +56,7 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
     from converters import convert_peft_to_gguf
 
     base_path = resolve_model(base)
-    with click.progressbar(length=1, label=f"writing {output.name}", file=click.get_text_stream("stderr")) as bar:
+    with click.progressbar(length=1, label=f"writing {output.name}", file=sys.stderr) as bar:
         def progress(done: int, total: int) -> None:
             bar.length = total
             bar.update(done - bar.pos)

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -38,13 +39,13 @@ class EngineSettings:
 class AdapterHandle:
     """A LoRA adapter loaded into llama.cpp's memory (a ``llama_adapter_lora *``)."""
 
-    def __init__(self, pointer: int, path: Path, content_id: str) -> None:
-        self._pointer: int | None = pointer
+    def __init__(self, pointer: Any, path: Path, content_id: str) -> None:
+        self._pointer: Any = pointer
         self.path = path
         self.content_id = content_id
 
     @property
-    def pointer(self) -> int:
+    def pointer(self) -> Any:
         """The raw llama.cpp pointer; raises once the adapter has been freed."""
         if self._pointer is None:
             raise EdgeRtError(f"adapter {self.path} was already freed")
@@ -87,7 +88,7 @@ class Engine:
         pointer = llama_cpp.llama_adapter_lora_init(self._llama.model, str(path).encode())
         if not pointer:
             raise InvalidGGUF(str(path), "llama.cpp refused the LoRA adapter (see its log for the tensor at fault)")
-        return AdapterHandle(int(pointer), Path(path), content_id)
+        return AdapterHandle(pointer, Path(path), content_id)
 
     def free_adapter(self, handle: AdapterHandle) -> None:
         """Release an adapter's memory, detaching it from the context first (freeing an attached one is a bug)."""
@@ -95,7 +96,7 @@ class Engine:
             return
         if any(active is handle for active, _ in self._active):
             self.set_adapters(tuple((h, s) for h, s in self._active if h is not handle))
-        llama_cpp.llama_adapter_lora_free(ctypes.c_void_p(handle.pointer))
+        llama_cpp.llama_adapter_lora_free(handle.pointer)
         handle._pointer = None
 
     def set_adapters(self, adapters: Sequence[tuple[AdapterHandle, float]]) -> bool:
@@ -104,8 +105,7 @@ class Engine:
         if key == self._active_key:
             return False
         count = len(adapters)
-        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(count, 1))(*[ctypes.c_void_p(h.pointer)
-                                                                               for h, _ in adapters])
+        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(count, 1))(*[h.pointer for h, _ in adapters])
         scales = (ctypes.c_float * max(count, 1))(*[float(s) for _, s in adapters])
         if llama_cpp.llama_set_adapters_lora(self._llama.ctx, pointers if count else None, count,
                                              scales if count else None) != 0:

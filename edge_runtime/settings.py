@@ -1,0 +1,39 @@
+"""Environment variables, read in this one module and at call time (so tests and daemons can change them).
+
+- ``EDGE_RT_HOME``: edge-rt's state folder (default ``~/.cache/edge-rt``).
+- ``EDGE_RT_OFFLINE`` / ``HF_HUB_OFFLINE``: truthy means zero network attempts.
+- ``HF_HUB_CACHE``: huggingface_hub's cache folder (huggingface_hub itself reads it only at import).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+_TRUTHY = {"1", "true", "yes", "on"}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in _TRUTHY
+
+
+def home_dir() -> Path:
+    """edge-rt's state folder: ``EDGE_RT_HOME``, else ``~/.cache/edge-rt``."""
+    configured = os.environ.get("EDGE_RT_HOME")
+    return Path(configured).expanduser() if configured else Path.home() / ".cache" / "edge-rt"
+
+
+def adapter_cache_dir() -> Path:
+    """Default folder of the device's adapter cache."""
+    return home_dir() / "adapters"
+
+
+def offline() -> bool:
+    """True when ``EDGE_RT_OFFLINE`` or ``HF_HUB_OFFLINE`` is truthy: no network attempt may be made."""
+    return _flag("EDGE_RT_OFFLINE") or _flag("HF_HUB_OFFLINE")
+
+
+def hf_cache_dir() -> Path | None:
+    """``HF_HUB_CACHE`` as set now, or None for huggingface_hub's own default."""
+    configured = os.environ.get("HF_HUB_CACHE")
+    return Path(configured).expanduser() if configured else None
