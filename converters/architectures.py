@@ -13,7 +13,8 @@ import gguf
 import numpy as np
 
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, UnsupportedArchitecture
-from edge_runtime.gguf_info import base_fingerprint, field_value, open_reader
+from edge_runtime.gguf_header import GGUFHeader, read_header
+from edge_runtime.gguf_info import base_fingerprint
 
 # Architecture name in the GGUF → whether llama.cpp's converter permuted q/k rows.
 PERMUTES_QK: dict[str, bool] = {
@@ -74,24 +75,22 @@ class BaseModelLayout:
 
 
 def read_base_layout(path: str) -> BaseModelLayout:
-    """Read the base GGUF's metadata and tensor infos (no tensor data); refuse adapters and unknown architectures."""
-    reader = open_reader(path)
-    fields = reader.fields
-    if "general.type" in fields and field_value(fields["general.type"]) == "adapter":
+    """Read the base GGUF's header (no tensor data); refuse adapters and unknown architectures."""
+    header = read_header(path)
+    if header.value("general.type") == "adapter":
         raise InvalidGGUF(path, "this is a LoRA adapter, not a base model")
-    architecture = str(field_value(fields["general.architecture"])) if "general.architecture" in fields else ""
+    architecture = str(header.value("general.architecture", ""))
     if architecture not in PERMUTES_QK:
         raise UnsupportedArchitecture(architecture or "<missing>", SUPPORTED_ARCHITECTURES)
-    block_count = _int_field(reader, path, f"{architecture}.block_count")
-    head_count = _int_field(reader, path, f"{architecture}.attention.head_count")
+    block_count = _int_field(header, f"{architecture}.block_count")
+    head_count = _int_field(header, f"{architecture}.attention.head_count")
     kv_key = f"{architecture}.attention.head_count_kv"
-    head_count_kv = _int_field(reader, path, kv_key) if kv_key in fields else head_count
+    head_count_kv = _int_field(header, kv_key) if kv_key in header.fields else head_count
     return BaseModelLayout(
-        path=path, architecture=architecture,
-        name=str(field_value(fields["general.name"])) if "general.name" in fields else architecture,
+        path=path, architecture=architecture, name=str(header.value("general.name", architecture)),
         block_count=block_count, head_count=head_count, head_count_kv=head_count_kv,
-        tensor_shapes={t.name: tuple(int(d) for d in t.shape) for t in reader.tensors},
-        fingerprint=base_fingerprint(reader),
+        tensor_shapes={t.name: t.shape for t in header.tensors},
+        fingerprint=base_fingerprint(header),
         tensor_map=gguf.get_tensor_name_map(_ARCH_BY_NAME[architecture], block_count),
     )
 
@@ -114,10 +113,10 @@ def _module_spellings(module: str) -> list[str]:
     return spellings
 
 
-def _int_field(reader: gguf.GGUFReader, path: str, key: str) -> int:
-    if key not in reader.fields:
-        raise InvalidGGUF(path, f"metadata key {key} is missing")
-    value = field_value(reader.fields[key])
+def _int_field(header: GGUFHeader, key: str) -> int:
+    value = header.value(key)
+    if value is None:
+        raise InvalidGGUF(str(header.path), f"metadata key {key} is missing")
     if isinstance(value, list):
-        raise InvalidGGUF(path, f"{key} varies per layer, which the converter does not support")
+        raise InvalidGGUF(str(header.path), f"{key} varies per layer, which the converter does not support")
     return int(value)

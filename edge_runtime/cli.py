@@ -95,7 +95,7 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
     if info.is_adapter:
         return common | {
             "lora_ranks": list(info.lora_ranks), "lora_alpha": info.lora_alpha,
-            "tensor_types": sorted({t.type_name for t in info.tensors}),
+            "tensor_types": list(info.tensor_types),
             "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get("edge_rt.base.name"),
             "peft_config_sha256": info.metadata.get("edge_rt.peft.config_sha256"),
         }

@@ -2,7 +2,7 @@
 
 The fingerprint identifies a base model's lineage (architecture, hyper-parameters, vocabulary, tensor names and
 shapes, and the model's base name/fine-tune/size labels) and deliberately ignores quantisation: a LoRA trained on
-a model applies to every quantisation of it. It reads metadata only, so it costs milliseconds on multi-GB files.
+a model applies to every quantisation of it. It reads the header only, so it costs milliseconds on multi-GB files.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import gguf
-import numpy as np
 
 from edge_runtime.errors import InvalidGGUF
+from edge_runtime.gguf_header import GGUFHeader, HeaderTensor, read_header
 
 KEY_FORMAT = "edge_rt.format_version"
 KEY_ADAPTER_NAME = "edge_rt.adapter.name"
@@ -27,16 +27,6 @@ FORMAT_VERSION = 1
 _FINGERPRINT_GENERAL_KEYS = ("general.architecture", "general.basename", "general.finetune", "general.size_label",
                              "general.version")
 _FINGERPRINT_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
-
-
-@dataclass(frozen=True)
-class TensorSummary:
-    """One tensor's name, GGML type name and dimensions in GGUF order (ne[0] first)."""
-
-    name: str
-    type_name: str
-    shape: tuple[int, ...]
-    n_bytes: int
 
 
 @dataclass(frozen=True)
@@ -52,7 +42,7 @@ class GGUFInfo:
     tensor_bytes: int
     parameter_count: int
     metadata: dict[str, Any] = field(repr=False)
-    tensors: tuple[TensorSummary, ...] = field(repr=False)
+    tensors: tuple[HeaderTensor, ...] = field(repr=False)
     fingerprint: str | None  # a base model's own fingerprint; None for adapters
 
     @property
@@ -64,6 +54,11 @@ class GGUFInfo:
     def lora_ranks(self) -> tuple[int, ...]:
         """Distinct LoRA ranks of an adapter's tensors (ne[1] of each lora_a)."""
         return tuple(sorted({t.shape[1] for t in self.tensors if t.name.endswith(".lora_a")}))
+
+    @property
+    def tensor_types(self) -> tuple[str, ...]:
+        """Distinct GGML type names of the tensors, e.g. ``("F16", "Q8_0")``."""
+        return tuple(sorted({t.ggml_type.name for t in self.tensors}))
 
     @property
     def lora_alpha(self) -> float | None:
@@ -95,72 +90,42 @@ class GGUFInfo:
             return f"file_type {value}"
 
 
-def open_reader(path: Path | str) -> gguf.GGUFReader:
-    """Open ``path`` with gguf's memory-mapped reader; raise ``InvalidGGUF`` when it is not a GGUF file."""
-    path = Path(path)
-    if not path.is_file():
-        raise InvalidGGUF(str(path), "no such file")
-    with path.open("rb") as handle:
-        if handle.read(4) != b"GGUF":
-            raise InvalidGGUF(str(path), "the file does not start with the GGUF magic bytes")
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, IndexError, OSError, KeyError) as exc:
-        raise InvalidGGUF(str(path), f"truncated or corrupt ({exc})") from exc
+def read_metadata(header: GGUFHeader) -> dict[str, Any]:
+    """All metadata values; arrays too long to decode become a ``<array of N>`` note."""
+    return {key: f"<array of {f.count}>" if f.value is None else f.value for key, f in header.fields.items()}
 
 
-def field_value(reader_field: gguf.ReaderField) -> Any:
-    """The Python value of one GGUF metadata field (str, int, float, bool or list)."""
-    return reader_field.contents()
-
-
-def read_metadata(reader: gguf.GGUFReader, *, skip_large_arrays: bool = True) -> dict[str, Any]:
-    """All metadata fields as Python values; arrays over 64 entries become a ``<array of N>`` note by default."""
-    result: dict[str, Any] = {}
-    for key, reader_field in reader.fields.items():
-        if key.startswith("GGUF."):
-            continue
-        if skip_large_arrays and reader_field.types and reader_field.types[0] == gguf.GGUFValueType.ARRAY \
-                and len(reader_field.data) > 64:
-            result[key] = f"<array of {len(reader_field.data)}>"
-            continue
-        result[key] = field_value(reader_field)
-    return result
-
-
-def base_fingerprint(reader: gguf.GGUFReader) -> str:
+def base_fingerprint(header: GGUFHeader) -> str:
     """sha256 (hex) of a base model's identity: lineage labels, hyper-parameters, vocabulary, tensor shapes."""
-    arch = str(field_value(reader.fields["general.architecture"]))
+    arch = str(header.value("general.architecture", ""))
+    if not arch:
+        raise InvalidGGUF(str(header.path), "general.architecture is missing")
     digest = hashlib.sha256(b"edge-rt base fingerprint v1\n")
-    keys = [k for k in reader.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
+    keys = [k for k in header.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
             or k.startswith(f"{arch}.")]
     for key in sorted(keys):
-        reader_field = reader.fields[key]
-        digest.update(key.encode() + b"\0" + bytes(str([int(t) for t in reader_field.types]), "ascii"))
-        for index in reader_field.data:
-            digest.update(np.ascontiguousarray(reader_field.parts[index]).tobytes())
-    for tensor in sorted(reader.tensors, key=lambda t: t.name):
-        digest.update(f"{tensor.name}:{','.join(str(int(d)) for d in tensor.shape)}\n".encode())
+        item = header.fields[key]
+        digest.update(f"{key}:{int(item.value_type)}:{len(item.raw)}\n".encode())
+        digest.update(item.raw)
+    for tensor in sorted(header.tensors, key=lambda t: t.name):
+        digest.update(f"{tensor.name}:{','.join(map(str, tensor.shape))}\n".encode())
     return digest.hexdigest()
 
 
 def read_info(path: Path | str) -> GGUFInfo:
     """Read what ``inspect`` shows about ``path``: kind, architecture, tensors, sizes and identity."""
     path = Path(path)
-    reader = open_reader(path)
-    metadata = read_metadata(reader)
+    header = read_header(path)
+    metadata = read_metadata(header)
     architecture = str(metadata.get("general.architecture", ""))
     if not architecture:
         raise InvalidGGUF(str(path), "general.architecture is missing")
     kind = "adapter" if metadata.get("general.type") == "adapter" else "model"
-    tensors = tuple(TensorSummary(name=t.name, type_name=t.tensor_type.name,
-                                  shape=tuple(int(d) for d in t.shape), n_bytes=int(t.n_bytes))
-                    for t in reader.tensors)
     return GGUFInfo(
         path=path, size_bytes=path.stat().st_size, kind=kind, architecture=architecture,
         name=str(metadata.get(KEY_ADAPTER_NAME) or metadata.get("general.name") or path.stem),
-        tensor_count=len(tensors), tensor_bytes=sum(t.n_bytes for t in tensors),
-        parameter_count=sum(int(t.n_elements) for t in reader.tensors),
-        metadata=metadata, tensors=tensors,
-        fingerprint=None if kind == "adapter" else base_fingerprint(reader),
+        tensor_count=len(header.tensors), tensor_bytes=sum(t.n_bytes for t in header.tensors),
+        parameter_count=sum(t.n_elements for t in header.tensors),
+        metadata=metadata, tensors=header.tensors,
+        fingerprint=None if kind == "adapter" else base_fingerprint(header),
     )

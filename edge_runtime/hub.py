@@ -7,10 +7,10 @@ Sources are written ``hf://ORG/REPO[@REVISION]`` (an adapter directory) or ``hf:
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from edge_runtime import settings
 from edge_runtime.errors import SourceUnavailable

@@ -103,7 +103,7 @@ def test_outtype_sets_tensor_types_with_f16_fallback_for_short_rows(tmp_path: Pa
                                                                      a_type: str, b_type: str) -> None:
     out = tmp_path / "a.gguf"
     convert_peft_to_gguf(write_peft_dir(tmp_path / "peft"), base=base_model, output=out, outtype=outtype)
-    types = {t.name: t.type_name for t in read_info(out).tensors}
+    types = {t.name: t.ggml_type.name for t in read_info(out).tensors}
     assert types["blk.0.attn_q.weight.lora_a"] == a_type
     # rank-8 B rows (8 values) cannot hold a 32-value Q8_0 block.
     assert types["blk.0.attn_q.weight.lora_b"] == b_type

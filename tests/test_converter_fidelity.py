@@ -19,8 +19,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from converters import architectures, convert_peft_to_gguf  # noqa: E402
-from edge_runtime.engine import Engine  # noqa: E402
+from converters import architectures, convert_peft_to_gguf
+from edge_runtime.engine import Engine
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

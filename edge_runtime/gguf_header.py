@@ -1,0 +1,190 @@
+"""A fast, bounded reader for the GGUF header: metadata key/values and tensor infos, never tensor data.
+
+gguf's ``GGUFReader`` builds a numpy view per array element, which costs 2-4 s on SmolLM2's 49k-token vocabulary
+and ~10 s on Llama 3's; edge-rt reads base-model headers at every conversion and every daemon start. This reader
+walks the same layout (GGUF v2/v3, little-endian) with ``struct`` over a memory map, decodes scalars and short
+arrays, and keeps long arrays as raw bytes. Every count and length is checked against the file size.
+"""
+
+from __future__ import annotations
+
+import mmap
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
+
+from edge_runtime.errors import InvalidGGUF
+
+MAGIC = b"GGUF"
+DEFAULT_ALIGNMENT = 32
+DECODED_ARRAY_LIMIT = 64  # longer arrays (vocabularies, merges) stay raw bytes
+_MAX_COUNT = 1 << 24
+
+_SCALARS: dict[GGUFValueType, struct.Struct] = {
+    GGUFValueType.UINT8: struct.Struct("<B"), GGUFValueType.INT8: struct.Struct("<b"),
+    GGUFValueType.UINT16: struct.Struct("<H"), GGUFValueType.INT16: struct.Struct("<h"),
+    GGUFValueType.UINT32: struct.Struct("<I"), GGUFValueType.INT32: struct.Struct("<i"),
+    GGUFValueType.FLOAT32: struct.Struct("<f"), GGUFValueType.BOOL: struct.Struct("<?"),
+    GGUFValueType.UINT64: struct.Struct("<Q"), GGUFValueType.INT64: struct.Struct("<q"),
+    GGUFValueType.FLOAT64: struct.Struct("<d"),
+}
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+
+
+@dataclass(frozen=True)
+class HeaderField:
+    """One metadata key/value: its types, its raw value bytes, and its decoded value (None for long arrays)."""
+
+    key: str
+    value_type: GGUFValueType
+    item_type: GGUFValueType | None  # for arrays
+    count: int  # array length; 1 for scalars and strings
+    raw: bytes  # the value exactly as stored (array header included)
+    value: Any
+
+
+@dataclass(frozen=True)
+class HeaderTensor:
+    """One tensor info: name, dimensions in GGUF order (ne[0] first), GGML type and size in bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: GGMLQuantizationType
+    n_elements: int
+    n_bytes: int
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """Everything before a GGUF file's tensor data."""
+
+    path: Path
+    version: int
+    fields: dict[str, HeaderField]
+    tensors: tuple[HeaderTensor, ...]
+
+    def value(self, key: str, default: Any = None) -> Any:
+        """The decoded value of ``key``, or ``default`` when absent."""
+        found = self.fields.get(key)
+        return default if found is None else found.value
+
+
+def read_header(path: Path | str) -> GGUFHeader:
+    """Parse ``path``'s GGUF header; raise ``InvalidGGUF`` for anything that is not a well-formed GGUF file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidGGUF(str(path), "no such file")
+    with path.open("rb") as handle:
+        if handle.read(4) != MAGIC:
+            raise InvalidGGUF(str(path), "the file does not start with the GGUF magic bytes")
+        with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
+            try:
+                return _Parser(path, view).parse()
+            except (struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
+                raise InvalidGGUF(str(path), f"truncated or corrupt header ({exc})") from exc
+
+
+class _Parser:
+    def __init__(self, path: Path, view: mmap.mmap) -> None:
+        self.path = path
+        self.view = view
+        self.offset = 4
+
+    def parse(self) -> GGUFHeader:
+        version = self._unpack(_U32)
+        if version not in (2, 3):
+            detail = "big-endian files are not supported" if version > 0xFFFF else f"version {version}"
+            raise InvalidGGUF(str(self.path), f"unsupported GGUF {detail}")
+        n_tensors, n_fields = self._count(), self._count()
+        fields: dict[str, HeaderField] = {}
+        for _ in range(n_fields):
+            item = self._field()
+            fields[item.key] = item
+        tensors = tuple(self._tensor() for _ in range(n_tensors))
+        return GGUFHeader(path=self.path, version=version, fields=fields, tensors=tensors)
+
+    def _unpack(self, layout: struct.Struct) -> Any:
+        if self.offset + layout.size > len(self.view):
+            raise InvalidGGUF(str(self.path), f"truncated header at byte {self.offset}")
+        (value,) = layout.unpack_from(self.view, self.offset)
+        self.offset += layout.size
+        return value
+
+    def _count(self) -> int:
+        count = int(self._unpack(_U64))
+        if count > _MAX_COUNT:
+            raise InvalidGGUF(str(self.path), f"implausible count {count} at byte {self.offset - 8}")
+        return count
+
+    def _string(self) -> str:
+        length = int(self._unpack(_U64))
+        end = self.offset + length
+        if end > len(self.view):
+            raise InvalidGGUF(str(self.path), f"string of {length} bytes runs past the end of the file")
+        text = bytes(self.view[self.offset:end]).decode("utf-8")
+        self.offset = end
+        return text
+
+    def _value_type(self) -> GGUFValueType:
+        code = self._unpack(_U32)
+        try:
+            return GGUFValueType(code)
+        except ValueError:
+            raise InvalidGGUF(str(self.path), f"unknown value type {code} at byte {self.offset - 4}") from None
+
+    def _field(self) -> HeaderField:
+        key = self._string()
+        value_type = self._value_type()
+        start = self.offset
+        item_type, count, value = None, 1, self._value(value_type)
+        if value_type == GGUFValueType.ARRAY:
+            item_type, count, value = value
+        return HeaderField(key=key, value_type=value_type, item_type=item_type, count=count,
+                           raw=bytes(self.view[start:self.offset]), value=value)
+
+    def _value(self, value_type: GGUFValueType) -> Any:
+        if value_type == GGUFValueType.STRING:
+            return self._string()
+        if value_type == GGUFValueType.ARRAY:
+            item_type = self._value_type()
+            count = self._count()
+            if count <= DECODED_ARRAY_LIMIT:
+                return item_type, count, [self._value(item_type) for _ in range(count)]
+            self._skip(item_type, count)
+            return item_type, count, None
+        return self._unpack(_SCALARS[value_type])
+
+    def _skip(self, item_type: GGUFValueType, count: int) -> None:
+        if item_type == GGUFValueType.STRING:
+            for _ in range(count):
+                self.offset += 8 + int(_U64.unpack_from(self.view, self.offset)[0])
+        elif item_type == GGUFValueType.ARRAY:
+            for _ in range(count):
+                self._value(GGUFValueType.ARRAY)
+        else:
+            self.offset += _SCALARS[item_type].size * count
+        if self.offset > len(self.view):
+            raise InvalidGGUF(str(self.path), "an array runs past the end of the file")
+
+    def _tensor(self) -> HeaderTensor:
+        name = self._string()
+        n_dims = self._unpack(_U32)
+        if n_dims > 8:
+            raise InvalidGGUF(str(self.path), f"tensor {name!r} has {n_dims} dimensions")
+        shape = tuple(int(self._unpack(_U64)) for _ in range(n_dims))
+        code = self._unpack(_U32)
+        self._unpack(_U64)  # data offset: tensor data is never read here
+        try:
+            ggml_type = GGMLQuantizationType(code)
+        except ValueError:
+            raise InvalidGGUF(str(self.path), f"tensor {name!r} has unknown type {code}") from None
+        n_elements = 1
+        for dim in shape:
+            n_elements *= dim
+        block_size, type_size = GGML_QUANT_SIZES[ggml_type]
+        return HeaderTensor(name=name, shape=shape, ggml_type=ggml_type, n_elements=n_elements,
+                            n_bytes=n_elements // block_size * type_size)
