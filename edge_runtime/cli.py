@@ -16,6 +16,7 @@ from edge_runtime import __version__
 from edge_runtime.errors import EdgeRtError
 from edge_runtime.gguf_info import GGUFInfo, read_info
 from edge_runtime.models import resolve_model
+from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -103,3 +104,35 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
         "quantization": info.quantization, "parameter_count": info.parameter_count,
         "context_length": info.context_length, "fingerprint": info.fingerprint,
     }
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+@_reports_errors
+def profiles(ctx: click.Context) -> None:
+    """List the device profiles: the shipped ones and `auto` (this machine, the default)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    header = ("name", "aliases", "ram", "budget", "cache", "ctx", "gpu layers", "download")
+    rows = [header, *(_profile_row(profile) for profile in list_profiles())]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+
+
+@profiles.command("show")
+@click.argument("name_or_path")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@_reports_errors
+def show_profile(name_or_path: str, as_json: bool) -> None:
+    """Print one profile (a name, an alias, or a path to a .toml file) as TOML you can copy and edit, or JSON."""
+    profile = load_profile(name_or_path)
+    click.echo(json.dumps(profile.to_dict(), indent=2) if as_json else profile.to_toml().rstrip("\n"))
+
+
+def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
+    cap = profile.network.max_download_kbps
+    download = (f"{cap} kbps" if cap else "unlimited") + (", metered" if profile.network.metered else "")
+    return (profile.name, ", ".join(profile.aliases) or "-", f"{profile.memory.ram_mb} MiB",
+            f"{profile.memory.runtime_budget_mb} MiB", f"{profile.storage.adapter_cache_mb} MiB",
+            str(profile.compute.ctx), str(profile.compute.gpu_layers), download)

@@ -14,8 +14,10 @@ The tree::
     │   ├── AdapterFilesMissing                  (FileNotFoundError)   adapter_config.json / safetensors missing
     │   ├── MalformedAdapter                                           unreadable JSON, corrupt tensors, rank mismatch
     │   └── UnsupportedAdapterFeature            (NotImplementedError) DoRA, biases, modules_to_save, ...
-    └── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
-        └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
+    ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
+    │   └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
+    ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
+    └── ProfileNotFound                          (LookupError)         no device profile by that name or path
 """
 
 from __future__ import annotations
@@ -144,3 +146,34 @@ class UnsupportedArchitecture(IncompatibleAdapter, NotImplementedError):
         self.supported = supported
         super().__init__(f"base architecture {architecture!r} is not supported by the converter",
                          fix=f"Supported architectures: {', '.join(supported)}")
+
+class InvalidProfile(EdgeRtError, ValueError):
+    """A device profile (a shipped file or one the user wrote) breaks the schema; ``field`` is its dotted key."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_profile"
+
+    def __init__(self, source: str, field: str | None, problem: str, *, value: object = None,
+                 fix: str = "Fix that key; `edge-rt profiles show jetson` prints a complete, valid profile") -> None:
+        self.source = source
+        self.field = field
+        self.value = value  # None when the key is missing (TOML has no null)
+        self.problem = problem
+        where = source if field is None else f"{source}: {field}" + ("" if value is None else f" = {value!r}")
+        super().__init__(f"{where}: {problem}", fix=fix)
+
+
+class ProfileNotFound(EdgeRtError, LookupError):
+    """No shipped device profile has that name or alias, or the profile file given as a path does not exist."""
+
+    http_status = 404
+    exit_code = 2
+    error_type = "profile_not_found"
+
+    def __init__(self, name: str, available: tuple[str, ...], *, problem: str = "no such device profile") -> None:
+        self.name = name
+        self.available = available
+        super().__init__(f"{name!r}: {problem}",
+                         fix=f"Use one of {', '.join(available)}, or a path to a .toml profile file")
+
