@@ -14,6 +14,11 @@ The tree::
     │   ├── AdapterFilesMissing                  (FileNotFoundError)   adapter_config.json / safetensors missing
     │   ├── MalformedAdapter                                           unreadable JSON, corrupt tensors, rank mismatch
     │   └── UnsupportedAdapterFeature            (NotImplementedError) DoRA, biases, modules_to_save, ...
+    ├── AdapterNotFound                          (LookupError)         no adapter by that name is known
+    ├── BudgetExceeded                           (MemoryError)         an adapter cannot fit the memory budget
+    ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
+    ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
+    ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
     ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
     │   └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
     ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
@@ -147,6 +152,7 @@ class UnsupportedArchitecture(IncompatibleAdapter, NotImplementedError):
         super().__init__(f"base architecture {architecture!r} is not supported by the converter",
                          fix=f"Supported architectures: {', '.join(supported)}")
 
+
 class InvalidProfile(EdgeRtError, ValueError):
     """A device profile (a shipped file or one the user wrote) breaks the schema; ``field`` is its dotted key."""
 
@@ -177,3 +183,86 @@ class ProfileNotFound(EdgeRtError, LookupError):
         super().__init__(f"{name!r}: {problem}",
                          fix=f"Use one of {', '.join(available)}, or a path to a .toml profile file")
 
+
+class AdapterNotFound(EdgeRtError, LookupError):
+    """No adapter by that name is registered (never silently replaced by the base model)."""
+
+    http_status = 404
+    exit_code = 3
+    error_type = "adapter_not_found"
+
+    def __init__(self, name: str, known: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
+        super().__init__(f"unknown adapter {name!r}", fix=f"Known adapters: {listing}")
+
+
+class BudgetExceeded(EdgeRtError, MemoryError):
+    """An adapter cannot be made resident within the adapter memory budget, even after evicting what may go."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "budget_exceeded"
+
+    def __init__(self, name: str, *, needed_bytes: int, budget_bytes: int, evictable_bytes: int,
+                 held_bytes: int) -> None:
+        self.name = name
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.evictable_bytes = evictable_bytes
+        self.held_bytes = held_bytes
+        mib = 1 << 20
+        super().__init__(
+            f"adapter {name!r} needs {needed_bytes / mib:.1f} MiB but the adapter budget is "
+            f"{budget_bytes / mib:.1f} MiB with {held_bytes / mib:.1f} MiB held by pinned or in-use adapters",
+            fix="Wait for running requests, unpin adapters, use a smaller adapter or a profile with a larger "
+                "runtime_budget_mb (see `edge-rt plan`)")
+
+
+class ContextOverflow(EdgeRtError, ValueError):
+    """The prompt leaves no room to generate in the context window."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "context_length_exceeded"
+
+    def __init__(self, *, prompt_tokens: int, context_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.context_tokens = context_tokens
+        super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {context_tokens}",
+                         fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)")
+
+
+class InvalidTransition(EdgeRtError, RuntimeError):
+    """An adapter was asked to move between lifecycle states in an order the lifecycle forbids."""
+
+    http_status = 409
+    exit_code = 1
+    error_type = "invalid_state"
+
+    def __init__(self, name: str, current: str, requested: str) -> None:
+        self.name = name
+        self.current = current
+        self.requested = requested
+        super().__init__(f"adapter {name!r} cannot go from {current} to {requested}",
+                         fix="Wait until it is no longer in use, or evict it first")
+
+
+class BaseDoesNotFit(EdgeRtError, MemoryError):
+    """The base model with its KV cache and buffers needs more than the profile's runtime budget."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "budget_exceeded"
+
+    def __init__(self, *, needed_bytes: int, budget_bytes: int, kv_cache_bytes: int, profile: str) -> None:
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.kv_cache_bytes = kv_cache_bytes
+        self.profile = profile
+        mib = 1 << 20
+        super().__init__(
+            f"the base model needs {needed_bytes / mib:.1f} MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but "
+            f"profile {profile!r} allows {budget_bytes / mib:.1f} MiB",
+            fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), a smaller model or another profile")

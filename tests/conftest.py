@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,3 +32,63 @@ def eval_engine(base_model: Path) -> Iterator[object]:
     engine = Engine(base_model, EngineSettings(n_ctx=128, n_batch=128, logits_all=True))
     yield engine
     engine.close()
+
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="session")
+def adapter_files(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> list[Path]:
+    """Five ~19.5 MB adapters (all linear layers, rank 16, f32), converted from PEFT folders as a user would."""
+    from peft_dirs import lora_tensors, write_peft_dir
+
+    from converters import convert_peft_to_gguf
+
+    folder = tmp_path_factory.mktemp("adapters")
+    paths = []
+    for index, name in enumerate(["legal-review", "brand-voice", "json-extract", "summarise", "translate-fr"]):
+        # A gain of 3 makes each adapter change greedy output visibly, so mix-ups cannot pass unnoticed.
+        tensors = {k: v * 3 for k, v in lora_tensors(ALL_LINEAR, rank=16, layers=range(30), seed=index).items()}
+        peft_dir = write_peft_dir(folder / f"peft-{name}", tensors=tensors, r=16, lora_alpha=32,
+                                  target_modules=ALL_LINEAR)
+        paths.append(convert_peft_to_gguf(peft_dir, base=base_model, output=folder / f"{name}.gguf",
+                                          outtype="f32").output)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """Write a device profile TOML (the schema users write) and return its path."""
+    folder = tmp_path_factory.mktemp("profiles")
+
+    def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384) -> Path:
+        path = folder / f"{name}.toml"
+        path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb))
+        return path
+
+    return write
+
+
+_PROFILE = """
+name = "{name}"
+description = "test device"
+aliases = []
+
+[memory]
+ram_mb = {ram_mb}
+runtime_budget_mb = {budget_mb}
+
+[storage]
+adapter_cache_mb = 1024
+
+[compute]
+threads = 2
+gpu_layers = 0
+ctx = {ctx}
+batch = {batch}
+kv_type = "f16"
+
+[network]
+max_download_kbps = 0
+metered = false
+"""

@@ -55,7 +55,8 @@ def test_lora_a_is_copied_exactly_and_lora_b_rows_are_rope_permuted(tmp_path: Pa
     convert_peft_to_gguf(peft_dir, base=base_model, output=out, outtype="f32")
     reader = gguf.GGUFReader(out)
     prefix = "base_model.model.model.layers.0.self_attn"
-    np.testing.assert_array_equal(tensor(reader, "blk.0.attn_q.weight.lora_a"), source[f"{prefix}.q_proj.lora_A.weight"])
+    np.testing.assert_array_equal(tensor(reader, "blk.0.attn_q.weight.lora_a"),
+                                  source[f"{prefix}.q_proj.lora_A.weight"])
     b_k = source[f"{prefix}.k_proj.lora_B.weight"]
     # k has 3 heads of 64 rows: llama.cpp interleaves each head's two halves (row i of half 0, row i of half 1, ...).
     expected = b_k.reshape(3, 2, 32, 8).swapaxes(1, 2).reshape(192, 8)

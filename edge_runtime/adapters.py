@@ -1,0 +1,340 @@
+"""The adapter manager: which adapters are known, cached on disk, resident in memory, and active on the context.
+
+Lifecycle (an Enum with guarded transitions)::
+
+    REMOTE → DOWNLOADING → CACHED → RESIDENT → ACTIVE
+               ↘ REMOTE     ↖ (evict)    ↖ (last user done)
+
+Resident adapters live under a byte budget. ``hold`` makes an adapter resident — evicting least-recently-used
+adapters that are neither pinned nor used by a running generation — and counts the caller as a user until
+``release``. Concurrent requests for one adapter share one load. Before llama.cpp sees a file, its edge-rt base
+fingerprint is compared with the resident base model's (``IncompatibleAdapter`` on mismatch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from edge_runtime import budget
+from edge_runtime.engine import AdapterHandle, Engine
+from edge_runtime.errors import AdapterNotFound, BudgetExceeded, IncompatibleAdapter, InvalidTransition
+from edge_runtime.gguf_header import GGUFHeader, read_header
+from edge_runtime.gguf_info import KEY_BASE_FINGERPRINT
+from edge_runtime.names import validate_name
+
+MAX_COMPOSED_ADAPTERS = 4
+
+
+class AdapterState(Enum):
+    """Where an adapter is: only on the CDN, being downloaded, on disk, in memory, or applied to the context."""
+
+    REMOTE = "remote"
+    DOWNLOADING = "downloading"
+    CACHED = "cached"
+    RESIDENT = "resident"
+    ACTIVE = "active"
+
+
+_TRANSITIONS: dict[AdapterState, frozenset[AdapterState]] = {
+    AdapterState.REMOTE: frozenset({AdapterState.DOWNLOADING}),
+    AdapterState.DOWNLOADING: frozenset({AdapterState.CACHED, AdapterState.REMOTE}),
+    AdapterState.CACHED: frozenset({AdapterState.RESIDENT, AdapterState.REMOTE}),
+    AdapterState.RESIDENT: frozenset({AdapterState.ACTIVE, AdapterState.CACHED}),
+    AdapterState.ACTIVE: frozenset({AdapterState.RESIDENT}),
+}
+
+
+@dataclass
+class AdapterEntry:
+    """One known adapter and its bookkeeping (mutated only under the manager's lock)."""
+
+    name: str
+    path: Path
+    sha256: str
+    size_bytes: int
+    resident_bytes: int
+    state: AdapterState = AdapterState.CACHED
+    pinned: bool = False
+    users: int = 0
+    last_used: float = 0.0
+    handle: AdapterHandle | None = field(default=None, repr=False)
+    loading: Future[AdapterHandle] | None = field(default=None, repr=False)
+
+    def move_to(self, state: AdapterState) -> None:
+        """Change state, refusing transitions the lifecycle does not allow."""
+        if state not in _TRANSITIONS[self.state]:
+            raise InvalidTransition(self.name, self.state.value, state.value)
+        self.state = state
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A snapshot of one adapter for listings (``/v1/adapters``, ``edge-rt`` output)."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    resident_bytes: int
+    state: str
+    pinned: bool
+    users: int
+    last_used: float
+
+
+@dataclass
+class ManagerStats:
+    """Counters for /metrics: loads, evictions and the time loads took."""
+
+    loads: int = 0
+    evictions: int = 0
+    load_seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    """An adapter a generation may use until its lease is released."""
+
+    name: str
+    sha256: str
+    scale: float
+    handle: AdapterHandle
+
+
+class AdapterManager:
+    """Keeps adapters resident under ``budget_bytes``, loading on demand and evicting the least recently used."""
+
+    def __init__(self, engine: Engine, *, budget_bytes: int, base_header: GGUFHeader, base_fingerprint: str) -> None:
+        self.engine = engine
+        self.budget_bytes = budget_bytes
+        self.stats = ManagerStats()
+        self._base_header = base_header
+        self._base_fingerprint = base_fingerprint
+        self._base_shapes = {t.name: t.shape for t in base_header.tensors}
+        self._entries: dict[str, AdapterEntry] = {}
+        self._lock = threading.Lock()
+
+    # -- registry -------------------------------------------------------------------------------------------------
+
+    def add(self, name: str, path: Path | str, *, sha256: str | None = None) -> AdapterInfo:
+        """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
+        validate_name(name)
+        path = Path(path)
+        header = read_header(path)
+        self._check_compatible(name, header)
+        entry = AdapterEntry(name=name, path=path, sha256=sha256 or _file_sha256(path),
+                             size_bytes=path.stat().st_size, resident_bytes=sum(t.n_bytes for t in header.tensors))
+        with self._lock:
+            previous = self._entries.get(name)
+            if previous is not None and previous.state in (AdapterState.RESIDENT, AdapterState.ACTIVE):
+                raise InvalidTransition(name, previous.state.value, "replaced")
+            self._entries[name] = entry
+        return self._info(entry)
+
+    def add_directory(self, directory: Path | str) -> list[AdapterInfo]:
+        """Register every ``NAME.gguf`` in ``directory``."""
+        return [self.add(path.stem, path) for path in sorted(Path(directory).glob("*.gguf"))]
+
+    def names(self) -> list[str]:
+        """Names of all known adapters."""
+        with self._lock:
+            return sorted(self._entries)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Snapshots of all known adapters, by name."""
+        with self._lock:
+            return [self._info(e) for _, e in sorted(self._entries.items())]
+
+    def info(self, name: str) -> AdapterInfo:
+        """Snapshot of one adapter."""
+        with self._lock:
+            return self._info(self._entry(name))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held by resident adapters, including loads under way."""
+        with self._lock:
+            return self._held_bytes()
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Pin (never evicted) or unpin an adapter."""
+        with self._lock:
+            self._entry(name).pinned = pinned
+
+    # -- residency ------------------------------------------------------------------------------------------------
+
+    def ensure_resident(self, name: str) -> AdapterInfo:
+        """Make ``name`` resident (loading and evicting as needed) without keeping it in use."""
+        held = self.hold(name, 1.0)
+        self.release([held])
+        return self.info(name)
+
+    @contextmanager
+    def lease(self, specs: Sequence[tuple[str, float]]) -> Iterator[list[HeldAdapter]]:
+        """Hold every adapter of ``specs`` (name, scale) for the duration of a generation."""
+        if len(specs) > MAX_COMPOSED_ADAPTERS:
+            raise ValueError(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(specs)}")
+        held: list[HeldAdapter] = []
+        try:
+            for name, scale in specs:
+                held.append(self.hold(name, scale))
+            yield held
+        finally:
+            self.release(held)
+
+    def hold(self, name: str, scale: float) -> HeldAdapter:
+        """Make ``name`` resident and count the caller as a user until ``release``."""
+        while True:
+            with self._lock:
+                entry = self._entry(name)
+                if entry.state in (AdapterState.RESIDENT, AdapterState.ACTIVE) and entry.handle is not None:
+                    return self._take(entry, scale)
+                pending = entry.loading
+                if pending is None:
+                    victims = self._make_room(entry)
+                    pending = entry.loading = Future()
+                    leader = True
+                else:
+                    leader = False
+            if leader:
+                self._load(entry, victims, pending)
+            pending.result()  # followers wait for the leader's load; a failure raises here for everyone
+
+    def release(self, held: Sequence[HeldAdapter]) -> None:
+        """End the use counted by ``hold`` for each adapter."""
+        with self._lock:
+            for item in held:
+                entry = self._entries.get(item.name)
+                if entry is None or entry.handle is not item.handle:
+                    continue
+                entry.users -= 1
+                entry.last_used = time.monotonic()
+                if entry.users == 0 and entry.state is AdapterState.ACTIVE:
+                    entry.move_to(AdapterState.RESIDENT)
+
+    def evict(self, name: str) -> bool:
+        """Free ``name``'s memory now; False when it is in use (it stays resident) or was not resident."""
+        with self._lock:
+            entry = self._entry(name)
+            if entry.state is not AdapterState.RESIDENT or entry.handle is None:
+                return False
+            handle = self._detach(entry)
+        self._free([handle])
+        return True
+
+    def close(self) -> None:
+        """Free every resident adapter (the engine detaches each before freeing it)."""
+        with self._lock:
+            handles = [self._detach(e, force=True) for e in self._entries.values() if e.handle is not None]
+        self._free(handles)
+
+    # -- internals (the lock is held where noted) -----------------------------------------------------------------
+
+    def _take(self, entry: AdapterEntry, scale: float) -> HeldAdapter:  # lock held
+        assert entry.handle is not None
+        entry.users += 1
+        entry.last_used = time.monotonic()
+        if entry.state is AdapterState.RESIDENT:
+            entry.move_to(AdapterState.ACTIVE)
+        return HeldAdapter(name=entry.name, sha256=entry.sha256, scale=float(scale), handle=entry.handle)
+
+    def _make_room(self, entry: AdapterEntry) -> list[AdapterHandle]:  # lock held
+        need = entry.resident_bytes
+        free = self.budget_bytes - self._held_bytes()
+        candidates = sorted((e for e in self._entries.values()
+                             if e.state is AdapterState.RESIDENT and not e.pinned and e.users == 0
+                             and e.handle is not None), key=lambda e: e.last_used)
+        evictable = sum(e.resident_bytes for e in candidates)
+        if free + evictable < need:
+            raise BudgetExceeded(entry.name, needed_bytes=need, budget_bytes=self.budget_bytes,
+                                 evictable_bytes=evictable, held_bytes=self._held_bytes() - evictable)
+        victims = []
+        for candidate in candidates:
+            if free >= need:
+                break
+            free += candidate.resident_bytes
+            victims.append(self._detach(candidate))
+        return victims
+
+    def _detach(self, entry: AdapterEntry, *, force: bool = False) -> AdapterHandle:  # lock held
+        handle = entry.handle
+        assert handle is not None
+        entry.handle = None
+        if force and entry.state is AdapterState.ACTIVE:
+            entry.move_to(AdapterState.RESIDENT)
+        entry.move_to(AdapterState.CACHED)
+        self.stats.evictions += 1
+        return handle
+
+    def _held_bytes(self) -> int:  # lock held
+        return sum(e.resident_bytes for e in self._entries.values() if e.handle is not None or e.loading)
+
+    def _load(self, entry: AdapterEntry, victims: list[AdapterHandle], pending: Future[AdapterHandle]) -> None:
+        started = time.perf_counter()
+        try:
+            self._free(victims)
+            self._check_compatible(entry.name, read_header(entry.path))
+            handle = self.engine.load_adapter(entry.path, content_id=entry.sha256)
+        except BaseException as exc:
+            with self._lock:
+                entry.loading = None
+            pending.set_exception(exc)
+            return
+        with self._lock:
+            entry.handle = handle
+            entry.loading = None
+            entry.move_to(AdapterState.RESIDENT)
+            self.stats.loads += 1
+            self.stats.load_seconds_total += time.perf_counter() - started
+        pending.set_result(handle)
+
+    def _free(self, handles: Sequence[AdapterHandle]) -> None:
+        for handle in handles:
+            self.engine.free_adapter(handle)
+        if handles:
+            budget.release_freed_memory()
+
+    def _entry(self, name: str) -> AdapterEntry:  # lock held
+        entry = self._entries.get(name)
+        if entry is None:
+            raise AdapterNotFound(name, tuple(sorted(self._entries)))
+        return entry
+
+    def _info(self, entry: AdapterEntry) -> AdapterInfo:  # lock held
+        return AdapterInfo(name=entry.name, sha256=entry.sha256, size_bytes=entry.size_bytes,
+                           resident_bytes=entry.resident_bytes, state=entry.state.value, pinned=entry.pinned,
+                           users=entry.users, last_used=entry.last_used)
+
+    def _check_compatible(self, name: str, header: GGUFHeader) -> None:
+        if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
+            raise IncompatibleAdapter(f"{header.path} is not a LoRA adapter", fix="Pass a file made by edge-rt convert")
+        fingerprint = header.value(KEY_BASE_FINGERPRINT)
+        if fingerprint is not None:
+            if fingerprint != self._base_fingerprint:
+                raise IncompatibleAdapter(
+                    f"adapter {name!r} was converted for another base model (fingerprint {str(fingerprint)[:12]}, "
+                    f"resident base {self._base_fingerprint[:12]})")
+            return
+        # Adapters made by other converters carry no fingerprint: check every target tensor's shape instead.
+        for tensor in header.tensors:
+            target = tensor.name.rsplit(".lora_", 1)[0]
+            shape = self._base_shapes.get(target)
+            width = tensor.shape[0] if tensor.name.endswith(".lora_a") else tensor.shape[1]
+            expected = None if shape is None else shape[0] if tensor.name.endswith(".lora_a") else shape[1]
+            if expected != width:
+                raise IncompatibleAdapter(f"adapter {name!r} tensor {tensor.name} does not match the base model")
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

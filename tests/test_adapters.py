@@ -1,0 +1,148 @@
+"""The adapter manager on real llama.cpp: residency under a byte budget, LRU, pins, shared loads, refusals."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_runtime.adapters import AdapterEntry, AdapterState
+from edge_runtime.budget import adapter_resident_bytes
+from edge_runtime.engine import SamplingParams
+from edge_runtime.errors import AdapterNotFound, BudgetExceeded, IncompatibleAdapter, InvalidName, InvalidTransition
+from edge_runtime.gguf_info import read_info
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime import Runtime
+
+GREEDY = SamplingParams(max_tokens=6)
+
+
+@pytest.fixture
+def runtime(make_profile: Callable[..., Path], adapter_files: list[Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(make_profile("adapters-test", budget_mb=1024))), ctx=512)
+    for path in adapter_files:
+        rt.adapters.add(path.stem, path)
+    yield rt
+    rt.close()
+
+
+def fit_budget(runtime: Runtime, adapter_files: list[Path], count: int) -> None:
+    """Give the manager room for exactly ``count`` of the test adapters."""
+    runtime.adapters.budget_bytes = count * adapter_resident_bytes(adapter_files[0]) + 1024
+
+
+def states(runtime: Runtime) -> dict[str, str]:
+    return {a.name: a.state for a in runtime.adapters.list_adapters()}
+
+
+def test_least_recently_used_adapter_is_evicted_first(runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    runtime.adapters.ensure_resident("legal-review")
+    runtime.adapters.ensure_resident("brand-voice")
+    runtime.adapters.ensure_resident("legal-review")  # now brand-voice is the least recently used
+    runtime.adapters.ensure_resident("json-extract")
+    assert states(runtime) == {"legal-review": "resident", "brand-voice": "cached", "json-extract": "resident",
+                               "summarise": "cached", "translate-fr": "cached"}
+    assert runtime.adapters.resident_bytes == 2 * adapter_resident_bytes(adapter_files[0])
+    assert runtime.adapters.stats.loads == 3 and runtime.adapters.stats.evictions == 1
+
+
+def test_pinned_adapter_is_never_evicted(runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    runtime.adapters.ensure_resident("legal-review")
+    runtime.adapters.pin("legal-review")
+    for name in ["brand-voice", "json-extract", "summarise", "translate-fr"]:
+        runtime.adapters.ensure_resident(name)
+        assert states(runtime)["legal-review"] == "resident"
+    assert states(runtime)["translate-fr"] == "resident"
+
+
+def test_adapter_in_use_is_never_evicted_and_a_full_budget_says_so(runtime: Runtime,
+                                                                    adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    with runtime.adapters.lease([("legal-review", 1.0), ("brand-voice", 1.0)]):
+        assert states(runtime)["legal-review"] == "active"
+        with pytest.raises(BudgetExceeded) as raised:
+            runtime.adapters.ensure_resident("json-extract")
+        assert raised.value.needed_bytes == adapter_resident_bytes(adapter_files[2])
+        assert raised.value.evictable_bytes == 0
+        assert "held by pinned or in-use adapters" in str(raised.value)
+        assert runtime.adapters.evict("legal-review") is False
+    assert states(runtime)["legal-review"] == "resident"
+    assert runtime.adapters.ensure_resident("json-extract").state == "resident"
+
+
+def test_adapter_larger_than_the_budget_is_refused_and_the_runtime_still_serves(runtime: Runtime) -> None:
+    prompt = runtime.engine.tokenize("Hello")
+    before = runtime.generate(prompt, GREEDY)[0].text
+    runtime.adapters.budget_bytes = 1 << 20
+    with pytest.raises(BudgetExceeded, match=r"needs 18\.\d MiB but the adapter budget is 1\.0 MiB"):
+        runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])
+    assert states(runtime)["legal-review"] == "cached"
+    assert runtime.generate(prompt, GREEDY)[0].text == before
+
+
+def test_concurrent_requests_for_one_adapter_share_one_load(runtime: Runtime) -> None:
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            barrier.wait()
+            runtime.adapters.ensure_resident("summarise")
+        except Exception as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert runtime.adapters.stats.loads == 1
+    assert states(runtime)["summarise"] == "resident"
+
+
+def test_adapter_for_another_base_is_refused_before_llama_cpp_sees_it(runtime: Runtime, adapter_files: list[Path],
+                                                                      tmp_path: Path) -> None:
+    original = adapter_files[0]
+    fingerprint = read_info(original).base_fingerprint
+    assert fingerprint is not None
+    other = tmp_path / "other-base.gguf"
+    other.write_bytes(original.read_bytes().replace(fingerprint.encode(), b"0" * 64))
+    with pytest.raises(IncompatibleAdapter, match=r"converted for another base model \(fingerprint 000000000000"):
+        runtime.adapters.add("other-base", other)
+    assert "other-base" not in runtime.adapters.names()
+
+
+def test_a_base_model_file_is_not_accepted_as_an_adapter(runtime: Runtime, base_model: Path) -> None:
+    with pytest.raises(IncompatibleAdapter, match="is not a LoRA adapter"):
+        runtime.adapters.add("base-as-adapter", base_model)
+
+
+def test_unknown_adapter_fails_closed(runtime: Runtime) -> None:
+    with pytest.raises(AdapterNotFound, match="unknown adapter 'nope'.*legal-review"):
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("nope", 1.0)])
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs", "a/b", "", ".hidden", "x\x00y", "a" * 129])
+def test_unsafe_adapter_names_are_refused(runtime: Runtime, adapter_files: list[Path], name: str) -> None:
+    with pytest.raises(InvalidName):
+        runtime.adapters.add(name, adapter_files[0])
+
+
+def test_lifecycle_refuses_illegal_transitions(adapter_files: list[Path]) -> None:
+    entry = AdapterEntry(name="x", path=adapter_files[0], sha256="0" * 64, size_bytes=1, resident_bytes=1)
+    with pytest.raises(InvalidTransition, match="cannot go from cached to active"):
+        entry.move_to(AdapterState.ACTIVE)
+    entry.move_to(AdapterState.RESIDENT)
+    entry.move_to(AdapterState.ACTIVE)
+    with pytest.raises(InvalidTransition, match="cannot go from active to cached"):
+        entry.move_to(AdapterState.CACHED)
+
+
+def test_more_than_four_composed_adapters_are_refused(runtime: Runtime) -> None:
+    with pytest.raises(ValueError, match="at most 4 adapters"):
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[(n, 0.2) for n in runtime.adapters.names()])

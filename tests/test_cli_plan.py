@@ -1,0 +1,54 @@
+"""`edge-rt plan` as a user runs it: the terms, how many adapters fit, and a clear failure when the base does not."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from edge_runtime.budget import adapter_resident_bytes, kv_cache_bytes, model_shape
+from edge_runtime.cli import main
+
+MIB = 1 << 20
+
+
+def test_plan_json_reports_terms_and_adapter_count(make_profile: Callable[..., Path], base_model: Path) -> None:
+    profile = make_profile("plan-json", budget_mb=512, ctx=1024)
+    result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--adapter-mb", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["kv_cache_bytes"] == kv_cache_bytes(model_shape(base_model), 1024, "f16") == 22.5 * MIB
+    assert report["budget_bytes"] == 512 * MIB
+    assert report["adapter_budget_bytes"] == 512 * MIB - report["fixed_bytes"]
+    assert report["adapters_that_fit"] == report["adapter_budget_bytes"] // (20 * MIB)
+    assert report["fixed_bytes"] == sum(report[k] for k in ("process_bytes", "model_bytes", "kv_cache_bytes",
+                                                            "compute_bytes"))
+
+
+def test_plan_with_listed_adapters_says_whether_they_fit(make_profile: Callable[..., Path],
+                                                         adapter_files: list[Path]) -> None:
+    profile = make_profile("plan-files", budget_mb=260, ctx=1024)  # room for four of the five
+    args = ["plan", "--profile", str(profile)] + [a for f in adapter_files for a in ("--adapters", str(f))]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    total = sum(adapter_resident_bytes(f) for f in adapter_files)
+    assert f"the listed adapters ({total / MIB:.1f} MiB) do NOT fit together" in result.output
+    assert "adapters of 18.6 MiB that fit at once: 4" in result.output
+
+
+def test_plan_fails_with_the_terms_and_the_fix_when_the_base_does_not_fit(make_profile: Callable[..., Path]) -> None:
+    profile = make_profile("plan-small", budget_mb=200, ctx=8192)
+    result = CliRunner().invoke(main, ["plan", "--profile", str(profile)])
+    assert result.exit_code == 7
+    assert "KV cache (8192 tokens, f16)                    180.0 MiB" in result.output
+    assert "error: the base model needs" in result.output
+    assert "Use a smaller --ctx, a quantised KV cache" in result.output
+
+
+def test_plan_ctx_option_overrides_the_profile(make_profile: Callable[..., Path]) -> None:
+    profile = make_profile("plan-ctx", budget_mb=2048, ctx=8192)
+    result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--ctx", "512", "--json"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["ctx"] == 512
