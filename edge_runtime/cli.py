@@ -139,7 +139,8 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 
 
 @main.command()
-@click.option("--profile", "profile_name", default="auto", show_default=True, help="Device profile: name, alias or TOML.")
+@click.option("--profile", "profile_name", default="auto", show_default=True,
+              help="Device profile: name, alias or TOML file.")
 @click.option("--model", default=None, help="Base model GGUF [default: embedded SmolLM2].")
 @click.option("--ctx", type=int, default=None, help="Context length in tokens [default: the profile's].")
 @click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
