@@ -145,8 +145,8 @@ class Engine:
         settings = self.settings
         n_gpu_layers = settings.n_gpu_layers
         if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-            log.warning("this llama.cpp build cannot offload to a GPU; running all %s layers on the CPU",
-                        "requested" if n_gpu_layers < 999 else "")
+            log.warning("this llama.cpp build cannot offload to a GPU; running all layers on the CPU "
+                        "(install with EDGE_RT_CMAKE_ARGS=-DGGML_CUDA=on, or similar, for GPU offload)")
             n_gpu_layers = 0
         if settings.kv_type not in KV_TYPES:
             raise EdgeRtError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {settings.kv_type!r}")

@@ -146,3 +146,23 @@ def test_lifecycle_refuses_illegal_transitions(adapter_files: list[Path]) -> Non
 def test_more_than_four_composed_adapters_are_refused(runtime: Runtime) -> None:
     with pytest.raises(ValueError, match="at most 4 adapters"):
         runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[(n, 0.2) for n in runtime.adapters.names()])
+
+
+def test_gpu_layers_without_offload_support_fall_back_to_cpu_with_a_notice(base_model: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from edge_runtime.engine import Engine, EngineSettings
+
+    with caplog.at_level("WARNING", logger="edge_runtime.engine"):
+        engine = Engine(base_model, EngineSettings(n_ctx=256, n_gpu_layers=999))
+    try:
+        assert "cannot offload to a GPU; running all layers on the CPU" in caplog.text
+        assert engine.generate(engine.tokenize("Hi"), SamplingParams(max_tokens=2)).completion_tokens == 2
+    finally:
+        engine.close()
+
+
+def test_package_exports_the_runtime_lazily() -> None:
+    import edge_runtime
+
+    assert edge_runtime.Runtime is Runtime
+    assert edge_runtime.SamplingParams is SamplingParams
