@@ -14,6 +14,7 @@ fingerprint is compared with the resident base model's (``IncompatibleAdapter`` 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -64,7 +65,8 @@ class AdapterEntry:
     state: AdapterState = AdapterState.CACHED
     pinned: bool = False
     users: int = 0
-    last_used: float = 0.0
+    last_used: float = 0.0  # wall-clock seconds, for display
+    use_order: int = 0  # a monotonic counter, for LRU: wall clocks jump on devices that sync time late
     handle: AdapterHandle | None = field(default=None, repr=False)
     loading: Future[AdapterHandle] | None = field(default=None, repr=False)
 
@@ -120,6 +122,7 @@ class AdapterManager:
         self._base_shapes = {t.name: t.shape for t in base_header.tensors}
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
+        self._uses = itertools.count(1)
 
     # -- registry -------------------------------------------------------------------------------------------------
 
@@ -215,7 +218,7 @@ class AdapterManager:
                 if entry is None or entry.handle is not item.handle:
                     continue
                 entry.users -= 1
-                entry.last_used = time.monotonic()
+                self._touch(entry)
                 if entry.users == 0 and entry.state is AdapterState.ACTIVE:
                     entry.move_to(AdapterState.RESIDENT)
 
@@ -240,17 +243,21 @@ class AdapterManager:
     def _take(self, entry: AdapterEntry, scale: float) -> HeldAdapter:  # lock held
         assert entry.handle is not None
         entry.users += 1
-        entry.last_used = time.monotonic()
+        self._touch(entry)
         if entry.state is AdapterState.RESIDENT:
             entry.move_to(AdapterState.ACTIVE)
         return HeldAdapter(name=entry.name, sha256=entry.sha256, scale=float(scale), handle=entry.handle)
+
+    def _touch(self, entry: AdapterEntry) -> None:  # lock held
+        entry.last_used = time.time()
+        entry.use_order = next(self._uses)
 
     def _make_room(self, entry: AdapterEntry) -> list[AdapterHandle]:  # lock held
         need = entry.resident_bytes
         free = self.budget_bytes - self._held_bytes()
         candidates = sorted((e for e in self._entries.values()
                              if e.state is AdapterState.RESIDENT and not e.pinned and e.users == 0
-                             and e.handle is not None), key=lambda e: e.last_used)
+                             and e.handle is not None), key=lambda e: e.use_order)
         evictable = sum(e.resident_bytes for e in candidates)
         if free + evictable < need:
             raise BudgetExceeded(entry.name, needed_bytes=need, budget_bytes=self.budget_bytes,

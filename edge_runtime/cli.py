@@ -182,3 +182,48 @@ def _plan_table(report: dict[str, Any]) -> str:
         verdict = "fit" if report["listed_adapters_fit"] else "do NOT fit"
         lines.append(f"  the listed adapters ({report['listed_adapters_bytes'] / mib:.1f} MiB) {verdict} together")
     return "\n".join(lines)
+
+
+_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
+
+
+@main.command()
+@click.option("--profile", "profile_name", default="auto", show_default=True,
+              help="Device profile: name, alias or TOML file.")
+@click.option("--model", default=None, help="Base model: a GGUF path or hf://ORG/REPO/FILE.gguf [default: embedded].")
+@click.option("--adapters-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Folder of NAME.gguf adapters (made by `edge-rt convert`).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
+@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--api-key", envvar="EDGE_RT_API_KEY", default=None, help="Require `Authorization: Bearer KEY`.")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without an API key.")
+@click.option("--preload", default="", help="Comma-separated adapters to load at start.")
+@click.option("--ctx", type=int, default=None, help="Context length in tokens [default: the profile's].")
+@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; more get 503.")
+@click.option("--max-body-kb", type=int, default=1024, show_default=True, help="Request body cap in KiB.")
+@_reports_errors
+def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host: str, port: int,
+          api_key: str | None, insecure: bool, preload: str, ctx: int | None, max_queue: int,
+          max_body_kb: int) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
+    from aiohttp import web
+
+    from edge_runtime.runtime import Runtime
+    from edge_runtime.server import ServerConfig, create_app
+
+    if host not in _LOOPBACK and not api_key and not insecure:
+        raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
+    logging.getLogger("edge_runtime").setLevel(min(logging.getLogger().level, logging.INFO))
+    runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx)
+    try:
+        if adapters_dir is not None:
+            runtime.adapters.add_directory(adapters_dir)
+        for name in filter(None, (n.strip() for n in preload.split(","))):
+            runtime.adapters.ensure_resident(name)
+        config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue)
+        click.echo(f"edge-rt: serving {runtime.model_path.name} with {len(runtime.adapters.names())} adapters "
+                   f"under profile {runtime.profile.name} on http://{host}:{port}", err=True)
+        web.run_app(create_app(config, runtime), host=host, port=port, print=None, handler_cancellation=True,
+                    shutdown_timeout=5.0)
+    finally:
+        runtime.close()

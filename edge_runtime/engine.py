@@ -118,6 +118,7 @@ class Engine:
         self._active_key: tuple[tuple[str, float], ...] = ()
         self._llama: Any = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
+        self.switches = 0  # times the active adapter set changed
         self._closed = False
         self._call(self._load)
 
@@ -173,12 +174,12 @@ class Engine:
     @property
     def n_vocab(self) -> int:
         """Vocabulary size of the base model."""
-        return int(self._call(self._llama.n_vocab))
+        return int(self._llama.n_vocab())
 
     @property
     def n_ctx(self) -> int:
         """Context length in tokens the context was created with."""
-        return int(self._call(self._llama.n_ctx))
+        return int(self._llama.n_ctx())
 
     def close(self) -> None:
         """Detach adapters, free the context and the model, stop the worker (adapters are freed by their owner)."""
@@ -232,6 +233,7 @@ class Engine:
             raise EdgeRtError("llama.cpp refused the adapter set")
         self._active = adapters
         self._active_key = key
+        self.switches += 1
         # KV computed under the previous set must never serve this one.
         self._llama.reset()
         return True
@@ -243,22 +245,22 @@ class Engine:
 
     # -- text -----------------------------------------------------------------------------------------------------
 
+    # Tokenising reads only the vocabulary, never the context, so it runs on the caller's thread: a request can be
+    # measured against the context size while another request is decoding.
+
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text`` in the base model's vocabulary."""
-        return self._call(lambda: list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special)))
+        return list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special))
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` (invalid UTF-8 sequences replaced)."""
-        return str(self._call(lambda: self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace")))
+        return str(self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace"))
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own chat template (from its GGUF)."""
-        return self._call(self._chat_prompt, list(messages))
-
-    def _chat_prompt(self, messages: list[dict[str, Any]]) -> list[int]:
         if self._chat is None:
             raise EdgeRtError("the base model has no chat template; use a plain completion")
-        prompt = self._chat(messages=cast(Any, messages)).prompt
+        prompt = self._chat(messages=cast(Any, list(messages))).prompt
         return list(self._llama.tokenize(prompt.encode(), add_bos=False, special=True))
 
     # -- evaluation -----------------------------------------------------------------------------------------------

@@ -19,6 +19,9 @@ The tree::
     ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
     ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
     ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
+    ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
+    ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
+    ├── QueueFull                                (RuntimeError)        the request queue is at its bound
     ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
     │   └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
     ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
@@ -266,3 +269,41 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
             f"the base model needs {needed_bytes / mib:.1f} MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but "
             f"profile {profile!r} allows {budget_bytes / mib:.1f} MiB",
             fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), a smaller model or another profile")
+
+
+class InvalidRequest(EdgeRtError, ValueError):
+    """An HTTP request body or parameter edge-rt cannot serve; ``param`` names it."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+class Unauthorized(EdgeRtError, PermissionError):
+    """The daemon has an API key and the request did not present it."""
+
+    http_status = 401
+    exit_code = 2
+    error_type = "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__("missing or wrong API key", fix="Send the header `Authorization: Bearer <key>`")
+
+
+class QueueFull(EdgeRtError, RuntimeError):
+    """Too many requests are already waiting; the client should retry after ``retry_after_s`` seconds."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "server_overloaded"
+
+    def __init__(self, *, queued: int, limit: int, retry_after_s: int = 1) -> None:
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{queued} requests are already queued (limit {limit})",
+                         fix=f"Retry after {retry_after_s} s")

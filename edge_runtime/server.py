@@ -1,0 +1,267 @@
+"""The daemon's HTTP API (aiohttp): OpenAI-compatible completions with adapter selection, admin routes, metrics.
+
+Handlers parse, hand work to the scheduler (which runs llama.cpp on the engine's thread) and respond; the event loop
+never blocks on the model. Every error leaves as OpenAI-shaped JSON with the status its error class declares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from edge_runtime import openai_api
+from edge_runtime.adapters import AdapterInfo
+from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, Unauthorized
+from edge_runtime.metrics import CONTENT_TYPE, Metrics
+from edge_runtime.names import validate_name
+from edge_runtime.runtime import AppliedAdapter, Runtime
+from edge_runtime.scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the daemon serves: limits and the optional API key."""
+
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = 16
+    max_wait_s: float = 2.0
+    max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", ServerConfig)
+routes = web.RouteTableDef()
+
+
+def create_app(config: ServerConfig, runtime: Runtime) -> web.Application:
+    """The aiohttp application serving ``runtime``."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
+    app[CONFIG] = config
+    app[RUNTIME] = runtime
+    app[METRICS] = Metrics(runtime)
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_scheduler_lifecycle)
+    return app
+
+
+async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    config = app[CONFIG]
+    scheduler = Scheduler(app[RUNTIME], max_queue=config.max_queue, max_wait_s=config.max_wait_s)
+    app[SCHEDULER] = scheduler
+    scheduler.start()
+    yield
+    await scheduler.stop()
+
+
+def base_id(runtime: Runtime) -> str:
+    """The id clients use for the base model (the GGUF file's stem)."""
+    return runtime.model_path.stem
+
+
+# -- middleware -------------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except EdgeRtError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        param = getattr(exc, "param", None)
+        return web.json_response(openai_api.error_body(str(exc), exc.error_type, code=exc.http_status, param=param),
+                                 status=exc.http_status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status),
+                                 status=exc.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return web.json_response(openai_api.error_body("internal error; see the daemon's log", "server_error",
+                                                       code=500), status=500)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[CONFIG].api_key
+    if key and request.path != "/health":
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise Unauthorized()
+    return await handler(request)
+
+
+# -- completions ------------------------------------------------------------------------------------------------
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI text completion, streamed or not."""
+    return await _complete(request, chat=False)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI chat completion with the model's own chat template, streamed or not."""
+    return await _complete(request, chat=True)
+
+
+async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    started = time.monotonic()
+    runtime, metrics = request.app[RUNTIME], request.app[METRICS]
+    parsed = openai_api.parse_request(await _json(request), chat=chat, base_id=base_id(runtime),
+                                      known_adapters=set(runtime.adapters.names()),
+                                      max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
+    prompt = runtime.engine.chat_prompt(parsed.messages) if parsed.messages is not None \
+        else runtime.engine.tokenize(parsed.prompt_text or "")
+    if len(prompt) >= runtime.engine.n_ctx:
+        raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
+    label = "+".join(name for name, _ in parsed.adapters) or "base"
+    status, produced = 500, 0
+    job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
+    try:
+        chunks = job.chunks()
+        first = await chunks.__anext__()
+        metrics.first_token.labels(label).observe(time.monotonic() - started)
+        if parsed.stream:
+            response, produced = await _stream(request, parsed, job, first, chunks)
+        else:
+            response, produced = await _collect(parsed, job, first, chunks, len(prompt))
+        status = response.status
+        return response
+    except EdgeRtError as exc:
+        status = exc.http_status
+        raise
+    finally:
+        job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.tokens.labels(label).inc(produced)
+        log.info("%s %s adapters=%s prompt=%d completion=%d status=%d %.0fms", request.method, request.path,
+                 openai_api.applied_header(job.applied), len(prompt), produced, status,
+                 (time.monotonic() - started) * 1000)
+
+
+async def _collect(parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any],
+                   prompt_tokens: int) -> tuple[web.Response, int]:
+    pieces, tokens, finish = [first.text], len(first.token_ids), first.finish_reason
+    async for chunk in chunks:
+        pieces.append(chunk.text)
+        tokens += len(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+    body = openai_api.completion_body(parsed, response_id=openai_api.new_id(parsed.chat), text="".join(pieces),
+                                      finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
+                                      completion_tokens=tokens, applied=job.applied)
+    return web.json_response(body, headers=_applied_headers(job.applied)), tokens
+
+
+async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: Job, first: Any,
+                  chunks: AsyncIterator[Any]) -> tuple[web.StreamResponse, int]:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **_applied_headers(job.applied)})
+    await response.prepare(request)
+    response_id, tokens, is_first = openai_api.new_id(parsed.chat), 0, True
+    chunk = first
+    try:
+        while chunk is not None:
+            body = openai_api.chunk_body(parsed, response_id=response_id, text=chunk.text,
+                                         finish_reason=chunk.finish_reason, applied=job.applied, first=is_first)
+            await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+            tokens += len(chunk.token_ids)
+            is_first = False
+            chunk = await anext(chunks, None)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        job.cancel.set()  # the client went away: stop generating at the next token
+    except EdgeRtError as exc:  # after the headers went out the status is fixed: report in the stream
+        error = openai_api.error_body(str(exc), exc.error_type, code=exc.http_status)
+        await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+    return response, tokens
+
+
+def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:
+    return {"X-Edge-Adapters": openai_api.applied_header(applied)}
+
+
+async def _json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON ({exc})") from exc
+
+
+# -- models, adapters, health, metrics --------------------------------------------------------------------------
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """The base model and every known adapter, as OpenAI model objects."""
+    runtime = request.app[RUNTIME]
+    base = base_id(runtime)
+    data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
+             for name in runtime.adapters.names()]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/adapters")
+async def adapters(request: web.Request) -> web.Response:
+    """Every known adapter with its size, digest, state, pin and last use."""
+    return web.json_response({"object": "list",
+                              "data": [_adapter_json(a) for a in request.app[RUNTIME].adapters.list_adapters()]})
+
+
+@routes.post("/v1/adapters/{name}/load")
+async def load_adapter(request: web.Request) -> web.Response:
+    """Make an adapter resident now (it may evict others)."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
+    return web.json_response(_adapter_json(info))
+
+
+@routes.delete("/v1/adapters/{name}")
+async def evict_adapter(request: web.Request) -> web.Response:
+    """Evict an adapter from memory (it stays cached on disk); in-use adapters stay until their requests end."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
+    return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the model is loaded and the queue depth."""
+    runtime = request.app[RUNTIME]
+    return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
+                              "profile": runtime.profile.name})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _adapter_json(info: AdapterInfo) -> dict[str, Any]:
+    return {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
+            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
+            "last_used": info.last_used or None}
