@@ -227,3 +227,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
                     shutdown_timeout=5.0)
     finally:
         runtime.close()
+
+
+if __name__ == "__main__":
+    main()

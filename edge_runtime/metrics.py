@@ -10,17 +10,24 @@ from prometheus_client.registry import Collector
 
 from edge_runtime.budget import measured_rss_bytes
 from edge_runtime.runtime import Runtime
+from edge_runtime.scheduler import Scheduler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class _RuntimeCollector(Collector):
-    """Reads the runtime's own counters at scrape time."""
+    """Reads the runtime's and the scheduler's own counters at scrape time."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
         self.runtime = runtime
+        self.scheduler = scheduler
 
     def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("edge_rt_tokens_decoded", "Tokens the model generated, delivered or not",
+                                  value=self.scheduler.decoded_tokens)
+        yield CounterMetricFamily("edge_rt_generations_cancelled", "Generations stopped early (client gone)",
+                                  value=self.scheduler.cancelled_jobs)
+        yield GaugeMetricFamily("edge_rt_queued_requests", "Requests waiting", value=self.scheduler.queued)
         stats = self.runtime.adapters.stats
         yield CounterMetricFamily("edge_rt_adapter_loads", "Adapter loads into memory", value=stats.loads)
         yield CounterMetricFamily("edge_rt_adapter_evictions", "Adapters evicted from memory", value=stats.evictions)
@@ -40,7 +47,7 @@ class _RuntimeCollector(Collector):
 class Metrics:
     """The daemon's counters and histograms."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("edge_rt_requests", "Completion requests by adapter and HTTP status",
                                 ["adapter", "status"], registry=self.registry)
@@ -48,7 +55,7 @@ class Metrics:
         self.first_token = Histogram("edge_rt_time_to_first_token_seconds", "Time from request to first token",
                                      ["adapter"], registry=self.registry,
                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.registry.register(_RuntimeCollector(runtime))
+        self.registry.register(_RuntimeCollector(runtime, scheduler))
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

@@ -67,6 +67,8 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-scheduler")
         self._task: asyncio.Task[None] | None = None
         self._running: Job | None = None
+        self.cancelled_jobs = 0  # generations stopped because their client went away or the daemon stopped
+        self.decoded_tokens = 0  # tokens generated, whether or not a client received them
 
     @property
     def queued(self) -> int:
@@ -135,6 +137,9 @@ class Scheduler:
             stream: Iterator[Chunk] = self.runtime.stream(job.prompt, job.params, adapters=job.adapters,
                                                           applied=job.applied, cancel=job.cancel)
             for chunk in stream:
+                self.decoded_tokens += len(chunk.token_ids)
+                if chunk.finish_reason == "cancelled":
+                    self.cancelled_jobs += 1
                 put(chunk)
         except BaseException as exc:  # handed to the request's handler, which maps it to an HTTP error
             put(exc)

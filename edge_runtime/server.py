@@ -53,16 +53,15 @@ def create_app(config: ServerConfig, runtime: Runtime) -> web.Application:
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
     app[CONFIG] = config
     app[RUNTIME] = runtime
-    app[METRICS] = Metrics(runtime)
+    app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
+    app[METRICS] = Metrics(runtime, app[SCHEDULER])
     app.add_routes(routes)
     app.cleanup_ctx.append(_scheduler_lifecycle)
     return app
 
 
 async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    config = app[CONFIG]
-    scheduler = Scheduler(app[RUNTIME], max_queue=config.max_queue, max_wait_s=config.max_wait_s)
-    app[SCHEDULER] = scheduler
+    scheduler = app[SCHEDULER]
     scheduler.start()
     yield
     await scheduler.stop()

@@ -1,0 +1,66 @@
+"""Starting real `edge-rt serve` processes on 127.0.0.1 for the end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import requests
+
+
+@dataclass
+class Daemon:
+    """A running daemon: its URL, process and log file."""
+
+    url: str
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@contextmanager
+def run_daemon(*args: str, log: Path, env: dict[str, str] | None = None) -> Iterator[Daemon]:
+    """Start `edge-rt serve ARGS` on a free port and wait until /health answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "edge_runtime.cli", "serve", "--port", str(port), *args]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    daemon = Daemon(url=f"http://127.0.0.1:{port}", process=process, log=log)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if process.poll() is not None:
+                raise AssertionError(f"daemon exited with {process.returncode}:\n{daemon.log_text()}")
+            try:
+                if requests.get(f"{daemon.url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise AssertionError(f"daemon did not come up:\n{daemon.log_text()}")
+            time.sleep(0.1)
+        yield daemon
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
