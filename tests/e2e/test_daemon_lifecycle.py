@@ -1,0 +1,148 @@
+"""Daemon behaviour under pressure: API keys, a full queue, budgets, disconnects, concurrency and SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import requests
+from daemons import Daemon, run_daemon
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_runtime.budget import adapter_resident_bytes
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime import plan_for
+
+CHAT = [{"role": "user", "content": "Write a long story about a drone."}]
+MIB = 1 << 20
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+def test_api_key_is_required_when_set(tmp_path: Path, serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), "--api-key", "s3cret", log=tmp_path / "log") as daemon:
+        body = {"prompt": "Hi", "max_tokens": 2}
+        missing = requests.post(f"{daemon.url}/v1/completions", json=body, timeout=30)
+        wrong = requests.post(f"{daemon.url}/v1/completions", json=body, timeout=30,
+                              headers={"Authorization": "Bearer nope"})
+        right = requests.post(f"{daemon.url}/v1/completions", json=body, timeout=30,
+                              headers={"Authorization": "Bearer s3cret"})
+        assert missing.status_code == wrong.status_code == 401
+        assert missing.json()["error"]["type"] == "authentication_error"
+        assert right.status_code == 200
+        assert requests.get(f"{daemon.url}/health", timeout=10).status_code == 200
+
+
+def test_full_queue_answers_503_with_retry_after(tmp_path: Path, serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), "--max-queue", "1", log=tmp_path / "log") as daemon:
+        statuses, retry_after = asyncio.run(_flood(daemon.url, 6))
+        assert statuses.count(200) >= 1
+        assert statuses.count(503) >= 1
+        assert retry_after == "1"
+        assert requests.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
+                             timeout=30).status_code == 200
+
+
+async def _flood(url: str, count: int) -> tuple[list[int], str | None]:
+    async with aiohttp.ClientSession() as session:
+        async def one() -> tuple[int, str | None]:
+            body = {"messages": CHAT, "max_tokens": 64, "temperature": 0}
+            async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+                await response.read()
+                return response.status, response.headers.get("Retry-After")
+
+        results = await asyncio.gather(*(one() for _ in range(count)))
+    return [s for s, _ in results], next((r for _, r in results if r), None)
+
+
+def test_adapter_that_cannot_fit_is_507_and_the_base_still_serves(tmp_path: Path, base_model: Path,
+                                                                  adapters_dir: Path,
+                                                                  make_profile: Callable[..., Path]) -> None:
+    sizing = plan_for(load_profile(str(make_profile("sizing-507", budget_mb=4096, ctx=1024))), base_model)
+    adapter = adapter_resident_bytes(adapters_dir / "a.gguf")
+    budget_mb = (sizing.fixed_bytes + adapter // 2) // MIB + 1  # room for half an adapter
+    profile = make_profile("tiny-507", budget_mb=budget_mb, ctx=1024)
+    with run_daemon("--profile", str(profile), "--adapters-dir", str(adapters_dir), log=tmp_path / "log") as daemon:
+        body = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+        refused = requests.post(f"{daemon.url}/v1/chat/completions", json=body | {"model": "a"}, timeout=30)
+        assert refused.status_code == 507
+        assert refused.json()["error"]["type"] == "budget_exceeded"
+        assert requests.post(f"{daemon.url}/v1/chat/completions", json=body, timeout=30).status_code == 200
+
+
+def test_client_disconnect_cancels_its_generation(daemon: Daemon) -> None:
+    decoded_before = metric(daemon, "edge_rt_tokens_decoded_total")
+    cancelled_before = metric(daemon, "edge_rt_generations_cancelled_total")
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
+        body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900, ' \
+               b'"temperature": 0, "stream": true}'
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert b"data: " in raw.recv(65536)  # streaming has started
+    deadline = time.monotonic() + 10
+    while metric(daemon, "edge_rt_generations_cancelled_total") == cancelled_before:
+        assert time.monotonic() < deadline, "the generation was not cancelled"
+        time.sleep(0.05)
+    decoded = metric(daemon, "edge_rt_tokens_decoded_total") - decoded_before
+    assert decoded < 200  # far from the 900 asked for: it stopped when the client left
+
+
+def test_concurrent_clients_on_different_adapters_get_their_own_answers(daemon: Daemon) -> None:
+    specs = ["a", "b", "c", "base", "a", "c", "b", "base"]
+    solo = {name: _chat(daemon.url, name) for name in set(specs)}
+
+    async def all_at_once() -> list[str]:
+        async with aiohttp.ClientSession() as session:
+            async def one(name: str) -> str:
+                body = {"model": name, "messages": [{"role": "user", "content": "Name a colour."}],
+                        "max_tokens": 10, "temperature": 0}
+                async with session.post(f"{daemon.url}/v1/chat/completions", json=body) as response:
+                    assert response.status == 200
+                    payload = await response.json()
+                    return str(payload["choices"][0]["message"]["content"])
+
+            return await asyncio.gather(*(one(name) for name in specs))
+
+    assert asyncio.run(all_at_once()) == [solo[name] for name in specs]
+
+
+def test_sigterm_stops_accepting_finishes_and_exits_zero(tmp_path: Path, serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), log=tmp_path / "log") as daemon:
+        streaming = requests.post(f"{daemon.url}/v1/completions", stream=True, timeout=30,
+                                  json={"prompt": "Once upon a time", "max_tokens": 400, "stream": True})
+        next(streaming.iter_lines())
+        started = time.monotonic()
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 15
+        streaming.close()
+        try:
+            requests.get(f"{daemon.url}/health", timeout=2)
+            raise AssertionError("the daemon still answers after SIGTERM")
+        except requests.ConnectionError:
+            pass
+
+
+def test_non_loopback_bind_without_api_key_is_refused() -> None:
+    completed = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "serve", "--host", "0.0.0.0"],
+                               capture_output=True, text=True, timeout=60, check=False)
+    assert completed.returncode == 2
+    assert "refusing to bind 0.0.0.0 without --api-key" in completed.stderr
+
+
+def _chat(url: str, name: str) -> str:
+    body = {"model": name, "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 10,
+            "temperature": 0}
+    response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    return str(response.json()["choices"][0]["message"]["content"])
