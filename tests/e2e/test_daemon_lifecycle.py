@@ -146,3 +146,10 @@ def _chat(url: str, name: str) -> str:
     response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200, response.text
     return str(response.json()["choices"][0]["message"]["content"])
+
+
+def test_preload_makes_adapters_resident_at_start(tmp_path: Path, serve_profile: Path, adapters_dir: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), "--adapters-dir", str(adapters_dir), "--preload", "a,c",
+                    log=tmp_path / "log") as daemon:
+        states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
+        assert states == {"a": "resident", "b": "cached", "c": "resident"}
