@@ -229,5 +229,100 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
         runtime.close()
 
 
+
+@main.command()
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key file to write; the public key goes to OUT.pub.")
+@_reports_errors
+def keygen(out: Path) -> None:
+    """Write an ed25519 key pair that signs CDN manifests: OUT (private, mode 0600) and OUT.pub (for devices)."""
+    from edge_runtime.manifest import generate_key
+
+    if out.exists():
+        raise click.UsageError(f"{out} exists; refusing to overwrite a signing key")
+    private, public = generate_key(out)
+    click.echo(f"wrote {private} (keep it secret; `edge-rt publish --key`) and {public} (devices: --public-key)")
+
+
+@main.command()
+@click.argument("src_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="CDN folder to write: blobs/<sha256>.gguf and manifest.json.")
+@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Private key from `edge-rt keygen` that signs the manifest.")
+@click.option("--expires-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+              help="Days until devices refuse this manifest.")
+@_reports_errors
+def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float) -> None:
+    """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
+    from edge_runtime.manifest import format_time, load_private_key
+    from edge_runtime.publish import publish as publish_folder
+
+    result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days)
+    for entry in result.manifest.adapters:
+        click.echo(f"{entry.name}  {entry.size / 1e6:.2f} MB  rank {entry.rank}  sha256 {entry.sha256[:16]}  "
+                   f"base {entry.base_fingerprint[:12]}")
+    click.echo(f"wrote {result.manifest_path}: version {result.manifest.version}, "
+               f"{len(result.manifest.adapters)} adapters, {len(result.new_blobs)} new blobs, "
+               f"expires {format_time(result.manifest.expires)}, {'signed' if result.signed else 'UNSIGNED'}")
+
+
+@main.command()
+@click.option("--cdn", required=True, help="http(s)://HOST/PATH, file:///PATH or hf://ORG/REPO[@REVISION].")
+@click.option("--adapters", "adapter_names", default=None, help="Comma-separated adapters to sync.")
+@click.option("--all", "sync_all", is_flag=True, help="Sync every adapter offered for the base model.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Adapter cache [default: $EDGE_RT_HOME/adapters].")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Require manifests signed by this key (the .pub from `edge-rt keygen`).")
+@click.option("--profile", "profile_name", default="auto", show_default=True,
+              help="Device profile: its cache budget and download cap apply.")
+@click.option("--max-kbps", type=click.IntRange(min=0), default=None, help="Download cap in kbit/s (0 = none).")
+@click.option("--cache-mb", type=click.IntRange(min=1), default=None, help="Cache disk budget in MiB.")
+@click.option("--model", default=None, help="Base model whose adapters are offered [default: embedded].")
+@click.option("--offline", is_flag=True, help="Make no network attempt; check what is cached.")
+@_reports_errors
+def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | None, public_key: Path | None,
+         profile_name: str, max_kbps: int | None, cache_mb: int | None, model: str | None, offline: bool) -> None:
+    """Fetch adapters from a CDN into the verified cache: resumable, sha256-checked, never past the manifest."""
+    import asyncio
+
+    from edge_runtime.manifest import load_public_key
+    from edge_runtime.sync import SyncSettings, run_sync
+
+    if (adapter_names is None) != sync_all:
+        raise click.UsageError("pass exactly one of --adapters a,b and --all")
+    names = None if sync_all else [n.strip() for n in (adapter_names or "").split(",") if n.strip()]
+    report = asyncio.run(run_sync(
+        cdn, names, progress=_ProgressLine(), cache_dir=cache_dir, offline=True if offline else None,
+        public_key=load_public_key(public_key) if public_key else None,
+        base_fingerprint=read_info(resolve_model(model)).fingerprint,
+        sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb)))
+    for result in report.results:
+        click.echo(f"{result.adapter.name}  {'downloaded' if result.downloaded else 'cached'}  "
+                   f"{result.adapter.size / 1e6:.2f} MB  sha256 {result.adapter.sha256[:16]}  {result.adapter.path}")
+    for name in report.incompatible:
+        click.echo(f"{name}  skipped: converted for another base model", err=True)
+    version = "offline" if report.manifest_version is None else f"manifest version {report.manifest_version}"
+    click.echo(f"{len(report.results)} adapters ready ({version})", err=True)
+
+
+class _ProgressLine:
+    """Prints one updating stderr line per download: bytes, rate and ETA (at most five times a second)."""
+
+    def __init__(self) -> None:
+        self._last = 0.0
+
+    def __call__(self, progress: Any) -> None:
+        import time
+
+        done = progress.done_bytes >= progress.total_bytes
+        if not done and time.monotonic() - self._last < 0.2:
+            return
+        self._last = time.monotonic()
+        eta = "?" if progress.eta_s is None else f"{progress.eta_s:.0f} s"
+        click.echo(f"\r{progress.name}  {progress.done_bytes / 1e6:.1f}/{progress.total_bytes / 1e6:.1f} MB  "
+                   f"{progress.rate_bytes_per_second / 1e6:.2f} MB/s  ETA {eta}   ", nl=done, err=True)
+
 if __name__ == "__main__":
     main()

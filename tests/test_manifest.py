@@ -1,5 +1,7 @@
 """Publishing a CDN folder and what a device accepts as a manifest: schema, signatures, versions, expiry."""
 
+# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
+
 from __future__ import annotations
 
 import base64
@@ -27,7 +29,6 @@ from edge_runtime.manifest import (
     canonical_json,
     keyid,
     read_manifest,
-    sign_manifest,
 )
 from edge_runtime.publish import publish
 from edge_runtime.store import file_sha256

@@ -1,5 +1,7 @@
 """The adapter cache: verified installs, the rebuildable index, the start-up recovery scan, disk budget and LRU."""
 
+# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
+
 from __future__ import annotations
 
 import os

@@ -1,0 +1,97 @@
+"""`edge-rt keygen`, `edge-rt publish` and `edge-rt sync` as an operator and a device run them."""
+
+# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+from cdn_server import adapter_sources  # noqa: F401  (fixture)
+from click.testing import CliRunner
+
+from edge_runtime.cli import main
+from edge_runtime.errors import SignatureInvalid
+
+
+@pytest.fixture
+def published(tmp_path: Path, adapter_sources: Path) -> tuple[Path, Path]:
+    """A CDN folder published with a fresh key; returns (cdn folder, public key)."""
+    runner = CliRunner()
+    key = tmp_path / "keys" / "cdn.key"
+    made = runner.invoke(main, ["keygen", "--out", str(key)])
+    assert made.exit_code == 0, made.output
+    done = runner.invoke(main, ["publish", str(adapter_sources), "--out", str(tmp_path / "cdn"), "--key", str(key),
+                                "--expires-days", "7"])
+    assert done.exit_code == 0, done.output
+    assert "version 1, 2 adapters, 2 new blobs" in done.output and "signed" in done.output
+    return tmp_path / "cdn", key.with_name("cdn.key.pub")
+
+
+def test_keygen_writes_a_private_key_only_the_owner_reads_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    key = tmp_path / "k"
+    assert CliRunner().invoke(main, ["keygen", "--out", str(key)]).exit_code == 0
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and b"PUBLIC KEY" in key.with_name("k.pub").read_bytes()
+    again = CliRunner().invoke(main, ["keygen", "--out", str(key)])
+    assert again.exit_code == 2 and "refusing to overwrite" in again.output
+
+
+def test_sync_fetches_adapters_into_the_cache_with_progress(tmp_path: Path, published: tuple[Path, Path],
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    cdn, public_key = published
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    result = CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), "--all", "--public-key", str(public_key),
+                                       "--cache-mb", "10"])
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(" downloaded " in line for line in lines)
+    assert "MB/s" in result.stderr and "ETA" in result.stderr
+    assert "2 adapters ready (manifest version 1)" in result.stderr
+    cached = sorted((tmp_path / "edge-rt-home" / "adapters" / "refs").iterdir())
+    assert [p.name for p in cached] == ["brand-voice", "json-extract"]
+
+    again = CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), "--adapters", "json-extract", "--public-key",
+                                      str(public_key)])
+    assert again.exit_code == 0 and " cached " in again.stdout
+
+
+def test_sync_offline_lists_the_cache_and_names_a_miss(tmp_path: Path, published: tuple[Path, Path],
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    cdn, public_key = published
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), "--adapters", "json-extract"]).exit_code == 0
+    offline = CliRunner().invoke(main, ["sync", "--cdn", "http://127.0.0.1:9", "--all", "--offline"])
+    assert offline.exit_code == 0, offline.output
+    assert "json-extract  cached" in offline.stdout and "(offline)" in offline.stderr
+    miss = CliRunner().invoke(main, ["sync", "--cdn", "http://127.0.0.1:9", "--adapters", "brand-voice", "--offline"])
+    assert miss.exit_code == 3 and "not cached and the device is offline" in miss.stderr
+
+
+def test_sync_with_the_wrong_key_exits_with_the_untrusted_data_code(tmp_path: Path, published: tuple[Path, Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    cdn, _ = published
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    other = tmp_path / "other.key"
+    CliRunner().invoke(main, ["keygen", "--out", str(other)])
+    result = CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), "--all", "--public-key",
+                                       f"{other}.pub"])
+    assert result.exit_code == SignatureInvalid.exit_code == 9
+    assert "no signature by the trusted key" in result.stderr
+    assert not (tmp_path / "edge-rt-home" / "adapters" / "blobs").exists() or not any(
+        (tmp_path / "edge-rt-home" / "adapters" / "blobs").iterdir())
+
+
+def test_sync_needs_exactly_one_of_adapters_and_all(published: tuple[Path, Path]) -> None:
+    cdn, _ = published
+    for args in ([], ["--all", "--adapters", "a"]):
+        result = CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), *args])
+        assert result.exit_code == 2 and "exactly one of --adapters" in result.output
+
+
+def test_publish_twice_grows_the_version(tmp_path: Path, adapter_sources: Path) -> None:
+    for version in (1, 2):
+        result = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(tmp_path / "cdn")])
+        assert result.exit_code == 0 and f"version {version}," in result.output and "UNSIGNED" in result.output
+    assert json.loads((tmp_path / "cdn" / "manifest.json").read_text())["signed"]["version"] == 2
