@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -17,6 +17,9 @@ from edge_runtime.errors import EdgeRtError
 from edge_runtime.gguf_info import GGUFInfo, read_info
 from edge_runtime.models import resolve_model
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
+
+if TYPE_CHECKING:
+    from edge_runtime.transfer import TransferProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -313,7 +316,7 @@ class _ProgressLine:
     def __init__(self) -> None:
         self._last = 0.0
 
-    def __call__(self, progress: Any) -> None:
+    def __call__(self, progress: TransferProgress) -> None:
         import time
 
         done = progress.done_bytes >= progress.total_bytes

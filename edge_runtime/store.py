@@ -152,11 +152,15 @@ class AdapterStore:
         os.utime(self.refs_dir / validate_name(name))
 
     def link(self, name: str, sha256: str) -> CachedAdapter:
-        """Point ``name`` at the verified blob ``sha256`` (atomically replacing an older ref)."""
+        """Point ``name`` at the verified blob ``sha256``; a blob it replaces goes when no other name uses it."""
         if not self.blob_path(sha256).is_file():
             raise FileNotFoundError(self.blob_path(sha256))
+        previous = self.lookup(name)
         with atomic_output(self.refs_dir / validate_name(name)) as temp:
             temp.write_text(sha256, "ascii")
+        if previous is not None and previous.sha256 != sha256 and all(
+                a.sha256 != previous.sha256 for a in self.adapters()):
+            previous.path.unlink(missing_ok=True)  # an open file (a loaded adapter) stays readable until closed
         cached = self.lookup(name)
         assert cached is not None
         return cached

@@ -151,6 +151,14 @@ def test_free_space_pre_check_evicts_or_refuses(tmp_path: Path, blobs: list[Blob
     assert store.make_room("new", free + len(blobs[0].data)) == [blobs[0].name]
 
 
+def test_an_updated_adapter_replaces_its_old_blob(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0], name="task")
+    _put(store, blobs[1], name="task")  # a new version published under the same name
+    assert store.lookup("task").sha256 == blobs[1].sha256  # type: ignore[union-attr]
+    assert [p.name for p in store.blobs_dir.iterdir()] == [f"{blobs[1].sha256}.gguf"]
+
+
 def test_two_names_can_share_one_blob_and_eviction_keeps_it_for_the_other(tmp_path: Path,
                                                                          blobs: list[Blob]) -> None:
     store = AdapterStore(tmp_path / "cache")

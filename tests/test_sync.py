@@ -121,6 +121,19 @@ async def test_sync_downloads_verifies_and_serves_from_cache_after(make_client: 
     assert again == client.store.lookup("json-extract") and len(cdn.log) == requests  # manifest reused, no blob
 
 
+async def test_an_adapter_updated_on_the_cdn_is_fetched_again_and_the_old_blob_goes(
+        tmp_path: Path, make_client: MakeClient, cdn: FaultCdn, adapter_sources: Path, key_pair: KeyPair) -> None:
+    client = make_client()
+    old = await client.ensure_cached("json-extract")
+    source = tmp_path / "v2"
+    source.mkdir()
+    (source / "json-extract.gguf").write_bytes(_source(adapter_sources, "brand-voice"))  # new content, same name
+    publish(source, cdn.root, key=key_pair[0])
+    report = await client.sync(["json-extract"])
+    assert report.manifest_version == 2 and report.results[0].downloaded
+    assert report.results[0].adapter.sha256 != old.sha256 and not old.path.exists()
+
+
 async def test_sync_all_fetches_every_offered_adapter(make_client: MakeClient, manifest: Manifest) -> None:
     report = await make_client().sync()
     assert sorted(r.adapter.name for r in report.results) == sorted(manifest.names) and report.incompatible == ()
