@@ -26,7 +26,7 @@ from pathlib import Path
 
 from edge_runtime import budget
 from edge_runtime.engine import AdapterHandle, Engine
-from edge_runtime.errors import AdapterNotFound, BudgetExceeded, IncompatibleAdapter, InvalidTransition
+from edge_runtime.errors import AdapterNotFound, BudgetExceeded, CacheMiss, IncompatibleAdapter, InvalidTransition
 from edge_runtime.gguf_header import GGUFHeader, read_header
 from edge_runtime.gguf_info import KEY_BASE_FINGERPRINT
 from edge_runtime.names import validate_name
@@ -58,7 +58,7 @@ class AdapterEntry:
     """One known adapter and its bookkeeping (mutated only under the manager's lock)."""
 
     name: str
-    path: Path
+    path: Path | None  # None while only remote
     sha256: str
     size_bytes: int
     resident_bytes: int
@@ -141,6 +141,27 @@ class AdapterManager:
             self._entries[name] = entry
         return self._info(entry)
 
+    def add_remote(self, name: str, *, sha256: str, size_bytes: int) -> bool:
+        """Record an adapter a CDN offers but this device has not pulled; False when a local copy is known."""
+        validate_name(name)
+        with self._lock:
+            known = self._entries.get(name)
+            if known is not None and known.state is not AdapterState.REMOTE:
+                return False
+            self._entries[name] = AdapterEntry(name=name, path=None, sha256=sha256, size_bytes=size_bytes,
+                                               resident_bytes=size_bytes, state=AdapterState.REMOTE)
+            return True
+
+    def is_remote(self, name: str) -> bool:
+        """True when ``name`` is known only from a CDN manifest (it must be pulled before use)."""
+        with self._lock:
+            return self._entry(name).state is AdapterState.REMOTE
+
+    def protected_names(self) -> set[str]:
+        """Adapters the disk cache must not evict: pinned, resident, loading or in use."""
+        with self._lock:
+            return {e.name for e in self._entries.values() if e.pinned or e.handle is not None or e.loading}
+
     def add_directory(self, directory: Path | str) -> list[AdapterInfo]:
         """Register every ``NAME.gguf`` in ``directory``."""
         return [self.add(path.stem, path) for path in sorted(Path(directory).glob("*.gguf"))]
@@ -199,6 +220,9 @@ class AdapterManager:
                 entry = self._entry(name)
                 if entry.state in (AdapterState.RESIDENT, AdapterState.ACTIVE) and entry.handle is not None:
                     return self._take(entry, scale)
+                if entry.state is AdapterState.REMOTE:
+                    raise CacheMiss(name, cached=tuple(n for n, e in self._entries.items()
+                                                       if e.state is not AdapterState.REMOTE))
                 pending = entry.loading
                 if pending is None:
                     victims = self._make_room(entry)
@@ -287,6 +311,7 @@ class AdapterManager:
         started = time.perf_counter()
         try:
             self._free(victims)
+            assert entry.path is not None
             self._check_compatible(entry.name, read_header(entry.path))
             handle = self.engine.load_adapter(entry.path, content_id=entry.sha256)
         except BaseException as exc:

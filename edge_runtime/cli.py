@@ -204,15 +204,24 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--ctx", type=int, default=None, help="Context length in tokens [default: the profile's].")
 @click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; more get 503.")
 @click.option("--max-body-kb", type=int, default=1024, show_default=True, help="Request body cap in KiB.")
+@click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
+@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="With --cdn: require manifests signed by this key.")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="With --cdn: the adapter cache [default: $EDGE_RT_HOME/adapters].")
+@click.option("--offline", is_flag=True, help="With --cdn: no network attempt; serve what is cached.")
 @_reports_errors
 def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host: str, port: int,
           api_key: str | None, insecure: bool, preload: str, ctx: int | None, max_queue: int,
-          max_body_kb: int) -> None:
+          max_body_kb: int, cdn: str | None, public_key: Path | None, cache_dir: Path | None,
+          offline: bool) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     from aiohttp import web
 
+    from edge_runtime.manifest import load_public_key
     from edge_runtime.runtime import Runtime
     from edge_runtime.server import ServerConfig, create_app
+    from edge_runtime.sync import CdnClient, SyncSettings
 
     if host not in _LOOPBACK and not api_key and not insecure:
         raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
@@ -224,10 +233,15 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
         for name in filter(None, (n.strip() for n in preload.split(","))):
             runtime.adapters.ensure_resident(name)
         config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue)
+        client = None if cdn is None else CdnClient(
+            cdn, cache_dir=cache_dir, public_key=load_public_key(public_key) if public_key else None,
+            base_fingerprint=runtime.base_fingerprint, sync_settings=SyncSettings.for_profile(runtime.profile),
+            offline=True if offline else None, protected=runtime.adapters.protected_names)
         click.echo(f"edge-rt: serving {runtime.model_path.name} with {len(runtime.adapters.names())} adapters "
-                   f"under profile {runtime.profile.name} on http://{host}:{port}", err=True)
-        web.run_app(create_app(config, runtime), host=host, port=port, print=None, handler_cancellation=True,
-                    shutdown_timeout=5.0)
+                   f"under profile {runtime.profile.name} on http://{host}:{port}"
+                   + (f", pulling from {cdn}" if cdn else ""), err=True)
+        web.run_app(create_app(config, runtime, cdn=client), host=host, port=port, print=None,
+                    handler_cancellation=True, shutdown_timeout=5.0)
     finally:
         runtime.close()
 

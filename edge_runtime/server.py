@@ -24,6 +24,7 @@ from edge_runtime.metrics import CONTENT_TYPE, Metrics
 from edge_runtime.names import validate_name
 from edge_runtime.runtime import AppliedAdapter, Runtime
 from edge_runtime.scheduler import Job, Scheduler
+from edge_runtime.sync import CdnClient
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -45,11 +46,12 @@ RUNTIME = web.AppKey("runtime", Runtime)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", ServerConfig)
+CDN = web.AppKey("cdn", CdnClient)
 routes = web.RouteTableDef()
 
 
-def create_app(config: ServerConfig, runtime: Runtime) -> web.Application:
-    """The aiohttp application serving ``runtime``."""
+def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
+    """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
     app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
     app[CONFIG] = config
     app[RUNTIME] = runtime
@@ -57,6 +59,9 @@ def create_app(config: ServerConfig, runtime: Runtime) -> web.Application:
     app[METRICS] = Metrics(runtime, app[SCHEDULER])
     app.add_routes(routes)
     app.cleanup_ctx.append(_scheduler_lifecycle)
+    if cdn is not None:
+        app[CDN] = cdn
+        app.cleanup_ctx.append(_cdn_lifecycle)
     return app
 
 
@@ -65,6 +70,53 @@ async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
     scheduler.start()
     yield
     await scheduler.stop()
+
+
+async def _cdn_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    cdn, manager = app[CDN], app[RUNTIME].adapters
+    await asyncio.get_running_loop().run_in_executor(None, cdn.store.recover)
+    for name in cdn.store.names():
+        cached = cdn.store.lookup(name)
+        if cached is None:
+            continue
+        try:
+            manager.add(name, cached.path, sha256=cached.sha256)
+        except EdgeRtError as exc:
+            log.warning("cached adapter %s is not served: %s", name, exc)
+    refresher = asyncio.get_running_loop().create_task(_refresh_forever(app))
+    yield
+    refresher.cancel()
+    await asyncio.gather(refresher, return_exceptions=True)
+    await cdn.close()
+
+
+async def _refresh_forever(app: web.Application) -> None:
+    cdn = app[CDN]
+    while True:
+        try:
+            await refresh_manifest(app)
+        except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
+            log.warning("manifest refresh from %s failed: %s", cdn.cdn, exc)
+        await asyncio.sleep(cdn.settings.manifest_ttl_s)
+
+
+async def refresh_manifest(app: web.Application) -> dict[str, Any]:
+    """Fetch and verify the CDN's manifest; record the adapters it offers that this device has not pulled."""
+    cdn, manager = app[CDN], app[RUNTIME].adapters
+    manifest = await cdn.fetch_manifest()
+    offered = cdn.offered(manifest)
+    added = [entry.name for entry in offered
+             if manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)]
+    return {"version": manifest.version, "offered": [entry.name for entry in offered], "new_remote": added}
+
+
+async def _pull_remote(app: web.Application, names: list[str]) -> None:
+    """Download adapters known only from the CDN (other requests keep being served meanwhile)."""
+    manager = app[RUNTIME].adapters
+    for name in names:
+        if manager.is_remote(name) and CDN in app:
+            cached = await app[CDN].ensure_cached(name)
+            manager.add(name, cached.path, sha256=cached.sha256)
 
 
 def base_id(runtime: Runtime) -> str:
@@ -132,6 +184,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         else runtime.engine.tokenize(parsed.prompt_text or "")
     if len(prompt) >= runtime.engine.n_ctx:
         raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
+    await _pull_remote(request.app, [name for name, _ in parsed.adapters])
     label = "+".join(name for name, _ in parsed.adapters) or "base"
     status, produced = 500, 0
     job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
@@ -233,6 +286,7 @@ async def load_adapter(request: web.Request) -> web.Response:
     """Make an adapter resident now (it may evict others)."""
     name = validate_name(request.match_info["name"])
     manager = request.app[RUNTIME].adapters
+    await _pull_remote(request.app, [name])
     info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
     return web.json_response(_adapter_json(info))
 
@@ -244,6 +298,14 @@ async def evict_adapter(request: web.Request) -> web.Response:
     manager = request.app[RUNTIME].adapters
     evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
     return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
+
+
+@routes.post("/v1/sync")
+async def sync(request: web.Request) -> web.Response:
+    """Refresh the CDN manifest now."""
+    if CDN not in request.app:
+        raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
+    return web.json_response(await refresh_manifest(request.app))
 
 
 @routes.get("/health")

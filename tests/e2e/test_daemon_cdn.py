@@ -1,0 +1,80 @@
+"""`edge-rt serve --cdn`: adapters a signed CDN offers are listed as remote and pulled on first use."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from daemons import free_port, run_daemon
+
+from edge_runtime.manifest import generate_key, load_private_key
+from edge_runtime.publish import publish
+
+CHAT = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture
+def cdn(tmp_path: Path, adapters_dir: Path) -> Iterator[tuple[str, Path]]:
+    """A signed CDN folder served by a real static HTTP server on 127.0.0.1."""
+    key, public = generate_key(tmp_path / "signing.key")
+    publish(adapters_dir, tmp_path / "cdn", key=load_private_key(key))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(tmp_path / "cdn")],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/manifest.json", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    yield url, public
+    server.terminate()
+    server.wait()
+
+
+def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Path, serve_profile: Path,
+                                                                  adapters_dir: Path,
+                                                                  cdn: tuple[str, Path]) -> None:
+    url, public = cdn
+    cache = tmp_path / "device-cache"
+    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
+                    str(cache), log=tmp_path / "log", env={"HF_HUB_OFFLINE": "0"}) as daemon:
+        states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
+        assert states == {"a": "remote", "b": "remote", "c": "remote"}
+        response = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                                 json={"model": "b", "messages": CHAT, "max_tokens": 6, "temperature": 0})
+        assert response.status_code == 200, response.text
+        sha = hashlib.sha256((adapters_dir / "b.gguf").read_bytes()).hexdigest()
+        assert response.headers["X-Edge-Adapters"] == f"b@{sha[:16]}:1"
+        blobs = sorted(p.name for p in (cache / "blobs").iterdir())
+        assert blobs == [f"{sha}.gguf"]
+        states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
+        assert states == {"a": "remote", "b": "resident", "c": "remote"}
+        refreshed = requests.post(f"{daemon.url}/v1/sync", timeout=30).json()
+        assert refreshed["version"] == 1 and refreshed["offered"] == ["a", "b", "c"]
+
+    # Restarted offline, the daemon serves what it pulled and refuses what it never had.
+    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
+                    str(cache), "--offline", log=tmp_path / "log2") as daemon:
+        ok = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                           json={"model": "b", "messages": CHAT, "max_tokens": 6, "temperature": 0})
+        assert ok.status_code == 200
+        assert ok.json()["choices"][0]["message"]["content"] == response.json()["choices"][0]["message"]["content"]
+        missing = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                                json={"model": "a", "messages": CHAT, "max_tokens": 6})
+        assert missing.status_code == 404
+
+
+def test_sync_route_without_a_cdn_is_a_clear_400(tmp_path: Path, serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), log=tmp_path / "log") as daemon:
+        response = requests.post(f"{daemon.url}/v1/sync", timeout=10)
+        assert response.status_code == 400
+        assert "start it with --cdn URL" in response.json()["error"]["message"]
