@@ -3,8 +3,10 @@
 The terms are computed from the base GGUF's header and the context settings, and were checked against the RSS of
 a running runtime (``tests/test_budget.py`` holds the plan to within 10% of it):
 
-- process: the Python runtime with llama.cpp loaded (measured: 45 MiB on x86-64 CPython 3.11) plus llama.cpp's
-  tokenizer tables (measured: ~400 bytes per vocabulary entry).
+- process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
+  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~400 bytes
+  per vocabulary entry) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
+  threads, load transients: peaks up to 6 MiB above the steady state were measured).
 - base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode.
 - KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula).
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
@@ -29,7 +31,8 @@ from edge_runtime.gguf_header import GGUFHeader, read_header
 log = logging.getLogger(__name__)
 
 MIB = 1 << 20
-PROCESS_BASELINE_BYTES = 45 * MIB
+PROCESS_BASELINE_BYTES = 72 * MIB
+PEAK_HEADROOM_BYTES = 8 * MIB
 TOKENIZER_BYTES_PER_TOKEN = 400
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
 MAX_UBATCH = 512
@@ -97,7 +100,7 @@ def compute_bytes(shape: ModelShape, batch: int) -> int:
 
 def process_bytes(shape: ModelShape) -> int:
     """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
-    return PROCESS_BASELINE_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+    return PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
 
 
 @dataclass(frozen=True)

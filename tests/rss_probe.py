@@ -16,6 +16,8 @@ import threading
 import time
 from pathlib import Path
 
+import edge_runtime.cli  # noqa: F401  (the daemon's imports: what the plan's process term counts)
+import edge_runtime.server  # noqa: F401
 from edge_runtime.budget import measured_rss_bytes
 from edge_runtime.engine import SamplingParams
 from edge_runtime.profiles import load_profile

@@ -174,3 +174,16 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_plan_predicts_the_running_daemons_rss_within_ten_percent(daemon: Daemon, serve_profile: Path,
+                                                                  base_model: Path) -> None:
+    from edge_runtime.runtime import plan_for
+
+    _post(daemon, "/v1/completions", {"prompt": "The robot walked along the river. " * 70, "max_tokens": 2})
+    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
+    values = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    predicted = plan_for(load_profile(str(serve_profile)), base_model).fixed_bytes \
+        + values["edge_rt_resident_adapter_bytes"]
+    assert abs(values["edge_rt_rss_bytes"] - predicted) <= 0.10 * values["edge_rt_rss_bytes"], (
+        values["edge_rt_rss_bytes"] / 2**20, predicted / 2**20)
