@@ -136,7 +136,9 @@ class AdapterManager:
                              size_bytes=path.stat().st_size, resident_bytes=sum(t.n_bytes for t in header.tensors))
         with self._lock:
             previous = self._entries.get(name)
-            if previous is not None and previous.state in (AdapterState.RESIDENT, AdapterState.ACTIVE):
+            if previous is not None and previous.state is not AdapterState.REMOTE and previous.sha256 == entry.sha256:
+                return self._info(previous)  # already known: concurrent pulls of one adapter register it once
+            if previous is not None and (previous.handle is not None or previous.loading is not None):
                 raise InvalidTransition(name, previous.state.value, "replaced")
             self._entries[name] = entry
         return self._info(entry)

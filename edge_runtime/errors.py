@@ -22,6 +22,7 @@ The tree::
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
     ├── QueueFull                                (RuntimeError)        the request queue is at its bound
+    ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
     ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
     │   └── UnsupportedArchitecture              (NotImplementedError) the base architecture has no name mapping
     ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
@@ -472,3 +473,14 @@ class CacheMiss(DistributionError, FileNotFoundError):
         listing = ", ".join(cached) if cached else "none"
         super().__init__(f"adapter {name!r} is not cached and the device is offline",
                          fix=f"Sync it while online (`edge-rt sync --adapters {name}`); cached adapters: {listing}")
+
+
+class ShuttingDown(EdgeRtError, RuntimeError):
+    """The daemon is stopping: a queued request was dropped before it ran."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the daemon is shutting down", fix="Retry against the restarted daemon")

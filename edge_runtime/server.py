@@ -19,7 +19,7 @@ from aiohttp import web
 
 from edge_runtime import openai_api
 from edge_runtime.adapters import AdapterInfo
-from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, Unauthorized
+from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, ShuttingDown, Unauthorized
 from edge_runtime.metrics import CONTENT_TYPE, Metrics
 from edge_runtime.names import validate_name
 from edge_runtime.runtime import AppliedAdapter, Runtime
@@ -190,7 +190,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
     try:
         chunks = job.chunks()
-        first = await chunks.__anext__()
+        first = await anext(chunks, None)
+        if first is None:  # dropped from the queue by a shutdown
+            raise ShuttingDown()
         metrics.first_token.labels(label).observe(time.monotonic() - started)
         if parsed.stream:
             response, produced = await _stream(request, parsed, job, first, chunks)

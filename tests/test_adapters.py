@@ -166,3 +166,12 @@ def test_package_exports_the_runtime_lazily() -> None:
 
     assert edge_runtime.Runtime is Runtime
     assert edge_runtime.SamplingParams is SamplingParams
+
+
+def test_registering_the_same_content_twice_keeps_the_resident_copy(runtime: Runtime,
+                                                                    adapter_files: list[Path]) -> None:
+    runtime.adapters.ensure_resident("legal-review")
+    again = runtime.adapters.add("legal-review", adapter_files[0])
+    assert again.state == "resident" and runtime.adapters.stats.loads == 1
+    with pytest.raises(InvalidTransition, match="cannot go from resident to replaced"):
+        runtime.adapters.add("legal-review", adapter_files[1])  # other content while loaded: evict first
