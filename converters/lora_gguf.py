@@ -106,7 +106,12 @@ def _type_for(shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf
 
 
 def _encode(matrix: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    return gguf.quants.quantize(np.ascontiguousarray(matrix, dtype=np.float32), qtype)
+    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
+    if qtype == gguf.GGMLQuantizationType.F32:
+        return matrix  # already what the file holds: no copy
+    if qtype == gguf.GGMLQuantizationType.F16:
+        return matrix.astype(np.float16)
+    return gguf.quants.quantize(matrix, qtype)
 
 
 def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,

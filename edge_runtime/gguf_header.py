@@ -160,8 +160,11 @@ class _Parser:
 
     def _skip(self, item_type: GGUFValueType, count: int) -> None:
         if item_type == GGUFValueType.STRING:
+            # Hot loop (a vocabulary has 50k-250k strings): locals only.
+            offset, view, unpack = self.offset, self.view, _U64.unpack_from
             for _ in range(count):
-                self.offset += 8 + int(_U64.unpack_from(self.view, self.offset)[0])
+                offset += 8 + unpack(view, offset)[0]
+            self.offset = offset
         elif item_type == GGUFValueType.ARRAY:
             for _ in range(count):
                 self._value(GGUFValueType.ARRAY)
