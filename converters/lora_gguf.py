@@ -7,7 +7,9 @@ the ratio between the two into B, so every module computes exactly what PEFT com
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -126,12 +128,15 @@ def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_na
     writer.add_string(gguf_info.KEY_BASE_FINGERPRINT, layout.fingerprint)
     writer.add_string(gguf_info.KEY_BASE_NAME, layout.name)
     writer.add_string(gguf_info.KEY_PEFT_CONFIG_SHA256, adapter.config_sha256)
-    encoded: list[np.ndarray] = []
-    for item in plan:
+    def encode(item: _PlannedTensor) -> np.ndarray:
         matrix = gguf_lora_b(adapter, layout, item.pair, item.target) if item.is_b else item.pair.lora_a
-        data = _encode(matrix, item.qtype)
+        return _encode(matrix, item.qtype)
+
+    # numpy releases the GIL while casting and quantising: one thread per core halves the dominant cost.
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        encoded = list(pool.map(encode, plan))
+    for item, data in zip(plan, encoded):
         writer.add_tensor_info(item.name, data.shape, data.dtype, data.nbytes, raw_dtype=item.qtype)
-        encoded.append(data)
     try:
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
