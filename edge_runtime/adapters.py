@@ -123,6 +123,8 @@ class AdapterManager:
         self._entries: dict[str, AdapterEntry] = {}
         self._lock = threading.Lock()
         self._uses = itertools.count(1)
+        self._freeing_bytes = 0  # detached victims not yet freed: still in memory, so still counted
+        self._freeing: dict[int, int] = {}  # id(handle) -> its bytes
 
     # -- registry -------------------------------------------------------------------------------------------------
 
@@ -300,6 +302,8 @@ class AdapterManager:
         handle = entry.handle
         assert handle is not None
         entry.handle = None
+        self._freeing_bytes += entry.resident_bytes
+        self._freeing[id(handle)] = entry.resident_bytes
         if force and entry.state is AdapterState.ACTIVE:
             entry.move_to(AdapterState.RESIDENT)
         entry.move_to(AdapterState.CACHED)
@@ -307,7 +311,8 @@ class AdapterManager:
         return handle
 
     def _held_bytes(self) -> int:  # lock held
-        return sum(e.resident_bytes for e in self._entries.values() if e.handle is not None or e.loading)
+        return self._freeing_bytes + sum(e.resident_bytes for e in self._entries.values()
+                                         if e.handle is not None or e.loading)
 
     def _load(self, entry: AdapterEntry, victims: list[AdapterHandle], pending: Future[AdapterHandle]) -> None:
         started = time.perf_counter()
@@ -332,6 +337,8 @@ class AdapterManager:
     def _free(self, handles: Sequence[AdapterHandle]) -> None:
         for handle in handles:
             self.engine.free_adapter(handle)
+            with self._lock:
+                self._freeing_bytes -= self._freeing.pop(id(handle), 0)
         if handles:
             budget.release_freed_memory()
 

@@ -27,9 +27,10 @@ from typing import Any, TypeVar, cast
 
 import llama_cpp
 import numpy as np
+from jinja2 import TemplateError
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidGGUF
+from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidGGUF, InvalidRequest
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -119,6 +120,7 @@ class Engine:
         self._llama: Any = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
         self.switches = 0  # times the active adapter set changed
+        self.decoded_tokens = 0  # tokens generated since start
         self._closed = False
         self._call(self._load)
 
@@ -185,8 +187,9 @@ class Engine:
         """Detach adapters, free the context and the model, stop the worker (adapters are freed by their owner)."""
         if self._closed:
             return
-        self._call(self._close)
-        self._closed = True
+        future = self._submit(self._close)
+        self._closed = True  # before the close runs: nothing may be queued behind it
+        future.result()
         self._worker.shutdown(wait=True)
 
     def _close(self) -> None:
@@ -259,8 +262,12 @@ class Engine:
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Token ids of ``messages`` rendered with the model's own chat template (from its GGUF)."""
         if self._chat is None:
-            raise EdgeRtError("the base model has no chat template; use a plain completion")
-        prompt = self._chat(messages=cast(Any, list(messages))).prompt
+            raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
+        try:
+            prompt = self._chat(messages=cast(Any, list(messages))).prompt
+        except TemplateError as exc:
+            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}",
+                                 param="messages") from exc
         return list(self._llama.tokenize(prompt.encode(), add_bos=False, special=True))
 
     # -- evaluation -----------------------------------------------------------------------------------------------
@@ -321,6 +328,9 @@ class Engine:
                   cancel: threading.Event) -> Iterator[Chunk]:
         if not prompt:
             raise EdgeRtError("the prompt is empty")
+        if cancel.is_set():
+            yield Chunk("", finish_reason="cancelled")
+            return
         n_ctx = int(self._llama.n_ctx())
         if len(prompt) >= n_ctx:
             raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
@@ -341,6 +351,7 @@ class Engine:
                 yield Chunk(stops.flush(), finish_reason="stop")
                 return
             produced += 1
+            self.decoded_tokens += 1
             text, stopped = stops.feed(decoder.decode(self._llama.detokenize([token], special=False)))
             if stopped:
                 yield Chunk(text, (token,), finish_reason="stop")

@@ -62,7 +62,7 @@ def _prompt(value: Any) -> str:
         value = value[0]
     if not isinstance(value, str) or not value:
         raise InvalidRequest("prompt must be a non-empty string", param="prompt")
-    return value
+    return _utf8(value, "prompt")
 
 
 def _messages(value: Any) -> list[dict[str, str]]:
@@ -70,15 +70,26 @@ def _messages(value: Any) -> list[dict[str, str]]:
         raise InvalidRequest("messages must be a non-empty list", param="messages")
     messages = []
     for index, message in enumerate(value):
-        if not isinstance(message, dict) or message.get("role") not in _ROLES:
+        role = message.get("role") if isinstance(message, dict) else None
+        if not isinstance(role, str) or role not in _ROLES:
             raise InvalidRequest(f"messages[{index}] needs a role among {sorted(_ROLES)}", param="messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+            content = "".join(p["text"] for p in content
+                              if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{index}].content must be text", param="messages")
-        messages.append({"role": str(message["role"]), "content": content})
+        messages.append({"role": role, "content": _utf8(content, "messages")})
     return messages
+
+
+def _utf8(text: str, param: str) -> str:
+    # JSON can carry lone surrogates (\ud800) that no tokenizer can encode.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidRequest(f"{param} holds text that is not valid Unicode", param=param) from exc
+    return text
 
 
 def _sampling(body: dict[str, Any], max_tokens_cap: int) -> SamplingParams:
@@ -112,6 +123,8 @@ def _adapters(body: dict[str, Any], model: str, base_id: str, known: set[str]) -
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidRequest('each adapter is {"name": ..., "scale": ...}', param="adapters")
             specs.append((item["name"], _number(item.get("scale", 1.0), "adapters[].scale", -8.0, 8.0)))
+        if not specs and model not in BASE_ALIASES and model != base_id:
+            raise InvalidRequest(f"adapters is empty but model names {model!r}; use one of them", param="adapters")
     elif "adapter" in body and body["adapter"] is not None:
         if not isinstance(body["adapter"], str):
             raise InvalidRequest("adapter must be a string", param="adapter")

@@ -85,17 +85,27 @@ class Scheduler:
         self._wakeup.set()
         return job
 
+    def discard(self, job: Job) -> None:
+        """Remove ``job`` from the queue if it has not started (its client went away)."""
+        if job in self._pending:
+            self._pending.remove(job)
+
+    def drop_pending(self) -> None:
+        """End every queued job without running it (shutdown); their handlers answer 503."""
+        for job in self._pending:
+            job.cancel.set()
+            job._chunks.put_nowait(_DONE)
+        self._pending.clear()
+
     def start(self) -> None:
         """Start serving jobs (call from the event loop)."""
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     async def stop(self) -> None:
         """Cancel queued and running jobs, then stop the worker."""
-        for job in [*self._pending, *([self._running] if self._running else [])]:
-            job.cancel.set()
-        for job in self._pending:
-            job._chunks.put_nowait(_DONE)
-        self._pending.clear()
+        if self._running is not None:
+            self._running.cancel.set()
+        self.drop_pending()
         if self._task is not None:
             self._task.cancel()
             try:

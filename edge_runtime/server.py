@@ -59,6 +59,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app[METRICS] = Metrics(runtime, app[SCHEDULER])
     app.add_routes(routes)
     app.cleanup_ctx.append(_scheduler_lifecycle)
+    app.on_shutdown.append(_drop_queued)
     if cdn is not None:
         app[CDN] = cdn
         app.cleanup_ctx.append(_cdn_lifecycle)
@@ -70,6 +71,11 @@ async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
     scheduler.start()
     yield
     await scheduler.stop()
+
+
+async def _drop_queued(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for handlers: queued requests get a 503 now, not a dropped connection.
+    app[SCHEDULER].drop_pending()
 
 
 async def _cdn_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -185,7 +191,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     if len(prompt) >= runtime.engine.n_ctx:
         raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
     await _pull_remote(request.app, [name for name, _ in parsed.adapters])
-    label = "+".join(name for name, _ in parsed.adapters) or "base"
+    label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
     status, produced = 500, 0
     job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
     try:
@@ -205,6 +211,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         raise
     finally:
         job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
+        request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
         metrics.requests.labels(label, str(status)).inc()
         metrics.tokens.labels(label).inc(produced)
         log.info("%s %s adapters=%s prompt=%d completion=%d status=%d %.0fms", request.method, request.path,
@@ -244,8 +251,13 @@ async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: J
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):
         job.cancel.set()  # the client went away: stop generating at the next token
-    except EdgeRtError as exc:  # after the headers went out the status is fixed: report in the stream
-        error = openai_api.error_body(str(exc), exc.error_type, code=exc.http_status)
+    except Exception as exc:  # after the headers went out the status is fixed: report in the stream
+        if not isinstance(exc, EdgeRtError):
+            log.exception("generation failed mid-stream")
+        status = exc.http_status if isinstance(exc, EdgeRtError) else 500
+        kind = exc.error_type if isinstance(exc, EdgeRtError) else "server_error"
+        error = openai_api.error_body(str(exc) if isinstance(exc, EdgeRtError) else "internal error", kind,
+                                      code=status)
         await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
     return response, tokens
 
@@ -258,8 +270,8 @@ async def _json(request: web.Request) -> Any:
     raw = await request.read()
     try:
         return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
+        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
 
 
 # -- models, adapters, health, metrics --------------------------------------------------------------------------

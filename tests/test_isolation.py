@@ -113,9 +113,11 @@ def test_stop_strings_end_generation_before_the_stop_text(runtime: Runtime) -> N
 
 def test_closing_a_stream_cancels_the_generation(runtime: Runtime) -> None:
     prompt = runtime.engine.chat_prompt(MESSAGES)
+    before = runtime.engine.decoded_tokens
     stream = runtime.stream(prompt, SamplingParams(max_tokens=200))
     first = next(stream)
     stream.close()
     assert first.finish_reason is None
-    # The worker is free again: a new request completes.
+    # The next request runs after the cancelled one stopped: it decoded a few tokens, not the 200 asked for.
     assert runtime.generate(prompt, SamplingParams(max_tokens=3))[0].completion_tokens == 3
+    assert runtime.engine.decoded_tokens - before < 20
