@@ -145,7 +145,8 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 @click.option("--profile", "profile_name", default="auto", show_default=True,
               help="Device profile: name, alias or TOML file.")
 @click.option("--model", default=None, help="Base model GGUF [default: embedded SmolLM2].")
-@click.option("--ctx", type=int, default=None, help="Context length in tokens [default: the profile's].")
+@click.option("--ctx", type=click.IntRange(min=256), default=None,
+              help="Context length in tokens [default: the profile's].")
 @click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
 @click.option("--adapters", "adapter_files", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Adapter GGUF files to fit together (repeatable).")
@@ -197,13 +198,16 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--adapters-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Folder of NAME.gguf adapters (made by `edge-rt convert`).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
-@click.option("--port", type=int, default=8080, show_default=True)
+@click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="EDGE_RT_API_KEY", default=None, help="Require `Authorization: Bearer KEY`.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without an API key.")
 @click.option("--preload", default="", help="Comma-separated adapters to load at start.")
-@click.option("--ctx", type=int, default=None, help="Context length in tokens [default: the profile's].")
-@click.option("--max-queue", type=int, default=16, show_default=True, help="Requests that may wait; more get 503.")
-@click.option("--max-body-kb", type=int, default=1024, show_default=True, help="Request body cap in KiB.")
+@click.option("--ctx", type=click.IntRange(min=256), default=None,
+              help="Context length in tokens [default: the profile's].")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait; more get 503.")
+@click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="Request body cap in KiB.")
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --cdn: require manifests signed by this key.")

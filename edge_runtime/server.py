@@ -89,6 +89,7 @@ async def _cdn_lifecycle(app: web.Application) -> AsyncIterator[None]:
             manager.add(name, cached.path, sha256=cached.sha256)
         except EdgeRtError as exc:
             log.warning("cached adapter %s is not served: %s", name, exc)
+    await _refresh_logged(app)  # before serving: remote adapters are listed from the first request on
     refresher = asyncio.get_running_loop().create_task(_refresh_forever(app))
     yield
     refresher.cancel()
@@ -97,13 +98,16 @@ async def _cdn_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _refresh_forever(app: web.Application) -> None:
-    cdn = app[CDN]
     while True:
-        try:
-            await refresh_manifest(app)
-        except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
-            log.warning("manifest refresh from %s failed: %s", cdn.cdn, exc)
-        await asyncio.sleep(cdn.settings.manifest_ttl_s)
+        await asyncio.sleep(app[CDN].settings.manifest_ttl_s)
+        await _refresh_logged(app)
+
+
+async def _refresh_logged(app: web.Application) -> None:
+    try:
+        await refresh_manifest(app)
+    except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
+        log.warning("manifest refresh from %s failed: %s", app[CDN].cdn, exc)
 
 
 async def refresh_manifest(app: web.Application) -> dict[str, Any]:

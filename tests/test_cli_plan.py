@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from edge_runtime.budget import adapter_resident_bytes, kv_cache_bytes, model_shape
@@ -52,3 +53,11 @@ def test_plan_ctx_option_overrides_the_profile(make_profile: Callable[..., Path]
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--ctx", "512", "--json"])
     assert result.exit_code == 0
     assert json.loads(result.output)["ctx"] == 512
+
+
+@pytest.mark.parametrize("args", [["plan", "--ctx", "0"], ["serve", "--ctx", "-5"], ["serve", "--max-queue", "0"],
+                                  ["serve", "--port", "70000"]])
+def test_impossible_numbers_are_refused_before_anything_starts(args: list[str]) -> None:
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2
+    assert "Invalid value" in result.output
