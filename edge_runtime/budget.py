@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -158,11 +157,6 @@ def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, k
 def adapter_resident_bytes(path: Path | str) -> int:
     """Bytes an adapter occupies once loaded: its tensor bytes (llama.cpp copies them into one buffer)."""
     return sum(t.n_bytes for t in read_header(path).tensors)
-
-
-def total_adapter_bytes(paths: Sequence[Path | str]) -> int:
-    """Resident bytes of several adapters."""
-    return sum(adapter_resident_bytes(p) for p in paths)
 
 
 def measured_rss_bytes() -> int:

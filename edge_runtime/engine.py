@@ -241,11 +241,6 @@ class Engine:
         self._llama.reset()
         return True
 
-    @property
-    def active_key(self) -> tuple[tuple[str, float], ...]:
-        """The active adapter set as (content id, scale) pairs."""
-        return self._active_key
-
     # -- text -----------------------------------------------------------------------------------------------------
 
     # Tokenising reads only the vocabulary, never the context, so it runs on the caller's thread: a request can be

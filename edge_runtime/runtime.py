@@ -42,9 +42,13 @@ def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> Engine
 
 def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None) -> budget.MemoryPlan:
     """The memory plan of serving ``model_path`` under ``profile``."""
+    return _plan(profile, budget.model_shape(model_path), ctx=ctx)
+
+
+def _plan(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None) -> budget.MemoryPlan:
     settings = engine_settings(profile, ctx=ctx)
-    return budget.plan_memory(budget.model_shape(model_path), budget_bytes=profile.runtime_budget_bytes,
-                              ctx=settings.n_ctx, batch=settings.n_batch, kv_type=settings.kv_type)
+    return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
+                              batch=settings.n_batch, kv_type=settings.kv_type)
 
 
 class Runtime:
@@ -54,9 +58,9 @@ class Runtime:
         budget.configure_allocator()
         self.profile = profile
         self.model_path = resolve_model(model)
-        self.plan = plan_for(profile, self.model_path, ctx=ctx)
+        header = read_header(self.model_path)  # read once: the plan and the fingerprint both come from it
+        self.plan = _plan(profile, budget.ModelShape.from_header(header), ctx=ctx)
         self.plan.require_fit(profile.name)
-        header = read_header(self.model_path)
         self.base_fingerprint = base_fingerprint(header)
         self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx))
         self.adapters = AdapterManager(self.engine, budget_bytes=self.plan.adapter_budget_bytes, base_header=header,

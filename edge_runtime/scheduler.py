@@ -33,7 +33,6 @@ class Job:
     sequence: int
     cancel: threading.Event = field(default_factory=threading.Event)
     applied: list[AppliedAdapter] = field(default_factory=list)
-    started: asyncio.Event = field(default_factory=asyncio.Event)
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
@@ -135,7 +134,6 @@ class Scheduler:
                 continue
             self._running = job
             self._current_key = job.adapter_key
-            job.started.set()
             await loop.run_in_executor(self._executor, self._produce, job, loop)
             self._running = None
 
