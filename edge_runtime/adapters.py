@@ -9,6 +9,9 @@ Resident adapters live under a byte budget. ``hold`` makes an adapter resident â
 adapters that are neither pinned nor used by a running generation â€” and counts the caller as a user until
 ``release``. Concurrent requests for one adapter share one load. Before llama.cpp sees a file, its edge-rt base
 fingerprint is compared with the resident base model's (``IncompatibleAdapter`` on mismatch).
+
+A new version of a known adapter (``replace``) is loaded beside the one in service and takes its name only once
+llama.cpp has loaded it; generations already holding the old version finish on it, and it is freed after them.
 """
 
 from __future__ import annotations
@@ -125,6 +128,8 @@ class AdapterManager:
         self._uses = itertools.count(1)
         self._freeing_bytes = 0  # detached victims not yet freed: still in memory, so still counted
         self._freeing: dict[int, int] = {}  # id(handle) -> its bytes
+        self._staging: dict[str, AdapterEntry] = {}  # name -> a new version being loaded by ``replace``
+        self._retired: dict[int, AdapterEntry] = {}  # id(handle) -> a replaced version still used by generations
 
     # -- registry -------------------------------------------------------------------------------------------------
 
@@ -132,10 +137,7 @@ class AdapterManager:
         """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
         validate_name(name)
         path = Path(path)
-        header = read_header(path)
-        self._check_compatible(name, header)
-        entry = AdapterEntry(name=name, path=path, sha256=sha256 or _file_sha256(path),
-                             size_bytes=path.stat().st_size, resident_bytes=sum(t.n_bytes for t in header.tensors))
+        entry = self._entry_for(name, path, sha256 or _file_sha256(path))
         with self._lock:
             previous = self._entries.get(name)
             if previous is not None and previous.state is not AdapterState.REMOTE and previous.sha256 == entry.sha256:
@@ -155,6 +157,52 @@ class AdapterManager:
             self._entries[name] = AdapterEntry(name=name, path=None, sha256=sha256, size_bytes=size_bytes,
                                                resident_bytes=size_bytes, state=AdapterState.REMOTE)
             return True
+
+    def forget_remote(self, keep: Sequence[str]) -> list[str]:
+        """Drop remote-only adapters whose names are not in ``keep`` (withdrawn from the CDN); return them."""
+        with self._lock:
+            gone = [n for n, e in self._entries.items() if e.state is AdapterState.REMOTE and n not in keep]
+            for name in gone:
+                del self._entries[name]
+            return gone
+
+    def outdated(self, name: str, sha256: str) -> bool:
+        """True when ``name`` has a local version whose content differs from ``sha256`` (an update is due)."""
+        with self._lock:
+            entry = self._entries.get(name)
+            return entry is not None and entry.state is not AdapterState.REMOTE and entry.sha256 != sha256
+
+    def replace(self, name: str, path: Path | str, *, sha256: str) -> AdapterInfo:
+        """Load ``path`` as the new version of ``name`` and switch to it only once llama.cpp has loaded it.
+
+        Until then, and whenever the load fails (the error is raised), ``name`` keeps serving its current version.
+        Generations already holding the old version finish on it; its memory is freed after the last of them.
+        """
+        validate_name(name)
+        fresh = self._entry_for(name, Path(path), sha256)
+        with self._lock:
+            current = self._entry(name)
+            if current.state is not AdapterState.REMOTE and current.sha256 == sha256:
+                return self._info(current)
+            if name in self._staging:
+                raise InvalidTransition(name, "updating", "replaced")
+            victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
+            pending = fresh.loading = Future()
+            self._staging[name] = fresh
+        self._load(fresh, victims, pending)
+        try:
+            pending.result()
+        finally:
+            with self._lock:
+                self._staging.pop(name, None)
+        with self._lock:
+            old = self._entries[name]
+            fresh.pinned, fresh.use_order, fresh.last_used = old.pinned, old.use_order, old.last_used
+            self._entries[name] = fresh
+            unused = self._retire(old)
+            info = self._info(fresh)
+        self._free(unused)
+        return info
 
     def is_remote(self, name: str) -> bool:
         """True when ``name`` is known only from a CDN manifest (it must be pulled before use)."""
@@ -239,16 +287,22 @@ class AdapterManager:
             pending.result()  # followers wait for the leader's load; a failure raises here for everyone
 
     def release(self, held: Sequence[HeldAdapter]) -> None:
-        """End the use counted by ``hold`` for each adapter."""
+        """End the use counted by ``hold`` for each adapter (freeing a replaced version after its last user)."""
+        unused = []
         with self._lock:
             for item in held:
                 entry = self._entries.get(item.name)
                 if entry is None or entry.handle is not item.handle:
+                    retired = self._retired.get(id(item.handle))
+                    if retired is not None:
+                        retired.users -= 1
+                        unused.extend(self._retire(retired))
                     continue
                 entry.users -= 1
                 self._touch(entry)
                 if entry.users == 0 and entry.state is AdapterState.ACTIVE:
                     entry.move_to(AdapterState.RESIDENT)
+        self._free(unused)
 
     def evict(self, name: str) -> bool:
         """Free ``name``'s memory now; False when it is in use (it stays resident) or was not resident."""
@@ -263,7 +317,9 @@ class AdapterManager:
     def close(self) -> None:
         """Free every resident adapter (the engine detaches each before freeing it)."""
         with self._lock:
-            handles = [self._detach(e, force=True) for e in self._entries.values() if e.handle is not None]
+            entries = [*self._entries.values(), *self._retired.values()]
+            self._retired.clear()
+            handles = [self._detach(e, force=True) for e in entries if e.handle is not None]
         self._free(handles)
 
     # -- internals (the lock is held where noted) -----------------------------------------------------------------
@@ -298,7 +354,7 @@ class AdapterManager:
             victims.append(self._detach(candidate))
         return victims
 
-    def _detach(self, entry: AdapterEntry, *, force: bool = False) -> AdapterHandle:  # lock held
+    def _detach(self, entry: AdapterEntry, *, force: bool = False, evicted: bool = True) -> AdapterHandle:  # lock held
         handle = entry.handle
         assert handle is not None
         entry.handle = None
@@ -307,12 +363,30 @@ class AdapterManager:
         if force and entry.state is AdapterState.ACTIVE:
             entry.move_to(AdapterState.RESIDENT)
         entry.move_to(AdapterState.CACHED)
-        self.stats.evictions += 1
+        self.stats.evictions += evicted
         return handle
 
     def _held_bytes(self) -> int:  # lock held
-        return self._freeing_bytes + sum(e.resident_bytes for e in self._entries.values()
-                                         if e.handle is not None or e.loading)
+        entries = itertools.chain(self._entries.values(), self._staging.values(), self._retired.values())
+        return self._freeing_bytes + sum(e.resident_bytes for e in entries if e.handle is not None or e.loading)
+
+    def _retire(self, old: AdapterEntry) -> list[AdapterHandle]:  # lock held
+        """Take a replaced version out of service: its handle now when unused, else after its last user."""
+        handle = old.handle
+        if handle is None:
+            return []
+        if old.users > 0:
+            self._retired[id(handle)] = old
+            return []
+        self._retired.pop(id(handle), None)
+        return [self._detach(old, force=True, evicted=False)]
+
+    def _entry_for(self, name: str, path: Path, sha256: str) -> AdapterEntry:
+        """A new cached entry for the adapter file ``path``, checked against the base model."""
+        header = read_header(path)
+        self._check_compatible(name, header)
+        return AdapterEntry(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
+                            resident_bytes=sum(t.n_bytes for t in header.tensors))
 
     def _load(self, entry: AdapterEntry, victims: list[AdapterHandle], pending: Future[AdapterHandle]) -> None:
         started = time.perf_counter()
@@ -327,11 +401,15 @@ class AdapterManager:
             pending.set_exception(exc)
             return
         with self._lock:
-            entry.handle = handle
             entry.loading = None
-            entry.move_to(AdapterState.RESIDENT)
-            self.stats.loads += 1
-            self.stats.load_seconds_total += time.perf_counter() - started
+            orphan = self._entries.get(entry.name) is not entry and self._staging.get(entry.name) is not entry
+            if not orphan:
+                entry.handle = handle
+                entry.move_to(AdapterState.RESIDENT)
+                self.stats.loads += 1
+                self.stats.load_seconds_total += time.perf_counter() - started
+        if orphan:  # replaced by a new version while loading: waiters retry and find the new one
+            self.engine.free_adapter(handle)
         pending.set_result(handle)
 
     def _free(self, handles: Sequence[AdapterHandle]) -> None:

@@ -7,6 +7,7 @@ never blocks on the model. Every error leaves as OpenAI-shaped JSON with the sta
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import json
 import logging
@@ -20,6 +21,7 @@ from aiohttp import web
 from edge_runtime import openai_api
 from edge_runtime.adapters import AdapterInfo
 from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, ShuttingDown, Unauthorized
+from edge_runtime.follower import CdnFollower
 from edge_runtime.metrics import CONTENT_TYPE, Metrics
 from edge_runtime.names import validate_name
 from edge_runtime.runtime import AppliedAdapter, Runtime
@@ -46,7 +48,7 @@ RUNTIME = web.AppKey("runtime", Runtime)
 SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", ServerConfig)
-CDN = web.AppKey("cdn", CdnClient)
+FOLLOWER = web.AppKey("follower", CdnFollower)
 routes = web.RouteTableDef()
 
 
@@ -61,8 +63,8 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app.cleanup_ctx.append(_scheduler_lifecycle)
     app.on_shutdown.append(_drop_queued)
     if cdn is not None:
-        app[CDN] = cdn
-        app.cleanup_ctx.append(_cdn_lifecycle)
+        app[FOLLOWER] = CdnFollower(cdn, runtime.adapters)
+        app.cleanup_ctx.append(_follower_lifecycle)
     return app
 
 
@@ -78,55 +80,15 @@ async def _drop_queued(app: web.Application) -> None:
     app[SCHEDULER].drop_pending()
 
 
-async def _cdn_lifecycle(app: web.Application) -> AsyncIterator[None]:
-    cdn, manager = app[CDN], app[RUNTIME].adapters
-    await asyncio.get_running_loop().run_in_executor(None, cdn.store.recover)
-    for name in cdn.store.names():
-        cached = cdn.store.lookup(name)
-        if cached is None:
-            continue
-        try:
-            manager.add(name, cached.path, sha256=cached.sha256)
-        except EdgeRtError as exc:
-            log.warning("cached adapter %s is not served: %s", name, exc)
-    await _refresh_logged(app)  # before serving: remote adapters are listed from the first request on
-    refresher = asyncio.get_running_loop().create_task(_refresh_forever(app))
+async def _follower_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await app[FOLLOWER].start()
     yield
-    refresher.cancel()
-    await asyncio.gather(refresher, return_exceptions=True)
-    await cdn.close()
-
-
-async def _refresh_forever(app: web.Application) -> None:
-    while True:
-        await asyncio.sleep(app[CDN].settings.manifest_ttl_s)
-        await _refresh_logged(app)
-
-
-async def _refresh_logged(app: web.Application) -> None:
-    try:
-        await refresh_manifest(app)
-    except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
-        log.warning("manifest refresh from %s failed: %s", app[CDN].cdn, exc)
-
-
-async def refresh_manifest(app: web.Application) -> dict[str, Any]:
-    """Fetch and verify the CDN's manifest; record the adapters it offers that this device has not pulled."""
-    cdn, manager = app[CDN], app[RUNTIME].adapters
-    manifest = await cdn.fetch_manifest()
-    offered = cdn.offered(manifest)
-    added = [entry.name for entry in offered
-             if manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)]
-    return {"version": manifest.version, "offered": [entry.name for entry in offered], "new_remote": added}
+    await app[FOLLOWER].close()
 
 
 async def _pull_remote(app: web.Application, names: list[str]) -> None:
-    """Download adapters known only from the CDN (other requests keep being served meanwhile)."""
-    manager = app[RUNTIME].adapters
-    for name in names:
-        if manager.is_remote(name) and CDN in app:
-            cached = await app[CDN].ensure_cached(name)
-            manager.add(name, cached.path, sha256=cached.sha256)
+    if FOLLOWER in app:
+        await app[FOLLOWER].pull(names)
 
 
 def base_id(runtime: Runtime) -> str:
@@ -320,10 +282,16 @@ async def evict_adapter(request: web.Request) -> web.Response:
 
 @routes.post("/v1/sync")
 async def sync(request: web.Request) -> web.Response:
-    """Refresh the CDN manifest now."""
-    if CDN not in request.app:
+    """Refresh the CDN manifest now; with ``?wait=true`` answer once the updates it started are done."""
+    if FOLLOWER not in request.app:
         raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
-    return web.json_response(await refresh_manifest(request.app))
+    follower = request.app[FOLLOWER]
+    report = await follower.refresh()
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        await follower.settle()
+    body = dataclasses.asdict(report)
+    body["adapters"] = {a.name: a.sha256 for a in request.app[RUNTIME].adapters.list_adapters()}
+    return web.json_response(body)
 
 
 @routes.get("/health")

@@ -176,16 +176,23 @@ class AdapterStore:
         fsync_directory(self.refs_dir)
         return True
 
-    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
+    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), protected_blobs: Iterable[str] = (),
+                  have_bytes: int = 0) -> list[str]:
         """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.
 
-        ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room cannot be made:
-        ``DiskFull`` names the limit. Returns the evicted names.
+        ``protected_blobs`` are sha256s of blobs to keep even when no name points at them (an update waiting to
+        be switched to). ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room
+        cannot be made: ``DiskFull`` names the limit. Returns the evicted names.
         """
         keep = set(protected) | {name}
+        keep_blobs = set(protected_blobs)
         blobs = self._blobs()
-        held = sum(b.size for b in blobs.values() if keep & set(b.names))
-        candidates = sorted((b for b in blobs.values() if not keep & set(b.names)), key=lambda b: b.last_used)
+
+        def kept(blob: _Blob) -> bool:
+            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs
+
+        held = sum(b.size for b in blobs.values() if kept(b))
+        candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
         plan: list[_Blob] = []
         if self.budget_bytes is not None:
             used = sum(b.size for b in blobs.values())

@@ -46,6 +46,7 @@ from edge_runtime.profiles import MIB, DeviceProfile
 from edge_runtime.store import AdapterStore, CachedAdapter
 from edge_runtime.transfer import (
     BlobRequest,
+    Fetched,
     ProgressCallback,
     RateLimiter,
     TransferSettings,
@@ -123,6 +124,7 @@ class CdnClient:
         self._manifest_lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[CachedAdapter]] = {}
         self._syncing: frozenset[str] = frozenset()
+        self._staged: set[str] = set()  # sha256 of fetched updates whose names are not switched yet
 
     async def __aenter__(self) -> CdnClient:
         return self
@@ -176,13 +178,36 @@ class CdnClient:
             return self._used(cached)
         if self.store.blob_path(entry.sha256).is_file():
             return self.store.link(name, entry.sha256)
-        task = self._inflight.get(entry.sha256)
-        if task is None:
-            task = asyncio.create_task(self._download(entry, progress))
-            self._inflight[entry.sha256] = task
-            task.add_done_callback(lambda _: self._inflight.pop(entry.sha256, None))
-        result = await asyncio.shield(task)
+        result = await self._shared_download(entry, progress, link=True)
         return result if result.name == name else self.store.link(name, entry.sha256)
+
+    async def fetch_update(self, entry: ManifestEntry, *,
+                           progress: ProgressCallback | None = None) -> CachedAdapter:
+        """The verified blob of ``entry`` on disk, its name still pointing at the version in service.
+
+        The daemon loads it, then calls ``switch``; until then cache eviction leaves the blob alone.
+        """
+        self._staged.add(entry.sha256)
+        path = self.store.blob_path(entry.sha256)
+        if path.is_file():
+            return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
+                                 last_used=time.time())
+        try:
+            return await self._shared_download(entry, progress, link=False)
+        except BaseException:
+            self._staged.discard(entry.sha256)
+            raise
+
+    def switch(self, name: str, sha256: str) -> CachedAdapter:
+        """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces goes unless shared."""
+        self._staged.discard(sha256)
+        return self.store.link(name, sha256)
+
+    def abandon(self, sha256: str) -> None:
+        """Give up an update ``fetch_update`` fetched (it did not load): its blob goes unless a name uses it."""
+        self._staged.discard(sha256)
+        if all(a.sha256 != sha256 for a in self.store.adapters()):
+            self.store.blob_path(sha256).unlink(missing_ok=True)
 
     async def sync(self, names: Sequence[str] | None = None, *,
                    progress: ProgressCallback | None = None) -> SyncReport:
@@ -222,15 +247,25 @@ class CdnClient:
                 fix="Publish a conversion for this device's base model (`edge-rt convert --base`)")
         return entry
 
+    async def _shared_download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
+                               link: bool) -> CachedAdapter:
+        task = self._inflight.get(entry.sha256)
+        if task is None:
+            task = asyncio.create_task(self._download(entry, progress, link=link))
+            self._inflight[entry.sha256] = task
+            task.add_done_callback(lambda _: self._inflight.pop(entry.sha256, None))
+        return await asyncio.shield(task)
+
     def _used(self, cached: CachedAdapter) -> CachedAdapter:
         self.store.touch(cached.name)
         return self.store.lookup(cached.name) or cached
 
-    async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None) -> CachedAdapter:
+    async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
+                        link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
-        self.store.make_room(entry.name, entry.size, protected=protected)
+        self.store.make_room(entry.name, entry.size, protected=protected, protected_blobs=self._staged)
         request = BlobRequest(name=entry.name, url=f"{self.cdn}/{blob_path(entry.sha256)}", sha256=entry.sha256,
-                              size=entry.size)
+                              size=entry.size, link=link)
         try:
             return await self._source.fetch(request, progress)
         except OSError as exc:
@@ -269,6 +304,7 @@ class _HttpSource:
         self.transfer = transfer
         self.limiter = limiter
         self._session: aiohttp.ClientSession | None = None
+        self._manifest: Fetched | None = None  # the last manifest body and its ETag, for If-None-Match
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
@@ -277,8 +313,16 @@ class _HttpSource:
         return self._session
 
     async def manifest_bytes(self) -> bytes:
-        return await fetch_bounded(self.session(), f"{self.base_url}/{MANIFEST_FILE}", limit_bytes=MAX_MANIFEST_BYTES,
-                                   settings=self.transfer)
+        """The manifest; a 304 to If-None-Match re-uses the last body (it is verified again, expiry included)."""
+        last = self._manifest
+        fetched = await fetch_bounded(self.session(), f"{self.base_url}/{MANIFEST_FILE}",
+                                      limit_bytes=MAX_MANIFEST_BYTES, settings=self.transfer,
+                                      etag=last.etag if last is not None else None)
+        if fetched.body is None:  # 304 Not Modified: only possible when an ETag (and so a body) was kept
+            assert last is not None and last.body is not None
+            return last.body
+        self._manifest = fetched
+        return fetched.body
 
     async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
         return await download(self.session(), request, store=self.store, settings=self.transfer,

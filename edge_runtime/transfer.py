@@ -122,6 +122,15 @@ class BlobRequest:
     url: str
     sha256: str
     size: int  # bytes, from the manifest
+    link: bool = True  # point ``name`` at the blob once installed (False: the caller switches the name later)
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A small file fetched with ``fetch_bounded``: its body (None: 304, the caller's copy is current), its ETag."""
+
+    body: bytes | None
+    etag: str | None
 
 
 class _Retry(Exception):
@@ -174,9 +183,10 @@ class _Sink:
         if actual != self.request.sha256:
             self.store.discard(self.partial)
             raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
-        installed = self.store.install(self.partial, name=self.request.name, digest=actual)
-        assert installed is not None
-        return installed
+        installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
+                                       digest=actual)
+        return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,
+                                          size=self.written, last_used=time.time())
 
     def close(self) -> None:
         """Close the file; a non-empty partial stays for a later resume."""
@@ -282,13 +292,18 @@ async def _with_retries(url: str, settings: TransferSettings, tally: _Tally,
 
 
 async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes: int,
-                        settings: TransferSettings) -> bytes:
-    """GET a small file (the manifest) with retries, reading at most ``limit_bytes`` (else ``LengthExceeded``)."""
+                        settings: TransferSettings, etag: str | None = None) -> Fetched:
+    """GET a small file (the manifest) with retries, reading at most ``limit_bytes`` (else ``LengthExceeded``).
 
-    async def attempt() -> bytes:
+    With ``etag`` (from an earlier fetch) the request is conditional: a 304 answer carries no body.
+    """
+
+    async def attempt() -> Fetched:
         try:
-            async with session.get(url) as response:
+            async with session.get(url, headers={"If-None-Match": etag} if etag else None) as response:
                 _check_failure(response, url)
+                if response.status == 304 and etag:
+                    return Fetched(body=None, etag=etag)
                 if response.status != 200:
                     raise TransferFailed(url, f"unexpected HTTP {response.status}", status=response.status)
                 if response.content_length is not None and response.content_length > limit_bytes:
@@ -296,7 +311,7 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
                 body = await response.content.read(limit_bytes + 1)
                 if len(body) > limit_bytes:
                     raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
-                return body
+                return Fetched(body=body, etag=response.headers.get("ETag"))
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 

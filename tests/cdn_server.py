@@ -53,6 +53,7 @@ class Served:
     if_range: str | None
     status: int
     body_bytes: int = 0
+    if_none_match: str | None = None
 
 
 @dataclass
@@ -79,17 +80,26 @@ class FaultCdn:
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         path = request.match_info["path"]
-        served = Served(path, request.headers.get("Range"), request.headers.get("If-Range"), 200)
+        served = Served(path, request.headers.get("Range"), request.headers.get("If-Range"), 200,
+                        if_none_match=request.headers.get("If-None-Match"))
         self.log.append(served)
-        if path == "manifest.json" and self.manifest is not None:
-            served.body_bytes = len(self.manifest)
-            return web.Response(body=self.manifest, content_type="application/json")
         file = self.root / path
+        if path == "manifest.json" and (self.manifest is not None or file.is_file()):
+            return self._manifest(served, self.manifest if self.manifest is not None else file.read_bytes())
         if ".." in path.split("/") or not file.is_file():
             served.status = 404
             return web.Response(status=404)
         fault = (self.faults.pop(0) if self.faults else None) if path.startswith("blobs/") else None
         return await self._send(request, served, file.read_bytes(), fault or Fault())
+
+    @staticmethod
+    def _manifest(served: Served, document: bytes) -> web.Response:
+        etag = f'"{hashlib.sha256(document).hexdigest()[:32]}"'
+        if served.if_none_match == etag:
+            served.status = 304
+            return web.Response(status=304, headers={"ETag": etag})
+        served.body_bytes = len(document)
+        return web.Response(body=document, content_type="application/json", headers={"ETag": etag})
 
     async def _send(self, request: web.Request, served: Served, data: bytes, fault: Fault) -> web.StreamResponse:
         if fault.status is not None:

@@ -11,7 +11,14 @@ import pytest
 from edge_runtime.adapters import AdapterEntry, AdapterState
 from edge_runtime.budget import adapter_resident_bytes
 from edge_runtime.engine import SamplingParams
-from edge_runtime.errors import AdapterNotFound, BudgetExceeded, IncompatibleAdapter, InvalidName, InvalidTransition
+from edge_runtime.errors import (
+    AdapterNotFound,
+    BudgetExceeded,
+    IncompatibleAdapter,
+    InvalidGGUF,
+    InvalidName,
+    InvalidTransition,
+)
 from edge_runtime.gguf_info import read_info
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import Runtime
@@ -175,3 +182,57 @@ def test_registering_the_same_content_twice_keeps_the_resident_copy(runtime: Run
     assert again.state == "resident" and runtime.adapters.stats.loads == 1
     with pytest.raises(InvalidTransition, match="cannot go from resident to replaced"):
         runtime.adapters.add("legal-review", adapter_files[1])  # other content while loaded: evict first
+
+
+def test_a_new_version_takes_over_only_once_loaded_and_running_generations_finish_on_the_old(
+        runtime: Runtime, adapter_files: list[Path]) -> None:
+    prompt = runtime.engine.tokenize("Write one word:")
+    old_text = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
+    new_text = runtime.generate(prompt, GREEDY, adapters=[("brand-voice", 1.0)])[0].text
+    assert old_text != new_text  # the two files compute differently, so the switch is observable
+    runtime.adapters.evict("brand-voice")
+    one = adapter_resident_bytes(adapter_files[0])
+    running = runtime.adapters.hold("legal-review", 1.0)  # a generation in flight on the old version
+
+    updated = runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+
+    assert (updated.sha256, updated.state) == ("ab" * 32, "resident")
+    assert not running.handle.freed and runtime.adapters.resident_bytes == 2 * one  # old kept for its user
+    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == new_text
+    runtime.adapters.release([running])
+    assert running.handle.freed and runtime.adapters.resident_bytes == one
+    assert runtime.adapters.stats.evictions == 1  # brand-voice's; a replaced version is not an eviction
+
+
+@pytest.mark.parametrize("damage", ["truncated-data", "other-base"])
+def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Runtime, adapter_files: list[Path],
+                                                                     tmp_path: Path, damage: str) -> None:
+    prompt = runtime.engine.tokenize("Write one word:")
+    before = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
+    sha_before = runtime.adapters.info("legal-review").sha256
+    bad = tmp_path / "bad.gguf"
+    data = adapter_files[1].read_bytes()
+    if damage == "truncated-data":
+        bad.write_bytes(data[: len(data) - 4096])  # header intact, the last tensor short: llama.cpp refuses it
+    else:
+        fingerprint = read_info(adapter_files[1]).base_fingerprint
+        assert fingerprint is not None
+        bad.write_bytes(data.replace(fingerprint.encode(), b"0" * 64))
+    refusal = {"truncated-data": (InvalidGGUF, "llama.cpp refused"), "other-base": (IncompatibleAdapter, "another base")}
+    with pytest.raises(refusal[damage][0], match=refusal[damage][1]):
+        runtime.adapters.replace("legal-review", bad, sha256="cd" * 32)
+    info = runtime.adapters.info("legal-review")
+    assert (info.sha256, info.state) == (sha_before, "resident")
+    assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])
+    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == before
+
+
+def test_a_new_version_without_room_beside_an_in_use_old_one_waits(runtime: Runtime,
+                                                                   adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 1)
+    with runtime.adapters.lease([("legal-review", 1.0)]):
+        with pytest.raises(BudgetExceeded):
+            runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+        assert runtime.adapters.info("legal-review").state == "active"
+    # Once idle, the old version may be evicted to make room: its file is kept until the new one has loaded.
+    assert runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32).state == "resident"

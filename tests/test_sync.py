@@ -134,6 +134,19 @@ async def test_an_adapter_updated_on_the_cdn_is_fetched_again_and_the_old_blob_g
     assert report.results[0].adapter.sha256 != old.sha256 and not old.path.exists()
 
 
+async def test_an_unchanged_manifest_costs_a_304_and_a_changed_one_is_read(
+        tmp_path: Path, make_client: MakeClient, cdn: FaultCdn, adapter_sources: Path, key_pair: KeyPair) -> None:
+    client = make_client()
+    first = await client.fetch_manifest()
+    again = await client.fetch_manifest()
+    reads = [s for s in cdn.log if s.path == "manifest.json"]
+    assert [(s.status, s.body_bytes > 0) for s in reads] == [(200, True), (304, False)]
+    assert reads[1].if_none_match is not None and again == first
+    publish(adapter_sources, cdn.root, key=key_pair[0])  # version 2: new bytes, new ETag
+    assert (await client.fetch_manifest()).version == 2
+    assert cdn.log[-1].status == 200 and cdn.log[-1].if_none_match == reads[1].if_none_match
+
+
 async def test_sync_all_fetches_every_offered_adapter(make_client: MakeClient, manifest: Manifest) -> None:
     report = await make_client().sync()
     assert sorted(r.adapter.name for r in report.results) == sorted(manifest.names) and report.incompatible == ()

@@ -78,3 +78,30 @@ def test_sync_route_without_a_cdn_is_a_clear_400(tmp_path: Path, serve_profile: 
         response = requests.post(f"{daemon.url}/v1/sync", timeout=10)
         assert response.status_code == 400
         assert "start it with --cdn URL" in response.json()["error"]["message"]
+
+
+def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Path, serve_profile: Path,
+                                                                    adapters_dir: Path,
+                                                                    cdn: tuple[str, Path]) -> None:
+    url, public = cdn
+    cache = tmp_path / "device-cache"
+    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
+                    str(cache), log=tmp_path / "log", env={"HF_HUB_OFFLINE": "0"}) as daemon:
+        chat = {"model": "b", "messages": CHAT, "max_tokens": 4, "temperature": 0}
+        old = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60, json=chat)
+        assert old.status_code == 200
+        next_version = tmp_path / "v2"
+        next_version.mkdir()
+        (next_version / "a.gguf").write_bytes((adapters_dir / "a.gguf").read_bytes())
+        (next_version / "b.gguf").write_bytes((adapters_dir / "c.gguf").read_bytes())  # new content for b
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+        new_sha = hashlib.sha256((adapters_dir / "c.gguf").read_bytes()).hexdigest()
+
+        report = requests.post(f"{daemon.url}/v1/sync?wait=true", timeout=60).json()
+
+        assert (report["version"], report["updating"], report["withdrawn"]) == (2, ["b"], ["c"])
+        assert report["adapters"]["b"] == new_sha and "c" not in report["adapters"]
+        new = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60, json=chat)
+        assert new.headers["X-Edge-Adapters"] == f"b@{new_sha[:16]}:1" != old.headers["X-Edge-Adapters"]
+        assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]
+        assert (cache / "refs" / "b").read_text() == new_sha

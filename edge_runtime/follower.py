@@ -1,0 +1,128 @@
+"""The daemon's view of a CDN: remote adapters listed, pulled on first use, updated only once the new one loads.
+
+``CdnFollower`` joins the CDN client (``sync.py``) to the adapter manager (``adapters.py``) for ``edge-rt serve
+--cdn``. At start it re-verifies the cache and registers what is there, then reads the manifest before the daemon
+serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with If-None-Match, then
+
+- lists newly offered adapters as ``remote`` and forgets remote ones the CDN no longer offers (pulled copies stay);
+- for an adapter whose content changed, downloads and verifies the new blob beside the old, has llama.cpp load it,
+  and only then points the name at it. The old version keeps serving throughout. A version llama.cpp refuses is
+  logged and not tried again until the CDN publishes another; one that cannot be fetched, or does not fit in memory
+  beside a busy old version, is tried again at the next refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from edge_runtime.adapters import AdapterManager
+from edge_runtime.errors import BudgetExceeded, EdgeRtError
+from edge_runtime.manifest import ManifestEntry
+from edge_runtime.sync import CdnClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What one manifest refresh found."""
+
+    version: int
+    offered: tuple[str, ...]
+    new_remote: tuple[str, ...]  # offered adapters this device had not seen
+    withdrawn: tuple[str, ...]  # remote-only adapters the CDN stopped offering (forgotten)
+    updating: tuple[str, ...]  # local adapters with a new version on the CDN (being fetched and loaded)
+
+
+class CdnFollower:
+    """Keeps an adapter manager following a CDN for the life of a daemon."""
+
+    def __init__(self, cdn: CdnClient, manager: AdapterManager) -> None:
+        self.cdn = cdn
+        self.manager = manager
+        self._refresher: asyncio.Task[None] | None = None
+        self._updates: dict[str, asyncio.Task[None]] = {}  # name -> its running update
+        self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
+
+    async def start(self) -> None:
+        """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
+        await asyncio.to_thread(self.cdn.store.recover)
+        for cached in self.cdn.store.adapters():
+            try:
+                self.manager.add(cached.name, cached.path, sha256=cached.sha256)
+            except EdgeRtError as exc:
+                log.warning("cached adapter %s is not served: %s", cached.name, exc)
+        await self._refresh_logged()  # before serving: remote adapters are listed from the first request on
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        """Stop refreshing and updating (partial downloads stay for a later resume) and close the client."""
+        tasks = [t for t in (self._refresher, *self._updates.values()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.cdn.close()
+
+    async def refresh(self) -> RefreshReport:
+        """Fetch and verify the manifest; list new adapters, forget withdrawn ones, start due updates."""
+        manifest = await self.cdn.fetch_manifest()
+        offered = self.cdn.offered(manifest)
+        names = tuple(entry.name for entry in offered)
+        added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
+        withdrawn = tuple(self.manager.forget_remote(keep=names))
+        due = [e for e in offered if self.manager.outdated(e.name, e.sha256) and e.sha256 not in self._rejected]
+        for entry in due:
+            if entry.name not in self._updates:
+                self._updates[entry.name] = asyncio.create_task(self._update(entry))
+        return RefreshReport(version=manifest.version, offered=names, new_remote=added, withdrawn=withdrawn,
+                             updating=tuple(e.name for e in due))
+
+    async def settle(self) -> None:
+        """Wait for the updates under way (each logs its own failure)."""
+        await asyncio.gather(*self._updates.values(), return_exceptions=True)
+
+    async def pull(self, names: list[str]) -> None:
+        """Download the named adapters the device knows only from the CDN (other requests go on meanwhile)."""
+        for name in names:
+            if self.manager.is_remote(name):
+                cached = await self.cdn.ensure_cached(name)
+                self.manager.add(name, cached.path, sha256=cached.sha256)
+
+    async def _update(self, entry: ManifestEntry) -> None:
+        try:
+            await self._fetch_and_switch(entry)
+        finally:
+            self._updates.pop(entry.name, None)
+
+    async def _fetch_and_switch(self, entry: ManifestEntry) -> None:
+        try:
+            staged = await self.cdn.fetch_update(entry)
+        except EdgeRtError as exc:  # network trouble: the next refresh tries again
+            log.warning("update of %s to %s not fetched: %s", entry.name, entry.sha256[:12], exc)
+            return
+        try:
+            await asyncio.to_thread(self.manager.replace, entry.name, staged.path, sha256=entry.sha256)
+        except BudgetExceeded as exc:  # the old version is busy and both do not fit: the next refresh tries again
+            log.warning("update of %s to %s waits for memory: %s", entry.name, entry.sha256[:12], exc)
+            return
+        except EdgeRtError as exc:
+            self._rejected.add(entry.sha256)
+            self.cdn.abandon(entry.sha256)
+            log.warning("update of %s to %s did not load, the old version keeps serving: %s", entry.name,
+                        entry.sha256[:12], exc)
+            return
+        self.cdn.switch(entry.name, entry.sha256)
+        log.info("adapter %s updated to %s", entry.name, entry.sha256[:12])
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cdn.settings.manifest_ttl_s)
+            await self._refresh_logged()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
+            log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)

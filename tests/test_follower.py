@@ -1,0 +1,138 @@
+"""A daemon following a real CDN on 127.0.0.1: new versions take over only once llama.cpp has loaded them."""
+
+# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+from cdn_server import FaultCdn, adapter_sources, cdn_dir, key_pair  # noqa: F401  (fixtures)
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_runtime.engine import SamplingParams
+from edge_runtime.follower import CdnFollower
+from edge_runtime.profiles import load_profile
+from edge_runtime.publish import publish
+from edge_runtime.runtime import Runtime
+from edge_runtime.sync import CdnClient
+
+pytestmark = pytest.mark.asyncio
+KeyPair = tuple[Ed25519PrivateKey, Ed25519PublicKey, Path]
+GREEDY = SamplingParams(max_tokens=6)
+
+
+@pytest_asyncio.fixture
+async def follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_profile: Callable[..., Path],
+                   aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[CdnFollower]:
+    cdn = FaultCdn(cdn_dir)
+    server = await aiohttp_server(cdn.app())
+    runtime = Runtime(load_profile(str(make_profile("follower-test", budget_mb=1024))), ctx=512)
+    client = CdnClient(str(server.make_url("")).rstrip("/"), cache_dir=tmp_path / "cache", public_key=key_pair[1],
+                       base_fingerprint=runtime.base_fingerprint, offline=False)
+    following = CdnFollower(client, runtime.adapters)
+    following.log = cdn.log  # type: ignore[attr-defined]
+    await following.start()
+    yield following
+    await following.close()
+    runtime.close()
+
+
+def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dict[str, bytes]) -> dict[str, str]:
+    """Publish a new manifest version offering exactly ``files`` (name -> bytes); return name -> sha256."""
+    source = tmp_path / "next-version"
+    source.mkdir(exist_ok=True)
+    for stale in source.glob("*.gguf"):
+        stale.unlink()
+    for name, data in files.items():
+        (source / f"{name}.gguf").write_bytes(data)
+    publish(source, cdn_root, key=key)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+async def serving(follower: CdnFollower, name: str) -> tuple[str, Path, str]:
+    """Generate under ``name``: the sha256 and file of the version that ran, and the text."""
+    engine = follower.manager.engine
+    prompt = engine.tokenize("Write one word:")
+
+    def run() -> tuple[str, Path, str]:
+        with follower.manager.lease([(name, 1.0)]) as held:
+            text = engine.generate(prompt, GREEDY, adapters=[(h.handle, h.scale) for h in held]).text
+            return held[0].sha256, held[0].handle.path, text
+
+    return await asyncio.to_thread(run)
+
+
+async def test_an_updated_adapter_switches_after_loading_and_a_withdrawn_remote_one_is_forgotten(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    manager, store = follower.manager, follower.cdn.store
+    assert {a.name: a.state for a in manager.list_adapters()} == {"brand-voice": "remote", "json-extract": "remote"}
+    await follower.pull(["json-extract", "brand-voice"])
+    old_sha = manager.info("json-extract").sha256
+    assert (await serving(follower, "json-extract"))[:2] == (old_sha, store.blob_path(old_sha))
+    brand_voice_text = (await serving(follower, "brand-voice"))[2]
+
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    report = await follower.refresh()
+    assert (report.version, report.updating, report.withdrawn) == (2, ("json-extract",), ())
+    await follower.settle()
+
+    info = manager.info("json-extract")
+    assert (info.sha256, info.state) == (new["json-extract"], "resident")
+    sha, path, text = await serving(follower, "json-extract")
+    assert (sha, path, text) == (new["json-extract"], store.blob_path(new["json-extract"]), brand_voice_text)
+    cached = store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == new["json-extract"]
+    assert not store.blob_path(old_sha).exists()  # the old blob went once the new version took over
+    # brand-voice was pulled, so it stays usable though the CDN stopped offering it; a never-pulled one is forgotten
+    assert manager.info("brand-voice").state == "resident"
+    republish(tmp_path, cdn_dir, key_pair[0], {})
+    assert (await follower.refresh()).withdrawn == ()
+    manager.add_remote("gone", sha256="ef" * 32, size_bytes=1)
+    assert (await follower.refresh()).withdrawn == ("gone",) and "gone" not in manager.names()
+
+
+async def test_a_version_llama_cpp_refuses_leaves_the_old_one_serving_and_is_not_fetched_again(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    manager, store = follower.manager, follower.cdn.store
+    await follower.pull(["json-extract"])
+    old_sha = manager.info("json-extract").sha256
+    before = await serving(follower, "json-extract")
+    assert before[:2] == (old_sha, store.blob_path(old_sha))
+    good = (adapter_sources / "brand-voice.gguf").read_bytes()
+    bad = republish(tmp_path, cdn_dir, key_pair[0], {"json-extract": good[:-4096]})  # sha256 right, tensors short
+
+    assert (await follower.refresh()).updating == ("json-extract",)
+    await follower.settle()
+
+    info = manager.info("json-extract")
+    assert (info.sha256, info.state) == (old_sha, "resident")
+    assert await serving(follower, "json-extract") == before
+    cached = store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == old_sha and cached.path.exists()
+    assert not store.blob_path(bad["json-extract"]).exists()  # the refused blob is not kept
+    blob_requests = [s for s in follower.log if s.path.startswith("blobs/")]  # type: ignore[attr-defined]
+    assert (await follower.refresh()).updating == ()  # a refused version is not fetched again
+    assert [s for s in follower.log if s.path.startswith("blobs/")] == blob_requests  # type: ignore[attr-defined]
+
+
+async def test_restarting_before_the_switch_keeps_the_version_in_service(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    await follower.pull(["json-extract"])
+    old_sha = follower.manager.info("json-extract").sha256
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    manifest = await follower.cdn.fetch_manifest()
+    entry = manifest.entry("json-extract")
+    assert entry is not None
+    staged = await follower.cdn.fetch_update(entry)  # downloaded and verified, not yet loaded: then a restart
+    report = await asyncio.to_thread(follower.cdn.store.recover)
+    assert staged.path.exists() and "json-extract" not in report.refs_rebuilt
+    cached = follower.cdn.store.lookup("json-extract")
+    assert cached is not None and (cached.sha256, new["json-extract"]) == (old_sha, staged.sha256)
