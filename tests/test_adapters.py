@@ -218,8 +218,9 @@ def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Ru
         fingerprint = read_info(adapter_files[1]).base_fingerprint
         assert fingerprint is not None
         bad.write_bytes(data.replace(fingerprint.encode(), b"0" * 64))
-    refusal = {"truncated-data": (InvalidGGUF, "llama.cpp refused"), "other-base": (IncompatibleAdapter, "another base")}
-    with pytest.raises(refusal[damage][0], match=refusal[damage][1]):
+    error, message = {"truncated-data": (InvalidGGUF, "llama.cpp refused"),
+                      "other-base": (IncompatibleAdapter, "another base")}[damage]
+    with pytest.raises(error, match=message):
         runtime.adapters.replace("legal-review", bad, sha256="cd" * 32)
     info = runtime.adapters.info("legal-review")
     assert (info.sha256, info.state) == (sha_before, "resident")
