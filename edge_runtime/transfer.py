@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TypeVar
 
 import aiohttp
 
@@ -37,6 +37,7 @@ from edge_runtime.errors import (
     SlowRetrieval,
     TransferFailed,
 )
+from edge_runtime.hashing_writer import HashingWriter
 from edge_runtime.store import AdapterStore, CachedAdapter, Partial, file_sha256
 
 T = TypeVar("T")
@@ -147,7 +148,7 @@ class _Retry(Exception):
 
 
 class _Sink:
-    """Appends to a partial while hashing it; refuses a byte past the expected size."""
+    """Appends to a partial while hashing it (on helper threads); refuses a byte past the expected size."""
 
     def __init__(self, store: AdapterStore, partial: Partial, request: BlobRequest) -> None:
         self.store = store
@@ -156,30 +157,26 @@ class _Sink:
         if partial.size > request.size:
             self.partial = store.restart(partial)
         self.written = self.partial.size
-        self.digest = file_sha256(self.partial.path, limit=self.written)
-        self.handle: BinaryIO = self.partial.path.open("ab")
+        self.writer = HashingWriter(self.partial.path, file_sha256(self.partial.path, limit=self.written))
         self.mixed = self.written > 0  # bytes from an earlier response are in the file
 
     def restart(self) -> None:
         """Empty the partial and forget its validator."""
-        self.handle.close()
+        self.writer.reset(hashlib.sha256())
         self.partial = self.store.restart(self.partial)
-        self.handle = self.partial.path.open("ab")
-        self.written, self.digest, self.mixed = 0, hashlib.sha256(), False
+        self.written, self.mixed = 0, False
 
     def append(self, chunk: bytes) -> None:
-        """Write and hash ``chunk``; ``LengthExceeded`` when it would pass the manifest's size."""
+        """Queue ``chunk`` for writing and hashing; ``LengthExceeded`` when it would pass the manifest's size."""
         if self.written + len(chunk) > self.request.size:
             raise LengthExceeded(self.request.url, limit_bytes=self.request.size,
                                  received_bytes=self.written + len(chunk))
-        self.handle.write(chunk)
-        self.digest.update(chunk)
+        self.writer.append(chunk)
         self.written += len(chunk)
 
     def finish(self) -> CachedAdapter:
         """Verify and install the complete partial; ``IntegrityError`` (partial deleted) when it does not match."""
-        self.handle.close()
-        actual = self.digest.hexdigest()
+        actual = self.writer.finish()
         if actual != self.request.sha256:
             self.store.discard(self.partial)
             raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
@@ -189,8 +186,8 @@ class _Sink:
                                           size=self.written, last_used=time.time())
 
     def close(self) -> None:
-        """Close the file; a non-empty partial stays for a later resume."""
-        self.handle.close()
+        """Close the file once queued writes landed; a non-empty partial stays for a later resume."""
+        self.writer.close()
         if self.partial.size == 0:
             self.store.discard(self.partial)
 
@@ -202,13 +199,13 @@ async def download(session: aiohttp.ClientSession, request: BlobRequest, *, stor
     clock = _Clock(request, progress)
     sink = await _download_once(session, request, store, settings, limiter, clock, fresh=False)
     try:
-        return sink.finish()
+        return await asyncio.to_thread(sink.finish)  # fsync and rename off the event loop
     except IntegrityError:
         if not sink.mixed:
             raise
     # The resumed bytes came from another version of the file (no validator caught it): fetch it whole, once.
     sink = await _download_once(session, request, store, settings, limiter, clock, fresh=True)
-    return sink.finish()
+    return await asyncio.to_thread(sink.finish)
 
 
 async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, store: AdapterStore,
@@ -243,6 +240,7 @@ def copy_local(source: Path, request: BlobRequest, *, store: AdapterStore,
             with source.open("rb") as handle:
                 while chunk := handle.read(1 << 20):
                     sink.append(chunk)
+                    sink.writer.wait(keep=4)
                     clock.received += len(chunk)
                     clock.report(sink.written)
         except FileNotFoundError as exc:
@@ -397,6 +395,7 @@ async def _receive(response: aiohttp.ClientResponse, sink: _Sink, settings: Tran
         received += len(chunk)
         clock.received += len(chunk)
         clock.report(sink.written)
+        await sink.writer.drain()
         elapsed = time.monotonic() - started
         if elapsed > settings.throughput_grace_s and received / elapsed < min_rate:
             raise _Retry(f"{received / elapsed:.0f} B/s is below the minimum {min_rate:.0f} B/s", slow=True)
