@@ -1,7 +1,7 @@
 """Hugging Face Hub access: the one module that imports huggingface_hub.
 
 Sources are written ``hf://ORG/REPO[@REVISION]`` (an adapter directory) or ``hf://ORG/REPO[@REVISION]/PATH``
-(one file). huggingface_hub's own cache and ``HF_HUB_OFFLINE`` apply unchanged.
+(one file). huggingface_hub's own cache and ``HF_HUB_OFFLINE`` apply unchanged; ``HF_ENDPOINT`` picks the Hub.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ def fetch_folder(source: HubSource, filenames: list[str]) -> Path:
     patterns = [f"{source.path}/{name}" if source.path else name for name in filenames]
     with _hub_errors(source):
         folder = snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns,
-                                   cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline())
+                                   cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline(),
+                                   endpoint=settings.hf_endpoint())
     return Path(folder) / source.path if source.path else Path(folder)
 
 
@@ -69,7 +70,8 @@ def fetch_file(source: HubSource) -> Path:
         raise SourceUnavailable(str(source), "no file named", fix="Write it as hf://ORG/REPO[@REVISION]/FILE.gguf")
     with _hub_errors(source):
         return Path(hf_hub_download(repo_id=source.repo_id, filename=source.path, revision=source.revision,
-                                    cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline()))
+                                    cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline(),
+                                    endpoint=settings.hf_endpoint()))
 
 
 @contextmanager

@@ -3,6 +3,8 @@
 - ``EDGE_RT_HOME``: edge-rt's state folder (default ``~/.cache/edge-rt``).
 - ``EDGE_RT_OFFLINE`` / ``HF_HUB_OFFLINE``: truthy means zero network attempts.
 - ``HF_HUB_CACHE``: huggingface_hub's cache folder (huggingface_hub itself reads it only at import).
+- ``HF_ENDPOINT``: the Hub to use for ``hf://`` sources (a mirror or a private Hub; huggingface_hub reads it only at
+  import, so edge-rt passes it on each call).
 """
 
 from __future__ import annotations
@@ -37,3 +39,9 @@ def hf_cache_dir() -> Path | None:
     """``HF_HUB_CACHE`` as set now, or None for huggingface_hub's own default."""
     configured = os.environ.get("HF_HUB_CACHE")
     return Path(configured).expanduser() if configured else None
+
+
+def hf_endpoint() -> str | None:
+    """``HF_ENDPOINT`` as set now (e.g. a Hub mirror), or None for huggingface_hub's default (huggingface.co)."""
+    configured = os.environ.get("HF_ENDPOINT", "").strip()
+    return configured.rstrip("/") or None

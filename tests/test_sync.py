@@ -28,8 +28,8 @@ from cdn_server import (  # noqa: F401  (fixtures)
     large_adapter,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from hub_server import COMMIT, LocalHub
 
-from edge_runtime import hub
 from edge_runtime.errors import (
     AdapterNotFound,
     CacheMiss,
@@ -490,23 +490,25 @@ async def test_file_urls_are_copied_in_under_the_same_checks(tmp_path: Path, cdn
 
 
 async def test_hf_sources_fetch_the_pinned_revision_and_still_check_sha256(
-        tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, manifest: Manifest,
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    fetched: list[hub.HubSource] = []
+        tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, manifest: Manifest, monkeypatch: pytest.MonkeyPatch,
+        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    import huggingface_hub.constants
 
-    def fake_fetch(source: hub.HubSource) -> Path:  # stands in for huggingface_hub's download into its cache
-        fetched.append(source)
-        return cdn_dir / str(source.path).removeprefix("cdn/")
-
-    monkeypatch.setattr(hub, "fetch_file", fake_fetch)
+    hub_server = LocalHub(cdn_dir.parent, "acme/adapters")  # the repository holds the CDN folder under cdn/
+    server = await aiohttp_server(hub_server.app())
+    monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # it reads the variable at import
     async with CdnClient("hf://acme/adapters@v3/cdn", cache_dir=tmp_path / "cache", public_key=key_pair[1],
                          offline=False) as client:
-        await client.ensure_cached("json-extract")
+        cached = await client.ensure_cached("json-extract")
+        entry = manifest.entry("json-extract")
+        assert entry is not None and cached.sha256 == entry.sha256
+        assert cached.path.read_bytes() == (cdn_dir / entry.path).read_bytes()
+        assert ("GET", "cdn/manifest.json") in hub_server.log and ("GET", f"cdn/{entry.path}") in hub_server.log
         blob = cdn_dir / manifest.entry("brand-voice").path  # type: ignore[union-attr]
-        blob.write_bytes(blob.read_bytes()[::-1])
+        blob.write_bytes(blob.read_bytes()[::-1])  # the Hub now serves other bytes under the listed name
         with pytest.raises(IntegrityError):
             await client.ensure_cached("brand-voice")
-    entry = manifest.entry("json-extract")
-    assert entry is not None
-    assert [(s.repo_id, s.revision, s.path) for s in fetched][:2] == [
-        ("acme/adapters", "v3", "cdn/manifest.json"), ("acme/adapters", "v3", f"cdn/{entry.path}")]
+    assert client.store.lookup("brand-voice") is None
+    assert (tmp_path / "hf-cache" / "models--acme--adapters" / "refs" / "v3").read_text() == COMMIT
