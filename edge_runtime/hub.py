@@ -74,6 +74,22 @@ def fetch_file(source: HubSource) -> Path:
                                     endpoint=settings.hf_endpoint()))
 
 
+def file_url(source: HubSource, relative: str) -> str:
+    """The HTTP address of ``relative`` inside the folder ``source`` names, at its revision (the Hub's scheme)."""
+    from huggingface_hub import hf_hub_url
+
+    path = f"{source.path}/{relative}" if source.path else relative
+    return str(hf_hub_url(source.repo_id, path, revision=source.revision, endpoint=settings.hf_endpoint()))
+
+
+def auth_headers() -> dict[str, str]:
+    """``Authorization`` for the Hub token huggingface_hub finds now (``HF_TOKEN`` or a saved login), or nothing."""
+    from huggingface_hub import get_token
+
+    token = get_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 @contextmanager
 def _hub_errors(source: HubSource) -> Iterator[None]:
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError

@@ -6,7 +6,8 @@
         cached = await client.ensure_cached("json-extract")   # -> CachedAdapter(path, sha256, size)
 
 Sources: ``http(s)://`` (our own resumable client), ``file://`` (a published folder), ``hf://ORG/REPO[@REV][/DIR]``
-(files fetched by huggingface_hub at that revision, then copied in under our own size and sha256 checks).
+(the same HTTP client on the Hub's resolve URLs at that revision, with the Hub token when one is configured: resume,
+rate cap and the sha256 check all apply, and no second copy lands in huggingface_hub's cache).
 Offline (``offline=True``, ``EDGE_RT_OFFLINE`` or ``HF_HUB_OFFLINE``) makes zero network attempts: cached adapters
 are served and anything else raises ``CacheMiss``.
 """
@@ -95,6 +96,8 @@ class SyncReport:
 
 
 class _Source(Protocol):
+    def url(self, relative: str) -> str: ...
+
     async def manifest_bytes(self) -> bytes: ...
 
     async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter: ...
@@ -264,7 +267,7 @@ class CdnClient:
                         link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
         self.store.make_room(entry.name, entry.size, protected=protected, protected_blobs=self._staged)
-        request = BlobRequest(name=entry.name, url=f"{self.cdn}/{blob_path(entry.sha256)}", sha256=entry.sha256,
+        request = BlobRequest(name=entry.name, url=self._source.url(blob_path(entry.sha256)), sha256=entry.sha256,
                               size=entry.size, link=link)
         try:
             return await self._source.fetch(request, progress)
@@ -290,7 +293,7 @@ def _open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limi
     if scheme == "file":
         return _FileSource(Path(unquote(urlparse(cdn).path)), store)
     if hub.is_hub_source(cdn):
-        return _HubSource(hub.parse_hub_source(cdn), store)
+        return _HubSource(hub.parse_hub_source(cdn), store, transfer, limiter)
     raise SourceUnavailable(cdn, "unsupported CDN address",
                             fix="Use http(s)://HOST/PATH, file:///PATH or hf://ORG/REPO[@REVISION]")
 
@@ -306,16 +309,24 @@ class _HttpSource:
         self._session: aiohttp.ClientSession | None = None
         self._manifest: Fetched | None = None  # the last manifest body and its ETag, for If-None-Match
 
+    def url(self, relative: str) -> str:
+        """The address of a file of the published folder."""
+        return f"{self.base_url}/{relative}"
+
+    def headers(self) -> dict[str, str]:
+        """Extra headers every request of this source sends."""
+        return {}
+
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
             self._session = create_session(connect_timeout_s=self.transfer.connect_timeout_s,
-                                           gap_timeout_s=self.transfer.gap_timeout_s)
+                                           gap_timeout_s=self.transfer.gap_timeout_s, headers=self.headers())
         return self._session
 
     async def manifest_bytes(self) -> bytes:
         """The manifest; a 304 to If-None-Match re-uses the last body (it is verified again, expiry included)."""
         last = self._manifest
-        fetched = await fetch_bounded(self.session(), f"{self.base_url}/{MANIFEST_FILE}",
+        fetched = await fetch_bounded(self.session(), self.url(MANIFEST_FILE),
                                       limit_bytes=MAX_MANIFEST_BYTES, settings=self.transfer,
                                       etag=last.etag if last is not None else None)
         if fetched.body is None:  # 304 Not Modified: only possible when an ETag (and so a body) was kept
@@ -341,6 +352,9 @@ class _FileSource:
         self.root = root
         self.store = store
 
+    def url(self, relative: str) -> str:
+        return str(self.root / relative)
+
     async def manifest_bytes(self) -> bytes:
         return _read_bounded(self.root / MANIFEST_FILE)
 
@@ -352,26 +366,19 @@ class _FileSource:
         return None
 
 
-class _HubSource:
-    """A CDN folder uploaded to a Hugging Face Hub repository, read at a pinned revision."""
+class _HubSource(_HttpSource):
+    """A CDN folder uploaded to a Hugging Face Hub repository, read over HTTP at a pinned revision."""
 
-    def __init__(self, source: hub.HubSource, store: AdapterStore) -> None:
+    def __init__(self, source: hub.HubSource, store: AdapterStore, transfer: TransferSettings,
+                 limiter: RateLimiter) -> None:
+        super().__init__(str(source), store, transfer, limiter)
         self.source = source
-        self.store = store
 
-    def _file(self, relative: str) -> hub.HubSource:
-        path = f"{self.source.path}/{relative}" if self.source.path else relative
-        return hub.HubSource(repo_id=self.source.repo_id, revision=self.source.revision, path=path)
+    def url(self, relative: str) -> str:
+        return hub.file_url(self.source, relative)
 
-    async def manifest_bytes(self) -> bytes:
-        return _read_bounded(await asyncio.to_thread(hub.fetch_file, self._file(MANIFEST_FILE)))
-
-    async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
-        local = await asyncio.to_thread(hub.fetch_file, self._file(blob_path(request.sha256)))
-        return await asyncio.to_thread(copy_local, local, request, store=self.store, progress=progress)
-
-    async def close(self) -> None:
-        return None
+    def headers(self) -> dict[str, str]:
+        return hub.auth_headers()
 
 
 def _read_bounded(path: Path) -> bytes:

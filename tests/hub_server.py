@@ -1,9 +1,9 @@
 """A Hugging Face Hub on 127.0.0.1 for the hf:// tests: the real huggingface_hub client talks to it over HTTP.
 
-It implements the one route ``hf_hub_download`` uses, ``/{org}/{repo}/resolve/{revision}/{path}`` (HEAD for the
+It implements the route files are read through, ``/{org}/{repo}/resolve/{revision}/{path}`` (HEAD for the
 metadata, GET for the bytes), answering with the headers the Hub sends: ``X-Repo-Commit`` (the commit a revision
-resolves to), ``ETag`` (here the file's sha256, so changed bytes get a new one) and ``Content-Length``. Files come
-from ``root`` as they are at request time; every request is logged.
+resolves to), ``ETag`` (here the file's sha256, so changed bytes get a new one) and ``Content-Length``; with a
+``token`` it is a private repository. Files come from ``root`` as they are at request time; every request is logged.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ class LocalHub:
 
     root: Path
     repo_id: str
+    token: str | None = None  # when set, a private repository: requests need ``Authorization: Bearer TOKEN``
     log: list[tuple[str, str]] = field(default_factory=list)  # (method, path inside the repository)
 
     def app(self) -> web.Application:
@@ -34,6 +35,8 @@ class LocalHub:
         info = request.match_info
         path = info["path"]
         self.log.append((request.method, path))
+        if self.token is not None and request.headers.get("Authorization") != f"Bearer {self.token}":
+            return web.Response(status=401, headers={"X-Error-Code": "RepoNotFound"})
         file = self.root / path
         if f"{info['org']}/{info['repo']}" != self.repo_id or ".." in path.split("/") or not file.is_file():
             return web.Response(status=404, headers={"X-Error-Code": "EntryNotFound"})

@@ -28,7 +28,7 @@ from cdn_server import (  # noqa: F401  (fixtures)
     large_adapter,
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from hub_server import COMMIT, LocalHub
+from hub_server import LocalHub
 
 from edge_runtime.errors import (
     AdapterNotFound,
@@ -489,26 +489,40 @@ async def test_file_urls_are_copied_in_under_the_same_checks(tmp_path: Path, cdn
             await client.ensure_cached("brand-voice")
 
 
-async def test_hf_sources_fetch_the_pinned_revision_and_still_check_sha256(
+async def test_hf_sources_read_the_pinned_revision_with_the_token_and_still_check_sha256(
         tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, manifest: Manifest, monkeypatch: pytest.MonkeyPatch,
         aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
-    import huggingface_hub.constants
-
-    hub_server = LocalHub(cdn_dir.parent, "acme/adapters")  # the repository holds the CDN folder under cdn/
+    hub_server = LocalHub(cdn_dir.parent, "acme/adapters", token="hf_device_token")  # cdn/ inside a private repo
     server = await aiohttp_server(hub_server.app())
     monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # it reads the variable at import
+    monkeypatch.setenv("HF_TOKEN", "hf_device_token")
     async with CdnClient("hf://acme/adapters@v3/cdn", cache_dir=tmp_path / "cache", public_key=key_pair[1],
                          offline=False) as client:
         cached = await client.ensure_cached("json-extract")
         entry = manifest.entry("json-extract")
         assert entry is not None and cached.sha256 == entry.sha256
         assert cached.path.read_bytes() == (cdn_dir / entry.path).read_bytes()
-        assert ("GET", "cdn/manifest.json") in hub_server.log and ("GET", f"cdn/{entry.path}") in hub_server.log
+        assert hub_server.log == [("GET", "cdn/manifest.json"), ("GET", f"cdn/{entry.path}")]
         blob = cdn_dir / manifest.entry("brand-voice").path  # type: ignore[union-attr]
         blob.write_bytes(blob.read_bytes()[::-1])  # the Hub now serves other bytes under the listed name
         with pytest.raises(IntegrityError):
             await client.ensure_cached("brand-voice")
     assert client.store.lookup("brand-voice") is None
-    assert (tmp_path / "hf-cache" / "models--acme--adapters" / "refs" / "v3").read_text() == COMMIT
+    assert not (tmp_path / "hf-cache").exists()  # no second copy in huggingface_hub's cache
+
+
+async def test_a_private_hub_repository_without_a_token_fails_fast(
+        tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, monkeypatch: pytest.MonkeyPatch,
+        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    hub_server = LocalHub(cdn_dir.parent, "acme/adapters", token="hf_device_token")
+    server = await aiohttp_server(hub_server.app())
+    monkeypatch.setenv("HF_ENDPOINT", str(server.make_url("")).rstrip("/"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-login"))
+    async with CdnClient("hf://acme/adapters/cdn", cache_dir=tmp_path / "cache", public_key=key_pair[1],
+                         offline=False) as client:
+        with pytest.raises(TransferFailed, match="HTTP 401"):
+            await client.fetch_manifest()
+    assert hub_server.log == [("GET", "cdn/manifest.json")]  # refused once, not retried
