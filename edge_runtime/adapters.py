@@ -29,7 +29,14 @@ from pathlib import Path
 
 from edge_runtime import budget
 from edge_runtime.engine import AdapterHandle, Engine
-from edge_runtime.errors import AdapterNotFound, BudgetExceeded, CacheMiss, IncompatibleAdapter, InvalidTransition
+from edge_runtime.errors import (
+    AdapterNotFound,
+    BudgetExceeded,
+    CacheMiss,
+    EdgeRtError,
+    IncompatibleAdapter,
+    InvalidTransition,
+)
 from edge_runtime.gguf_header import GGUFHeader, read_header
 from edge_runtime.gguf_info import KEY_BASE_FINGERPRINT
 from edge_runtime.names import validate_name
@@ -214,9 +221,15 @@ class AdapterManager:
         with self._lock:
             return {e.name for e in self._entries.values() if e.pinned or e.handle is not None or e.loading}
 
-    def add_directory(self, directory: Path | str) -> list[AdapterInfo]:
-        """Register every ``NAME.gguf`` in ``directory``."""
-        return [self.add(path.stem, path) for path in sorted(Path(directory).glob("*.gguf"))]
+    def add_directory(self, directory: Path | str) -> tuple[list[AdapterInfo], dict[str, EdgeRtError]]:
+        """Register every ``NAME.gguf`` in ``directory``; return those added and, by file name, those refused."""
+        added, refused = [], {}
+        for path in sorted(Path(directory).glob("*.gguf")):
+            try:
+                added.append(self.add(path.stem, path))
+            except EdgeRtError as exc:  # one bad file must not keep the others from being served
+                refused[path.name] = exc
+        return added, refused
 
     def names(self) -> list[str]:
         """Names of all known adapters."""

@@ -224,7 +224,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
 
     from edge_runtime.manifest import load_public_key
     from edge_runtime.runtime import Runtime
-    from edge_runtime.server import ServerConfig, create_app
+    from edge_runtime.server import SHUTDOWN_GRACE_S, ServerConfig, create_app
     from edge_runtime.sync import CdnClient, SyncSettings
 
     if host not in _LOOPBACK and not api_key and not insecure:
@@ -233,7 +233,8 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
     runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx)
     try:
         if adapters_dir is not None:
-            runtime.adapters.add_directory(adapters_dir)
+            for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():
+                click.echo(f"edge-rt: not serving {adapters_dir / file_name}: {error}", err=True)
         for name in filter(None, (n.strip() for n in preload.split(","))):
             runtime.adapters.ensure_resident(name)
         config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue)
@@ -245,7 +246,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
                    f"under profile {runtime.profile.name} on http://{host}:{port}"
                    + (f", pulling from {cdn}" if cdn else ""), err=True)
         web.run_app(create_app(config, runtime, cdn=client), host=host, port=port, print=None,
-                    handler_cancellation=True, shutdown_timeout=5.0)
+                    handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
     finally:
         runtime.close()
 

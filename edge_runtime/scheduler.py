@@ -96,14 +96,18 @@ class Scheduler:
             job._chunks.put_nowait(_DONE)
         self._pending.clear()
 
+    def cancel_running(self) -> None:
+        """Stop the running generation at its next token (it ends with finish_reason "cancelled")."""
+        if self._running is not None:
+            self._running.cancel.set()
+
     def start(self) -> None:
         """Start serving jobs (call from the event loop)."""
         self._task = asyncio.get_running_loop().create_task(self._serve())
 
     async def stop(self) -> None:
         """Cancel queued and running jobs, then stop the worker."""
-        if self._running is not None:
-            self._running.cancel.set()
+        self.cancel_running()
         self.drop_pending()
         if self._task is not None:
             self._task.cancel()
@@ -111,7 +115,8 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        self._executor.shutdown(wait=True)
+        # The running generation ends at its next token (cancelled above); wait for it off the event loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def next_job(self, now: float) -> Job:
         """The job to run next: starving jobs first, then the current adapter set, then the oldest."""

@@ -30,6 +30,8 @@ from edge_runtime.sync import CdnClient
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+SHUTDOWN_GRACE_S = 4.0  # a running generation's time to finish after SIGTERM (run the app with a longer timeout)
+CLIENT_CLOSED_REQUEST = 499  # the status nginx logs for a client that left before the answer (metrics and log only)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -77,7 +79,10 @@ async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
 
 async def _drop_queued(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for handlers: queued requests get a 503 now, not a dropped connection.
+    # The running generation gets SHUTDOWN_GRACE_S to finish, then stops at its next token and its answer ends
+    # cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
     app[SCHEDULER].drop_pending()
+    asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, app[SCHEDULER].cancel_running)
 
 
 async def _follower_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -156,11 +161,11 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         else runtime.engine.tokenize(parsed.prompt_text or "")
     if len(prompt) >= runtime.engine.n_ctx:
         raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
-    await _pull_remote(request.app, [name for name, _ in parsed.adapters])
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
-    status, produced = 500, 0
-    job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
+    status, produced, job = 500, 0, None
     try:
+        await _pull_remote(request.app, [name for name, _ in parsed.adapters])
+        job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
         chunks = job.chunks()
         first = await anext(chunks, None)
         if first is None:  # dropped from the queue by a shutdown
@@ -175,13 +180,17 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     except EdgeRtError as exc:
         status = exc.http_status
         raise
+    except (asyncio.CancelledError, ConnectionError):
+        status = CLIENT_CLOSED_REQUEST
+        raise
     finally:
-        job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
-        request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
+        if job is not None:
+            job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
+            request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
         metrics.requests.labels(label, str(status)).inc()
         metrics.tokens.labels(label).inc(produced)
         log.info("%s %s adapters=%s prompt=%d completion=%d status=%d %.0fms", request.method, request.path,
-                 openai_api.applied_header(job.applied), len(prompt), produced, status,
+                 openai_api.applied_header(job.applied if job else []), len(prompt), produced, status,
                  (time.monotonic() - started) * 1000)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import socket
 import subprocess
@@ -24,9 +25,10 @@ CHAT = [{"role": "user", "content": "Write a long story about a drone."}]
 MIB = 1 << 20
 
 
-def metric(daemon: Daemon, name: str) -> float:
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
     text = requests.get(f"{daemon.url}/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
 
 
 def test_api_key_is_required_when_set(tmp_path: Path, serve_profile: Path) -> None:
@@ -49,6 +51,7 @@ def test_full_queue_answers_503_with_retry_after(tmp_path: Path, serve_profile: 
         assert statuses.count(200) >= 1
         assert statuses.count(503) >= 1
         assert retry_after == "1"
+        assert metric(daemon, "edge_rt_requests_total", status="503") == statuses.count(503)
         assert requests.post(f"{daemon.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2},
                              timeout=30).status_code == 200
 
@@ -97,6 +100,22 @@ def test_client_disconnect_cancels_its_generation(daemon: Daemon) -> None:
     assert decoded < 200  # far from the 900 asked for: it stopped when the client left
 
 
+def test_a_client_gone_before_its_answer_is_counted_as_499_not_500(daemon: Daemon) -> None:
+    before = metric(daemon, "edge_rt_requests_total", status="499")
+    errors_before = metric(daemon, "edge_rt_requests_total", status="500")
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
+        body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900}'
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        time.sleep(0.3)  # generating (not streamed): the client leaves before any answer
+    deadline = time.monotonic() + 10
+    while metric(daemon, "edge_rt_requests_total", status="499") == before:
+        assert time.monotonic() < deadline, "the abandoned request was not counted"
+        time.sleep(0.05)
+    assert metric(daemon, "edge_rt_requests_total", status="499") == before + 1
+    assert metric(daemon, "edge_rt_requests_total", status="500") == errors_before
+
+
 def test_concurrent_clients_on_different_adapters_get_their_own_answers(daemon: Daemon) -> None:
     specs = ["a", "b", "c", "base", "a", "c", "b", "base"]
     solo = {name: _chat(daemon.url, name) for name in set(specs)}
@@ -120,7 +139,8 @@ def test_sigterm_stops_accepting_finishes_and_exits_zero(tmp_path: Path, serve_p
     with run_daemon("--profile", str(serve_profile), log=tmp_path / "log") as daemon:
         streaming = requests.post(f"{daemon.url}/v1/completions", stream=True, timeout=30,
                                   json={"prompt": "Once upon a time", "max_tokens": 400, "stream": True})
-        next(streaming.iter_lines())
+        lines = streaming.iter_lines()  # kept: a dropped line iterator closes the connection
+        next(lines)
         started = time.monotonic()
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=20) == 0
@@ -131,6 +151,57 @@ def test_sigterm_stops_accepting_finishes_and_exits_zero(tmp_path: Path, serve_p
             raise AssertionError("the daemon still answers after SIGTERM")
         except requests.ConnectionError:
             pass
+
+
+def test_sigterm_answers_queued_requests_503_and_lets_the_running_one_end(tmp_path: Path,
+                                                                          serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), "--max-queue", "4", log=tmp_path / "log") as daemon:
+        counting = ", ".join(str(n) for n in range(1, 30))  # it goes on counting: no early end of text
+        running = requests.post(f"{daemon.url}/v1/completions", stream=True, timeout=30,
+                                json={"prompt": counting, "max_tokens": 900, "stream": True, "temperature": 0})
+        lines = running.iter_lines()  # kept: a dropped line iterator closes the connection
+        next(lines)  # generating now
+
+        async def queue_two_then_stop() -> list[tuple[int, str]]:
+            async with aiohttp.ClientSession() as session:
+                async def one() -> tuple[int, str]:
+                    body = {"prompt": "Hello", "max_tokens": 8}
+                    async with session.post(f"{daemon.url}/v1/completions", json=body) as response:
+                        return response.status, (await response.json())["error"]["type"]
+
+                waiting = [asyncio.ensure_future(one()) for _ in range(2)]
+                deadline = time.monotonic() + 10
+                while True:
+                    async with session.get(f"{daemon.url}/health") as health:
+                        if (await health.json())["queued"] == 2:
+                            break
+                    assert time.monotonic() < deadline, "the requests never queued"
+                    await asyncio.sleep(0.02)
+                daemon.process.send_signal(signal.SIGTERM)
+                return list(await asyncio.gather(*waiting))
+
+        assert asyncio.run(queue_two_then_stop()) == [(503, "server_shutting_down")] * 2
+        assert daemon.process.wait(timeout=20) == 0
+        rest = [line for line in lines if line]  # ends cleanly: a final chunk and [DONE], not a cut connection
+        events = [json.loads(line[6:]) for line in rest if line.startswith(b"data: {")]
+        assert rest[-1] == b"data: [DONE]" and events[-1]["choices"][0]["finish_reason"] == "stop"
+        assert len(events) < 899  # stopped after the grace period, far from the 900 tokens asked for
+        running.close()
+
+
+def test_a_bad_file_in_the_adapters_dir_is_reported_and_the_others_are_served(tmp_path: Path, serve_profile: Path,
+                                                                               adapters_dir: Path) -> None:
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "good.gguf").write_bytes((adapters_dir / "a.gguf").read_bytes())
+    (folder / "broken.gguf").write_bytes(b"GGUF but not really")
+    with run_daemon("--profile", str(serve_profile), "--adapters-dir", str(folder), log=tmp_path / "log") as daemon:
+        names = [a["name"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]]
+        assert names == ["good"]
+        assert f"not serving {folder / 'broken.gguf'}" in daemon.log_text()
+        ok = requests.post(f"{daemon.url}/v1/completions", json={"model": "good", "prompt": "Hi", "max_tokens": 2},
+                           timeout=30)
+        assert ok.status_code == 200
 
 
 def test_non_loopback_bind_without_api_key_is_refused() -> None:
