@@ -9,6 +9,8 @@ import pytest
 
 from edge_runtime.models import default_model_path
 
+pytest_plugins = ["cdn_server"]  # the CDN fixtures (adapter_sources, cdn_dir, key_pair, large_adapter)
+
 
 @pytest.fixture(autouse=True)
 def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

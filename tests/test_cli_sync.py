@@ -1,7 +1,5 @@
 """`edge-rt keygen`, `edge-rt publish` and `edge-rt sync` as an operator and a device run them."""
 
-# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
-
 from __future__ import annotations
 
 import json
@@ -9,7 +7,6 @@ import stat
 from pathlib import Path
 
 import pytest
-from cdn_server import adapter_sources  # noqa: F401  (fixture)
 from click.testing import CliRunner
 
 from edge_runtime.cli import main

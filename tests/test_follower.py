@@ -1,7 +1,5 @@
 """A daemon following a real CDN on 127.0.0.1: new versions take over only once llama.cpp has loaded them."""
 
-# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
-
 from __future__ import annotations
 
 import asyncio
@@ -12,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
-from cdn_server import FaultCdn, adapter_sources, cdn_dir, key_pair  # noqa: F401  (fixtures)
+from cdn_server import FaultCdn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.engine import SamplingParams

@@ -1,7 +1,5 @@
 """Publishing a CDN folder and what a device accepts as a manifest: schema, signatures, versions, expiry."""
 
-# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
-
 from __future__ import annotations
 
 import base64
@@ -11,7 +9,6 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
-from cdn_server import adapter_sources, cdn_dir, key_pair  # noqa: F401  (fixtures)
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import (

@@ -1,7 +1,5 @@
 """The adapter cache: verified installs, the rebuildable index, the start-up recovery scan, disk budget and LRU."""
 
-# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
-
 from __future__ import annotations
 
 import os
@@ -11,7 +9,6 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
-from cdn_server import adapter_sources  # noqa: F401  (fixture)
 
 from edge_runtime.errors import DiskFull
 from edge_runtime.store import AdapterStore, Partial, file_sha256

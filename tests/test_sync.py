@@ -3,8 +3,6 @@
 After every test the cache holds only blobs whose sha256 matches the manifest (the autouse check below).
 """
 
-# ruff: noqa: F811  (pytest fixtures imported from cdn_server are redefined as test parameters)
-
 from __future__ import annotations
 
 import asyncio
@@ -18,15 +16,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
-from cdn_server import (  # noqa: F401  (fixtures)
-    Fault,
-    FaultCdn,
-    adapter_sources,
-    cdn_dir,
-    count_connections,
-    key_pair,
-    large_adapter,
-)
+from cdn_server import Fault, FaultCdn, count_connections
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from hub_server import LocalHub
 

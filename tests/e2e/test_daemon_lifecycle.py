@@ -86,12 +86,16 @@ def test_adapter_that_cannot_fit_is_507_and_the_base_still_serves(tmp_path: Path
 def test_client_disconnect_cancels_its_generation(daemon: Daemon) -> None:
     decoded_before = metric(daemon, "edge_rt_tokens_decoded_total")
     cancelled_before = metric(daemon, "edge_rt_generations_cancelled_total")
-    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
+    with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), timeout=30) as raw:
         body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900, ' \
                b'"temperature": 0, "stream": true}'
         raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        assert b"data: " in raw.recv(65536)  # streaming has started
+        received = b""
+        while b"data: " not in received:  # streaming has started (headers and events may come apart)
+            chunk = raw.recv(65536)
+            assert chunk, f"the daemon closed the stream early: {received!r}"
+            received += chunk
     deadline = time.monotonic() + 10
     while metric(daemon, "edge_rt_generations_cancelled_total") == cancelled_before:
         assert time.monotonic() < deadline, "the generation was not cancelled"
@@ -105,9 +109,13 @@ def test_a_client_gone_before_its_answer_is_counted_as_499_not_500(daemon: Daemo
     errors_before = metric(daemon, "edge_rt_requests_total", status="500")
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
         body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900}'
+        decoded = metric(daemon, "edge_rt_tokens_decoded_total")
         raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        time.sleep(0.3)  # generating (not streamed): the client leaves before any answer
+        deadline = time.monotonic() + 10
+        while metric(daemon, "edge_rt_tokens_decoded_total") == decoded:  # wait until it generates (not streamed)
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.02)
     deadline = time.monotonic() + 10
     while metric(daemon, "edge_rt_requests_total", status="499") == before:
         assert time.monotonic() < deadline, "the abandoned request was not counted"
