@@ -201,7 +201,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="EDGE_RT_API_KEY", default=None, help="Require `Authorization: Bearer KEY`.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without an API key.")
-@click.option("--preload", default="", help="Comma-separated adapters to load at start.")
+@click.option("--preload", default="",
+              help="Comma-separated adapters to load at start (with --cdn, pulled first when not cached).")
 @click.option("--ctx", type=click.IntRange(min=256), default=None,
               help="Context length in tokens [default: the profile's].")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
@@ -235,9 +236,8 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
         if adapters_dir is not None:
             for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():
                 click.echo(f"edge-rt: not serving {adapters_dir / file_name}: {error}", err=True)
-        for name in filter(None, (n.strip() for n in preload.split(","))):
-            runtime.adapters.ensure_resident(name)
-        config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue)
+        config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
+                              preload=tuple(filter(None, (n.strip() for n in preload.split(",")))))
         client = None if cdn is None else CdnClient(
             cdn, cache_dir=cache_dir, public_key=load_public_key(public_key) if public_key else None,
             base_fingerprint=runtime.base_fingerprint, sync_settings=SyncSettings.for_profile(runtime.profile),

@@ -44,6 +44,7 @@ class ServerConfig:
     max_queue: int = 16
     max_wait_s: float = 2.0
     max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
+    preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -67,7 +68,15 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     if cdn is not None:
         app[FOLLOWER] = CdnFollower(cdn, runtime.adapters)
         app.cleanup_ctx.append(_follower_lifecycle)
+    app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
     return app
+
+
+async def _preload(app: web.Application) -> None:
+    manager = app[RUNTIME].adapters
+    for name in app[CONFIG].preload:
+        await _pull_remote(app, [validate_name(name)])
+        await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
 
 
 async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:

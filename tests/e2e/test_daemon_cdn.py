@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import time
@@ -71,6 +72,21 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         missing = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                                 json={"model": "a", "messages": CHAT, "max_tokens": 6})
         assert missing.status_code == 404
+
+
+def test_preload_pulls_a_remote_adapter_before_serving(tmp_path: Path, serve_profile: Path,
+                                                       cdn: tuple[str, Path]) -> None:
+    url, public = cdn
+    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
+                    str(tmp_path / "cache"), "--preload", "c", log=tmp_path / "log",
+                    env={"HF_HUB_OFFLINE": "0"}) as daemon:
+        states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
+        assert states == {"a": "remote", "b": "remote", "c": "resident"}
+    failed = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "serve", "--profile", str(serve_profile),
+                             "--port", str(free_port()), "--cdn", url, "--cache-dir", str(tmp_path / "cache"),
+                             "--preload", "nope"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "HF_HUB_OFFLINE": "0"})
+    assert failed.returncode != 0 and "unknown adapter 'nope'" in failed.stderr
 
 
 def test_sync_route_without_a_cdn_is_a_clear_400(tmp_path: Path, serve_profile: Path) -> None:
