@@ -54,6 +54,11 @@ class CdnFollower:
                 self.manager.add(cached.name, cached.path, sha256=cached.sha256)
             except EdgeRtError as exc:
                 log.warning("cached adapter %s is not served: %s", cached.name, exc)
+        if self.cdn.offline:  # no network: the last verified manifest still names what was not pulled (cache misses)
+            known = self.cdn.last_manifest()
+            for entry in self.cdn.offered(known) if known is not None else ():
+                self.manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)
+            return
         await self._refresh_logged()  # before serving: remote adapters are listed from the first request on
         self._refresher = asyncio.create_task(self._refresh_forever())
 

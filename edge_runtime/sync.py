@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import logging
 import shutil
 import time
@@ -30,10 +31,12 @@ import aiohttp
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import hub, settings
+from edge_runtime.atomic import atomic_output
 from edge_runtime.errors import (
     AdapterNotFound,
     CacheMiss,
     DiskFull,
+    EdgeRtError,
     IncompatibleAdapter,
     LengthExceeded,
     RemoteNotFound,
@@ -154,7 +157,25 @@ class CdnClient:
                 log.warning("no public key configured: the manifest of %s is not signature-checked", self.cdn)
             self._trust.accept(self.cdn, manifest)
             self._manifest, self._manifest_at = manifest, time.monotonic()
+            with atomic_output(self._last_manifest_path()) as temp:
+                temp.write_bytes(document)
             return manifest
+
+    def last_manifest(self) -> Manifest | None:
+        """The last manifest this cache verified from this CDN, read from disk (no network): for offline listings.
+
+        Its signature is checked again; its expiry is not (it only names adapters, nothing is fetched from it).
+        """
+        path = self._last_manifest_path()
+        try:
+            return read_manifest(_read_bounded(path), source=str(path), public_key=self.public_key)
+        except (EdgeRtError, OSError) as exc:
+            if path.exists():
+                log.warning("the last manifest of %s is not usable: %s", self.cdn, exc)
+            return None
+
+    def _last_manifest_path(self) -> Path:
+        return self.store.root / "manifests" / f"{hashlib.sha256(self.cdn.encode()).hexdigest()[:16]}.json"
 
     def offered(self, manifest: Manifest) -> tuple[ManifestEntry, ...]:
         """The manifest's adapters made for this device's base model (all when no base fingerprint is set)."""

@@ -62,7 +62,7 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         refreshed = requests.post(f"{daemon.url}/v1/sync", timeout=30).json()
         assert refreshed["version"] == 1 and refreshed["offered"] == ["a", "b", "c"]
 
-    # Restarted offline, the daemon serves what it pulled and refuses what it never had.
+    # Restarted offline, the daemon serves what it pulled; what it never had is a cache miss (the last manifest).
     with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
                     str(cache), "--offline", log=tmp_path / "log2") as daemon:
         ok = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
@@ -71,7 +71,8 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         assert ok.json()["choices"][0]["message"]["content"] == response.json()["choices"][0]["message"]["content"]
         missing = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                                 json={"model": "a", "messages": CHAT, "max_tokens": 6})
-        assert missing.status_code == 404
+        assert (missing.status_code, missing.json()["error"]["type"]) == (503, "cache_miss")
+        assert "not cached and the device is offline" in missing.json()["error"]["message"]
 
 
 def test_preload_pulls_a_remote_adapter_before_serving(tmp_path: Path, serve_profile: Path,
