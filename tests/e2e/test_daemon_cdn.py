@@ -8,11 +8,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
 import requests
-from daemons import free_port, run_daemon
+from daemons import Daemon, free_port, run_daemon
 
 from edge_runtime.manifest import generate_key, load_private_key
 from edge_runtime.publish import publish
@@ -41,13 +42,19 @@ def cdn(tmp_path: Path, adapters_dir: Path) -> Iterator[tuple[str, Path]]:
     server.wait()
 
 
+def serve_cdn(tmp_path: Path, profile: Path, cdn: tuple[str, Path], *extra: str,
+              log: str = "log") -> AbstractContextManager[Daemon]:
+    """`edge-rt serve --cdn` on the test CDN with its public key and a cache under tmp_path."""
+    url, public = cdn
+    return run_daemon("--profile", str(profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
+                      str(tmp_path / "device-cache"), *extra, log=tmp_path / log, env={"HF_HUB_OFFLINE": "0"})
+
+
 def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Path, serve_profile: Path,
                                                                   adapters_dir: Path,
                                                                   cdn: tuple[str, Path]) -> None:
-    url, public = cdn
     cache = tmp_path / "device-cache"
-    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
-                    str(cache), log=tmp_path / "log", env={"HF_HUB_OFFLINE": "0"}) as daemon:
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
         states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
         assert states == {"a": "remote", "b": "remote", "c": "remote"}
         response = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
@@ -63,8 +70,7 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         assert refreshed["version"] == 1 and refreshed["offered"] == ["a", "b", "c"]
 
     # Restarted offline, the daemon serves what it pulled; what it never had is a cache miss (the last manifest).
-    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
-                    str(cache), "--offline", log=tmp_path / "log2") as daemon:
+    with serve_cdn(tmp_path, serve_profile, cdn, "--offline", log="log2") as daemon:
         ok = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                            json={"model": "b", "messages": CHAT, "max_tokens": 6, "temperature": 0})
         assert ok.status_code == 200
@@ -77,14 +83,11 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
 
 def test_preload_pulls_a_remote_adapter_before_serving(tmp_path: Path, serve_profile: Path,
                                                        cdn: tuple[str, Path]) -> None:
-    url, public = cdn
-    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
-                    str(tmp_path / "cache"), "--preload", "c", log=tmp_path / "log",
-                    env={"HF_HUB_OFFLINE": "0"}) as daemon:
+    with serve_cdn(tmp_path, serve_profile, cdn, "--preload", "c") as daemon:
         states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
         assert states == {"a": "remote", "b": "remote", "c": "resident"}
     failed = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "serve", "--profile", str(serve_profile),
-                             "--port", str(free_port()), "--cdn", url, "--cache-dir", str(tmp_path / "cache"),
+                             "--port", str(free_port()), "--cdn", cdn[0], "--cache-dir", str(tmp_path / "cache"),
                              "--preload", "nope"], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "HF_HUB_OFFLINE": "0"})
     assert failed.returncode != 0 and "unknown adapter 'nope'" in failed.stderr
@@ -100,10 +103,8 @@ def test_sync_route_without_a_cdn_is_a_clear_400(tmp_path: Path, serve_profile: 
 def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Path, serve_profile: Path,
                                                                     adapters_dir: Path,
                                                                     cdn: tuple[str, Path]) -> None:
-    url, public = cdn
     cache = tmp_path / "device-cache"
-    with run_daemon("--profile", str(serve_profile), "--cdn", url, "--public-key", str(public), "--cache-dir",
-                    str(cache), log=tmp_path / "log", env={"HF_HUB_OFFLINE": "0"}) as daemon:
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
         chat = {"model": "b", "messages": CHAT, "max_tokens": 4, "temperature": 0}
         old = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60, json=chat)
         assert old.status_code == 200
