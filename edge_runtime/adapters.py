@@ -21,7 +21,7 @@ import itertools
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -78,7 +78,7 @@ class AdapterEntry:
     last_used: float = 0.0  # wall-clock seconds, for display
     use_order: int = 0  # a monotonic counter, for LRU: wall clocks jump on devices that sync time late
     handle: AdapterHandle | None = field(default=None, repr=False)
-    loading: Future[AdapterHandle] | None = field(default=None, repr=False)
+    loading: Future[AdapterHandle | None] | None = field(default=None, repr=False)  # None: orphaned, look again
 
     def move_to(self, state: AdapterState) -> None:
         """Change state, refusing transitions the lifecycle does not allow."""
@@ -196,20 +196,9 @@ class AdapterManager:
             victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
             pending = fresh.loading = Future()
             self._staging[name] = fresh
-        self._load(fresh, victims, pending)
-        try:
-            pending.result()
-        finally:
-            with self._lock:
-                self._staging.pop(name, None)
-        with self._lock:
-            old = self._entries[name]
-            fresh.pinned, fresh.use_order, fresh.last_used = old.pinned, old.use_order, old.last_used
-            self._entries[name] = fresh
-            unused = self._retire(old)
-            info = self._info(fresh)
-        self._free(unused)
-        return info
+        self._load(fresh, victims, pending)  # switches the name under the lock once loaded
+        pending.result()
+        return self.info(name)
 
     def is_remote(self, name: str) -> bool:
         """True when ``name`` is known only from a CDN manifest (it must be pulled before use)."""
@@ -288,16 +277,20 @@ class AdapterManager:
                 if entry.state is AdapterState.REMOTE:
                     raise CacheMiss(name, cached=tuple(n for n, e in self._entries.items()
                                                        if e.state is not AdapterState.REMOTE))
-                pending = entry.loading
-                if pending is None:
+                update = self._staging.get(name)
+                pending, leader, on_update = entry.loading, False, False
+                if pending is None and update is not None and update.loading is not None:
+                    pending, on_update = update.loading, True  # a new version is loading: wait, do not reload
+                elif pending is None:
                     victims = self._make_room(entry)
                     pending = entry.loading = Future()
                     leader = True
-                else:
-                    leader = False
             if leader:
                 self._load(entry, victims, pending)
-            pending.result()  # followers wait for the leader's load; a failure raises here for everyone
+            if on_update:
+                wait([pending])  # an update that fails leaves the old version in place: look again
+            else:
+                pending.result()  # followers wait for the leader's load; a failure raises here for everyone
 
     def release(self, held: Sequence[HeldAdapter]) -> None:
         """End the use counted by ``hold`` for each adapter (freeing a replaced version after its last user)."""
@@ -401,7 +394,13 @@ class AdapterManager:
         return AdapterEntry(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
                             resident_bytes=sum(t.n_bytes for t in header.tensors))
 
-    def _load(self, entry: AdapterEntry, victims: list[AdapterHandle], pending: Future[AdapterHandle]) -> None:
+    def _load(self, entry: AdapterEntry, victims: list[AdapterHandle],
+              pending: Future[AdapterHandle | None]) -> None:
+        """Load ``entry`` for ``pending``'s waiters; a staged new version takes its name in the same critical section.
+
+        An entry that stopped being current while it loaded (a new version took its name) is an orphan: its handle
+        is freed and its waiters get ``None`` and look again, whether the load worked or not.
+        """
         started = time.perf_counter()
         try:
             self._free(victims)
@@ -411,19 +410,38 @@ class AdapterManager:
         except BaseException as exc:
             with self._lock:
                 entry.loading = None
-            pending.set_exception(exc)
+                orphan = self._orphan(entry)
+                if self._staging.get(entry.name) is entry:
+                    del self._staging[entry.name]
+            if orphan:
+                pending.set_result(None)
+            else:
+                pending.set_exception(exc)
             return
+        unused: list[AdapterHandle] = []
         with self._lock:
             entry.loading = None
-            orphan = self._entries.get(entry.name) is not entry and self._staging.get(entry.name) is not entry
+            orphan = self._orphan(entry)
             if not orphan:
                 entry.handle = handle
                 entry.move_to(AdapterState.RESIDENT)
                 self.stats.loads += 1
                 self.stats.load_seconds_total += time.perf_counter() - started
-        if orphan:  # replaced by a new version while loading: waiters retry and find the new one
-            self.engine.free_adapter(handle)
-        pending.set_result(handle)
+                if self._staging.get(entry.name) is entry:
+                    unused = self._switch(entry)
+        self._free([handle] if orphan else unused)
+        pending.set_result(None if orphan else handle)
+
+    def _orphan(self, entry: AdapterEntry) -> bool:  # lock held
+        return self._entries.get(entry.name) is not entry and self._staging.get(entry.name) is not entry
+
+    def _switch(self, fresh: AdapterEntry) -> list[AdapterHandle]:  # lock held
+        """Give ``fresh`` (a loaded new version) its name; the old version retires. Returns handles to free."""
+        del self._staging[fresh.name]
+        old = self._entries[fresh.name]
+        fresh.pinned, fresh.use_order, fresh.last_used = old.pinned, old.use_order, old.last_used
+        self._entries[fresh.name] = fresh
+        return self._retire(old)
 
     def _free(self, handles: Sequence[AdapterHandle]) -> None:
         for handle in handles:

@@ -8,7 +8,8 @@ serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with I
 - for an adapter whose content changed, downloads and verifies the new blob beside the old, has llama.cpp load it,
   and only then points the name at it. The old version keeps serving throughout. A version llama.cpp refuses is
   logged and not tried again until the CDN publishes another; one that cannot be fetched, or does not fit in memory
-  beside a busy old version, is tried again at the next refresh.
+  beside a busy old version, is tried again at the next refresh. Only adapters that came from the CDN follow it:
+  one loaded from ``--adapters-dir`` stays as given.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import logging
 from dataclasses import dataclass
 
 from edge_runtime.adapters import AdapterManager
-from edge_runtime.errors import BudgetExceeded, EdgeRtError
+from edge_runtime.errors import BudgetExceeded, EdgeRtError, IncompatibleAdapter, InvalidGGUF
 from edge_runtime.manifest import ManifestEntry
+from edge_runtime.store import CachedAdapter
 from edge_runtime.sync import CdnClient
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ class CdnFollower:
         self._refresher: asyncio.Task[None] | None = None
         self._updates: dict[str, asyncio.Task[None]] = {}  # name -> its running update
         self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
+        self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
 
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
@@ -52,6 +55,7 @@ class CdnFollower:
         for cached in self.cdn.store.adapters():
             try:
                 self.manager.add(cached.name, cached.path, sha256=cached.sha256)
+                self._followed.add(cached.name)
             except EdgeRtError as exc:
                 log.warning("cached adapter %s is not served: %s", cached.name, exc)
         if self.cdn.offline:  # no network: the last verified manifest still names what was not pulled (cache misses)
@@ -77,7 +81,9 @@ class CdnFollower:
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
-        due = [e for e in offered if self.manager.outdated(e.name, e.sha256) and e.sha256 not in self._rejected]
+        self.cdn.prune_staged(manifest)
+        due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
+               and self.manager.outdated(e.name, e.sha256)]
         for entry in due:
             if entry.name not in self._updates:
                 self._updates[entry.name] = asyncio.create_task(self._update(entry))
@@ -85,41 +91,56 @@ class CdnFollower:
                              updating=tuple(e.name for e in due))
 
     async def settle(self) -> None:
-        """Wait for the updates under way (each logs its own failure)."""
-        await asyncio.gather(*self._updates.values(), return_exceptions=True)
+        """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""
+        if self._updates:
+            await asyncio.wait(list(self._updates.values()))
 
     async def pull(self, names: list[str]) -> None:
         """Download the named adapters the device knows only from the CDN (other requests go on meanwhile)."""
         for name in names:
             if self.manager.is_remote(name):
                 cached = await self.cdn.ensure_cached(name)
-                self.manager.add(name, cached.path, sha256=cached.sha256)
+                await asyncio.to_thread(self.manager.add, name, cached.path, sha256=cached.sha256)
+                self._followed.add(name)
 
     async def _update(self, entry: ManifestEntry) -> None:
-        try:
-            await self._fetch_and_switch(entry)
-        finally:
-            self._updates.pop(entry.name, None)
-
-    async def _fetch_and_switch(self, entry: ManifestEntry) -> None:
         try:
             staged = await self.cdn.fetch_update(entry)
         except EdgeRtError as exc:  # network trouble: the next refresh tries again
             log.warning("update of %s to %s not fetched: %s", entry.name, entry.sha256[:12], exc)
+        except Exception:
+            log.exception("update of %s to %s not fetched", entry.name, entry.sha256[:12])
+        else:
+            # Loading and renaming are one step on one thread: a cancelled caller (a client gone from
+            # /v1/sync?wait=true, a shutdown) must not leave the memory on the new version and the disk on the old.
+            await asyncio.shield(asyncio.to_thread(self._load_and_switch, entry, staged))
+        finally:
+            self._updates.pop(entry.name, None)
+
+    def _load_and_switch(self, entry: ManifestEntry, staged: CachedAdapter) -> None:
+        """Load the fetched version, then point its name at it on disk; logs every failure, never raises."""
+        name, short = entry.name, entry.sha256[:12]
+        try:
+            self.manager.replace(name, staged.path, sha256=entry.sha256)
+        except BudgetExceeded as exc:  # the old version is busy and both do not fit: the next refresh tries again
+            log.warning("update of %s to %s waits for memory: %s", name, short, exc)
+            return
+        except (IncompatibleAdapter, InvalidGGUF) as exc:
+            if staged.path.exists():  # the file itself is refused: not again until the CDN publishes another
+                self._rejected.add(entry.sha256)
+                self.cdn.abandon(entry.sha256)
+            log.warning("update of %s to %s did not load, the old version keeps serving: %s", name, short, exc)
+            return
+        except Exception:
+            log.exception("update of %s to %s did not load, the old version keeps serving", name, short)
             return
         try:
-            await asyncio.to_thread(self.manager.replace, entry.name, staged.path, sha256=entry.sha256)
-        except BudgetExceeded as exc:  # the old version is busy and both do not fit: the next refresh tries again
-            log.warning("update of %s to %s waits for memory: %s", entry.name, entry.sha256[:12], exc)
+            self.cdn.switch(name, entry.sha256)
+        except OSError:
+            log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name,
+                          short)
             return
-        except EdgeRtError as exc:
-            self._rejected.add(entry.sha256)
-            self.cdn.abandon(entry.sha256)
-            log.warning("update of %s to %s did not load, the old version keeps serving: %s", entry.name,
-                        entry.sha256[:12], exc)
-            return
-        self.cdn.switch(entry.name, entry.sha256)
-        log.info("adapter %s updated to %s", entry.name, entry.sha256[:12])
+        log.info("adapter %s updated to %s", name, short)
 
     async def _refresh_forever(self) -> None:
         while True:
@@ -131,3 +152,5 @@ class CdnFollower:
             await self.refresh()
         except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
             log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
+        except Exception:  # never let one unexpected error end the refreshing for the daemon's lifetime
+            log.exception("manifest refresh from %s failed", self.cdn.cdn)

@@ -37,6 +37,7 @@ class HashingWriter:
         self._pending: deque[tuple[Future[None], Future[None]]] = deque()
         self._closed = False
         self._error: OSError | None = None
+        self._write_error: OSError | None = None  # set on the writer thread by the first failed write
 
     def append(self, chunk: bytes) -> None:
         """Queue ``chunk`` for the file and the digest; raises the error of an earlier write (e.g. disk full)."""
@@ -103,6 +104,15 @@ class HashingWriter:
             hashed.result()
 
     def _write(self, chunk: bytes) -> None:
+        if self._write_error is not None:  # after a failed write nothing more lands: the file stays a prefix
+            raise self._write_error
+        try:
+            self._write_unchecked(chunk)
+        except OSError as exc:
+            self._write_error = exc
+            raise
+
+    def _write_unchecked(self, chunk: bytes) -> None:
         self._handle.write(chunk)
         self._unsynced += len(chunk)
         if self._unsynced >= self._sync_every:  # start the disk early: the final fsync then waits for little

@@ -7,6 +7,7 @@ just size-checked)::
     refs/<name>                       the sha256 the name points to; its mtime is the last use (the LRU clock)
     partial/<sha256>.<token>.part     a download in progress or interrupted (resumable)
     partial/<sha256>.<token>.json     the server's validator (ETag or Last-Modified) for If-Range
+    staged/<sha256>                   a fetched update no name points at yet: kept from eviction, never auto-named
 
 The refs folder *is* the index: it is rebuilt from the blobs (each GGUF records its adapter name) when lost.
 A partial is claimed by renaming it to a fresh token, so two processes never write one file.
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 HASH_CHUNK_BYTES = 1 << 20
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+_SHA = re.compile(r"^[0-9a-f]{64}$")
 _BLOB = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
 _PARTIAL = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
 
@@ -116,7 +118,8 @@ class AdapterStore:
         self.blobs_dir = root / "blobs"
         self.refs_dir = root / "refs"
         self.partial_dir = root / "partial"
-        for folder in (self.blobs_dir, self.refs_dir, self.partial_dir):
+        self.staged_dir = root / "staged"
+        for folder in (self.blobs_dir, self.refs_dir, self.partial_dir, self.staged_dir):
             folder.mkdir(parents=True, exist_ok=True)
 
     def blob_path(self, sha256: str) -> Path:
@@ -165,6 +168,18 @@ class AdapterStore:
         assert cached is not None
         return cached
 
+    def stage(self, sha256: str) -> None:
+        """Mark blob ``sha256`` as an update waiting for its switch (it need not exist yet)."""
+        (self.staged_dir / _checked_sha(sha256)).touch()
+
+    def unstage(self, sha256: str) -> None:
+        """Drop the mark ``stage`` set."""
+        (self.staged_dir / _checked_sha(sha256)).unlink(missing_ok=True)
+
+    def staged(self) -> set[str]:
+        """sha256 of the blobs marked by ``stage``."""
+        return {p.name for p in self.staged_dir.iterdir() if _SHA.fullmatch(p.name)}
+
     def evict(self, name: str) -> bool:
         """Forget ``name``; its blob goes too when no other name points at it. True when something was removed."""
         cached = self.lookup(name)
@@ -176,16 +191,15 @@ class AdapterStore:
         fsync_directory(self.refs_dir)
         return True
 
-    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), protected_blobs: Iterable[str] = (),
-                  have_bytes: int = 0) -> list[str]:
+    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
         """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.
 
-        ``protected_blobs`` are sha256s of blobs to keep even when no name points at them (an update waiting to
-        be switched to). ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room
-        cannot be made: ``DiskFull`` names the limit. Returns the evicted names.
+        Staged blobs (updates waiting for their switch) are kept even though no name points at them.
+        ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room cannot be made:
+        ``DiskFull`` names the limit. Returns the evicted names.
         """
         keep = set(protected) | {name}
-        keep_blobs = set(protected_blobs)
+        keep_blobs = self.staged()
         blobs = self._blobs()
 
         def kept(blob: _Blob) -> bool:
@@ -287,6 +301,9 @@ class AdapterStore:
             elif verify:
                 verified.append(match["sha"])
         completed, resumable = self._recover_partials(removed)
+        for mark in sorted(self.staged_dir.iterdir()):
+            if not _SHA.fullmatch(mark.name):
+                removed.append(_remove(mark))
         for ref in sorted(self.refs_dir.iterdir()):
             if ref.name.startswith(".") or self.lookup(ref.name) is None:
                 removed.append(_remove(ref))
@@ -315,7 +332,7 @@ class AdapterStore:
 
     def rebuild_refs(self) -> list[str]:
         """Recreate refs for blobs no name points at, from the adapter name each GGUF records; return them."""
-        referenced = {a.sha256 for a in self.adapters()}
+        referenced = {a.sha256 for a in self.adapters()} | self.staged()  # a staged update keeps its old name's
         rebuilt = []
         for path in sorted(self.blobs_dir.glob("*.gguf")):
             sha256 = path.name[:64]
@@ -352,6 +369,12 @@ def _read_validator(path: Path) -> str | None:
     except (FileNotFoundError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def _checked_sha(sha256: str) -> str:
+    if not _SHA.fullmatch(sha256):
+        raise ValueError(f"not a sha256 digest: {sha256!r}")
+    return sha256
 
 
 def _remove(path: Path) -> str:

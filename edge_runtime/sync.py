@@ -130,7 +130,6 @@ class CdnClient:
         self._manifest_lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[CachedAdapter]] = {}
         self._syncing: frozenset[str] = frozenset()
-        self._staged: set[str] = set()  # sha256 of fetched updates whose names are not switched yet
 
     async def __aenter__(self) -> CdnClient:
         return self
@@ -209,29 +208,32 @@ class CdnClient:
                            progress: ProgressCallback | None = None) -> CachedAdapter:
         """The verified blob of ``entry`` on disk, its name still pointing at the version in service.
 
-        The daemon loads it, then calls ``switch``; until then cache eviction leaves the blob alone.
+        The daemon loads it, then calls ``switch``. Until then the blob is staged in the store: cache eviction
+        leaves it alone and a restart's index rebuild does not name it after the adapter name inside the file.
         """
-        self._staged.add(entry.sha256)
+        self.store.stage(entry.sha256)
         path = self.store.blob_path(entry.sha256)
         if path.is_file():
             return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
                                  last_used=time.time())
-        try:
-            return await self._shared_download(entry, progress, link=False)
-        except BaseException:
-            self._staged.discard(entry.sha256)
-            raise
+        return await self._shared_download(entry, progress, link=False)
 
     def switch(self, name: str, sha256: str) -> CachedAdapter:
         """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces goes unless shared."""
-        self._staged.discard(sha256)
-        return self.store.link(name, sha256)
+        cached = self.store.link(name, sha256)
+        self.store.unstage(sha256)
+        return cached
 
     def abandon(self, sha256: str) -> None:
         """Give up an update ``fetch_update`` fetched (it did not load): its blob goes unless a name uses it."""
-        self._staged.discard(sha256)
+        self.store.unstage(sha256)
         if all(a.sha256 != sha256 for a in self.store.adapters()):
             self.store.blob_path(sha256).unlink(missing_ok=True)
+
+    def prune_staged(self, manifest: Manifest) -> None:
+        """Unstage updates ``manifest`` no longer lists (superseded or withdrawn): eviction may take them."""
+        for sha256 in self.store.staged() - {a.sha256 for a in manifest.adapters}:
+            self.store.unstage(sha256)
 
     async def sync(self, names: Sequence[str] | None = None, *,
                    progress: ProgressCallback | None = None) -> SyncReport:
@@ -287,7 +289,7 @@ class CdnClient:
     async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
                         link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
-        self.store.make_room(entry.name, entry.size, protected=protected, protected_blobs=self._staged)
+        self.store.make_room(entry.name, entry.size, protected=protected)
         request = BlobRequest(name=entry.name, url=self._source.url(blob_path(entry.sha256)), sha256=entry.sha256,
                               size=entry.size, link=link)
         try:

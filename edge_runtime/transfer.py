@@ -211,10 +211,10 @@ async def download(session: aiohttp.ClientSession, request: BlobRequest, *, stor
 async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, store: AdapterStore,
                          settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *, fresh: bool) -> _Sink:
     sink = _Sink(store, store.open_partial(request.sha256), request)
-    if fresh:
-        sink.restart()
     deadline = settings.deadline_for(request.size)
     try:
+        if fresh:
+            sink.restart()
         await asyncio.wait_for(_fetch(session, sink, settings, limiter, clock), timeout=deadline)
     except asyncio.TimeoutError as exc:
         if isinstance(exc, EdgeRtError):
@@ -225,7 +225,7 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
         store.discard(sink.partial)
         raise
     finally:
-        sink.close()
+        await asyncio.to_thread(sink.close)  # queued writes may still be landing: not on the event loop
     return sink
 
 

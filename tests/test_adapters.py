@@ -237,3 +237,32 @@ def test_a_new_version_without_room_beside_an_in_use_old_one_waits(runtime: Runt
         assert runtime.adapters.info("legal-review").state == "active"
     # Once idle, the old version may be evicted to make room: its file is kept until the new one has loaded.
     assert runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32).state == "resident"
+
+
+def test_requests_during_an_update_that_evicted_the_old_version_wait_for_the_new_one(
+        runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 1)  # room for one version: the idle old one is evicted for the new
+    for round_ in range(5):
+        runtime.adapters.ensure_resident("legal-review")
+        new_sha = f"{round_:02d}" * 32
+        errors: list[BaseException] = []
+        served: list[str] = []
+
+        def request(served: list[str] = served, errors: list[BaseException] = errors) -> None:
+            try:
+                with runtime.adapters.lease([("legal-review", 1.0)]) as held:
+                    served.append(held[0].sha256)
+            except BaseException as exc:  # collected for the assertion below
+                errors.append(exc)
+
+        updater = threading.Thread(target=runtime.adapters.replace, args=("legal-review", adapter_files[round_ % 2]),
+                                   kwargs={"sha256": new_sha})
+        clients = [threading.Thread(target=request) for _ in range(3)]
+        updater.start()
+        for client in clients:
+            client.start()
+        for thread in [updater, *clients]:
+            thread.join()
+        assert errors == []  # never BudgetExceeded for the old version while the new one loads
+        assert runtime.adapters.info("legal-review").sha256 == new_sha and len(served) == 3
+        assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])

@@ -25,20 +25,38 @@ KeyPair = tuple[Ed25519PrivateKey, Ed25519PublicKey, Path]
 GREEDY = SamplingParams(max_tokens=6)
 
 
+StartFollower = Callable[..., Awaitable[CdnFollower]]
+
+
 @pytest_asyncio.fixture
-async def follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_profile: Callable[..., Path],
-                   aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[CdnFollower]:
+async def make_follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_profile: Callable[..., Path],
+                        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[StartFollower]:
+    """Start a daemon's follower (a fresh runtime, the same cache and CDN each time: a restart)."""
     cdn = FaultCdn(cdn_dir)
     server = await aiohttp_server(cdn.app())
-    runtime = Runtime(load_profile(str(make_profile("follower-test", budget_mb=1024))), ctx=512)
-    client = CdnClient(str(server.make_url("")).rstrip("/"), cache_dir=tmp_path / "cache", public_key=key_pair[1],
-                       base_fingerprint=runtime.base_fingerprint, offline=False)
-    following = CdnFollower(client, runtime.adapters)
-    following.log = cdn.log  # type: ignore[attr-defined]
-    await following.start()
-    yield following
-    await following.close()
-    runtime.close()
+    started: list[tuple[CdnFollower, Runtime]] = []
+
+    async def start(*, local: dict[str, Path] | None = None) -> CdnFollower:
+        runtime = Runtime(load_profile(str(make_profile("follower-test", budget_mb=1024))), ctx=512)
+        for name, path in (local or {}).items():  # as --adapters-dir would register them
+            runtime.adapters.add(name, path)
+        client = CdnClient(str(server.make_url("")).rstrip("/"), cache_dir=tmp_path / "cache",
+                           public_key=key_pair[1], base_fingerprint=runtime.base_fingerprint, offline=False)
+        following = CdnFollower(client, runtime.adapters)
+        following.log = cdn.log  # type: ignore[attr-defined]
+        started.append((following, runtime))
+        await following.start()
+        return following
+
+    yield start
+    for following, runtime in started:
+        await following.close()
+        runtime.close()
+
+
+@pytest_asyncio.fixture
+async def follower(make_follower: StartFollower) -> CdnFollower:
+    return await make_follower()
 
 
 def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dict[str, bytes]) -> dict[str, str]:
@@ -120,17 +138,53 @@ async def test_a_version_llama_cpp_refuses_leaves_the_old_one_serving_and_is_not
     assert [s for s in follower.log if s.path.startswith("blobs/")] == blob_requests  # type: ignore[attr-defined]
 
 
-async def test_restarting_before_the_switch_keeps_the_version_in_service(
+async def test_a_restart_between_fetch_and_switch_serves_the_old_version_then_switches_without_refetching(
+        tmp_path: Path, make_follower: StartFollower, cdn_dir: Path, adapter_sources: Path,
+        key_pair: KeyPair) -> None:
+    first = await make_follower()
+    await first.pull(["json-extract"])
+    old_sha = first.manager.info("json-extract").sha256
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})  # named brand-voice inside
+    entry = (await first.cdn.fetch_manifest()).entry("json-extract")
+    assert entry is not None
+    staged = await first.cdn.fetch_update(entry)  # downloaded and verified, not loaded yet: the daemon stops
+    await first.close()
+    assert first.cdn.store.staged() == {new["json-extract"]} and staged.path.exists()
+
+    second = await make_follower()  # recovery scan, registration, refresh: the update resumes from the staged blob
+    assert "brand-voice" not in second.manager.names()  # the staged blob was not named after its inner name
+    await second.settle()
+
+    assert second.manager.info("json-extract").sha256 == new["json-extract"] != old_sha
+    cached = second.cdn.store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == new["json-extract"] and second.cdn.store.staged() == set()
+    fetched = [s for s in second.log if s.path == f"blobs/{new['json-extract']}.gguf"]  # type: ignore[attr-defined]
+    assert len(fetched) == 1  # once, before the restart
+
+
+async def test_cancelling_a_waiting_sync_leaves_memory_and_disk_on_the_same_version(
         tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
     await follower.pull(["json-extract"])
-    old_sha = follower.manager.info("json-extract").sha256
     new = republish(tmp_path, cdn_dir, key_pair[0],
                     {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
-    manifest = await follower.cdn.fetch_manifest()
-    entry = manifest.entry("json-extract")
-    assert entry is not None
-    staged = await follower.cdn.fetch_update(entry)  # downloaded and verified, not yet loaded: then a restart
-    report = await asyncio.to_thread(follower.cdn.store.recover)
-    assert staged.path.exists() and "json-extract" not in report.refs_rebuilt
+    assert (await follower.refresh()).updating == ("json-extract",)
+    waiting = asyncio.ensure_future(follower.settle())  # POST /v1/sync?wait=true ...
+    await asyncio.sleep(0.01)
+    waiting.cancel()  # ... whose client goes away
+    deadline = asyncio.get_running_loop().time() + 10
+    while follower.manager.info("json-extract").sha256 != new["json-extract"]:
+        assert asyncio.get_running_loop().time() < deadline, "the update stopped with its waiter"
+        await asyncio.sleep(0.02)
+    await follower.settle()
     cached = follower.cdn.store.lookup("json-extract")
-    assert cached is not None and (cached.sha256, new["json-extract"]) == (old_sha, staged.sha256)
+    assert cached is not None and cached.sha256 == new["json-extract"]
+
+
+async def test_an_adapter_from_the_adapters_dir_is_not_replaced_by_the_cdn(
+        tmp_path: Path, make_follower: StartFollower, adapter_sources: Path) -> None:
+    local = adapter_sources / "brand-voice.gguf"  # the operator's own json-extract
+    follower = await make_follower(local={"json-extract": local})
+    report = await follower.refresh()
+    assert report.updating == () and "json-extract" not in report.new_remote
+    assert follower.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()

@@ -165,3 +165,20 @@ def test_two_names_can_share_one_blob_and_eviction_keeps_it_for_the_other(tmp_pa
     assert store.evict(blobs[0].name)
     assert store.lookup("alias") is not None and store.blob_path(blobs[0].sha256).exists()
     assert store.evict("alias") and not store.blob_path(blobs[0].sha256).exists()
+
+
+def test_a_staged_update_is_neither_evicted_nor_named_by_the_index_rebuild(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(blobs[0].data) + len(blobs[1].data))
+    _put(store, blobs[0], name="task")
+    partial = store.open_partial(blobs[1].sha256)  # an update of "task", fetched but not switched to yet
+    partial.path.write_bytes(blobs[1].data)
+    store.stage(blobs[1].sha256)
+    store.install(partial, name=None, digest=blobs[1].sha256)
+    report = store.recover()  # a restart: the blob's inner name (brand-voice or json-extract) must not be used
+    assert report.refs_rebuilt == () and store.names() == ("task",)
+    with pytest.raises(DiskFull):  # the staged blob is kept like a protected one
+        store.make_room("other", len(blobs[1].data), protected=["task"])  # fits only by evicting it
+    assert store.blob_path(blobs[1].sha256).exists()
+    store.link("task", blobs[1].sha256)
+    store.unstage(blobs[1].sha256)
+    assert store.staged() == set() and [p.name for p in store.blobs_dir.iterdir()] == [f"{blobs[1].sha256}.gguf"]
