@@ -1,4 +1,4 @@
-"""A Hugging Face Hub on 127.0.0.1 for the hf:// tests: the real huggingface_hub client talks to it over HTTP.
+"""A Hugging Face Hub on 127.0.0.1 for the hf:// tests, reached through ``HF_ENDPOINT`` like a Hub mirror.
 
 It implements the route files are read through, ``/{org}/{repo}/resolve/{revision}/{path}`` (HEAD for the
 metadata, GET for the bytes), answering with the headers the Hub sends: ``X-Repo-Commit`` (the commit a revision
