@@ -137,6 +137,8 @@ class AdapterManager:
         self._freeing: dict[int, int] = {}  # id(handle) -> its bytes
         self._staging: dict[str, AdapterEntry] = {}  # name -> a new version being loaded by ``replace``
         self._retired: dict[int, AdapterEntry] = {}  # id(handle) -> a replaced version still used by generations
+        self._orphan_loads: dict[int, int] = {}  # id(entry) -> bytes of a replaced version whose load is under way
+        self._closed = False
 
     # -- registry -------------------------------------------------------------------------------------------------
 
@@ -191,13 +193,14 @@ class AdapterManager:
             current = self._entry(name)
             if current.state is not AdapterState.REMOTE and current.sha256 == sha256:
                 return self._info(current)
-            if name in self._staging:
-                raise InvalidTransition(name, "updating", "replaced")
+            if name in self._staging or self._closed:
+                raise InvalidTransition(name, "updating" if name in self._staging else "closed", "replaced")
             victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
             pending = fresh.loading = Future()
             self._staging[name] = fresh
         self._load(fresh, victims, pending)  # switches the name under the lock once loaded
-        pending.result()
+        if pending.result() is None:  # the manager closed while it loaded
+            raise InvalidTransition(name, "closed", "replaced")
         return self.info(name)
 
     def is_remote(self, name: str) -> bool:
@@ -206,9 +209,10 @@ class AdapterManager:
             return self._entry(name).state is AdapterState.REMOTE
 
     def protected_names(self) -> set[str]:
-        """Adapters the disk cache must not evict: pinned, resident, loading or in use."""
+        """Adapters the disk cache must not evict: pinned, resident, loading, in use or being updated."""
         with self._lock:
-            return {e.name for e in self._entries.values() if e.pinned or e.handle is not None or e.loading}
+            return {e.name for e in self._entries.values()
+                    if e.pinned or e.handle is not None or e.loading or e.name in self._staging}
 
     def add_directory(self, directory: Path | str) -> tuple[list[AdapterInfo], dict[str, EdgeRtError]]:
         """Register every ``NAME.gguf`` in ``directory``; return those added and, by file name, those refused."""
@@ -321,8 +325,9 @@ class AdapterManager:
         return True
 
     def close(self) -> None:
-        """Free every resident adapter (the engine detaches each before freeing it)."""
+        """Free every resident adapter (the engine detaches each before freeing it); loads ending later are freed."""
         with self._lock:
+            self._closed = True
             entries = [*self._entries.values(), *self._retired.values()]
             self._retired.clear()
             handles = [self._detach(e, force=True) for e in entries if e.handle is not None]
@@ -374,7 +379,8 @@ class AdapterManager:
 
     def _held_bytes(self) -> int:  # lock held
         entries = itertools.chain(self._entries.values(), self._staging.values(), self._retired.values())
-        return self._freeing_bytes + sum(e.resident_bytes for e in entries if e.handle is not None or e.loading)
+        return (self._freeing_bytes + sum(self._orphan_loads.values())
+                + sum(e.resident_bytes for e in entries if e.handle is not None or e.loading))
 
     def _retire(self, old: AdapterEntry) -> list[AdapterHandle]:  # lock held
         """Take a replaced version out of service: its handle now when unused, else after its last user."""
@@ -398,39 +404,46 @@ class AdapterManager:
               pending: Future[AdapterHandle | None]) -> None:
         """Load ``entry`` for ``pending``'s waiters; a staged new version takes its name in the same critical section.
 
-        An entry that stopped being current while it loaded (a new version took its name) is an orphan: its handle
-        is freed and its waiters get ``None`` and look again, whether the load worked or not.
+        An entry that stopped being current (a new version took its name) is an orphan: it is not loaded, or its
+        handle is freed, and its waiters get ``None`` and look again. Its bytes count until then.
         """
         started = time.perf_counter()
+        outcome: AdapterHandle | BaseException | None = None
+        unused: list[AdapterHandle] = []
         try:
             self._free(victims)
             assert entry.path is not None
             self._check_compatible(entry.name, read_header(entry.path))
-            handle = self.engine.load_adapter(entry.path, content_id=entry.sha256)
-        except BaseException as exc:
             with self._lock:
-                entry.loading = None
-                orphan = self._orphan(entry)
-                if self._staging.get(entry.name) is entry:
-                    del self._staging[entry.name]
-            if orphan:
-                pending.set_result(None)
-            else:
-                pending.set_exception(exc)
-            return
-        unused: list[AdapterHandle] = []
+                orphan = self._orphan(entry) or self._closed
+            handle = None if orphan else self.engine.load_adapter(entry.path, content_id=entry.sha256)
+        except BaseException as exc:
+            handle, outcome = None, exc
         with self._lock:
             entry.loading = None
-            orphan = self._orphan(entry)
-            if not orphan:
+            orphan = self._orphan(entry) or self._closed
+            orphan_bytes = self._orphan_loads.pop(id(entry), 0)
+            if self._staging.get(entry.name) is entry and (handle is None or self._closed):
+                del self._staging[entry.name]
+            if handle is not None and orphan:  # still counted, as a handle on its way out
+                self._freeing_bytes += orphan_bytes or entry.resident_bytes
+                self._freeing[id(handle)] = orphan_bytes or entry.resident_bytes
+                unused = [handle]
+            elif handle is not None:
                 entry.handle = handle
                 entry.move_to(AdapterState.RESIDENT)
                 self.stats.loads += 1
                 self.stats.load_seconds_total += time.perf_counter() - started
+                outcome = handle
                 if self._staging.get(entry.name) is entry:
                     unused = self._switch(entry)
-        self._free([handle] if orphan else unused)
-        pending.set_result(None if orphan else handle)
+        try:
+            self._free(unused)
+        finally:  # waiters always wake, whatever freeing does
+            if isinstance(outcome, BaseException) and not orphan:
+                pending.set_exception(outcome)
+            else:
+                pending.set_result(None if orphan or isinstance(outcome, BaseException) else outcome)
 
     def _orphan(self, entry: AdapterEntry) -> bool:  # lock held
         return self._entries.get(entry.name) is not entry and self._staging.get(entry.name) is not entry
@@ -439,6 +452,8 @@ class AdapterManager:
         """Give ``fresh`` (a loaded new version) its name; the old version retires. Returns handles to free."""
         del self._staging[fresh.name]
         old = self._entries[fresh.name]
+        if old.loading is not None:  # a load of the old version is under way: its bytes count until it ends
+            self._orphan_loads[id(old)] = old.resident_bytes
         fresh.pinned, fresh.use_order, fresh.last_used = old.pinned, old.use_order, old.last_used
         self._entries[fresh.name] = fresh
         return self._retire(old)

@@ -48,11 +48,17 @@ class CdnFollower:
         self._updates: dict[str, asyncio.Task[None]] = {}  # name -> its running update
         self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
         self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
+        self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
+        self._fetching: dict[str, str] = {}  # name -> sha256 of its update being fetched or loaded
 
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
         await asyncio.to_thread(self.cdn.store.recover)
+        local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
         for cached in self.cdn.store.adapters():
+            if cached.name in local:
+                log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
+                continue
             try:
                 self.manager.add(cached.name, cached.path, sha256=cached.sha256)
                 self._followed.add(cached.name)
@@ -72,6 +78,7 @@ class CdnFollower:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._switching, return_exceptions=True)  # a load + rename finishes before the runtime
         await self.cdn.close()
 
     async def refresh(self) -> RefreshReport:
@@ -81,7 +88,7 @@ class CdnFollower:
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
-        self.cdn.prune_staged(manifest)
+        self.cdn.prune_staged(manifest, busy=set(self._fetching.values()))
         due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
                and self.manager.outdated(e.name, e.sha256)]
         for entry in due:
@@ -104,6 +111,7 @@ class CdnFollower:
                 self._followed.add(name)
 
     async def _update(self, entry: ManifestEntry) -> None:
+        self._fetching[entry.name] = entry.sha256
         try:
             staged = await self.cdn.fetch_update(entry)
         except EdgeRtError as exc:  # network trouble: the next refresh tries again
@@ -113,9 +121,13 @@ class CdnFollower:
         else:
             # Loading and renaming are one step on one thread: a cancelled caller (a client gone from
             # /v1/sync?wait=true, a shutdown) must not leave the memory on the new version and the disk on the old.
-            await asyncio.shield(asyncio.to_thread(self._load_and_switch, entry, staged))
+            step = asyncio.ensure_future(asyncio.to_thread(self._load_and_switch, entry, staged))
+            self._switching.add(step)
+            step.add_done_callback(self._switching.discard)
+            await asyncio.shield(step)
         finally:
             self._updates.pop(entry.name, None)
+            self._fetching.pop(entry.name, None)
 
     def _load_and_switch(self, entry: ManifestEntry, staged: CachedAdapter) -> None:
         """Load the fetched version, then point its name at it on disk; logs every failure, never raises."""

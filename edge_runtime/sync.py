@@ -230,9 +230,10 @@ class CdnClient:
         if all(a.sha256 != sha256 for a in self.store.adapters()):
             self.store.blob_path(sha256).unlink(missing_ok=True)
 
-    def prune_staged(self, manifest: Manifest) -> None:
-        """Unstage updates ``manifest`` no longer lists (superseded or withdrawn): eviction may take them."""
-        for sha256 in self.store.staged() - {a.sha256 for a in manifest.adapters}:
+    def prune_staged(self, manifest: Manifest, *, busy: Iterable[str] = ()) -> None:
+        """Unstage updates ``manifest`` no longer lists (superseded or withdrawn) and no update is still working on
+        (``busy``): eviction may take them."""
+        for sha256 in self.store.staged() - {a.sha256 for a in manifest.adapters} - set(busy):
             self.store.unstage(sha256)
 
     async def sync(self, names: Sequence[str] | None = None, *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -266,3 +267,34 @@ def test_requests_during_an_update_that_evicted_the_old_version_wait_for_the_new
         assert errors == []  # never BudgetExceeded for the old version while the new one loads
         assert runtime.adapters.info("legal-review").sha256 == new_sha and len(served) == 3
         assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])
+
+
+def test_a_load_orphaned_by_an_update_counts_against_the_budget_until_freed(runtime: Runtime,
+                                                                             adapter_files: list[Path]) -> None:
+    one = adapter_resident_bytes(adapter_files[0])
+    fit_budget(runtime, adapter_files, 2)
+    real_load = runtime.engine.load_adapter
+    old_loaded, let_go = threading.Event(), threading.Event()
+
+    def gated_load(path: Path | str, *, content_id: str) -> Any:  # the real load, held before it reports back
+        handle = real_load(path, content_id=content_id)
+        if Path(path) == adapter_files[0] and not old_loaded.is_set():
+            old_loaded.set()
+            let_go.wait(10)
+        return handle
+
+    runtime.engine.load_adapter = gated_load  # type: ignore[method-assign]
+    request = threading.Thread(target=runtime.adapters.ensure_resident, args=("legal-review",))
+    request.start()
+    assert old_loaded.wait(10)  # the old version is in memory, its load not finished
+    runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)  # the old load is now an orphan
+    runtime.adapters.ensure_resident("brand-voice")  # room only by evicting the new version, not beside the orphan
+    accounted = runtime.adapters.resident_bytes
+    resident = [a.name for a in runtime.adapters.list_adapters() if a.state == "resident"]
+    let_go.set()
+    request.join()
+    assert resident == ["brand-voice"] and accounted == 2 * one  # brand-voice + the orphan still in memory
+    # The orphan was freed once its load returned, and its request looked again: it got the new version.
+    assert runtime.adapters.resident_bytes == 2 * one and runtime.adapters.stats.loads == 3
+    info = runtime.adapters.info("legal-review")
+    assert (info.state, info.sha256) == ("resident", "ab" * 32)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 from aiohttp.test_utils import TestServer
-from cdn_server import FaultCdn
+from cdn_server import Fault, FaultCdn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.engine import SamplingParams
@@ -44,6 +44,7 @@ async def make_follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_p
                            public_key=key_pair[1], base_fingerprint=runtime.base_fingerprint, offline=False)
         following = CdnFollower(client, runtime.adapters)
         following.log = cdn.log  # type: ignore[attr-defined]
+        following.fault_cdn = cdn  # type: ignore[attr-defined]
         started.append((following, runtime))
         await following.start()
         return following
@@ -163,19 +164,21 @@ async def test_a_restart_between_fetch_and_switch_serves_the_old_version_then_sw
     assert len(fetched) == 1  # once, before the restart
 
 
-async def test_cancelling_a_waiting_sync_leaves_memory_and_disk_on_the_same_version(
+async def test_cancelling_a_waiting_sync_does_not_stop_the_update(
         tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
     await follower.pull(["json-extract"])
     new = republish(tmp_path, cdn_dir, key_pair[0],
                     {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    follower.fault_cdn.faults = [Fault(hold_at=0.5)]  # type: ignore[attr-defined]  # the new blob stalls midway
     assert (await follower.refresh()).updating == ("json-extract",)
     waiting = asyncio.ensure_future(follower.settle())  # POST /v1/sync?wait=true ...
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # still downloading
     waiting.cancel()  # ... whose client goes away
-    deadline = asyncio.get_running_loop().time() + 10
+    deadline = asyncio.get_running_loop().time() + 20
     while follower.manager.info("json-extract").sha256 != new["json-extract"]:
         assert asyncio.get_running_loop().time() < deadline, "the update stopped with its waiter"
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
     await follower.settle()
     cached = follower.cdn.store.lookup("json-extract")
     assert cached is not None and cached.sha256 == new["json-extract"]
@@ -188,3 +191,14 @@ async def test_an_adapter_from_the_adapters_dir_is_not_replaced_by_the_cdn(
     report = await follower.refresh()
     assert report.updating == () and "json-extract" not in report.new_remote
     assert follower.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+async def test_a_local_adapter_wins_over_a_cached_copy_of_the_same_name_at_restart(
+        make_follower: StartFollower, adapter_sources: Path) -> None:
+    first = await make_follower()
+    await first.pull(["json-extract"])  # cached from the CDN
+    await first.close()
+    local = adapter_sources / "brand-voice.gguf"  # later the operator serves their own json-extract
+    second = await make_follower(local={"json-extract": local})
+    assert second.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert (await second.refresh()).updating == ()
