@@ -313,11 +313,11 @@ async def run_sync(cdn: str, names: Sequence[str] | None, *, progress: ProgressC
 def _open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limiter: RateLimiter) -> _Source:
     scheme = urlparse(cdn).scheme
     if scheme in ("http", "https"):
-        return _HttpSource(cdn, store, transfer, limiter)
+        return _HttpSource(cdn, store=store, transfer=transfer, limiter=limiter)
     if scheme == "file":
         return _FileSource(Path(unquote(urlparse(cdn).path)), store)
     if hub.is_hub_source(cdn):
-        return _HubSource(hub.parse_hub_source(cdn), store, transfer, limiter)
+        return _HubSource(hub.parse_hub_source(cdn), store=store, transfer=transfer, limiter=limiter)
     raise SourceUnavailable(cdn, "unsupported CDN address",
                             fix="Use http(s)://HOST/PATH, file:///PATH or hf://ORG/REPO[@REVISION]")
 
@@ -325,7 +325,8 @@ def _open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limi
 class _HttpSource:
     """A CDN folder served over HTTP(S) by any static server."""
 
-    def __init__(self, base_url: str, store: AdapterStore, transfer: TransferSettings, limiter: RateLimiter) -> None:
+    def __init__(self, base_url: str, *, store: AdapterStore, transfer: TransferSettings,
+                 limiter: RateLimiter) -> None:
         self.base_url = base_url
         self.store = store
         self.transfer = transfer
@@ -393,9 +394,9 @@ class _FileSource:
 class _HubSource(_HttpSource):
     """A CDN folder uploaded to a Hugging Face Hub repository, read over HTTP at a pinned revision."""
 
-    def __init__(self, source: hub.HubSource, store: AdapterStore, transfer: TransferSettings,
+    def __init__(self, source: hub.HubSource, *, store: AdapterStore, transfer: TransferSettings,
                  limiter: RateLimiter) -> None:
-        super().__init__(str(source), store, transfer, limiter)
+        super().__init__(str(source), store=store, transfer=transfer, limiter=limiter)
         self.source = source
 
     def url(self, relative: str) -> str:
