@@ -45,11 +45,10 @@ class CdnFollower:
         self.cdn = cdn
         self.manager = manager
         self._refresher: asyncio.Task[None] | None = None
-        self._updates: dict[str, asyncio.Task[None]] = {}  # name -> its running update
+        self._updates: dict[str, tuple[str, asyncio.Task[None]]] = {}  # name -> (sha256, task) of its update
         self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
         self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
         self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
-        self._fetching: dict[str, str] = {}  # name -> sha256 of its update being fetched or loaded
 
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
@@ -74,7 +73,7 @@ class CdnFollower:
 
     async def close(self) -> None:
         """Stop refreshing and updating (partial downloads stay for a later resume) and close the client."""
-        tasks = [t for t in (self._refresher, *self._updates.values()) if t is not None]
+        tasks = [t for t in (self._refresher, *self._update_tasks()) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -88,19 +87,19 @@ class CdnFollower:
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
-        self.cdn.prune_staged(manifest, busy=set(self._fetching.values()))
+        self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
         due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
                and self.manager.outdated(e.name, e.sha256)]
         for entry in due:
             if entry.name not in self._updates:
-                self._updates[entry.name] = asyncio.create_task(self._update(entry))
+                self._updates[entry.name] = (entry.sha256, asyncio.create_task(self._update(entry)))
         return RefreshReport(version=manifest.version, offered=names, new_remote=added, withdrawn=withdrawn,
                              updating=tuple(e.name for e in due))
 
     async def settle(self) -> None:
         """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""
         if self._updates:
-            await asyncio.wait(list(self._updates.values()))
+            await asyncio.wait(self._update_tasks())
 
     async def pull(self, names: list[str]) -> None:
         """Download the named adapters the device knows only from the CDN (other requests go on meanwhile)."""
@@ -110,8 +109,10 @@ class CdnFollower:
                 await asyncio.to_thread(self.manager.add, name, cached.path, sha256=cached.sha256)
                 self._followed.add(name)
 
+    def _update_tasks(self) -> list[asyncio.Task[None]]:
+        return [task for _, task in self._updates.values()]
+
     async def _update(self, entry: ManifestEntry) -> None:
-        self._fetching[entry.name] = entry.sha256
         try:
             staged = await self.cdn.fetch_update(entry)
         except EdgeRtError as exc:  # network trouble: the next refresh tries again
@@ -127,7 +128,6 @@ class CdnFollower:
             await asyncio.shield(step)
         finally:
             self._updates.pop(entry.name, None)
-            self._fetching.pop(entry.name, None)
 
     def _load_and_switch(self, entry: ManifestEntry, staged: CachedAdapter) -> None:
         """Load the fetched version, then point its name at it on disk; logs every failure, never raises."""

@@ -161,9 +161,8 @@ class AdapterStore:
         previous = self.lookup(name)
         with atomic_output(self.refs_dir / validate_name(name)) as temp:
             temp.write_text(sha256, "ascii")
-        if previous is not None and previous.sha256 != sha256 and all(
-                a.sha256 != previous.sha256 for a in self.adapters()):
-            previous.path.unlink(missing_ok=True)  # an open file (a loaded adapter) stays readable until closed
+        if previous is not None and previous.sha256 != sha256:
+            self.drop_if_unnamed(previous.sha256)  # an open file (a loaded adapter) stays readable until closed
         cached = self.lookup(name)
         assert cached is not None
         return cached
@@ -186,10 +185,14 @@ class AdapterStore:
         if cached is None:
             return False
         (self.refs_dir / name).unlink(missing_ok=True)
-        if not any(a.sha256 == cached.sha256 for a in self.adapters()):
-            cached.path.unlink(missing_ok=True)
+        self.drop_if_unnamed(cached.sha256)
         fsync_directory(self.refs_dir)
         return True
+
+    def drop_if_unnamed(self, sha256: str) -> None:
+        """Delete blob ``sha256`` unless some name still points at it."""
+        if all(a.sha256 != sha256 for a in self.adapters()):
+            self.blob_path(sha256).unlink(missing_ok=True)
 
     def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
         """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.

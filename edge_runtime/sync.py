@@ -127,6 +127,7 @@ class CdnClient:
         self._source = _open_source(self.cdn, self.store, self.settings.transfer, self._limiter)
         self._manifest: Manifest | None = None
         self._manifest_at = 0.0
+        self._last_document: bytes | None = None  # what last_manifest() reads back, as last written
         self._manifest_lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[CachedAdapter]] = {}
         self._syncing: frozenset[str] = frozenset()
@@ -156,8 +157,10 @@ class CdnClient:
                 log.warning("no public key configured: the manifest of %s is not signature-checked", self.cdn)
             self._trust.accept(self.cdn, manifest)
             self._manifest, self._manifest_at = manifest, time.monotonic()
-            with atomic_output(self._last_manifest_path()) as temp:
-                temp.write_bytes(document)
+            if document != self._last_document:  # a 304 brings the same bytes: no rewrite (flash wear)
+                with atomic_output(self._last_manifest_path()) as temp:
+                    temp.write_bytes(document)
+                self._last_document = document
             return manifest
 
     def last_manifest(self) -> Manifest | None:
@@ -227,8 +230,7 @@ class CdnClient:
     def abandon(self, sha256: str) -> None:
         """Give up an update ``fetch_update`` fetched (it did not load): its blob goes unless a name uses it."""
         self.store.unstage(sha256)
-        if all(a.sha256 != sha256 for a in self.store.adapters()):
-            self.store.blob_path(sha256).unlink(missing_ok=True)
+        self.store.drop_if_unnamed(sha256)
 
     def prune_staged(self, manifest: Manifest, *, busy: Iterable[str] = ()) -> None:
         """Unstage updates ``manifest`` no longer lists (superseded or withdrawn) and no update is still working on
