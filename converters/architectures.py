@@ -13,8 +13,8 @@ import gguf
 import numpy as np
 
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, UnsupportedArchitecture
-from edge_runtime.gguf_header import GGUFHeader, read_header
-from edge_runtime.gguf_info import base_fingerprint
+from edge_runtime.gguf.header import GGUFHeader, read_header
+from edge_runtime.gguf.info import base_fingerprint
 
 # Architecture name in the GGUF → whether llama.cpp's converter permuted q/k rows.
 PERMUTES_QK: dict[str, bool] = {

@@ -18,8 +18,9 @@ import numpy as np
 
 from converters.architectures import BaseModelLayout, read_base_layout
 from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
-from edge_runtime import gguf_info
-from edge_runtime.atomic import atomic_output
+from edge_runtime.errors import InvalidSettings
+from edge_runtime.files import atomic_output
+from edge_runtime.gguf import info as gguf_info
 from edge_runtime.names import validate_name
 
 OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
@@ -61,7 +62,8 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
                          name: str | None = None, progress: ProgressCallback | None = None) -> ConversionResult:
     """Convert the PEFT adapter at ``source`` (a folder or ``hf://ORG/REPO[@REV]``) for ``base`` into ``output``."""
     if outtype not in OUTTYPES:
-        raise ValueError(f"outtype must be one of {', '.join(OUTTYPES)}, got {outtype!r}")
+        raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(OUTTYPES)}",
+                              fix="Pass --outtype f32, f16, bf16 or q8_0")
     output = Path(output)
     peft_dir = resolve_peft_dir(source)
     adapter = read_peft_adapter(peft_dir)

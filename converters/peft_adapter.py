@@ -19,7 +19,8 @@ import numpy as np
 import safetensors
 
 from edge_runtime import hub
-from edge_runtime.errors import AdapterFilesMissing, MalformedAdapter, UnsupportedAdapterFeature
+from edge_runtime.errors import AdapterFilesMissing, FileTooLarge, MalformedAdapter, UnsupportedAdapterFeature
+from edge_runtime.files import read_bounded
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -192,11 +193,10 @@ def _locate_files(directory: Path) -> tuple[Path, Path]:
 
 
 def _read_bounded(path: Path, limit: int) -> bytes:
-    with path.open("rb") as handle:
-        data = handle.read(limit + 1)
-    if len(data) > limit:
-        raise MalformedAdapter(str(path), f"larger than {limit} bytes", fix="This is not a PEFT file")
-    return data
+    try:
+        return read_bounded(path, limit)
+    except FileTooLarge as exc:
+        raise MalformedAdapter(str(path), f"larger than {limit} bytes", fix="This is not a PEFT file") from exc
 
 
 def _read_pairs(weights_path: Path, config: PeftConfig) -> tuple[LoraPair, ...]:

@@ -5,15 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from edge_runtime.errors import EdgeRtError
-from edge_runtime.gguf_info import GGUFInfo, read_info
-from edge_runtime.models import default_model_path, resolve_model
+from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
+from edge_runtime.runtime.models import default_model_path, resolve_model
 
 __version__ = "0.1.0"
 
 # Loaded on first use: they import llama.cpp, which commands such as `edge-rt inspect` never need.
-_LAZY = {"Runtime": "edge_runtime.runtime", "SamplingParams": "edge_runtime.engine",
-         "AdapterState": "edge_runtime.adapters"}
+_LAZY = {"Runtime": "edge_runtime.runtime.core", "SamplingParams": "edge_runtime.runtime.engine",
+         "AdapterState": "edge_runtime.runtime.adapters"}
 
 __all__ = ["AdapterState", "DeviceProfile", "EdgeRtError", "GGUFInfo", "Runtime", "SamplingParams", "__version__",
            "default_model_path", "list_profiles", "load_profile", "read_info", "resolve_model"]

@@ -14,12 +14,12 @@ import click
 
 from edge_runtime import __version__
 from edge_runtime.errors import EdgeRtError
-from edge_runtime.gguf_info import GGUFInfo, read_info
-from edge_runtime.models import resolve_model
+from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
+from edge_runtime.runtime.models import resolve_model
 
 if TYPE_CHECKING:
-    from edge_runtime.transfer import TransferProgress
+    from edge_runtime.distribution.transfer import TransferProgress
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -155,8 +155,8 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
          adapter_files: tuple[Path, ...], as_json: bool) -> None:
     """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters."""
-    from edge_runtime.budget import adapter_resident_bytes
-    from edge_runtime.runtime import plan_for
+    from edge_runtime.runtime.budget import adapter_resident_bytes
+    from edge_runtime.runtime.core import plan_for
 
     profile = load_profile(profile_name)
     memory = plan_for(profile, resolve_model(model), ctx=ctx)
@@ -223,10 +223,10 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     from aiohttp import web
 
-    from edge_runtime.manifest import load_public_key
-    from edge_runtime.runtime import Runtime
-    from edge_runtime.server import SHUTDOWN_GRACE_S, ServerConfig, create_app
-    from edge_runtime.sync import CdnClient, SyncSettings
+    from edge_runtime.distribution.client import CdnClient, SyncSettings
+    from edge_runtime.distribution.keys import load_public_key
+    from edge_runtime.runtime.core import Runtime
+    from edge_runtime.serve.app import SHUTDOWN_GRACE_S, ServerConfig, create_app
 
     if host not in _LOOPBACK and not api_key and not insecure:
         raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
@@ -258,7 +258,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
 @_reports_errors
 def keygen(out: Path) -> None:
     """Write an ed25519 key pair that signs CDN manifests: OUT (private, mode 0600) and OUT.pub (for devices)."""
-    from edge_runtime.manifest import generate_key
+    from edge_runtime.distribution.keys import generate_key
 
     if out.exists():
         raise click.UsageError(f"{out} exists; refusing to overwrite a signing key")
@@ -277,8 +277,9 @@ def keygen(out: Path) -> None:
 @_reports_errors
 def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float) -> None:
     """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
-    from edge_runtime.manifest import format_time, load_private_key
-    from edge_runtime.publish import publish as publish_folder
+    from edge_runtime.distribution.keys import load_private_key
+    from edge_runtime.distribution.manifest import format_time
+    from edge_runtime.distribution.publish import publish as publish_folder
 
     result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days)
     for entry in result.manifest.adapters:
@@ -309,8 +310,8 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
     """Fetch adapters from a CDN into the verified cache: resumable, sha256-checked, never past the manifest."""
     import asyncio
 
-    from edge_runtime.manifest import load_public_key
-    from edge_runtime.sync import SyncSettings, run_sync
+    from edge_runtime.distribution.client import SyncSettings, run_sync
+    from edge_runtime.distribution.keys import load_public_key
 
     if (adapter_names is None) != sync_all:
         raise click.UsageError("pass exactly one of --adapters a,b and --all")

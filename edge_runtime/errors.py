@@ -10,6 +10,7 @@ The tree::
     ├── InvalidGGUF                              (ValueError)          not a GGUF file, or a corrupt one
     ├── SourceUnavailable                        (ConnectionError)     an hf:// source could not be resolved
     ├── InvalidName                              (ValueError)          a name that would become a path is unsafe
+    ├── FileTooLarge                             (ValueError)          a file holds more than edge-rt reads of it
     ├── PeftAdapterError                         (ValueError)          a PEFT directory edge-rt cannot read
     │   ├── AdapterFilesMissing                  (FileNotFoundError)   adapter_config.json / safetensors missing
     │   ├── MalformedAdapter                                           unreadable JSON, corrupt tensors, rank mismatch
@@ -18,6 +19,9 @@ The tree::
     ├── BudgetExceeded                           (MemoryError)         an adapter cannot fit the memory budget
     ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
     ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
+    ├── InvalidSettings                          (ValueError)          a library setting it does not support
+    ├── RuntimeClosed                            (RuntimeError)        the runtime was closed before the call
+    ├── LlamaCppError                            (RuntimeError)        llama.cpp refused an operation
     ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
@@ -111,6 +115,19 @@ class InvalidName(EdgeRtError, ValueError):
         self.pattern = pattern
         super().__init__(f"invalid name {name!r}",
                          fix=f"Names must match {pattern} (letters, digits, '.', '_', '-'; no paths)")
+
+
+class FileTooLarge(EdgeRtError, ValueError):
+    """A file holds more bytes than edge-rt reads of its kind (reads of files others control are bounded)."""
+
+    http_status = 400
+    exit_code = 4
+    error_type = "file_too_large"
+
+    def __init__(self, path: str, *, limit_bytes: int) -> None:
+        self.path = path
+        self.limit_bytes = limit_bytes
+        super().__init__(f"{path} holds more than {limit_bytes} bytes", fix="Check that this is the file meant")
 
 
 class PeftAdapterError(EdgeRtError, ValueError):
@@ -249,6 +266,43 @@ class ContextOverflow(EdgeRtError, ValueError):
         self.context_tokens = context_tokens
         super().__init__(f"the prompt has {prompt_tokens} tokens but the context holds {context_tokens}",
                          fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)")
+
+
+class InvalidSettings(EdgeRtError, ValueError):
+    """A library setting (engine, converter) outside what it supports; ``field`` names the setting."""
+
+    http_status = 500
+    exit_code = 2
+    error_type = "invalid_settings"
+
+    def __init__(self, field: str, value: object, problem: str,
+                 *, fix: str = "Fix the setting (for a daemon: the profile's [compute] table)") -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field} = {value!r}: {problem}", fix=fix)
+
+
+class RuntimeClosed(EdgeRtError, RuntimeError):
+    """The runtime (its engine) was closed; nothing more runs on it."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "runtime_closed"
+
+    def __init__(self) -> None:
+        super().__init__("the runtime is closed", fix="Create a new Runtime (or restart the daemon)")
+
+
+class LlamaCppError(EdgeRtError, RuntimeError):
+    """llama.cpp refused an operation edge-rt asked of it (a bug or a resource failure, never bad user input)."""
+
+    http_status = 500
+    exit_code = 1
+    error_type = "llama_cpp_error"
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        super().__init__(f"llama.cpp refused to {operation}", fix="See the daemon's log; restart it if this repeats")
 
 
 class InvalidTransition(EdgeRtError, RuntimeError):

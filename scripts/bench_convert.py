@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from converters import convert_peft_to_gguf
-from edge_runtime.models import default_model_path
+from edge_runtime.runtime.models import default_model_path
 
 MODULES = {"self_attn": {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576)},
            "mlp": {"gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}}

@@ -41,9 +41,9 @@ def build_cdn(work: Path) -> tuple[Path, Path, str]:
     from bench_convert import write_adapter  # scripts/ is on sys.path when this file runs as a script
 
     from converters import convert_peft_to_gguf
-    from edge_runtime.manifest import generate_key, load_private_key
-    from edge_runtime.models import default_model_path
-    from edge_runtime.publish import publish
+    from edge_runtime.distribution.keys import generate_key, load_private_key
+    from edge_runtime.distribution.publish import publish
+    from edge_runtime.runtime.models import default_model_path
 
     sources = work / "adapters"
     convert_peft_to_gguf(write_adapter(work / "peft", RANK, 30), base=default_model_path(),
@@ -120,8 +120,8 @@ async def plain_download(url: str) -> float:
 
 async def edge_rt_sync(base_url: str, cache: Path, public_key: Path) -> float:
     """Seconds for CdnClient to verify the manifest and download, verify and install the adapter."""
-    from edge_runtime.manifest import load_public_key
-    from edge_runtime.sync import CdnClient
+    from edge_runtime.distribution.client import CdnClient
+    from edge_runtime.distribution.keys import load_public_key
 
     start = time.perf_counter()
     async with CdnClient(base_url, cache_dir=cache, public_key=load_public_key(public_key), offline=False) as client:

@@ -20,8 +20,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from peft_dirs import lora_tensors, write_peft_dir
 
-from edge_runtime.manifest import generate_key, load_private_key, load_public_key
-from edge_runtime.publish import publish
+from edge_runtime.distribution.keys import generate_key, load_private_key, load_public_key
+from edge_runtime.distribution.publish import publish
 
 MAX_STALL_S = 5.0  # every sleep in a handler is bounded, so a test's server always shuts down quickly
 

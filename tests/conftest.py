@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.models import default_model_path
+from edge_runtime.runtime.models import default_model_path
 
 pytest_plugins = ["cdn_server"]  # the CDN fixtures (adapter_sources, cdn_dir, key_pair, large_adapter)
 
@@ -29,7 +29,7 @@ def base_model() -> Path:
 @pytest.fixture(scope="session")
 def eval_engine(base_model: Path) -> Iterator[object]:
     """A real llama.cpp engine on SmolLM2 that keeps every position's logits."""
-    from edge_runtime.engine import Engine, EngineSettings
+    from edge_runtime.runtime.engine import Engine, EngineSettings
 
     engine = Engine(base_model, EngineSettings(n_ctx=128, n_batch=128, logits_all=True))
     yield engine

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import edge_runtime.cli  # noqa: F401  (the daemon's imports: what the plan's process term counts)
-import edge_runtime.server  # noqa: F401
-from edge_runtime.budget import measured_rss_bytes
-from edge_runtime.engine import SamplingParams
+import edge_runtime.serve.app  # noqa: F401
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime import Runtime
+from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.runtime.engine import SamplingParams
 
 
 class RssSampler(threading.Thread):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from peft_dirs import write_peft_dir
 
 from edge_runtime.cli import main
-from edge_runtime.gguf_header import read_header
-from edge_runtime.gguf_info import base_fingerprint, read_info
+from edge_runtime.gguf.header import read_header
+from edge_runtime.gguf.info import base_fingerprint, read_info
 
 EMBEDDED_FINGERPRINT_V1 = "9a00db849dd3d9c64e28387da531d991bcfa8d3b716d54edb94e911f1e03d555"
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from edge_runtime.budget import adapter_resident_bytes, kv_cache_bytes, model_shape
 from edge_runtime.cli import main
+from edge_runtime.runtime.budget import adapter_resident_bytes, kv_cache_bytes, model_shape
 
 MIB = 1 << 20
 

@@ -15,8 +15,8 @@ import pytest
 import requests
 from daemons import Daemon, free_port, run_daemon
 
-from edge_runtime.manifest import generate_key, load_private_key
-from edge_runtime.publish import publish
+from edge_runtime.distribution.keys import generate_key, load_private_key
+from edge_runtime.distribution.publish import publish
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 

@@ -17,9 +17,9 @@ import requests
 from daemons import Daemon, run_daemon
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_runtime.budget import adapter_resident_bytes
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime import plan_for
+from edge_runtime.runtime.budget import adapter_resident_bytes
+from edge_runtime.runtime.core import plan_for
 
 CHAT = [{"role": "user", "content": "Write a long story about a drone."}]
 MIB = 1 << 20

@@ -11,9 +11,9 @@ import requests
 from daemons import Daemon
 from prometheus_client.parser import text_string_to_metric_families
 
-from edge_runtime.engine import SamplingParams
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime import AdapterSpec, Runtime
+from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.engine import SamplingParams
 
 CHAT = [{"role": "user", "content": "List three things a drone needs."}]
 
@@ -189,7 +189,7 @@ def _sha256(path: Path) -> str:
 
 def test_plan_predicts_the_running_daemons_rss_within_ten_percent(daemon: Daemon, serve_profile: Path,
                                                                   base_model: Path) -> None:
-    from edge_runtime.runtime import plan_for
+    from edge_runtime.runtime.core import plan_for
 
     warm = _post(daemon, "/v1/completions", {"prompt": "The robot walked along the river. " * 70, "max_tokens": 2})
     assert warm.status_code == 200

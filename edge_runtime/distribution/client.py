@@ -1,0 +1,292 @@
+"""The device's CDN client: fetch and verify the manifest, keep verified adapters in the cache.
+
+``CdnClient`` is what ``edge-rt sync`` runs under ``asyncio.run`` and what the daemon keeps for its lifetime::
+
+    async with CdnClient("https://cdn.example/adapters", public_key=key, base_fingerprint=fp) as client:
+        cached = await client.ensure_cached("json-extract")   # -> CachedAdapter(path, sha256, size)
+
+Sources (``sources.py``): ``http(s)://`` (our own resumable client), ``file://`` (a published folder),
+``hf://ORG/REPO[@REV][/DIR]`` (the same HTTP client on the Hub's resolve URLs at that revision, with the Hub token
+when one is configured: resume, rate cap and the sha256 check all apply, and no second copy lands in
+huggingface_hub's cache).
+Offline (``offline=True``, ``EDGE_RT_OFFLINE`` or ``HF_HUB_OFFLINE``) makes zero network attempts: cached adapters
+are served and anything else raises ``CacheMiss``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import shutil
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime import settings
+from edge_runtime.distribution.manifest import MANIFEST_FILE, Manifest, ManifestEntry, blob_path, read_manifest
+from edge_runtime.distribution.sources import open_source, read_manifest_file
+from edge_runtime.distribution.store import AdapterStore, CachedAdapter
+from edge_runtime.distribution.transfer import BlobRequest, ProgressCallback, RateLimiter, TransferSettings
+from edge_runtime.distribution.trust import TrustStore
+from edge_runtime.errors import (
+    AdapterNotFound,
+    CacheMiss,
+    DiskFull,
+    EdgeRtError,
+    IncompatibleAdapter,
+    TransferFailed,
+)
+from edge_runtime.files import atomic_output
+from edge_runtime.names import validate_name
+from edge_runtime.profiles import DeviceProfile
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    """How a device syncs: network limits, the cache's disk budget (bytes, None = unlimited), manifest reuse (s)."""
+
+    transfer: TransferSettings = field(default_factory=TransferSettings)
+    cache_budget_bytes: int | None = None
+    manifest_ttl_s: float = 300.0
+
+    @classmethod
+    def for_profile(cls, profile: DeviceProfile | None, *, max_kbps: int | None = None,
+                    cache_mb: int | None = None) -> SyncSettings:
+        """The profile's download cap (kbit/s, 0 = none) and cache budget (MiB), each overridable."""
+        rate = profile.max_download_bytes_per_second if profile else None
+        if max_kbps is not None:
+            rate = max_kbps * 125 or None
+        cache = profile.adapter_cache_bytes if profile else None
+        if cache_mb is not None:
+            cache = cache_mb << 20
+        return cls(transfer=TransferSettings(max_bytes_per_second=rate), cache_budget_bytes=cache)
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    """One adapter after a sync: where it is and whether bytes were fetched for it."""
+
+    adapter: CachedAdapter
+    downloaded: bool
+
+
+@dataclass(frozen=True)
+class SyncReport:
+    """What ``CdnClient.sync`` did."""
+
+    results: tuple[SyncResult, ...]
+    incompatible: tuple[str, ...]  # listed, but converted for another base model: not offered
+    manifest_version: int | None  # None offline
+
+
+class CdnClient:
+    """Verified, cached access to the adapters a CDN publishes."""
+
+    def __init__(self, cdn: str, *, cache_dir: Path | None = None, public_key: Ed25519PublicKey | None = None,
+                 base_fingerprint: str | None = None, sync_settings: SyncSettings | None = None,
+                 offline: bool | None = None, protected: Callable[[], Iterable[str]] | None = None) -> None:
+        self.cdn = cdn.rstrip("/")
+        self.settings = sync_settings or SyncSettings()
+        self.store = AdapterStore(cache_dir or settings.adapter_cache_dir(),
+                                  budget_bytes=self.settings.cache_budget_bytes)
+        self.public_key = public_key
+        self.base_fingerprint = base_fingerprint
+        self.offline = settings.offline() if offline is None else offline
+        self._protected = protected or (lambda: ())
+        self._trust = TrustStore(self.store.root)
+        self._limiter = RateLimiter(self.settings.transfer.max_bytes_per_second)
+        self._source = open_source(self.cdn, self.store, self.settings.transfer, self._limiter)
+        self._manifest: Manifest | None = None
+        self._manifest_at = 0.0
+        self._last_document: bytes | None = None  # what last_manifest() reads back, as last written
+        self._manifest_lock = asyncio.Lock()
+        self._inflight: dict[str, asyncio.Task[CachedAdapter]] = {}
+        self._syncing: frozenset[str] = frozenset()
+
+    async def __aenter__(self) -> CdnClient:
+        return self
+
+    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                        traceback: TracebackType | None) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the network session (in-flight downloads keep their partial files for a later resume)."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+        await self._source.close()
+
+    async def fetch_manifest(self) -> Manifest:
+        """Fetch, verify (signature, version floor, expiry) and remember the CDN's manifest."""
+        if self.offline:
+            raise TransferFailed(f"{self.cdn}/{MANIFEST_FILE}", "offline: no network attempt made", attempts=0,
+                                 fix="Unset --offline, EDGE_RT_OFFLINE and HF_HUB_OFFLINE to reach the CDN")
+        async with self._manifest_lock:
+            document = await self._source.manifest_bytes()
+            manifest = read_manifest(document, source=self.cdn, public_key=self.public_key)
+            if self.public_key is None:
+                log.warning("no public key configured: the manifest of %s is not signature-checked", self.cdn)
+            self._trust.accept(self.cdn, manifest)
+            self._manifest, self._manifest_at = manifest, time.monotonic()
+            if document != self._last_document:  # a 304 brings the same bytes: no rewrite (flash wear)
+                with atomic_output(self._last_manifest_path()) as temp:
+                    temp.write_bytes(document)
+                self._last_document = document
+            return manifest
+
+    def last_manifest(self) -> Manifest | None:
+        """The last manifest this cache verified from this CDN, read from disk (no network): for offline listings.
+
+        Its signature is checked again; its expiry is not (it only names adapters, nothing is fetched from it).
+        """
+        path = self._last_manifest_path()
+        try:
+            return read_manifest(read_manifest_file(path), source=str(path), public_key=self.public_key)
+        except (EdgeRtError, OSError) as exc:
+            if path.exists():
+                log.warning("the last manifest of %s is not usable: %s", self.cdn, exc)
+            return None
+
+    def _last_manifest_path(self) -> Path:
+        return self.store.root / "manifests" / f"{hashlib.sha256(self.cdn.encode()).hexdigest()[:16]}.json"
+
+    def offered(self, manifest: Manifest) -> tuple[ManifestEntry, ...]:
+        """The manifest's adapters made for this device's base model (all when no base fingerprint is set)."""
+        return tuple(a for a in manifest.adapters
+                     if self.base_fingerprint is None or a.base_fingerprint == self.base_fingerprint)
+
+    async def ensure_cached(self, name: str, *, progress: ProgressCallback | None = None) -> CachedAdapter:
+        """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed."""
+        validate_name(name)
+        cached = self.store.lookup(name)
+        if self.offline:
+            if cached is None:
+                raise CacheMiss(name, cached=self.store.names())
+            return self._used(cached)
+        try:
+            manifest = await self._current_manifest()
+        except TransferFailed:
+            if cached is None:
+                raise
+            log.warning("%s unreachable: serving the cached %s", self.cdn, name)
+            return self._used(cached)
+        entry = self._entry(manifest, name)
+        if cached is not None and cached.sha256 == entry.sha256:
+            return self._used(cached)
+        if self.store.blob_path(entry.sha256).is_file():
+            return self.store.link(name, entry.sha256)
+        result = await self._shared_download(entry, progress, link=True)
+        return result if result.name == name else self.store.link(name, entry.sha256)
+
+    async def fetch_update(self, entry: ManifestEntry, *,
+                           progress: ProgressCallback | None = None) -> CachedAdapter:
+        """The verified blob of ``entry`` on disk, its name still pointing at the version in service.
+
+        The daemon loads it, then calls ``switch``. Until then the blob is staged in the store: cache eviction
+        leaves it alone and a restart's index rebuild does not name it after the adapter name inside the file.
+        """
+        self.store.stage(entry.sha256)
+        path = self.store.blob_path(entry.sha256)
+        if path.is_file():
+            return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
+                                 last_used=time.time())
+        return await self._shared_download(entry, progress, link=False)
+
+    def switch(self, name: str, sha256: str) -> CachedAdapter:
+        """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces goes unless shared."""
+        cached = self.store.link(name, sha256)
+        self.store.unstage(sha256)
+        return cached
+
+    def abandon(self, sha256: str) -> None:
+        """Give up an update ``fetch_update`` fetched (it did not load): its blob goes unless a name uses it."""
+        self.store.unstage(sha256)
+        self.store.drop_if_unnamed(sha256)
+
+    def prune_staged(self, manifest: Manifest, *, busy: Iterable[str] = ()) -> None:
+        """Unstage updates ``manifest`` no longer lists (superseded or withdrawn) and no update is still working on
+        (``busy``): eviction may take them."""
+        for sha256 in self.store.staged() - {a.sha256 for a in manifest.adapters} - set(busy):
+            self.store.unstage(sha256)
+
+    async def sync(self, names: Sequence[str] | None = None, *,
+                   progress: ProgressCallback | None = None) -> SyncReport:
+        """Make ``names`` (every offered adapter when None) cached and current; they are protected from eviction."""
+        if self.offline:
+            chosen = list(names) if names is not None else list(self.store.names())
+            results = [SyncResult(await self.ensure_cached(n), downloaded=False) for n in chosen]
+            return SyncReport(results=tuple(results), incompatible=(), manifest_version=None)
+        manifest = await self.fetch_manifest()
+        offered = self.offered(manifest)
+        chosen = list(names) if names is not None else [a.name for a in offered]
+        incompatible = tuple(a.name for a in manifest.adapters if a not in offered)
+        self._syncing = frozenset(chosen)
+        try:
+            results = []
+            for name in chosen:
+                before = self.store.lookup(name)
+                adapter = await self.ensure_cached(name, progress=progress)
+                results.append(SyncResult(adapter, downloaded=before is None or before.sha256 != adapter.sha256))
+        finally:
+            self._syncing = frozenset()
+        return SyncReport(results=tuple(results), incompatible=incompatible, manifest_version=manifest.version)
+
+    async def _current_manifest(self) -> Manifest:
+        if self._manifest is not None and time.monotonic() - self._manifest_at < self.settings.manifest_ttl_s:
+            return self._manifest
+        return await self.fetch_manifest()
+
+    def _entry(self, manifest: Manifest, name: str) -> ManifestEntry:
+        entry = manifest.entry(name)
+        if entry is None:
+            raise AdapterNotFound(name, tuple(a.name for a in self.offered(manifest)))
+        if self.base_fingerprint is not None and entry.base_fingerprint != self.base_fingerprint:
+            raise IncompatibleAdapter(
+                f"adapter {name!r} on {self.cdn} was converted for base {entry.base_fingerprint[:12]}, this device "
+                f"runs base {self.base_fingerprint[:12]}",
+                fix="Publish a conversion for this device's base model (`edge-rt convert --base`)")
+        return entry
+
+    async def _shared_download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
+                               link: bool) -> CachedAdapter:
+        task = self._inflight.get(entry.sha256)
+        if task is None:
+            task = asyncio.create_task(self._download(entry, progress, link=link))
+            self._inflight[entry.sha256] = task
+            task.add_done_callback(lambda _: self._inflight.pop(entry.sha256, None))
+        return await asyncio.shield(task)
+
+    def _used(self, cached: CachedAdapter) -> CachedAdapter:
+        self.store.touch(cached.name)
+        return self.store.lookup(cached.name) or cached
+
+    async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
+                        link: bool) -> CachedAdapter:
+        protected = set(self._protected()) | self._syncing
+        self.store.make_room(entry.name, entry.size, protected=protected)
+        request = BlobRequest(name=entry.name, url=self._source.url(blob_path(entry.sha256)), sha256=entry.sha256,
+                              size=entry.size, link=link)
+        try:
+            return await self._source.fetch(request, progress)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+            raise DiskFull(entry.name, needed_bytes=entry.size, available_bytes=shutil.disk_usage(self.store.root).free,
+                           limit="free disk space") from exc
+
+
+async def run_sync(cdn: str, names: Sequence[str] | None, *, progress: ProgressCallback | None = None,
+                   **client_options: Any) -> SyncReport:
+    """Recover the cache (start-up scan), then sync ``names`` (all offered when None): what ``edge-rt sync`` runs."""
+    async with CdnClient(cdn, **client_options) as client:
+        await asyncio.to_thread(client.store.recover)
+        return await client.sync(names, progress=progress)

@@ -1,0 +1,368 @@
+"""The on-device adapter cache: content-addressed verified blobs, name refs, partial downloads, a disk budget.
+
+Layout of the cache folder (after huggingface_hub's blobs/refs split, but every blob is sha256-verified, never
+just size-checked)::
+
+    blobs/<sha256>.gguf               immutable, verified before it got this name
+    refs/<name>                       the sha256 the name points to; its mtime is the last use (the LRU clock)
+    partial/<sha256>.<token>.part     a download in progress or interrupted (resumable)
+    partial/<sha256>.<token>.json     the server's validator (ETag or Last-Modified) for If-Range
+    staged/<sha256>                   a fetched update no name points at yet: kept from eviction, never auto-named
+
+The refs folder *is* the index: it is rebuilt from the blobs (each GGUF records its adapter name) when lost.
+A partial is claimed by renaming it to a fresh token, so two processes never write one file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_runtime.errors import DiskFull, EdgeRtError, IntegrityError, InvalidName
+from edge_runtime.files import atomic_output, file_sha256, fsync_directory
+from edge_runtime.gguf.info import read_info
+from edge_runtime.names import validate_name
+
+log = logging.getLogger(__name__)
+
+PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_BLOB = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
+_PARTIAL = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
+
+
+@dataclass(frozen=True)
+class CachedAdapter:
+    """A verified adapter on disk."""
+
+    name: str
+    path: Path
+    sha256: str
+    size: int  # bytes
+    last_used: float  # seconds since the epoch
+
+
+@dataclass(frozen=True)
+class Partial:
+    """A claimed partial download: the file, its blob's sha256, and the server validator saved with it."""
+
+    path: Path
+    sha256: str
+    validator: str | None
+
+    @property
+    def size(self) -> int:
+        """Bytes already on disk."""
+        try:
+            return self.path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    @property
+    def validator_path(self) -> Path:
+        """The sidecar holding ``validator``."""
+        return self.path.with_suffix(".json")
+
+
+@dataclass(frozen=True)
+class RecoveryReport:
+    """What the start-up scan did."""
+
+    verified: tuple[str, ...] = ()  # sha256 of blobs that re-hashed correctly
+    removed_corrupt: tuple[str, ...] = ()  # sha256 of blobs whose content no longer matched their name
+    completed: tuple[str, ...] = ()  # partials that were whole and correct: installed
+    resumable: tuple[str, ...] = ()  # partials kept for resuming
+    removed_files: tuple[str, ...] = ()  # stale partials, temp files and strays (file names)
+    refs_rebuilt: tuple[str, ...] = ()  # names whose ref was recreated from a blob's metadata
+
+
+@dataclass
+class _Blob:
+    sha256: str
+    size: int
+    names: list[str] = field(default_factory=list)
+    last_used: float = 0.0
+
+
+class AdapterStore:
+    """The adapter cache in ``root`` with an optional disk budget in bytes (blobs only)."""
+
+    def __init__(self, root: Path, *, budget_bytes: int | None = None) -> None:
+        self.root = root
+        self.budget_bytes = budget_bytes
+        self.blobs_dir = root / "blobs"
+        self.refs_dir = root / "refs"
+        self.partial_dir = root / "partial"
+        self.staged_dir = root / "staged"
+        for folder in (self.blobs_dir, self.refs_dir, self.partial_dir, self.staged_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def blob_path(self, sha256: str) -> Path:
+        """Where the verified blob ``sha256`` lives (it may not exist)."""
+        return self.blobs_dir / f"{sha256}.gguf"
+
+    def lookup(self, name: str) -> CachedAdapter | None:
+        """The cached adapter called ``name``, or None."""
+        ref = self.refs_dir / validate_name(name)
+        try:
+            sha256 = ref.read_text("ascii").strip()
+            last_used = ref.stat().st_mtime
+            size = self.blob_path(sha256).stat().st_size
+        except (FileNotFoundError, UnicodeDecodeError):
+            return None
+        return CachedAdapter(name=name, path=self.blob_path(sha256), sha256=sha256, size=size, last_used=last_used)
+
+    def adapters(self) -> list[CachedAdapter]:
+        """Every cached adapter, least recently used first."""
+        found = [self.lookup(ref.name) for ref in self.refs_dir.iterdir() if not ref.name.startswith(".")]
+        return sorted((a for a in found if a is not None), key=lambda a: a.last_used)
+
+    def names(self) -> tuple[str, ...]:
+        """Names of the cached adapters, sorted."""
+        return tuple(sorted(a.name for a in self.adapters()))
+
+    def usage_bytes(self) -> int:
+        """Bytes of verified blobs on disk."""
+        return sum(b.size for b in self._blobs().values())
+
+    def touch(self, name: str) -> None:
+        """Record a use of ``name`` (the LRU clock)."""
+        os.utime(self.refs_dir / validate_name(name))
+
+    def link(self, name: str, sha256: str) -> CachedAdapter:
+        """Point ``name`` at the verified blob ``sha256``; a blob it replaces goes when no other name uses it."""
+        if not self.blob_path(sha256).is_file():
+            raise FileNotFoundError(self.blob_path(sha256))
+        previous = self.lookup(name)
+        with atomic_output(self.refs_dir / validate_name(name)) as temp:
+            temp.write_text(sha256, "ascii")
+        if previous is not None and previous.sha256 != sha256:
+            self.drop_if_unnamed(previous.sha256)  # an open file (a loaded adapter) stays readable until closed
+        cached = self.lookup(name)
+        assert cached is not None
+        return cached
+
+    def stage(self, sha256: str) -> None:
+        """Mark blob ``sha256`` as an update waiting for its switch (it need not exist yet)."""
+        (self.staged_dir / _checked_sha(sha256)).touch()
+
+    def unstage(self, sha256: str) -> None:
+        """Drop the mark ``stage`` set."""
+        (self.staged_dir / _checked_sha(sha256)).unlink(missing_ok=True)
+
+    def staged(self) -> set[str]:
+        """sha256 of the blobs marked by ``stage``."""
+        return {p.name for p in self.staged_dir.iterdir() if _SHA.fullmatch(p.name)}
+
+    def evict(self, name: str) -> bool:
+        """Forget ``name``; its blob goes too when no other name points at it. True when something was removed."""
+        cached = self.lookup(name)
+        if cached is None:
+            return False
+        (self.refs_dir / name).unlink(missing_ok=True)
+        self.drop_if_unnamed(cached.sha256)
+        fsync_directory(self.refs_dir)
+        return True
+
+    def drop_if_unnamed(self, sha256: str) -> None:
+        """Delete blob ``sha256`` unless some name still points at it."""
+        if all(a.sha256 != sha256 for a in self.adapters()):
+            self.blob_path(sha256).unlink(missing_ok=True)
+
+    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
+        """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.
+
+        Staged blobs (updates waiting for their switch) are kept even though no name points at them.
+        ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room cannot be made:
+        ``DiskFull`` names the limit. Returns the evicted names.
+        """
+        keep = set(protected) | {name}
+        keep_blobs = self.staged()
+        blobs = self._blobs()
+
+        def kept(blob: _Blob) -> bool:
+            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs
+
+        held = sum(b.size for b in blobs.values() if kept(b))
+        candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
+        plan: list[_Blob] = []
+        if self.budget_bytes is not None:
+            used = sum(b.size for b in blobs.values())
+            if size > self.budget_bytes:
+                raise DiskFull(name, needed_bytes=size, available_bytes=self.budget_bytes, limit="adapter_cache_mb")
+            while used + size > self.budget_bytes:
+                if not candidates:
+                    raise DiskFull(name, needed_bytes=size, available_bytes=self.budget_bytes - used,
+                                   limit="adapter_cache_mb", held_bytes=held)
+                plan.append(candidates.pop(0))
+                used -= plan[-1].size
+        free = shutil.disk_usage(self.root).free + sum(b.size for b in plan)
+        while free < size - have_bytes:
+            if not candidates:
+                raise DiskFull(name, needed_bytes=size - have_bytes, available_bytes=free, limit="free disk space",
+                               held_bytes=held)
+            plan.append(candidates.pop(0))
+            free += plan[-1].size
+        evicted = []
+        for blob in plan:
+            for victim in blob.names:
+                self.evict(victim)
+                evicted.append(victim)
+            self.blob_path(blob.sha256).unlink(missing_ok=True)
+            log.info("evicted %s (%d bytes) to make room for %s", ",".join(blob.names) or blob.sha256, blob.size, name)
+        return evicted
+
+    def open_partial(self, sha256: str) -> Partial:
+        """Claim the largest partial download of ``sha256`` (renaming it to a fresh token), or start an empty one."""
+        token = secrets.token_hex(8)
+        target = self.partial_dir / f"{sha256}.{token}.part"
+        existing = sorted(self.partial_dir.glob(f"{sha256}.*.part"), key=lambda p: p.stat().st_size, reverse=True)
+        for candidate in existing:
+            try:
+                os.rename(candidate, target)
+            except FileNotFoundError:  # another process claimed it first
+                continue
+            validator = _read_validator(candidate.with_suffix(".json"))
+            candidate.with_suffix(".json").unlink(missing_ok=True)
+            partial = Partial(path=target, sha256=sha256, validator=validator)
+            self.save_validator(partial, validator)
+            return partial
+        target.touch()
+        return Partial(path=target, sha256=sha256, validator=None)
+
+    def save_validator(self, partial: Partial, validator: str | None) -> Partial:
+        """Persist the server's validator for ``partial`` (None removes it) and return the updated partial."""
+        if validator is None:
+            partial.validator_path.unlink(missing_ok=True)
+        else:
+            with atomic_output(partial.validator_path) as temp:
+                temp.write_text(json.dumps({"validator": validator}), "utf-8")
+        return Partial(path=partial.path, sha256=partial.sha256, validator=validator)
+
+    def restart(self, partial: Partial) -> Partial:
+        """Empty ``partial`` and forget its validator (the next request starts at byte 0)."""
+        with partial.path.open("wb"):
+            pass
+        return self.save_validator(partial, None)
+
+    def discard(self, partial: Partial) -> None:
+        """Delete ``partial`` and its validator."""
+        partial.path.unlink(missing_ok=True)
+        partial.validator_path.unlink(missing_ok=True)
+
+    def install(self, partial: Partial, *, name: str | None, digest: str) -> CachedAdapter | None:
+        """Make a complete partial visible: ``digest`` (its sha256) must equal its name's; fsync, rename, fsync dir.
+
+        Returns the cached adapter when ``name`` is given. Raises ``IntegrityError`` on a digest mismatch, after
+        deleting the partial.
+        """
+        if digest != partial.sha256:
+            self.discard(partial)
+            raise IntegrityError(str(partial.path), expected_sha256=partial.sha256, actual_sha256=digest)
+        with partial.path.open("rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(partial.path, self.blob_path(partial.sha256))
+        fsync_directory(self.blobs_dir)
+        partial.validator_path.unlink(missing_ok=True)
+        return None if name is None else self.link(name, partial.sha256)
+
+    def recover(self, *, verify: bool = True) -> RecoveryReport:
+        """Start-up scan: re-hash blobs, finish or keep or delete partials, remove strays, rebuild missing refs."""
+        verified, corrupt, removed = [], [], []
+        for path in sorted(self.blobs_dir.iterdir()):
+            match = _BLOB.fullmatch(path.name)
+            if match is None:
+                removed.append(_remove(path))
+            elif verify and file_sha256(path).hexdigest() != match["sha"]:
+                log.warning("blob %s no longer matches its sha256: removed", path.name)
+                corrupt.append(_remove(path)[:64])
+            elif verify:
+                verified.append(match["sha"])
+        completed, resumable = self._recover_partials(removed)
+        for mark in sorted(self.staged_dir.iterdir()):
+            if not _SHA.fullmatch(mark.name):
+                removed.append(_remove(mark))
+        for ref in sorted(self.refs_dir.iterdir()):
+            if ref.name.startswith(".") or self.lookup(ref.name) is None:
+                removed.append(_remove(ref))
+        return RecoveryReport(verified=tuple(verified), removed_corrupt=tuple(corrupt), completed=tuple(completed),
+                              resumable=tuple(resumable), removed_files=tuple(removed),
+                              refs_rebuilt=tuple(self.rebuild_refs()))
+
+    def _recover_partials(self, removed: list[str]) -> tuple[list[str], list[str]]:
+        completed, resumable = [], []
+        now = time.time()
+        for path in sorted(self.partial_dir.iterdir()):
+            match = _PARTIAL.fullmatch(path.name)
+            if match is None or (match["kind"] == "json" and not path.with_suffix(".part").exists()):
+                removed.append(_remove(path))
+            elif match["kind"] == "part":
+                partial = Partial(path=path, sha256=match["sha"], validator=_read_validator(path.with_suffix(".json")))
+                if self.blob_path(partial.sha256).exists() or now - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                    self.discard(partial)
+                    removed.append(path.name)
+                elif partial.size and file_sha256(path).hexdigest() == partial.sha256:
+                    self.install(partial, name=None, digest=partial.sha256)
+                    completed.append(partial.sha256)
+                else:
+                    resumable.append(partial.sha256)
+        return completed, resumable
+
+    def rebuild_refs(self) -> list[str]:
+        """Recreate refs for blobs no name points at, from the adapter name each GGUF records; return them."""
+        referenced = {a.sha256 for a in self.adapters()} | self.staged()  # a staged update keeps its old name's
+        rebuilt = []
+        for path in sorted(self.blobs_dir.glob("*.gguf")):
+            sha256 = path.name[:64]
+            if sha256 in referenced:
+                continue
+            try:
+                name = validate_name(read_info(path).name)
+            except EdgeRtError as exc:
+                log.warning("cannot name blob %s (%s): left for eviction", path.name, exc)
+                continue
+            if self.lookup(name) is None:
+                self.link(name, sha256)
+                rebuilt.append(name)
+        return rebuilt
+
+    def _blobs(self) -> dict[str, _Blob]:
+        blobs: dict[str, _Blob] = {}
+        for path in self.blobs_dir.iterdir():
+            match = _BLOB.fullmatch(path.name)
+            if match is not None:
+                stat = path.stat()
+                blobs[match["sha"]] = _Blob(sha256=match["sha"], size=stat.st_size, last_used=stat.st_mtime)
+        for cached in self.adapters():
+            blob = blobs.get(cached.sha256)
+            if blob is not None:  # a named blob's last use is its refs' (an unnamed one's is its mtime)
+                blob.last_used = cached.last_used if not blob.names else max(blob.last_used, cached.last_used)
+                blob.names.append(cached.name)
+        return blobs
+
+
+def _read_validator(path: Path) -> str | None:
+    try:
+        value = json.loads(path.read_text("utf-8")).get("validator")
+    except (FileNotFoundError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _checked_sha(sha256: str) -> str:
+    if not _SHA.fullmatch(sha256):
+        raise InvalidName(sha256, _SHA.pattern)
+    return sha256
+
+
+def _remove(path: Path) -> str:
+    path.unlink(missing_ok=True)
+    return path.name

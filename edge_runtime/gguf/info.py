@@ -1,0 +1,131 @@
+"""Facts read from GGUF files: what a file is, the base-model fingerprint, and edge-rt's adapter metadata keys.
+
+The fingerprint identifies a base model's lineage (architecture, hyper-parameters, vocabulary, tensor names and
+shapes, and the model's base name/fine-tune/size labels) and deliberately ignores quantisation: a LoRA trained on
+a model applies to every quantisation of it. It reads the header only, so it costs milliseconds on multi-GB files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edge_runtime.errors import InvalidGGUF
+from edge_runtime.gguf.header import GGUFHeader, HeaderTensor, read_header
+
+KEY_FORMAT = "edge_rt.format_version"
+KEY_ADAPTER_NAME = "edge_rt.adapter.name"
+KEY_BASE_FINGERPRINT = "edge_rt.base.fingerprint"
+KEY_BASE_NAME = "edge_rt.base.name"
+KEY_PEFT_CONFIG_SHA256 = "edge_rt.peft.config_sha256"
+FORMAT_VERSION = 1
+
+_FINGERPRINT_GENERAL_KEYS = ("general.architecture", "general.basename", "general.finetune", "general.size_label",
+                             "general.version")
+_FINGERPRINT_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    """What ``inspect`` reports about a GGUF file (a base model or a LoRA adapter)."""
+
+    path: Path
+    size_bytes: int
+    kind: str  # "adapter" or "model"
+    architecture: str
+    name: str
+    tensor_count: int
+    tensor_bytes: int
+    parameter_count: int
+    metadata: dict[str, Any] = field(repr=False)
+    tensors: tuple[HeaderTensor, ...] = field(repr=False)
+    fingerprint: str | None  # a base model's own fingerprint; None for adapters
+
+    @property
+    def is_adapter(self) -> bool:
+        """True for LoRA adapter files."""
+        return self.kind == "adapter"
+
+    @property
+    def lora_ranks(self) -> tuple[int, ...]:
+        """Distinct LoRA ranks of an adapter's tensors (ne[1] of each lora_a)."""
+        return tuple(sorted({t.shape[1] for t in self.tensors if t.name.endswith(".lora_a")}))
+
+    @property
+    def tensor_types(self) -> tuple[str, ...]:
+        """Distinct GGML type names of the tensors, e.g. ``("F16", "Q8_0")``."""
+        return tuple(sorted({t.ggml_type.name for t in self.tensors}))
+
+    @property
+    def lora_alpha(self) -> float | None:
+        """``adapter.lora.alpha`` of an adapter file."""
+        value = self.metadata.get(gguf.Keys.Adapter.LORA_ALPHA)
+        return None if value is None else float(value)
+
+    @property
+    def base_fingerprint(self) -> str | None:
+        """For an adapter: the fingerprint of the base model it was converted against."""
+        value = self.metadata.get(KEY_BASE_FINGERPRINT)
+        return None if value is None else str(value)
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's trained context length in tokens."""
+        value = self.metadata.get(f"{self.architecture}.context_length")
+        return None if value is None else int(value)
+
+    @property
+    def quantization(self) -> str | None:
+        """The base model's ``general.file_type`` as a name such as ``MOSTLY_Q4_1``."""
+        value = self.metadata.get("general.file_type")
+        if value is None:
+            return None
+        try:
+            return gguf.LlamaFileType(int(value)).name
+        except ValueError:
+            return f"file_type {value}"
+
+
+def read_metadata(header: GGUFHeader) -> dict[str, Any]:
+    """All metadata values; arrays too long to decode become a ``<array of N>`` note."""
+    return {key: f"<array of {f.count}>" if f.value is None else f.value for key, f in header.fields.items()}
+
+
+def base_fingerprint(header: GGUFHeader) -> str:
+    """sha256 (hex) of a base model's identity: lineage labels, hyper-parameters, vocabulary, tensor shapes."""
+    arch = str(header.value("general.architecture", ""))
+    if not arch:
+        raise InvalidGGUF(str(header.path), "general.architecture is missing")
+    digest = hashlib.sha256(b"edge-rt base fingerprint v1\n")
+    keys = [k for k in header.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
+            or k.startswith(f"{arch}.")]
+    for key in sorted(keys):
+        item = header.fields[key]
+        digest.update(f"{key}:{int(item.value_type)}:{len(item.raw)}\n".encode())
+        digest.update(item.raw)
+    for tensor in sorted(header.tensors, key=lambda t: t.name):
+        digest.update(f"{tensor.name}:{','.join(map(str, tensor.shape))}\n".encode())
+    return digest.hexdigest()
+
+
+def read_info(path: Path | str) -> GGUFInfo:
+    """Read what ``inspect`` shows about ``path``: kind, architecture, tensors, sizes and identity."""
+    path = Path(path)
+    header = read_header(path)
+    metadata = read_metadata(header)
+    architecture = str(metadata.get("general.architecture", ""))
+    if not architecture:
+        raise InvalidGGUF(str(path), "general.architecture is missing")
+    kind = "adapter" if metadata.get("general.type") == "adapter" else "model"
+    return GGUFInfo(
+        path=path, size_bytes=path.stat().st_size, kind=kind, architecture=architecture,
+        name=str(metadata.get(KEY_ADAPTER_NAME) or metadata.get("general.name") or path.stem),
+        tensor_count=len(header.tensors), tensor_bytes=sum(t.n_bytes for t in header.tensors),
+        parameter_count=sum(t.n_elements for t in header.tensors),
+        metadata=metadata, tensors=header.tensors,
+        fingerprint=None if kind == "adapter" else base_fingerprint(header),
+    )

@@ -1,0 +1,515 @@
+"""The adapter manager: which adapters are known, cached on disk, resident in memory, and active on the context.
+
+Each name maps to its current ``AdapterVersion`` (``versions.py``: one file content and its memory lifecycle). What
+a listing shows for a name is derived from that version::
+
+    REMOTE (no local version) → CACHED → RESIDENT → ACTIVE (used by a running generation)
+
+Resident adapters live under a byte budget. ``hold`` makes an adapter resident — evicting least-recently-used
+adapters that are neither pinned nor used by a running generation (``eviction.py`` makes that choice) — and counts
+the caller as a user until ``release``. Concurrent requests for one adapter share one load. Before llama.cpp sees a
+file, its edge-rt base fingerprint is compared with the resident base model's (``IncompatibleAdapter``).
+
+A new version of a known adapter (``replace``) is loaded beside the one in service and takes its name only once
+llama.cpp has loaded it; generations already holding the old version finish on it (RETIRED), and it is freed after
+them. Every version still holding memory (loading, retired, being freed) counts against the budget until freed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, wait
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from edge_runtime.errors import (
+    AdapterNotFound,
+    BudgetExceeded,
+    CacheMiss,
+    EdgeRtError,
+    IncompatibleAdapter,
+    InvalidRequest,
+    InvalidTransition,
+)
+from edge_runtime.files import file_sha256
+from edge_runtime.gguf.header import GGUFHeader, read_header
+from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
+from edge_runtime.names import validate_name
+from edge_runtime.runtime import budget
+from edge_runtime.runtime.engine import AdapterHandle, Engine
+from edge_runtime.runtime.eviction import EvictionCandidate, choose_evictions
+from edge_runtime.runtime.versions import AdapterVersion, VersionState
+
+__all__ = ["MAX_COMPOSED_ADAPTERS", "AdapterInfo", "AdapterManager", "AdapterState", "HeldAdapter", "ManagerStats"]
+
+MAX_COMPOSED_ADAPTERS = 4
+
+
+class AdapterState(Enum):
+    """Where a named adapter is: only on the CDN, on disk, in memory, or used by a running generation."""
+
+    REMOTE = "remote"
+    CACHED = "cached"
+    RESIDENT = "resident"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A snapshot of one adapter for listings (``/v1/adapters``, ``edge-rt`` output)."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    resident_bytes: int
+    state: str
+    pinned: bool
+    users: int
+    last_used: float
+
+
+@dataclass
+class ManagerStats:
+    """Counters for /metrics: loads, evictions and the time loads took."""
+
+    loads: int = 0
+    evictions: int = 0
+    load_seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    """An adapter a generation may use until its lease is released."""
+
+    name: str
+    sha256: str
+    scale: float
+    handle: AdapterHandle
+    version: AdapterVersion = field(repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class _RemoteOffer:
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(eq=False)
+class _Adapter:
+    """One name: its current version, a new version being loaded to replace it, and versions it left behind."""
+
+    name: str
+    current: AdapterVersion | None  # None: known only from a CDN manifest
+    remote: _RemoteOffer | None = None
+    update: AdapterVersion | None = None  # loading; takes the name once loaded
+    former: list[AdapterVersion] = field(default_factory=list)  # lost the name, still holding memory
+    pinned: bool = False
+    last_used: float = 0.0  # wall-clock seconds, for display
+    use_order: int = 0  # a monotonic counter, for LRU
+
+    def versions(self) -> Iterator[AdapterVersion]:
+        """Every version of this name that may hold memory."""
+        yield from (v for v in (self.current, self.update) if v is not None)
+        yield from self.former
+
+    @property
+    def state(self) -> AdapterState:
+        version = self.current
+        if version is None:
+            return AdapterState.REMOTE
+        if version.usable:
+            return AdapterState.ACTIVE if version.users else AdapterState.RESIDENT
+        return AdapterState.CACHED
+
+    @property
+    def busy(self) -> bool:
+        """True when a version is in memory or an update is under way (the name cannot be re-pointed)."""
+        return self.update is not None or any(v.holds_memory for v in self.versions())
+
+
+class AdapterManager:
+    """Keeps adapters resident under ``budget_bytes``, loading on demand and evicting the least recently used."""
+
+    def __init__(self, engine: Engine, *, budget_bytes: int, base_header: GGUFHeader, base_fingerprint: str) -> None:
+        self.engine = engine
+        self.budget_bytes = budget_bytes
+        self.stats = ManagerStats()
+        self._base_fingerprint = base_fingerprint
+        self._base_shapes = {t.name: t.shape for t in base_header.tensors}
+        self._adapters: dict[str, _Adapter] = {}
+        self._lock = threading.Lock()
+        self._uses = itertools.count(1)
+        self._closed = False
+
+    # -- registry -------------------------------------------------------------------------------------------------
+
+    def add(self, name: str, path: Path | str, *, sha256: str | None = None) -> AdapterInfo:
+        """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
+        validate_name(name)
+        path = Path(path)
+        version = self._version_for(name, path, sha256 or file_sha256(path).hexdigest())
+        with self._lock:
+            adapter = self._adapters.get(name)
+            if adapter is None:
+                adapter = self._adapters[name] = _Adapter(name=name, current=version)
+                return self._info(adapter)
+            if adapter.current is not None and adapter.current.sha256 == version.sha256:
+                return self._info(adapter)  # already known: concurrent pulls of one adapter register it once
+            if adapter.busy:
+                raise InvalidTransition(name, adapter.state.value, "replaced")
+            adapter.current, adapter.remote = version, None
+            return self._info(adapter)
+
+    def add_remote(self, name: str, *, sha256: str, size_bytes: int) -> bool:
+        """Record an adapter a CDN offers but this device has not pulled; False when a local copy is known."""
+        validate_name(name)
+        with self._lock:
+            known = self._adapters.get(name)
+            if known is not None and known.current is not None:
+                return False
+            offer = _RemoteOffer(sha256=sha256, size_bytes=size_bytes)
+            if known is None:
+                self._adapters[name] = _Adapter(name=name, current=None, remote=offer)
+            else:
+                known.remote = offer
+            return True
+
+    def forget_remote(self, keep: Sequence[str]) -> list[str]:
+        """Drop remote-only adapters whose names are not in ``keep`` (withdrawn from the CDN); return them."""
+        with self._lock:
+            gone = [n for n, a in self._adapters.items() if a.current is None and not a.busy and n not in keep]
+            for name in gone:
+                del self._adapters[name]
+            return gone
+
+    def outdated(self, name: str, sha256: str) -> bool:
+        """True when ``name`` has a local version whose content differs from ``sha256`` (an update is due)."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            return adapter is not None and adapter.current is not None and adapter.current.sha256 != sha256
+
+    def replace(self, name: str, path: Path | str, *, sha256: str) -> AdapterInfo:
+        """Load ``path`` as the new version of ``name`` and switch to it only once llama.cpp has loaded it.
+
+        Until then, and whenever the load fails (the error is raised), ``name`` keeps serving its current version.
+        Generations already holding the old version finish on it; its memory is freed after the last of them.
+        """
+        validate_name(name)
+        fresh = self._version_for(name, Path(path), sha256)
+        with self._lock:
+            adapter = self._adapter(name)
+            if adapter.current is not None and adapter.current.sha256 == sha256:
+                return self._info(adapter)
+            if adapter.update is not None or self._closed:
+                raise InvalidTransition(name, "updating" if adapter.update else "closed", "replaced")
+            victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
+            pending = self._start_load(fresh)
+            adapter.update = fresh
+        self._load(adapter, fresh, victims)  # switches the name under the lock once loaded
+        pending.result()  # raises what the load raised
+        with self._lock:
+            if adapter.current is not fresh:  # the manager closed while it loaded
+                raise InvalidTransition(name, "closed", "replaced")
+            return self._info(adapter)
+
+    def is_remote(self, name: str) -> bool:
+        """True when ``name`` is known only from a CDN manifest (it must be pulled before use)."""
+        with self._lock:
+            return self._adapter(name).current is None
+
+    def protected_names(self) -> set[str]:
+        """Adapters the disk cache must not evict: pinned, resident, loading, in use or being updated."""
+        with self._lock:
+            return {a.name for a in self._adapters.values() if a.pinned or a.busy}
+
+    def add_directory(self, directory: Path | str) -> tuple[list[AdapterInfo], dict[str, EdgeRtError]]:
+        """Register every ``NAME.gguf`` in ``directory``; return those added and, by file name, those refused."""
+        added, refused = [], {}
+        for path in sorted(Path(directory).glob("*.gguf")):
+            try:
+                added.append(self.add(path.stem, path))
+            except EdgeRtError as exc:  # one bad file must not keep the others from being served
+                refused[path.name] = exc
+        return added, refused
+
+    def names(self) -> list[str]:
+        """Names of all known adapters."""
+        with self._lock:
+            return sorted(self._adapters)
+
+    def list_adapters(self) -> list[AdapterInfo]:
+        """Snapshots of all known adapters, by name."""
+        with self._lock:
+            return [self._info(a) for _, a in sorted(self._adapters.items())]
+
+    def info(self, name: str) -> AdapterInfo:
+        """Snapshot of one adapter."""
+        with self._lock:
+            return self._info(self._adapter(name))
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes held by adapters in memory, including loads under way and versions being freed."""
+        with self._lock:
+            return self._held_bytes()
+
+    def pin(self, name: str, pinned: bool = True) -> None:
+        """Pin (never evicted) or unpin an adapter."""
+        with self._lock:
+            self._adapter(name).pinned = pinned
+
+    # -- residency ------------------------------------------------------------------------------------------------
+
+    def ensure_resident(self, name: str) -> AdapterInfo:
+        """Make ``name`` resident (loading and evicting as needed) without keeping it in use."""
+        held = self.hold(name, 1.0)
+        self.release([held])
+        return self.info(name)
+
+    @contextmanager
+    def lease(self, specs: Sequence[tuple[str, float]]) -> Iterator[list[HeldAdapter]]:
+        """Hold every adapter of ``specs`` (name, scale) for the duration of a generation."""
+        if len(specs) > MAX_COMPOSED_ADAPTERS:
+            raise InvalidRequest(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(specs)}",
+                                 param="adapters")
+        held: list[HeldAdapter] = []
+        try:
+            for name, scale in specs:
+                held.append(self.hold(name, scale))
+            yield held
+        finally:
+            self.release(held)
+
+    def hold(self, name: str, scale: float) -> HeldAdapter:
+        """Make ``name`` resident and count the caller as a user until ``release``."""
+        while True:
+            victims: list[AdapterVersion] = []
+            with self._lock:
+                adapter = self._adapter(name)
+                version = adapter.current
+                if version is None:
+                    raise CacheMiss(name, cached=tuple(n for n, a in self._adapters.items() if a.current))
+                if version.usable:
+                    return self._take(adapter, version, scale)
+                update = adapter.update
+                if update is not None and update.pending is not None:
+                    pending, leader, settles = update.pending, False, True  # a new version is loading: wait for it
+                elif version.pending is not None:  # loading (its failure raises for every waiter) or being freed
+                    pending, leader, settles = version.pending, False, version.state is VersionState.FREEING
+                else:
+                    victims = self._make_room(version)
+                    pending, leader, settles = self._start_load(version), True, False
+            if leader:
+                self._load(adapter, version, victims)
+            if settles:
+                wait([pending])  # then look again: the name may point elsewhere by now
+            else:
+                pending.result()
+
+    def release(self, held: Sequence[HeldAdapter]) -> None:
+        """End the use counted by ``hold`` for each adapter (freeing a replaced version after its last user)."""
+        unused = []
+        with self._lock:
+            for item in held:
+                version = item.version
+                version.users -= 1
+                adapter = self._adapters.get(item.name)
+                if adapter is not None and adapter.current is version:
+                    self._touch(adapter)
+                if version.users == 0 and version.state is VersionState.RETIRED:
+                    unused.append(self._detach(version))
+        self._free(unused)
+
+    def evict(self, name: str) -> bool:
+        """Free ``name``'s memory now; False when it is in use (it stays resident) or was not resident."""
+        with self._lock:
+            version = self._adapter(name).current
+            if version is None or not version.usable or version.users:
+                return False
+            self.stats.evictions += 1
+            victim = self._detach(version)
+        self._free([victim])
+        return True
+
+    def close(self) -> None:
+        """Free every resident adapter (the engine detaches each before freeing it); loads ending later are freed."""
+        with self._lock:
+            self._closed = True
+            victims = [self._detach(v) for a in self._adapters.values() for v in a.versions()
+                       if v.state in (VersionState.RESIDENT, VersionState.RETIRED)]
+        self._free(victims)
+
+    # -- internals (the lock is held where noted) -----------------------------------------------------------------
+
+    def _take(self, adapter: _Adapter, version: AdapterVersion, scale: float) -> HeldAdapter:  # lock held
+        assert version.handle is not None
+        version.users += 1
+        self._touch(adapter)
+        return HeldAdapter(name=adapter.name, sha256=version.sha256, scale=float(scale), handle=version.handle,
+                           version=version)
+
+    def _touch(self, adapter: _Adapter) -> None:  # lock held
+        adapter.last_used = time.time()
+        adapter.use_order = next(self._uses)
+
+    def _held_bytes(self) -> int:  # lock held
+        return sum(v.resident_bytes for a in self._adapters.values() for v in a.versions() if v.holds_memory)
+
+    def _make_room(self, version: AdapterVersion) -> list[AdapterVersion]:  # lock held
+        """Detach the versions the eviction choice names to fit ``version``; ``BudgetExceeded`` when it cannot."""
+        held = self._held_bytes()
+        resident = {a.name: a for a in self._adapters.values() if a.current is not None and a.current.usable}
+        candidates = [EvictionCandidate(name=a.name, resident_bytes=a.current.resident_bytes, last_use=a.use_order,
+                                        pinned=a.pinned, in_use=a.current.users > 0)
+                      for a in resident.values() if a.current is not None]
+        plan = choose_evictions(candidates, need_bytes=version.resident_bytes, free_bytes=self.budget_bytes - held)
+        if not plan.fits:
+            raise BudgetExceeded(version.name, needed_bytes=version.resident_bytes, budget_bytes=self.budget_bytes,
+                                 evictable_bytes=plan.evictable_bytes, held_bytes=held - plan.evictable_bytes)
+        self.stats.evictions += len(plan.victims)
+        return [self._detach(v) for v in (resident[n].current for n in plan.victims) if v is not None]
+
+    def _start_load(self, version: AdapterVersion) -> Future[None]:  # lock held
+        version.move_to(VersionState.LOADING)
+        version.pending = Future()
+        return version.pending
+
+    def _detach(self, version: AdapterVersion) -> AdapterVersion:  # lock held
+        """Take a resident or retired version out of use; ``_free`` then releases its memory."""
+        version.move_to(VersionState.FREEING)
+        version.pending = Future()
+        return version
+
+    def _load(self, adapter: _Adapter, version: AdapterVersion, victims: list[AdapterVersion]) -> None:
+        """Load ``version`` for its waiters; a new version (``adapter.update``) takes the name in the same step.
+
+        A version that stopped being wanted meanwhile (a newer one took the name, or the manager closed) is freed
+        at once; its waiters wake and look again. Waiters always wake, whatever loading or freeing raises.
+        """
+        started = time.perf_counter()
+        handle: AdapterHandle | None = None
+        error: BaseException | None = None
+        unused: list[AdapterVersion] = []
+        try:
+            self._free(victims)
+            self._check_compatible(version.name, read_header(version.path))
+            with self._lock:
+                wanted = self._wanted(adapter, version)
+            if wanted:
+                handle = self.engine.load_adapter(version.path, content_id=version.sha256)
+        except BaseException as exc:
+            error = exc
+        with self._lock:
+            loaded, version.pending = version.pending, None
+            wanted = self._wanted(adapter, version)
+            if adapter.update is version and (handle is None or not wanted):
+                adapter.update = None
+            if handle is None:
+                version.move_to(VersionState.CACHED)
+                self._forget_former(adapter, version)
+            else:
+                version.handle = handle
+                if not wanted:
+                    version.move_to(VersionState.FREEING)
+                    version.pending = Future()
+                    unused = [version]
+                else:
+                    version.move_to(VersionState.RESIDENT)
+                    self.stats.loads += 1
+                    self.stats.load_seconds_total += time.perf_counter() - started
+                    if adapter.update is version:
+                        unused = self._switch(adapter, version)
+        try:
+            self._free(unused)
+        finally:
+            assert loaded is not None
+            if error is not None and wanted:
+                loaded.set_exception(error)
+            else:
+                loaded.set_result(None)
+
+    def _wanted(self, adapter: _Adapter, version: AdapterVersion) -> bool:  # lock held
+        current = self._adapters.get(adapter.name) is adapter
+        return current and not self._closed and version in (adapter.current, adapter.update)
+
+    def _switch(self, adapter: _Adapter, fresh: AdapterVersion) -> list[AdapterVersion]:  # lock held
+        """Give ``fresh`` (a loaded new version) its name; the old version retires. Returns versions to free."""
+        old, adapter.current, adapter.update, adapter.remote = adapter.current, fresh, None, None
+        if old is None or not old.holds_memory:
+            return []
+        adapter.former.append(old)  # a load or free under way ends on its own and forgets it
+        if old.state is not VersionState.RESIDENT:
+            return []
+        if old.users:
+            old.move_to(VersionState.RETIRED)
+            return []
+        return [self._detach(old)]
+
+    def _free(self, versions: Sequence[AdapterVersion]) -> None:
+        for version in versions:
+            try:
+                if version.handle is not None:
+                    self.engine.free_adapter(version.handle)
+            finally:
+                with self._lock:
+                    freed, version.pending, version.handle = version.pending, None, None
+                    version.move_to(VersionState.CACHED)
+                    adapter = self._adapters.get(version.name)
+                    if adapter is not None:
+                        self._forget_former(adapter, version)
+                if freed is not None:
+                    freed.set_result(None)
+        if versions:
+            budget.release_freed_memory()
+
+    @staticmethod
+    def _forget_former(adapter: _Adapter, version: AdapterVersion) -> None:  # lock held
+        if version in adapter.former and not version.holds_memory:
+            adapter.former.remove(version)
+
+    def _adapter(self, name: str) -> _Adapter:  # lock held
+        adapter = self._adapters.get(name)
+        if adapter is None:
+            raise AdapterNotFound(name, tuple(sorted(self._adapters)))
+        return adapter
+
+    def _info(self, adapter: _Adapter) -> AdapterInfo:  # lock held
+        version, remote = adapter.current, adapter.remote
+        if version is not None:
+            sha256, size, resident, users = version.sha256, version.size_bytes, version.resident_bytes, version.users
+        else:
+            assert remote is not None
+            sha256, size, resident, users = remote.sha256, remote.size_bytes, remote.size_bytes, 0
+        return AdapterInfo(name=adapter.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
+                           state=adapter.state.value, pinned=adapter.pinned, users=users, last_used=adapter.last_used)
+
+    def _version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
+        """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""
+        header = read_header(path)
+        self._check_compatible(name, header)
+        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
+                              resident_bytes=sum(t.n_bytes for t in header.tensors))
+
+    def _check_compatible(self, name: str, header: GGUFHeader) -> None:
+        if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
+            raise IncompatibleAdapter(f"{header.path} is not a LoRA adapter", fix="Pass a file made by edge-rt convert")
+        fingerprint = header.value(KEY_BASE_FINGERPRINT)
+        if fingerprint is not None:
+            if fingerprint != self._base_fingerprint:
+                raise IncompatibleAdapter(
+                    f"adapter {name!r} was converted for another base model (fingerprint {str(fingerprint)[:12]}, "
+                    f"resident base {self._base_fingerprint[:12]})")
+            return
+        # Adapters made by other converters carry no fingerprint: check every target tensor's shape instead.
+        for tensor in header.tensors:
+            target = tensor.name.rsplit(".lora_", 1)[0]
+            shape = self._base_shapes.get(target)
+            width = tensor.shape[0] if tensor.name.endswith(".lora_a") else tensor.shape[1]
+            expected = None if shape is None else shape[0] if tensor.name.endswith(".lora_a") else shape[1]
+            if expected != width:
+                raise IncompatibleAdapter(f"adapter {name!r} tensor {tensor.name} does not match the base model")

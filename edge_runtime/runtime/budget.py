@@ -1,0 +1,194 @@
+"""Memory plan in bytes — process, base model, KV cache, compute buffers, adapters — and measured RSS.
+
+The terms are computed from the base GGUF's header and the context settings, and were checked against the RSS of
+a running runtime (``tests/test_budget.py`` holds the plan to within 10% of it):
+
+- process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
+  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~400 bytes
+  per vocabulary entry) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
+  threads, load transients: peaks up to 6 MiB above the steady state were measured).
+- base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode.
+- KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula).
+- compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
+  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes.
+- adapters: what remains of the runtime budget.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gguf
+import psutil
+
+from edge_runtime.errors import BaseDoesNotFit, InvalidGGUF
+from edge_runtime.gguf.header import GGUFHeader, read_header
+
+log = logging.getLogger(__name__)
+
+MIB = 1 << 20
+PROCESS_BASELINE_BYTES = 72 * MIB
+PEAK_HEADROOM_BYTES = 8 * MIB
+TOKENIZER_BYTES_PER_TOKEN = 400
+COMPUTE_BYTES_PER_UBATCH_UNIT = 16
+MAX_UBATCH = 512
+# glibc: allocations from this size up get their own mmap, so freeing them returns the pages to the OS at once.
+_MMAP_THRESHOLD_BYTES = 256 * 1024
+_M_MMAP_THRESHOLD = -3
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The hyper-parameters of a base model that decide its memory use."""
+
+    architecture: str
+    n_layers: int
+    n_embd: int
+    n_ff: int
+    n_vocab: int
+    kv_width: int  # K plus V values per token per layer
+    tensor_bytes: int
+    context_length: int
+
+    @classmethod
+    def from_header(cls, header: GGUFHeader) -> ModelShape:
+        """Read the shape from a base model's GGUF header."""
+        arch = str(header.value("general.architecture", ""))
+
+        def number(key: str, default: int | None = None) -> int:
+            value = header.value(f"{arch}.{key}", default)
+            if value is None:
+                raise InvalidGGUF(str(header.path), f"metadata key {arch}.{key} is missing")
+            return int(max(value) if isinstance(value, list) else value)
+
+        n_head = number("attention.head_count")
+        n_embd = number("embedding_length")
+        head_k = number("attention.key_length", n_embd // n_head)
+        head_v = number("attention.value_length", n_embd // n_head)
+        n_head_kv = number("attention.head_count_kv", n_head)
+        vocab = header.fields.get("tokenizer.ggml.tokens")
+        return cls(architecture=arch, n_layers=number("block_count"), n_embd=n_embd,
+                   n_ff=number("feed_forward_length"), n_vocab=vocab.count if vocab else number("vocab_size"),
+                   kv_width=n_head_kv * (head_k + head_v), tensor_bytes=sum(t.n_bytes for t in header.tensors),
+                   context_length=number("context_length", 0))
+
+
+def model_shape(path: Path | str) -> ModelShape:
+    """The memory-relevant shape of the base model at ``path``."""
+    return ModelShape.from_header(read_header(path))
+
+
+def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str) -> int:
+    """Bytes of the KV cache for ``ctx`` tokens: ctx × layers × (K+V width) × bytes of ``kv_type``."""
+    block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_type.upper()]]
+    return ctx * shape.n_layers * shape.kv_width * type_size // block_size
+
+
+def ubatch_for(batch: int) -> int:
+    """The micro-batch llama.cpp computes at once for a prompt batch of ``batch`` tokens."""
+    return max(1, min(batch, MAX_UBATCH))
+
+
+def compute_bytes(shape: ModelShape, batch: int) -> int:
+    """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens."""
+    return ubatch_for(batch) * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+
+
+def process_bytes(shape: ModelShape) -> int:
+    """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
+    return PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Where a runtime budget goes, in bytes; ``adapter_budget_bytes`` is what remains for adapters."""
+
+    budget_bytes: int
+    process_bytes: int
+    model_bytes: int
+    kv_cache_bytes: int
+    compute_bytes: int
+    ctx: int
+    batch: int
+    kv_type: str
+
+    @property
+    def fixed_bytes(self) -> int:
+        """Everything but adapters."""
+        return self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
+
+    @property
+    def adapter_budget_bytes(self) -> int:
+        """What the budget leaves for resident adapters (negative when the base does not fit)."""
+        return self.budget_bytes - self.fixed_bytes
+
+    @property
+    def fits(self) -> bool:
+        """True when the base model, its KV cache and buffers fit in the budget."""
+        return self.adapter_budget_bytes >= 0
+
+    def require_fit(self, profile: str) -> None:
+        """Raise ``BaseDoesNotFit`` with the terms when the base model does not fit."""
+        if not self.fits:
+            raise BaseDoesNotFit(needed_bytes=self.fixed_bytes, budget_bytes=self.budget_bytes,
+                                 kv_cache_bytes=self.kv_cache_bytes, profile=profile)
+
+    def adapters_that_fit(self, adapter_bytes: int) -> int:
+        """How many adapters of ``adapter_bytes`` each can be resident at once."""
+        if adapter_bytes <= 0 or not self.fits:
+            return 0
+        return self.adapter_budget_bytes // adapter_bytes
+
+    def as_dict(self) -> dict[str, int | str]:
+        """The plan as plain values (bytes), with the derived totals."""
+        return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
+
+
+def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str) -> MemoryPlan:
+    """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
+    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.tensor_bytes,
+                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type), compute_bytes=compute_bytes(shape, batch),
+                      ctx=ctx, batch=batch, kv_type=kv_type)
+
+
+def adapter_resident_bytes(path: Path | str) -> int:
+    """Bytes an adapter occupies once loaded: its tensor bytes (llama.cpp copies them into one buffer)."""
+    return sum(t.n_bytes for t in read_header(path).tensors)
+
+
+def measured_rss_bytes() -> int:
+    """This process's resident set size, in bytes, as the OS reports it."""
+    return int(psutil.Process().memory_info().rss)
+
+
+def configure_allocator() -> bool:
+    """Make freed adapter buffers leave the process (glibc only); return True when applied.
+
+    glibc raises its mmap threshold to the size of the last freed mmapped block, so the second adapter of a size
+    lands on the heap, where freeing it returns nothing to the OS. A fixed threshold keeps large blocks mmapped.
+    """
+    libc = _libc()
+    if libc is None or not hasattr(libc, "mallopt"):
+        return False
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES))
+
+
+def release_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc ``malloc_trim``); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None

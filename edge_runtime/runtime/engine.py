@@ -1,0 +1,410 @@
+"""The engine: the one resident base model and its context. The only module that imports llama_cpp.
+
+Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
+hand their work to it. The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so
+adapters go through the low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` /
+``llama_adapter_lora_free`` calls).
+
+KV isolation: llama.cpp leaves cache consistency to the caller (``llama_set_adapters_lora`` never touches the KV
+cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine keys the cache on the active
+adapter set — each adapter's content digest and scale, never its name — and drops the cache whenever that key
+changes, so prefix reuse only ever happens under the exact set that computed the prefix.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import logging
+import queue
+import random
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import gguf
+import llama_cpp
+import numpy as np
+from jinja2 import TemplateError
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+from edge_runtime.errors import (
+    ContextOverflow,
+    InvalidGGUF,
+    InvalidRequest,
+    InvalidSettings,
+    InvalidTransition,
+    LlamaCppError,
+    RuntimeClosed,
+)
+from edge_runtime.profiles import KV_TYPES
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the base model and its context are set up (from a device profile, or defaults)."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int | None = None
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"
+    logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding settings of one request; temperature 0 is greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of generated text; the last chunk of a generation carries ``finish_reason``."""
+
+    text: str
+    token_ids: tuple[int, ...] = ()
+    finish_reason: str | None = None  # "stop", "length" or "cancelled"
+
+
+@dataclass
+class Generation:
+    """The collected result of a non-streamed generation."""
+
+    text: str
+    completion_tokens: int
+    prompt_tokens: int
+    finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+
+
+class AdapterHandle:
+    """A LoRA adapter loaded into llama.cpp's memory (a ``llama_adapter_lora *``)."""
+
+    def __init__(self, pointer: Any, path: Path, content_id: str) -> None:
+        self._pointer: Any = pointer
+        self.path = path
+        self.content_id = content_id
+
+    @property
+    def pointer(self) -> Any:
+        """The raw llama.cpp pointer; raises once the adapter has been freed."""
+        if self._pointer is None:
+            raise InvalidTransition(str(self.path), "freed", "used")
+        return self._pointer
+
+    @property
+    def freed(self) -> bool:
+        """True once ``Engine.free_adapter`` released it."""
+        return self._pointer is None
+
+
+AdapterSet = Sequence[tuple[AdapterHandle, float]]
+
+
+class Engine:
+    """One llama.cpp model and context, with adapters switched in and out without reloading the model."""
+
+    def __init__(self, model_path: Path | str, settings: EngineSettings | None = None) -> None:
+        self.settings = settings or EngineSettings()
+        self.model_path = Path(model_path)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-engine")
+        self._worker_thread: threading.Thread | None = None
+        self._active: tuple[tuple[AdapterHandle, float], ...] = ()
+        self._active_key: tuple[tuple[str, float], ...] = ()
+        self._llama: Any = None
+        self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
+        self.switches = 0  # times the active adapter set changed
+        self.decoded_tokens = 0  # tokens generated since start
+        self._closed = False
+        self._call(self._load)
+
+    # -- threading ------------------------------------------------------------------------------------------------
+
+    def _call(self, function: Callable[..., T], *args: Any) -> T:
+        """Run ``function`` on the worker thread and wait for it (directly when already on it)."""
+        if threading.current_thread() is self._worker_thread:
+            return function(*args)
+        return self._submit(function, *args).result()
+
+    def _submit(self, function: Callable[..., T], *args: Any) -> Future[T]:
+        if self._closed:
+            raise RuntimeClosed()
+
+        def run() -> T:
+            self._worker_thread = threading.current_thread()
+            return function(*args)
+
+        return self._worker.submit(run)
+
+    # -- model ----------------------------------------------------------------------------------------------------
+
+    def _load(self) -> None:
+        settings = self.settings
+        n_gpu_layers = settings.n_gpu_layers
+        if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
+            log.warning("this llama.cpp build cannot offload to a GPU; running all layers on the CPU "
+                        "(install with EDGE_RT_CMAKE_ARGS=-DGGML_CUDA=on, or similar, for GPU offload)")
+            n_gpu_layers = 0
+        if settings.kv_type not in KV_TYPES:
+            raise InvalidSettings("kv_type", settings.kv_type, f"must be one of {', '.join(KV_TYPES)}")
+        kv = gguf.GGMLQuantizationType[settings.kv_type.upper()].value  # the ggml_type id llama.cpp takes
+        try:
+            self._llama = llama_cpp.Llama(
+                model_path=str(self.model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch,
+                n_ubatch=settings.n_ubatch, n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                n_gpu_layers=n_gpu_layers, use_mmap=True, flash_attn=True, type_k=kv, type_v=kv,
+                logits_all=settings.logits_all, verbose=False,
+            )
+        except ValueError as exc:
+            raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
+        metadata = self._llama.metadata
+        template = metadata.get("tokenizer.chat_template")
+        self._eos = int(self._llama.token_eos())
+        self._chat = None if template is None else Jinja2ChatFormatter(
+            template=template, eos_token=self._token_text(self._eos),
+            bos_token=self._token_text(int(self._llama.token_bos())), stop_token_ids=[self._eos])
+
+    def _token_text(self, token: int) -> str:
+        return "" if token < 0 else self._llama._model.token_get_text(token)
+
+    @property
+    def n_vocab(self) -> int:
+        """Vocabulary size of the base model."""
+        return int(self._llama.n_vocab())
+
+    @property
+    def n_ctx(self) -> int:
+        """Context length in tokens the context was created with."""
+        return int(self._llama.n_ctx())
+
+    def close(self) -> None:
+        """Detach adapters, free the context and the model, stop the worker (adapters are freed by their owner)."""
+        if self._closed:
+            return
+        future = self._submit(self._close)
+        self._closed = True  # before the close runs: nothing may be queued behind it
+        future.result()
+        self._worker.shutdown(wait=True)
+
+    def _close(self) -> None:
+        self._set_adapters(())
+        self._llama.close()
+
+    # -- adapters -------------------------------------------------------------------------------------------------
+
+    def load_adapter(self, path: Path | str, *, content_id: str) -> AdapterHandle:
+        """Load a GGUF LoRA into memory (not yet active); ``content_id`` (its sha256) keys KV-cache reuse."""
+        return self._call(self._load_adapter, Path(path), content_id)
+
+    def _load_adapter(self, path: Path, content_id: str) -> AdapterHandle:
+        pointer = llama_cpp.llama_adapter_lora_init(self._llama.model, str(path).encode())
+        if not pointer:
+            raise InvalidGGUF(str(path), "llama.cpp refused the LoRA adapter (see its log for the tensor at fault)")
+        return AdapterHandle(pointer, path, content_id)
+
+    def free_adapter(self, handle: AdapterHandle) -> None:
+        """Release an adapter's memory, detaching it from the context first (freeing an attached one is a bug)."""
+        self._call(self._free_adapter, handle)
+
+    def _free_adapter(self, handle: AdapterHandle) -> None:
+        if handle.freed:
+            return
+        if any(active is handle for active, _ in self._active):
+            self._set_adapters(tuple((h, s) for h, s in self._active if h is not handle))
+        llama_cpp.llama_adapter_lora_free(handle.pointer)
+        handle._pointer = None
+
+    def set_adapters(self, adapters: AdapterSet) -> bool:
+        """Make ``adapters`` (handle, scale) the active set; return True when that changed what the model computes."""
+        return self._call(self._set_adapters, tuple(adapters))
+
+    def _set_adapters(self, adapters: tuple[tuple[AdapterHandle, float], ...]) -> bool:
+        key = tuple((h.content_id, float(s)) for h, s in adapters)
+        if key == self._active_key:
+            return False
+        count = len(adapters)
+        pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(count, 1))(*[h.pointer for h, _ in adapters])
+        scales = (ctypes.c_float * max(count, 1))(*[float(s) for _, s in adapters])
+        if llama_cpp.llama_set_adapters_lora(self._llama.ctx, pointers if count else None, count,
+                                             scales if count else None) != 0:
+            raise LlamaCppError(f"apply the adapter set {[h.path.name for h, _ in adapters]}")
+        self._active = adapters
+        self._active_key = key
+        self.switches += 1
+        # KV computed under the previous set must never serve this one.
+        self._llama.reset()
+        return True
+
+    # -- text -----------------------------------------------------------------------------------------------------
+
+    # Tokenising reads only the vocabulary, never the context, so it runs on the caller's thread: a request can be
+    # measured against the context size while another request is decoding.
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Token ids of ``text`` in the base model's vocabulary."""
+        return list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special))
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        """Text of ``tokens`` (invalid UTF-8 sequences replaced)."""
+        return str(self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace"))
+
+    def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's own chat template (from its GGUF)."""
+        if self._chat is None:
+            raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
+        try:
+            prompt = self._chat(messages=cast(Any, list(messages))).prompt
+        except TemplateError as exc:
+            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}",
+                                 param="messages") from exc
+        return list(self._llama.tokenize(prompt.encode(), add_bos=False, special=True))
+
+    # -- evaluation -----------------------------------------------------------------------------------------------
+
+    def logits(self, tokens: Sequence[int], adapters: AdapterSet | None = None) -> np.ndarray:
+        """Logits (n_tokens × vocab, float32) of ``tokens`` from an empty cache, under ``adapters`` if given."""
+        if not self.settings.logits_all:
+            raise InvalidSettings("logits_all", False, "logits() needs EngineSettings(logits_all=True)")
+        return self._call(self._logits, list(tokens), None if adapters is None else tuple(adapters))
+
+    def _logits(self, tokens: list[int], adapters: tuple[tuple[AdapterHandle, float], ...] | None) -> np.ndarray:
+        if adapters is not None:
+            self._set_adapters(adapters)
+        self._llama.reset()
+        self._llama.eval(tokens)
+        return np.array(self._llama.scores[: len(tokens)], dtype=np.float32, copy=True)
+
+    # -- generation -----------------------------------------------------------------------------------------------
+
+    def stream(self, prompt: Sequence[int], params: SamplingParams, *, adapters: AdapterSet = (),
+               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+        """Generate under ``adapters``, yielding text as it is produced; closing the iterator cancels."""
+        cancel = cancel or threading.Event()
+        chunks: queue.Queue[Chunk | BaseException] = queue.Queue()
+        self._submit(self._generate_into, list(prompt), params, tuple(adapters), cancel, chunks)
+        try:
+            while True:
+                item = chunks.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            cancel.set()
+
+    def generate(self, prompt: Sequence[int], params: SamplingParams, *, adapters: AdapterSet = ()) -> Generation:
+        """Generate from ``prompt`` under ``adapters`` and return the whole text."""
+        pieces: list[str] = []
+        tokens: list[int] = []
+        finish = "stop"
+        for chunk in self.stream(prompt, params, adapters=adapters):
+            pieces.append(chunk.text)
+            tokens.extend(chunk.token_ids)
+            finish = chunk.finish_reason or finish
+        return Generation(text="".join(pieces), completion_tokens=len(tokens), prompt_tokens=len(prompt),
+                          finish_reason=finish, token_ids=tokens)
+
+    def _generate_into(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float],
+                       ...], cancel: threading.Event, chunks: queue.Queue[Chunk | BaseException]) -> None:
+        try:
+            for chunk in self._generate(prompt, params, adapters, cancel):
+                chunks.put(chunk)
+        except BaseException as exc:  # the consumer thread re-raises it
+            chunks.put(exc)
+
+    def _generate(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float], ...],
+                  cancel: threading.Event) -> Iterator[Chunk]:
+        if not prompt:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        if cancel.is_set():
+            yield Chunk("", finish_reason="cancelled")
+            return
+        n_ctx = int(self._llama.n_ctx())
+        if len(prompt) >= n_ctx:
+            raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
+        self._set_adapters(adapters)
+        self.last_reused_tokens = self._keep_reusable_prefix(prompt)
+        budget = min(params.max_tokens, n_ctx - len(prompt))
+        self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = _StopMatcher(params.stop)
+        tokens = self._llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
+                                      temp=params.temperature, repeat_penalty=1.0)
+        produced = 0
+        for token in tokens:
+            if cancel.is_set():
+                yield Chunk("", finish_reason="cancelled")
+                return
+            if token == self._eos or llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, token):
+                yield Chunk(stops.flush(), finish_reason="stop")
+                return
+            produced += 1
+            self.decoded_tokens += 1
+            text, stopped = stops.feed(decoder.decode(self._llama.detokenize([token], special=False)))
+            if stopped:
+                yield Chunk(text, (token,), finish_reason="stop")
+                return
+            if produced >= budget:
+                yield Chunk(text + stops.flush(), (token,), finish_reason="length")
+                return
+            yield Chunk(text, (token,))
+
+    def _keep_reusable_prefix(self, prompt: list[int]) -> int:
+        """Trim the cache to the prefix this prompt may reuse; return its length in tokens.
+
+        llama.cpp computes a one-token batch through a LoRA with different rounding than a longer batch (the
+        logits move by up to ~0.8 on SmolLM2), so a prompt whose last token alone were re-evaluated would not
+        reproduce a fresh run. Keeping at least two tokens to evaluate makes cached runs bit-identical to fresh ones.
+        """
+        cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
+        common = 0
+        for old, new in zip(cached, prompt):
+            if old != new:
+                break
+            common += 1
+        keep = max(0, min(common, len(prompt) - 2))
+        self._llama.n_tokens = keep  # generate() then drops the KV cells past it and evaluates the rest in one batch
+        return keep
+
+
+class _StopMatcher:
+    """Holds back just enough text to never emit the start of a stop string that may still complete."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add generated text; return (text safe to emit, whether a stop string was reached)."""
+        self.pending += text
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            emitted, self.pending = self.pending[: min(hits)], ""
+            return emitted, True
+        hold = max((len(s) - 1 for s in self.stops), default=0)
+        keep = next((k for k in range(min(hold, len(self.pending)), 0, -1)
+                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
+        emitted = self.pending[: len(self.pending) - keep]
+        self.pending = self.pending[len(self.pending) - keep:]
+        return emitted, False
+
+    def flush(self) -> str:
+        """Text held back when generation ends without completing a stop string."""
+        emitted, self.pending = self.pending, ""
+        return emitted

@@ -1,0 +1,74 @@
+"""One version of an adapter (one file content) and its memory lifecycle, an Enum with guarded transitions::
+
+    CACHED ──▶ LOADING ──▶ RESIDENT ──▶ FREEING ──▶ CACHED
+                  │  ╲          │           ▲
+                  │   ╲         ▼           │
+                  │    ╲──▶  RETIRED ───────┘       (a newer version took the name; its last user frees it)
+                  └──▶ CACHED (the load failed)  or ──▶ FREEING (loaded, but no longer wanted)
+
+A version's bytes count against the adapter budget in every state but CACHED, so what is being loaded, retired or
+freed is accounted from the versions themselves. ``pending`` is set while a version is LOADING or FREEING: waiters
+wait on it, then look again.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from edge_runtime.errors import InvalidTransition
+from edge_runtime.runtime.engine import AdapterHandle
+
+__all__ = ["AdapterVersion", "VersionState"]
+
+
+class VersionState(Enum):
+    """Where one version of an adapter is in memory."""
+
+    CACHED = "cached"  # on disk only
+    LOADING = "loading"  # llama.cpp is reading it
+    RESIDENT = "resident"  # in memory and usable
+    RETIRED = "retired"  # replaced by a newer version, in memory until its last user is done
+    FREEING = "freeing"  # detached from use, its memory being released
+
+
+_TRANSITIONS: dict[VersionState, frozenset[VersionState]] = {
+    VersionState.CACHED: frozenset({VersionState.LOADING}),
+    VersionState.LOADING: frozenset({VersionState.RESIDENT, VersionState.CACHED, VersionState.FREEING}),
+    VersionState.RESIDENT: frozenset({VersionState.FREEING, VersionState.RETIRED}),
+    VersionState.RETIRED: frozenset({VersionState.FREEING}),
+    VersionState.FREEING: frozenset({VersionState.CACHED}),
+}
+
+
+@dataclass(eq=False)
+class AdapterVersion:
+    """One adapter file's content under a name: its bytes, its state, its llama.cpp handle and its users."""
+
+    name: str
+    path: Path
+    sha256: str
+    size_bytes: int  # on disk
+    resident_bytes: int  # in memory once loaded (its tensor bytes)
+    state: VersionState = VersionState.CACHED
+    users: int = 0  # generations holding it
+    handle: AdapterHandle | None = field(default=None, repr=False)  # set from RESIDENT until freed
+    pending: Future[None] | None = field(default=None, repr=False)  # set while LOADING or FREEING
+
+    def move_to(self, state: VersionState) -> None:
+        """Change state, refusing transitions the lifecycle does not allow (``InvalidTransition``)."""
+        if state not in _TRANSITIONS[self.state]:
+            raise InvalidTransition(self.name, self.state.value, state.value)
+        self.state = state
+
+    @property
+    def holds_memory(self) -> bool:
+        """True in every state whose bytes count against the budget (all but CACHED)."""
+        return self.state is not VersionState.CACHED
+
+    @property
+    def usable(self) -> bool:
+        """True when generations may start on it."""
+        return self.state is VersionState.RESIDENT and self.handle is not None

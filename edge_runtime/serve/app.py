@@ -1,0 +1,332 @@
+"""The daemon's HTTP API (aiohttp): OpenAI-compatible completions with adapter selection, admin routes, metrics.
+
+Handlers parse, hand work to the scheduler (which runs llama.cpp on the engine's thread) and respond; the event loop
+never blocks on the model. Every error leaves as OpenAI-shaped JSON with the status its error class declares.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from edge_runtime.distribution.client import CdnClient
+from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, ShuttingDown, Unauthorized
+from edge_runtime.names import validate_name
+from edge_runtime.runtime.adapters import AdapterInfo
+from edge_runtime.runtime.core import AppliedAdapter, Runtime
+from edge_runtime.serve import openai_api
+from edge_runtime.serve.follower import CdnFollower
+from edge_runtime.serve.metrics import CONTENT_TYPE, Metrics
+from edge_runtime.serve.scheduler import Job, Scheduler
+
+log = logging.getLogger(__name__)
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+SHUTDOWN_GRACE_S = 4.0  # a running generation's time to finish after SIGTERM (run the app with a longer timeout)
+CLIENT_CLOSED_REQUEST = 499  # the status nginx logs for a client that left before the answer (metrics and log only)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """How the daemon serves: limits and the optional API key."""
+
+    api_key: str | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = 16
+    max_wait_s: float = 2.0
+    max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
+    preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+SCHEDULER = web.AppKey("scheduler", Scheduler)
+METRICS = web.AppKey("metrics", Metrics)
+CONFIG = web.AppKey("config", ServerConfig)
+FOLLOWER = web.AppKey("follower", CdnFollower)
+routes = web.RouteTableDef()
+
+
+def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
+    """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
+    app[CONFIG] = config
+    app[RUNTIME] = runtime
+    app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
+    app[METRICS] = Metrics(runtime, app[SCHEDULER])
+    app.add_routes(routes)
+    app.cleanup_ctx.append(_scheduler_lifecycle)
+    app.on_shutdown.append(_drop_queued)
+    if cdn is not None:
+        app[FOLLOWER] = CdnFollower(cdn, runtime.adapters)
+        app.cleanup_ctx.append(_follower_lifecycle)
+    app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
+    return app
+
+
+async def _preload(app: web.Application) -> None:
+    manager = app[RUNTIME].adapters
+    for name in app[CONFIG].preload:
+        await _pull_remote(app, [validate_name(name)])
+        await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
+
+
+async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    scheduler = app[SCHEDULER]
+    scheduler.start()
+    yield
+    await scheduler.stop()
+
+
+async def _drop_queued(app: web.Application) -> None:
+    # on_shutdown runs before aiohttp waits for handlers: queued requests get a 503 now, not a dropped connection.
+    # The running generation gets SHUTDOWN_GRACE_S to finish, then stops at its next token and its answer ends
+    # cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
+    app[SCHEDULER].drop_pending()
+    asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, app[SCHEDULER].cancel_running)
+
+
+async def _follower_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    await app[FOLLOWER].start()
+    yield
+    await app[FOLLOWER].close()
+
+
+async def _pull_remote(app: web.Application, names: list[str]) -> None:
+    if FOLLOWER in app:
+        await app[FOLLOWER].pull(names)
+
+
+def base_id(runtime: Runtime) -> str:
+    """The id clients use for the base model (the GGUF file's stem)."""
+    return runtime.model_path.stem
+
+
+# -- middleware -------------------------------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except EdgeRtError as exc:
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        param = getattr(exc, "param", None)
+        return web.json_response(openai_api.error_body(str(exc), exc.error_type, code=exc.http_status, param=param),
+                                 status=exc.http_status, headers=headers)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return web.json_response(openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status),
+                                 status=exc.status)
+    except (ConnectionResetError, asyncio.CancelledError):
+        raise
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return web.json_response(openai_api.error_body("internal error; see the daemon's log", "server_error",
+                                                       code=500), status=500)
+
+
+@web.middleware
+async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
+    key = request.app[CONFIG].api_key
+    if key and request.path != "/health":
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+            raise Unauthorized()
+    return await handler(request)
+
+
+# -- completions ------------------------------------------------------------------------------------------------
+
+
+@routes.post("/v1/completions")
+async def completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI text completion, streamed or not."""
+    return await _complete(request, chat=False)
+
+
+@routes.post("/v1/chat/completions")
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """OpenAI chat completion with the model's own chat template, streamed or not."""
+    return await _complete(request, chat=True)
+
+
+async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
+    started = time.monotonic()
+    runtime, metrics = request.app[RUNTIME], request.app[METRICS]
+    parsed = openai_api.parse_request(await _json(request), chat=chat, base_id=base_id(runtime),
+                                      known_adapters=set(runtime.adapters.names()),
+                                      max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
+    prompt = runtime.engine.chat_prompt(parsed.messages) if parsed.messages is not None \
+        else runtime.engine.tokenize(parsed.prompt_text or "")
+    if len(prompt) >= runtime.engine.n_ctx:
+        raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
+    label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
+    status, produced, job = 500, 0, None
+    try:
+        await _pull_remote(request.app, [name for name, _ in parsed.adapters])
+        job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
+        chunks = job.chunks()
+        first = await anext(chunks, None)
+        if first is None:  # dropped from the queue by a shutdown
+            raise ShuttingDown()
+        metrics.first_token.labels(label).observe(time.monotonic() - started)
+        if parsed.stream:
+            response, produced = await _stream(request, parsed, job, first, chunks)
+        else:
+            response, produced = await _collect(parsed, job, first, chunks, len(prompt))
+        status = response.status
+        return response
+    except EdgeRtError as exc:
+        status = exc.http_status
+        raise
+    except (asyncio.CancelledError, ConnectionError):
+        status = CLIENT_CLOSED_REQUEST
+        raise
+    finally:
+        if job is not None:
+            job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
+            request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
+        metrics.requests.labels(label, str(status)).inc()
+        metrics.tokens.labels(label).inc(produced)
+        log.info("%s %s adapters=%s prompt=%d completion=%d status=%d %.0fms", request.method, request.path,
+                 openai_api.applied_header(job.applied if job else []), len(prompt), produced, status,
+                 (time.monotonic() - started) * 1000)
+
+
+async def _collect(parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any],
+                   prompt_tokens: int) -> tuple[web.Response, int]:
+    pieces, tokens, finish = [first.text], len(first.token_ids), first.finish_reason
+    async for chunk in chunks:
+        pieces.append(chunk.text)
+        tokens += len(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+    body = openai_api.completion_body(parsed, response_id=openai_api.new_id(parsed.chat), text="".join(pieces),
+                                      finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
+                                      completion_tokens=tokens, applied=job.applied)
+    return web.json_response(body, headers=_applied_headers(job.applied)), tokens
+
+
+async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: Job, first: Any,
+                  chunks: AsyncIterator[Any]) -> tuple[web.StreamResponse, int]:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           **_applied_headers(job.applied)})
+    await response.prepare(request)
+    response_id, tokens, is_first = openai_api.new_id(parsed.chat), 0, True
+    chunk = first
+    try:
+        while chunk is not None:
+            body = openai_api.chunk_body(parsed, response_id=response_id, text=chunk.text,
+                                         finish_reason=chunk.finish_reason, applied=job.applied, first=is_first)
+            await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
+            tokens += len(chunk.token_ids)
+            is_first = False
+            chunk = await anext(chunks, None)
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, ConnectionError):
+        job.cancel.set()  # the client went away: stop generating at the next token
+    except Exception as exc:  # after the headers went out the status is fixed: report in the stream
+        if not isinstance(exc, EdgeRtError):
+            log.exception("generation failed mid-stream")
+        status = exc.http_status if isinstance(exc, EdgeRtError) else 500
+        kind = exc.error_type if isinstance(exc, EdgeRtError) else "server_error"
+        error = openai_api.error_body(str(exc) if isinstance(exc, EdgeRtError) else "internal error", kind,
+                                      code=status)
+        await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+    return response, tokens
+
+
+def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:
+    return {"X-Edge-Adapters": openai_api.applied_header(applied)}
+
+
+async def _json(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
+        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+
+
+# -- models, adapters, health, metrics --------------------------------------------------------------------------
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """The base model and every known adapter, as OpenAI model objects."""
+    runtime = request.app[RUNTIME]
+    base = base_id(runtime)
+    data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
+             for name in runtime.adapters.names()]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/adapters")
+async def adapters(request: web.Request) -> web.Response:
+    """Every known adapter with its size, digest, state, pin and last use."""
+    return web.json_response({"object": "list",
+                              "data": [_adapter_json(a) for a in request.app[RUNTIME].adapters.list_adapters()]})
+
+
+@routes.post("/v1/adapters/{name}/load")
+async def load_adapter(request: web.Request) -> web.Response:
+    """Make an adapter resident now (it may evict others)."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    await _pull_remote(request.app, [name])
+    info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
+    return web.json_response(_adapter_json(info))
+
+
+@routes.delete("/v1/adapters/{name}")
+async def evict_adapter(request: web.Request) -> web.Response:
+    """Evict an adapter from memory (it stays cached on disk); in-use adapters stay until their requests end."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
+    return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
+
+
+@routes.post("/v1/sync")
+async def sync(request: web.Request) -> web.Response:
+    """Refresh the CDN manifest now; with ``?wait=true`` answer once the updates it started are done."""
+    if FOLLOWER not in request.app:
+        raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
+    follower = request.app[FOLLOWER]
+    report = await follower.refresh()
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        await follower.settle()
+    body = dataclasses.asdict(report)
+    body["adapters"] = {a.name: a.sha256 for a in request.app[RUNTIME].adapters.list_adapters()}
+    return web.json_response(body)
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the model is loaded and the queue depth."""
+    runtime = request.app[RUNTIME]
+    return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
+                              "profile": runtime.profile.name})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _adapter_json(info: AdapterInfo) -> dict[str, Any]:
+    return {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
+            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
+            "last_used": info.last_used or None}

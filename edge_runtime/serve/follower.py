@@ -1,0 +1,168 @@
+"""The daemon's view of a CDN: remote adapters listed, pulled on first use, updated only once the new one loads.
+
+``CdnFollower`` joins the CDN client (``sync.py``) to the adapter manager (``adapters.py``) for ``edge-rt serve
+--cdn``. At start it re-verifies the cache and registers what is there, then reads the manifest before the daemon
+serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with If-None-Match, then
+
+- lists newly offered adapters as ``remote`` and forgets remote ones the CDN no longer offers (pulled copies stay);
+- for an adapter whose content changed, downloads and verifies the new blob beside the old, has llama.cpp load it,
+  and only then points the name at it. The old version keeps serving throughout. A version llama.cpp refuses is
+  logged and not tried again until the CDN publishes another; one that cannot be fetched, or does not fit in memory
+  beside a busy old version, is tried again at the next refresh. Only adapters that came from the CDN follow it:
+  one loaded from ``--adapters-dir`` stays as given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from edge_runtime.distribution.client import CdnClient
+from edge_runtime.distribution.manifest import ManifestEntry
+from edge_runtime.distribution.store import CachedAdapter
+from edge_runtime.errors import BudgetExceeded, EdgeRtError, IncompatibleAdapter, InvalidGGUF
+from edge_runtime.runtime.adapters import AdapterManager
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RefreshReport:
+    """What one manifest refresh found."""
+
+    version: int
+    offered: tuple[str, ...]
+    new_remote: tuple[str, ...]  # offered adapters this device had not seen
+    withdrawn: tuple[str, ...]  # remote-only adapters the CDN stopped offering (forgotten)
+    updating: tuple[str, ...]  # local adapters with a new version on the CDN (being fetched and loaded)
+
+
+class CdnFollower:
+    """Keeps an adapter manager following a CDN for the life of a daemon."""
+
+    def __init__(self, cdn: CdnClient, manager: AdapterManager) -> None:
+        self.cdn = cdn
+        self.manager = manager
+        self._refresher: asyncio.Task[None] | None = None
+        self._updates: dict[str, tuple[str, asyncio.Task[None]]] = {}  # name -> (sha256, task) of its update
+        self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
+        self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
+        self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
+
+    async def start(self) -> None:
+        """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
+        await asyncio.to_thread(self.cdn.store.recover)
+        local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
+        for cached in self.cdn.store.adapters():
+            if cached.name in local:
+                log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
+                continue
+            try:
+                self.manager.add(cached.name, cached.path, sha256=cached.sha256)
+                self._followed.add(cached.name)
+            except EdgeRtError as exc:
+                log.warning("cached adapter %s is not served: %s", cached.name, exc)
+        if self.cdn.offline:  # no network: the last verified manifest still names what was not pulled (cache misses)
+            known = self.cdn.last_manifest()
+            for entry in self.cdn.offered(known) if known is not None else ():
+                self.manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)
+            return
+        await self._refresh_logged()  # before serving: remote adapters are listed from the first request on
+        self._refresher = asyncio.create_task(self._refresh_forever())
+
+    async def close(self) -> None:
+        """Stop refreshing and updating (partial downloads stay for a later resume) and close the client."""
+        tasks = [t for t in (self._refresher, *self._update_tasks()) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*self._switching, return_exceptions=True)  # a load + rename finishes before the runtime
+        await self.cdn.close()
+
+    async def refresh(self) -> RefreshReport:
+        """Fetch and verify the manifest; list new adapters, forget withdrawn ones, start due updates."""
+        manifest = await self.cdn.fetch_manifest()
+        offered = self.cdn.offered(manifest)
+        names = tuple(entry.name for entry in offered)
+        added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
+        withdrawn = tuple(self.manager.forget_remote(keep=names))
+        self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
+        due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
+               and self.manager.outdated(e.name, e.sha256)]
+        for entry in due:
+            if entry.name not in self._updates:
+                self._updates[entry.name] = (entry.sha256, asyncio.create_task(self._update(entry)))
+        return RefreshReport(version=manifest.version, offered=names, new_remote=added, withdrawn=withdrawn,
+                             updating=tuple(e.name for e in due))
+
+    async def settle(self) -> None:
+        """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""
+        if self._updates:
+            await asyncio.wait(self._update_tasks())
+
+    async def pull(self, names: list[str]) -> None:
+        """Download the named adapters the device knows only from the CDN (other requests go on meanwhile)."""
+        for name in names:
+            if self.manager.is_remote(name):
+                cached = await self.cdn.ensure_cached(name)
+                await asyncio.to_thread(self.manager.add, name, cached.path, sha256=cached.sha256)
+                self._followed.add(name)
+
+    def _update_tasks(self) -> list[asyncio.Task[None]]:
+        return [task for _, task in self._updates.values()]
+
+    async def _update(self, entry: ManifestEntry) -> None:
+        try:
+            staged = await self.cdn.fetch_update(entry)
+        except EdgeRtError as exc:  # network trouble: the next refresh tries again
+            log.warning("update of %s to %s not fetched: %s", entry.name, entry.sha256[:12], exc)
+        except Exception:
+            log.exception("update of %s to %s not fetched", entry.name, entry.sha256[:12])
+        else:
+            # Loading and renaming are one step on one thread: a cancelled caller (a client gone from
+            # /v1/sync?wait=true, a shutdown) must not leave the memory on the new version and the disk on the old.
+            step = asyncio.ensure_future(asyncio.to_thread(self._load_and_switch, entry, staged))
+            self._switching.add(step)
+            step.add_done_callback(self._switching.discard)
+            await asyncio.shield(step)
+        finally:
+            self._updates.pop(entry.name, None)
+
+    def _load_and_switch(self, entry: ManifestEntry, staged: CachedAdapter) -> None:
+        """Load the fetched version, then point its name at it on disk; logs every failure, never raises."""
+        name, short = entry.name, entry.sha256[:12]
+        try:
+            self.manager.replace(name, staged.path, sha256=entry.sha256)
+        except BudgetExceeded as exc:  # the old version is busy and both do not fit: the next refresh tries again
+            log.warning("update of %s to %s waits for memory: %s", name, short, exc)
+            return
+        except (IncompatibleAdapter, InvalidGGUF) as exc:
+            if staged.path.exists():  # the file itself is refused: not again until the CDN publishes another
+                self._rejected.add(entry.sha256)
+                self.cdn.abandon(entry.sha256)
+            log.warning("update of %s to %s did not load, the old version keeps serving: %s", name, short, exc)
+            return
+        except Exception:
+            log.exception("update of %s to %s did not load, the old version keeps serving", name, short)
+            return
+        try:
+            self.cdn.switch(name, entry.sha256)
+        except OSError:
+            log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name,
+                          short)
+            return
+        log.info("adapter %s updated to %s", name, short)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.cdn.settings.manifest_ttl_s)
+            await self._refresh_logged()
+
+    async def _refresh_logged(self) -> None:
+        try:
+            await self.refresh()
+        except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
+            log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
+        except Exception:  # never let one unexpected error end the refreshing for the daemon's lifetime
+            log.exception("manifest refresh from %s failed", self.cdn.cdn)

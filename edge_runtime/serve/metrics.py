@@ -1,0 +1,62 @@
+"""Prometheus metrics of the daemon, in a registry of its own (one per app, so tests can run several)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.serve.scheduler import Scheduler
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class _RuntimeCollector(Collector):
+    """Reads the runtime's and the scheduler's own counters at scrape time."""
+
+    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
+        self.runtime = runtime
+        self.scheduler = scheduler
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily("edge_rt_tokens_decoded", "Tokens the model generated, delivered or not",
+                                  value=self.scheduler.decoded_tokens)
+        yield CounterMetricFamily("edge_rt_generations_cancelled", "Generations stopped early (client gone)",
+                                  value=self.scheduler.cancelled_jobs)
+        yield GaugeMetricFamily("edge_rt_queued_requests", "Requests waiting", value=self.scheduler.queued)
+        stats = self.runtime.adapters.stats
+        yield CounterMetricFamily("edge_rt_adapter_loads", "Adapter loads into memory", value=stats.loads)
+        yield CounterMetricFamily("edge_rt_adapter_evictions", "Adapters evicted from memory", value=stats.evictions)
+        yield CounterMetricFamily("edge_rt_adapter_load_seconds", "Time spent loading adapters",
+                                  value=stats.load_seconds_total)
+        yield CounterMetricFamily("edge_rt_adapter_switches", "Changes of the active adapter set",
+                                  value=self.runtime.engine.switches)
+        yield GaugeMetricFamily("edge_rt_resident_adapter_bytes", "Bytes of resident adapters",
+                                value=self.runtime.adapters.resident_bytes)
+        yield GaugeMetricFamily("edge_rt_adapter_budget_bytes", "Adapter memory budget",
+                                value=self.runtime.adapters.budget_bytes)
+        yield GaugeMetricFamily("edge_rt_runtime_budget_bytes", "Runtime memory budget of the device profile",
+                                value=self.runtime.profile.runtime_budget_bytes)
+        yield GaugeMetricFamily("edge_rt_rss_bytes", "Resident set size of the daemon", value=measured_rss_bytes())
+
+
+class Metrics:
+    """The daemon's counters and histograms."""
+
+    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("edge_rt_requests", "Completion requests by adapter and HTTP status",
+                                ["adapter", "status"], registry=self.registry)
+        self.tokens = Counter("edge_rt_tokens_generated", "Tokens generated", ["adapter"], registry=self.registry)
+        self.first_token = Histogram("edge_rt_time_to_first_token_seconds", "Time from request to first token",
+                                     ["adapter"], registry=self.registry,
+                                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.registry.register(_RuntimeCollector(runtime, scheduler))
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

@@ -1,0 +1,159 @@
+"""The request scheduler: a bounded queue served one generation at a time, grouped by adapter set.
+
+The model has one context, so generations run one after another. The next job is the oldest one that uses the
+adapter set already applied (no switch, and its prompt prefix may still be cached) — unless some job has waited
+longer than ``max_wait_s``, in which case the oldest job goes next, so no request starves behind a busy adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from edge_runtime.errors import QueueFull
+from edge_runtime.runtime.core import AdapterSpec, AppliedAdapter, Runtime
+from edge_runtime.runtime.engine import Chunk, SamplingParams
+
+_DONE = object()
+
+
+@dataclass
+class Job:
+    """One queued generation and the channel its chunks come back through."""
+
+    prompt: list[int]
+    params: SamplingParams
+    adapters: tuple[AdapterSpec, ...]
+    enqueued: float
+    sequence: int
+    cancel: threading.Event = field(default_factory=threading.Event)
+    applied: list[AppliedAdapter] = field(default_factory=list)
+    _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
+
+    @property
+    def adapter_key(self) -> tuple[AdapterSpec, ...]:
+        """The adapter set this job runs under (what a switch is measured against)."""
+        return self.adapters
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        """The generated chunks as they arrive; raises what the generation raised."""
+        while True:
+            item = await self._chunks.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, Chunk)
+            yield item
+
+
+class Scheduler:
+    """Serves queued jobs on one worker, grouping by adapter set, with a bound on any job's wait."""
+
+    def __init__(self, runtime: Runtime, *, max_queue: int = 16, max_wait_s: float = 2.0) -> None:
+        self.runtime = runtime
+        self.max_queue = max_queue
+        self.max_wait_s = max_wait_s
+        self._pending: list[Job] = []
+        self._wakeup = asyncio.Event()
+        self._sequence = itertools.count()
+        self._current_key: tuple[AdapterSpec, ...] | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-scheduler")
+        self._task: asyncio.Task[None] | None = None
+        self._running: Job | None = None
+        self.cancelled_jobs = 0  # generations stopped because their client went away or the daemon stopped
+        self.decoded_tokens = 0  # tokens generated, whether or not a client received them
+
+    @property
+    def queued(self) -> int:
+        """Jobs waiting (not counting the one running)."""
+        return len(self._pending)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[AdapterSpec]) -> Job:
+        """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(queued=len(self._pending), limit=self.max_queue)
+        job = Job(prompt=list(prompt), params=params, adapters=tuple(adapters), enqueued=time.monotonic(),
+                  sequence=next(self._sequence))
+        self._pending.append(job)
+        self._wakeup.set()
+        return job
+
+    def discard(self, job: Job) -> None:
+        """Remove ``job`` from the queue if it has not started (its client went away)."""
+        if job in self._pending:
+            self._pending.remove(job)
+
+    def drop_pending(self) -> None:
+        """End every queued job without running it (shutdown); their handlers answer 503."""
+        for job in self._pending:
+            job.cancel.set()
+            job._chunks.put_nowait(_DONE)
+        self._pending.clear()
+
+    def cancel_running(self) -> None:
+        """Stop the running generation at its next token (it ends with finish_reason "cancelled")."""
+        if self._running is not None:
+            self._running.cancel.set()
+
+    def start(self) -> None:
+        """Start serving jobs (call from the event loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def stop(self) -> None:
+        """Cancel queued and running jobs, then stop the worker."""
+        self.cancel_running()
+        self.drop_pending()
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        # The running generation ends at its next token (cancelled above); wait for it off the event loop.
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+
+    def next_job(self, now: float) -> Job:
+        """The job to run next: starving jobs first, then the current adapter set, then the oldest."""
+        oldest = min(self._pending, key=lambda j: j.sequence)
+        if now - oldest.enqueued > self.max_wait_s:
+            return oldest
+        same = [j for j in self._pending if j.adapter_key == self._current_key]
+        return min(same, key=lambda j: j.sequence) if same else oldest
+
+    async def _serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            job = self.next_job(time.monotonic())
+            self._pending.remove(job)
+            if job.cancel.is_set():
+                job._chunks.put_nowait(_DONE)
+                continue
+            self._running = job
+            self._current_key = job.adapter_key
+            await loop.run_in_executor(self._executor, self._produce, job, loop)
+            self._running = None
+
+    def _produce(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        def put(item: object) -> None:
+            loop.call_soon_threadsafe(job._chunks.put_nowait, item)
+
+        try:
+            stream: Iterator[Chunk] = self.runtime.stream(job.prompt, job.params, adapters=job.adapters,
+                                                          applied=job.applied, cancel=job.cancel)
+            for chunk in stream:
+                self.decoded_tokens += len(chunk.token_ids)
+                if chunk.finish_reason == "cancelled":
+                    self.cancelled_jobs += 1
+                put(chunk)
+        except BaseException as exc:  # handed to the request's handler, which maps it to an HTTP error
+            put(exc)
+        put(_DONE)

@@ -1,0 +1,185 @@
+"""The adapter cache: verified installs, the rebuildable index, the start-up recovery scan, disk budget and LRU."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+from edge_runtime.distribution.store import AdapterStore, Partial
+from edge_runtime.errors import DiskFull
+from edge_runtime.files import file_sha256
+
+
+class Blob(NamedTuple):
+    name: str
+    data: bytes
+    sha256: str
+
+
+@pytest.fixture
+def blobs(adapter_sources: Path) -> list[Blob]:
+    """The two real adapters as (name, bytes, sha256)."""
+    found = []
+    for path in sorted(adapter_sources.glob("*.gguf")):
+        found.append(Blob(path.stem, path.read_bytes(), file_sha256(path).hexdigest()))
+    return found
+
+
+def _put(store: AdapterStore, blob: Blob, *, name: str | None = None) -> None:
+    partial = store.open_partial(blob.sha256)
+    partial.path.write_bytes(blob.data)
+    store.install(partial, name=name or blob.name, digest=blob.sha256)
+
+
+def _age(store: AdapterStore, name: str, seconds_ago: float) -> None:
+    moment = time.time() - seconds_ago
+    os.utime(store.refs_dir / name, (moment, moment))
+
+
+def test_install_makes_a_verified_blob_visible_under_its_name(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0])
+    cached = store.lookup(blobs[0].name)
+    assert cached is not None and cached.path == store.blobs_dir / f"{blobs[0].sha256}.gguf"
+    assert cached.path.read_bytes() == blobs[0].data and cached.size == len(blobs[0].data)
+    assert list(store.partial_dir.iterdir()) == [] and store.names() == (blobs[0].name,)
+    assert store.lookup("unknown") is None
+
+
+def test_a_partial_whose_sha256_differs_never_becomes_visible(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    partial = store.open_partial(blobs[0].sha256)
+    partial.path.write_bytes(blobs[1].data)
+    with pytest.raises(ValueError, match="sha256"):
+        store.install(partial, name=blobs[0].name, digest=blobs[1].sha256)
+    assert list(store.blobs_dir.iterdir()) == list(store.partial_dir.iterdir()) == []
+
+
+def test_the_index_is_rebuilt_from_the_blobs_when_refs_are_lost(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    for blob in blobs:
+        _put(store, blob)
+    shutil.rmtree(store.refs_dir)
+    rebuilt = AdapterStore(tmp_path / "cache")
+    assert rebuilt.names() == ()
+    report = rebuilt.recover()
+    assert sorted(report.refs_rebuilt) == sorted(b.name for b in blobs)
+    assert {a.name: a.sha256 for a in rebuilt.adapters()} == {b.name: b.sha256 for b in blobs}
+
+
+def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_partials(
+        tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0])
+    flipped = bytearray(blobs[0].data)
+    flipped[len(flipped) // 2] ^= 1  # bit rot on disk, same length
+    store.blob_path(blobs[0].sha256).write_bytes(flipped)
+    complete = store.open_partial(blobs[1].sha256)  # killed after the last byte, before the rename
+    complete.path.write_bytes(blobs[1].data)
+    half_sha = "ab" * 32
+    half = store.save_validator(store.open_partial(half_sha), '"etag-1"')
+    half.path.write_bytes(b"x" * 100)
+    stale = store.open_partial("cd" * 32)
+    stale.path.write_bytes(b"y")
+    os.utime(stale.path, (0, 0))
+    (store.partial_dir / f"{'ef' * 32}.0123456789abcdef.json").write_text("{}")  # validator without a partial
+    (store.blobs_dir / ".x.gguf.tmp").write_bytes(b"temp")
+    (store.refs_dir / ".json-extract.abc.tmp").write_text("temp")
+
+    report = store.recover()
+
+    assert report.removed_corrupt == (blobs[0].sha256,) and store.lookup(blobs[0].name) is None
+    assert report.completed == (blobs[1].sha256,) and report.refs_rebuilt == (blobs[1].name,)
+    assert report.resumable == (half_sha,)
+    assert {".x.gguf.tmp", ".json-extract.abc.tmp", stale.path.name} <= set(report.removed_files)
+    assert sorted(p.name for p in store.blobs_dir.iterdir()) == [f"{blobs[1].sha256}.gguf"]
+    assert sorted(p.name for p in store.partial_dir.iterdir()) == sorted([half.path.name, half.validator_path.name])
+    resumed = store.open_partial(half_sha)
+    assert resumed.size == 100 and resumed.validator == '"etag-1"' and resumed.path != half.path
+
+
+def test_claiming_a_partial_renames_it_so_two_writers_never_share_a_file(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    first = store.open_partial("ab" * 32)
+    first.path.write_bytes(b"1234")
+    second = store.open_partial("ab" * 32)
+    assert not first.path.exists() and second.size == 4
+    third = store.open_partial("ab" * 32)  # the second still holds its claim only by name: a fresh claim moves it
+    assert isinstance(third, Partial) and third.path.exists()
+
+
+def test_lru_eviction_keeps_protected_adapters(tmp_path: Path, blobs: list[Blob]) -> None:
+    small, large = sorted(blobs, key=lambda b: len(b.data))
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(small.data) + len(large.data))
+    _put(store, small)
+    _put(store, large)
+    _age(store, small.name, 100)  # small is the least recently used
+    assert store.make_room("new", len(small.data), protected=[small.name]) == [large.name]
+    assert store.names() == (small.name,)
+    _put(store, large)
+    _age(store, large.name, 200)
+    assert store.make_room("new", len(small.data)) == [large.name]
+
+
+def test_a_budget_smaller_than_the_adapter_is_refused_without_evicting(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(blobs[0].data) + 10)
+    _put(store, blobs[0])
+    with pytest.raises(DiskFull, match="adapter_cache_mb") as caught:
+        store.make_room("huge", 10 * len(blobs[0].data))
+    assert caught.value.needed_bytes == 10 * len(blobs[0].data) and store.names() == (blobs[0].name,)
+    with pytest.raises(DiskFull) as held:
+        store.make_room("other", len(blobs[0].data), protected=[blobs[0].name])
+    assert held.value.held_bytes == len(blobs[0].data) and store.names() == (blobs[0].name,)
+
+
+def test_free_space_pre_check_evicts_or_refuses(tmp_path: Path, blobs: list[Blob],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0])
+    free = 100
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - free, free))  # type: ignore[attr-defined]
+    with pytest.raises(DiskFull, match="free disk space"):
+        store.make_room("new", free + len(blobs[0].data) + 1)
+    assert store.names() == (blobs[0].name,)
+    assert store.make_room("new", free + len(blobs[0].data)) == [blobs[0].name]
+
+
+def test_an_updated_adapter_replaces_its_old_blob(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0], name="task")
+    _put(store, blobs[1], name="task")  # a new version published under the same name
+    assert store.lookup("task").sha256 == blobs[1].sha256  # type: ignore[union-attr]
+    assert [p.name for p in store.blobs_dir.iterdir()] == [f"{blobs[1].sha256}.gguf"]
+
+
+def test_two_names_can_share_one_blob_and_eviction_keeps_it_for_the_other(tmp_path: Path,
+                                                                         blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0])
+    store.link("alias", blobs[0].sha256)
+    assert store.usage_bytes() == len(blobs[0].data)
+    assert store.evict(blobs[0].name)
+    assert store.lookup("alias") is not None and store.blob_path(blobs[0].sha256).exists()
+    assert store.evict("alias") and not store.blob_path(blobs[0].sha256).exists()
+
+
+def test_a_staged_update_is_neither_evicted_nor_named_by_the_index_rebuild(tmp_path: Path, blobs: list[Blob]) -> None:
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(blobs[0].data) + len(blobs[1].data))
+    _put(store, blobs[0], name="task")
+    partial = store.open_partial(blobs[1].sha256)  # an update of "task", fetched but not switched to yet
+    partial.path.write_bytes(blobs[1].data)
+    store.stage(blobs[1].sha256)
+    store.install(partial, name=None, digest=blobs[1].sha256)
+    report = store.recover()  # a restart: the blob's inner name (brand-voice or json-extract) must not be used
+    assert report.refs_rebuilt == () and store.names() == ("task",)
+    with pytest.raises(DiskFull):  # the staged blob is kept like a protected one
+        store.make_room("other", len(blobs[1].data), protected=["task"])  # fits only by evicting it
+    assert store.blob_path(blobs[1].sha256).exists()
+    store.link("task", blobs[1].sha256)
+    store.unstage(blobs[1].sha256)
+    assert store.staged() == set() and [p.name for p in store.blobs_dir.iterdir()] == [f"{blobs[1].sha256}.gguf"]

@@ -1,0 +1,315 @@
+"""The adapter manager on real llama.cpp: residency under a byte budget, LRU, pins, shared loads, refusals."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_runtime.errors import (
+    AdapterNotFound,
+    BudgetExceeded,
+    IncompatibleAdapter,
+    InvalidGGUF,
+    InvalidName,
+    InvalidTransition,
+)
+from edge_runtime.gguf.info import read_info
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime.budget import adapter_resident_bytes
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.versions import AdapterVersion, VersionState
+
+GREEDY = SamplingParams(max_tokens=6)
+
+
+@pytest.fixture
+def runtime(make_profile: Callable[..., Path], adapter_files: list[Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(make_profile("adapters-test", budget_mb=1024))), ctx=512)
+    for path in adapter_files:
+        rt.adapters.add(path.stem, path)
+    yield rt
+    rt.close()
+
+
+def fit_budget(runtime: Runtime, adapter_files: list[Path], count: int) -> None:
+    """Give the manager room for exactly ``count`` of the test adapters."""
+    runtime.adapters.budget_bytes = count * adapter_resident_bytes(adapter_files[0]) + 1024
+
+
+def states(runtime: Runtime) -> dict[str, str]:
+    return {a.name: a.state for a in runtime.adapters.list_adapters()}
+
+
+def test_least_recently_used_adapter_is_evicted_first(runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    runtime.adapters.ensure_resident("legal-review")
+    runtime.adapters.ensure_resident("brand-voice")
+    runtime.adapters.ensure_resident("legal-review")  # now brand-voice is the least recently used
+    runtime.adapters.ensure_resident("json-extract")
+    assert states(runtime) == {"legal-review": "resident", "brand-voice": "cached", "json-extract": "resident",
+                               "summarise": "cached", "translate-fr": "cached"}
+    assert runtime.adapters.resident_bytes == 2 * adapter_resident_bytes(adapter_files[0])
+    assert runtime.adapters.stats.loads == 3 and runtime.adapters.stats.evictions == 1
+
+
+def test_pinned_adapter_is_never_evicted(runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    runtime.adapters.ensure_resident("legal-review")
+    runtime.adapters.pin("legal-review")
+    for name in ["brand-voice", "json-extract", "summarise", "translate-fr"]:
+        runtime.adapters.ensure_resident(name)
+        assert states(runtime)["legal-review"] == "resident"
+    assert states(runtime)["translate-fr"] == "resident"
+
+
+def test_adapter_in_use_is_never_evicted_and_a_full_budget_says_so(runtime: Runtime,
+                                                                    adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 2)
+    with runtime.adapters.lease([("legal-review", 1.0), ("brand-voice", 1.0)]):
+        assert states(runtime)["legal-review"] == "active"
+        with pytest.raises(BudgetExceeded) as raised:
+            runtime.adapters.ensure_resident("json-extract")
+        assert raised.value.needed_bytes == adapter_resident_bytes(adapter_files[2])
+        assert raised.value.evictable_bytes == 0
+        assert "held by pinned or in-use adapters" in str(raised.value)
+        assert runtime.adapters.evict("legal-review") is False
+    assert states(runtime)["legal-review"] == "resident"
+    assert runtime.adapters.ensure_resident("json-extract").state == "resident"
+
+
+def test_adapter_larger_than_the_budget_is_refused_and_the_runtime_still_serves(runtime: Runtime) -> None:
+    prompt = runtime.engine.tokenize("Hello")
+    before = runtime.generate(prompt, GREEDY)[0].text
+    runtime.adapters.budget_bytes = 1 << 20
+    with pytest.raises(BudgetExceeded, match=r"needs 18\.\d MiB but the adapter budget is 1\.0 MiB"):
+        runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])
+    assert states(runtime)["legal-review"] == "cached"
+    assert runtime.generate(prompt, GREEDY)[0].text == before
+
+
+def test_concurrent_requests_for_one_adapter_share_one_load(runtime: Runtime) -> None:
+    barrier = threading.Barrier(4)
+    errors: list[BaseException] = []
+
+    def request() -> None:
+        try:
+            barrier.wait()
+            runtime.adapters.ensure_resident("summarise")
+        except Exception as exc:  # collected for the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=request) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert runtime.adapters.stats.loads == 1
+    assert states(runtime)["summarise"] == "resident"
+
+
+def test_adapter_for_another_base_is_refused_before_llama_cpp_sees_it(runtime: Runtime, adapter_files: list[Path],
+                                                                      tmp_path: Path) -> None:
+    original = adapter_files[0]
+    fingerprint = read_info(original).base_fingerprint
+    assert fingerprint is not None
+    other = tmp_path / "other-base.gguf"
+    other.write_bytes(original.read_bytes().replace(fingerprint.encode(), b"0" * 64))
+    with pytest.raises(IncompatibleAdapter, match=r"converted for another base model \(fingerprint 000000000000"):
+        runtime.adapters.add("other-base", other)
+    assert "other-base" not in runtime.adapters.names()
+
+
+def test_a_base_model_file_is_not_accepted_as_an_adapter(runtime: Runtime, base_model: Path) -> None:
+    with pytest.raises(IncompatibleAdapter, match="is not a LoRA adapter"):
+        runtime.adapters.add("base-as-adapter", base_model)
+
+
+def test_unknown_adapter_fails_closed(runtime: Runtime) -> None:
+    with pytest.raises(AdapterNotFound, match="unknown adapter 'nope'.*legal-review"):
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("nope", 1.0)])
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/abs", "a/b", "", ".hidden", "x\x00y", "a" * 129])
+def test_unsafe_adapter_names_are_refused(runtime: Runtime, adapter_files: list[Path], name: str) -> None:
+    with pytest.raises(InvalidName):
+        runtime.adapters.add(name, adapter_files[0])
+
+
+def test_an_adapter_version_refuses_illegal_transitions(adapter_files: list[Path]) -> None:
+    version = AdapterVersion(name="x", path=adapter_files[0], sha256="0" * 64, size_bytes=1, resident_bytes=1)
+    with pytest.raises(InvalidTransition, match="cannot go from cached to resident"):
+        version.move_to(VersionState.RESIDENT)  # only through a load
+    version.move_to(VersionState.LOADING)
+    version.move_to(VersionState.RESIDENT)
+    with pytest.raises(InvalidTransition, match="cannot go from resident to cached"):
+        version.move_to(VersionState.CACHED)  # memory is only given back through FREEING
+    version.move_to(VersionState.RETIRED)
+    with pytest.raises(InvalidTransition, match="cannot go from retired to resident"):
+        version.move_to(VersionState.RESIDENT)  # a replaced version never serves again
+    version.move_to(VersionState.FREEING)
+    version.move_to(VersionState.CACHED)
+    assert not version.holds_memory
+
+
+def test_every_version_in_memory_counts_against_the_budget(runtime: Runtime, adapter_files: list[Path]) -> None:
+    one = adapter_resident_bytes(adapter_files[0])
+    running = runtime.adapters.hold("legal-review", 1.0)
+    runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+    assert running.version.state is VersionState.RETIRED and runtime.adapters.resident_bytes == 2 * one
+    runtime.adapters.release([running])
+    assert running.version.state is VersionState.CACHED and runtime.adapters.resident_bytes == one
+
+
+def test_more_than_four_composed_adapters_are_refused(runtime: Runtime) -> None:
+    with pytest.raises(ValueError, match="at most 4 adapters"):
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[(n, 0.2) for n in runtime.adapters.names()])
+
+
+def test_gpu_layers_without_offload_support_fall_back_to_cpu_with_a_notice(base_model: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from edge_runtime.runtime.engine import Engine, EngineSettings
+
+    with caplog.at_level("WARNING", logger="edge_runtime.runtime.engine"):
+        engine = Engine(base_model, EngineSettings(n_ctx=256, n_gpu_layers=999))
+    try:
+        assert "cannot offload to a GPU; running all layers on the CPU" in caplog.text
+        assert engine.generate(engine.tokenize("Hi"), SamplingParams(max_tokens=2)).completion_tokens == 2
+    finally:
+        engine.close()
+
+
+def test_package_exports_the_runtime_lazily() -> None:
+    import edge_runtime
+
+    assert edge_runtime.Runtime is Runtime
+    assert edge_runtime.SamplingParams is SamplingParams
+
+
+def test_registering_the_same_content_twice_keeps_the_resident_copy(runtime: Runtime,
+                                                                    adapter_files: list[Path]) -> None:
+    runtime.adapters.ensure_resident("legal-review")
+    again = runtime.adapters.add("legal-review", adapter_files[0])
+    assert again.state == "resident" and runtime.adapters.stats.loads == 1
+    with pytest.raises(InvalidTransition, match="cannot go from resident to replaced"):
+        runtime.adapters.add("legal-review", adapter_files[1])  # other content while loaded: evict first
+
+
+def test_a_new_version_takes_over_only_once_loaded_and_running_generations_finish_on_the_old(
+        runtime: Runtime, adapter_files: list[Path]) -> None:
+    prompt = runtime.engine.tokenize("Write one word:")
+    old_text = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
+    new_text = runtime.generate(prompt, GREEDY, adapters=[("brand-voice", 1.0)])[0].text
+    assert old_text != new_text  # the two files compute differently, so the switch is observable
+    runtime.adapters.evict("brand-voice")
+    one = adapter_resident_bytes(adapter_files[0])
+    running = runtime.adapters.hold("legal-review", 1.0)  # a generation in flight on the old version
+
+    updated = runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+
+    assert (updated.sha256, updated.state) == ("ab" * 32, "resident")
+    assert not running.handle.freed and runtime.adapters.resident_bytes == 2 * one  # old kept for its user
+    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == new_text
+    runtime.adapters.release([running])
+    assert running.handle.freed and runtime.adapters.resident_bytes == one
+    assert runtime.adapters.stats.evictions == 1  # brand-voice's; a replaced version is not an eviction
+
+
+@pytest.mark.parametrize("damage", ["truncated-data", "other-base"])
+def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Runtime, adapter_files: list[Path],
+                                                                     tmp_path: Path, damage: str) -> None:
+    prompt = runtime.engine.tokenize("Write one word:")
+    before = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
+    sha_before = runtime.adapters.info("legal-review").sha256
+    bad = tmp_path / "bad.gguf"
+    data = adapter_files[1].read_bytes()
+    if damage == "truncated-data":
+        bad.write_bytes(data[: len(data) - 4096])  # header intact, the last tensor short: llama.cpp refuses it
+    else:
+        fingerprint = read_info(adapter_files[1]).base_fingerprint
+        assert fingerprint is not None
+        bad.write_bytes(data.replace(fingerprint.encode(), b"0" * 64))
+    error, message = {"truncated-data": (InvalidGGUF, "llama.cpp refused"),
+                      "other-base": (IncompatibleAdapter, "another base")}[damage]
+    with pytest.raises(error, match=message):
+        runtime.adapters.replace("legal-review", bad, sha256="cd" * 32)
+    info = runtime.adapters.info("legal-review")
+    assert (info.sha256, info.state) == (sha_before, "resident")
+    assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])
+    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == before
+
+
+def test_a_new_version_without_room_beside_an_in_use_old_one_waits(runtime: Runtime,
+                                                                   adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 1)
+    with runtime.adapters.lease([("legal-review", 1.0)]):
+        with pytest.raises(BudgetExceeded):
+            runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+        assert runtime.adapters.info("legal-review").state == "active"
+    # Once idle, the old version may be evicted to make room: its file is kept until the new one has loaded.
+    assert runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32).state == "resident"
+
+
+def test_requests_during_an_update_that_evicted_the_old_version_wait_for_the_new_one(
+        runtime: Runtime, adapter_files: list[Path]) -> None:
+    fit_budget(runtime, adapter_files, 1)  # room for one version: the idle old one is evicted for the new
+    for round_ in range(5):
+        runtime.adapters.ensure_resident("legal-review")
+        new_sha = f"{round_:02d}" * 32
+        errors: list[BaseException] = []
+        served: list[str] = []
+
+        def request(served: list[str] = served, errors: list[BaseException] = errors) -> None:
+            try:
+                with runtime.adapters.lease([("legal-review", 1.0)]) as held:
+                    served.append(held[0].sha256)
+            except BaseException as exc:  # collected for the assertion below
+                errors.append(exc)
+
+        updater = threading.Thread(target=runtime.adapters.replace, args=("legal-review", adapter_files[round_ % 2]),
+                                   kwargs={"sha256": new_sha})
+        clients = [threading.Thread(target=request) for _ in range(3)]
+        updater.start()
+        for client in clients:
+            client.start()
+        for thread in [updater, *clients]:
+            thread.join()
+        assert errors == []  # never BudgetExceeded for the old version while the new one loads
+        assert runtime.adapters.info("legal-review").sha256 == new_sha and len(served) == 3
+        assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])
+
+
+def test_a_load_orphaned_by_an_update_counts_against_the_budget_until_freed(runtime: Runtime,
+                                                                             adapter_files: list[Path]) -> None:
+    one = adapter_resident_bytes(adapter_files[0])
+    fit_budget(runtime, adapter_files, 2)
+    real_load = runtime.engine.load_adapter
+    old_loaded, let_go = threading.Event(), threading.Event()
+
+    def gated_load(path: Path | str, *, content_id: str) -> Any:  # the real load, held before it reports back
+        handle = real_load(path, content_id=content_id)
+        if Path(path) == adapter_files[0] and not old_loaded.is_set():
+            old_loaded.set()
+            let_go.wait(10)
+        return handle
+
+    runtime.engine.load_adapter = gated_load  # type: ignore[method-assign]
+    request = threading.Thread(target=runtime.adapters.ensure_resident, args=("legal-review",))
+    request.start()
+    assert old_loaded.wait(10)  # the old version is in memory, its load not finished
+    runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)  # the old load is now an orphan
+    runtime.adapters.ensure_resident("brand-voice")  # room only by evicting the new version, not beside the orphan
+    accounted = runtime.adapters.resident_bytes
+    resident = [a.name for a in runtime.adapters.list_adapters() if a.state == "resident"]
+    let_go.set()
+    request.join()
+    assert resident == ["brand-voice"] and accounted == 2 * one  # brand-voice + the orphan still in memory
+    # The orphan was freed once its load returned, and its request looked again: it got the new version.
+    assert runtime.adapters.resident_bytes == 2 * one and runtime.adapters.stats.loads == 3
+    info = runtime.adapters.info("legal-review")
+    assert (info.state, info.sha256) == ("resident", "ab" * 32)

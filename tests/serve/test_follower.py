@@ -1,0 +1,204 @@
+"""A daemon following a real CDN on 127.0.0.1: new versions take over only once llama.cpp has loaded them."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp.test_utils import TestServer
+from cdn_server import Fault, FaultCdn
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from edge_runtime.distribution.client import CdnClient
+from edge_runtime.distribution.publish import publish
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.serve.follower import CdnFollower
+
+pytestmark = pytest.mark.asyncio
+KeyPair = tuple[Ed25519PrivateKey, Ed25519PublicKey, Path]
+GREEDY = SamplingParams(max_tokens=6)
+
+
+StartFollower = Callable[..., Awaitable[CdnFollower]]
+
+
+@pytest_asyncio.fixture
+async def make_follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_profile: Callable[..., Path],
+                        aiohttp_server: Callable[..., Awaitable[TestServer]]) -> AsyncIterator[StartFollower]:
+    """Start a daemon's follower (a fresh runtime, the same cache and CDN each time: a restart)."""
+    cdn = FaultCdn(cdn_dir)
+    server = await aiohttp_server(cdn.app())
+    started: list[tuple[CdnFollower, Runtime]] = []
+
+    async def start(*, local: dict[str, Path] | None = None) -> CdnFollower:
+        runtime = Runtime(load_profile(str(make_profile("follower-test", budget_mb=1024))), ctx=512)
+        for name, path in (local or {}).items():  # as --adapters-dir would register them
+            runtime.adapters.add(name, path)
+        client = CdnClient(str(server.make_url("")).rstrip("/"), cache_dir=tmp_path / "cache",
+                           public_key=key_pair[1], base_fingerprint=runtime.base_fingerprint, offline=False)
+        following = CdnFollower(client, runtime.adapters)
+        following.log = cdn.log  # type: ignore[attr-defined]
+        following.fault_cdn = cdn  # type: ignore[attr-defined]
+        started.append((following, runtime))
+        await following.start()
+        return following
+
+    yield start
+    for following, runtime in started:
+        await following.close()
+        runtime.close()
+
+
+@pytest_asyncio.fixture
+async def follower(make_follower: StartFollower) -> CdnFollower:
+    return await make_follower()
+
+
+def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dict[str, bytes]) -> dict[str, str]:
+    """Publish a new manifest version offering exactly ``files`` (name -> bytes); return name -> sha256."""
+    source = tmp_path / "next-version"
+    source.mkdir(exist_ok=True)
+    for stale in source.glob("*.gguf"):
+        stale.unlink()
+    for name, data in files.items():
+        (source / f"{name}.gguf").write_bytes(data)
+    publish(source, cdn_root, key=key)
+    return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
+
+
+async def serving(follower: CdnFollower, name: str) -> tuple[str, Path, str]:
+    """Generate under ``name``: the sha256 and file of the version that ran, and the text."""
+    engine = follower.manager.engine
+    prompt = engine.tokenize("Write one word:")
+
+    def run() -> tuple[str, Path, str]:
+        with follower.manager.lease([(name, 1.0)]) as held:
+            text = engine.generate(prompt, GREEDY, adapters=[(h.handle, h.scale) for h in held]).text
+            return held[0].sha256, held[0].handle.path, text
+
+    return await asyncio.to_thread(run)
+
+
+async def test_an_updated_adapter_switches_after_loading_and_a_withdrawn_remote_one_is_forgotten(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    manager, store = follower.manager, follower.cdn.store
+    assert {a.name: a.state for a in manager.list_adapters()} == {"brand-voice": "remote", "json-extract": "remote"}
+    await follower.pull(["json-extract", "brand-voice"])
+    old_sha = manager.info("json-extract").sha256
+    assert (await serving(follower, "json-extract"))[:2] == (old_sha, store.blob_path(old_sha))
+    brand_voice_text = (await serving(follower, "brand-voice"))[2]
+
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    report = await follower.refresh()
+    assert (report.version, report.updating, report.withdrawn) == (2, ("json-extract",), ())
+    await follower.settle()
+
+    info = manager.info("json-extract")
+    assert (info.sha256, info.state) == (new["json-extract"], "resident")
+    sha, path, text = await serving(follower, "json-extract")
+    assert (sha, path, text) == (new["json-extract"], store.blob_path(new["json-extract"]), brand_voice_text)
+    cached = store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == new["json-extract"]
+    assert not store.blob_path(old_sha).exists()  # the old blob went once the new version took over
+    # brand-voice was pulled, so it stays usable though the CDN stopped offering it; a never-pulled one is forgotten
+    assert manager.info("brand-voice").state == "resident"
+    republish(tmp_path, cdn_dir, key_pair[0], {})
+    assert (await follower.refresh()).withdrawn == ()
+    manager.add_remote("gone", sha256="ef" * 32, size_bytes=1)
+    assert (await follower.refresh()).withdrawn == ("gone",) and "gone" not in manager.names()
+
+
+async def test_a_version_llama_cpp_refuses_leaves_the_old_one_serving_and_is_not_fetched_again(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    manager, store = follower.manager, follower.cdn.store
+    await follower.pull(["json-extract"])
+    old_sha = manager.info("json-extract").sha256
+    before = await serving(follower, "json-extract")
+    assert before[:2] == (old_sha, store.blob_path(old_sha))
+    good = (adapter_sources / "brand-voice.gguf").read_bytes()
+    bad = republish(tmp_path, cdn_dir, key_pair[0], {"json-extract": good[:-4096]})  # sha256 right, tensors short
+
+    assert (await follower.refresh()).updating == ("json-extract",)
+    await follower.settle()
+
+    info = manager.info("json-extract")
+    assert (info.sha256, info.state) == (old_sha, "resident")
+    assert await serving(follower, "json-extract") == before
+    cached = store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == old_sha and cached.path.exists()
+    assert not store.blob_path(bad["json-extract"]).exists()  # the refused blob is not kept
+    blob_requests = [s for s in follower.log if s.path.startswith("blobs/")]  # type: ignore[attr-defined]
+    assert (await follower.refresh()).updating == ()  # a refused version is not fetched again
+    assert [s for s in follower.log if s.path.startswith("blobs/")] == blob_requests  # type: ignore[attr-defined]
+
+
+async def test_a_restart_between_fetch_and_switch_serves_the_old_version_then_switches_without_refetching(
+        tmp_path: Path, make_follower: StartFollower, cdn_dir: Path, adapter_sources: Path,
+        key_pair: KeyPair) -> None:
+    first = await make_follower()
+    await first.pull(["json-extract"])
+    old_sha = first.manager.info("json-extract").sha256
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})  # named brand-voice inside
+    entry = (await first.cdn.fetch_manifest()).entry("json-extract")
+    assert entry is not None
+    staged = await first.cdn.fetch_update(entry)  # downloaded and verified, not loaded yet: the daemon stops
+    await first.close()
+    assert first.cdn.store.staged() == {new["json-extract"]} and staged.path.exists()
+
+    second = await make_follower()  # recovery scan, registration, refresh: the update resumes from the staged blob
+    assert "brand-voice" not in second.manager.names()  # the staged blob was not named after its inner name
+    await second.settle()
+
+    assert second.manager.info("json-extract").sha256 == new["json-extract"] != old_sha
+    cached = second.cdn.store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == new["json-extract"] and second.cdn.store.staged() == set()
+    fetched = [s for s in second.log if s.path == f"blobs/{new['json-extract']}.gguf"]  # type: ignore[attr-defined]
+    assert len(fetched) == 1  # once, before the restart
+
+
+async def test_cancelling_a_waiting_sync_does_not_stop_the_update(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    await follower.pull(["json-extract"])
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    follower.fault_cdn.faults = [Fault(hold_at=0.5)]  # type: ignore[attr-defined]  # the new blob stalls midway
+    assert (await follower.refresh()).updating == ("json-extract",)
+    waiting = asyncio.ensure_future(follower.settle())  # POST /v1/sync?wait=true ...
+    await asyncio.sleep(0.2)
+    assert not waiting.done()  # still downloading
+    waiting.cancel()  # ... whose client goes away
+    deadline = asyncio.get_running_loop().time() + 20
+    while follower.manager.info("json-extract").sha256 != new["json-extract"]:
+        assert asyncio.get_running_loop().time() < deadline, "the update stopped with its waiter"
+        await asyncio.sleep(0.05)
+    await follower.settle()
+    cached = follower.cdn.store.lookup("json-extract")
+    assert cached is not None and cached.sha256 == new["json-extract"]
+
+
+async def test_an_adapter_from_the_adapters_dir_is_not_replaced_by_the_cdn(
+        tmp_path: Path, make_follower: StartFollower, adapter_sources: Path) -> None:
+    local = adapter_sources / "brand-voice.gguf"  # the operator's own json-extract
+    follower = await make_follower(local={"json-extract": local})
+    report = await follower.refresh()
+    assert report.updating == () and "json-extract" not in report.new_remote
+    assert follower.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+
+
+async def test_a_local_adapter_wins_over_a_cached_copy_of_the_same_name_at_restart(
+        make_follower: StartFollower, adapter_sources: Path) -> None:
+    first = await make_follower()
+    await first.pull(["json-extract"])  # cached from the CDN
+    await first.close()
+    local = adapter_sources / "brand-voice.gguf"  # later the operator serves their own json-extract
+    second = await make_follower(local={"json-extract": local})
+    assert second.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
+    assert (await second.refresh()).updating == ()
