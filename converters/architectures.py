@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import gguf
 import numpy as np
 
-from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, UnsupportedArchitecture
+from converters.errors import UnsupportedArchitecture
+from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
 from edge_runtime.gguf.header import GGUFHeader, read_header
 from edge_runtime.gguf.info import base_fingerprint
 

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 import safetensors
 
+from converters.errors import AdapterFilesMissing, MalformedAdapter, UnsupportedAdapterFeature
 from edge_runtime import hub
-from edge_runtime.errors import AdapterFilesMissing, FileTooLarge, MalformedAdapter, UnsupportedAdapterFeature
+from edge_runtime.errors import FileTooLarge
 from edge_runtime.files import read_bounded
 
 CONFIG_FILE = "adapter_config.json"

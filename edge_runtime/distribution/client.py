@@ -124,6 +124,7 @@ class CdnClient:
         for task in list(self._inflight.values()):
             task.cancel()
         await self._source.close()
+        await asyncio.to_thread(self.store.close)
 
     async def fetch_manifest(self) -> Manifest:
         """Fetch, verify (signature, version floor, expiry) and remember the CDN's manifest."""
@@ -132,22 +133,29 @@ class CdnClient:
                                  fix="Unset --offline, EDGE_RT_OFFLINE and HF_HUB_OFFLINE to reach the CDN")
         async with self._manifest_lock:
             document = await self._source.manifest_bytes()
-            manifest = read_manifest(document, source=self.cdn, public_key=self.public_key)
+            manifest = await asyncio.to_thread(read_manifest, document, source=self.cdn, public_key=self.public_key)
             if self.public_key is None:
                 log.warning("no public key configured: the manifest of %s is not signature-checked", self.cdn)
-            self._trust.accept(self.cdn, manifest)
+            await self.store.call(self._accept, manifest, document)
             self._manifest, self._manifest_at = manifest, time.monotonic()
-            if document != self._last_document:  # a 304 brings the same bytes: no rewrite (flash wear)
-                with atomic_output(self._last_manifest_path()) as temp:
-                    temp.write_bytes(document)
-                self._last_document = document
             return manifest
 
-    def last_manifest(self) -> Manifest | None:
+    def _accept(self, manifest: Manifest, document: bytes) -> None:
+        """Raise the trust floors to ``manifest`` (or refuse it) and keep its document for offline listings."""
+        self._trust.accept(self.cdn, manifest)
+        if document != self._last_document:  # a 304 brings the same bytes: no rewrite (flash wear)
+            with atomic_output(self._last_manifest_path()) as temp:
+                temp.write_bytes(document)
+            self._last_document = document
+
+    async def last_manifest(self) -> Manifest | None:
         """The last manifest this cache verified from this CDN, read from disk (no network): for offline listings.
 
         Its signature is checked again; its expiry is not (it only names adapters, nothing is fetched from it).
         """
+        return await self.store.call(self._read_last_manifest)
+
+    def _read_last_manifest(self) -> Manifest | None:
         path = self._last_manifest_path()
         try:
             return read_manifest(read_manifest_file(path), source=str(path), public_key=self.public_key)
@@ -167,25 +175,26 @@ class CdnClient:
     async def ensure_cached(self, name: str, *, progress: ProgressCallback | None = None) -> CachedAdapter:
         """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed."""
         validate_name(name)
-        cached = self.store.lookup(name)
+        cached = await self.store.call(self.store.lookup, name)
         if self.offline:
             if cached is None:
-                raise CacheMiss(name, cached=self.store.names())
-            return self._used(cached)
+                raise CacheMiss(name, cached=await self.store.call(self.store.names))
+            return await self.store.call(self._used, cached)
         try:
             manifest = await self._current_manifest()
         except TransferFailed:
             if cached is None:
                 raise
             log.warning("%s unreachable: serving the cached %s", self.cdn, name)
-            return self._used(cached)
+            return await self.store.call(self._used, cached)
         entry = self._entry(manifest, name)
         if cached is not None and cached.sha256 == entry.sha256:
-            return self._used(cached)
-        if self.store.blob_path(entry.sha256).is_file():
-            return self.store.link(name, entry.sha256)
+            return await self.store.call(self._used, cached)
+        linked = await self.store.call(self._link_if_present, name, entry.sha256)
+        if linked is not None:
+            return linked
         result = await self._shared_download(entry, progress, link=True)
-        return result if result.name == name else self.store.link(name, entry.sha256)
+        return result if result.name == name else await self.store.call(self.store.link, name, entry.sha256)
 
     async def fetch_update(self, entry: ManifestEntry, *,
                            progress: ProgressCallback | None = None) -> CachedAdapter:
@@ -194,12 +203,21 @@ class CdnClient:
         The daemon loads it, then calls ``switch``. Until then the blob is staged in the store: cache eviction
         leaves it alone and a restart's index rebuild does not name it after the adapter name inside the file.
         """
+        staged = await self.store.call(self._stage, entry)
+        return staged or await self._shared_download(entry, progress, link=False)
+
+    def _stage(self, entry: ManifestEntry) -> CachedAdapter | None:
+        """Mark ``entry``'s blob as a staged update; the blob when it is already on disk."""
         self.store.stage(entry.sha256)
         path = self.store.blob_path(entry.sha256)
-        if path.is_file():
-            return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
-                                 last_used=time.time())
-        return await self._shared_download(entry, progress, link=False)
+        if not path.is_file():
+            return None
+        return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
+                             last_used=time.time())
+
+    def _link_if_present(self, name: str, sha256: str) -> CachedAdapter | None:
+        """Point ``name`` at blob ``sha256`` when the cache already holds it (another name uses the same bytes)."""
+        return self.store.link(name, sha256) if self.store.blob_path(sha256).is_file() else None
 
     def switch(self, name: str, sha256: str) -> CachedAdapter:
         """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces goes unless shared."""
@@ -212,17 +230,18 @@ class CdnClient:
         self.store.unstage(sha256)
         self.store.drop_if_unnamed(sha256)
 
-    def prune_staged(self, manifest: Manifest, *, busy: Iterable[str] = ()) -> None:
+    async def prune_staged(self, manifest: Manifest, *, busy: Iterable[str] = ()) -> None:
         """Unstage updates ``manifest`` no longer lists (superseded or withdrawn) and no update is still working on
         (``busy``): eviction may take them."""
-        for sha256 in self.store.staged() - {a.sha256 for a in manifest.adapters} - set(busy):
-            self.store.unstage(sha256)
+        listed, busy = {a.sha256 for a in manifest.adapters}, set(busy)
+        for sha256 in await self.store.call(self.store.staged) - listed - busy:
+            await self.store.call(self.store.unstage, sha256)
 
     async def sync(self, names: Sequence[str] | None = None, *,
                    progress: ProgressCallback | None = None) -> SyncReport:
         """Make ``names`` (every offered adapter when None) cached and current; they are protected from eviction."""
         if self.offline:
-            chosen = list(names) if names is not None else list(self.store.names())
+            chosen = list(names) if names is not None else list(await self.store.call(self.store.names))
             results = [SyncResult(await self.ensure_cached(n), downloaded=False) for n in chosen]
             return SyncReport(results=tuple(results), incompatible=(), manifest_version=None)
         manifest = await self.fetch_manifest()
@@ -233,7 +252,7 @@ class CdnClient:
         try:
             results = []
             for name in chosen:
-                before = self.store.lookup(name)
+                before = await self.store.call(self.store.lookup, name)
                 adapter = await self.ensure_cached(name, progress=progress)
                 results.append(SyncResult(adapter, downloaded=before is None or before.sha256 != adapter.sha256))
         finally:
@@ -272,7 +291,7 @@ class CdnClient:
     async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
                         link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
-        self.store.make_room(entry.name, entry.size, protected=protected)
+        await self.store.call(self.store.make_room, entry.name, entry.size, protected=protected)
         request = BlobRequest(name=entry.name, url=self._source.url(blob_path(entry.sha256)), sha256=entry.sha256,
                               size=entry.size, link=link)
         try:
@@ -288,5 +307,5 @@ async def run_sync(cdn: str, names: Sequence[str] | None, *, progress: ProgressC
                    **client_options: Any) -> SyncReport:
     """Recover the cache (start-up scan), then sync ``names`` (all offered when None): what ``edge-rt sync`` runs."""
     async with CdnClient(cdn, **client_options) as client:
-        await asyncio.to_thread(client.store.recover)
+        await client.store.call(client.store.recover)
         return await client.sync(names, progress=progress)

@@ -11,10 +11,15 @@ just size-checked)::
 
 The refs folder *is* the index: it is rebuilt from the blobs (each GGUF records its adapter name) when lost.
 A partial is claimed by renaming it to a fresh token, so two processes never write one file.
+
+The store's methods are synchronous file operations. Async callers run them on the store's one worker thread with
+``await store.call(method, ...)`` (as the engine runs llama.cpp on its own), so the event loop never waits on disk.
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import os
@@ -22,9 +27,11 @@ import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 from edge_runtime.errors import DiskFull, EdgeRtError, IntegrityError, InvalidName
 from edge_runtime.files import atomic_output, file_sha256, fsync_directory
@@ -32,6 +39,7 @@ from edge_runtime.gguf.info import read_info
 from edge_runtime.names import validate_name
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 _SHA = re.compile(r"^[0-9a-f]{64}$")
@@ -104,6 +112,16 @@ class AdapterStore:
         self.staged_dir = root / "staged"
         for folder in (self.blobs_dir, self.refs_dir, self.partial_dir, self.staged_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-store")  # started on first call
+
+    async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        """Run ``function`` (a store operation, or any file work) on the store's worker thread and await it."""
+        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(function, *args,
+                                                                                                 **kwargs))
+
+    def close(self) -> None:
+        """Stop the worker thread once queued operations are done."""
+        self._worker.shutdown(wait=True)
 
     def blob_path(self, sha256: str) -> Path:
         """Where the verified blob ``sha256`` lives (it may not exist)."""

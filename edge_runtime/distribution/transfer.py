@@ -30,7 +30,7 @@ from typing import TypeVar
 import aiohttp
 
 from edge_runtime.distribution.sink import HashingWriter
-from edge_runtime.distribution.store import AdapterStore, CachedAdapter, Partial
+from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.errors import (
     EdgeRtError,
     IntegrityError,
@@ -149,14 +149,17 @@ class _Retry(Exception):
 
 
 class _Sink:
-    """Appends to a partial while hashing it (on helper threads); refuses a byte past the expected size."""
+    """Appends to a partial while hashing it (on helper threads); refuses a byte past the expected size.
 
-    def __init__(self, store: AdapterStore, partial: Partial, request: BlobRequest) -> None:
+    Opening one claims a partial and re-hashes the bytes already in it: file work, done on the store's thread.
+    """
+
+    def __init__(self, store: AdapterStore, request: BlobRequest) -> None:
         self.store = store
         self.request = request
-        self.partial = partial
-        if partial.size > request.size:
-            self.partial = store.restart(partial)
+        self.partial = store.open_partial(request.sha256)
+        if self.partial.size > request.size:
+            self.partial = store.restart(self.partial)
         self.written = self.partial.size
         self.writer = HashingWriter(self.partial.path, file_sha256(self.partial.path, limit=self.written))
         self.mixed = self.written > 0  # bytes from an earlier response are in the file
@@ -200,22 +203,22 @@ async def download(session: aiohttp.ClientSession, request: BlobRequest, *, stor
     clock = _Clock(request, progress)
     sink = await _download_once(session, request, store, settings, limiter, clock, fresh=False)
     try:
-        return await asyncio.to_thread(sink.finish)  # fsync and rename off the event loop
+        return await store.call(sink.finish)  # fsync and rename off the event loop
     except IntegrityError:
         if not sink.mixed:
             raise
     # The resumed bytes came from another version of the file (no validator caught it): fetch it whole, once.
     sink = await _download_once(session, request, store, settings, limiter, clock, fresh=True)
-    return await asyncio.to_thread(sink.finish)
+    return await store.call(sink.finish)
 
 
 async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, store: AdapterStore,
                          settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *, fresh: bool) -> _Sink:
-    sink = _Sink(store, store.open_partial(request.sha256), request)
+    sink = await store.call(_Sink, store, request)
     deadline = settings.deadline_for(request.size)
     try:
         if fresh:
-            sink.restart()
+            await store.call(sink.restart)
         await asyncio.wait_for(_fetch(session, sink, settings, limiter, clock), timeout=deadline)
     except asyncio.TimeoutError as exc:
         if isinstance(exc, EdgeRtError):
@@ -223,17 +226,17 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
         raise SlowRetrieval(request.url, f"not complete within the {deadline:.0f} s deadline "
                             f"({sink.written} of {request.size} bytes)", attempts=clock.attempts) from exc
     except LengthExceeded:
-        store.discard(sink.partial)
+        await store.call(store.discard, sink.partial)
         raise
     finally:
-        await asyncio.to_thread(sink.close)  # queued writes may still be landing: not on the event loop
+        await store.call(sink.close)  # queued writes may still be landing: not on the event loop
     return sink
 
 
 def copy_local(source: Path, request: BlobRequest, *, store: AdapterStore,
                progress: ProgressCallback | None = None) -> CachedAdapter:
     """Copy a local blob (``file://`` or the Hub cache) into ``store``, bounded by size and verified."""
-    sink = _Sink(store, store.open_partial(request.sha256), request)
+    sink = _Sink(store, request)
     clock = _Clock(request, progress)
     try:
         sink.restart()
@@ -334,8 +337,17 @@ async def _attempt(session: aiohttp.ClientSession, sink: _Sink, settings: Transf
         headers["If-Range"] = sink.partial.validator
     try:
         async with session.get(request.url, headers=headers) as response:
-            _check_status(response, request, offset, sink)
-            await _receive(response, sink, settings, limiter, clock)
+            await _check_status(response, request, offset, sink)
+            # The validator is saved while the body arrives: awaiting the disk first would let a cut connection
+            # discard bytes aiohttp had already buffered.
+            validator = _validator(response)
+            saving = None if validator == sink.partial.validator else asyncio.ensure_future(
+                sink.store.call(sink.store.save_validator, sink.partial, validator))
+            try:
+                await _receive(response, sink, settings, limiter, clock)
+            finally:
+                if saving is not None:
+                    sink.partial = await saving
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
     if sink.written < request.size:
@@ -364,24 +376,21 @@ def _check_failure(response: aiohttp.ClientResponse, url: str) -> None:
         raise _Retry(f"HTTP {status}", status=status, retry_after_s=_retry_after(response.headers.get("Retry-After")))
 
 
-def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, offset: int, sink: _Sink) -> None:
+async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, offset: int, sink: _Sink) -> None:
     _check_failure(response, request.url)
     status = response.status
     if status == 416 or (status == 206 and response.headers.get("Content-Range") !=
                          f"bytes {offset}-{request.size - 1}/{request.size}"):
-        sink.restart()
+        await sink.store.call(sink.restart)
         raise _Retry(f"HTTP {status} with Content-Range {response.headers.get('Content-Range')!r} for a resume from "
                      f"byte {offset}", status=status, immediate=True)
     if status not in (200, 206):
         raise TransferFailed(request.url, f"unexpected HTTP {status}", status=status)
     if status == 200 and offset:
-        sink.restart()  # the server ignored the Range or the file changed (If-Range): start over
+        await sink.store.call(sink.restart)  # the server ignored the Range or the file changed (If-Range): start over
     length = response.content_length
     if length is not None and sink.written + length > request.size:
         raise LengthExceeded(request.url, limit_bytes=request.size, received_bytes=sink.written + length)
-    validator = _validator(response)
-    if validator != sink.partial.validator:
-        sink.partial = sink.store.save_validator(sink.partial, validator)
     if status == 206:
         sink.mixed = True
 

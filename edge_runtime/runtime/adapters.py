@@ -24,7 +24,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
 
 from edge_runtime.errors import (
@@ -32,31 +31,21 @@ from edge_runtime.errors import (
     BudgetExceeded,
     CacheMiss,
     EdgeRtError,
-    IncompatibleAdapter,
     InvalidRequest,
     InvalidTransition,
 )
 from edge_runtime.files import file_sha256
 from edge_runtime.gguf.header import GGUFHeader, read_header
-from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
 from edge_runtime.names import validate_name
 from edge_runtime.runtime import budget
+from edge_runtime.runtime.compatibility import BaseCompatibility
 from edge_runtime.runtime.engine import AdapterHandle, Engine
 from edge_runtime.runtime.eviction import EvictionCandidate, choose_evictions
-from edge_runtime.runtime.versions import AdapterVersion, VersionState
+from edge_runtime.runtime.versions import AdapterState, AdapterVersion, NamedAdapter, RemoteOffer, VersionState
 
 __all__ = ["MAX_COMPOSED_ADAPTERS", "AdapterInfo", "AdapterManager", "AdapterState", "HeldAdapter", "ManagerStats"]
 
 MAX_COMPOSED_ADAPTERS = 4
-
-
-class AdapterState(Enum):
-    """Where a named adapter is: only on the CDN, on disk, in memory, or used by a running generation."""
-
-    REMOTE = "remote"
-    CACHED = "cached"
-    RESIDENT = "resident"
-    ACTIVE = "active"
 
 
 @dataclass(frozen=True)
@@ -93,45 +82,6 @@ class HeldAdapter:
     version: AdapterVersion = field(repr=False, compare=False)
 
 
-@dataclass(frozen=True)
-class _RemoteOffer:
-    sha256: str
-    size_bytes: int
-
-
-@dataclass(eq=False)
-class _Adapter:
-    """One name: its current version, a new version being loaded to replace it, and versions it left behind."""
-
-    name: str
-    current: AdapterVersion | None  # None: known only from a CDN manifest
-    remote: _RemoteOffer | None = None
-    update: AdapterVersion | None = None  # loading; takes the name once loaded
-    former: list[AdapterVersion] = field(default_factory=list)  # lost the name, still holding memory
-    pinned: bool = False
-    last_used: float = 0.0  # wall-clock seconds, for display
-    use_order: int = 0  # a monotonic counter, for LRU
-
-    def versions(self) -> Iterator[AdapterVersion]:
-        """Every version of this name that may hold memory."""
-        yield from (v for v in (self.current, self.update) if v is not None)
-        yield from self.former
-
-    @property
-    def state(self) -> AdapterState:
-        version = self.current
-        if version is None:
-            return AdapterState.REMOTE
-        if version.usable:
-            return AdapterState.ACTIVE if version.users else AdapterState.RESIDENT
-        return AdapterState.CACHED
-
-    @property
-    def busy(self) -> bool:
-        """True when a version is in memory or an update is under way (the name cannot be re-pointed)."""
-        return self.update is not None or any(v.holds_memory for v in self.versions())
-
-
 class AdapterManager:
     """Keeps adapters resident under ``budget_bytes``, loading on demand and evicting the least recently used."""
 
@@ -139,9 +89,8 @@ class AdapterManager:
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.stats = ManagerStats()
-        self._base_fingerprint = base_fingerprint
-        self._base_shapes = {t.name: t.shape for t in base_header.tensors}
-        self._adapters: dict[str, _Adapter] = {}
+        self._compatibility = BaseCompatibility(base_header, base_fingerprint)
+        self._adapters: dict[str, NamedAdapter] = {}
         self._lock = threading.Lock()
         self._uses = itertools.count(1)
         self._closed = False
@@ -156,7 +105,7 @@ class AdapterManager:
         with self._lock:
             adapter = self._adapters.get(name)
             if adapter is None:
-                adapter = self._adapters[name] = _Adapter(name=name, current=version)
+                adapter = self._adapters[name] = NamedAdapter(name=name, current=version)
                 return self._info(adapter)
             if adapter.current is not None and adapter.current.sha256 == version.sha256:
                 return self._info(adapter)  # already known: concurrent pulls of one adapter register it once
@@ -172,9 +121,9 @@ class AdapterManager:
             known = self._adapters.get(name)
             if known is not None and known.current is not None:
                 return False
-            offer = _RemoteOffer(sha256=sha256, size_bytes=size_bytes)
+            offer = RemoteOffer(sha256=sha256, size_bytes=size_bytes)
             if known is None:
-                self._adapters[name] = _Adapter(name=name, current=None, remote=offer)
+                self._adapters[name] = NamedAdapter(name=name, current=None, remote=offer)
             else:
                 known.remote = offer
             return True
@@ -346,14 +295,14 @@ class AdapterManager:
 
     # -- internals (the lock is held where noted) -----------------------------------------------------------------
 
-    def _take(self, adapter: _Adapter, version: AdapterVersion, scale: float) -> HeldAdapter:  # lock held
+    def _take(self, adapter: NamedAdapter, version: AdapterVersion, scale: float) -> HeldAdapter:  # lock held
         assert version.handle is not None
         version.users += 1
         self._touch(adapter)
         return HeldAdapter(name=adapter.name, sha256=version.sha256, scale=float(scale), handle=version.handle,
                            version=version)
 
-    def _touch(self, adapter: _Adapter) -> None:  # lock held
+    def _touch(self, adapter: NamedAdapter) -> None:  # lock held
         adapter.last_used = time.time()
         adapter.use_order = next(self._uses)
 
@@ -385,7 +334,7 @@ class AdapterManager:
         version.pending = Future()
         return version
 
-    def _load(self, adapter: _Adapter, version: AdapterVersion, victims: list[AdapterVersion]) -> None:
+    def _load(self, adapter: NamedAdapter, version: AdapterVersion, victims: list[AdapterVersion]) -> None:
         """Load ``version`` for its waiters; a new version (``adapter.update``) takes the name in the same step.
 
         A version that stopped being wanted meanwhile (a newer one took the name, or the manager closed) is freed
@@ -397,7 +346,7 @@ class AdapterManager:
         unused: list[AdapterVersion] = []
         try:
             self._free(victims)
-            self._check_compatible(version.name, read_header(version.path))
+            self._compatibility.check(version.name, read_header(version.path))
             with self._lock:
                 wanted = self._wanted(adapter, version)
             if wanted:
@@ -433,11 +382,11 @@ class AdapterManager:
             else:
                 loaded.set_result(None)
 
-    def _wanted(self, adapter: _Adapter, version: AdapterVersion) -> bool:  # lock held
+    def _wanted(self, adapter: NamedAdapter, version: AdapterVersion) -> bool:  # lock held
         current = self._adapters.get(adapter.name) is adapter
         return current and not self._closed and version in (adapter.current, adapter.update)
 
-    def _switch(self, adapter: _Adapter, fresh: AdapterVersion) -> list[AdapterVersion]:  # lock held
+    def _switch(self, adapter: NamedAdapter, fresh: AdapterVersion) -> list[AdapterVersion]:  # lock held
         """Give ``fresh`` (a loaded new version) its name; the old version retires. Returns versions to free."""
         old, adapter.current, adapter.update, adapter.remote = adapter.current, fresh, None, None
         if old is None or not old.holds_memory:
@@ -468,17 +417,17 @@ class AdapterManager:
             budget.release_freed_memory()
 
     @staticmethod
-    def _forget_former(adapter: _Adapter, version: AdapterVersion) -> None:  # lock held
+    def _forget_former(adapter: NamedAdapter, version: AdapterVersion) -> None:  # lock held
         if version in adapter.former and not version.holds_memory:
             adapter.former.remove(version)
 
-    def _adapter(self, name: str) -> _Adapter:  # lock held
+    def _adapter(self, name: str) -> NamedAdapter:  # lock held
         adapter = self._adapters.get(name)
         if adapter is None:
             raise AdapterNotFound(name, tuple(sorted(self._adapters)))
         return adapter
 
-    def _info(self, adapter: _Adapter) -> AdapterInfo:  # lock held
+    def _info(self, adapter: NamedAdapter) -> AdapterInfo:  # lock held
         version, remote = adapter.current, adapter.remote
         if version is not None:
             sha256, size, resident, users = version.sha256, version.size_bytes, version.resident_bytes, version.users
@@ -491,25 +440,6 @@ class AdapterManager:
     def _version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
         """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""
         header = read_header(path)
-        self._check_compatible(name, header)
+        self._compatibility.check(name, header)
         return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
                               resident_bytes=sum(t.n_bytes for t in header.tensors))
-
-    def _check_compatible(self, name: str, header: GGUFHeader) -> None:
-        if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
-            raise IncompatibleAdapter(f"{header.path} is not a LoRA adapter", fix="Pass a file made by edge-rt convert")
-        fingerprint = header.value(KEY_BASE_FINGERPRINT)
-        if fingerprint is not None:
-            if fingerprint != self._base_fingerprint:
-                raise IncompatibleAdapter(
-                    f"adapter {name!r} was converted for another base model (fingerprint {str(fingerprint)[:12]}, "
-                    f"resident base {self._base_fingerprint[:12]})")
-            return
-        # Adapters made by other converters carry no fingerprint: check every target tensor's shape instead.
-        for tensor in header.tensors:
-            target = tensor.name.rsplit(".lora_", 1)[0]
-            shape = self._base_shapes.get(target)
-            width = tensor.shape[0] if tensor.name.endswith(".lora_a") else tensor.shape[1]
-            expected = None if shape is None else shape[0] if tensor.name.endswith(".lora_a") else shape[1]
-            if expected != width:
-                raise IncompatibleAdapter(f"adapter {name!r} tensor {tensor.name} does not match the base model")

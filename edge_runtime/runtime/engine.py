@@ -172,12 +172,23 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
+        self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get("tokenizer.chat_template")
         self._eos = int(self._llama.token_eos())
         self._chat = None if template is None else Jinja2ChatFormatter(
             template=template, eos_token=self._token_text(self._eos),
             bos_token=self._token_text(int(self._llama.token_bos())), stop_token_ids=[self._eos])
+
+    def _longest_piece(self) -> int:
+        """Bytes of the longest text one token stands for (ordinary text, not control tokens)."""
+        vocab, buffer = self._llama._model.vocab, ctypes.create_string_buffer(512)
+        return max(1, *(int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False))
+                        for token in range(self._llama.n_vocab())))
+
+    def min_tokens(self, byte_count: int) -> int:
+        """The fewest tokens ``byte_count`` bytes of text can become: no token covers more than the longest piece."""
+        return -(-byte_count // self.max_token_bytes)
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else self._llama._model.token_get_text(token)
@@ -253,7 +264,8 @@ class Engine:
     # -- text -----------------------------------------------------------------------------------------------------
 
     # Tokenising reads only the vocabulary, never the context, so it runs on the caller's thread: a request can be
-    # measured against the context size while another request is decoding.
+    # measured against the context size while another request is decoding. It takes ~1 s per megabyte: the daemon
+    # calls it off the event loop, after ``min_tokens`` has turned away text too long for the context whatever it is.
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text`` in the base model's vocabulary."""

@@ -1,4 +1,4 @@
-"""One version of an adapter (one file content) and its memory lifecycle, an Enum with guarded transitions::
+"""An adapter's versions. One version (one file content) has a memory lifecycle, an Enum with guarded transitions::
 
     CACHED ──▶ LOADING ──▶ RESIDENT ──▶ FREEING ──▶ CACHED
                   │  ╲          │           ▲
@@ -9,10 +9,15 @@
 A version's bytes count against the adapter budget in every state but CACHED, so what is being loaded, retired or
 freed is accounted from the versions themselves. ``pending`` is set while a version is LOADING or FREEING: waiters
 wait on it, then look again.
+
+A ``NamedAdapter`` is what a name points at: its current version (none while only a CDN offers it), a new version
+being loaded to replace it, and the versions it left behind that still hold memory. Its ``AdapterState`` is derived
+from the current version, never stored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
@@ -21,7 +26,7 @@ from pathlib import Path
 from edge_runtime.errors import InvalidTransition
 from edge_runtime.runtime.engine import AdapterHandle
 
-__all__ = ["AdapterVersion", "VersionState"]
+__all__ = ["AdapterState", "AdapterVersion", "NamedAdapter", "RemoteOffer", "VersionState"]
 
 
 class VersionState(Enum):
@@ -72,3 +77,53 @@ class AdapterVersion:
     def usable(self) -> bool:
         """True when generations may start on it."""
         return self.state is VersionState.RESIDENT and self.handle is not None
+
+
+class AdapterState(Enum):
+    """Where a named adapter is: only on the CDN, on disk, in memory, or used by a running generation."""
+
+    REMOTE = "remote"
+    CACHED = "cached"
+    RESIDENT = "resident"
+    ACTIVE = "active"
+
+
+@dataclass(frozen=True)
+class RemoteOffer:
+    """What a CDN manifest says of an adapter this device has not pulled."""
+
+    sha256: str
+    size_bytes: int
+
+
+@dataclass(eq=False)
+class NamedAdapter:
+    """One name: its current version, a new version being loaded to replace it, and versions it left behind."""
+
+    name: str
+    current: AdapterVersion | None  # None: known only from a CDN manifest
+    remote: RemoteOffer | None = None
+    update: AdapterVersion | None = None  # loading; takes the name once loaded
+    former: list[AdapterVersion] = field(default_factory=list)  # lost the name, still holding memory
+    pinned: bool = False
+    last_used: float = 0.0  # wall-clock seconds, for display
+    use_order: int = 0  # a monotonic counter, for LRU
+
+    def versions(self) -> Iterator[AdapterVersion]:
+        """Every version of this name that may hold memory."""
+        yield from (v for v in (self.current, self.update) if v is not None)
+        yield from self.former
+
+    @property
+    def state(self) -> AdapterState:
+        version = self.current
+        if version is None:
+            return AdapterState.REMOTE
+        if version.usable:
+            return AdapterState.ACTIVE if version.users else AdapterState.RESIDENT
+        return AdapterState.CACHED
+
+    @property
+    def busy(self) -> bool:
+        """True when a version is in memory or an update is under way (the name cannot be re-pointed)."""
+        return self.update is not None or any(v.holds_memory for v in self.versions())

@@ -23,6 +23,7 @@ from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, Qu
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import AdapterInfo
 from edge_runtime.runtime.core import AppliedAdapter, Runtime
+from edge_runtime.runtime.engine import Engine
 from edge_runtime.serve import openai_api
 from edge_runtime.serve.follower import CdnFollower
 from edge_runtime.serve.metrics import CONTENT_TYPE, Metrics
@@ -117,22 +118,33 @@ def base_id(runtime: Runtime) -> str:
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
-    except EdgeRtError as exc:
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-        param = getattr(exc, "param", None)
-        return web.json_response(openai_api.error_body(str(exc), exc.error_type, code=exc.http_status, param=param),
-                                 status=exc.http_status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return web.json_response(openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status),
-                                 status=exc.status)
+        return error_response(exc)
     except (ConnectionResetError, asyncio.CancelledError):
         raise
-    except Exception:
-        log.exception("unexpected error serving %s %s", request.method, request.path)
-        return web.json_response(openai_api.error_body("internal error; see the daemon's log", "server_error",
-                                                       code=500), status=500)
+    except Exception as exc:
+        if not isinstance(exc, EdgeRtError):
+            log.exception("unexpected error serving %s %s", request.method, request.path)
+        return error_response(exc)
+
+
+def error_response(exc: BaseException) -> web.Response:
+    """The OpenAI-shaped JSON answer for ``exc``: the status its class declares, 500 for an unexpected error."""
+    status, body, headers = error_payload(exc)
+    return web.json_response(body, status=status, headers=headers)
+
+
+def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str] | None]:
+    """(HTTP status, OpenAI error body, extra headers) for ``exc``; a stream sends the body as its last event."""
+    if isinstance(exc, EdgeRtError):
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        body = openai_api.error_body(str(exc), exc.error_type, code=exc.http_status, param=getattr(exc, "param", None))
+        return exc.http_status, body, headers
+    if isinstance(exc, web.HTTPException):
+        return exc.status, openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status), None
+    return 500, openai_api.error_body("internal error; see the daemon's log", "server_error", code=500), None
 
 
 @web.middleware
@@ -166,10 +178,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     parsed = openai_api.parse_request(await _json(request), chat=chat, base_id=base_id(runtime),
                                       known_adapters=set(runtime.adapters.names()),
                                       max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
-    prompt = runtime.engine.chat_prompt(parsed.messages) if parsed.messages is not None \
-        else runtime.engine.tokenize(parsed.prompt_text or "")
-    if len(prompt) >= runtime.engine.n_ctx:
-        raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=runtime.engine.n_ctx)
+    prompt = await _prompt_tokens(runtime.engine, parsed)
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
     status, produced, job = 500, 0, None
     try:
@@ -238,12 +247,24 @@ async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: J
     except Exception as exc:  # after the headers went out the status is fixed: report in the stream
         if not isinstance(exc, EdgeRtError):
             log.exception("generation failed mid-stream")
-        status = exc.http_status if isinstance(exc, EdgeRtError) else 500
-        kind = exc.error_type if isinstance(exc, EdgeRtError) else "server_error"
-        error = openai_api.error_body(str(exc) if isinstance(exc, EdgeRtError) else "internal error", kind,
-                                      code=status)
-        await response.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+        await response.write(b"data: " + json.dumps(error_payload(exc)[1]).encode() + b"\n\n")
     return response, tokens
+
+
+async def _prompt_tokens(engine: Engine, parsed: openai_api.ParsedRequest) -> list[int]:
+    """The prompt's tokens, computed off the event loop once its byte length alone does not rule it out."""
+    texts = [m["content"] for m in parsed.messages] if parsed.messages is not None else [parsed.prompt_text or ""]
+    text_bytes = sum(len(text.encode()) for text in texts)
+    at_least = engine.min_tokens(text_bytes)
+    if at_least >= engine.n_ctx:  # no tokenizing (a second per megabyte) for what cannot fit whatever its tokens
+        raise ContextOverflow(prompt_tokens=at_least, context_tokens=engine.n_ctx, prompt_bytes=text_bytes)
+    if parsed.messages is not None:
+        prompt = await asyncio.to_thread(engine.chat_prompt, parsed.messages)
+    else:
+        prompt = await asyncio.to_thread(engine.tokenize, parsed.prompt_text or "")
+    if len(prompt) >= engine.n_ctx:
+        raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=engine.n_ctx)
+    return prompt
 
 
 def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:

@@ -52,19 +52,20 @@ class CdnFollower:
 
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
-        await asyncio.to_thread(self.cdn.store.recover)
+        store = self.cdn.store
+        await store.call(store.recover)
         local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
-        for cached in self.cdn.store.adapters():
+        for cached in await store.call(store.adapters):
             if cached.name in local:
                 log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
                 continue
             try:
-                self.manager.add(cached.name, cached.path, sha256=cached.sha256)
+                await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
                 self._followed.add(cached.name)
             except EdgeRtError as exc:
                 log.warning("cached adapter %s is not served: %s", cached.name, exc)
         if self.cdn.offline:  # no network: the last verified manifest still names what was not pulled (cache misses)
-            known = self.cdn.last_manifest()
+            known = await self.cdn.last_manifest()
             for entry in self.cdn.offered(known) if known is not None else ():
                 self.manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)
             return
@@ -87,7 +88,7 @@ class CdnFollower:
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
-        self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
+        await self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
         due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
                and self.manager.outdated(e.name, e.sha256)]
         for entry in due:

@@ -13,6 +13,7 @@ from peft_dirs import lora_tensors, write_peft_dir
 from safetensors.numpy import save_file
 
 from converters import convert_peft_to_gguf
+from converters import errors as converter_errors
 from converters.peft_adapter import read_peft_adapter
 from edge_runtime import errors
 from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT, KEY_PEFT_CONFIG_SHA256, read_info
@@ -126,7 +127,7 @@ def test_unsupported_peft_features_are_refused_by_name(tmp_path: Path, base_mode
                                                        value: object, words: str) -> None:
     peft_dir = write_peft_dir(tmp_path / "peft", **{option: value})
     out = tmp_path / "a.gguf"
-    with pytest.raises(errors.UnsupportedAdapterFeature) as raised:
+    with pytest.raises(converter_errors.UnsupportedAdapterFeature) as raised:
         convert_peft_to_gguf(peft_dir, base=base_model, output=out)
     assert raised.value.feature == option
     assert f"unsupported PEFT feature {option}=" in str(raised.value) and words in str(raised.value)
@@ -136,7 +137,7 @@ def test_unsupported_peft_features_are_refused_by_name(tmp_path: Path, base_mode
 def test_dora_magnitude_tensors_are_refused_even_without_the_flag(tmp_path: Path, base_model: Path) -> None:
     tensors = lora_tensors(["q_proj"])
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector"] = np.ones((1, 576), np.float32)
-    with pytest.raises(errors.UnsupportedAdapterFeature, match="use_dora"):
+    with pytest.raises(converter_errors.UnsupportedAdapterFeature, match="use_dora"):
         convert_peft_to_gguf(write_peft_dir(tmp_path / "p", tensors=tensors, target_modules=["q_proj"]),
                              base=base_model, output=tmp_path / "a.gguf")
 
@@ -144,7 +145,7 @@ def test_dora_magnitude_tensors_are_refused_even_without_the_flag(tmp_path: Path
 def test_embedding_lora_is_refused(tmp_path: Path, base_model: Path) -> None:
     tensors = {"base_model.model.model.embed_tokens.lora_embedding_A": np.zeros((8, 49152), np.float32),
                "base_model.model.model.embed_tokens.lora_embedding_B": np.zeros((576, 8), np.float32)}
-    with pytest.raises(errors.UnsupportedAdapterFeature, match="embedding LoRA"):
+    with pytest.raises(converter_errors.UnsupportedAdapterFeature, match="embedding LoRA"):
         convert_peft_to_gguf(write_peft_dir(tmp_path / "p", tensors=tensors, target_modules=["embed_tokens"]),
                              base=base_model, output=tmp_path / "a.gguf")
 
@@ -173,13 +174,14 @@ def test_adapter_for_another_base_shape_is_refused(tmp_path: Path, base_model: P
 def test_lora_a_and_b_with_different_ranks_are_refused(tmp_path: Path, base_model: Path) -> None:
     tensors = lora_tensors(["q_proj"], layers=[0])
     tensors["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"] = np.zeros((576, 4), np.float32)
-    with pytest.raises(errors.MalformedAdapter, match="lora_A has rank 8 but lora_B has rank 4"):
+    with pytest.raises(converter_errors.MalformedAdapter, match="lora_A has rank 8 but lora_B has rank 4"):
         convert_peft_to_gguf(write_peft_dir(tmp_path / "p", tensors=tensors, target_modules=["q_proj"]),
                              base=base_model, output=tmp_path / "a.gguf")
 
 
 def test_rank_disagreeing_with_the_config_is_refused(tmp_path: Path, base_model: Path) -> None:
-    with pytest.raises(errors.MalformedAdapter, match="tensors have rank 8 but adapter_config.json gives it rank 4"):
+    with pytest.raises(converter_errors.MalformedAdapter,
+                       match="tensors have rank 8 but adapter_config.json gives it rank 4"):
         convert_peft_to_gguf(write_peft_dir(tmp_path / "p", tensors=lora_tensors(["q_proj", "k_proj"]), r=4),
                              base=base_model, output=tmp_path / "a.gguf")
 
@@ -187,14 +189,14 @@ def test_rank_disagreeing_with_the_config_is_refused(tmp_path: Path, base_model:
 def test_missing_config_is_refused(tmp_path: Path, base_model: Path) -> None:
     peft_dir = write_peft_dir(tmp_path / "p")
     (peft_dir / "adapter_config.json").unlink()
-    with pytest.raises(errors.AdapterFilesMissing, match="adapter_config.json is missing"):
+    with pytest.raises(converter_errors.AdapterFilesMissing, match="adapter_config.json is missing"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
 
 
 def test_missing_weights_are_refused(tmp_path: Path, base_model: Path) -> None:
     peft_dir = write_peft_dir(tmp_path / "p")
     (peft_dir / "adapter_model.safetensors").unlink()
-    with pytest.raises(errors.AdapterFilesMissing, match="adapter_model.safetensors is missing"):
+    with pytest.raises(converter_errors.AdapterFilesMissing, match="adapter_model.safetensors is missing"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
 
 
@@ -203,7 +205,8 @@ def test_pickle_only_adapter_is_refused_without_loading_it(tmp_path: Path, base_
     (peft_dir / "adapter_model.safetensors").unlink()
     # A pickle that would run code if loaded: the converter must not even open it.
     (peft_dir / "adapter_model.bin").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR.")
-    with pytest.raises(errors.AdapterFilesMissing, match=r"only adapter_model.bin \(a pickle\).*safe_serialization"):
+    with pytest.raises(converter_errors.AdapterFilesMissing,
+                       match=r"only adapter_model.bin \(a pickle\).*safe_serialization"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
     assert not Path("pwned").exists()
 
@@ -211,7 +214,7 @@ def test_pickle_only_adapter_is_refused_without_loading_it(tmp_path: Path, base_
 def test_malformed_config_json_is_refused(tmp_path: Path, base_model: Path) -> None:
     peft_dir = write_peft_dir(tmp_path / "p")
     (peft_dir / "adapter_config.json").write_text('{"r": 8, "lora_alpha": ')
-    with pytest.raises(errors.MalformedAdapter, match="not valid JSON"):
+    with pytest.raises(converter_errors.MalformedAdapter, match="not valid JSON"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
 
 
@@ -221,7 +224,7 @@ def test_invalid_config_values_are_named(tmp_path: Path, base_model: Path, field
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     config[field] = value
     (peft_dir / "adapter_config.json").write_text(json.dumps(config))
-    with pytest.raises(errors.MalformedAdapter, match=f"{field} must be"):
+    with pytest.raises(converter_errors.MalformedAdapter, match=f"{field} must be"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
 
 
@@ -237,7 +240,7 @@ def test_corrupted_safetensors_are_refused(tmp_path: Path, base_model: Path, dam
     else:
         data = data[: len(data) // 2]
     weights.write_bytes(bytes(data))
-    with pytest.raises(errors.MalformedAdapter, match="corrupt safetensors file"):
+    with pytest.raises(converter_errors.MalformedAdapter, match="corrupt safetensors file"):
         convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "a.gguf")
 
 
@@ -257,7 +260,7 @@ def test_base_of_an_unsupported_architecture_is_refused(tmp_path: Path) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(errors.UnsupportedArchitecture, match="'gpt2' is not supported.*llama, qwen2"):
+    with pytest.raises(converter_errors.UnsupportedArchitecture, match="'gpt2' is not supported.*llama, qwen2"):
         convert_peft_to_gguf(write_peft_dir(tmp_path / "p"), base=base, output=tmp_path / "a.gguf")
 
 
@@ -267,7 +270,7 @@ def test_failed_conversion_keeps_the_previous_output_and_leaves_no_temp_files(tm
     convert_peft_to_gguf(write_peft_dir(tmp_path / "good"), base=base_model, output=out)
     before = out.read_bytes()
     bad = write_peft_dir(tmp_path / "bad", use_dora=True)
-    with pytest.raises(errors.UnsupportedAdapterFeature):
+    with pytest.raises(converter_errors.UnsupportedAdapterFeature):
         convert_peft_to_gguf(bad, base=base_model, output=out)
     assert out.read_bytes() == before
     assert sorted(p.name for p in out.parent.iterdir()) == ["a.gguf"]

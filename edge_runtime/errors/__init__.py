@@ -1,0 +1,96 @@
+"""Typed errors: one class per failure a user can act on.
+
+Every error carries the offending value, the limit it broke and the fix, and declares the HTTP status and the
+CLI exit code it maps to. Only ``cli.py`` and the server's error middleware read those two ClassVars.
+
+The tree::
+
+    EdgeRtError                                  (Exception)
+    ├── ModelNotFound                            (FileNotFoundError)   the base model file is missing
+    ├── InvalidGGUF                              (ValueError)          not a GGUF file, or a corrupt one
+    ├── SourceUnavailable                        (ConnectionError)     an hf:// source could not be resolved
+    ├── InvalidName                              (ValueError)          a name that would become a path is unsafe
+    ├── FileTooLarge                             (ValueError)          a file holds more than edge-rt reads of it
+    ├── PeftAdapterError  (converters/errors.py) (ValueError)        a PEFT directory edge-rt cannot read
+    │   ├── AdapterFilesMissing                  (FileNotFoundError)   adapter_config.json / safetensors missing
+    │   ├── MalformedAdapter                                           unreadable JSON, corrupt tensors, rank mismatch
+    │   └── UnsupportedAdapterFeature            (NotImplementedError) DoRA, biases, modules_to_save, ...
+    ├── AdapterNotFound                          (LookupError)         no adapter by that name is known
+    ├── BudgetExceeded                           (MemoryError)         an adapter cannot fit the memory budget
+    ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
+    ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
+    ├── InvalidSettings                          (ValueError)          a library setting it does not support
+    ├── RuntimeClosed                            (RuntimeError)        the runtime was closed before the call
+    ├── LlamaCppError                            (RuntimeError)        llama.cpp refused an operation
+    ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
+    ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
+    ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
+    ├── QueueFull                                (RuntimeError)        the request queue is at its bound
+    ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
+    ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
+    │   └── UnsupportedArchitecture  (converters/errors.py) (NotImplementedError) no name mapping for the base
+    ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
+    ├── ProfileNotFound                          (LookupError)         no device profile by that name or path
+    ├── DiskFull                                 (OSError)             the adapter cache's disk budget or disk is full
+    └── DistributionError                                              getting an adapter from a CDN failed
+        ├── UntrustedData                        (ValueError)          the CDN's data failed verification
+        │   ├── InvalidManifest                                        malformed JSON or schema; names the field
+        │   ├── SignatureInvalid                                       unsigned, wrong key, or tampered manifest
+        │   ├── RollbackRefused                                        manifest older than one already trusted
+        │   ├── ManifestExpired                                        manifest past its expires
+        │   ├── IntegrityError                                         blob sha256 differs from the manifest
+        │   └── LengthExceeded                                         response longer than allowed
+        ├── TransferFailed                       (ConnectionError)     network error, refusal, retries exhausted
+        │   ├── SlowRetrieval                    (TimeoutError)        stall, too slow, or past the deadline
+        │   └── RemoteNotFound                   (FileNotFoundError)   404 for a listed file
+        └── CacheMiss                            (FileNotFoundError)   offline and not cached
+"""
+
+from __future__ import annotations
+
+from edge_runtime.errors.base import EdgeRtError
+from edge_runtime.errors.device import (
+    AdapterNotFound,
+    BaseDoesNotFit,
+    BudgetExceeded,
+    ContextOverflow,
+    DiskFull,
+    FileTooLarge,
+    IncompatibleAdapter,
+    InvalidGGUF,
+    InvalidName,
+    InvalidProfile,
+    InvalidRequest,
+    InvalidSettings,
+    InvalidTransition,
+    LlamaCppError,
+    ModelNotFound,
+    ProfileNotFound,
+    QueueFull,
+    RuntimeClosed,
+    ShuttingDown,
+    SourceUnavailable,
+    Unauthorized,
+)
+from edge_runtime.errors.distribution import (
+    CacheMiss,
+    DistributionError,
+    IntegrityError,
+    InvalidManifest,
+    LengthExceeded,
+    ManifestExpired,
+    RemoteNotFound,
+    RollbackRefused,
+    SignatureInvalid,
+    SlowRetrieval,
+    TransferFailed,
+    UntrustedData,
+)
+
+__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "CacheMiss", "ContextOverflow", "DiskFull",
+           "DistributionError", "EdgeRtError", "FileTooLarge", "IncompatibleAdapter", "IntegrityError",
+           "InvalidGGUF", "InvalidManifest", "InvalidName", "InvalidProfile", "InvalidRequest",
+           "InvalidSettings", "InvalidTransition", "LengthExceeded", "LlamaCppError", "ManifestExpired",
+           "ModelNotFound", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused",
+           "RuntimeClosed", "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable",
+           "TransferFailed", "Unauthorized", "UntrustedData"]

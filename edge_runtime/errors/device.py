@@ -1,0 +1,312 @@
+"""Errors of the device side and the daemon: files, names, profiles, budgets, requests."""
+
+from __future__ import annotations
+
+from edge_runtime.errors.base import EdgeRtError
+
+__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "ContextOverflow", "DiskFull", "FileTooLarge",
+           "IncompatibleAdapter", "InvalidGGUF", "InvalidName", "InvalidProfile", "InvalidRequest",
+           "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound", "ProfileNotFound",
+           "QueueFull", "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
+
+
+class ModelNotFound(EdgeRtError, FileNotFoundError):
+    """The base model file does not exist (or the embedded default model is not installed)."""
+
+    http_status = 404
+    exit_code = 3
+    error_type = "model_not_found"
+
+    def __init__(self, message: str, *, path: str | None = None, fix: str | None = None) -> None:
+        self.path = path
+        super().__init__(message, fix=fix)
+
+
+class InvalidGGUF(EdgeRtError, ValueError):
+    """A file given as GGUF is not one, or cannot be parsed."""
+
+    http_status = 400
+    exit_code = 4
+    error_type = "invalid_gguf"
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path} is not a readable GGUF file: {reason}",
+                         fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`")
+
+
+class SourceUnavailable(EdgeRtError, ConnectionError):
+    """A remote source (hf://) could not be resolved: offline without a cached copy, not found, or refused."""
+
+    http_status = 502
+    exit_code = 5
+    error_type = "source_unavailable"
+
+    def __init__(self, source: str, reason: str, *, fix: str | None = None) -> None:
+        self.source = source
+        self.reason = reason
+        super().__init__(f"cannot fetch {source}: {reason}", fix=fix)
+
+
+class InvalidName(EdgeRtError, ValueError):
+    """A user-supplied name that would become part of a path or a key does not match the allowed pattern."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_name"
+
+    def __init__(self, name: str, pattern: str) -> None:
+        self.name = name
+        self.pattern = pattern
+        super().__init__(f"invalid name {name!r}",
+                         fix=f"Names must match {pattern} (letters, digits, '.', '_', '-'; no paths)")
+
+
+class FileTooLarge(EdgeRtError, ValueError):
+    """A file holds more bytes than edge-rt reads of its kind (reads of files others control are bounded)."""
+
+    http_status = 400
+    exit_code = 4
+    error_type = "file_too_large"
+
+    def __init__(self, path: str, *, limit_bytes: int) -> None:
+        self.path = path
+        self.limit_bytes = limit_bytes
+        super().__init__(f"{path} holds more than {limit_bytes} bytes", fix="Check that this is the file meant")
+
+
+class IncompatibleAdapter(EdgeRtError, ValueError):
+    """The adapter was made for a different base model than the one it is being used with."""
+
+    http_status = 409
+    exit_code = 6
+    error_type = "incompatible_adapter"
+
+    def __init__(self, message: str, *, fix: str = "Convert the adapter with --base set to the model it was "
+                                                     "trained on, and serve it with that model") -> None:
+        super().__init__(message, fix=fix)
+
+
+class InvalidProfile(EdgeRtError, ValueError):
+    """A device profile (a shipped file or one the user wrote) breaks the schema; ``field`` is its dotted key."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_profile"
+
+    def __init__(self, source: str, field: str | None, problem: str, *, value: object = None,
+                 fix: str = "Fix that key; `edge-rt profiles show jetson` prints a complete, valid profile") -> None:
+        self.source = source
+        self.field = field
+        self.value = value  # None when the key is missing (TOML has no null)
+        self.problem = problem
+        where = source if field is None else f"{source}: {field}" + ("" if value is None else f" = {value!r}")
+        super().__init__(f"{where}: {problem}", fix=fix)
+
+
+class ProfileNotFound(EdgeRtError, LookupError):
+    """No shipped device profile has that name or alias, or the profile file given as a path does not exist."""
+
+    http_status = 404
+    exit_code = 2
+    error_type = "profile_not_found"
+
+    def __init__(self, name: str, available: tuple[str, ...], *, problem: str = "no such device profile") -> None:
+        self.name = name
+        self.available = available
+        super().__init__(f"{name!r}: {problem}",
+                         fix=f"Use one of {', '.join(available)}, or a path to a .toml profile file")
+
+
+class AdapterNotFound(EdgeRtError, LookupError):
+    """No adapter by that name is registered (never silently replaced by the base model)."""
+
+    http_status = 404
+    exit_code = 3
+    error_type = "adapter_not_found"
+
+    def __init__(self, name: str, known: tuple[str, ...] = ()) -> None:
+        self.name = name
+        self.known = known
+        listing = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
+        super().__init__(f"unknown adapter {name!r}", fix=f"Known adapters: {listing}")
+
+
+class BudgetExceeded(EdgeRtError, MemoryError):
+    """An adapter cannot be made resident within the adapter memory budget, even after evicting what may go."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "budget_exceeded"
+
+    def __init__(self, name: str, *, needed_bytes: int, budget_bytes: int, evictable_bytes: int,
+                 held_bytes: int) -> None:
+        self.name = name
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.evictable_bytes = evictable_bytes
+        self.held_bytes = held_bytes
+        mib = 1 << 20
+        super().__init__(
+            f"adapter {name!r} needs {needed_bytes / mib:.1f} MiB but the adapter budget is "
+            f"{budget_bytes / mib:.1f} MiB with {held_bytes / mib:.1f} MiB held by pinned or in-use adapters",
+            fix="Wait for running requests, unpin adapters, use a smaller adapter or a profile with a larger "
+                "runtime_budget_mb (see `edge-rt plan`)")
+
+
+class ContextOverflow(EdgeRtError, ValueError):
+    """The prompt leaves no room to generate in the context window."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "context_length_exceeded"
+
+    def __init__(self, *, prompt_tokens: int, context_tokens: int, prompt_bytes: int | None = None) -> None:
+        self.prompt_tokens = prompt_tokens  # a lower bound when ``prompt_bytes`` is given (it was not tokenized)
+        self.context_tokens = context_tokens
+        self.prompt_bytes = prompt_bytes
+        size = f"{prompt_tokens} tokens" if prompt_bytes is None else \
+            f"{prompt_bytes} bytes (at least {prompt_tokens} tokens)"
+        super().__init__(f"the prompt has {size} but the context holds {context_tokens}",
+                         fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)")
+
+
+class InvalidSettings(EdgeRtError, ValueError):
+    """A library setting (engine, converter) outside what it supports; ``field`` names the setting."""
+
+    http_status = 500
+    exit_code = 2
+    error_type = "invalid_settings"
+
+    def __init__(self, field: str, value: object, problem: str,
+                 *, fix: str = "Fix the setting (for a daemon: the profile's [compute] table)") -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field} = {value!r}: {problem}", fix=fix)
+
+
+class RuntimeClosed(EdgeRtError, RuntimeError):
+    """The runtime (its engine) was closed; nothing more runs on it."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "runtime_closed"
+
+    def __init__(self) -> None:
+        super().__init__("the runtime is closed", fix="Create a new Runtime (or restart the daemon)")
+
+
+class LlamaCppError(EdgeRtError, RuntimeError):
+    """llama.cpp refused an operation edge-rt asked of it (a bug or a resource failure, never bad user input)."""
+
+    http_status = 500
+    exit_code = 1
+    error_type = "llama_cpp_error"
+
+    def __init__(self, operation: str) -> None:
+        self.operation = operation
+        super().__init__(f"llama.cpp refused to {operation}", fix="See the daemon's log; restart it if this repeats")
+
+
+class InvalidTransition(EdgeRtError, RuntimeError):
+    """An adapter was asked to move between lifecycle states in an order the lifecycle forbids."""
+
+    http_status = 409
+    exit_code = 1
+    error_type = "invalid_state"
+
+    def __init__(self, name: str, current: str, requested: str) -> None:
+        self.name = name
+        self.current = current
+        self.requested = requested
+        super().__init__(f"adapter {name!r} cannot go from {current} to {requested}",
+                         fix="Wait until it is no longer in use, or evict it first")
+
+
+class BaseDoesNotFit(EdgeRtError, MemoryError):
+    """The base model with its KV cache and buffers needs more than the profile's runtime budget."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "budget_exceeded"
+
+    def __init__(self, *, needed_bytes: int, budget_bytes: int, kv_cache_bytes: int, profile: str) -> None:
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.kv_cache_bytes = kv_cache_bytes
+        self.profile = profile
+        mib = 1 << 20
+        super().__init__(
+            f"the base model needs {needed_bytes / mib:.1f} MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but "
+            f"profile {profile!r} allows {budget_bytes / mib:.1f} MiB",
+            fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), a smaller model or another profile")
+
+
+class InvalidRequest(EdgeRtError, ValueError):
+    """An HTTP request body or parameter edge-rt cannot serve; ``param`` names it."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        self.param = param
+        super().__init__(message)
+
+
+class Unauthorized(EdgeRtError, PermissionError):
+    """The daemon has an API key and the request did not present it."""
+
+    http_status = 401
+    exit_code = 2
+    error_type = "authentication_error"
+
+    def __init__(self) -> None:
+        super().__init__("missing or wrong API key", fix="Send the header `Authorization: Bearer <key>`")
+
+
+class QueueFull(EdgeRtError, RuntimeError):
+    """Too many requests are already waiting; the client should retry after ``retry_after_s`` seconds."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "server_overloaded"
+
+    def __init__(self, *, queued: int, limit: int, retry_after_s: int = 1) -> None:
+        self.queued = queued
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        super().__init__(f"{queued} requests are already queued (limit {limit})",
+                         fix=f"Retry after {retry_after_s} s")
+
+
+class DiskFull(EdgeRtError, OSError):
+    """An adapter does not fit the adapter cache's disk budget or the free disk space, even after eviction."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "disk_full"
+
+    def __init__(self, name: str, *, needed_bytes: int, available_bytes: int, limit: str, held_bytes: int = 0) -> None:
+        self.name = name
+        self.needed_bytes = needed_bytes
+        self.available_bytes = available_bytes
+        self.limit = limit  # "adapter_cache_mb" or "free disk space"
+        self.held_bytes = held_bytes
+        mib = 1 << 20
+        super().__init__(
+            f"adapter {name!r} needs {needed_bytes / mib:.1f} MiB but the {limit} leaves {available_bytes / mib:.1f}"
+            f" MiB ({held_bytes / mib:.1f} MiB held by pinned, resident or in-use adapters)",
+            fix="Raise [storage] adapter_cache_mb (or --cache-mb), free disk space, or unpin adapters")
+
+
+class ShuttingDown(EdgeRtError, RuntimeError):
+    """The daemon is stopping: a queued request was dropped before it ran."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "server_shutting_down"
+
+    def __init__(self) -> None:
+        super().__init__("the daemon is shutting down", fix="Retry against the restarted daemon")

@@ -1,0 +1,141 @@
+"""Errors of adapter distribution: the CDN could not be reached, or what it sent failed verification."""
+
+from __future__ import annotations
+
+from edge_runtime.errors.base import EdgeRtError
+
+__all__ = ["CacheMiss", "DistributionError", "IntegrityError", "InvalidManifest", "LengthExceeded", "ManifestExpired",
+           "RemoteNotFound", "RollbackRefused", "SignatureInvalid", "SlowRetrieval", "TransferFailed",
+           "UntrustedData"]
+
+
+class DistributionError(EdgeRtError):
+    """Getting an adapter from a CDN failed; the subclass names the step and the cause."""
+
+    http_status = 502
+    exit_code = 8
+    error_type = "distribution_error"
+
+
+class UntrustedData(DistributionError, ValueError):
+    """What a CDN sent failed verification; none of it was used or kept."""
+
+    exit_code = 9
+    error_type = "untrusted_data"
+
+    def __init__(self, source: str, problem: str, *, fix: str) -> None:
+        self.source = source
+        self.problem = problem
+        super().__init__(f"{source}: {problem}", fix=fix)
+
+
+class InvalidManifest(UntrustedData):
+    """A manifest is not valid JSON or breaks the schema; ``field`` names the bad or missing key."""
+
+    error_type = "invalid_manifest"
+
+    def __init__(self, source: str, field: str | None, problem: str) -> None:
+        self.field = field
+        where = f"{field}: " if field else ""
+        super().__init__(source, f"invalid manifest: {where}{problem}",
+                         fix="Republish the CDN folder with `edge-rt publish`")
+
+
+class SignatureInvalid(UntrustedData):
+    """The manifest is unsigned, signed by another key, or its signature does not match its content."""
+
+    error_type = "signature_invalid"
+
+    def __init__(self, source: str, problem: str, *, keyid: str) -> None:
+        self.keyid = keyid
+        super().__init__(source, f"manifest signature: {problem} (trusted key {keyid[:16]})",
+                         fix="Check --public-key, or republish with `edge-rt publish --key` and the matching key")
+
+
+class RollbackRefused(UntrustedData):
+    """The CDN offers an older manifest than one this device already trusted (a rollback or freeze attack)."""
+
+    error_type = "manifest_rollback"
+
+    def __init__(self, source: str, *, offered_version: int, trusted_version: int, problem: str | None = None) -> None:
+        self.offered_version = offered_version
+        self.trusted_version = trusted_version
+        super().__init__(source, problem or f"manifest version {offered_version} is older than version "
+                         f"{trusted_version} already trusted", fix="Publish a new manifest (versions only grow)")
+
+
+class ManifestExpired(UntrustedData):
+    """The manifest's ``expires`` lies before the device's clock (or the newest time it has already seen)."""
+
+    error_type = "manifest_expired"
+
+    def __init__(self, source: str, *, expires: str, now: str) -> None:
+        self.expires = expires
+        self.now = now
+        super().__init__(source, f"manifest expired at {expires} (device time {now})",
+                         fix="Republish the CDN folder (`edge-rt publish` renews expires); check the device clock")
+
+
+class IntegrityError(UntrustedData):
+    """A downloaded blob's sha256 differs from the manifest's; it was deleted before anyone could see it."""
+
+    error_type = "integrity_error"
+
+    def __init__(self, source: str, *, expected_sha256: str, actual_sha256: str) -> None:
+        self.expected_sha256 = expected_sha256
+        self.actual_sha256 = actual_sha256
+        super().__init__(source, f"sha256 {actual_sha256[:16]}... differs from the manifest's "
+                         f"{expected_sha256[:16]}...",
+                         fix="The CDN or the link corrupts data; republish the adapter or try another network")
+
+
+class LengthExceeded(UntrustedData):
+    """A response is longer than the manifest (or the 1 MiB manifest bound) allows; reading stopped at the limit."""
+
+    error_type = "length_exceeded"
+
+    def __init__(self, source: str, *, limit_bytes: int, received_bytes: int) -> None:
+        self.limit_bytes = limit_bytes
+        self.received_bytes = received_bytes
+        super().__init__(source, f"sent at least {received_bytes} bytes where {limit_bytes} are allowed",
+                         fix="The CDN serves a different file than its manifest lists; republish it")
+
+
+class TransferFailed(DistributionError, ConnectionError):
+    """The CDN could not be reached or refused the request (after retries where retrying makes sense)."""
+
+    def __init__(self, url: str, reason: str, *, status: int | None = None, attempts: int = 1,
+                 fix: str = "Check the network and the --cdn URL; cached adapters stay usable with --offline") -> None:
+        self.url = url
+        self.reason = reason
+        self.status = status
+        self.attempts = attempts
+        super().__init__(f"{url}: {reason} (after {attempts} attempt{'s' if attempts != 1 else ''})", fix=fix)
+
+
+class SlowRetrieval(TransferFailed, TimeoutError):
+    """A download stalled, ran below the minimum throughput, or passed its overall deadline."""
+
+    error_type = "slow_retrieval"
+
+
+class RemoteNotFound(TransferFailed, FileNotFoundError):
+    """The CDN answered 404 for a file its manifest lists (or for the manifest itself)."""
+
+    exit_code = 3
+    error_type = "remote_not_found"
+
+
+class CacheMiss(DistributionError, FileNotFoundError):
+    """Offline (``--offline``, ``EDGE_RT_OFFLINE`` or ``HF_HUB_OFFLINE``) and the adapter is not in the cache."""
+
+    http_status = 503
+    exit_code = 3
+    error_type = "cache_miss"
+
+    def __init__(self, name: str, *, cached: tuple[str, ...]) -> None:
+        self.name = name
+        self.cached = cached
+        listing = ", ".join(cached) if cached else "none"
+        super().__init__(f"adapter {name!r} is not cached and the device is offline",
+                         fix=f"Sync it while online (`edge-rt sync --adapters {name}`); cached adapters: {listing}")

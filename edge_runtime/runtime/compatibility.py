@@ -1,0 +1,41 @@
+"""Whether an adapter file was made for the resident base model, decided from its GGUF header alone.
+
+Adapters converted by edge-rt carry the base's fingerprint; adapters from other converters are checked tensor by
+tensor against the base's shapes. Either way llama.cpp never sees a file made for another model.
+"""
+
+from __future__ import annotations
+
+from edge_runtime.errors import IncompatibleAdapter
+from edge_runtime.gguf.header import GGUFHeader
+from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
+
+__all__ = ["BaseCompatibility"]
+
+
+class BaseCompatibility:
+    """The resident base model's fingerprint and tensor shapes, against which adapters are checked."""
+
+    def __init__(self, base_header: GGUFHeader, base_fingerprint: str) -> None:
+        self._base_fingerprint = base_fingerprint
+        self._base_shapes = {t.name: t.shape for t in base_header.tensors}
+
+    def check(self, name: str, header: GGUFHeader) -> None:
+        """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""
+        if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
+            raise IncompatibleAdapter(f"{header.path} is not a LoRA adapter", fix="Pass a file made by edge-rt convert")
+        fingerprint = header.value(KEY_BASE_FINGERPRINT)
+        if fingerprint is not None:
+            if fingerprint != self._base_fingerprint:
+                raise IncompatibleAdapter(
+                    f"adapter {name!r} was converted for another base model (fingerprint {str(fingerprint)[:12]}, "
+                    f"resident base {self._base_fingerprint[:12]})")
+            return
+        # Adapters made by other converters carry no fingerprint: check every target tensor's shape instead.
+        for tensor in header.tensors:
+            target = tensor.name.rsplit(".lora_", 1)[0]
+            shape = self._base_shapes.get(target)
+            width = tensor.shape[0] if tensor.name.endswith(".lora_a") else tensor.shape[1]
+            expected = None if shape is None else shape[0] if tensor.name.endswith(".lora_a") else shape[1]
+            if expected != width:
+                raise IncompatibleAdapter(f"adapter {name!r} tensor {tensor.name} does not match the base model")

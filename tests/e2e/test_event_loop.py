@@ -1,0 +1,75 @@
+"""The daemon's event loop never blocks: megabyte prompts are tokenized off it while others are served."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import requests
+from daemons import Daemon, run_daemon
+
+BIG_PROMPTS = 4
+BIG_PROMPT_BYTES = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def long_context_daemon(tmp_path_factory: pytest.TempPathFactory,
+                        make_profile: Callable[..., Path]) -> Iterator[Daemon]:
+    """A daemon whose context (16k tokens) is long enough that a 1 MB prompt must be tokenized to be judged."""
+    profile = make_profile("long-context", budget_mb=1536, ctx=16384)
+    log = tmp_path_factory.mktemp("loop-daemon") / "serve.log"
+    with run_daemon("--profile", str(profile), "--max-body-kb", "1100", log=log) as running:
+        yield running
+
+
+def test_health_and_a_running_stream_answer_while_megabyte_prompts_are_tokenized(
+        long_context_daemon: Daemon) -> None:
+    url = long_context_daemon.url
+    events: list[str] = []  # in order of completion
+    lock = threading.Lock()
+    first_rejection = threading.Event()
+
+    def record(event: str) -> None:
+        with lock:
+            events.append(event)
+
+    def stream() -> None:
+        body = {"prompt": "Once upon a time", "max_tokens": 400, "stream": True, "temperature": 0}
+        with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=120) as response:
+            for line in response.iter_lines():
+                if line.startswith(b"data: {"):
+                    record("chunk")
+                if first_rejection.is_set() and events.count("chunk") > 0:
+                    break  # enough: the order below is what is asserted
+
+    def big_prompt() -> None:
+        prompt = "The device reads a long document. " * (BIG_PROMPT_BYTES // 34)
+        response = requests.post(f"{url}/v1/completions", data=json.dumps({"prompt": prompt, "max_tokens": 1}),
+                                 headers={"Content-Type": "application/json"}, timeout=120)
+        assert response.status_code == 400 and response.json()["error"]["type"] == "context_length_exceeded"
+        assert "bytes" not in response.json()["error"]["message"]  # judged by its tokens: it was tokenized
+        record("rejected")
+        first_rejection.set()
+
+    streamer = threading.Thread(target=stream)
+    streamer.start()
+    while not events:  # the stream is running before the big prompts arrive
+        threading.Event().wait(0.01)
+    bigs = [threading.Thread(target=big_prompt) for _ in range(BIG_PROMPTS)]
+    for thread in bigs:
+        thread.start()
+    while not first_rejection.is_set():
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200
+        record("health")
+    for thread in [*bigs, streamer]:
+        thread.join(timeout=120)
+    first = events.index("rejected")
+    before = events[:first]
+    # Every /health but the last (sent just before the first rejection) answered while the prompts were being
+    # tokenized, and the stream kept delivering tokens meanwhile.
+    assert before.count("health") >= 3, events[:40]
+    assert events.index("chunk", events.index("health")) < first, events[:40]
+    assert events.count("rejected") == BIG_PROMPTS

@@ -1,0 +1,51 @@
+"""The daemon's request handling in process (aiohttp's test server on 127.0.0.1, the real runtime)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.serve.app import ServerConfig, create_app
+
+
+@pytest.fixture
+def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(make_profile("app-test", budget_mb=512))), ctx=512)
+    yield rt
+    rt.close()
+
+
+async def test_a_prompt_too_long_by_its_bytes_alone_is_refused_without_tokenizing(
+        aiohttp_client: Any, runtime: Runtime) -> None:
+    tokenized: list[int] = []
+    real_tokenize = runtime.engine.tokenize
+
+    def counting_tokenize(text: str, **kwargs: Any) -> list[int]:  # the real tokenizer, counted
+        tokenized.append(len(text))
+        return real_tokenize(text, **kwargs)
+
+    runtime.engine.tokenize = counting_tokenize  # type: ignore[method-assign]
+    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=4 << 20), runtime))
+    limit = 512 * runtime.engine.max_token_bytes  # no 512-token prompt can hold more bytes than this
+
+    response = await client.post("/v1/completions", json={"prompt": "x" * (limit + 1), "max_tokens": 1})
+    error = (await response.json())["error"]
+    assert response.status == 400 and error["type"] == "context_length_exceeded"
+    assert f"{limit + 1} bytes (at least 513 tokens)" in error["message"] and tokenized == []
+
+    response = await client.post("/v1/completions", json={"prompt": "word " * 600, "max_tokens": 1})
+    assert response.status == 400 and "bytes" not in (await response.json())["error"]["message"]
+    assert tokenized == [3000]  # short enough in bytes to need its tokens counted
+
+
+def test_the_longest_token_bounds_how_many_bytes_a_token_covers(runtime: Runtime) -> None:
+    text = "The quick brown fox jumps over the lazy dog. " * 50 + "\n" + " " * 300 + "=" * 200
+    tokens = runtime.engine.tokenize(text, add_bos=False)
+    assert runtime.engine.min_tokens(len(text.encode())) <= len(tokens)
+    pieces = [len(runtime.engine.detokenize([t]).encode()) for t in tokens]
+    assert max(pieces) <= runtime.engine.max_token_bytes
