@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import psutil
 
-from edge_runtime.errors import InvalidProfile, ProfileNotFound
+from edge_runtime.errors import FileTooLarge, InvalidProfile, ProfileNotFound
+from edge_runtime.files import read_bounded
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +47,7 @@ DEFAULT_PROFILE = AUTO
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
 KV_TYPES = ("f32", "f16", "q8_0", "q4_0")
 MIB = 2**20
+MAX_PROFILE_BYTES = 1 << 20
 # llama.cpp pads the KV cache to 256 cells with flash attention (32 without): a context of whole 256-token blocks
 # is exactly what it allocates either way, so the budget planner's KV formula needs no rounding of its own.
 CTX_MULTIPLE = 256
@@ -392,7 +394,9 @@ def load_profile(name_alias_or_path: str) -> DeviceProfile:
     if _is_path(name_alias_or_path):
         path = Path(name_alias_or_path)
         try:
-            raw = path.read_bytes()
+            raw = read_bounded(path, MAX_PROFILE_BYTES)
+        except FileTooLarge as exc:
+            raise InvalidProfile(str(path), None, f"larger than {MAX_PROFILE_BYTES} bytes: not a profile") from exc
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
             raise ProfileNotFound(name_alias_or_path, _available(), problem="no such profile file") from exc
         except OSError as exc:

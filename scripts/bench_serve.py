@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,18 @@ def make_adapter(folder: Path, name: str, rank: int, seed: int) -> Path:
                                                               "target_modules": [m for x in MODULES.values()
                                                                                  for m in x]}))
     return convert_peft_to_gguf(peft_dir, base=default_model_path(), output=folder / "served" / f"{name}.gguf").output
+
+
+def on_own_thread(function: Any, *args: Any) -> Any:
+    """Run bare llama.cpp work on a thread that exits afterwards, never on the main thread.
+
+    llama.cpp's CPU backend here is built with OpenMP: each thread that runs a graph keeps its own libgomp team for
+    life, and once a process has more OpenMP threads than cores, libgomp stops spinning at barriers and sleeps on
+    a futex instead (hundreds of sleeps per token). An Engine decodes on its own worker thread, so a team left on
+    the main thread would slow every later Engine measurement; the edge-rt daemon never has a second team.
+    """
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(function, *args).result()
 
 
 def bare_llama(lora: str | None = None) -> llama_cpp.Llama:
@@ -210,7 +223,7 @@ def main() -> int:
                            f'runtime_budget_mb = 4096\n[storage]\nadapter_cache_mb = 1024\n[compute]\n'
                            f'threads = {THREADS}\ngpu_layers = 0\nctx = {CTX}\nbatch = 512\nkv_type = "f16"\n'
                            f'[network]\nmax_download_kbps = 0\nmetered = false\n')
-        direct = direct_tokens_per_second()
+        direct = on_own_thread(direct_tokens_per_second)
         process, url = start_daemon(work / "served", profile)
         try:
             served = http_tokens_per_second(url)
@@ -218,8 +231,8 @@ def main() -> int:
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(timeout=30)
-        bare_overhead = bare_switch_overhead([a, b])
-        hot, reload = hot_switch_seconds([a, b]), reload_switch_seconds([a, b])
+        bare_overhead = on_own_thread(bare_switch_overhead, [a, b])
+        hot, reload = hot_switch_seconds([a, b]), on_own_thread(reload_switch_seconds, [a, b])
         rates = decode_rates(ranked)
     result: dict[str, Any] = {
         "http_tokens_per_s": served, "direct_tokens_per_s": direct, "http_vs_direct": served / direct,

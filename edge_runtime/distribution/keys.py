@@ -18,7 +18,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from edge_runtime.errors import SignatureInvalid
-from edge_runtime.files import atomic_output
+from edge_runtime.files import atomic_output, read_bounded
+
+MAX_KEY_BYTES = 64 * 1024
 
 __all__ = ["generate_key", "keyid", "load_private_key", "load_public_key", "sign", "verify"]
 
@@ -83,7 +85,7 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 def _load_key(path: Path, loader: Any, **kwargs: Any) -> object:
     try:
-        return loader(path.read_bytes(), **kwargs)
+        return loader(read_bounded(path, MAX_KEY_BYTES), **kwargs)
     except FileNotFoundError as exc:
         raise _not_a_key(path, "key", "no such file") from exc
     except (ValueError, TypeError) as exc:

@@ -22,6 +22,7 @@ from edge_runtime.distribution.manifest import (
     read_manifest,
     sign_manifest,
 )
+from edge_runtime.distribution.sources import read_manifest_file
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
 from edge_runtime.files import atomic_output, file_sha256
 from edge_runtime.gguf.info import read_info
@@ -63,7 +64,7 @@ def _previous(out_dir: Path) -> Manifest | None:
     path = out_dir / MANIFEST_FILE
     if not path.exists():
         return None
-    return read_manifest(path.read_bytes(), source=str(path), public_key=None)
+    return read_manifest(read_manifest_file(path), source=str(path), public_key=None)
 
 
 def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> ManifestEntry:

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from edge_runtime.errors import DiskFull, EdgeRtError, IntegrityError, InvalidName
-from edge_runtime.files import atomic_output, file_sha256, fsync_directory
+from edge_runtime.errors import DiskFull, EdgeRtError, FileTooLarge, IntegrityError, InvalidName
+from edge_runtime.files import atomic_output, file_sha256, fsync_directory, read_bounded
 from edge_runtime.gguf.info import read_info
 from edge_runtime.names import validate_name
 
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
+MAX_REF_BYTES = 1024
+MAX_VALIDATOR_BYTES = 16 * 1024
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _BLOB = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
 _PARTIAL = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
@@ -131,10 +133,12 @@ class AdapterStore:
         """The cached adapter called ``name``, or None."""
         ref = self.refs_dir / validate_name(name)
         try:
-            sha256 = ref.read_text("ascii").strip()
+            sha256 = read_bounded(ref, MAX_REF_BYTES).decode("ascii").strip()
+            if _SHA.fullmatch(sha256) is None:  # a damaged ref never names a path outside blobs/
+                return None
             last_used = ref.stat().st_mtime
             size = self.blob_path(sha256).stat().st_size
-        except (FileNotFoundError, UnicodeDecodeError):
+        except (FileNotFoundError, UnicodeDecodeError, FileTooLarge):
             return None
         return CachedAdapter(name=name, path=self.blob_path(sha256), sha256=sha256, size=size, last_used=last_used)
 
@@ -369,7 +373,7 @@ class AdapterStore:
 
 def _read_validator(path: Path) -> str | None:
     try:
-        value = json.loads(path.read_text("utf-8")).get("validator")
+        value = json.loads(read_bounded(path, MAX_VALIDATOR_BYTES)).get("validator")
     except (FileNotFoundError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None

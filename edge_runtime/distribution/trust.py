@@ -23,9 +23,10 @@ from pathlib import Path
 
 from edge_runtime.distribution.manifest import Manifest, format_time, parse_time
 from edge_runtime.errors import ManifestExpired, RollbackRefused
-from edge_runtime.files import atomic_output
+from edge_runtime.files import atomic_output, read_bounded
 
 TRUST_FILE = "trust.json"
+MAX_TRUST_BYTES = 4 << 20
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ class TrustStore:
 
     def _load(self) -> dict[str, dict[str, object]]:
         try:
-            data = json.loads(self.path.read_text("utf-8"))
+            data = json.loads(read_bounded(self.path, MAX_TRUST_BYTES))
         except FileNotFoundError:
             return {}
         return data if isinstance(data, dict) else {}

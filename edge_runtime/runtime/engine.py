@@ -1,7 +1,10 @@
 """The engine: the one resident base model and its context. The only module that imports llama_cpp.
 
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
-hand their work to it. The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so
+hand their work to it. Keep it that way in a process that embeds an engine: llama-cpp-python's CPU build uses
+OpenMP, which keeps a thread team for every thread that ever ran a graph, and once a process holds more OpenMP
+threads than cores they sleep at each of ggml's per-node barriers instead of spinning (decode fell from ~115 to
+~60 tok/s, and an all-linear LoRA looked twice as costly, in a benchmark that had run llama.cpp on its main thread). The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so
 adapters go through the low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` /
 ``llama_adapter_lora_free`` calls).
 
@@ -16,6 +19,7 @@ from __future__ import annotations
 import codecs
 import ctypes
 import logging
+import os
 import queue
 import random
 import threading
@@ -28,6 +32,7 @@ from typing import Any, TypeVar, cast
 import gguf
 import llama_cpp
 import numpy as np
+import psutil
 from jinja2 import TemplateError
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -54,7 +59,7 @@ class EngineSettings:
     n_ctx: int = 2048
     n_batch: int = 512
     n_ubatch: int = 512
-    n_threads: int | None = None
+    n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
@@ -163,10 +168,11 @@ class Engine:
         if settings.kv_type not in KV_TYPES:
             raise InvalidSettings("kv_type", settings.kv_type, f"must be one of {', '.join(KV_TYPES)}")
         kv = gguf.GGMLQuantizationType[settings.kv_type.upper()].value  # the ggml_type id llama.cpp takes
+        threads = settings.n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(self.model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-                n_ubatch=settings.n_ubatch, n_threads=settings.n_threads, n_threads_batch=settings.n_threads,
+                n_ubatch=settings.n_ubatch, n_threads=threads, n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers, use_mmap=True, flash_attn=True, type_k=kv, type_v=kv,
                 logits_all=settings.logits_all, verbose=False,
             )

@@ -13,6 +13,7 @@ from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.app import ServerConfig, create_app
 
 
+
 @pytest.fixture
 def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
     rt = Runtime(load_profile(str(make_profile("app-test", budget_mb=512))), ctx=512)
@@ -20,6 +21,7 @@ def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
     rt.close()
 
 
+@pytest.mark.asyncio
 async def test_a_prompt_too_long_by_its_bytes_alone_is_refused_without_tokenizing(
         aiohttp_client: Any, runtime: Runtime) -> None:
     tokenized: list[int] = []
