@@ -63,6 +63,7 @@ class FaultCdn:
     root: Path
     faults: list[Fault | None] = field(default_factory=list)
     manifest: bytes | None = None  # serve these bytes as manifest.json instead of the file
+    manifest_piece_bytes: int | None = None  # send the manifest in pieces of this size, each written and drained
     log: list[Served] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -85,7 +86,10 @@ class FaultCdn:
         self.log.append(served)
         file = self.root / path
         if path == "manifest.json" and (self.manifest is not None or file.is_file()):
-            return self._manifest(served, self.manifest if self.manifest is not None else file.read_bytes())
+            document = self.manifest if self.manifest is not None else file.read_bytes()
+            if self.manifest_piece_bytes is not None:
+                return await self._manifest_in_pieces(request, served, document, self.manifest_piece_bytes)
+            return self._manifest(served, document)
         if ".." in path.split("/") or not file.is_file():
             served.status = 404
             return web.Response(status=404)
@@ -100,6 +104,18 @@ class FaultCdn:
             return web.Response(status=304, headers={"ETag": etag})
         served.body_bytes = len(document)
         return web.Response(body=document, content_type="application/json", headers={"ETag": etag})
+
+    @staticmethod
+    async def _manifest_in_pieces(request: web.Request, served: Served, document: bytes,
+                                  piece: int) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.content_length = len(document)
+        await response.prepare(request)
+        for start in range(0, len(document), piece):
+            await response.write(document[start:start + piece])
+            await asyncio.sleep(0)  # let the client see each piece on its own
+            served.body_bytes += len(document[start:start + piece])
+        return response
 
     async def _send(self, request: web.Request, served: Served, data: bytes, fault: Fault) -> web.StreamResponse:
         if fault.status is not None:

@@ -42,7 +42,8 @@ def test_a_half_of_the_package_never_imports_the_others(half: str) -> None:
 
 def test_shared_modules_import_no_half() -> None:
     halves = ("edge_runtime.runtime", "edge_runtime.distribution", "edge_runtime.serve")
-    modules = [m for name in SHARED for m in ([PACKAGE / name] if name.endswith(".py") else (PACKAGE / name).glob("*.py"))]
+    modules = [m for name in SHARED
+               for m in ([PACKAGE / name] if name.endswith(".py") else sorted((PACKAGE / name).glob("*.py")))]
     assert len(modules) > len(SHARED)
     found = {str(m.relative_to(PACKAGE)): violations(m, halves) for m in modules}
     assert {k: v for k, v in found.items() if v} == {}

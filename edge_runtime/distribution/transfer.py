@@ -310,10 +310,12 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
                     raise TransferFailed(url, f"unexpected HTTP {response.status}", status=response.status)
                 if response.content_length is not None and response.content_length > limit_bytes:
                     raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=response.content_length)
-                body = await response.content.read(limit_bytes + 1)
-                if len(body) > limit_bytes:
-                    raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
-                return Fetched(body=body, etag=response.headers.get("ETag"))
+                body = bytearray()
+                async for piece in response.content.iter_chunked(settings.chunk_bytes):  # to the end of the body
+                    body += piece
+                    if len(body) > limit_bytes:
+                        raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
+                return Fetched(body=bytes(body), etag=response.headers.get("ETag"))
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 

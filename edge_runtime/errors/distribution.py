@@ -90,7 +90,7 @@ class IntegrityError(UntrustedData):
 
 
 class LengthExceeded(UntrustedData):
-    """A response is longer than the manifest (or the 1 MiB manifest bound) allows; reading stopped at the limit."""
+    """A response is longer than the manifest (or the 16 MiB manifest bound) allows; reading stopped at the limit."""
 
     error_type = "length_exceeded"
 

@@ -6,6 +6,7 @@ After every test the cache holds only blobs whose sha256 matches the manifest (t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -21,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from hub_server import LocalHub
 
 from edge_runtime.distribution.client import CdnClient, SyncSettings
-from edge_runtime.distribution.manifest import Manifest, read_manifest
+from edge_runtime.distribution.manifest import Manifest, read_manifest, sign_manifest
 from edge_runtime.distribution.publish import publish
 from edge_runtime.distribution.store import AdapterStore
 from edge_runtime.distribution.transfer import TransferProgress, TransferSettings
@@ -344,11 +345,24 @@ async def test_a_manifest_signed_by_another_key_is_refused(make_client: MakeClie
     assert cdn.blob_requests == []
 
 
-async def test_a_manifest_over_one_mebibyte_is_not_read_past_the_limit(make_client: MakeClient,
-                                                                       cdn: FaultCdn) -> None:
-    cdn.manifest = b" " * (2 << 20)
-    with pytest.raises(LengthExceeded, match="1048576 are allowed"):
+async def test_a_manifest_over_sixteen_mebibytes_is_not_read_past_the_limit(make_client: MakeClient,
+                                                                            cdn: FaultCdn) -> None:
+    cdn.manifest = b" " * (17 << 20)
+    with pytest.raises(LengthExceeded, match="16777216 are allowed"):
         await make_client().fetch_manifest()
+
+
+async def test_a_catalog_of_ten_thousand_adapters_sent_in_4_kib_pieces_is_read_whole(
+        make_client: MakeClient, cdn: FaultCdn, manifest: Manifest, key_pair: KeyPair) -> None:
+    # Regression: the body was read with one content.read(n), which returns what is buffered (~64 KB), not all.
+    template = manifest.adapters[0]
+    catalog = dataclasses.replace(manifest, version=2, adapters=tuple(
+        dataclasses.replace(template, name=f"task-{i:05d}", sha256=f"{i:064x}") for i in range(10_000)))
+    cdn.manifest, cdn.manifest_piece_bytes = sign_manifest(catalog, key_pair[0]), 4096
+    assert len(cdn.manifest) > 3_000_000
+    fetched = await make_client().fetch_manifest()
+    assert fetched == catalog and fetched.entry("task-09999") == catalog.adapters[-1]
+    assert cdn.log[-1].body_bytes == len(cdn.manifest)
 
 
 @pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a%2fb", "a/../../b", "..", ""])

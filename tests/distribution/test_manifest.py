@@ -169,11 +169,20 @@ def test_missing_fields_unknown_schema_and_duplicates_are_named(cdn_dir: Path) -
     assert Manifest.from_dict(signed | {"future_key": 1}, source="cdn").version == 1  # unknown keys: ignored
 
 
-def test_manifests_over_one_mebibyte_or_not_json_are_refused() -> None:
+def test_manifests_over_the_bound_or_not_json_are_refused() -> None:
     with pytest.raises(InvalidManifest, match="more than the"):
         read_manifest(b" " * (MAX_MANIFEST_BYTES + 1), source="cdn", public_key=None)
     with pytest.raises(InvalidManifest, match="not UTF-8 JSON"):
         read_manifest(b"\xff{", source="cdn", public_key=None)
+
+
+@pytest.mark.parametrize("document", [b'{"signed": {"version": ' + b"9" * 5000 + b"}}",
+                                      b"[" * 100_000 + b"]" * 100_000], ids=["5000-digit-integer", "deep-nesting"])
+def test_unsigned_bytes_that_break_the_json_parser_are_a_typed_refusal(document: bytes, key_pair: KeyPair) -> None:
+    # Regression: both escaped as raw ValueError / RecursionError (a traceback from sync, a 500 from /v1/sync).
+    for public_key in (None, key_pair[1]):
+        with pytest.raises(InvalidManifest, match="not UTF-8 JSON"):
+            read_manifest(document, source="cdn", public_key=public_key)
 
 
 def _manifest(version: int, *, created: datetime = T0, days: float = 30) -> Manifest:

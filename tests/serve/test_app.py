@@ -13,7 +13,6 @@ from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.app import ServerConfig, create_app
 
 
-
 @pytest.fixture
 def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
     rt = Runtime(load_profile(str(make_profile("app-test", budget_mb=512))), ctx=512)
