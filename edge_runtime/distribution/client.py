@@ -34,7 +34,7 @@ from edge_runtime.distribution.manifest import MANIFEST_FILE, Manifest, Manifest
 from edge_runtime.distribution.sources import open_source, read_manifest_file
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.distribution.transfer import BlobRequest, ProgressCallback, RateLimiter, TransferSettings
-from edge_runtime.distribution.trust import TrustStore
+from edge_runtime.distribution.trust import TrustStore, publisher_id
 from edge_runtime.errors import (
     AdapterNotFound,
     CacheMiss,
@@ -103,6 +103,7 @@ class CdnClient:
         self.offline = settings.offline() if offline is None else offline
         self._protected = protected or (lambda: ())
         self._trust = TrustStore(self.store.root)
+        self._publisher = publisher_id(self.cdn, public_key)
         self._limiter = RateLimiter(self.settings.transfer.max_bytes_per_second)
         self._source = open_source(self.cdn, self.store, self.settings.transfer, self._limiter)
         self._manifest: Manifest | None = None
@@ -142,7 +143,7 @@ class CdnClient:
 
     def _accept(self, manifest: Manifest, document: bytes) -> None:
         """Raise the trust floors to ``manifest`` (or refuse it) and keep its document for offline listings."""
-        self._trust.accept(self.cdn, manifest)
+        self._trust.accept(self._publisher, manifest, source=self.cdn, fallbacks=(self.cdn,))
         if document != self._last_document:  # a 304 brings the same bytes: no rewrite (flash wear)
             with atomic_output(self._last_manifest_path()) as temp:
                 temp.write_bytes(document)

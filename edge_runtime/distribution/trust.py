@@ -2,9 +2,13 @@
 
 Policy (after TUF's rollback and freeze protection):
 
-- **Versions only grow.** The highest manifest ``version`` verified from a CDN is persisted (``trust.json`` in the
-  cache folder, keyed by CDN URL); an older one raises ``RollbackRefused``. The same version with different content
-  is refused too (a publisher always bumps the version, so that is a mix-and-match attack).
+- **Versions only grow.** The highest manifest ``version`` verified from a publisher is persisted (``trust.json``
+  in the cache folder); an older one raises ``RollbackRefused``. Floors belong to the publisher, as TUF's belong to
+  a role whatever mirror served it: to the pinned signing key's id (``key:<keyid>``), so no other spelling of the
+  URL, mirror or hf:// alias can serve an older manifest; without a pinned key (nothing is verified then) to the
+  CDN's address in a normal form (``url:...``: scheme and host lower-cased, default port and dot segments gone).
+  The same version with different content is refused too (a publisher always bumps the version, so that is a
+  mix-and-match attack).
 - **Expired manifests are refused**, judged against a *monotonic clock floor*: the device's time is taken as
   ``max(wall clock, newest "created" of any manifest it has verified)``. A device whose clock reset to 1970 (no
   RTC battery, no NTP yet) therefore still refuses every manifest that had expired before the newest one it has
@@ -17,15 +21,37 @@ Policy (after TUF's rollback and freeze protection):
 from __future__ import annotations
 
 import json
+import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from edge_runtime.distribution.keys import keyid
 from edge_runtime.distribution.manifest import Manifest, format_time, parse_time
 from edge_runtime.errors import ManifestExpired, RollbackRefused
 from edge_runtime.files import atomic_output, read_bounded
 
 TRUST_FILE = "trust.json"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def publisher_id(cdn: str, public_key: Ed25519PublicKey | None) -> str:
+    """Whose floors apply to manifests from ``cdn``: the pinned key's id, else the CDN's normalised address."""
+    return f"key:{keyid(public_key)}" if public_key is not None else f"url:{normalized_url(cdn)}"
+
+
+def normalized_url(url: str) -> str:
+    """``url`` with its scheme and host lower-cased, a default port dropped and dot segments resolved."""
+    parts = urlsplit(url.strip())
+    scheme, host = parts.scheme.lower(), (parts.hostname or "").lower()
+    port = parts.port if parts.port not in (None, _DEFAULT_PORTS.get(scheme)) else None
+    netloc = host if port is None else f"{host}:{port}"
+    path = posixpath.normpath(parts.path) if parts.path else ""
+    return urlunsplit((scheme, netloc, "" if path in ("/", ".") else path, parts.query, ""))
 MAX_TRUST_BYTES = 4 << 20
 
 
@@ -54,14 +80,20 @@ class TrustStore:
     def __init__(self, cache_dir: Path) -> None:
         self.path = cache_dir / TRUST_FILE
 
-    def get(self, source: str) -> TrustRecord | None:
-        """The record for ``source``, or None when this device never verified a manifest from it."""
-        entry = self._load().get(source)
+    def get(self, publisher: str) -> TrustRecord | None:
+        """The record for ``publisher``, or None when this device never verified a manifest from it."""
+        entry = self._load().get(publisher)
         return None if entry is None else TrustRecord.from_dict(entry)
 
-    def accept(self, source: str, manifest: Manifest, *, now: datetime | None = None) -> TrustRecord:
-        """Check ``manifest`` against the floors (rollback, same-version swap, expiry) and raise the floors."""
-        record = self.get(source)
+    def accept(self, publisher: str, manifest: Manifest, *, source: str | None = None, fallbacks: Sequence[str] = (),
+               now: datetime | None = None) -> TrustRecord:
+        """Check ``manifest`` against ``publisher``'s floors (rollback, same-version swap, expiry), then raise them.
+
+        ``source`` names where it came from in errors; ``fallbacks`` are older keys of the same floors (a trust.json
+        written when floors were keyed by URL), used until ``publisher`` has a record of its own.
+        """
+        source = source or publisher
+        record = next((r for r in map(self.get, (publisher, *fallbacks)) if r is not None), None)
         now = now or datetime.now(timezone.utc)
         if record is not None:
             if manifest.version < record.version:
@@ -75,8 +107,8 @@ class TrustStore:
             raise ManifestExpired(source, expires=format_time(manifest.expires), now=format_time(device_time))
         floor = manifest.created if record is None else max(record.clock_floor, manifest.created)
         accepted = TrustRecord(version=manifest.version, digest=manifest.digest, clock_floor=floor)
-        if accepted != record:
-            self._save(source, accepted)
+        if accepted != record or self.get(publisher) is None:
+            self._save(publisher, accepted)
         return accepted
 
     def _load(self) -> dict[str, dict[str, object]]:

@@ -4,9 +4,9 @@ Every llama.cpp call runs on the engine's single worker thread; public methods m
 hand their work to it. Keep it that way in a process that embeds an engine: llama-cpp-python's CPU build uses
 OpenMP, which keeps a thread team for every thread that ever ran a graph, and once a process holds more OpenMP
 threads than cores they sleep at each of ggml's per-node barriers instead of spinning (decode fell from ~115 to
-~60 tok/s, and an all-linear LoRA looked twice as costly, in a benchmark that had run llama.cpp on its main thread). The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so
-adapters go through the low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` /
-``llama_adapter_lora_free`` calls).
+~60 tok/s, and an all-linear LoRA looked twice as costly, in a benchmark that had run llama.cpp on its main thread).
+The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so adapters go through the
+low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` / ``llama_adapter_lora_free`` calls).
 
 KV isolation: llama.cpp leaves cache consistency to the caller (``llama_set_adapters_lora`` never touches the KV
 cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine keys the cache on the active

@@ -26,6 +26,7 @@ from edge_runtime.distribution.manifest import Manifest, read_manifest, sign_man
 from edge_runtime.distribution.publish import publish
 from edge_runtime.distribution.store import AdapterStore
 from edge_runtime.distribution.transfer import TransferProgress, TransferSettings
+from edge_runtime.distribution.trust import publisher_id
 from edge_runtime.errors import (
     AdapterNotFound,
     CacheMiss,
@@ -326,6 +327,35 @@ async def test_a_rolled_back_manifest_is_refused(make_client: MakeClient, cdn: F
     assert (await make_client().fetch_manifest()).version == 2
     cdn.manifest = old
     with pytest.raises(RollbackRefused, match="version 1 is older than version 2"):
+        await make_client().fetch_manifest()
+
+
+@pytest.mark.parametrize("spelling", ["http://localhost:{port}", "HTTP://127.0.0.1:{port}", "http://127.0.0.1:{port}/.",
+                                      "http://127.0.0.1:{port}//", "http://[::ffff:127.0.0.1]:{port}"])
+async def test_a_rollback_is_refused_whichever_spelling_of_the_cdn_serves_it(
+        make_client: MakeClient, cdn: FaultCdn, adapter_sources: Path, key_pair: KeyPair, spelling: str) -> None:
+    # Regression: floors were keyed by the URL string, so another spelling of the same CDN accepted version 1 again.
+    old = (cdn.root / "manifest.json").read_bytes()
+    publish(adapter_sources, cdn.root, key=key_pair[0])
+    assert (await make_client().fetch_manifest()).version == 2
+    cdn.manifest = old
+    url = spelling.format(port=cdn.server.port)  # type: ignore[attr-defined]
+    with pytest.raises(RollbackRefused, match="version 1 is older than version 2"):
+        await make_client(url=url).fetch_manifest()
+
+
+async def test_floors_recorded_by_url_before_the_upgrade_still_apply(make_client: MakeClient, cdn: FaultCdn,
+                                                                      adapter_sources: Path, key_pair: KeyPair,
+                                                                      tmp_path: Path) -> None:
+    old = (cdn.root / "manifest.json").read_bytes()
+    publish(adapter_sources, cdn.root, key=key_pair[0])
+    client = make_client()
+    assert (await client.fetch_manifest()).version == 2
+    trust = tmp_path / "cache" / "trust.json"
+    floors = json.loads(trust.read_text())
+    trust.write_text(json.dumps({client.cdn: floors[publisher_id(client.cdn, key_pair[1])]}))  # as written before
+    cdn.manifest = old
+    with pytest.raises(RollbackRefused):
         await make_client().fetch_manifest()
 
 

@@ -19,7 +19,7 @@ from edge_runtime.distribution.manifest import (
     read_manifest,
 )
 from edge_runtime.distribution.publish import publish
-from edge_runtime.distribution.trust import TrustStore
+from edge_runtime.distribution.trust import TrustStore, publisher_id
 from edge_runtime.errors import (
     IncompatibleAdapter,
     InvalidGGUF,
@@ -212,3 +212,11 @@ def test_expired_manifests_are_refused_even_when_the_clock_was_reset(tmp_path: P
         trust.accept("cdn", stale, now=datetime(1970, 1, 1, tzinfo=timezone.utc))  # RTC lost: floor applies
     record = trust.get("cdn")
     assert record is not None and record.clock_floor == T0 + timedelta(days=40)
+
+
+def test_floors_without_a_pinned_key_follow_the_normalised_address() -> None:
+    same = ["http://127.0.0.1:8080/cdn", "HTTP://127.0.0.1:8080/cdn/", "http://127.0.0.1:8080/cdn/.",
+            "http://127.0.0.1:8080/x/../cdn"]
+    assert {publisher_id(url, None) for url in same} == {"url:http://127.0.0.1:8080/cdn"}
+    assert publisher_id("https://cdn.example:443/a", None) == publisher_id("https://CDN.example/a", None)
+    assert publisher_id("http://cdn.example/a", None) != publisher_id("http://cdn.example/b", None)
