@@ -274,14 +274,21 @@ def keygen(out: Path) -> None:
               help="Private key from `edge-rt keygen` that signs the manifest.")
 @click.option("--expires-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
               help="Days until devices refuse this manifest.")
+@click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
 @_reports_errors
-def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float) -> None:
+def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float, allow_empty: bool) -> None:
     """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
     from edge_runtime.distribution.keys import load_private_key
     from edge_runtime.distribution.manifest import format_time
     from edge_runtime.distribution.publish import publish as publish_folder
 
-    result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days)
+    result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days,
+                            allow_empty=allow_empty)
+    if result.key_changed:
+        signer = f"key {result.keyid[:16]}" if result.keyid else "no key (UNSIGNED)"
+        click.secho(f"warning: the previous manifest was signed by {', '.join(k[:16] for k in result.previous_keyids)}"
+                    f" and this one by {signer}: devices pinned to the old key refuse it until they get the new "
+                    "public key", fg="yellow", err=True)
     for entry in result.manifest.adapters:
         click.echo(f"{entry.name}  {entry.size / 1e6:.2f} MB  rank {entry.rank}  sha256 {entry.sha256[:16]}  "
                    f"base {entry.base_fingerprint[:12]}")

@@ -21,14 +21,19 @@ HASH_CHUNK_BYTES = 1 << 20
 
 
 @contextmanager
-def atomic_output(target: Path) -> Iterator[Path]:
-    """Yield a unique temp path beside ``target``; on success it replaces ``target``, on error it is removed."""
+def atomic_output(target: Path, *, mode: int | None = None) -> Iterator[Path]:
+    """Yield a unique temp path beside ``target``; on success it replaces ``target``, on error it is removed.
+
+    The file is private (0600) unless ``mode`` is given: files others serve (a CDN folder) need 0644.
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(handle)
     temp = Path(temp_name)
     try:
         yield temp
+        if mode is not None:
+            os.chmod(temp, mode)
         with temp.open("rb+") as written:
             os.fsync(written.fileno())
         os.replace(temp, target)

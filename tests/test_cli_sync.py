@@ -35,6 +35,39 @@ def test_keygen_writes_a_private_key_only_the_owner_reads_and_refuses_to_overwri
     assert again.exit_code == 2 and "refusing to overwrite" in again.output
 
 
+def test_published_files_are_readable_by_an_origin_running_as_another_user(published: tuple[Path, Path]) -> None:
+    cdn, public_key = published
+    files = [cdn / "manifest.json", public_key, *(cdn / "blobs").iterdir()]
+    assert len(files) == 4 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}  # were 0600
+
+
+def test_publishing_an_empty_folder_is_refused_unless_asked(tmp_path: Path, published: tuple[Path, Path]) -> None:
+    cdn, _ = published
+    before = (cdn / "manifest.json").read_bytes()
+    (tmp_path / "empty").mkdir()
+    refused = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn)])
+    assert refused.exit_code == 2 and "would withdraw all 2 adapters" in refused.output and "--allow-empty" in \
+        refused.output
+    assert (cdn / "manifest.json").read_bytes() == before
+    done = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn), "--allow-empty"])
+    assert done.exit_code == 0 and "version 2, 0 adapters" in done.output
+
+
+def test_publishing_with_another_key_than_the_last_manifest_warns(tmp_path: Path, published: tuple[Path, Path],
+                                                                  adapter_sources: Path) -> None:
+    cdn, public_key = published
+    other = tmp_path / "other.key"
+    assert CliRunner().invoke(main, ["keygen", "--out", str(other)]).exit_code == 0
+    same = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--key",
+                                     str(public_key.with_suffix(""))])
+    assert same.exit_code == 0 and "warning" not in same.output
+    changed = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--key", str(other)])
+    assert changed.exit_code == 0 and "warning: the previous manifest was signed by" in changed.output
+    assert "devices pinned to the old key refuse it" in changed.output
+    unsigned = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn)])
+    assert "this one by no key (UNSIGNED)" in unsigned.output
+
+
 def test_sync_fetches_adapters_into_the_cache_with_progress(tmp_path: Path, published: tuple[Path, Path],
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     cdn, public_key = published

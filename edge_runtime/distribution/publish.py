@@ -7,6 +7,7 @@ manifest or the new one. Its ``version`` is one more than the manifest already t
 
 from __future__ import annotations
 
+import json
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_runtime.distribution.keys import keyid
 from edge_runtime.distribution.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -23,10 +25,12 @@ from edge_runtime.distribution.manifest import (
     sign_manifest,
 )
 from edge_runtime.distribution.sources import read_manifest_file
-from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
+from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, NothingToPublish
 from edge_runtime.files import atomic_output, file_sha256
 from edge_runtime.gguf.info import read_info
 from edge_runtime.names import validate_name
+
+PUBLIC_FILE_MODE = 0o644  # the origin server may run as another user
 
 
 @dataclass(frozen=True)
@@ -37,16 +41,30 @@ class PublishResult:
     manifest_path: Path
     new_blobs: tuple[str, ...]  # sha256 of blobs written by this run
     signed: bool
+    keyid: str | None  # the signing key's id (None: unsigned)
+    previous_keyids: tuple[str, ...]  # keys that signed the manifest this one replaces
+
+    @property
+    def key_changed(self) -> bool:
+        """True when the previous manifest was signed, and not by this key: devices pinned to it will refuse."""
+        return bool(self.previous_keyids) and self.keyid not in self.previous_keyids
 
 
 def publish(src_dir: Path, out_dir: Path, *, key: Ed25519PrivateKey | None = None, expires_days: float = 30.0,
-            now: datetime | None = None) -> PublishResult:
-    """Publish every ``NAME.gguf`` adapter of ``src_dir`` into ``out_dir`` with a new manifest version."""
+            now: datetime | None = None, allow_empty: bool = False) -> PublishResult:
+    """Publish every ``NAME.gguf`` adapter of ``src_dir`` into ``out_dir`` with a new manifest version.
+
+    Files land 0644 (an origin server often runs as another user). An empty ``src_dir`` is refused
+    (``NothingToPublish``) unless ``allow_empty``: it would withdraw every adapter from every device.
+    """
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
-    previous = _previous(out_dir)
+    previous, previous_keyids = _previous(out_dir)
+    sources = sorted(src_dir.glob("*.gguf"))
+    if not sources and not allow_empty:
+        raise NothingToPublish(str(src_dir), withdrawn=len(previous.adapters) if previous else 0)
     earlier = {a.sha256: a.created for a in previous.adapters} if previous else {}
     entries, new_blobs = [], []
-    for path in sorted(src_dir.glob("*.gguf")):
+    for path in sources:
         entry = _entry(path, created=now, earlier=earlier)
         if _write_blob(path, out_dir / blob_path(entry.sha256)):
             new_blobs.append(entry.sha256)
@@ -54,17 +72,22 @@ def publish(src_dir: Path, out_dir: Path, *, key: Ed25519PrivateKey | None = Non
     manifest = Manifest(version=(previous.version + 1) if previous else 1, created=now,
                         expires=now + timedelta(days=expires_days), adapters=tuple(entries))
     target = out_dir / MANIFEST_FILE
-    with atomic_output(target) as temp:
+    with atomic_output(target, mode=PUBLIC_FILE_MODE) as temp:
         temp.write_bytes(sign_manifest(manifest, key))
-    return PublishResult(manifest=manifest, manifest_path=target, new_blobs=tuple(new_blobs), signed=key is not None)
+    return PublishResult(manifest=manifest, manifest_path=target, new_blobs=tuple(new_blobs), signed=key is not None,
+                         keyid=None if key is None else keyid(key.public_key()), previous_keyids=previous_keyids)
 
 
-def _previous(out_dir: Path) -> Manifest | None:
-    """The manifest already in ``out_dir``: its version is the floor (a broken one stops publishing)."""
+def _previous(out_dir: Path) -> tuple[Manifest | None, tuple[str, ...]]:
+    """The manifest already in ``out_dir`` (its version is the floor; a broken one stops publishing) and its keys."""
     path = out_dir / MANIFEST_FILE
     if not path.exists():
-        return None
-    return read_manifest(read_manifest_file(path), source=str(path), public_key=None)
+        return None, ()
+    document = read_manifest_file(path)
+    manifest = read_manifest(document, source=str(path), public_key=None)
+    signatures = json.loads(document).get("signatures")
+    keyids = [s.get("keyid") for s in signatures if isinstance(s, dict)] if isinstance(signatures, list) else []
+    return manifest, tuple(k for k in keyids if isinstance(k, str))
 
 
 def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> ManifestEntry:
@@ -85,7 +108,7 @@ def _write_blob(source: Path, target: Path) -> bool:
     """Copy ``source`` to its content address unless a correct copy is already there; True when written."""
     if target.is_file() and file_sha256(target).hexdigest() == target.name.removesuffix(".gguf"):
         return False
-    with atomic_output(target) as temp:
+    with atomic_output(target, mode=PUBLIC_FILE_MODE) as temp:
         shutil.copyfile(source, temp)
         if file_sha256(temp).hexdigest() != target.name.removesuffix(".gguf"):
             raise OSError(f"{source} changed while it was being published")

@@ -19,6 +19,7 @@ The tree::
     ├── BudgetExceeded                           (MemoryError)         an adapter cannot fit the memory budget
     ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
     ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
+    ├── NothingToPublish                         (ValueError)          a publish would withdraw every adapter
     ├── InvalidSettings                          (ValueError)          a library setting it does not support
     ├── RuntimeClosed                            (RuntimeError)        the runtime was closed before the call
     ├── LlamaCppError                            (RuntimeError)        llama.cpp refused an operation
@@ -65,6 +66,7 @@ from edge_runtime.errors.device import (
     InvalidTransition,
     LlamaCppError,
     ModelNotFound,
+    NothingToPublish,
     ProfileNotFound,
     QueueFull,
     RuntimeClosed,
@@ -91,6 +93,6 @@ __all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "CacheMiss", "
            "DistributionError", "EdgeRtError", "FileTooLarge", "IncompatibleAdapter", "IntegrityError",
            "InvalidGGUF", "InvalidManifest", "InvalidName", "InvalidProfile", "InvalidRequest",
            "InvalidSettings", "InvalidTransition", "LengthExceeded", "LlamaCppError", "ManifestExpired",
-           "ModelNotFound", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused",
+           "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused",
            "RuntimeClosed", "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable",
            "TransferFailed", "Unauthorized", "UntrustedData"]

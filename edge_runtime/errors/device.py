@@ -6,8 +6,8 @@ from edge_runtime.errors.base import EdgeRtError
 
 __all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "ContextOverflow", "DiskFull", "FileTooLarge",
            "IncompatibleAdapter", "InvalidGGUF", "InvalidName", "InvalidProfile", "InvalidRequest",
-           "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound", "ProfileNotFound",
-           "QueueFull", "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
+           "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound", "NothingToPublish",
+           "ProfileNotFound", "QueueFull", "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -170,6 +170,20 @@ class ContextOverflow(EdgeRtError, ValueError):
             f"{prompt_bytes} bytes (at least {prompt_tokens} tokens)"
         super().__init__(f"the prompt has {size} but the context holds {context_tokens}",
                          fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)")
+
+
+class NothingToPublish(EdgeRtError, ValueError):
+    """A publish would offer no adapter at all (every device would drop what the CDN offered before)."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "nothing_to_publish"
+
+    def __init__(self, source: str, *, withdrawn: int) -> None:
+        self.source = source
+        self.withdrawn = withdrawn
+        super().__init__(f"{source} holds no NAME.gguf adapter: publishing it would withdraw all {withdrawn} adapters "
+                         "the CDN offers now", fix="Check the folder, or pass --allow-empty to withdraw everything")
 
 
 class InvalidSettings(EdgeRtError, ValueError):

@@ -68,7 +68,7 @@ def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dic
         stale.unlink()
     for name, data in files.items():
         (source / f"{name}.gguf").write_bytes(data)
-    publish(source, cdn_root, key=key)
+    publish(source, cdn_root, key=key, allow_empty=not files)
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
