@@ -13,10 +13,12 @@ import asyncio
 import hashlib
 import os
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
+T = TypeVar("T")
 SYNC_EVERY_BYTES = 16 << 20
 MAX_PENDING_CHUNKS = 32
 
@@ -54,6 +56,10 @@ class HashingWriter:
     def wait(self, *, keep: int = 0) -> None:
         """Block until at most ``keep`` chunks are queued (0: everything is written and hashed)."""
         self._collect(keep=keep, block=True)
+
+    def before_next_write(self, function: Callable[[], T]) -> Future[T]:
+        """Run ``function`` on the writer thread, after the writes queued so far and before any queued later."""
+        return self._disk.submit(function)
 
     def reset(self, digest: hashlib._Hash) -> None:
         """Finish queued work, then start hashing anew with ``digest`` (the caller empties the file)."""

@@ -10,7 +10,12 @@ just size-checked)::
     staged/<sha256>                   a fetched update no name points at yet: kept from eviction, never auto-named
 
 The refs folder *is* the index: it is rebuilt from the blobs (each GGUF records its adapter name) when lost.
-A partial is claimed by renaming it to a fresh token, so two processes never write one file.
+
+Several processes may share one cache (``locks.py``): every change to blobs, refs and markers happens under the
+cache lock; a partial belongs to the one process that claimed it (an exclusive lock held while it writes: a second
+process downloads to a partial of its own, never appends to another's); a blob is installed only when its size on
+disk matches and its sha256 is its name, and never replaced once there; blobs a live daemon leases are neither
+evicted nor deleted.
 
 The store's methods are synchronous file operations. Async callers run them on the store's one worker thread with
 ``await store.call(method, ...)`` (as the engine runs llama.cpp on its own), so the event loop never waits on disk.
@@ -19,6 +24,8 @@ The store's methods are synchronous file operations. Async callers run them on t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import fcntl
 import functools
 import json
 import logging
@@ -33,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased
 from edge_runtime.errors import DiskFull, EdgeRtError, FileTooLarge, IntegrityError, InvalidName
 from edge_runtime.files import atomic_output, file_sha256, fsync_directory, read_bounded
 from edge_runtime.gguf.info import read_info
@@ -67,6 +75,7 @@ class Partial:
     path: Path
     sha256: str
     validator: str | None
+    claim: Claim | None = field(default=None, compare=False, repr=False)  # held while this process writes it
 
     @property
     def size(self) -> int:
@@ -115,6 +124,8 @@ class AdapterStore:
         for folder in (self.blobs_dir, self.refs_dir, self.partial_dir, self.staged_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-store")  # started on first call
+        self._lock = CacheLock(root / ".lock")
+        self.leases = Leases()
 
     async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``function`` (a store operation, or any file work) on the store's worker thread and await it."""
@@ -122,8 +133,18 @@ class AdapterStore:
                                                                                                  **kwargs))
 
     def close(self) -> None:
-        """Stop the worker thread once queued operations are done."""
+        """Stop the worker thread once queued operations are done and give up this process's leases."""
         self._worker.shutdown(wait=True)
+        self.leases.release_all()
+
+    def lease(self, sha256: str) -> bool:
+        """Keep blob ``sha256`` from eviction and deletion by any process while this one lives (or until released);
+        False when the blob is not (or no longer) in the cache."""
+        return self.leases.take(self.blob_path(_checked_sha(sha256)))
+
+    def release_lease(self, sha256: str) -> None:
+        """End the lease ``lease`` took."""
+        self.leases.release(self.blob_path(_checked_sha(sha256)))
 
     def blob_path(self, sha256: str) -> Path:
         """Where the verified blob ``sha256`` lives (it may not exist)."""
@@ -161,14 +182,15 @@ class AdapterStore:
 
     def link(self, name: str, sha256: str) -> CachedAdapter:
         """Point ``name`` at the verified blob ``sha256``; a blob it replaces goes when no other name uses it."""
-        if not self.blob_path(sha256).is_file():
-            raise FileNotFoundError(self.blob_path(sha256))
-        previous = self.lookup(name)
-        with atomic_output(self.refs_dir / validate_name(name)) as temp:
-            temp.write_text(sha256, "ascii")
-        if previous is not None and previous.sha256 != sha256:
-            self.drop_if_unnamed(previous.sha256)  # an open file (a loaded adapter) stays readable until closed
-        cached = self.lookup(name)
+        with self._lock.held():
+            if not self.blob_path(sha256).is_file():
+                raise FileNotFoundError(self.blob_path(sha256))
+            previous = self.lookup(name)
+            with atomic_output(self.refs_dir / validate_name(name)) as temp:
+                temp.write_text(sha256, "ascii")
+            if previous is not None and previous.sha256 != sha256:
+                self.drop_if_unnamed(previous.sha256)  # an open file (a loaded adapter) stays readable until closed
+            cached = self.lookup(name)
         assert cached is not None
         return cached
 
@@ -186,18 +208,20 @@ class AdapterStore:
 
     def evict(self, name: str) -> bool:
         """Forget ``name``; its blob goes too when no other name points at it. True when something was removed."""
-        cached = self.lookup(name)
-        if cached is None:
-            return False
-        (self.refs_dir / name).unlink(missing_ok=True)
-        self.drop_if_unnamed(cached.sha256)
-        fsync_directory(self.refs_dir)
-        return True
+        with self._lock.held():
+            cached = self.lookup(name)
+            if cached is None:
+                return False
+            (self.refs_dir / name).unlink(missing_ok=True)
+            self.drop_if_unnamed(cached.sha256)
+            fsync_directory(self.refs_dir)
+            return True
 
     def drop_if_unnamed(self, sha256: str) -> None:
-        """Delete blob ``sha256`` unless some name still points at it."""
-        if all(a.sha256 != sha256 for a in self.adapters()):
-            self.blob_path(sha256).unlink(missing_ok=True)
+        """Delete blob ``sha256`` unless some name still points at it or a live process leases it."""
+        with self._lock.held():
+            if all(a.sha256 != sha256 for a in self.adapters()):
+                delete_unless_leased(self.blob_path(sha256))
 
     def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
         """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.
@@ -206,12 +230,16 @@ class AdapterStore:
         ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room cannot be made:
         ``DiskFull`` names the limit. Returns the evicted names.
         """
+        with self._lock.held():
+            return self._make_room(name, size, protected=protected, have_bytes=have_bytes)
+
+    def _make_room(self, name: str, size: int, *, protected: Iterable[str], have_bytes: int) -> list[str]:
         keep = set(protected) | {name}
         keep_blobs = self.staged()
         blobs = self._blobs()
 
-        def kept(blob: _Blob) -> bool:
-            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs
+        def kept(blob: _Blob) -> bool:  # protected here, staged, or leased by a live daemon (this one included)
+            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or _leased(self.blob_path(blob.sha256))
 
         held = sum(b.size for b in blobs.values() if kept(b))
         candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
@@ -238,36 +266,41 @@ class AdapterStore:
             for victim in blob.names:
                 self.evict(victim)
                 evicted.append(victim)
-            self.blob_path(blob.sha256).unlink(missing_ok=True)
+            delete_unless_leased(self.blob_path(blob.sha256))
             log.info("evicted %s (%d bytes) to make room for %s", ",".join(blob.names) or blob.sha256, blob.size, name)
         return evicted
 
     def open_partial(self, sha256: str) -> Partial:
-        """Claim the largest partial download of ``sha256`` (renaming it to a fresh token), or start an empty one."""
+        """Claim the largest partial download of ``sha256`` no live process writes, or start an empty one.
+
+        The claim (an exclusive lock) is held until ``install`` or ``discard``, or ``release``: a second process
+        skips a claimed partial and downloads to its own.
+        """
         token = secrets.token_hex(8)
-        target = self.partial_dir / f"{sha256}.{token}.part"
-        existing = sorted(self.partial_dir.glob(f"{sha256}.*.part"), key=lambda p: p.stat().st_size, reverse=True)
-        for candidate in existing:
-            try:
+        target = self.partial_dir / f"{_checked_sha(sha256)}.{token}.part"
+        with self._lock.held():
+            for candidate in sorted(self.partial_dir.glob(f"{sha256}.*.part"), key=_size, reverse=True):
+                claim = Claim.take(candidate)
+                if claim is None:  # a live writer holds it, or it is gone
+                    continue
                 os.rename(candidate, target)
-            except FileNotFoundError:  # another process claimed it first
-                continue
-            validator = _read_validator(candidate.with_suffix(".json"))
-            candidate.with_suffix(".json").unlink(missing_ok=True)
-            partial = Partial(path=target, sha256=sha256, validator=validator)
-            self.save_validator(partial, validator)
-            return partial
-        target.touch()
-        return Partial(path=target, sha256=sha256, validator=None)
+                validator = _read_validator(candidate.with_suffix(".json"))
+                candidate.with_suffix(".json").unlink(missing_ok=True)
+                return self.save_validator(Partial(path=target, sha256=sha256, validator=None, claim=claim),
+                                           validator)
+            claim = Claim.take(target, create=True)
+        assert claim is not None  # a fresh random name: nobody else can hold it
+        return Partial(path=target, sha256=sha256, validator=None, claim=claim)
 
     def save_validator(self, partial: Partial, validator: str | None) -> Partial:
         """Persist the server's validator for ``partial`` (None removes it) and return the updated partial."""
-        if validator is None:
-            partial.validator_path.unlink(missing_ok=True)
-        else:
-            with atomic_output(partial.validator_path) as temp:
-                temp.write_text(json.dumps({"validator": validator}), "utf-8")
-        return Partial(path=partial.path, sha256=partial.sha256, validator=validator)
+        with self._lock.held():
+            if validator is None:
+                partial.validator_path.unlink(missing_ok=True)
+            else:
+                with atomic_output(partial.validator_path) as temp:
+                    temp.write_text(json.dumps({"validator": validator}), "utf-8")
+        return dataclasses.replace(partial, validator=validator)
 
     def restart(self, partial: Partial) -> Partial:
         """Empty ``partial`` and forget its validator (the next request starts at byte 0)."""
@@ -276,28 +309,47 @@ class AdapterStore:
         return self.save_validator(partial, None)
 
     def discard(self, partial: Partial) -> None:
-        """Delete ``partial`` and its validator."""
-        partial.path.unlink(missing_ok=True)
-        partial.validator_path.unlink(missing_ok=True)
+        """Delete ``partial`` and its validator, and give up its claim."""
+        with self._lock.held():
+            partial.path.unlink(missing_ok=True)
+            partial.validator_path.unlink(missing_ok=True)
+        release(partial)
 
-    def install(self, partial: Partial, *, name: str | None, digest: str) -> CachedAdapter | None:
-        """Make a complete partial visible: ``digest`` (its sha256) must equal its name's; fsync, rename, fsync dir.
+    def install(self, partial: Partial, *, name: str | None, digest: str, size: int) -> CachedAdapter | None:
+        """Make a complete, claimed partial visible as ``blobs/<sha256>.gguf``: fsync, rename, fsync the folder.
 
-        Returns the cached adapter when ``name`` is given. Raises ``IntegrityError`` on a digest mismatch, after
-        deleting the partial.
+        ``digest`` (the sha256 of the bytes written) must be the partial's name and ``size`` (the manifest's) its
+        size on disk, else ``IntegrityError`` after deleting it. A blob already installed (by another process) is
+        kept and the partial dropped: blobs never change once named. Returns the cached adapter when ``name`` is
+        given.
         """
-        if digest != partial.sha256:
+        on_disk = _size(partial.path)
+        if digest != partial.sha256 or on_disk != size:
             self.discard(partial)
-            raise IntegrityError(str(partial.path), expected_sha256=partial.sha256, actual_sha256=digest)
+            raise IntegrityError(str(partial.path), expected_sha256=partial.sha256, actual_sha256=digest,
+                                 problem=None if on_disk == size else f"{on_disk} bytes on disk where the manifest "
+                                                                       f"lists {size}")
         with partial.path.open("rb+") as handle:
             os.fsync(handle.fileno())
-        os.replace(partial.path, self.blob_path(partial.sha256))
-        fsync_directory(self.blobs_dir)
-        partial.validator_path.unlink(missing_ok=True)
-        return None if name is None else self.link(name, partial.sha256)
+        with self._lock.held():
+            if self.blob_path(partial.sha256).is_file():
+                self.discard(partial)
+            else:
+                os.replace(partial.path, self.blob_path(partial.sha256))
+                fsync_directory(self.blobs_dir)
+                partial.validator_path.unlink(missing_ok=True)
+                release(partial)
+            return None if name is None else self.link(name, partial.sha256)
 
     def recover(self, *, verify: bool = True) -> RecoveryReport:
-        """Start-up scan: re-hash blobs, finish or keep or delete partials, remove strays, rebuild missing refs."""
+        """Start-up scan: re-hash blobs, finish or keep or delete partials, remove strays, rebuild missing refs.
+
+        Runs under the cache lock; partials another live process writes, and blobs it leases, are left alone.
+        """
+        with self._lock.held():
+            return self._recover(verify=verify)
+
+    def _recover(self, *, verify: bool) -> RecoveryReport:
         verified, corrupt, removed = [], [], []
         for path in sorted(self.blobs_dir.iterdir()):
             match = _BLOB.fullmatch(path.name)
@@ -326,16 +378,24 @@ class AdapterStore:
             match = _PARTIAL.fullmatch(path.name)
             if match is None or (match["kind"] == "json" and not path.with_suffix(".part").exists()):
                 removed.append(_remove(path))
-            elif match["kind"] == "part":
-                partial = Partial(path=path, sha256=match["sha"], validator=_read_validator(path.with_suffix(".json")))
-                if self.blob_path(partial.sha256).exists() or now - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
-                    self.discard(partial)
-                    removed.append(path.name)
-                elif partial.size and file_sha256(path).hexdigest() == partial.sha256:
-                    self.install(partial, name=None, digest=partial.sha256)
-                    completed.append(partial.sha256)
-                else:
-                    resumable.append(partial.sha256)
+                continue
+            if match["kind"] != "part":
+                continue
+            claim = Claim.take(path)
+            if claim is None:  # a live process is writing it
+                resumable.append(match["sha"])
+                continue
+            partial = Partial(path=path, sha256=match["sha"], validator=_read_validator(path.with_suffix(".json")),
+                              claim=claim)
+            if self.blob_path(partial.sha256).exists() or now - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
+                self.discard(partial)
+                removed.append(path.name)
+            elif partial.size and file_sha256(path).hexdigest() == partial.sha256:
+                self.install(partial, name=None, digest=partial.sha256, size=partial.size)
+                completed.append(partial.sha256)
+            else:
+                release(partial)
+                resumable.append(partial.sha256)
         return completed, resumable
 
     def rebuild_refs(self) -> list[str]:
@@ -377,6 +437,34 @@ def _read_validator(path: Path) -> str | None:
     except (FileNotFoundError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def release(partial: Partial) -> None:
+    """Give up this process's claim on ``partial`` (idempotent): another process may resume it."""
+    if partial.claim is not None:
+        partial.claim.release()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _leased(path: Path) -> bool:
+    """True when a live process (this one included) holds a lease on ``path``; the probe changes nothing."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False
 
 
 def _checked_sha(sha256: str) -> str:

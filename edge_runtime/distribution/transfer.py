@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import hashlib
 import random
 import time
@@ -30,7 +31,7 @@ from typing import TypeVar
 import aiohttp
 
 from edge_runtime.distribution.sink import HashingWriter
-from edge_runtime.distribution.store import AdapterStore, CachedAdapter
+from edge_runtime.distribution.store import AdapterStore, CachedAdapter, release
 from edge_runtime.errors import (
     EdgeRtError,
     IntegrityError,
@@ -179,21 +180,33 @@ class _Sink:
         self.written += len(chunk)
 
     def finish(self) -> CachedAdapter:
-        """Verify and install the complete partial; ``IntegrityError`` (partial deleted) when it does not match."""
-        actual = self.writer.finish()
-        if actual != self.request.sha256:
-            self.store.discard(self.partial)
-            raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
-        installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
-                                       digest=actual)
+        """Verify and install the complete partial; ``IntegrityError`` (partial deleted) when it does not match.
+
+        The claim on the partial ends here, whatever happens.
+        """
+        try:
+            actual = self.writer.finish()
+            if actual != self.request.sha256:
+                self.store.discard(self.partial)
+                raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
+            installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
+                                           digest=actual, size=self.request.size)
+        finally:
+            release(self.partial)
         return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,
                                           size=self.written, last_used=time.time())
 
-    def close(self) -> None:
-        """Close the file once queued writes landed; a non-empty partial stays for a later resume."""
+    def close(self, *, release_claim: bool = False) -> None:
+        """Close the file once queued writes landed; a non-empty partial stays for a later resume.
+
+        With ``release_claim`` (the download is abandoned) the claim ends after the last write landed, so another
+        process may resume the partial.
+        """
         self.writer.close()
         if self.partial.size == 0:
             self.store.discard(self.partial)
+        if release_claim:
+            release(self.partial)
 
 
 async def download(session: aiohttp.ClientSession, request: BlobRequest, *, store: AdapterStore,
@@ -216,10 +229,12 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
                          settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *, fresh: bool) -> _Sink:
     sink = await store.call(_Sink, store, request)
     deadline = settings.deadline_for(request.size)
+    complete = False
     try:
         if fresh:
             await store.call(sink.restart)
         await asyncio.wait_for(_fetch(session, sink, settings, limiter, clock), timeout=deadline)
+        complete = True
     except asyncio.TimeoutError as exc:
         if isinstance(exc, EdgeRtError):
             raise
@@ -228,8 +243,8 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
     except LengthExceeded:
         await store.call(store.discard, sink.partial)
         raise
-    finally:
-        await store.call(sink.close)  # queued writes may still be landing: not on the event loop
+    finally:  # queued writes may still be landing: not on the event loop; a failed download gives up its claim
+        await store.call(sink.close, release_claim=not complete)
     return sink
 
 
@@ -340,16 +355,17 @@ async def _attempt(session: aiohttp.ClientSession, sink: _Sink, settings: Transf
     try:
         async with session.get(request.url, headers=headers) as response:
             await _check_status(response, request, offset, sink)
-            # The validator is saved while the body arrives: awaiting the disk first would let a cut connection
-            # discard bytes aiohttp had already buffered.
+            # The validator lands on disk before the first byte of this response does (the writer thread saves it
+            # first), so a resume always has it; the event loop goes straight on reading, since awaiting the disk
+            # here would let a cut connection discard bytes aiohttp had already buffered.
             validator = _validator(response)
-            saving = None if validator == sink.partial.validator else asyncio.ensure_future(
-                sink.store.call(sink.store.save_validator, sink.partial, validator))
+            saving = None if validator == sink.partial.validator else sink.writer.before_next_write(
+                functools.partial(sink.store.save_validator, sink.partial, validator))
             try:
                 await _receive(response, sink, settings, limiter, clock)
             finally:
                 if saving is not None:
-                    sink.partial = await saving
+                    sink.partial = await asyncio.wrap_future(saving)
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
     if sink.written < request.size:

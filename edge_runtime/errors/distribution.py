@@ -81,10 +81,10 @@ class IntegrityError(UntrustedData):
 
     error_type = "integrity_error"
 
-    def __init__(self, source: str, *, expected_sha256: str, actual_sha256: str) -> None:
+    def __init__(self, source: str, *, expected_sha256: str, actual_sha256: str, problem: str | None = None) -> None:
         self.expected_sha256 = expected_sha256
         self.actual_sha256 = actual_sha256
-        super().__init__(source, f"sha256 {actual_sha256[:16]}... differs from the manifest's "
+        super().__init__(source, problem or f"sha256 {actual_sha256[:16]}... differs from the manifest's "
                          f"{expected_sha256[:16]}...",
                          fix="The CDN or the link corrupts data; republish the adapter or try another network")
 

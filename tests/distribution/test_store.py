@@ -10,8 +10,8 @@ from typing import NamedTuple
 
 import pytest
 
-from edge_runtime.distribution.store import AdapterStore, Partial
-from edge_runtime.errors import DiskFull
+from edge_runtime.distribution.store import AdapterStore, release
+from edge_runtime.errors import DiskFull, IntegrityError
 from edge_runtime.files import file_sha256
 
 
@@ -33,7 +33,7 @@ def blobs(adapter_sources: Path) -> list[Blob]:
 def _put(store: AdapterStore, blob: Blob, *, name: str | None = None) -> None:
     partial = store.open_partial(blob.sha256)
     partial.path.write_bytes(blob.data)
-    store.install(partial, name=name or blob.name, digest=blob.sha256)
+    store.install(partial, name=name or blob.name, digest=blob.sha256, size=len(blob.data))
 
 
 def _age(store: AdapterStore, name: str, seconds_ago: float) -> None:
@@ -56,7 +56,7 @@ def test_a_partial_whose_sha256_differs_never_becomes_visible(tmp_path: Path, bl
     partial = store.open_partial(blobs[0].sha256)
     partial.path.write_bytes(blobs[1].data)
     with pytest.raises(ValueError, match="sha256"):
-        store.install(partial, name=blobs[0].name, digest=blobs[1].sha256)
+        store.install(partial, name=blobs[0].name, digest=blobs[1].sha256, size=len(blobs[1].data))
     assert list(store.blobs_dir.iterdir()) == list(store.partial_dir.iterdir()) == []
 
 
@@ -87,6 +87,8 @@ def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_pa
     stale = store.open_partial("cd" * 32)
     stale.path.write_bytes(b"y")
     os.utime(stale.path, (0, 0))
+    for killed in (complete, half, stale):  # their writers died: the kernel dropped their claims
+        release(killed)
     (store.partial_dir / f"{'ef' * 32}.0123456789abcdef.json").write_text("{}")  # validator without a partial
     (store.blobs_dir / ".x.gguf.tmp").write_bytes(b"temp")
     (store.refs_dir / ".json-extract.abc.tmp").write_text("temp")
@@ -103,14 +105,20 @@ def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_pa
     assert resumed.size == 100 and resumed.validator == '"etag-1"' and resumed.path != half.path
 
 
-def test_claiming_a_partial_renames_it_so_two_writers_never_share_a_file(tmp_path: Path) -> None:
+def test_a_partial_being_written_is_never_claimed_by_another_writer(tmp_path: Path) -> None:
+    # Regression: a second claimer renamed a live writer's partial and both appended to one file.
     store = AdapterStore(tmp_path / "cache")
     first = store.open_partial("ab" * 32)
     first.path.write_bytes(b"1234")
-    second = store.open_partial("ab" * 32)
-    assert not first.path.exists() and second.size == 4
-    third = store.open_partial("ab" * 32)  # the second still holds its claim only by name: a fresh claim moves it
-    assert isinstance(third, Partial) and third.path.exists()
+    second = store.open_partial("ab" * 32)  # the first writer still holds its claim: a partial of its own
+    assert first.path.exists() and second.path != first.path and second.size == 0
+    release(first)  # the first writer died or gave up: its bytes may be resumed
+    third = store.open_partial("ab" * 32)
+    assert third.size == 4 and not first.path.exists() and third.path.exists()
+    with pytest.raises(IntegrityError, match="3 bytes on disk where the manifest lists 4"):
+        third.path.write_bytes(b"123")
+        store.install(third, name=None, digest="ab" * 32, size=4)
+    assert not third.path.exists()
 
 
 def test_lru_eviction_keeps_protected_adapters(tmp_path: Path, blobs: list[Blob]) -> None:
@@ -174,7 +182,7 @@ def test_a_staged_update_is_neither_evicted_nor_named_by_the_index_rebuild(tmp_p
     partial = store.open_partial(blobs[1].sha256)  # an update of "task", fetched but not switched to yet
     partial.path.write_bytes(blobs[1].data)
     store.stage(blobs[1].sha256)
-    store.install(partial, name=None, digest=blobs[1].sha256)
+    store.install(partial, name=None, digest=blobs[1].sha256, size=len(blobs[1].data))
     report = store.recover()  # a restart: the blob's inner name (brand-voice or json-extract) must not be used
     assert report.refs_rebuilt == () and store.names() == ("task",)
     with pytest.raises(DiskFull):  # the staged blob is kept like a protected one
