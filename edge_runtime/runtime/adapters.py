@@ -17,7 +17,9 @@ them. Every version still holding memory (loading, retired, being freed) counts 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -33,6 +35,7 @@ from edge_runtime.errors import (
     EdgeRtError,
     InvalidRequest,
     InvalidTransition,
+    RuntimeClosed,
 )
 from edge_runtime.files import file_sha256
 from edge_runtime.gguf.header import GGUFHeader, read_header
@@ -45,7 +48,9 @@ from edge_runtime.runtime.versions import AdapterState, AdapterVersion, NamedAda
 
 __all__ = ["MAX_COMPOSED_ADAPTERS", "AdapterInfo", "AdapterManager", "AdapterState", "HeldAdapter", "ManagerStats"]
 
+log = logging.getLogger(__name__)
 MAX_COMPOSED_ADAPTERS = 4
+_IN_SERVICE = (VersionState.LOADING, VersionState.RESIDENT)  # a current version add() must not re-point
 
 
 @dataclass(frozen=True)
@@ -109,8 +114,11 @@ class AdapterManager:
                 return self._info(adapter)
             if adapter.current is not None and adapter.current.sha256 == version.sha256:
                 return self._info(adapter)  # already known: concurrent pulls of one adapter register it once
-            if adapter.busy:
+            current = adapter.current
+            if adapter.update is not None or (current is not None and current.state in _IN_SERVICE):
                 raise InvalidTransition(name, adapter.state.value, "replaced")
+            if current is not None and current.holds_memory:  # still being freed: counted until it is
+                adapter.former.append(current)
             adapter.current, adapter.remote = version, None
             return self._info(adapter)
 
@@ -159,12 +167,11 @@ class AdapterManager:
             victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
             pending = self._start_load(fresh)
             adapter.update = fresh
-        self._load(adapter, fresh, victims)  # switches the name under the lock once loaded
+        switched = self._load(adapter, fresh, victims)  # switches the name under the lock once loaded
         pending.result()  # raises what the load raised
-        with self._lock:
-            if adapter.current is not fresh:  # the manager closed while it loaded
-                raise InvalidTransition(name, "closed", "replaced")
-            return self._info(adapter)
+        if not switched:  # the manager closed while it loaded
+            raise InvalidTransition(name, "closed", "replaced")
+        return self.info(name)
 
     def is_remote(self, name: str) -> bool:
         """True when ``name`` is known only from a CDN manifest (it must be pulled before use)."""
@@ -239,6 +246,8 @@ class AdapterManager:
         while True:
             victims: list[AdapterVersion] = []
             with self._lock:
+                if self._closed:
+                    raise RuntimeClosed()
                 adapter = self._adapter(name)
                 version = adapter.current
                 if version is None:
@@ -291,6 +300,7 @@ class AdapterManager:
             self._closed = True
             victims = [self._detach(v) for a in self._adapters.values() for v in a.versions()
                        if v.state in (VersionState.RESIDENT, VersionState.RETIRED)]
+            self.stats.evictions += len(victims)
         self._free(victims)
 
     # -- internals (the lock is held where noted) -----------------------------------------------------------------
@@ -334,16 +344,18 @@ class AdapterManager:
         version.pending = Future()
         return version
 
-    def _load(self, adapter: NamedAdapter, version: AdapterVersion, victims: list[AdapterVersion]) -> None:
+    def _load(self, adapter: NamedAdapter, version: AdapterVersion, victims: list[AdapterVersion]) -> bool:
         """Load ``version`` for its waiters; a new version (``adapter.update``) takes the name in the same step.
 
         A version that stopped being wanted meanwhile (a newer one took the name, or the manager closed) is freed
-        at once; its waiters wake and look again. Waiters always wake, whatever loading or freeing raises.
+        at once; its waiters wake and look again. Waiters always wake, whatever loading or freeing raises. Returns
+        True when ``version`` was a new version and took the name.
         """
         started = time.perf_counter()
         handle: AdapterHandle | None = None
         error: BaseException | None = None
         unused: list[AdapterVersion] = []
+        switched = False
         try:
             self._free(victims)
             self._compatibility.check(version.name, read_header(version.path))
@@ -372,7 +384,9 @@ class AdapterManager:
                     self.stats.loads += 1
                     self.stats.load_seconds_total += time.perf_counter() - started
                     if adapter.update is version:
-                        unused = self._switch(adapter, version)
+                        unused, switched = self._switch(adapter, version), True
+            if version is not adapter.current and version.holds_memory and version not in adapter.former:
+                adapter.former.append(version)  # counted until freed
         try:
             self._free(unused)
         finally:
@@ -381,6 +395,7 @@ class AdapterManager:
                 loaded.set_exception(error)
             else:
                 loaded.set_result(None)
+        return switched
 
     def _wanted(self, adapter: NamedAdapter, version: AdapterVersion) -> bool:  # lock held
         current = self._adapters.get(adapter.name) is adapter
@@ -400,11 +415,16 @@ class AdapterManager:
         return [self._detach(old)]
 
     def _free(self, versions: Sequence[AdapterVersion]) -> None:
+        """Release each version's memory; every waiter wakes. The first failure is raised after all were tried."""
+        failure: BaseException | None = None
         for version in versions:
             try:
                 if version.handle is not None:
                     self.engine.free_adapter(version.handle)
-            finally:
+            except BaseException as exc:
+                failure = failure or exc
+                self._leaked(version)
+            else:
                 with self._lock:
                     freed, version.pending, version.handle = version.pending, None, None
                     version.move_to(VersionState.CACHED)
@@ -415,6 +435,21 @@ class AdapterManager:
                     freed.set_result(None)
         if versions:
             budget.release_freed_memory()
+        if failure is not None:
+            raise failure
+
+    def _leaked(self, version: AdapterVersion) -> None:
+        """llama.cpp did not free ``version``: it stays FREEING and counted; its name gets a fresh cached copy."""
+        log.error("adapter %s (%s) could not be freed; its %d bytes stay counted against the budget", version.name,
+                  version.sha256[:12], version.resident_bytes)
+        with self._lock:
+            freed, version.pending = version.pending, None
+            adapter = self._adapters.get(version.name)
+            if adapter is not None and adapter.current is version:
+                adapter.current = dataclasses.replace(version, state=VersionState.CACHED, users=0, handle=None)
+                adapter.former.append(version)
+        if freed is not None:
+            freed.set_result(None)
 
     @staticmethod
     def _forget_former(adapter: NamedAdapter, version: AdapterVersion) -> None:  # lock held

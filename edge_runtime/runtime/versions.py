@@ -1,14 +1,16 @@
 """An adapter's versions. One version (one file content) has a memory lifecycle, an Enum with guarded transitions::
 
     CACHED ──▶ LOADING ──▶ RESIDENT ──▶ FREEING ──▶ CACHED
-                  │  ╲          │           ▲
-                  │   ╲         ▼           │
-                  │    ╲──▶  RETIRED ───────┘       (a newer version took the name; its last user frees it)
-                  └──▶ CACHED (the load failed)  or ──▶ FREEING (loaded, but no longer wanted)
+                 │  │           │           ▲
+                 │  │           ▼           │
+                 │  │        RETIRED ───────┤   (a newer version took the name; its last user frees it)
+                 │  └───────────────────────┘   (loaded, but no longer wanted: a newer version, or closing)
+                 └──▶ CACHED                    (the load failed, or was skipped as no longer wanted)
 
 A version's bytes count against the adapter budget in every state but CACHED, so what is being loaded, retired or
-freed is accounted from the versions themselves. ``pending`` is set while a version is LOADING or FREEING: waiters
-wait on it, then look again.
+freed is accounted from the versions themselves. ``pending`` is set while a version is LOADING or FREEING. Waiters
+on a FREEING version, or on a load that ends unwanted, wake and look again; waiters on the current version's load
+get its error when it fails. A version llama.cpp fails to free stays FREEING (and counted) for good.
 
 A ``NamedAdapter`` is what a name points at: its current version (none while only a CDN offers it), a new version
 being loaded to replace it, and the versions it left behind that still hold memory. Its ``AdapterState`` is derived

@@ -16,6 +16,7 @@ from edge_runtime.errors import (
     InvalidGGUF,
     InvalidName,
     InvalidTransition,
+    RuntimeClosed,
 )
 from edge_runtime.gguf.info import read_info
 from edge_runtime.profiles import load_profile
@@ -313,3 +314,59 @@ def test_a_load_orphaned_by_an_update_counts_against_the_budget_until_freed(runt
     assert runtime.adapters.resident_bytes == 2 * one and runtime.adapters.stats.loads == 3
     info = runtime.adapters.info("legal-review")
     assert (info.state, info.sha256) == ("resident", "ab" * 32)
+
+
+def gate_free(runtime: Runtime, file: Path) -> tuple[threading.Event, threading.Event]:
+    """Hold the real engine's free of ``file``'s adapter until released (forces an interleaving)."""
+    real_free, entered, go = runtime.engine.free_adapter, threading.Event(), threading.Event()
+
+    def gated_free(handle: Any) -> None:
+        if handle.path == file and not entered.is_set():
+            entered.set()
+            go.wait(10)
+        real_free(handle)
+
+    runtime.engine.free_adapter = gated_free  # type: ignore[method-assign]
+    return entered, go
+
+
+def test_a_replace_overtaken_by_a_newer_one_still_reports_success(runtime: Runtime, adapter_files: list[Path]) -> None:
+    # Regression (review): T1's replace switched, then froze freeing the old version; T2's replace switched again;
+    # T1 then raised "cannot go from closed to replaced" though nothing was closed.
+    runtime.adapters.ensure_resident("legal-review")
+    entered, go = gate_free(runtime, adapter_files[0])
+    outcome: list[object] = []
+    first = threading.Thread(target=lambda: outcome.append(
+        runtime.adapters.replace("legal-review", adapter_files[1], sha256="22" * 32)))
+    first.start()
+    assert entered.wait(10)
+    assert runtime.adapters.replace("legal-review", adapter_files[2], sha256="33" * 32).sha256 == "33" * 32
+    go.set()
+    first.join(10)
+    assert len(outcome) == 1 and getattr(outcome[0], "sha256", None) == "33" * 32
+
+
+def test_a_name_can_be_re_pointed_once_its_versions_left_service(runtime: Runtime, adapter_files: list[Path]) -> None:
+    # Regression (review): a retired version still finishing a generation blocked add() though the name was cached.
+    running = runtime.adapters.hold("legal-review", 1.0)
+    runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
+    assert runtime.adapters.evict("legal-review")
+    info = runtime.adapters.add("legal-review", adapter_files[2])
+    assert info.state == "cached" and info.sha256 != "ab" * 32
+    assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])  # the retired one, in use
+    runtime.adapters.release([running])
+    assert runtime.adapters.resident_bytes == 0
+
+
+def test_after_close_a_request_fails_at_once_and_nothing_stays_counted(make_profile: Callable[..., Path],
+                                                                        adapter_files: list[Path]) -> None:
+    rt = Runtime(load_profile(str(make_profile("closing", budget_mb=1024))), ctx=256)
+    rt.adapters.add("legal-review", adapter_files[0])
+    rt.adapters.ensure_resident("legal-review")
+    rt.adapters.close()
+    try:
+        assert rt.adapters.stats.evictions == 1 and rt.adapters.resident_bytes == 0
+        with pytest.raises(RuntimeClosed):  # it used to reload the file in a loop, forever
+            rt.adapters.hold("legal-review", 1.0)
+    finally:
+        rt.engine.close()
