@@ -1,4 +1,6 @@
-"""A file filled from the network while it is hashed: receiving, sha256 and disk writes overlap on three threads.
+"""Where a download lands: a claimed partial file filled while it is hashed (``DownloadSink``), on helper threads.
+
+Receiving, sha256 and disk writes overlap on three threads (``HashingWriter``).
 
 On a fast link one core cannot receive, hash (~1.8 GB/s with SHA-NI) and write in turn at line rate: done in
 sequence a 100 MB adapter spent more time in sha256, ``write`` and the final ``fsync`` than on the wire. Here the
@@ -12,11 +14,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import TYPE_CHECKING, BinaryIO, TypeVar
+
+from edge_runtime.distribution.store import AdapterStore, CachedAdapter, release
+from edge_runtime.errors import IntegrityError, LengthExceeded
+from edge_runtime.files import file_sha256
+
+if TYPE_CHECKING:
+    from edge_runtime.distribution.transfer import BlobRequest
 
 T = TypeVar("T")
 SYNC_EVERY_BYTES = 16 << 20
@@ -128,3 +138,63 @@ class HashingWriter:
 
 
 _fdatasync = getattr(os, "fdatasync", os.fsync)  # macOS has no fdatasync
+
+
+class DownloadSink:
+    """Appends to a partial while hashing it (on helper threads); refuses a byte past the expected size.
+
+    Opening one claims a partial and re-hashes the bytes already in it: file work, done on the store's thread.
+    """
+
+    def __init__(self, store: AdapterStore, request: BlobRequest) -> None:
+        self.store = store
+        self.request = request
+        self.partial = store.open_partial(request.sha256)
+        if self.partial.size > request.size:
+            self.partial = store.restart(self.partial)
+        self.written = self.partial.size
+        self.writer = HashingWriter(self.partial.path, file_sha256(self.partial.path, limit=self.written))
+        self.mixed = self.written > 0  # bytes from an earlier response are in the file
+
+    def restart(self) -> None:
+        """Empty the partial and forget its validator."""
+        self.writer.reset(hashlib.sha256())
+        self.partial = self.store.restart(self.partial)
+        self.written, self.mixed = 0, False
+
+    def append(self, chunk: bytes) -> None:
+        """Queue ``chunk`` for writing and hashing; ``LengthExceeded`` when it would pass the manifest's size."""
+        if self.written + len(chunk) > self.request.size:
+            raise LengthExceeded(self.request.url, limit_bytes=self.request.size,
+                                 received_bytes=self.written + len(chunk))
+        self.writer.append(chunk)
+        self.written += len(chunk)
+
+    def finish(self) -> CachedAdapter:
+        """Verify and install the complete partial; ``IntegrityError`` (partial deleted) when it does not match.
+
+        The claim on the partial ends here, whatever happens.
+        """
+        try:
+            actual = self.writer.finish()
+            if actual != self.request.sha256:
+                self.store.discard(self.partial)
+                raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
+            installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
+                                           digest=actual, size=self.request.size)
+        finally:
+            release(self.partial)
+        return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,
+                                          size=self.written, last_used=time.time())
+
+    def close(self, *, release_claim: bool = False) -> None:
+        """Close the file once queued writes landed; a non-empty partial stays for a later resume.
+
+        With ``release_claim`` (the download is abandoned) the claim ends after the last write landed, so another
+        process may resume the partial.
+        """
+        self.writer.close()
+        if self.partial.size == 0:
+            self.store.discard(self.partial)
+        if release_claim:
+            release(self.partial)

@@ -33,18 +33,20 @@ import os
 import re
 import secrets
 import shutil
-import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased
-from edge_runtime.errors import DiskFull, EdgeRtError, FileTooLarge, IntegrityError, InvalidName
-from edge_runtime.files import atomic_output, file_sha256, fsync_directory, read_bounded
-from edge_runtime.gguf.info import read_info
+from edge_runtime.errors import DiskFull, FileTooLarge, IntegrityError, InvalidName
+from edge_runtime.files import atomic_output, fsync_directory, read_bounded
 from edge_runtime.names import validate_name
+
+if TYPE_CHECKING:
+    from edge_runtime.distribution.recovery import RecoveryReport
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -52,9 +54,9 @@ T = TypeVar("T")
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 MAX_REF_BYTES = 1024
 MAX_VALIDATOR_BYTES = 16 * 1024
-_SHA = re.compile(r"^[0-9a-f]{64}$")
-_BLOB = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
-_PARTIAL = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
+SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
+BLOB_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
+PARTIAL_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
 
 
 @dataclass(frozen=True)
@@ -89,18 +91,6 @@ class Partial:
     def validator_path(self) -> Path:
         """The sidecar holding ``validator``."""
         return self.path.with_suffix(".json")
-
-
-@dataclass(frozen=True)
-class RecoveryReport:
-    """What the start-up scan did."""
-
-    verified: tuple[str, ...] = ()  # sha256 of blobs that re-hashed correctly
-    removed_corrupt: tuple[str, ...] = ()  # sha256 of blobs whose content no longer matched their name
-    completed: tuple[str, ...] = ()  # partials that were whole and correct: installed
-    resumable: tuple[str, ...] = ()  # partials kept for resuming
-    removed_files: tuple[str, ...] = ()  # stale partials, temp files and strays (file names)
-    refs_rebuilt: tuple[str, ...] = ()  # names whose ref was recreated from a blob's metadata
 
 
 @dataclass
@@ -155,7 +145,7 @@ class AdapterStore:
         ref = self.refs_dir / validate_name(name)
         try:
             sha256 = read_bounded(ref, MAX_REF_BYTES).decode("ascii").strip()
-            if _SHA.fullmatch(sha256) is None:  # a damaged ref never names a path outside blobs/
+            if SHA256_NAME.fullmatch(sha256) is None:  # a damaged ref never names a path outside blobs/
                 return None
             last_used = ref.stat().st_mtime
             size = self.blob_path(sha256).stat().st_size
@@ -204,7 +194,7 @@ class AdapterStore:
 
     def staged(self) -> set[str]:
         """sha256 of the blobs marked by ``stage``."""
-        return {p.name for p in self.staged_dir.iterdir() if _SHA.fullmatch(p.name)}
+        return {p.name for p in self.staged_dir.iterdir() if SHA256_NAME.fullmatch(p.name)}
 
     def evict(self, name: str) -> bool:
         """Forget ``name``; its blob goes too when no other name points at it. True when something was removed."""
@@ -284,7 +274,7 @@ class AdapterStore:
                 if claim is None:  # a live writer holds it, or it is gone
                     continue
                 os.rename(candidate, target)
-                validator = _read_validator(candidate.with_suffix(".json"))
+                validator = read_validator(candidate.with_suffix(".json"))
                 candidate.with_suffix(".json").unlink(missing_ok=True)
                 return self.save_validator(Partial(path=target, sha256=sha256, validator=None, claim=claim),
                                            validator)
@@ -342,84 +332,21 @@ class AdapterStore:
             return None if name is None else self.link(name, partial.sha256)
 
     def recover(self, *, verify: bool = True) -> RecoveryReport:
-        """Start-up scan: re-hash blobs, finish or keep or delete partials, remove strays, rebuild missing refs.
+        """Start-up scan under the cache lock (``recovery.py``): re-hash blobs, finish or keep partials, remove
+        strays, rebuild missing refs; partials and blobs of other live processes are left alone."""
+        from edge_runtime.distribution.recovery import recover
 
-        Runs under the cache lock; partials another live process writes, and blobs it leases, are left alone.
-        """
         with self._lock.held():
-            return self._recover(verify=verify)
+            return recover(self, verify=verify)
 
-    def _recover(self, *, verify: bool) -> RecoveryReport:
-        verified, corrupt, removed = [], [], []
-        for path in sorted(self.blobs_dir.iterdir()):
-            match = _BLOB.fullmatch(path.name)
-            if match is None:
-                removed.append(_remove(path))
-            elif verify and file_sha256(path).hexdigest() != match["sha"]:
-                log.warning("blob %s no longer matches its sha256: removed", path.name)
-                corrupt.append(_remove(path)[:64])
-            elif verify:
-                verified.append(match["sha"])
-        completed, resumable = self._recover_partials(removed)
-        for mark in sorted(self.staged_dir.iterdir()):
-            if not _SHA.fullmatch(mark.name):
-                removed.append(_remove(mark))
-        for ref in sorted(self.refs_dir.iterdir()):
-            if ref.name.startswith(".") or self.lookup(ref.name) is None:
-                removed.append(_remove(ref))
-        return RecoveryReport(verified=tuple(verified), removed_corrupt=tuple(corrupt), completed=tuple(completed),
-                              resumable=tuple(resumable), removed_files=tuple(removed),
-                              refs_rebuilt=tuple(self.rebuild_refs()))
-
-    def _recover_partials(self, removed: list[str]) -> tuple[list[str], list[str]]:
-        completed, resumable = [], []
-        now = time.time()
-        for path in sorted(self.partial_dir.iterdir()):
-            match = _PARTIAL.fullmatch(path.name)
-            if match is None or (match["kind"] == "json" and not path.with_suffix(".part").exists()):
-                removed.append(_remove(path))
-                continue
-            if match["kind"] != "part":
-                continue
-            claim = Claim.take(path)
-            if claim is None:  # a live process is writing it
-                resumable.append(match["sha"])
-                continue
-            partial = Partial(path=path, sha256=match["sha"], validator=_read_validator(path.with_suffix(".json")),
-                              claim=claim)
-            if self.blob_path(partial.sha256).exists() or now - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
-                self.discard(partial)
-                removed.append(path.name)
-            elif partial.size and file_sha256(path).hexdigest() == partial.sha256:
-                self.install(partial, name=None, digest=partial.sha256, size=partial.size)
-                completed.append(partial.sha256)
-            else:
-                release(partial)
-                resumable.append(partial.sha256)
-        return completed, resumable
-
-    def rebuild_refs(self) -> list[str]:
-        """Recreate refs for blobs no name points at, from the adapter name each GGUF records; return them."""
-        referenced = {a.sha256 for a in self.adapters()} | self.staged()  # a staged update keeps its old name's
-        rebuilt = []
-        for path in sorted(self.blobs_dir.glob("*.gguf")):
-            sha256 = path.name[:64]
-            if sha256 in referenced:
-                continue
-            try:
-                name = validate_name(read_info(path).name)
-            except EdgeRtError as exc:
-                log.warning("cannot name blob %s (%s): left for eviction", path.name, exc)
-                continue
-            if self.lookup(name) is None:
-                self.link(name, sha256)
-                rebuilt.append(name)
-        return rebuilt
+    def locked(self) -> AbstractContextManager[None]:
+        """The cache lock, for changes that span several store operations (re-entrant within a thread)."""
+        return self._lock.held()
 
     def _blobs(self) -> dict[str, _Blob]:
         blobs: dict[str, _Blob] = {}
         for path in self.blobs_dir.iterdir():
-            match = _BLOB.fullmatch(path.name)
+            match = BLOB_NAME.fullmatch(path.name)
             if match is not None:
                 stat = path.stat()
                 blobs[match["sha"]] = _Blob(sha256=match["sha"], size=stat.st_size, last_used=stat.st_mtime)
@@ -431,7 +358,8 @@ class AdapterStore:
         return blobs
 
 
-def _read_validator(path: Path) -> str | None:
+def read_validator(path: Path) -> str | None:
+    """The server validator saved beside a partial, or None (missing or unreadable: the resume starts over)."""
     try:
         value = json.loads(read_bounded(path, MAX_VALIDATOR_BYTES)).get("validator")
     except (FileNotFoundError, ValueError, AttributeError):
@@ -468,11 +396,12 @@ def _leased(path: Path) -> bool:
 
 
 def _checked_sha(sha256: str) -> str:
-    if not _SHA.fullmatch(sha256):
-        raise InvalidName(sha256, _SHA.pattern)
+    if not SHA256_NAME.fullmatch(sha256):
+        raise InvalidName(sha256, SHA256_NAME.pattern)
     return sha256
 
 
-def _remove(path: Path) -> str:
+def remove_file(path: Path) -> str:
+    """Delete ``path`` (gone already is fine) and return its name, for reports."""
     path.unlink(missing_ok=True)
     return path.name

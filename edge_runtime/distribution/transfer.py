@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import functools
-import hashlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -30,8 +29,8 @@ from typing import TypeVar
 
 import aiohttp
 
-from edge_runtime.distribution.sink import HashingWriter
-from edge_runtime.distribution.store import AdapterStore, CachedAdapter, release
+from edge_runtime.distribution.sink import DownloadSink
+from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.errors import (
     EdgeRtError,
     IntegrityError,
@@ -40,7 +39,6 @@ from edge_runtime.errors import (
     SlowRetrieval,
     TransferFailed,
 )
-from edge_runtime.files import file_sha256
 
 T = TypeVar("T")
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
@@ -149,66 +147,6 @@ class _Retry(Exception):
         self.immediate = immediate
 
 
-class _Sink:
-    """Appends to a partial while hashing it (on helper threads); refuses a byte past the expected size.
-
-    Opening one claims a partial and re-hashes the bytes already in it: file work, done on the store's thread.
-    """
-
-    def __init__(self, store: AdapterStore, request: BlobRequest) -> None:
-        self.store = store
-        self.request = request
-        self.partial = store.open_partial(request.sha256)
-        if self.partial.size > request.size:
-            self.partial = store.restart(self.partial)
-        self.written = self.partial.size
-        self.writer = HashingWriter(self.partial.path, file_sha256(self.partial.path, limit=self.written))
-        self.mixed = self.written > 0  # bytes from an earlier response are in the file
-
-    def restart(self) -> None:
-        """Empty the partial and forget its validator."""
-        self.writer.reset(hashlib.sha256())
-        self.partial = self.store.restart(self.partial)
-        self.written, self.mixed = 0, False
-
-    def append(self, chunk: bytes) -> None:
-        """Queue ``chunk`` for writing and hashing; ``LengthExceeded`` when it would pass the manifest's size."""
-        if self.written + len(chunk) > self.request.size:
-            raise LengthExceeded(self.request.url, limit_bytes=self.request.size,
-                                 received_bytes=self.written + len(chunk))
-        self.writer.append(chunk)
-        self.written += len(chunk)
-
-    def finish(self) -> CachedAdapter:
-        """Verify and install the complete partial; ``IntegrityError`` (partial deleted) when it does not match.
-
-        The claim on the partial ends here, whatever happens.
-        """
-        try:
-            actual = self.writer.finish()
-            if actual != self.request.sha256:
-                self.store.discard(self.partial)
-                raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
-            installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
-                                           digest=actual, size=self.request.size)
-        finally:
-            release(self.partial)
-        return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,
-                                          size=self.written, last_used=time.time())
-
-    def close(self, *, release_claim: bool = False) -> None:
-        """Close the file once queued writes landed; a non-empty partial stays for a later resume.
-
-        With ``release_claim`` (the download is abandoned) the claim ends after the last write landed, so another
-        process may resume the partial.
-        """
-        self.writer.close()
-        if self.partial.size == 0:
-            self.store.discard(self.partial)
-        if release_claim:
-            release(self.partial)
-
-
 async def download(session: aiohttp.ClientSession, request: BlobRequest, *, store: AdapterStore,
                    settings: TransferSettings, limiter: RateLimiter,
                    progress: ProgressCallback | None = None) -> CachedAdapter:
@@ -226,8 +164,9 @@ async def download(session: aiohttp.ClientSession, request: BlobRequest, *, stor
 
 
 async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, store: AdapterStore,
-                         settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *, fresh: bool) -> _Sink:
-    sink = await store.call(_Sink, store, request)
+                         settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *,
+                         fresh: bool) -> DownloadSink:
+    sink = await store.call(DownloadSink, store, request)
     deadline = settings.deadline_for(request.size)
     complete = False
     try:
@@ -251,7 +190,7 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
 def copy_local(source: Path, request: BlobRequest, *, store: AdapterStore,
                progress: ProgressCallback | None = None) -> CachedAdapter:
     """Copy a local blob (``file://`` or the Hub cache) into ``store``, bounded by size and verified."""
-    sink = _Sink(store, request)
+    sink = DownloadSink(store, request)
     clock = _Clock(request, progress)
     try:
         sink.restart()
@@ -337,13 +276,13 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
     return await _with_retries(url, settings, _Tally(), attempt)
 
 
-def _fetch(session: aiohttp.ClientSession, sink: _Sink, settings: TransferSettings, limiter: RateLimiter,
+def _fetch(session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter,
            clock: _Clock) -> Awaitable[None]:
     return _with_retries(sink.request.url, settings, clock,
                          lambda: _attempt(session, sink, settings, limiter, clock))
 
 
-async def _attempt(session: aiohttp.ClientSession, sink: _Sink, settings: TransferSettings, limiter: RateLimiter,
+async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter,
                    clock: _Clock) -> None:
     request = sink.request
     if sink.written == request.size:
@@ -394,7 +333,8 @@ def _check_failure(response: aiohttp.ClientResponse, url: str) -> None:
         raise _Retry(f"HTTP {status}", status=status, retry_after_s=_retry_after(response.headers.get("Retry-After")))
 
 
-async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, offset: int, sink: _Sink) -> None:
+async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, offset: int,
+                        sink: DownloadSink) -> None:
     _check_failure(response, request.url)
     status = response.status
     if status == 416 or (status == 206 and response.headers.get("Content-Range") !=
@@ -413,8 +353,8 @@ async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, 
         sink.mixed = True
 
 
-async def _receive(response: aiohttp.ClientResponse, sink: _Sink, settings: TransferSettings, limiter: RateLimiter,
-                   clock: _Clock) -> None:
+async def _receive(response: aiohttp.ClientResponse, sink: DownloadSink, settings: TransferSettings,
+                   limiter: RateLimiter, clock: _Clock) -> None:
     started = time.monotonic()
     received = 0
     min_rate = settings.min_rate()

@@ -25,7 +25,6 @@ import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_runtime.errors import (
@@ -44,47 +43,22 @@ from edge_runtime.runtime import budget
 from edge_runtime.runtime.compatibility import BaseCompatibility
 from edge_runtime.runtime.engine import AdapterHandle, Engine
 from edge_runtime.runtime.eviction import EvictionCandidate, choose_evictions
-from edge_runtime.runtime.versions import AdapterState, AdapterVersion, NamedAdapter, RemoteOffer, VersionState
+from edge_runtime.runtime.versions import (
+    AdapterInfo,
+    AdapterState,
+    AdapterVersion,
+    HeldAdapter,
+    ManagerStats,
+    NamedAdapter,
+    RemoteOffer,
+    VersionState,
+)
 
 __all__ = ["MAX_COMPOSED_ADAPTERS", "AdapterInfo", "AdapterManager", "AdapterState", "HeldAdapter", "ManagerStats"]
 
 log = logging.getLogger(__name__)
 MAX_COMPOSED_ADAPTERS = 4
 _IN_SERVICE = (VersionState.LOADING, VersionState.RESIDENT)  # a current version add() must not re-point
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    """A snapshot of one adapter for listings (``/v1/adapters``, ``edge-rt`` output)."""
-
-    name: str
-    sha256: str
-    size_bytes: int
-    resident_bytes: int
-    state: str
-    pinned: bool
-    users: int
-    last_used: float
-
-
-@dataclass
-class ManagerStats:
-    """Counters for /metrics: loads, evictions and the time loads took."""
-
-    loads: int = 0
-    evictions: int = 0
-    load_seconds_total: float = 0.0
-
-
-@dataclass(frozen=True)
-class HeldAdapter:
-    """An adapter a generation may use until its lease is released."""
-
-    name: str
-    sha256: str
-    scale: float
-    handle: AdapterHandle
-    version: AdapterVersion = field(repr=False, compare=False)
 
 
 class AdapterManager:
@@ -372,7 +346,8 @@ class AdapterManager:
                 adapter.update = None
             if handle is None:
                 version.move_to(VersionState.CACHED)
-                self._forget_former(adapter, version)
+                if version in adapter.former:
+                    adapter.former.remove(version)
             else:
                 version.handle = handle
                 if not wanted:
@@ -415,46 +390,37 @@ class AdapterManager:
         return [self._detach(old)]
 
     def _free(self, versions: Sequence[AdapterVersion]) -> None:
-        """Release each version's memory; every waiter wakes. The first failure is raised after all were tried."""
+        """Release each version's memory; every waiter wakes. The first failure is raised after all were tried.
+
+        A version llama.cpp fails to free stays FREEING, counted for good; its name gets a fresh cached copy.
+        """
         failure: BaseException | None = None
         for version in versions:
+            leaked = False
             try:
                 if version.handle is not None:
                     self.engine.free_adapter(version.handle)
             except BaseException as exc:
-                failure = failure or exc
-                self._leaked(version)
-            else:
-                with self._lock:
-                    freed, version.pending, version.handle = version.pending, None, None
+                failure, leaked = failure or exc, True
+                log.error("adapter %s (%s) could not be freed; its %d bytes stay counted against the budget",
+                          version.name, version.sha256[:12], version.resident_bytes)
+            with self._lock:
+                freed, version.pending = version.pending, None
+                adapter = self._adapters.get(version.name)
+                if not leaked:
+                    version.handle = None
                     version.move_to(VersionState.CACHED)
-                    adapter = self._adapters.get(version.name)
-                    if adapter is not None:
-                        self._forget_former(adapter, version)
-                if freed is not None:
-                    freed.set_result(None)
+                    if adapter is not None and version in adapter.former:
+                        adapter.former.remove(version)
+                elif adapter is not None and adapter.current is version:
+                    adapter.current = dataclasses.replace(version, state=VersionState.CACHED, users=0, handle=None)
+                    adapter.former.append(version)
+            if freed is not None:
+                freed.set_result(None)
         if versions:
             budget.release_freed_memory()
         if failure is not None:
             raise failure
-
-    def _leaked(self, version: AdapterVersion) -> None:
-        """llama.cpp did not free ``version``: it stays FREEING and counted; its name gets a fresh cached copy."""
-        log.error("adapter %s (%s) could not be freed; its %d bytes stay counted against the budget", version.name,
-                  version.sha256[:12], version.resident_bytes)
-        with self._lock:
-            freed, version.pending = version.pending, None
-            adapter = self._adapters.get(version.name)
-            if adapter is not None and adapter.current is version:
-                adapter.current = dataclasses.replace(version, state=VersionState.CACHED, users=0, handle=None)
-                adapter.former.append(version)
-        if freed is not None:
-            freed.set_result(None)
-
-    @staticmethod
-    def _forget_former(adapter: NamedAdapter, version: AdapterVersion) -> None:  # lock held
-        if version in adapter.former and not version.holds_memory:
-            adapter.former.remove(version)
 
     def _adapter(self, name: str) -> NamedAdapter:  # lock held
         adapter = self._adapters.get(name)

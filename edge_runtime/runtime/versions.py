@@ -28,7 +28,8 @@ from pathlib import Path
 from edge_runtime.errors import InvalidTransition
 from edge_runtime.runtime.engine import AdapterHandle
 
-__all__ = ["AdapterState", "AdapterVersion", "NamedAdapter", "RemoteOffer", "VersionState"]
+__all__ = ["AdapterInfo", "AdapterState", "AdapterVersion", "HeldAdapter", "ManagerStats", "NamedAdapter",
+           "RemoteOffer", "VersionState"]
 
 
 class VersionState(Enum):
@@ -129,3 +130,37 @@ class NamedAdapter:
     def busy(self) -> bool:
         """True when a version is in memory or an update is under way (the name cannot be re-pointed)."""
         return self.update is not None or any(v.holds_memory for v in self.versions())
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    """A snapshot of one adapter for listings (``/v1/adapters``, ``edge-rt`` output)."""
+
+    name: str
+    sha256: str
+    size_bytes: int
+    resident_bytes: int
+    state: str
+    pinned: bool
+    users: int
+    last_used: float
+
+
+@dataclass
+class ManagerStats:
+    """Counters for /metrics: loads, evictions and the time loads took."""
+
+    loads: int = 0
+    evictions: int = 0
+    load_seconds_total: float = 0.0
+
+
+@dataclass(frozen=True)
+class HeldAdapter:
+    """An adapter a generation may use until its lease is released."""
+
+    name: str
+    sha256: str
+    scale: float
+    handle: AdapterHandle
+    version: AdapterVersion = field(repr=False, compare=False)
