@@ -436,7 +436,8 @@ class AdapterManager:
             assert remote is not None
             sha256, size, resident, users = remote.sha256, remote.size_bytes, remote.size_bytes, 0
         return AdapterInfo(name=adapter.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
-                           state=adapter.state.value, pinned=adapter.pinned, users=users, last_used=adapter.last_used)
+                           state=adapter.state.value, pinned=adapter.pinned, users=users, last_used=adapter.last_used,
+                           path=None if version is None else version.path)
 
     def _version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
         """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""

@@ -144,6 +144,7 @@ class AdapterInfo:
     pinned: bool
     users: int
     last_used: float
+    path: Path | None = None  # the file of the current version (None: only remote)
 
 
 @dataclass

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.manifest import ManifestEntry
 from edge_runtime.distribution.store import CachedAdapter
-from edge_runtime.errors import BudgetExceeded, EdgeRtError, IncompatibleAdapter, InvalidGGUF
+from edge_runtime.errors import BudgetExceeded, CacheMiss, EdgeRtError, IncompatibleAdapter, InvalidGGUF
 from edge_runtime.runtime.adapters import AdapterManager
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class CdnFollower:
                 log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
                 continue
             try:
-                await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
-                self._followed.add(cached.name)
+                await self._register(cached)
             except EdgeRtError as exc:
                 log.warning("cached adapter %s is not served: %s", cached.name, exc)
         if self.cdn.offline:  # no network: the last verified manifest still names what was not pulled (cache misses)
@@ -103,12 +102,23 @@ class CdnFollower:
             await asyncio.wait(self._update_tasks())
 
     async def pull(self, names: list[str]) -> None:
-        """Download the named adapters the device knows only from the CDN (other requests go on meanwhile)."""
+        """Download the named adapters the device knows only from the CDN, or whose cached file vanished (deleted
+        by hand, or by a process that ignores leases); other requests go on meanwhile."""
         for name in names:
-            if self.manager.is_remote(name):
-                cached = await self.cdn.ensure_cached(name)
-                await asyncio.to_thread(self.manager.add, name, cached.path, sha256=cached.sha256)
-                self._followed.add(name)
+            if self.manager.is_remote(name) or (name in self._followed and await asyncio.to_thread(self._gone, name)):
+                await self._register(await self.cdn.ensure_cached(name))
+
+    async def _register(self, cached: CachedAdapter) -> None:
+        """Serve ``cached``, leasing its blob first: no other process on this cache evicts or deletes it."""
+        store = self.cdn.store
+        if not await store.call(store.lease, cached.sha256):
+            raise CacheMiss(cached.name, cached=())
+        await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
+        self._followed.add(cached.name)
+
+    def _gone(self, name: str) -> bool:
+        path = self.manager.info(name).path
+        return path is not None and not path.exists()
 
     def _update_tasks(self) -> list[asyncio.Task[None]]:
         return [task for _, task in self._updates.values()]
@@ -133,6 +143,7 @@ class CdnFollower:
     def _load_and_switch(self, entry: ManifestEntry, staged: CachedAdapter) -> None:
         """Load the fetched version, then point its name at it on disk; logs every failure, never raises."""
         name, short = entry.name, entry.sha256[:12]
+        old = self.manager.info(name).sha256
         try:
             self.manager.replace(name, staged.path, sha256=entry.sha256)
         except BudgetExceeded as exc:  # the old version is busy and both do not fit: the next refresh tries again
@@ -147,6 +158,9 @@ class CdnFollower:
         except Exception:
             log.exception("update of %s to %s did not load, the old version keeps serving", name, short)
             return
+        store = self.cdn.store
+        store.lease(entry.sha256)
+        store.release_lease(old)  # the old version's file is not needed any more: it may go with its name
         try:
             self.cdn.switch(name, entry.sha256)
         except OSError:

@@ -123,3 +123,47 @@ def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Pat
         assert new.headers["X-Edge-Adapters"] == f"b@{new_sha[:16]}:1" != old.headers["X-Edge-Adapters"]
         assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]
         assert (cache / "refs" / "b").read_text() == new_sha
+
+
+def pull_then_evict_from_memory(daemon: Daemon, name: str) -> requests.Response:
+    """A first request pulls ``name``; evicting it from memory leaves the daemon relying on its cached file."""
+    response = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                             json={"model": name, "messages": CHAT, "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 200, response.text
+    assert requests.delete(f"{daemon.url}/v1/adapters/{name}", timeout=30).json()["state"] == "cached"
+    return response
+
+
+def test_a_cli_sync_on_a_daemons_cache_never_evicts_a_blob_the_daemon_serves(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Regression: `sync --cache-mb` in another process evicted the daemon's cached blob; requests then failed 400
+    # "not a readable GGUF file" until a restart.
+    cache, (url, public) = tmp_path / "device-cache", cdn
+    sha = hashlib.sha256((adapters_dir / "a.gguf").read_bytes()).hexdigest()
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
+        first = pull_then_evict_from_memory(daemon, "a")
+        budget_mb = (adapters_dir / "a.gguf").stat().st_size // (1 << 20) + 5  # room for one adapter, not two
+        sync = subprocess.run([sys.executable, "-m", "edge_runtime.cli", "sync", "--cdn", url, "--public-key",
+                               str(public), "--adapters", "b", "--cache-dir", str(cache), "--cache-mb",
+                               str(budget_mb)], capture_output=True, text=True, timeout=120,
+                              env={**os.environ, "HF_HUB_OFFLINE": "0", "EDGE_RT_HOME": str(tmp_path / "cli")})
+        assert sync.returncode == 7 and "adapter_cache_mb" in sync.stderr, sync.stderr  # a is leased: no room
+        assert (cache / "blobs" / f"{sha}.gguf").is_file()
+        again = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                              json={"model": "a", "messages": CHAT, "max_tokens": 4, "temperature": 0})
+        assert again.status_code == 200 and again.headers["X-Edge-Adapters"] == f"a@{sha[:16]}:1"
+        assert again.json()["choices"] == first.json()["choices"]
+
+
+def test_a_daemon_whose_cached_blob_vanished_pulls_it_again_on_the_next_request(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    cache = tmp_path / "device-cache"
+    sha = hashlib.sha256((adapters_dir / "a.gguf").read_bytes()).hexdigest()
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
+        first = pull_then_evict_from_memory(daemon, "a")
+        (cache / "blobs" / f"{sha}.gguf").unlink()  # an operator's rm, or a tool that ignores leases
+        again = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
+                              json={"model": "a", "messages": CHAT, "max_tokens": 4, "temperature": 0})
+        assert again.status_code == 200, again.text  # was 400 until a restart
+        assert again.json()["choices"] == first.json()["choices"]
+        assert hashlib.sha256((cache / "blobs" / f"{sha}.gguf").read_bytes()).hexdigest() == sha
