@@ -215,11 +215,13 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="With --cdn: the adapter cache [default: $EDGE_RT_HOME/adapters].")
 @click.option("--offline", is_flag=True, help="With --cdn: no network attempt; serve what is cached.")
+@click.option("--allow-metered-updates", is_flag=True,
+              help="With --cdn on a profile whose link is metered: fetch new versions in the background anyway.")
 @_reports_errors
 def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host: str, port: int,
           api_key: str | None, insecure: bool, preload: str, ctx: int | None, max_queue: int,
           max_body_kb: int, cdn: str | None, public_key: Path | None, cache_dir: Path | None,
-          offline: bool) -> None:
+          offline: bool, allow_metered_updates: bool) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     from aiohttp import web
 
@@ -240,7 +242,8 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
                               preload=tuple(filter(None, (n.strip() for n in preload.split(",")))))
         client = None if cdn is None else CdnClient(
             cdn, cache_dir=cache_dir, public_key=load_public_key(public_key) if public_key else None,
-            base_fingerprint=runtime.base_fingerprint, sync_settings=SyncSettings.for_profile(runtime.profile),
+            base_fingerprint=runtime.base_fingerprint,
+            sync_settings=SyncSettings.for_profile(runtime.profile, allow_metered_updates=allow_metered_updates),
             offline=True if offline else None, protected=runtime.adapters.protected_names)
         click.echo(f"edge-rt: serving {runtime.model_path.name} with {len(runtime.adapters.names())} adapters "
                    f"under profile {runtime.profile.name} on http://{host}:{port}"

@@ -52,23 +52,30 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SyncSettings:
-    """How a device syncs: network limits, the cache's disk budget (bytes, None = unlimited), manifest reuse (s)."""
+    """How a device syncs: network limits, the cache's disk budget (bytes, None = unlimited), manifest reuse (s).
+
+    ``defer_updates``: the link is metered, so new versions of cached adapters are not fetched in the background
+    (adapters a request needs are still pulled on demand).
+    """
 
     transfer: TransferSettings = field(default_factory=TransferSettings)
     cache_budget_bytes: int | None = None
     manifest_ttl_s: float = 300.0
+    defer_updates: bool = False
 
     @classmethod
-    def for_profile(cls, profile: DeviceProfile | None, *, max_kbps: int | None = None,
-                    cache_mb: int | None = None) -> SyncSettings:
-        """The profile's download cap (kbit/s, 0 = none) and cache budget (MiB), each overridable."""
+    def for_profile(cls, profile: DeviceProfile | None, *, max_kbps: int | None = None, cache_mb: int | None = None,
+                    allow_metered_updates: bool = False) -> SyncSettings:
+        """The profile's download cap (kbit/s, 0 = none), cache budget (MiB) and metered flag, each overridable."""
         rate = profile.max_download_bytes_per_second if profile else None
         if max_kbps is not None:
             rate = max_kbps * 125 or None
         cache = profile.adapter_cache_bytes if profile else None
         if cache_mb is not None:
             cache = cache_mb << 20
-        return cls(transfer=TransferSettings(max_bytes_per_second=rate), cache_budget_bytes=cache)
+        metered = profile is not None and profile.network.metered
+        return cls(transfer=TransferSettings(max_bytes_per_second=rate), cache_budget_bytes=cache,
+                   defer_updates=metered and not allow_metered_updates)
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class RefreshReport:
     new_remote: tuple[str, ...]  # offered adapters this device had not seen
     withdrawn: tuple[str, ...]  # remote-only adapters the CDN stopped offering (forgotten)
     updating: tuple[str, ...]  # local adapters with a new version on the CDN (being fetched and loaded)
+    deferred: tuple[str, ...] = ()  # local adapters with a new version not fetched: the link is metered
 
 
 class CdnFollower:
@@ -90,11 +91,16 @@ class CdnFollower:
         await self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
         due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
                and self.manager.outdated(e.name, e.sha256)]
+        deferred: tuple[str, ...] = ()
+        if due and self.cdn.settings.defer_updates:  # a metered link: updates wait for `serve --allow-metered-...`
+            deferred, due = tuple(e.name for e in due), []
+            log.info("updates of %s deferred: the profile's link is metered (serve --allow-metered-updates)",
+                     ", ".join(deferred))
         for entry in due:
             if entry.name not in self._updates:
                 self._updates[entry.name] = (entry.sha256, asyncio.create_task(self._update(entry)))
         return RefreshReport(version=manifest.version, offered=names, new_remote=added, withdrawn=withdrawn,
-                             updating=tuple(e.name for e in due))
+                             updating=tuple(e.name for e in due), deferred=deferred)
 
     async def settle(self) -> None:
         """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""

@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestServer
 from cdn_server import Fault, FaultCdn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from edge_runtime.distribution.client import CdnClient
+from edge_runtime.distribution.client import CdnClient, SyncSettings
 from edge_runtime.distribution.publish import publish
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
@@ -36,12 +36,13 @@ async def make_follower(tmp_path: Path, cdn_dir: Path, key_pair: KeyPair, make_p
     server = await aiohttp_server(cdn.app())
     started: list[tuple[CdnFollower, Runtime]] = []
 
-    async def start(*, local: dict[str, Path] | None = None) -> CdnFollower:
+    async def start(*, local: dict[str, Path] | None = None, settings: SyncSettings | None = None) -> CdnFollower:
         runtime = Runtime(load_profile(str(make_profile("follower-test", budget_mb=1024))), ctx=512)
         for name, path in (local or {}).items():  # as --adapters-dir would register them
             runtime.adapters.add(name, path)
         client = CdnClient(str(server.make_url("")).rstrip("/"), cache_dir=tmp_path / "cache",
-                           public_key=key_pair[1], base_fingerprint=runtime.base_fingerprint, offline=False)
+                           public_key=key_pair[1], base_fingerprint=runtime.base_fingerprint, offline=False,
+                           sync_settings=settings)
         following = CdnFollower(client, runtime.adapters)
         following.log = cdn.log  # type: ignore[attr-defined]
         following.fault_cdn = cdn  # type: ignore[attr-defined]
@@ -202,3 +203,22 @@ async def test_a_local_adapter_wins_over_a_cached_copy_of_the_same_name_at_resta
     second = await make_follower(local={"json-extract": local})
     assert second.manager.info("json-extract").sha256 == hashlib.sha256(local.read_bytes()).hexdigest()
     assert (await second.refresh()).updating == ()
+
+
+async def test_on_a_metered_link_updates_wait_but_a_requested_adapter_is_still_pulled(
+        tmp_path: Path, make_follower: StartFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair) -> None:
+    metered = SyncSettings.for_profile(load_profile("phone"))  # phones are metered
+    assert metered.defer_updates and not SyncSettings.for_profile(load_profile("phone"),
+                                                                  allow_metered_updates=True).defer_updates
+    follower = await make_follower(settings=metered)
+    await follower.pull(["json-extract"])  # on demand: pulled even on a metered link
+    old_sha = follower.manager.info("json-extract").sha256
+    republish(tmp_path, cdn_dir, key_pair[0], {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    requests_before = len(follower.fault_cdn.blob_requests)  # type: ignore[attr-defined]
+    report = await follower.refresh()
+    await follower.settle()
+    assert (report.updating, report.deferred) == ((), ("json-extract",))
+    assert follower.manager.info("json-extract").sha256 == old_sha
+    assert len(follower.fault_cdn.blob_requests) == requests_before  # type: ignore[attr-defined]  (no download)
+    unmetered = await make_follower(settings=SyncSettings())  # a restart with --allow-metered-updates
+    assert (await unmetered.refresh()).updating == ("json-extract",)
