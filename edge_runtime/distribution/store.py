@@ -162,6 +162,17 @@ class AdapterStore:
         """Names of the cached adapters, sorted."""
         return tuple(sorted(a.name for a in self.adapters()))
 
+    def in_use(self, sha256: str) -> bool:
+        """True when a live process (this one included) leases blob ``sha256``: it must not be removed."""
+        return _leased(self.blob_path(_checked_sha(sha256)))
+
+    def collect_garbage(self) -> list[str]:
+        """Delete blobs no name points at that are neither staged nor leased; return their sha256."""
+        with self._lock.held():
+            kept = {a.sha256 for a in self.adapters()} | self.staged()
+            return [sha for sha in sorted(self._blobs()) if sha not in kept
+                    and delete_unless_leased(self.blob_path(sha))]
+
     def usage_bytes(self) -> int:
         """Bytes of verified blobs on disk."""
         return sum(b.size for b in self._blobs().values())
