@@ -1,4 +1,4 @@
-"""Run a runtime workload in a fresh process and report its measured memory as JSON (used by tests/test_budget.py).
+"""Run a runtime workload in a fresh process and report its measured memory as JSON (tests/runtime/test_budget.py).
 
 A fresh interpreter keeps the test runner's own memory (pytest, torch from other tests) out of the measurement.
 

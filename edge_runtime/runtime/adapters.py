@@ -97,7 +97,8 @@ class AdapterManager:
             return self._info(adapter)
 
     def add_remote(self, name: str, *, sha256: str, size_bytes: int) -> bool:
-        """Record an adapter a CDN offers but this device has not pulled; False when a local copy is known."""
+        """Record an adapter a CDN offers but this device has not pulled; True when that offer is new (a name not
+        seen before, or new content for a remote-only one), False when it was known or a local copy exists."""
         validate_name(name)
         with self._lock:
             known = self._adapters.get(name)
@@ -106,9 +107,9 @@ class AdapterManager:
             offer = RemoteOffer(sha256=sha256, size_bytes=size_bytes)
             if known is None:
                 self._adapters[name] = NamedAdapter(name=name, current=None, remote=offer)
-            else:
-                known.remote = offer
-            return True
+                return True
+            changed, known.remote = known.remote != offer, offer
+            return changed
 
     def forget_remote(self, keep: Sequence[str]) -> list[str]:
         """Drop remote-only adapters whose names are not in ``keep`` (withdrawn from the CDN); return them."""

@@ -1,7 +1,7 @@
 """Memory plan in bytes — process, base model, KV cache, compute buffers, adapters — and measured RSS.
 
 The terms are computed from the base GGUF's header and the context settings, and were checked against the RSS of
-a running runtime (``tests/test_budget.py`` holds the plan to within 10% of it):
+a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10% of it):
 
 - process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
   imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~400 bytes

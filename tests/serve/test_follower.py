@@ -222,3 +222,10 @@ async def test_on_a_metered_link_updates_wait_but_a_requested_adapter_is_still_p
     assert len(follower.fault_cdn.blob_requests) == requests_before  # type: ignore[attr-defined]  (no download)
     unmetered = await make_follower(settings=SyncSettings())  # a restart with --allow-metered-updates
     assert (await unmetered.refresh()).updating == ("json-extract",)
+
+
+async def test_a_refresh_reports_as_new_only_what_the_device_had_not_seen(follower: CdnFollower) -> None:
+    # Regression: every not-yet-pulled adapter was reported as new_remote on every refresh.
+    assert (await follower.refresh()).new_remote == ()  # start() already listed both
+    follower.manager.forget_remote(keep=["json-extract"])
+    assert (await follower.refresh()).new_remote == ("brand-voice",)
