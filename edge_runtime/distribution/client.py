@@ -227,10 +227,14 @@ class CdnClient:
         """Point ``name`` at blob ``sha256`` when the cache already holds it (another name uses the same bytes)."""
         return self.store.link(name, sha256) if self.store.blob_path(sha256).is_file() else None
 
-    def switch(self, name: str, sha256: str) -> CachedAdapter:
-        """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces goes unless shared."""
+    def switch(self, name: str, sha256: str, *, replaced: str | None = None) -> CachedAdapter:
+        """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces (``replaced``, or what the name
+        pointed at) goes unless another name uses it or a live process leases it. Another process on this cache
+        may have switched the name already: its old blob is then ``replaced``'s to drop."""
         cached = self.store.link(name, sha256)
         self.store.unstage(sha256)
+        if replaced is not None and replaced != sha256:
+            self.store.drop_if_unnamed(replaced)
         return cached
 
     def abandon(self, sha256: str) -> None:

@@ -168,7 +168,7 @@ class CdnFollower:
         store.lease(entry.sha256)
         store.release_lease(old)  # the old version's file is not needed any more: it may go with its name
         try:
-            self.cdn.switch(name, entry.sha256)
+            self.cdn.switch(name, entry.sha256, replaced=old)
         except OSError:
             log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name,
                           short)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -167,3 +168,30 @@ def test_a_daemon_whose_cached_blob_vanished_pulls_it_again_on_the_next_request(
         assert again.status_code == 200, again.text  # was 400 until a restart
         assert again.json()["choices"] == first.json()["choices"]
         assert hashlib.sha256((cache / "blobs" / f"{sha}.gguf").read_bytes()).hexdigest() == sha
+
+
+def test_two_daemons_on_one_cache_an_update_in_one_never_drops_the_blob_the_other_serves(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Regression: the first daemon's update deleted the old blob the second daemon still relied on.
+    cache = tmp_path / "device-cache"
+    old_sha = hashlib.sha256((adapters_dir / "b.gguf").read_bytes()).hexdigest()
+    new_sha = hashlib.sha256((adapters_dir / "c.gguf").read_bytes()).hexdigest()
+    with serve_cdn(tmp_path, serve_profile, cdn, log="first") as first, \
+            serve_cdn(tmp_path, serve_profile, cdn, log="second") as second:
+        before = pull_then_evict_from_memory(second, "b")  # the second daemon relies on the cached old blob
+        pull_then_evict_from_memory(first, "b")
+        next_version = tmp_path / "v2"
+        next_version.mkdir()
+        shutil.copy(adapters_dir / "c.gguf", next_version / "b.gguf")  # new content for b
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+
+        report = requests.post(f"{first.url}/v1/sync?wait=true", timeout=120).json()
+        assert (report["updating"], report["adapters"]["b"]) == (["b"], new_sha)
+        assert (cache / "blobs" / f"{old_sha}.gguf").is_file()  # leased by the second daemon
+        chat = {"model": "b", "messages": CHAT, "max_tokens": 4, "temperature": 0}
+        still = requests.post(f"{second.url}/v1/chat/completions", timeout=60, json=chat)
+        assert still.status_code == 200 and still.headers["X-Edge-Adapters"] == f"b@{old_sha[:16]}:1"
+        assert still.json()["choices"] == before.json()["choices"]
+
+        assert requests.post(f"{second.url}/v1/sync?wait=true", timeout=120).json()["adapters"]["b"] == new_sha
+        assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]  # the last user let go
