@@ -40,6 +40,16 @@ async def start_sync(cdn: FaultCdn, cache: Path, base_model: Path, *extra: str) 
         stderr=asyncio.subprocess.STDOUT)
 
 
+async def halfway(cache: Path, size: int) -> None:
+    """Return once a partial download in ``cache`` holds half of ``size`` bytes (fail after ~5 s)."""
+    for _ in range(500):
+        parts = list((cache / "partial").glob("*.part")) if (cache / "partial").exists() else []
+        if any(p.stat().st_size >= size // 2 for p in parts):
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the first sync never got halfway")
+
+
 def assert_every_blob_hashes_to_its_name(cache: Path) -> None:
     for blob in (cache / "blobs").iterdir():
         assert blob.name == f"{file_sha256(blob).hexdigest()}.gguf", f"{blob.name} holds other bytes"
@@ -52,13 +62,7 @@ async def test_two_syncs_of_one_adapter_on_one_cache_never_share_a_partial(
     cache, size = tmp_path / "cache", (large_adapter / "wide.gguf").stat().st_size
     wide_cdn.faults = [Fault(hold_at=0.5), None]  # the first download stalls halfway for a few seconds
     first = await start_sync(wide_cdn, cache, base_model)
-    for _ in range(500):
-        parts = list((cache / "partial").glob("*.part")) if (cache / "partial").exists() else []
-        if any(p.stat().st_size >= size // 2 for p in parts):
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("the first sync never got halfway")
+    await halfway(cache, size)
     second = await start_sync(wide_cdn, cache, base_model)  # starts while the first one writes its partial
     outputs = [(await p.communicate())[0].decode() for p in (second, first)]
     assert (second.returncode, first.returncode) == (0, 0), outputs
@@ -75,11 +79,7 @@ async def test_a_sync_killed_mid_download_is_resumed_by_the_next_process(
     cache, size = tmp_path / "cache", (large_adapter / "wide.gguf").stat().st_size
     wide_cdn.faults = [Fault(hold_at=0.5)]
     first = await start_sync(wide_cdn, cache, base_model)
-    for _ in range(500):
-        parts = list((cache / "partial").glob("*.part")) if (cache / "partial").exists() else []
-        if any(p.stat().st_size >= size // 2 for p in parts):
-            break
-        await asyncio.sleep(0.01)
+    await halfway(cache, size)
     first.kill()
     await first.wait()
     second = await start_sync(wide_cdn, cache, base_model)
