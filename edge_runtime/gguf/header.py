@@ -20,6 +20,7 @@ from edge_runtime.errors import InvalidGGUF
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
+MAX_ARRAY_NESTING = 4
 DECODED_ARRAY_LIMIT = 64  # longer arrays (vocabularies, merges) stay raw bytes
 _MAX_COUNT = 1 << 24
 
@@ -84,7 +85,9 @@ def read_header(path: Path | str) -> GGUFHeader:
         with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as view:
             try:
                 return _Parser(path, view).parse()
-            except (struct.error, IndexError, UnicodeDecodeError, ValueError) as exc:
+            except InvalidGGUF:
+                raise  # already says what is wrong (it is a ValueError too: not to be wrapped again)
+            except (struct.error, IndexError, UnicodeDecodeError, ValueError, RecursionError) as exc:
                 raise InvalidGGUF(str(path), f"truncated or corrupt header ({exc})") from exc
 
 
@@ -146,19 +149,22 @@ class _Parser:
         return HeaderField(key=key, value_type=value_type, item_type=item_type, count=count,
                            raw=bytes(self.view[start:self.offset]), value=value)
 
-    def _value(self, value_type: GGUFValueType) -> Any:
+    def _value(self, value_type: GGUFValueType, depth: int = 0) -> Any:
         if value_type == GGUFValueType.STRING:
             return self._string()
         if value_type == GGUFValueType.ARRAY:
+            if depth >= MAX_ARRAY_NESTING:  # real files nest at most once; a hostile one could recurse forever
+                raise InvalidGGUF(str(self.path), f"arrays nested deeper than {MAX_ARRAY_NESTING} at byte "
+                                  f"{self.offset}")
             item_type = self._value_type()
             count = self._count()
             if count <= DECODED_ARRAY_LIMIT:
-                return item_type, count, [self._value(item_type) for _ in range(count)]
-            self._skip(item_type, count)
+                return item_type, count, [self._value(item_type, depth + 1) for _ in range(count)]
+            self._skip(item_type, count, depth + 1)
             return item_type, count, None
         return self._unpack(_SCALARS[value_type])
 
-    def _skip(self, item_type: GGUFValueType, count: int) -> None:
+    def _skip(self, item_type: GGUFValueType, count: int, depth: int) -> None:
         if item_type == GGUFValueType.STRING:
             # Hot loop (a vocabulary has 50k-250k strings): locals only.
             offset, view, unpack = self.offset, self.view, _U64.unpack_from
@@ -167,7 +173,7 @@ class _Parser:
             self.offset = offset
         elif item_type == GGUFValueType.ARRAY:
             for _ in range(count):
-                self._value(GGUFValueType.ARRAY)
+                self._value(GGUFValueType.ARRAY, depth)
         else:
             self.offset += _SCALARS[item_type].size * count
         if self.offset > len(self.view):
@@ -176,8 +182,10 @@ class _Parser:
     def _tensor(self) -> HeaderTensor:
         name = self._string()
         n_dims = self._unpack(_U32)
-        if n_dims > 8:
+        if not 1 <= n_dims <= 8:
             raise InvalidGGUF(str(self.path), f"tensor {name!r} has {n_dims} dimensions")
+        if name.endswith((".lora_a", ".lora_b")) and n_dims != 2:
+            raise InvalidGGUF(str(self.path), f"LoRA tensor {name!r} has {n_dims} dimensions, not 2")
         shape = tuple(int(self._unpack(_U64)) for _ in range(n_dims))
         code = self._unpack(_U32)
         self._unpack(_U64)  # data offset: tensor data is never read here

@@ -63,3 +63,45 @@ def test_unknown_value_type_is_refused(tmp_path: Path) -> None:
     damaged.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", 1) + b"k" + struct.pack("<I", 99))
     with pytest.raises(InvalidGGUF, match="unknown value type 99"):
         read_header(damaged)
+
+
+def _gguf(fields: bytes, n_fields: int, tensors: bytes = b"", n_tensors: int = 0) -> bytes:
+    return b"GGUF" + struct.pack("<IQQ", 3, n_tensors, n_fields) + fields + tensors
+
+
+def _text(value: str) -> bytes:
+    return struct.pack("<Q", len(value)) + value.encode()
+
+
+ARRAY, UINT32 = 9, 4
+
+
+def _nested_arrays(depth: int) -> bytes:
+    field = _text("hostile.nesting") + struct.pack("<I", ARRAY)
+    for _ in range(depth - 1):
+        field += struct.pack("<IQ", ARRAY, 1)  # an array of one array of ...
+    return field + struct.pack("<IQ", UINT32, 1) + struct.pack("<I", 7)
+
+
+def _tensor(name: str, shape: tuple[int, ...]) -> bytes:
+    return _text(name) + struct.pack("<I", len(shape)) + b"".join(struct.pack("<Q", d) for d in shape) + \
+        struct.pack("<IQ", 0, 0)
+
+
+@pytest.mark.parametrize(("fields", "n_fields", "tensors", "problem"), [
+    (_nested_arrays(100_000), 1, b"", "arrays nested deeper than 4"),  # was RecursionError
+    (b"", 0, _tensor("blk.0.attn_q.weight.lora_a", ()), "has 0 dimensions"),  # was IndexError downstream
+    (b"", 0, _tensor("blk.0.attn_q.weight.lora_a", (576,)), "has 1 dimensions, not 2"),
+], ids=["deep-nesting", "zero-dimensions", "one-dimensional-lora"])
+def test_hostile_headers_are_invalid_gguf_not_a_crash(tmp_path: Path, fields: bytes, n_fields: int, tensors: bytes,
+                                                      problem: str) -> None:
+    path = tmp_path / "hostile.gguf"
+    path.write_bytes(_gguf(fields, n_fields, tensors, 1 if tensors else 0))
+    with pytest.raises(InvalidGGUF, match=problem):
+        read_header(path)
+
+
+def test_nesting_that_real_files_use_still_parses(tmp_path: Path) -> None:
+    path = tmp_path / "nested.gguf"
+    path.write_bytes(_gguf(_nested_arrays(2), 1))
+    assert read_header(path).fields["hostile.nesting"].count == 1

@@ -370,3 +370,18 @@ def test_after_close_a_request_fails_at_once_and_nothing_stays_counted(make_prof
             rt.adapters.hold("legal-review", 1.0)
     finally:
         rt.engine.close()
+
+
+def test_a_hostile_file_in_an_adapters_folder_is_reported_and_the_rest_served(runtime: Runtime, tmp_path: Path,
+                                                                               adapter_files: list[Path]) -> None:
+    import struct
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "good.gguf").write_bytes(adapter_files[0].read_bytes())
+    nesting = struct.pack("<Q", 1) + b"x" + struct.pack("<I", 9) + struct.pack("<IQ", 9, 1) * 50_000
+    (folder / "nested.gguf").write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + nesting)  # was RecursionError
+    added, refused = runtime.adapters.add_directory(folder)
+    assert [a.name for a in added] == ["good"] and list(refused) == ["nested.gguf"]
+    assert isinstance(refused["nested.gguf"], InvalidGGUF) and "nested deeper" in str(refused["nested.gguf"])
+    assert runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("good", 1.0)])[1][0].name == "good"
