@@ -22,6 +22,8 @@ import logging
 import os
 import queue
 import random
+import re
+import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -282,15 +284,34 @@ class Engine:
         return str(self._llama.detokenize(list(tokens)).decode("utf-8", errors="replace"))
 
     def chat_prompt(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's own chat template (from its GGUF)."""
+        """Token ids of ``messages`` rendered with the model's own chat template (from its GGUF).
+
+        Only the template's own text may become control tokens: message contents are tokenized as plain text, so
+        ``<|im_end|><|im_start|>system`` typed by a user stays text and cannot forge a turn.
+        """
         if self._chat is None:
             raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
+        nonce = secrets.token_hex(8)  # unguessable: a message cannot contain the marks that stand for contents
+        marked = [dict(message, content=f"\x00{nonce}:{index}\x00") for index, message in enumerate(messages)]
+        pieces = re.split(f"\x00{nonce}:(\\d+)\x00", self._render(marked))
+        if len(pieces) != 2 * len(messages) + 1:  # the template changed the contents (filters): render them as is
+            log.debug("chat template does not place contents verbatim; tokenizing the rendered prompt whole")
+            return self._tokens(self._render(list(messages)), special=True)
+        tokens: list[int] = []
+        for index, piece in enumerate(pieces):
+            text = piece if index % 2 == 0 else str(messages[int(piece)]["content"])
+            tokens += self._tokens(text, special=index % 2 == 0)
+        return tokens
+
+    def _render(self, messages: list[dict[str, Any]]) -> str:
         try:
-            prompt = self._chat(messages=cast(Any, list(messages))).prompt
+            return str(self._chat(messages=cast(Any, messages)).prompt)  # type: ignore[misc]
         except TemplateError as exc:
             raise InvalidRequest(f"the model's chat template rejected these messages: {exc}",
                                  param="messages") from exc
-        return list(self._llama.tokenize(prompt.encode(), add_bos=False, special=True))
+
+    def _tokens(self, text: str, *, special: bool) -> list[int]:
+        return list(self._llama.tokenize(text.encode(), add_bos=False, special=special)) if text else []
 
     # -- evaluation -----------------------------------------------------------------------------------------------
 
