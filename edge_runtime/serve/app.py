@@ -151,8 +151,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
 async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.app[CONFIG].api_key
     if key and request.path != "/health":
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+        given = request.headers.get("Authorization", "")  # bytes that are not UTF-8 arrive as surrogate escapes
+        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
             raise Unauthorized()
     return await handler(request)
 

@@ -50,3 +50,20 @@ def test_the_longest_token_bounds_how_many_bytes_a_token_covers(runtime: Runtime
     assert runtime.engine.min_tokens(len(text.encode())) <= len(tokens)
     pieces = [len(runtime.engine.detokenize([t]).encode()) for t in tokens]
     assert max(pieces) <= runtime.engine.max_token_bytes
+
+
+@pytest.mark.asyncio
+async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(aiohttp_client: Any,
+                                                                           runtime: Runtime) -> None:
+    import asyncio
+
+    client = await aiohttp_client(create_app(ServerConfig(api_key="secret"), runtime))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfd\r\n"
+                 b"Connection: close\r\n\r\n")
+    await writer.drain()
+    answer = await reader.read()
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401") and b"authentication_error" in answer
+    ok = await client.get("/v1/models", headers={"Authorization": "Bearer secret"})
+    assert ok.status == 200
