@@ -25,6 +25,7 @@ The tree::
     ├── LlamaCppError                            (RuntimeError)        llama.cpp refused an operation
     ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
+    ├── BodyTimeout                              (TimeoutError)        the body did not arrive in time (408)
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
     ├── QueueFull                                (RuntimeError)        the request queue is at its bound
     ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
@@ -53,6 +54,7 @@ from edge_runtime.errors.base import EdgeRtError
 from edge_runtime.errors.device import (
     AdapterNotFound,
     BaseDoesNotFit,
+    BodyTimeout,
     BudgetExceeded,
     ContextOverflow,
     DiskFull,
@@ -89,10 +91,10 @@ from edge_runtime.errors.distribution import (
     UntrustedData,
 )
 
-__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "CacheMiss", "ContextOverflow", "DiskFull",
-           "DistributionError", "EdgeRtError", "FileTooLarge", "IncompatibleAdapter", "IntegrityError",
-           "InvalidGGUF", "InvalidManifest", "InvalidName", "InvalidProfile", "InvalidRequest",
-           "InvalidSettings", "InvalidTransition", "LengthExceeded", "LlamaCppError", "ManifestExpired",
-           "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused",
-           "RuntimeClosed", "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable",
-           "TransferFailed", "Unauthorized", "UntrustedData"]
+__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "CacheMiss", "ContextOverflow",
+           "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge", "IncompatibleAdapter",
+           "IntegrityError", "InvalidGGUF", "InvalidManifest", "InvalidName", "InvalidProfile",
+           "InvalidRequest", "InvalidSettings", "InvalidTransition", "LengthExceeded", "LlamaCppError",
+           "ManifestExpired", "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull",
+           "RemoteNotFound", "RollbackRefused", "RuntimeClosed", "ShuttingDown", "SignatureInvalid",
+           "SlowRetrieval", "SourceUnavailable", "TransferFailed", "Unauthorized", "UntrustedData"]

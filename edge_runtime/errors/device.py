@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from edge_runtime.errors.base import EdgeRtError
 
-__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BudgetExceeded", "ContextOverflow", "DiskFull", "FileTooLarge",
-           "IncompatibleAdapter", "InvalidGGUF", "InvalidName", "InvalidProfile", "InvalidRequest",
-           "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound", "NothingToPublish",
-           "ProfileNotFound", "QueueFull", "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
+__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow", "DiskFull",
+           "FileTooLarge", "IncompatibleAdapter", "InvalidGGUF", "InvalidName", "InvalidProfile",
+           "InvalidRequest", "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound",
+           "NothingToPublish", "ProfileNotFound", "QueueFull", "RuntimeClosed", "ShuttingDown",
+           "SourceUnavailable", "Unauthorized"]
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -267,6 +268,19 @@ class InvalidRequest(EdgeRtError, ValueError):
     def __init__(self, message: str, *, param: str | None = None) -> None:
         self.param = param
         super().__init__(message)
+
+
+class BodyTimeout(EdgeRtError, TimeoutError):
+    """A client sent its headers, then not its whole body within the read timeout (the connection is closed)."""
+
+    http_status = 408
+    exit_code = 1
+    error_type = "request_timeout"
+
+    def __init__(self, *, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        super().__init__(f"the request body did not arrive within {timeout_s:g} s",
+                         fix="Send the whole body at once; the connection was closed")
 
 
 class Unauthorized(EdgeRtError, PermissionError):

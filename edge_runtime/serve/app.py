@@ -11,6 +11,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -19,7 +20,15 @@ from typing import Any
 from aiohttp import web
 
 from edge_runtime.distribution.client import CdnClient
-from edge_runtime.errors import ContextOverflow, EdgeRtError, InvalidRequest, QueueFull, ShuttingDown, Unauthorized
+from edge_runtime.errors import (
+    BodyTimeout,
+    ContextOverflow,
+    EdgeRtError,
+    InvalidRequest,
+    QueueFull,
+    ShuttingDown,
+    Unauthorized,
+)
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import AdapterInfo
 from edge_runtime.runtime.core import AppliedAdapter, Runtime
@@ -46,6 +55,7 @@ class ServerConfig:
     max_wait_s: float = 2.0
     max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
     preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
+    body_timeout_s: float = 30.0  # a client that stalls its body longer is answered 408 and disconnected
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -127,7 +137,14 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as exc:
         if not isinstance(exc, EdgeRtError):
             log.exception("unexpected error serving %s %s", request.method, request.path)
-        return error_response(exc)
+        elif public_message(str(exc)) != str(exc):  # the client gets the file names only: the log keeps the paths
+            log.info("%s %s answered %d: %s", request.method, request.path, exc.http_status, exc)
+        response = error_response(exc)
+        if isinstance(exc, BodyTimeout) and request.transport is not None:  # the rest of a stalled body is never
+            await response.prepare(request)  # read: answer, then close (aiohttp would linger reading it)
+            await response.write_eof()
+            request.transport.close()
+        return response
 
 
 def error_response(exc: BaseException) -> web.Response:
@@ -140,11 +157,20 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
     """(HTTP status, OpenAI error body, extra headers) for ``exc``; a stream sends the body as its last event."""
     if isinstance(exc, EdgeRtError):
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
-        body = openai_api.error_body(str(exc), exc.error_type, code=exc.http_status, param=getattr(exc, "param", None))
+        body = openai_api.error_body(public_message(str(exc)), exc.error_type, code=exc.http_status,
+                                     param=getattr(exc, "param", None))
         return exc.http_status, body, headers
     if isinstance(exc, web.HTTPException):
         return exc.status, openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status), None
     return 500, openai_api.error_body("internal error; see the daemon's log", "server_error", code=500), None
+
+
+def public_message(message: str) -> str:
+    """``message`` without the daemon's file-system layout: every absolute path is cut to its file name."""
+    return _PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], message)
+
+
+_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+=,~-]+)+/?")  # absolute paths, not the path part of a URL
 
 
 @web.middleware
@@ -272,7 +298,11 @@ def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:
 
 
 async def _json(request: web.Request) -> Any:
-    raw = await request.read()
+    timeout = request.app[CONFIG].body_timeout_s
+    try:
+        raw = await asyncio.wait_for(request.read(), timeout=timeout)
+    except asyncio.TimeoutError as exc:
+        raise BodyTimeout(timeout_s=timeout) from exc  # answered with Connection: close (the middleware)
     try:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting

@@ -67,3 +67,36 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(aioht
     assert answer.startswith(b"HTTP/1.1 401") and b"authentication_error" in answer
     ok = await client.get("/v1/models", headers={"Authorization": "Bearer secret"})
     assert ok.status == 200
+
+
+@pytest.mark.asyncio
+async def test_errors_sent_to_clients_name_files_never_server_paths(aiohttp_client: Any, runtime: Runtime,
+                                                                    adapter_files: list[Path], tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    broken = tmp_path / "deep" / "server" / "layout" / "broken.gguf"
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(adapter_files[0].read_bytes())
+    runtime.adapters.add("broken", broken)
+    broken.write_bytes(b"GGUF\x03")  # damaged on disk after it was registered
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
+        response = await client.post("/v1/completions", json={"prompt": "Hi", "model": "broken", "max_tokens": 1})
+    message = (await response.json())["error"]["message"]
+    assert response.status == 400 and "broken.gguf" in message and str(tmp_path) not in message
+    assert str(broken) in caplog.text  # the operator still sees where
+
+
+@pytest.mark.asyncio
+async def test_a_client_that_stalls_its_body_is_answered_408_and_disconnected(aiohttp_client: Any,
+                                                                              runtime: Runtime) -> None:
+    import asyncio
+
+    client = await aiohttp_client(create_app(ServerConfig(body_timeout_s=0.5), runtime))
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # then nothing more
+    await writer.drain()
+    assert (await client.get("/health")).status == 200  # others are served meanwhile
+    answer = await asyncio.wait_for(reader.read(), timeout=10)  # read() returns at EOF: the server closed
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
