@@ -43,7 +43,7 @@ def _reports_errors(command: F) -> F:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """edge-rt: one resident INT4 base model, task LoRA adapters hot-applied per request."""
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()

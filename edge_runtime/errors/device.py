@@ -127,11 +127,13 @@ class AdapterNotFound(EdgeRtError, LookupError):
     exit_code = 3
     error_type = "adapter_not_found"
 
-    def __init__(self, name: str, known: tuple[str, ...] = ()) -> None:
+    def __init__(self, name: str, known: tuple[str, ...] = (), *, base: str | None = None) -> None:
         self.name = name
         self.known = known
+        self.base = base
         listing = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
-        super().__init__(f"unknown adapter {name!r}", fix=f"Known adapters: {listing}")
+        also = f"; the base model is {base!r} (or 'base')" if base else ""
+        super().__init__(f"unknown adapter {name!r}", fix=f"Known adapters: {listing}{also}")
 
 
 class BudgetExceeded(EdgeRtError, MemoryError):

@@ -22,6 +22,7 @@ from aiohttp import web
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.errors import (
     BodyTimeout,
+    CacheMiss,
     ContextOverflow,
     EdgeRtError,
     InvalidRequest,
@@ -68,7 +69,7 @@ routes = web.RouteTableDef()
 
 def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
     """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_errors, _auth])
+    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_access_log, _errors, _auth])
     app[CONFIG] = config
     app[RUNTIME] = runtime
     app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
@@ -124,6 +125,30 @@ def base_id(runtime: Runtime) -> str:
 # -- middleware -------------------------------------------------------------------------------------------------
 
 
+_COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
+REQUESTED = web.RequestKey("requested", str)  # what a completion request asked for ("a+b", "base"), once parsed
+APPLIED = web.RequestKey("applied", str)  # what ran: the X-Edge-Adapters value
+TOKENS = web.RequestKey("tokens", tuple)  # (prompt tokens, completion tokens)
+
+
+@web.middleware
+async def _access_log(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """One log line per request, rejected ones included; completions are counted by adapter and status."""
+    started, status = time.monotonic(), CLIENT_CLOSED_REQUEST
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    finally:
+        requested = request.get(REQUESTED, "-")
+        if request.path in _COMPLETIONS:
+            request.app[METRICS].requests.labels(requested if requested != "-" else "unparsed", str(status)).inc()
+        prompt, completion = request.get(TOKENS, (0, 0))
+        log.info("%s %s status=%d requested=%s ran=%s prompt=%d completion=%d %.0fms", request.method, request.path,
+                 status, requested, request.get(APPLIED, "-"), prompt, completion,
+                 (time.monotonic() - started) * 1000)
+
+
 @web.middleware
 async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
@@ -154,9 +179,15 @@ def error_response(exc: BaseException) -> web.Response:
 
 
 def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, str] | None]:
-    """(HTTP status, OpenAI error body, extra headers) for ``exc``; a stream sends the body as its last event."""
+    """(HTTP status, OpenAI error body, extra headers) for ``exc``; a stream sends the body as its last event.
+
+    A 507 or a cache miss will not change on a retry: ``x-should-retry: false`` keeps the official client (which
+    retries 5xx) from asking twice more.
+    """
     if isinstance(exc, EdgeRtError):
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        if exc.http_status == 507 or isinstance(exc, CacheMiss):
+            headers = {"x-should-retry": "false"}
         body = openai_api.error_body(public_message(str(exc)), exc.error_type, code=exc.http_status,
                                      param=getattr(exc, "param", None))
         return exc.http_status, body, headers
@@ -204,9 +235,10 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     parsed = openai_api.parse_request(await _json(request), chat=chat, base_id=base_id(runtime),
                                       known_adapters=set(runtime.adapters.names()),
                                       max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
-    prompt = await _prompt_tokens(runtime.engine, parsed)
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
-    status, produced, job = 500, 0, None
+    request[REQUESTED] = label
+    prompt = await _prompt_tokens(runtime.engine, parsed)
+    produced, job = 0, None
     try:
         await _pull_remote(request.app, [name for name, _ in parsed.adapters])
         job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
@@ -219,23 +251,14 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
             response, produced = await _stream(request, parsed, job, first, chunks)
         else:
             response, produced = await _collect(parsed, job, first, chunks, len(prompt))
-        status = response.status
         return response
-    except EdgeRtError as exc:
-        status = exc.http_status
-        raise
-    except (asyncio.CancelledError, ConnectionError):
-        status = CLIENT_CLOSED_REQUEST
-        raise
     finally:
         if job is not None:
             job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
             request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
-        metrics.requests.labels(label, str(status)).inc()
+            request[APPLIED] = openai_api.applied_header(job.applied)
+        request[TOKENS] = (len(prompt), produced)
         metrics.tokens.labels(label).inc(produced)
-        log.info("%s %s adapters=%s prompt=%d completion=%d status=%d %.0fms", request.method, request.path,
-                 openai_api.applied_header(job.applied if job else []), len(prompt), produced, status,
-                 (time.monotonic() - started) * 1000)
 
 
 async def _collect(parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any],

@@ -31,6 +31,7 @@ class ParsedRequest:
 
     chat: bool
     model: str
+    base_id: str
     prompt_text: str | None
     messages: list[dict[str, str]] | None
     params: SamplingParams
@@ -49,7 +50,7 @@ def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: set[st
     if not isinstance(model, str):
         raise InvalidRequest("model must be a string", param="model")
     return ParsedRequest(
-        chat=chat, model=model or base_id,
+        chat=chat, model=model or base_id, base_id=base_id,
         prompt_text=None if chat else _prompt(body.get("prompt")),
         messages=_messages(body.get("messages")) if chat else None,
         params=_sampling(body, max_tokens_cap), adapters=_adapters(body, model, base_id, known_adapters),
@@ -136,7 +137,7 @@ def _adapters(body: dict[str, Any], model: str, base_id: str, known: set[str]) -
     for name, _ in specs:
         validate_name(name)
         if name not in known:
-            raise AdapterNotFound(name, tuple(sorted(known)))
+            raise AdapterNotFound(name, tuple(sorted(known)), base=base_id)
     if len({name for name, _ in specs}) != len(specs):
         raise InvalidRequest("an adapter appears twice in adapters", param="adapters")
     return tuple(specs)
@@ -181,6 +182,11 @@ def applied_json(applied: list[AppliedAdapter]) -> list[dict[str, Any]]:
     return [{"name": a.name, "sha256": a.sha256[:16], "scale": a.scale} for a in applied]
 
 
+def served_model(applied: list[AppliedAdapter], base_id: str) -> str:
+    """The response's ``model``: what ran (``a`` or ``a+b``), or the base model's id when no adapter did."""
+    return "+".join(a.name for a in applied) or base_id
+
+
 def applied_header(applied: list[AppliedAdapter]) -> str:
     """What ran, as the ``X-Edge-Adapters`` header: ``name@sha256prefix:scale`` comma-separated, or ``base``."""
     return ",".join(f"{a.name}@{a.sha256[:16]}:{a.scale:g}" for a in applied) or "base"
@@ -195,7 +201,7 @@ def completion_body(request: ParsedRequest, *, response_id: str, text: str, fini
     else:
         choice |= {"text": text, "logprobs": None}
     return {"id": response_id, "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": request.model, "choices": [choice],
+            "created": int(time.time()), "model": served_model(applied, request.base_id), "choices": [choice],
             "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                       "total_tokens": prompt_tokens + completion_tokens},
             "adapters": applied_json(applied)}
@@ -213,7 +219,7 @@ def chunk_body(request: ParsedRequest, *, response_id: str, text: str | None, fi
     else:
         choice |= {"text": text or "", "logprobs": None}
     return {"id": response_id, "object": "chat.completion.chunk" if request.chat else "text_completion",
-            "created": int(time.time()), "model": request.model, "choices": [choice],
+            "created": int(time.time()), "model": served_model(applied, request.base_id), "choices": [choice],
             "adapters": applied_json(applied)}
 
 

@@ -100,3 +100,38 @@ async def test_a_client_that_stalls_its_body_is_answered_408_and_disconnected(ai
     answer = await asyncio.wait_for(reader.read(), timeout=10)  # read() returns at EOF: the server closed
     writer.close()
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
+
+
+@pytest.mark.asyncio
+async def test_every_request_is_logged_and_counted_rejected_ones_too(aiohttp_client: Any, runtime: Runtime,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=2048), runtime))
+    with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
+        unknown = await client.post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4", "max_tokens": 1})
+        too_big = await client.post("/v1/completions", json={"prompt": "x" * 4096, "max_tokens": 1})
+        served = await client.post("/v1/completions", json={"prompt": "Hi", "model": "base", "max_tokens": 2})
+    message = (await unknown.json())["error"]["message"]
+    assert unknown.status == 404 and f"the base model is '{runtime.model_path.stem}' (or 'base')" in message
+    assert too_big.status == 413 and served.status == 200
+    assert (await served.json())["model"] == runtime.model_path.stem  # what ran, not the alias asked for
+    metrics = await (await client.get("/metrics")).text()
+    for label, status in (("unparsed", 404), ("unparsed", 413), ("base", 200)):
+        assert f'edge_rt_requests_total{{adapter="{label}",status="{status}"}} 1.0' in metrics
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/completions")]
+    assert [line.split()[2] for line in lines] == ["status=404", "status=413", "status=200"]
+    assert "requested=base ran=base prompt=" in lines[2]
+
+
+@pytest.mark.asyncio
+async def test_the_response_names_what_ran_and_a_507_is_not_worth_retrying(aiohttp_client: Any, runtime: Runtime,
+                                                                           adapter_files: list[Path]) -> None:
+    runtime.adapters.add("pirate", adapter_files[0])
+    runtime.adapters.add("noise", adapter_files[1])
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    body = {"prompt": "Hi", "model": "pirate", "adapters": [{"name": "noise"}], "max_tokens": 2}
+    response = await client.post("/v1/completions", json=body)
+    assert (await response.json())["model"] == "noise" and response.headers["X-Edge-Adapters"].startswith("noise@")
+    runtime.adapters.budget_bytes = 1024  # nothing fits any more
+    runtime.adapters.evict("noise")
+    full = await client.post("/v1/completions", json=body)
+    assert full.status == 507 and full.headers["x-should-retry"] == "false"
