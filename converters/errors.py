@@ -1,6 +1,7 @@
 """The converter's errors: a PEFT directory it cannot read, or a base architecture it cannot map.
 
-They belong to the tree drawn in ``edge_runtime/errors/__init__.py`` (under ``EdgeRtError`` and ``IncompatibleAdapter``).
+They belong to the tree drawn in ``edge_runtime/errors/__init__.py`` (under ``EdgeRtError`` and
+``IncompatibleAdapter``).
 """
 
 from __future__ import annotations

@@ -59,8 +59,12 @@ class _PlannedTensor:
 
 
 def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | Path, outtype: str = DEFAULT_OUTTYPE,
-                         name: str | None = None, progress: ProgressCallback | None = None) -> ConversionResult:
-    """Convert the PEFT adapter at ``source`` (a folder or ``hf://ORG/REPO[@REV]``) for ``base`` into ``output``."""
+                         name: str | None = None, progress: ProgressCallback | None = None,
+                         description: str = "") -> ConversionResult:
+    """Convert the PEFT adapter at ``source`` (a folder or ``hf://ORG/REPO[@REV]``) for ``base`` into ``output``.
+
+    ``description`` lands in the GGUF's ``general.description`` (and so in a published manifest's entry).
+    """
     if outtype not in OUTTYPES:
         raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(OUTTYPES)}",
                               fix="Pass --outtype f32, f16, bf16 or q8_0")
@@ -72,7 +76,7 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
     alpha = adapter.config.lora_alpha
     plan = _plan(adapter, layout, OUTTYPES[outtype])
     with atomic_output(output) as temp:
-        _write(temp, adapter, layout, adapter_name, alpha, plan, progress)
+        _write(temp, adapter, layout, adapter_name, alpha, plan, progress, description)
     ranks = tuple(sorted({p.pair.rank for p in plan}))
     return ConversionResult(output=output, name=adapter_name, architecture=layout.architecture,
                             tensor_count=len(plan), ranks=ranks, alpha=alpha, size_bytes=output.stat().st_size,
@@ -119,12 +123,14 @@ def _encode(matrix: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 
 def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,
-           plan: list[_PlannedTensor], progress: ProgressCallback | None) -> None:
+           plan: list[_PlannedTensor], progress: ProgressCallback | None, description: str) -> None:
     writer = gguf.GGUFWriter(path, arch=layout.architecture)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_name(adapter_name)
+    if description:
+        writer.add_description(description)
     writer.add_uint32(gguf_info.KEY_FORMAT, gguf_info.FORMAT_VERSION)
     writer.add_string(gguf_info.KEY_ADAPTER_NAME, adapter_name)
     writer.add_string(gguf_info.KEY_BASE_FINGERPRINT, layout.fingerprint)

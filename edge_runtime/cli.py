@@ -43,7 +43,8 @@ def _reports_errors(command: F) -> F:
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """edge-rt: one resident INT4 base model, task LoRA adapters hot-applied per request."""
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
 @main.command()
@@ -54,19 +55,28 @@ def main(verbose: int) -> None:
 @click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
               help="Tensor type of the written adapter.")
 @click.option("--name", default=None, help="Adapter name recorded in the file [default: OUTPUT's stem].")
+@click.option("--description", default="", help="What the adapter does (general.description; shown in manifests).")
 @_reports_errors
-def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: str | None) -> None:
+def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: str | None,
+            description: str) -> None:
     """Convert a PEFT LoRA (a folder or hf://ORG/REPO[@REV]) into a GGUF LoRA for BASE."""
     from converters import convert_peft_to_gguf
 
     base_path = resolve_model(base)
-    with click.progressbar(length=1, label=f"writing {output.name}", file=sys.stderr) as bar:
-        def progress(done: int, total: int) -> None:
-            bar.length = total
-            bar.update(done - bar.pos)
+    bars: list[Any] = []  # the bar appears when writing starts: nothing claims "writing" for a refused input
 
+    def progress(done: int, total: int) -> None:
+        if not bars:
+            bars.append(click.progressbar(length=total, label=f"writing {output.name}", file=sys.stderr))
+            bars[0].__enter__()
+        bars[0].update(done - bars[0].pos)
+
+    try:
         result = convert_peft_to_gguf(peft_dir, base=base_path, output=output, outtype=outtype, name=name,
-                                      progress=progress)
+                                      progress=progress, description=description)
+    finally:
+        if bars:
+            bars[0].__exit__(None, None, None)
     click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
                f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
                f"{result.architecture}, base {result.base_fingerprint[:12]}")
@@ -195,7 +205,7 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--profile", "profile_name", default="auto", show_default=True,
               help="Device profile: name, alias or TOML file.")
 @click.option("--model", default=None, help="Base model: a GGUF path or hf://ORG/REPO/FILE.gguf [default: embedded].")
-@click.option("--adapters-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--adapters-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
               help="Folder of NAME.gguf adapters (made by `edge-rt convert`).")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
@@ -232,6 +242,11 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
 
     if host not in _LOOPBACK and not api_key and not insecure:
         raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
+    for flag, value in (("--public-key", public_key), ("--cache-dir", cache_dir), ("--offline", offline),
+                        ("--allow-metered-updates", allow_metered_updates)):
+        if value and cdn is None:
+            raise click.UsageError(f"{flag} only applies with --cdn URL")
+    _check_port_free(host, port)  # before loading anything: one clear line, not a traceback after the banner
     logging.getLogger("edge_runtime").setLevel(min(logging.getLogger().level, logging.INFO))
     runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx)
     try:
@@ -245,14 +260,44 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
             base_fingerprint=runtime.base_fingerprint,
             sync_settings=SyncSettings.for_profile(runtime.profile, allow_metered_updates=allow_metered_updates),
             offline=True if offline else None, protected=runtime.adapters.protected_names)
-        click.echo(f"edge-rt: serving {runtime.model_path.name} with {len(runtime.adapters.names())} adapters "
-                   f"under profile {runtime.profile.name} on http://{host}:{port}"
-                   + (f", pulling from {cdn}" if cdn else ""), err=True)
-        web.run_app(create_app(config, runtime, cdn=client), host=host, port=port, print=None,
-                    handler_cancellation=True, shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
+        app = create_app(config, runtime, cdn=client)
+
+        async def announce(_: Any) -> None:  # after the CDN's adapters were registered and --preload loaded
+            click.echo(f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} on "
+                       f"http://{host}:{port} with {_adapter_counts(runtime)}"
+                       + (f", {'offline: serving the cache of' if client.offline else 'following'} {cdn}"
+                          if client else ""), err=True)
+
+        app.on_startup.append(announce)
+        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True,
+                    shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
     finally:
         runtime.close()
 
+
+
+def _check_port_free(host: str, port: int) -> None:
+    import socket
+
+    from edge_runtime.errors import AddressInUse
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise AddressInUse(host, port, str(exc)) from exc
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: only a listener conflicts
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise AddressInUse(host, port, exc.strerror or str(exc)) from exc
+
+
+def _adapter_counts(runtime: Any) -> str:
+    states = [a.state for a in runtime.adapters.list_adapters()]
+    detail = ", ".join(f"{states.count(s)} {s}" for s in ("resident", "cached", "remote") if states.count(s))
+    return f"{len(states)} adapter{'s' if len(states) != 1 else ''}" + (f" ({detail})" if detail else "")
 
 
 @main.command()

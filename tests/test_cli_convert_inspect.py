@@ -21,9 +21,11 @@ def test_convert_then_inspect_reports_the_adapter(tmp_path: Path, base_model: Pa
     peft_dir = write_peft_dir(tmp_path / "peft", r=8, lora_alpha=32)
     out = tmp_path / "brand-voice.gguf"
     runner = CliRunner()
-    converted = runner.invoke(main, ["convert", str(peft_dir), "--base", str(base_model), "-o", str(out)])
+    converted = runner.invoke(main, ["convert", str(peft_dir), "--base", str(base_model), "-o", str(out),
+                                     "--description", "Rewrites copy in the brand's voice"])
     assert converted.exit_code == 0, converted.output
     assert "adapter 'brand-voice', 8 tensors, rank 8, alpha 32, llama" in converted.output
+    assert read_info(out).metadata["general.description"] == "Rewrites copy in the brand's voice"
 
     inspected = runner.invoke(main, ["inspect", str(out), "--json"])
     assert inspected.exit_code == 0, inspected.output
@@ -83,7 +85,7 @@ def test_convert_refusal_is_one_clear_line_and_an_exit_code(tmp_path: Path, base
     result = CliRunner().invoke(main, ["convert", str(peft_dir), "--base", str(base_model), "-o", str(out)])
     assert result.exit_code == 4
     assert "error: unsupported PEFT feature use_dora=True" in result.output
-    assert not out.exists()
+    assert not out.exists() and "writing" not in result.output  # it said "writing a.gguf" before refusing
 
 
 def test_convert_with_missing_base_names_the_path(tmp_path: Path) -> None:
@@ -120,3 +122,8 @@ def test_fingerprint_ignores_quantisation_but_not_architecture(tmp_path: Path) -
 def test_fingerprint_of_the_embedded_model_never_changes(base_model: Path) -> None:
     # Adapters in the field carry this value; changing the algorithm would orphan every one of them.
     assert read_info(base_model).fingerprint == EMBEDDED_FINGERPRINT_V1
+
+
+def test_inspect_of_a_missing_file_is_not_found_exit_3(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "gone.gguf")])
+    assert result.exit_code == 3 and "gone.gguf: no such file" in result.output  # was exit 4, "not readable"

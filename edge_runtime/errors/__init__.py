@@ -8,6 +8,8 @@ The tree::
     EdgeRtError                                  (Exception)
     ├── ModelNotFound                            (FileNotFoundError)   the base model file is missing
     ├── InvalidGGUF                              (ValueError)          not a GGUF file, or a corrupt one
+    │   └── GGUFNotFound                         (FileNotFoundError)   no such file
+    ├── AddressInUse                             (OSError)             the daemon cannot listen on its port
     ├── SourceUnavailable                        (ConnectionError)     an hf:// source could not be resolved
     ├── InvalidName                              (ValueError)          a name that would become a path is unsafe
     ├── FileTooLarge                             (ValueError)          a file holds more than edge-rt reads of it
@@ -53,12 +55,14 @@ from __future__ import annotations
 from edge_runtime.errors.base import EdgeRtError
 from edge_runtime.errors.device import (
     AdapterNotFound,
+    AddressInUse,
     BaseDoesNotFit,
     BodyTimeout,
     BudgetExceeded,
     ContextOverflow,
     DiskFull,
     FileTooLarge,
+    GGUFNotFound,
     IncompatibleAdapter,
     InvalidGGUF,
     InvalidName,
@@ -91,10 +95,11 @@ from edge_runtime.errors.distribution import (
     UntrustedData,
 )
 
-__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "CacheMiss", "ContextOverflow",
-           "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge", "IncompatibleAdapter",
-           "IntegrityError", "InvalidGGUF", "InvalidManifest", "InvalidName", "InvalidProfile",
-           "InvalidRequest", "InvalidSettings", "InvalidTransition", "LengthExceeded", "LlamaCppError",
-           "ManifestExpired", "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull",
-           "RemoteNotFound", "RollbackRefused", "RuntimeClosed", "ShuttingDown", "SignatureInvalid",
-           "SlowRetrieval", "SourceUnavailable", "TransferFailed", "Unauthorized", "UntrustedData"]
+__all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "CacheMiss",
+           "ContextOverflow", "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge",
+           "GGUFNotFound", "IncompatibleAdapter", "IntegrityError", "InvalidGGUF", "InvalidManifest",
+           "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
+           "LengthExceeded", "LlamaCppError", "ManifestExpired", "ModelNotFound", "NothingToPublish",
+           "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused", "RuntimeClosed",
+           "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable", "TransferFailed",
+           "Unauthorized", "UntrustedData"]

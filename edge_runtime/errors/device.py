@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from edge_runtime.errors.base import EdgeRtError
 
-__all__ = ["AdapterNotFound", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow", "DiskFull",
-           "FileTooLarge", "IncompatibleAdapter", "InvalidGGUF", "InvalidName", "InvalidProfile",
-           "InvalidRequest", "InvalidSettings", "InvalidTransition", "LlamaCppError", "ModelNotFound",
-           "NothingToPublish", "ProfileNotFound", "QueueFull", "RuntimeClosed", "ShuttingDown",
-           "SourceUnavailable", "Unauthorized"]
+__all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow",
+           "DiskFull", "FileTooLarge", "GGUFNotFound", "IncompatibleAdapter", "InvalidGGUF", "InvalidName",
+           "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition", "LlamaCppError",
+           "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull", "RuntimeClosed",
+           "ShuttingDown", "SourceUnavailable", "Unauthorized"]
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -35,6 +35,33 @@ class InvalidGGUF(EdgeRtError, ValueError):
         self.reason = reason
         super().__init__(f"{path} is not a readable GGUF file: {reason}",
                          fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`")
+
+
+class GGUFNotFound(InvalidGGUF, FileNotFoundError):
+    """A file named as GGUF does not exist."""
+
+    http_status = 404
+    exit_code = 3
+    error_type = "file_not_found"
+
+    def __init__(self, path: str) -> None:
+        EdgeRtError.__init__(self, f"{path}: no such file", fix="Check the path")
+        self.path = path
+        self.reason = "no such file"
+
+
+class AddressInUse(EdgeRtError, OSError):
+    """The daemon cannot listen on its address: another process has the port, or the address is not this host's."""
+
+    http_status = 500
+    exit_code = 10
+    error_type = "address_in_use"
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        super().__init__(f"cannot listen on {host}:{port}: {reason}",
+                         fix="Stop what uses the port (`ss -ltnp`), or pass another --port")
 
 
 class SourceUnavailable(EdgeRtError, ConnectionError):

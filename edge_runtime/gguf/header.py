@@ -16,7 +16,7 @@ from typing import Any
 
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
-from edge_runtime.errors import InvalidGGUF
+from edge_runtime.errors import GGUFNotFound, InvalidGGUF
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -77,8 +77,10 @@ class GGUFHeader:
 def read_header(path: Path | str) -> GGUFHeader:
     """Parse ``path``'s GGUF header; raise ``InvalidGGUF`` for anything that is not a well-formed GGUF file."""
     path = Path(path)
+    if not path.exists():
+        raise GGUFNotFound(str(path))
     if not path.is_file():
-        raise InvalidGGUF(str(path), "no such file")
+        raise InvalidGGUF(str(path), "not a regular file")
     with path.open("rb") as handle:
         if handle.read(4) != MAGIC:
             raise InvalidGGUF(str(path), "the file does not start with the GGUF magic bytes")

@@ -232,3 +232,30 @@ def test_preload_makes_adapters_resident_at_start(tmp_path: Path, serve_profile:
                     log=tmp_path / "log") as daemon:
         states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
         assert states == {"a": "resident", "b": "cached", "c": "resident"}
+        # The banner comes once everything is registered and preloaded, and counts every adapter served.
+        assert f"on {daemon.url} with 3 adapters (2 resident, 1 cached)" in daemon.log_text()
+
+
+def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", "serve", *args], capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+def test_a_port_in_use_is_one_clear_line_before_anything_is_loaded() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        completed = serve_cli("--port", str(port))
+    assert completed.returncode == 10, completed.stderr
+    assert f"error: cannot listen on 127.0.0.1:{port}" in completed.stderr and "pass another --port" in \
+        completed.stderr
+    assert "Traceback" not in completed.stderr and "serving" not in completed.stderr
+
+
+def test_options_that_cannot_take_effect_are_refused(tmp_path: Path) -> None:
+    missing = serve_cli("--adapters-dir", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr  # a typo used to serve 0 adapters
+    (tmp_path / "key.pub").write_text("x")
+    lone_key = serve_cli("--public-key", str(tmp_path / "key.pub"))
+    assert lone_key.returncode == 2 and "--public-key only applies with --cdn URL" in lone_key.stderr
