@@ -180,10 +180,17 @@ class CdnClient:
         return tuple(a for a in manifest.adapters
                      if self.base_fingerprint is None or a.base_fingerprint == self.base_fingerprint)
 
-    async def ensure_cached(self, name: str, *, progress: ProgressCallback | None = None) -> CachedAdapter:
-        """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed."""
+    async def ensure_cached(self, name: str, *, progress: ProgressCallback | None = None,
+                            current: bool = True) -> CachedAdapter:
+        """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed.
+
+        With ``current`` (a sync) a cached copy is checked against the manifest first, which may mean fetching it;
+        without (a daemon's request, whose updates follow in the background) a cached copy is used at once.
+        """
         validate_name(name)
         cached = await self.store.call(self.store.lookup, name)
+        if cached is not None and not current:
+            return await self.store.call(self._used, cached)
         if self.offline:
             if cached is None:
                 raise CacheMiss(name, cached=await self.store.call(self.store.names))

@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from edge_runtime.distribution.client import CdnClient
+from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import (
     BodyTimeout,
     CacheMiss,
@@ -79,6 +80,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app.on_shutdown.append(_drop_queued)
     if cdn is not None:
         app[FOLLOWER] = CdnFollower(cdn, runtime.adapters)
+        app[FOLLOWER].on_pull = app[METRICS].observe_pull
         app.cleanup_ctx.append(_follower_lifecycle)
     app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
     return app
@@ -349,8 +351,9 @@ async def models(request: web.Request) -> web.Response:
 @routes.get("/v1/adapters")
 async def adapters(request: web.Request) -> web.Response:
     """Every known adapter with its size, digest, state, pin and last use."""
-    return web.json_response({"object": "list",
-                              "data": [_adapter_json(a) for a in request.app[RUNTIME].adapters.list_adapters()]})
+    downloads = request.app[FOLLOWER].downloads() if FOLLOWER in request.app else {}
+    return web.json_response({"object": "list", "data": [_adapter_json(a, downloads) for a in
+                                                         request.app[RUNTIME].adapters.list_adapters()]})
 
 
 @routes.post("/v1/adapters/{name}/load")
@@ -400,7 +403,12 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
 
 
-def _adapter_json(info: AdapterInfo) -> dict[str, Any]:
-    return {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
+def _adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
+    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
             "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
             "last_used": info.last_used or None}
+    if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
+        progress = downloads[info.name]
+        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
+                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
+    return body

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.manifest import ManifestEntry
 from edge_runtime.distribution.store import CachedAdapter
+from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import BudgetExceeded, CacheMiss, EdgeRtError, IncompatibleAdapter, InvalidGGUF
 from edge_runtime.runtime.adapters import AdapterManager
 
@@ -50,6 +53,8 @@ class CdnFollower:
         self._rejected: set[str] = set()  # sha256 of versions that did not load: not retried
         self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
         self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
+        self._pulling: dict[str, TransferProgress | None] = {}  # pulls under way: their last progress report
+        self.on_pull: Callable[[str, int, float, bool], None] | None = None  # (name, bytes, seconds, ok) for metrics
 
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
@@ -112,7 +117,43 @@ class CdnFollower:
         by hand, or by a process that ignores leases); other requests go on meanwhile."""
         for name in names:
             if self.manager.is_remote(name) or (name in self._followed and await asyncio.to_thread(self._gone, name)):
-                await self._register(await self.cdn.ensure_cached(name))
+                await self._pull(name)
+
+    def downloads(self) -> dict[str, TransferProgress | None]:
+        """Pulls under way, by adapter name: the last progress report (None before the first byte)."""
+        return dict(self._pulling)
+
+    async def _pull(self, name: str) -> None:
+        """One pull, visible while it runs (``downloads``), logged at start and end, observed for /metrics.
+
+        A copy already in the cache (a CLI sync put it there) is used at once: the request does not wait for the
+        manifest to be fetched again, which on a slow CDN took a minute.
+        """
+        started, last = time.monotonic(), None
+        self._pulling[name] = None
+        log.info("pulling adapter %s from %s", name, self.cdn.cdn)
+
+        def track(progress: TransferProgress) -> None:
+            nonlocal last
+            last = self._pulling[name] = progress
+
+        try:
+            cached = await self.cdn.ensure_cached(name, progress=track, current=False)
+            await self._register(cached)
+        except BaseException as exc:
+            log.warning("pull of adapter %s failed after %.1f s: %s", name, time.monotonic() - started, exc)
+            self._observe(name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
+            raise
+        finally:
+            self._pulling.pop(name, None)
+        seconds, received = time.monotonic() - started, 0 if last is None else last.received_bytes
+        log.info("pulled adapter %s: %.1f MB %s in %.1f s (%.1f MB/s)", name, cached.size / 1e6,
+                 "downloaded" if received else "from the cache", seconds, received / 1e6 / max(seconds, 1e-9))
+        self._observe(name, received, seconds, True)
+
+    def _observe(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:
+        if self.on_pull is not None:
+            self.on_pull(name, received_bytes, seconds, ok)
 
     async def _register(self, cached: CachedAdapter) -> None:
         """Serve ``cached``, leasing its blob first: no other process on this cache evicts or deletes it."""

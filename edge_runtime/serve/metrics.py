@@ -55,7 +55,18 @@ class Metrics:
         self.first_token = Histogram("edge_rt_time_to_first_token_seconds", "Time from request to first token",
                                      ["adapter"], registry=self.registry,
                                      buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.pulls = Counter("edge_rt_pulls", "Adapter pulls from the CDN by result", ["result"],
+                             registry=self.registry)
+        self.pull_bytes = Counter("edge_rt_pull_bytes", "Bytes downloaded by adapter pulls", registry=self.registry)
+        self.pull_seconds = Histogram("edge_rt_pull_seconds", "Time an adapter pull took", registry=self.registry,
+                                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
         self.registry.register(_RuntimeCollector(runtime, scheduler))
+
+    def observe_pull(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:
+        """Count one pull of adapter ``name``: bytes it downloaded, how long it took, whether it succeeded."""
+        self.pulls.labels("ok" if ok else "failed").inc()
+        self.pull_bytes.inc(received_bytes)
+        self.pull_seconds.observe(seconds)
 
     def render(self) -> bytes:
         """The Prometheus text exposition."""

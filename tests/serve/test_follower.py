@@ -229,3 +229,36 @@ async def test_a_refresh_reports_as_new_only_what_the_device_had_not_seen(follow
     assert (await follower.refresh()).new_remote == ()  # start() already listed both
     follower.manager.forget_remote(keep=["json-extract"])
     assert (await follower.refresh()).new_remote == ("brand-voice",)
+
+
+async def test_a_pull_is_visible_while_it_runs_logged_and_observed(follower: CdnFollower, adapter_sources: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    manifest_size = (adapter_sources / "json-extract.gguf").stat().st_size
+    observed: list[tuple[str, int, float, bool]] = []
+    follower.on_pull = lambda *args: observed.append(args)
+    follower.fault_cdn.faults = [Fault(hold_at=0.5)]  # type: ignore[attr-defined]  (stalls halfway a few seconds)
+    with caplog.at_level("INFO", logger="edge_runtime.serve.follower"):
+        pulling = asyncio.create_task(follower.pull(["json-extract"]))
+        for _ in range(500):
+            progress = follower.downloads().get("json-extract")
+            if progress is not None and progress.done_bytes > 0:
+                break
+            await asyncio.sleep(0.01)
+        assert progress is not None and 0 < progress.done_bytes < progress.total_bytes == manifest_size
+        await pulling
+    assert follower.downloads() == {} and follower.manager.info("json-extract").state == "cached"
+    assert [(name, received, ok) for name, received, _, ok in observed] == [("json-extract", manifest_size, True)]
+    assert "pulling adapter json-extract" in caplog.text and "pulled adapter json-extract" in caplog.text
+
+
+async def test_a_pull_of_an_adapter_a_cli_sync_already_cached_does_not_wait_for_the_cdn(
+        follower: CdnFollower, tmp_path: Path, key_pair: KeyPair, cdn_dir: Path) -> None:
+    # Regression: a first request waited 61 s for a slow CDN's manifest while the blob sat in the cache.
+    async with CdnClient(cdn_dir.as_uri(), cache_dir=tmp_path / "cache", public_key=key_pair[1],
+                         offline=False) as cli:  # another process's sync, from another copy of the folder
+        await cli.ensure_cached("brand-voice")
+    follower.cdn._manifest_at = -1e9  # the kept manifest is stale: a sync would fetch it again first
+    before = len(follower.log)  # type: ignore[attr-defined]
+    await asyncio.wait_for(follower.pull(["brand-voice"]), timeout=5)
+    assert follower.manager.info("brand-voice").state == "cached"
+    assert follower.log[before:] == []  # type: ignore[attr-defined]  (no manifest, no blob request)
