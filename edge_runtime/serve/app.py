@@ -7,12 +7,12 @@ never blocks on the model. Every error leaves as OpenAI-shaped JSON with the sta
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hmac
 import json
 import logging
 import re
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +20,6 @@ from typing import Any
 from aiohttp import web
 
 from edge_runtime.distribution.client import CdnClient
-from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import (
     BodyTimeout,
     CacheMiss,
@@ -32,13 +31,13 @@ from edge_runtime.errors import (
     Unauthorized,
 )
 from edge_runtime.names import validate_name
-from edge_runtime.runtime.adapters import AdapterInfo
 from edge_runtime.runtime.core import AppliedAdapter, Runtime
 from edge_runtime.runtime.engine import Engine
 from edge_runtime.serve import openai_api
 from edge_runtime.serve.follower import CdnFollower
-from edge_runtime.serve.metrics import CONTENT_TYPE, Metrics
+from edge_runtime.serve.metrics import Metrics
 from edge_runtime.serve.scheduler import Job, Scheduler
+from edge_runtime.serve.status import RecentRequest
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_BODY_BYTES = 1 << 20
@@ -65,6 +64,9 @@ SCHEDULER = web.AppKey("scheduler", Scheduler)
 METRICS = web.AppKey("metrics", Metrics)
 CONFIG = web.AppKey("config", ServerConfig)
 FOLLOWER = web.AppKey("follower", CdnFollower)
+RECENT = web.AppKey("recent", deque)  # the last RECENT_REQUESTS answered requests, for the status page
+STARTED = web.AppKey("started", float)
+RECENT_REQUESTS = 20
 routes = web.RouteTableDef()
 
 
@@ -75,7 +77,11 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app[RUNTIME] = runtime
     app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
     app[METRICS] = Metrics(runtime, app[SCHEDULER])
+    app[RECENT], app[STARTED] = deque(maxlen=RECENT_REQUESTS), time.time()
+    from edge_runtime.serve import admin  # its routes use this module's keys: imported once this module is
+
     app.add_routes(routes)
+    app.add_routes(admin.routes)
     app.cleanup_ctx.append(_scheduler_lifecycle)
     app.on_shutdown.append(_drop_queued)
     if cdn is not None:
@@ -89,7 +95,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
 async def _preload(app: web.Application) -> None:
     manager = app[RUNTIME].adapters
     for name in app[CONFIG].preload:
-        await _pull_remote(app, [validate_name(name)])
+        await pull_remote(app, [validate_name(name)])
         await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
 
 
@@ -114,7 +120,8 @@ async def _follower_lifecycle(app: web.Application) -> AsyncIterator[None]:
     await app[FOLLOWER].close()
 
 
-async def _pull_remote(app: web.Application, names: list[str]) -> None:
+async def pull_remote(app: web.Application, names: list[str]) -> None:
+    """Pull the named adapters the device knows only from the CDN (a no-op without one)."""
     if FOLLOWER in app:
         await app[FOLLOWER].pull(names)
 
@@ -128,6 +135,7 @@ def base_id(runtime: Runtime) -> str:
 
 
 _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
+_QUIET = ("/", "/v1/status", "/health", "/metrics", "/favicon.ico")  # polled: kept out of the recent-requests table
 REQUESTED = web.RequestKey("requested", str)  # what a completion request asked for ("a+b", "base"), once parsed
 APPLIED = web.RequestKey("applied", str)  # what ran: the X-Edge-Adapters value
 TOKENS = web.RequestKey("tokens", tuple)  # (prompt tokens, completion tokens)
@@ -146,6 +154,10 @@ async def _access_log(request: web.Request, handler: Handler) -> web.StreamRespo
         if request.path in _COMPLETIONS:
             request.app[METRICS].requests.labels(requested if requested != "-" else "unparsed", str(status)).inc()
         prompt, completion = request.get(TOKENS, (0, 0))
+        if request.path not in _QUIET:
+            request.app[RECENT].append(RecentRequest(at=time.time(), method=request.method, path=request.path,
+                                                     status=status, requested=requested, ran=request.get(APPLIED, "-"),
+                                                     ms=(time.monotonic() - started) * 1000))
         log.info("%s %s status=%d requested=%s ran=%s prompt=%d completion=%d %.0fms", request.method, request.path,
                  status, requested, request.get(APPLIED, "-"), prompt, completion,
                  (time.monotonic() - started) * 1000)
@@ -242,7 +254,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     prompt = await _prompt_tokens(runtime.engine, parsed)
     produced, job = 0, None
     try:
-        await _pull_remote(request.app, [name for name, _ in parsed.adapters])
+        await pull_remote(request.app, [name for name, _ in parsed.adapters])
         job = request.app[SCHEDULER].submit(prompt, parsed.params, parsed.adapters)
         chunks = job.chunks()
         first = await anext(chunks, None)
@@ -332,83 +344,3 @@ async def _json(request: web.Request) -> Any:
         return json.loads(raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
         raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
-
-
-# -- models, adapters, health, metrics --------------------------------------------------------------------------
-
-
-@routes.get("/v1/models")
-async def models(request: web.Request) -> web.Response:
-    """The base model and every known adapter, as OpenAI model objects."""
-    runtime = request.app[RUNTIME]
-    base = base_id(runtime)
-    data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
-    data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
-             for name in runtime.adapters.names()]
-    return web.json_response({"object": "list", "data": data})
-
-
-@routes.get("/v1/adapters")
-async def adapters(request: web.Request) -> web.Response:
-    """Every known adapter with its size, digest, state, pin and last use."""
-    downloads = request.app[FOLLOWER].downloads() if FOLLOWER in request.app else {}
-    return web.json_response({"object": "list", "data": [_adapter_json(a, downloads) for a in
-                                                         request.app[RUNTIME].adapters.list_adapters()]})
-
-
-@routes.post("/v1/adapters/{name}/load")
-async def load_adapter(request: web.Request) -> web.Response:
-    """Make an adapter resident now (it may evict others)."""
-    name = validate_name(request.match_info["name"])
-    manager = request.app[RUNTIME].adapters
-    await _pull_remote(request.app, [name])
-    info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
-    return web.json_response(_adapter_json(info))
-
-
-@routes.delete("/v1/adapters/{name}")
-async def evict_adapter(request: web.Request) -> web.Response:
-    """Evict an adapter from memory (it stays cached on disk); in-use adapters stay until their requests end."""
-    name = validate_name(request.match_info["name"])
-    manager = request.app[RUNTIME].adapters
-    evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
-    return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
-
-
-@routes.post("/v1/sync")
-async def sync(request: web.Request) -> web.Response:
-    """Refresh the CDN manifest now; with ``?wait=true`` answer once the updates it started are done."""
-    if FOLLOWER not in request.app:
-        raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
-    follower = request.app[FOLLOWER]
-    report = await follower.refresh()
-    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
-        await follower.settle()
-    body = dataclasses.asdict(report)
-    body["adapters"] = {a.name: a.sha256 for a in request.app[RUNTIME].adapters.list_adapters()}
-    return web.json_response(body)
-
-
-@routes.get("/health")
-async def health(request: web.Request) -> web.Response:
-    """Liveness: the model is loaded and the queue depth."""
-    runtime = request.app[RUNTIME]
-    return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
-                              "profile": runtime.profile.name})
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def _adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
-    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
-            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
-            "last_used": info.last_used or None}
-    if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
-        progress = downloads[info.name]
-        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
-                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
-    return body

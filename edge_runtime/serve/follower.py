@@ -54,6 +54,9 @@ class CdnFollower:
         self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
         self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
         self._pulling: dict[str, TransferProgress | None] = {}  # pulls under way: their last progress report
+        self.version: int | None = None  # of the last manifest verified
+        self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
+        self.last_error: str | None = None  # why the last refresh failed (None: it did not)
         self.on_pull: Callable[[str, int, float, bool], None] | None = None  # (name, bytes, seconds, ok) for metrics
 
     async def start(self) -> None:
@@ -89,6 +92,7 @@ class CdnFollower:
     async def refresh(self) -> RefreshReport:
         """Fetch and verify the manifest; list new adapters, forget withdrawn ones, start due updates."""
         manifest = await self.cdn.fetch_manifest()
+        self.version, self.last_refresh, self.last_error = manifest.version, time.time(), None
         offered = self.cdn.offered(manifest)
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
@@ -225,6 +229,8 @@ class CdnFollower:
         try:
             await self.refresh()
         except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
+            self.last_error = str(exc)
             log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
-        except Exception:  # never let one unexpected error end the refreshing for the daemon's lifetime
+        except Exception as exc:  # never let one unexpected error end the refreshing for the daemon's lifetime
+            self.last_error = f"unexpected {type(exc).__name__}: see the daemon's log"
             log.exception("manifest refresh from %s failed", self.cdn.cdn)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from edge_runtime import __version__
-from edge_runtime.errors import EdgeRtError
+from edge_runtime.cli.cache import cache_group
+from edge_runtime.cli.common import reports_errors as _reports_errors
+from edge_runtime.cli.status import status
 from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
 from edge_runtime.runtime.models import resolve_model
@@ -21,21 +21,6 @@ from edge_runtime.runtime.models import resolve_model
 if TYPE_CHECKING:
     from edge_runtime.distribution.transfer import TransferProgress
 
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def _reports_errors(command: F) -> F:
-    """Turn an ``EdgeRtError`` into one clear line on stderr and the error's exit code."""
-
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except EdgeRtError as exc:
-            click.secho(f"error: {exc}", fg="red", err=True)
-            raise SystemExit(exc.exit_code) from exc
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -385,73 +370,6 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
     click.echo(f"{len(report.results)} adapters ready ({version})", err=True)
 
 
-@main.group()
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Adapter cache [default: $EDGE_RT_HOME/adapters].")
-@click.pass_context
-def cache(ctx: click.Context, cache_dir: Path | None) -> None:
-    """Look into and tidy the device's adapter cache (safe beside running daemons: what they serve is kept)."""
-    from edge_runtime import settings
-    from edge_runtime.distribution.store import AdapterStore
-
-    ctx.obj = AdapterStore(cache_dir or settings.adapter_cache_dir())
-
-
-@cache.command("ls")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.pass_obj
-@_reports_errors
-def cache_ls(store: Any, as_json: bool) -> None:
-    """What is cached: name, size, sha256, the base it was converted for, last use, and whether a daemon uses it."""
-    import time
-
-    rows = []
-    for cached in store.adapters():
-        info = read_info(cached.path)
-        rows.append({"name": cached.name, "size_bytes": cached.size, "sha256": cached.sha256,
-                     "base_fingerprint": info.base_fingerprint, "last_used": cached.last_used,
-                     "in_use": store.in_use(cached.sha256)})
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    for row in rows:
-        age = time.time() - row["last_used"]
-        click.echo(f"{row['name']}  {row['size_bytes'] / 1e6:.2f} MB  sha256 {row['sha256'][:16]}  "
-                   f"base {(row['base_fingerprint'] or '?')[:12]}  used {age / 3600:.1f} h ago"
-                   + ("  in use by a daemon" if row["in_use"] else ""))
-    click.echo(f"{len(rows)} adapters, {store.usage_bytes() / 1e6:.2f} MB in {store.root}", err=True)
-
-
-@cache.command("rm")
-@click.argument("names", nargs=-1, required=True)
-@click.pass_obj
-@_reports_errors
-def cache_rm(store: Any, names: tuple[str, ...]) -> None:
-    """Remove adapters from the cache (refused for one a running daemon serves)."""
-    from edge_runtime.errors import AdapterNotFound, InvalidTransition
-
-    for name in names:
-        cached = store.lookup(name)
-        if cached is None:
-            raise AdapterNotFound(name, store.names())
-        if store.in_use(cached.sha256):
-            raise InvalidTransition(name, "in use by a running daemon", "removed")
-        store.evict(name)
-        click.echo(f"removed {name} ({cached.size / 1e6:.2f} MB)")
-
-
-@cache.command("gc")
-@click.pass_obj
-@_reports_errors
-def cache_gc(store: Any) -> None:
-    """Verify every blob, finish or drop interrupted downloads, and delete blobs no name uses."""
-    report = store.recover()
-    dropped = store.collect_garbage()
-    click.echo(f"verified {len(report.verified)} blobs, removed {len(report.removed_corrupt)} corrupt, "
-               f"{len(dropped)} unused and {len(report.removed_files)} stray files; "
-               f"{len(report.resumable)} downloads kept for resuming")
-
-
 class _ProgressLine:
     """Prints one updating stderr line per download: bytes, rate and ETA (at most five times a second)."""
 
@@ -469,5 +387,6 @@ class _ProgressLine:
         click.echo(f"\r{progress.name}  {progress.done_bytes / 1e6:.1f}/{progress.total_bytes / 1e6:.1f} MB  "
                    f"{progress.rate_bytes_per_second / 1e6:.2f} MB/s  ETA {eta}   ", nl=done, err=True)
 
-if __name__ == "__main__":
-    main()
+
+main.add_command(cache_group)
+main.add_command(status)

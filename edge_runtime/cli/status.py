@@ -1,0 +1,83 @@
+"""``edge-rt status``: what a running daemon is doing, in the terminal (the facts of its status page)."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import click
+
+from edge_runtime.cli.common import reports_errors
+from edge_runtime.errors import TransferFailed
+
+__all__ = ["status"]
+
+MAX_STATUS_BYTES = 4 << 20
+
+
+@click.command()
+@click.option("--url", default="http://127.0.0.1:8080", show_default=True, help="The daemon's address.")
+@click.option("--api-key", envvar="EDGE_RT_API_KEY", default=None, help="The daemon's API key, if it has one.")
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's /v1/status document.")
+@reports_errors
+def status(url: str, api_key: str | None, as_json: bool) -> None:
+    """What a running daemon is doing: memory against its budget, adapters and their states, CDN, recent requests."""
+    report = _fetch(url.rstrip("/") + "/v1/status", api_key)
+    click.echo(json.dumps(report, indent=2) if as_json else _table(url, report))
+
+
+def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {api_key}"} if api_key else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            body = response.read(MAX_STATUS_BYTES + 1)
+    except urllib.error.HTTPError as exc:
+        fix = "Pass --api-key (or EDGE_RT_API_KEY)" if exc.code == 401 else "Is this an edge-rt daemon?"
+        raise TransferFailed(url, f"HTTP {exc.code}", status=exc.code, fix=fix) from exc
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise TransferFailed(url, f"no daemon answered ({reason})",
+                             fix="Start it with `edge-rt serve`, or pass its --url") from exc
+    if len(body) > MAX_STATUS_BYTES:
+        raise TransferFailed(url, "the status document is larger than edge-rt reads")
+    data: dict[str, Any] = json.loads(body)
+    return data
+
+
+def _table(url: str, report: dict[str, Any]) -> str:
+    mib, plan = 1 << 20, report["plan"]
+    lines = [f"{report['model']} under profile {report['profile']} at {url}, up {_ago(report['uptime_s'])}, "
+             f"{report['queued']} queued", "memory"]
+    rows = [("process (Python, llama.cpp, tokenizer)", plan["process_bytes"]), ("base model", plan["model_bytes"]),
+            (f"KV cache ({plan['ctx']} tokens, {plan['kv_type']})", plan["kv_cache_bytes"]),
+            (f"compute buffers (batch {plan['batch']})", plan["compute_bytes"]),
+            ("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
+            ("measured RSS", report["rss_bytes"])]
+    lines += [f"  {label:<42}{value / mib:>10.1f} MiB" for label, value in rows]
+    lines.append(f"adapters ({len(report['adapters'])})")
+    for a in report["adapters"]:
+        state = a["state"]
+        if state == "downloading":
+            state += f" {100 * a['downloaded_bytes'] / max(1, a['download_total_bytes']):.0f}%"
+        used = "never used" if not a.get("last_used") else f"used {_ago(time.time() - a['last_used'])} ago"
+        lines.append(f"  {a['name']:<24}{state:<18}{a['size_bytes'] / 1e6:>8.1f} MB  {a['sha256'][:12]}  "
+                     f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}")
+    cdn = report.get("cdn")
+    if cdn:
+        refreshed = "never" if not cdn.get("last_refresh") else f"{_ago(time.time() - cdn['last_refresh'])} ago"
+        lines.append(f"cdn {cdn['url']}{' (offline)' if cdn.get('offline') else ''}: manifest version "
+                     f"{cdn.get('version') or '-'}, refreshed {refreshed}"
+                     + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else ""))
+    lines.append(f"recent requests ({len(report['recent'])})")
+    lines += [f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
+              f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms" for r in report["recent"]]
+    return "\n".join(lines)
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"

@@ -1,0 +1,127 @@
+"""The daemon's admin and observation routes: models, adapters (list, load, evict), CDN sync, status (JSON and
+page), health and metrics. The completion routes and the middleware are in ``app.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from typing import Any
+
+from aiohttp import web
+
+from edge_runtime.distribution.transfer import TransferProgress
+from edge_runtime.errors import InvalidRequest
+from edge_runtime.names import validate_name
+from edge_runtime.runtime.adapters import AdapterInfo
+from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.serve.app import FOLLOWER, METRICS, RECENT, RUNTIME, SCHEDULER, STARTED, base_id, pull_remote
+from edge_runtime.serve.metrics import CONTENT_TYPE
+from edge_runtime.serve.status import recent_json, render_page
+
+__all__ = ["routes"]
+
+routes = web.RouteTableDef()
+
+
+@routes.get("/v1/models")
+async def models(request: web.Request) -> web.Response:
+    """The base model and every known adapter, as OpenAI model objects."""
+    runtime = request.app[RUNTIME]
+    base = base_id(runtime)
+    data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
+    data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
+             for name in runtime.adapters.names()]
+    return web.json_response({"object": "list", "data": data})
+
+
+@routes.get("/v1/adapters")
+async def adapters(request: web.Request) -> web.Response:
+    """Every known adapter with its size, digest, state, pin and last use."""
+    downloads = request.app[FOLLOWER].downloads() if FOLLOWER in request.app else {}
+    return web.json_response({"object": "list", "data": [_adapter_json(a, downloads) for a in
+                                                         request.app[RUNTIME].adapters.list_adapters()]})
+
+
+@routes.post("/v1/adapters/{name}/load")
+async def load_adapter(request: web.Request) -> web.Response:
+    """Make an adapter resident now (it may evict others)."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    await pull_remote(request.app, [name])
+    info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
+    return web.json_response(_adapter_json(info))
+
+
+@routes.delete("/v1/adapters/{name}")
+async def evict_adapter(request: web.Request) -> web.Response:
+    """Evict an adapter from memory (it stays cached on disk); in-use adapters stay until their requests end."""
+    name = validate_name(request.match_info["name"])
+    manager = request.app[RUNTIME].adapters
+    evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
+    return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
+
+
+@routes.post("/v1/sync")
+async def sync(request: web.Request) -> web.Response:
+    """Refresh the CDN manifest now; with ``?wait=true`` answer once the updates it started are done."""
+    if FOLLOWER not in request.app:
+        raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
+    follower = request.app[FOLLOWER]
+    report = await follower.refresh()
+    if request.query.get("wait", "").lower() in ("1", "true", "yes"):
+        await follower.settle()
+    body = dataclasses.asdict(report)
+    body["adapters"] = {a.name: a.sha256 for a in request.app[RUNTIME].adapters.list_adapters()}
+    return web.json_response(body)
+
+
+@routes.get("/v1/status")
+async def status(request: web.Request) -> web.Response:
+    """What the device is doing: memory plan and RSS, adapters and their states, CDN, recent requests."""
+    return web.json_response(await asyncio.to_thread(_status, request.app))
+
+
+@routes.get("/")
+async def status_page(request: web.Request) -> web.Response:
+    """The same facts as a self-refreshing HTML page (no external assets)."""
+    return web.Response(text=render_page(await asyncio.to_thread(_status, request.app)), content_type="text/html")
+
+
+def _status(app: web.Application) -> dict[str, Any]:  # psutil and the adapter list: off the event loop
+    runtime, follower = app[RUNTIME], app.get(FOLLOWER)
+    downloads = follower.downloads() if follower is not None else {}
+    cdn = None if follower is None else {"url": follower.cdn.cdn, "offline": follower.cdn.offline,
+                                         "version": follower.version, "last_refresh": follower.last_refresh,
+                                         "last_error": follower.last_error}
+    return {"model": base_id(runtime), "profile": runtime.profile.name, "uptime_s": time.time() - app[STARTED],
+            "queued": app[SCHEDULER].queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
+            "resident_adapter_bytes": runtime.adapters.resident_bytes,
+            "adapters": [_adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
+            "recent": recent_json(app[RECENT])}
+
+
+@routes.get("/health")
+async def health(request: web.Request) -> web.Response:
+    """Liveness: the model is loaded and the queue depth."""
+    runtime = request.app[RUNTIME]
+    return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
+                              "profile": runtime.profile.name})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition."""
+    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
+    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
+            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
+            "last_used": info.last_used or None}
+    if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
+        progress = downloads[info.name]
+        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
+                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
+    return body
