@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -16,7 +17,19 @@ from edge_runtime.errors import InvalidRequest
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import AdapterInfo
 from edge_runtime.runtime.budget import measured_rss_bytes
-from edge_runtime.serve.app import FOLLOWER, METRICS, RECENT, RUNTIME, SCHEDULER, STARTED, base_id, pull_remote
+from edge_runtime.serve.app import (
+    CONFIG,
+    FOLLOWER,
+    METRICS,
+    RECENT,
+    RUNTIME,
+    SCHEDULER,
+    STARTED,
+    base_id,
+    pull_remote,
+    read_json,
+    rescan,
+)
 from edge_runtime.serve.metrics import CONTENT_TYPE
 from edge_runtime.serve.status import recent_json, render_page
 
@@ -46,12 +59,47 @@ async def adapters(request: web.Request) -> web.Response:
 
 @routes.post("/v1/adapters/{name}/load")
 async def load_adapter(request: web.Request) -> web.Response:
-    """Make an adapter resident now (it may evict others)."""
-    name = validate_name(request.match_info["name"])
+    """Make an adapter resident now (it may evict others); a file new in ``--adapters-dir`` is registered first."""
+    return web.json_response(_adapter_json(await _load(request.app, validate_name(request.match_info["name"]))))
+
+
+async def _load(app: web.Application, name: str) -> AdapterInfo:
+    if name not in app[RUNTIME].adapters.names():
+        await rescan(app)
+    await pull_remote(app, [name])
+    return await asyncio.to_thread(app[RUNTIME].adapters.ensure_resident, name)
+
+
+@routes.post("/v1/load_lora_adapter")
+async def vllm_load(request: web.Request) -> web.Response:
+    """vLLM's route: ``{"lora_name": ..., "lora_path": ...}``; the path must be the adapter's file in
+    ``--adapters-dir`` (no other file of the device is ever opened on a client's word)."""
+    body = await read_json(request)
+    name = validate_name(_field(body, "lora_name"))
+    path = body.get("lora_path") if isinstance(body, dict) else None
+    folder = request.app[CONFIG].adapters_dir
+    if path is not None and (folder is None or Path(str(path)).resolve() != (folder / f"{name}.gguf").resolve()):
+        raise InvalidRequest("lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by "
+                             "name)", param="lora_path")
+    info = await _load(request.app, name)
+    return web.json_response({"message": f"Success: LoRA adapter '{name}' added successfully."} | _adapter_json(info))
+
+
+@routes.post("/v1/unload_lora_adapter")
+async def vllm_unload(request: web.Request) -> web.Response:
+    """vLLM's route: ``{"lora_name": ...}`` frees the adapter's memory (it stays known, on disk)."""
+    name = validate_name(_field(await read_json(request), "lora_name"))
     manager = request.app[RUNTIME].adapters
-    await pull_remote(request.app, [name])
-    info = await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
-    return web.json_response(_adapter_json(info))
+    evicted = await asyncio.to_thread(manager.evict, name)
+    return web.json_response({"message": f"Success: LoRA adapter '{name}' removed successfully.",
+                              "evicted": evicted} | _adapter_json(manager.info(name)))
+
+
+def _field(body: Any, key: str) -> str:
+    value = body.get(key) if isinstance(body, dict) else None
+    if not isinstance(value, str):
+        raise InvalidRequest(f"{key} must be a string", param=key)
+    return value
 
 
 @routes.delete("/v1/adapters/{name}")

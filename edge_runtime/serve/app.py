@@ -11,10 +11,12 @@ import hmac
 import json
 import logging
 import re
+import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +59,7 @@ class ServerConfig:
     max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
     preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
     body_timeout_s: float = 30.0  # a client that stalls its body longer is answered 408 and disconnected
+    adapters_dir: Path | None = None  # --adapters-dir: rescanned on SIGHUP; /load picks up a new file in it
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -89,6 +92,8 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
         app[FOLLOWER].on_pull = app[METRICS].observe_pull
         app.cleanup_ctx.append(_follower_lifecycle)
     app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
+    if config.adapters_dir is not None:
+        app.cleanup_ctx.append(_rescan_on_sighup)
     return app
 
 
@@ -124,6 +129,38 @@ async def pull_remote(app: web.Application, names: list[str]) -> None:
     """Pull the named adapters the device knows only from the CDN (a no-op without one)."""
     if FOLLOWER in app:
         await app[FOLLOWER].pull(names)
+
+
+async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
+    """Register the files added to ``--adapters-dir`` since start; return the names added and, by file, refusals."""
+    folder = app[CONFIG].adapters_dir
+    if folder is None:
+        return [], {}
+    known = set(app[RUNTIME].adapters.names())
+    added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
+    new = [a.name for a in added if a.name not in known]
+    for file_name, error in refused.items():
+        log.warning("not serving %s: %s", folder / file_name, error)
+    log.info("rescanned %s: %d new adapters%s", folder, len(new), f" ({', '.join(new)})" if new else "")
+    return new, {name: str(error) for name, error in refused.items()}
+
+
+async def _rescan_on_sighup(app: web.Application) -> AsyncIterator[None]:
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[tuple[list[str], dict[str, str]]]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(rescan(app))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        yield
+        return
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
 
 
 def base_id(runtime: Runtime) -> str:
@@ -246,7 +283,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
     runtime, metrics = request.app[RUNTIME], request.app[METRICS]
-    parsed = openai_api.parse_request(await _json(request), chat=chat, base_id=base_id(runtime),
+    parsed = openai_api.parse_request(await read_json(request), chat=chat, base_id=base_id(runtime),
                                       known_adapters=set(runtime.adapters.names()),
                                       max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
@@ -334,7 +371,8 @@ def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:
     return {"X-Edge-Adapters": openai_api.applied_header(applied)}
 
 
-async def _json(request: web.Request) -> Any:
+async def read_json(request: web.Request) -> Any:
+    """The request's JSON body, read within ``body_timeout_s``; typed errors for a stall or bad JSON."""
     timeout = request.app[CONFIG].body_timeout_s
     try:
         raw = await asyncio.wait_for(request.read(), timeout=timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -259,3 +260,38 @@ def test_options_that_cannot_take_effect_are_refused(tmp_path: Path) -> None:
     (tmp_path / "key.pub").write_text("x")
     lone_key = serve_cli("--public-key", str(tmp_path / "key.pub"))
     assert lone_key.returncode == 2 and "--public-key only applies with --cdn URL" in lone_key.stderr
+
+
+def test_new_files_in_the_adapters_dir_are_picked_up_by_load_and_by_sighup(tmp_path: Path, serve_profile: Path,
+                                                                          adapters_dir: Path) -> None:
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapters_dir / "a.gguf", folder / "a.gguf")
+    with run_daemon("--profile", str(serve_profile), "--adapters-dir", str(folder), log=tmp_path / "log") as daemon:
+        shutil.copy(adapters_dir / "b.gguf", folder / "b.gguf")  # dropped in while serving
+        loaded = requests.post(f"{daemon.url}/v1/adapters/b/load", timeout=60)
+        assert loaded.status_code == 200 and loaded.json()["state"] == "resident"  # was 404 until a restart
+        shutil.copy(adapters_dir / "c.gguf", folder / "c.gguf")
+        daemon.process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            names = [a["name"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]]
+            if "c" in names:
+                break
+            time.sleep(0.05)
+        assert names == ["a", "b", "c"] and daemon.process.poll() is None  # SIGHUP rescans, it does not stop
+
+
+def test_vllm_load_and_unload_routes(tmp_path: Path, serve_profile: Path, adapters_dir: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), "--adapters-dir", str(adapters_dir),
+                    log=tmp_path / "log") as daemon:
+        body = {"lora_name": "a", "lora_path": str(adapters_dir / "a.gguf")}
+        loaded = requests.post(f"{daemon.url}/v1/load_lora_adapter", json=body, timeout=60)
+        assert loaded.status_code == 200 and loaded.json()["state"] == "resident"
+        elsewhere = requests.post(f"{daemon.url}/v1/load_lora_adapter", timeout=60,
+                                  json={"lora_name": "a", "lora_path": "/etc/passwd"})
+        assert elsewhere.status_code == 400 and elsewhere.json()["error"]["param"] == "lora_path"
+        unloaded = requests.post(f"{daemon.url}/v1/unload_lora_adapter", json={"lora_name": "a"}, timeout=60)
+        assert unloaded.status_code == 200
+        assert (unloaded.json()["evicted"], unloaded.json()["state"]) == (True, "cached")
+        missing = requests.post(f"{daemon.url}/v1/unload_lora_adapter", json={"lora_name": "zz"}, timeout=60)
+        assert missing.status_code == 404
