@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 from daemons import Daemon, free_port, run_daemon
+from prometheus_client.parser import text_string_to_metric_families
 
 from edge_runtime.distribution.keys import generate_key, load_private_key
 from edge_runtime.distribution.publish import publish
@@ -67,6 +69,12 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         assert blobs == [f"{sha}.gguf"]
         states = {a["name"]: a["state"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]}
         assert states == {"a": "remote", "b": "resident", "c": "remote"}
+        samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in text_string_to_metric_families(
+            requests.get(f"{daemon.url}/metrics", timeout=10).text) for s in family.samples}
+        assert samples[("edge_rt_pulls_total", (("result", "ok"),))] == 1
+        assert samples[("edge_rt_pull_bytes_total", ())] == (adapters_dir / "b.gguf").stat().st_size
+        assert samples[("edge_rt_pull_seconds_count", ())] == 1
+        assert re.search(r"pulling adapter b from .*\n.*pulled adapter b: [\d.]+ MB downloaded in", daemon.log_text())
         refreshed = requests.post(f"{daemon.url}/v1/sync", timeout=30).json()
         assert refreshed["version"] == 1 and refreshed["offered"] == ["a", "b", "c"]
 
@@ -79,6 +87,7 @@ def test_remote_adapter_is_pulled_verified_and_served_on_first_use(tmp_path: Pat
         missing = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60,
                                 json={"model": "a", "messages": CHAT, "max_tokens": 6})
         assert (missing.status_code, missing.json()["error"]["type"]) == (503, "cache_miss")
+        assert missing.headers["x-should-retry"] == "false"  # the official client retried it twice
         assert "not cached and the device is offline" in missing.json()["error"]["message"]
 
 

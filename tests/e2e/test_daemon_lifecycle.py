@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shutil
 import signal
 import socket
@@ -235,6 +236,9 @@ def test_preload_makes_adapters_resident_at_start(tmp_path: Path, serve_profile:
         assert states == {"a": "resident", "b": "cached", "c": "resident"}
         # The banner comes once everything is registered and preloaded, and counts every adapter served.
         assert f"on {daemon.url} with 3 adapters (2 resident, 1 cached)" in daemon.log_text()
+        requests.get(f"{daemon.url}/v1/models", timeout=10)
+        line = next(ln for ln in daemon.log_text().splitlines() if "GET /v1/models status=200" in ln)
+        assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ", line), line  # timestamped
 
 
 def serve_cli(*args: str) -> subprocess.CompletedProcess[str]:
