@@ -64,6 +64,7 @@ class FaultCdn:
     faults: list[Fault | None] = field(default_factory=list)
     manifest: bytes | None = None  # serve these bytes as manifest.json instead of the file
     manifest_piece_bytes: int | None = None  # send the manifest in pieces of this size, each written and drained
+    manifest_delay_s: float = 0.0  # answer the manifest only after this long (at most MAX_STALL_S)
     log: list[Served] = field(default_factory=list)
 
     def app(self) -> web.Application:
@@ -87,6 +88,7 @@ class FaultCdn:
         file = self.root / path
         if path == "manifest.json" and (self.manifest is not None or file.is_file()):
             document = self.manifest if self.manifest is not None else file.read_bytes()
+            await _sleep_unless_closed(request, min(self.manifest_delay_s, MAX_STALL_S))
             if self.manifest_piece_bytes is not None:
                 return await self._manifest_in_pieces(request, served, document, self.manifest_piece_bytes)
             return self._manifest(served, document)

@@ -1,18 +1,10 @@
-"""The adapter manager: which adapters are known, cached on disk, resident in memory, and active on the context.
+"""The adapter manager: adapters known by name, cached on disk, resident in memory under a byte budget, in use.
 
-Each name maps to its current ``AdapterVersion`` (``versions.py``: one file content and its memory lifecycle). What
-a listing shows for a name is derived from that version::
-
-    REMOTE (no local version) → CACHED → RESIDENT → ACTIVE (used by a running generation)
-
-Resident adapters live under a byte budget. ``hold`` makes an adapter resident — evicting least-recently-used
-adapters that are neither pinned nor used by a running generation (``eviction.py`` makes that choice) — and counts
-the caller as a user until ``release``. Concurrent requests for one adapter share one load. Before llama.cpp sees a
-file, its edge-rt base fingerprint is compared with the resident base model's (``IncompatibleAdapter``).
-
-A new version of a known adapter (``replace``) is loaded beside the one in service and takes its name only once
-llama.cpp has loaded it; generations already holding the old version finish on it (RETIRED), and it is freed after
-them. Every version still holding memory (loading, retired, being freed) counts against the budget until freed.
+Each name maps to its current ``AdapterVersion`` (``versions.py``: one file content and its memory lifecycle).
+``hold`` makes an adapter resident, evicting least-recently-used idle unpinned ones (``eviction.py`` chooses), and
+counts the caller as a user until ``release``; concurrent requests share one load. ``replace`` loads a new version
+beside the one in service and gives it the name only once loaded; users of the old one finish on it. Every
+version holding memory (loading, retired, being freed) counts against the budget until freed.
 """
 
 from __future__ import annotations
@@ -80,7 +72,7 @@ class AdapterManager:
         """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
         validate_name(name)
         path = Path(path)
-        version = self._version_for(name, path, sha256 or file_sha256(path).hexdigest())
+        version = self._compatibility.version_for(name, path, sha256 or file_sha256(path).hexdigest())
         with self._lock:
             adapter = self._adapters.get(name)
             if adapter is None:
@@ -132,7 +124,7 @@ class AdapterManager:
         Generations already holding the old version finish on it; its memory is freed after the last of them.
         """
         validate_name(name)
-        fresh = self._version_for(name, Path(path), sha256)
+        fresh = self._compatibility.version_for(name, Path(path), sha256)
         with self._lock:
             adapter = self._adapter(name)
             if adapter.current is not None and adapter.current.sha256 == sha256:
@@ -235,8 +227,15 @@ class AdapterManager:
                 elif version.pending is not None:  # loading (its failure raises for every waiter) or being freed
                     pending, leader, settles = version.pending, False, version.state is VersionState.FREEING
                 else:
-                    victims = self._make_room(version)
-                    pending, leader, settles = self._start_load(version), True, False
+                    try:
+                        victims = self._make_room(version)
+                    except BudgetExceeded:
+                        in_flux = self._settling()  # memory being loaded or freed elsewhere: the numbers will move
+                        if in_flux is None:
+                            raise
+                        pending, leader, settles = in_flux, False, True
+                    else:
+                        pending, leader, settles = self._start_load(version), True, False
             if leader:
                 self._load(adapter, version, victims)
             if settles:
@@ -307,6 +306,11 @@ class AdapterManager:
                                  evictable_bytes=plan.evictable_bytes, held_bytes=held - plan.evictable_bytes)
         self.stats.evictions += len(plan.victims)
         return [self._detach(v) for v in (resident[n].current for n in plan.victims) if v is not None]
+
+    def _settling(self) -> Future[None] | None:  # lock held
+        """A load or free under way (its bytes count, but are about to become usable or free), or None."""
+        return next((v.pending for a in self._adapters.values() for v in a.versions()
+                     if v.pending is not None and v.state in (VersionState.LOADING, VersionState.FREEING)), None)
 
     def _start_load(self, version: AdapterVersion) -> Future[None]:  # lock held
         version.move_to(VersionState.LOADING)
@@ -439,10 +443,3 @@ class AdapterManager:
         return AdapterInfo(name=adapter.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
                            state=adapter.state.value, pinned=adapter.pinned, users=users, last_used=adapter.last_used,
                            path=None if version is None else version.path)
-
-    def _version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
-        """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""
-        header = read_header(path)
-        self._compatibility.check(name, header)
-        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
-                              resident_bytes=sum(t.n_bytes for t in header.tensors))

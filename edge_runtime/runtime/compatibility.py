@@ -6,9 +6,12 @@ tensor against the base's shapes. Either way llama.cpp never sees a file made fo
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from edge_runtime.errors import IncompatibleAdapter
-from edge_runtime.gguf.header import GGUFHeader
+from edge_runtime.gguf.header import GGUFHeader, read_header
 from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
+from edge_runtime.runtime.versions import AdapterVersion
 
 __all__ = ["BaseCompatibility"]
 
@@ -19,6 +22,13 @@ class BaseCompatibility:
     def __init__(self, base_header: GGUFHeader, base_fingerprint: str) -> None:
         self._base_fingerprint = base_fingerprint
         self._base_shapes = {t.name: t.shape for t in base_header.tensors}
+
+    def version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
+        """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""
+        header = read_header(path)
+        self.check(name, header)
+        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
+                              resident_bytes=sum(t.n_bytes for t in header.tensors))
 
     def check(self, name: str, header: GGUFHeader) -> None:
         """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""

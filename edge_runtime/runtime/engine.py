@@ -1,10 +1,8 @@
 """The engine: the one resident base model and its context. The only module that imports llama_cpp.
 
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
-hand their work to it. Keep it that way in a process that embeds an engine: llama-cpp-python's CPU build uses
-OpenMP, which keeps a thread team for every thread that ever ran a graph, and once a process holds more OpenMP
-threads than cores they sleep at each of ggml's per-node barriers instead of spinning (decode fell from ~115 to
-~60 tok/s, and an all-linear LoRA looked twice as costly, in a benchmark that had run llama.cpp on its main thread).
+hand their work to it. Keep it so when embedding an engine: llama.cpp's OpenMP keeps a thread team per thread that
+ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved).
 The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so adapters go through the
 low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` / ``llama_adapter_lora_free`` calls).
 
@@ -27,6 +25,7 @@ import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -48,6 +47,7 @@ from edge_runtime.errors import (
     RuntimeClosed,
 )
 from edge_runtime.profiles import KV_TYPES
+from edge_runtime.runtime.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -138,6 +138,8 @@ class Engine:
         self.switches = 0  # times the active adapter set changed
         self.decoded_tokens = 0  # tokens generated since start
         self._closed = False
+        self._readers = 0  # tokenizations running on callers' threads: the model is freed only after them
+        self._readers_done = threading.Condition()
         self._call(self._load)
 
     # -- threading ------------------------------------------------------------------------------------------------
@@ -191,7 +193,8 @@ class Engine:
     def _longest_piece(self) -> int:
         """Bytes of the longest text one token stands for (ordinary text, not control tokens)."""
         vocab, buffer = self._llama._model.vocab, ctypes.create_string_buffer(512)
-        return max(1, *(int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False))
+        # A piece longer than the buffer is reported as its length, negated.
+        return max(1, *(abs(int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)))
                         for token in range(self._llama.n_vocab())))
 
     def min_tokens(self, byte_count: int) -> int:
@@ -212,11 +215,17 @@ class Engine:
         return int(self._llama.n_ctx())
 
     def close(self) -> None:
-        """Detach adapters, free the context and the model, stop the worker (adapters are freed by their owner)."""
+        """Detach adapters, free the context and the model, stop the worker (adapters are freed by their owner).
+
+        Tokenizations still running on other threads finish first (freeing the vocabulary under them crashed the
+        daemon on SIGTERM); new ones raise ``RuntimeClosed``.
+        """
         if self._closed:
             return
         future = self._submit(self._close)
-        self._closed = True  # before the close runs: nothing may be queued behind it
+        with self._readers_done:
+            self._closed = True  # before the close runs: nothing may be queued behind it, no tokenization start
+            self._readers_done.wait_for(lambda: self._readers == 0)
         future.result()
         self._worker.shutdown(wait=True)
 
@@ -277,7 +286,22 @@ class Engine:
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text`` in the base model's vocabulary."""
-        return list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special))
+        with self._reading():
+            return list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special))
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Count a tokenization running on the caller's thread, so ``close`` waits for it."""
+        with self._readers_done:
+            if self._closed:
+                raise RuntimeClosed()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._readers_done:
+                self._readers -= 1
+                self._readers_done.notify_all()
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         """Text of ``tokens`` (invalid UTF-8 sequences replaced)."""
@@ -291,6 +315,10 @@ class Engine:
         """
         if self._chat is None:
             raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
+        with self._reading():
+            return self._chat_tokens(messages)
+
+    def _chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         nonce = secrets.token_hex(8)  # unguessable: a message cannot contain the marks that stand for contents
         marked = [dict(message, content=f"\x00{nonce}:{index}\x00") for index, message in enumerate(messages)]
         pieces = re.split(f"\x00{nonce}:(\\d+)\x00", self._render(marked))
@@ -382,7 +410,7 @@ class Engine:
         budget = min(params.max_tokens, n_ctx - len(prompt))
         self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopMatcher(params.stop)
+        stops = StopMatcher(params.stop)
         tokens = self._llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
                                       temp=params.temperature, repeat_penalty=1.0)
         produced = 0
@@ -420,30 +448,3 @@ class Engine:
         keep = max(0, min(common, len(prompt) - 2))
         self._llama.n_tokens = keep  # generate() then drops the KV cells past it and evaluates the rest in one batch
         return keep
-
-
-class _StopMatcher:
-    """Holds back just enough text to never emit the start of a stop string that may still complete."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            emitted, self.pending = self.pending[: min(hits)], ""
-            return emitted, True
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        keep = next((k for k in range(min(hold, len(self.pending)), 0, -1)
-                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
-        emitted = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return emitted, False
-
-    def flush(self) -> str:
-        """Text held back when generation ends without completing a stop string."""
-        emitted, self.pending = self.pending, ""
-        return emitted

@@ -15,6 +15,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,9 @@ FOLLOWER = web.AppKey("follower", CdnFollower)
 RECENT = web.AppKey("recent", deque)  # the last RECENT_REQUESTS answered requests, for the status page
 STARTED = web.AppKey("started", float)
 RECENT_REQUESTS = 20
+REQUEST_WORK = web.AppKey("request_work", ThreadPoolExecutor)  # tokenizing and parsing large bodies
+REQUEST_WORKERS = 2
+JSON_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
 routes = web.RouteTableDef()
 
 
@@ -86,6 +90,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app.add_routes(routes)
     app.add_routes(admin.routes)
     app.cleanup_ctx.append(_scheduler_lifecycle)
+    app.cleanup_ctx.append(_request_work_lifecycle)
     app.on_shutdown.append(_drop_queued)
     if cdn is not None:
         app[FOLLOWER] = CdnFollower(cdn, runtime.adapters)
@@ -102,6 +107,13 @@ async def _preload(app: web.Application) -> None:
     for name in app[CONFIG].preload:
         await pull_remote(app, [validate_name(name)])
         await asyncio.get_running_loop().run_in_executor(None, manager.ensure_resident, name)
+
+
+async def _request_work_lifecycle(app: web.Application) -> AsyncIterator[None]:
+    app[REQUEST_WORK] = ThreadPoolExecutor(max_workers=REQUEST_WORKERS, thread_name_prefix="edge-rt-request")
+    yield
+    # Requests still tokenizing finish before the runtime (and the vocabulary they read) is freed.
+    await asyncio.to_thread(app[REQUEST_WORK].shutdown, wait=True, cancel_futures=True)
 
 
 async def _scheduler_lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -288,7 +300,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
                                       max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
     request[REQUESTED] = label
-    prompt = await _prompt_tokens(runtime.engine, parsed)
+    prompt = await _prompt_tokens(request.app, runtime.engine, parsed)
     produced, job = 0, None
     try:
         await pull_remote(request.app, [name for name, _ in parsed.adapters])
@@ -297,6 +309,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         first = await anext(chunks, None)
         if first is None:  # dropped from the queue by a shutdown
             raise ShuttingDown()
+        request[APPLIED] = openai_api.applied_header(job.applied)
         metrics.first_token.labels(label).observe(time.monotonic() - started)
         if parsed.stream:
             response, produced = await _stream(request, parsed, job, first, chunks)
@@ -307,7 +320,6 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if job is not None:
             job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
             request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
-            request[APPLIED] = openai_api.applied_header(job.applied)
         request[TOKENS] = (len(prompt), produced)
         metrics.tokens.labels(label).inc(produced)
 
@@ -351,17 +363,23 @@ async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: J
     return response, tokens
 
 
-async def _prompt_tokens(engine: Engine, parsed: openai_api.ParsedRequest) -> list[int]:
-    """The prompt's tokens, computed off the event loop once its byte length alone does not rule it out."""
+async def _prompt_tokens(app: web.Application, engine: Engine, parsed: openai_api.ParsedRequest) -> list[int]:
+    """The prompt's tokens, computed off the event loop once its byte length alone does not rule it out.
+
+    A chat template marks every message with at least one token, so the message count is a lower bound too (34,000
+    empty messages fit in 1 MiB). Tokenizing runs on the daemon's own small pool: a burst of long prompts waits
+    there instead of taking the threads other routes use.
+    """
     texts = [m["content"] for m in parsed.messages] if parsed.messages is not None else [parsed.prompt_text or ""]
     text_bytes = sum(len(text.encode()) for text in texts)
-    at_least = engine.min_tokens(text_bytes)
+    at_least = engine.min_tokens(text_bytes) + (len(parsed.messages) if parsed.messages is not None else 0)
     if at_least >= engine.n_ctx:  # no tokenizing (a second per megabyte) for what cannot fit whatever its tokens
         raise ContextOverflow(prompt_tokens=at_least, context_tokens=engine.n_ctx, prompt_bytes=text_bytes)
+    loop = asyncio.get_running_loop()
     if parsed.messages is not None:
-        prompt = await asyncio.to_thread(engine.chat_prompt, parsed.messages)
+        prompt = await loop.run_in_executor(app[REQUEST_WORK], engine.chat_prompt, parsed.messages)
     else:
-        prompt = await asyncio.to_thread(engine.tokenize, parsed.prompt_text or "")
+        prompt = await loop.run_in_executor(app[REQUEST_WORK], engine.tokenize, parsed.prompt_text or "")
     if len(prompt) >= engine.n_ctx:
         raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=engine.n_ctx)
     return prompt
@@ -379,6 +397,8 @@ async def read_json(request: web.Request) -> Any:
     except asyncio.TimeoutError as exc:
         raise BodyTimeout(timeout_s=timeout) from exc  # answered with Connection: close (the middleware)
     try:
-        return json.loads(raw)
+        if len(raw) < JSON_ON_LOOP_BYTES:
+            return json.loads(raw)
+        return await asyncio.get_running_loop().run_in_executor(request.app[REQUEST_WORK], json.loads, raw)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
         raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc

@@ -24,10 +24,18 @@ from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.manifest import ManifestEntry
 from edge_runtime.distribution.store import CachedAdapter
 from edge_runtime.distribution.transfer import TransferProgress
-from edge_runtime.errors import BudgetExceeded, CacheMiss, EdgeRtError, IncompatibleAdapter, InvalidGGUF
+from edge_runtime.errors import (
+    BudgetExceeded,
+    CacheMiss,
+    EdgeRtError,
+    IncompatibleAdapter,
+    InvalidGGUF,
+    InvalidTransition,
+)
 from edge_runtime.runtime.adapters import AdapterManager
 
 log = logging.getLogger(__name__)
+START_REFRESH_S = 10.0  # how long a starting daemon waits for the manifest before serving its cache
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,14 @@ class CdnFollower:
             for entry in self.cdn.offered(known) if known is not None else ():
                 self.manager.add_remote(entry.name, sha256=entry.sha256, size_bytes=entry.size)
             return
-        await self._refresh_logged()  # before serving: remote adapters are listed from the first request on
-        self._refresher = asyncio.create_task(self._refresh_forever())
+        # Before serving, so remote adapters are listed from the first request on; but a stalling CDN must not keep
+        # the daemon (and its cached adapters) down: after START_REFRESH_S it serves and the read goes on.
+        first = asyncio.create_task(self._refresh_logged())
+        done, _ = await asyncio.wait([first], timeout=START_REFRESH_S)
+        if not done:
+            log.warning("the manifest of %s did not arrive within %.0f s: serving the cache meanwhile", self.cdn.cdn,
+                        START_REFRESH_S)
+        self._refresher = asyncio.create_task(self._refresh_forever(first))
 
     async def close(self) -> None:
         """Stop refreshing and updating (partial downloads stay for a later resume) and close the client."""
@@ -164,7 +178,11 @@ class CdnFollower:
         store = self.cdn.store
         if not await store.call(store.lease, cached.sha256):
             raise CacheMiss(cached.name, cached=())
-        await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
+        try:
+            await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
+        except InvalidTransition:  # another pull registered the version before this one, and it is in memory:
+            log.info("adapter %s keeps serving %s; %s follows as an update", cached.name,  # the update path
+                     self.manager.info(cached.name).sha256[:12], cached.sha256[:12])  # switches it once loaded
         self._followed.add(cached.name)
 
     def _gone(self, name: str) -> bool:
@@ -220,7 +238,11 @@ class CdnFollower:
             return
         log.info("adapter %s updated to %s", name, short)
 
-    async def _refresh_forever(self) -> None:
+    async def _refresh_forever(self, first: asyncio.Task[None]) -> None:
+        try:
+            await first
+        finally:
+            first.cancel()  # a no-op once done; ends it when the follower closes first
         while True:
             await asyncio.sleep(self.cdn.settings.manifest_ttl_s)
             await self._refresh_logged()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -73,3 +74,26 @@ def test_health_and_a_running_stream_answer_while_megabyte_prompts_are_tokenized
     assert before.count("health") >= 3, events[:40]
     assert events.index("chunk", events.index("health")) < first, events[:40]
     assert events.count("rejected") == BIG_PROMPTS
+
+
+def test_sigterm_while_prompts_are_tokenized_exits_cleanly(tmp_path: Path,
+                                                           make_profile: Callable[..., Path]) -> None:
+    # Regression: threads still tokenizing read the vocabulary while the shutdown freed the model (exit -11).
+    profile = make_profile("long-context-sigterm", budget_mb=1536, ctx=16384)
+    with run_daemon("--profile", str(profile), "--max-body-kb", "1100", log=tmp_path / "log") as daemon:
+        body = json.dumps({"prompt": "The device reads a long document. " * 5_000, "max_tokens": 1})
+
+        def post() -> None:  # sends a long prompt, then hangs up: its handler is cancelled, its tokenizing is not
+            try:
+                requests.post(f"{daemon.url}/v1/completions", data=body, timeout=(10, 0.2),
+                              headers={"Content-Type": "application/json"})
+            except requests.RequestException:
+                pass
+
+        clients = [threading.Thread(target=post) for _ in range(12)]
+        for client in clients:
+            client.start()
+        for client in clients:
+            client.join(timeout=60)
+        daemon.process.send_signal(signal.SIGTERM)  # while the abandoned prompts are still being tokenized
+        assert daemon.process.wait(timeout=60) == 0, daemon.log_text()[-3000:]

@@ -385,3 +385,37 @@ def test_a_hostile_file_in_an_adapters_folder_is_reported_and_the_rest_served(ru
     assert [a.name for a in added] == ["good"] and list(refused) == ["nested.gguf"]
     assert isinstance(refused["nested.gguf"], InvalidGGUF) and "nested deeper" in str(refused["nested.gguf"])
     assert runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("good", 1.0)])[1][0].name == "good"
+
+
+def test_a_request_waits_for_a_load_under_way_instead_of_a_spurious_507(runtime: Runtime,
+                                                                        adapter_files: list[Path]) -> None:
+    # Regression: with room for one adapter, a request arriving while another adapter loaded got BudgetExceeded
+    # (the loading bytes count but cannot be evicted) though evicting it afterwards makes room.
+    fit_budget(runtime, adapter_files, 1)
+    real_load, loading, go = runtime.engine.load_adapter, threading.Event(), threading.Event()
+
+    def gated_load(path: Path | str, *, content_id: str) -> Any:
+        if Path(path) == adapter_files[0]:
+            loading.set()
+            go.wait(10)
+        return real_load(path, content_id=content_id)
+
+    runtime.engine.load_adapter = gated_load  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+    first = threading.Thread(target=runtime.adapters.ensure_resident, args=("legal-review",))
+    first.start()
+    assert loading.wait(10)
+    second = threading.Thread(target=lambda: errors.extend(_catch(runtime.adapters.ensure_resident, "brand-voice")))
+    second.start()
+    go.set()
+    first.join(20)
+    second.join(20)
+    assert errors == [] and states(runtime)["brand-voice"] == "resident"
+
+
+def _catch(function: Callable[..., Any], *args: Any) -> list[BaseException]:
+    try:
+        function(*args)
+    except BaseException as exc:  # collected for the assertion
+        return [exc]
+    return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -135,3 +137,22 @@ async def test_the_response_names_what_ran_and_a_507_is_not_worth_retrying(aioht
     runtime.adapters.evict("noise")
     full = await client.post("/v1/completions", json=body)
     assert full.status == 507 and full.headers["x-should-retry"] == "false"
+
+
+@pytest.mark.asyncio
+async def test_many_empty_chat_messages_are_refused_before_tokenizing(aiohttp_client: Any, runtime: Runtime) -> None:
+    # Regression: contents counted 0 bytes, so 34,000 empty messages were tokenized into a 170,000-token prompt.
+    rendered: list[int] = []
+    real_chat = runtime.engine.chat_prompt
+
+    def counting_chat(messages: Any) -> list[int]:  # the real template and tokenizer, counted
+        rendered.append(len(messages))
+        return real_chat(messages)
+
+    runtime.engine.chat_prompt = counting_chat  # type: ignore[method-assign]
+    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=2 << 20), runtime))
+    messages = [{"role": "user", "content": ""}] * 34_000
+    body = io.BytesIO(json.dumps({"messages": messages, "max_tokens": 1}).encode())
+    response = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
+    error = (await response.json())["error"]
+    assert response.status == 400 and "at least 34000 tokens" in error["message"] and rendered == []

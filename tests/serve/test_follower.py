@@ -18,6 +18,7 @@ from edge_runtime.distribution.publish import publish
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.serve import follower as follower_module
 from edge_runtime.serve.follower import CdnFollower
 
 pytestmark = pytest.mark.asyncio
@@ -262,3 +263,21 @@ async def test_a_pull_of_an_adapter_a_cli_sync_already_cached_does_not_wait_for_
     await asyncio.wait_for(follower.pull(["brand-voice"]), timeout=5)
     assert follower.manager.info("brand-voice").state == "cached"
     assert follower.log[before:] == []  # type: ignore[attr-defined]  (no manifest, no blob request)
+
+
+async def test_a_stalling_cdn_does_not_keep_a_starting_daemon_from_serving_its_cache(
+        make_follower: StartFollower, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: a manifest answered after 45 s kept the daemon (and its cached adapters) down for 3 minutes.
+    first = await make_follower()
+    await first.pull(["json-extract"])  # cached from an earlier run
+    monkeypatch.setattr(follower_module, "START_REFRESH_S", 0.3)
+    first.fault_cdn.manifest_delay_s = 3.0  # type: ignore[attr-defined]
+    started = asyncio.get_running_loop().time()
+    restarted = await make_follower()  # a restart against the stalling CDN
+    assert asyncio.get_running_loop().time() - started < 2.5  # served after ~0.3 s, not after the manifest
+    assert restarted.manager.info("json-extract").state == "cached" and restarted.version is None
+    for _ in range(100):  # the manifest read went on in the background
+        if restarted.version is not None:
+            break
+        await asyncio.sleep(0.1)
+    assert restarted.version == 1 and "brand-voice" in restarted.manager.names()
