@@ -37,7 +37,11 @@ def check_schema(schema: Any) -> None:
     """Raise ``InvalidRequest`` (param ``response_format``) for a schema too large to convert safely."""
     if not isinstance(schema, dict):
         raise refused("json_schema.schema must be a JSON object")
-    if len(json.dumps(schema)) > MAX_SCHEMA_BYTES:
+    try:
+        size = len(json.dumps(schema))
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise refused(f"the schema is not plain JSON of sane depth ({type(exc).__name__})") from exc
+    if size > MAX_SCHEMA_BYTES:
         raise refused(f"the schema is over {MAX_SCHEMA_BYTES // 1024} KiB of JSON")
     stack: list[Any] = [schema]
     while stack:  # no recursion: the depth of a schema is the client's choice

@@ -156,10 +156,12 @@ NAME_AND_AGE = [{"role": "user", "content": "Give a JSON object with a name and 
 
 
 def test_json_object_response_format_makes_the_output_a_json_object(daemon: Daemon) -> None:
+    before = _chat_text(daemon, [])
     completion = client(daemon).chat.completions.create(model="base", messages=NAME_AND_AGE, max_tokens=48,
                                                         temperature=0, response_format={"type": "json_object"})
     assert completion.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
+    assert _chat_text(daemon, []) == before  # the grammar was this request's only: the next reuses the KV as before
 
 
 @pytest.mark.parametrize("stream", [False, True])
