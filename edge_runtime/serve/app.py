@@ -238,8 +238,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
     request[REQUESTED] = label
     if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
-        grammar = await asyncio.to_thread(runtime.engine.json_grammar, parsed.json_schema)
-        parsed = dataclasses.replace(parsed, params=dataclasses.replace(parsed.params, grammar=grammar))
+        parsed = parsed.constrained(await asyncio.to_thread(runtime.engine.json_grammar, parsed.json_schema))
     prompt = await _prompt_tokens(runtime.engine, parsed)
     produced, job = 0, None
     try:

@@ -12,6 +12,7 @@ implemented is a 400 naming it (``UNSUPPORTED``), unless it carries its neutral 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
@@ -65,6 +66,10 @@ class ParsedRequest:
     json_output: bool = False  # response_format json_object or json_schema: generation follows a JSON grammar
     json_schema: dict[str, Any] | None = None  # the schema of json_schema (None: any JSON object)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+    def constrained(self, grammar: str) -> ParsedRequest:
+        """This request with its output held to ``grammar`` (GBNF, from ``Engine.json_grammar``)."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, grammar=grammar))
 
 
 def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: set[str],
