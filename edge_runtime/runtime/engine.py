@@ -50,16 +50,9 @@ from edge_runtime.errors import (
     RuntimeClosed,
 )
 from edge_runtime.profiles import KV_TYPES
-from edge_runtime.runtime.generation import (
-    Chunk,
-    Generation,
-    SamplingParams,
-    StopMatcher,
-    TokenLogprob,
-    log_softmax,
-    most_likely,
-)
+from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
 from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
+from edge_runtime.runtime.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -419,15 +412,9 @@ class Engine:
             yield Chunk(text, (token,), logprobs=logprobs)
 
     def _logprob(self, token: int, alternatives: int) -> TokenLogprob:
-        """``token``'s log-probability under the logits it was sampled from (before penalties, grammar and
-        temperature), with the ``alternatives`` likeliest tokens."""
+        """From the logits ``token`` was sampled from: the model's own, before penalties, grammar and temperature."""
         logits = np.ctypeslib.as_array(self._llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
-        logprobs = log_softmax(logits)
-        top = tuple(TokenLogprob(t, self._piece(t), float(logprobs[t])) for t in most_likely(logprobs, alternatives))
-        return TokenLogprob(token, self._piece(token), float(logprobs[token]), top)
-
-    def _piece(self, token: int) -> bytes:
-        return bytes(self._llama.detokenize([token], special=True))
+        return token_logprob(logits, token, alternatives, lambda t: bytes(self._llama.detokenize([t], special=True)))
 
     def _keep_reusable_prefix(self, prompt: list[int]) -> int:
         """Trim the cache to the prefix this prompt may reuse; return its length in tokens.

@@ -5,7 +5,7 @@ Plain data and arithmetic (numpy), no llama.cpp: the engine fills these in on it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -67,6 +67,13 @@ class Generation:
     logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
+def token_logprob(logits: np.ndarray, token: int, alternatives: int, piece: Callable[[int], bytes]) -> TokenLogprob:
+    """``token``'s log-probability under one position's ``logits``, with the ``alternatives`` likeliest tokens."""
+    logprobs = log_softmax(logits)
+    top = tuple(TokenLogprob(t, piece(t), float(logprobs[t])) for t in most_likely(logprobs, alternatives))
+    return TokenLogprob(token, piece(token), float(logprobs[token]), top)
+
+
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Natural-log probabilities of one position's logits (float64, so that exp() of them sums to 1)."""
     shifted = logits.astype(np.float64) - float(np.max(logits))
@@ -80,30 +87,3 @@ def most_likely(logprobs: np.ndarray, count: int) -> list[int]:
         return []
     candidates = np.argpartition(-logprobs, count - 1)[:count]
     return sorted((int(t) for t in candidates), key=lambda t: (-float(logprobs[t]), t))
-
-
-class StopMatcher:
-    """Holds back just enough text to never emit the start of a stop string that may still complete."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def feed(self, text: str) -> tuple[str, bool]:
-        """Add generated text; return (text safe to emit, whether a stop string was reached)."""
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            emitted, self.pending = self.pending[: min(hits)], ""
-            return emitted, True
-        hold = max((len(s) - 1 for s in self.stops), default=0)
-        keep = next((k for k in range(min(hold, len(self.pending)), 0, -1)
-                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
-        emitted = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return emitted, False
-
-    def flush(self) -> str:
-        """Text held back when generation ends without completing a stop string."""
-        emitted, self.pending = self.pending, ""
-        return emitted
