@@ -12,7 +12,7 @@ from edge_runtime.runtime.models import default_model_path, resolve_model
 __version__ = "0.1.0"
 
 # Loaded on first use: they import llama.cpp, which commands such as `edge-rt inspect` never need.
-_LAZY = {"Runtime": "edge_runtime.runtime.core", "SamplingParams": "edge_runtime.runtime.engine",
+_LAZY = {"Runtime": "edge_runtime.runtime.core", "SamplingParams": "edge_runtime.runtime.generation",
          "AdapterState": "edge_runtime.runtime.adapters"}
 
 __all__ = ["AdapterState", "DeviceProfile", "EdgeRtError", "GGUFInfo", "Runtime", "SamplingParams", "__version__",

@@ -16,7 +16,7 @@ __all__ = ["AdapterManager", "AdapterState", "AppliedAdapter", "Engine", "Engine
            "resolve_model"]
 
 _LAZY = {"Runtime": "core", "AppliedAdapter": "core", "plan_for": "core", "Engine": "engine",
-         "EngineSettings": "engine", "SamplingParams": "engine", "AdapterManager": "adapters",
+         "EngineSettings": "engine", "SamplingParams": "generation", "AdapterManager": "adapters",
          "AdapterState": "adapters"}
 
 

@@ -14,7 +14,8 @@ from edge_runtime.gguf.info import base_fingerprint
 from edge_runtime.profiles import DeviceProfile
 from edge_runtime.runtime import budget
 from edge_runtime.runtime.adapters import AdapterManager, HeldAdapter
-from edge_runtime.runtime.engine import Chunk, Engine, EngineSettings, Generation, SamplingParams
+from edge_runtime.runtime.engine import Engine, EngineSettings
+from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams
 from edge_runtime.runtime.models import resolve_model
 
 log = logging.getLogger(__name__)

@@ -16,25 +16,24 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import json
 import logging
 import os
 import queue
 import random
-import re
-import secrets
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import gguf
 import llama_cpp
 import numpy as np
 import psutil
-from jinja2 import TemplateError
+from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_runtime.errors import (
@@ -47,11 +46,13 @@ from edge_runtime.errors import (
     RuntimeClosed,
 )
 from edge_runtime.profiles import KV_TYPES
+from edge_runtime.runtime.chat import ChatTemplate
+from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
+from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
 from edge_runtime.runtime.stops import StopMatcher
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
 
 
 @dataclass(frozen=True)
@@ -65,38 +66,6 @@ class EngineSettings:
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Decoding settings of one request; temperature 0 is greedy."""
-
-    max_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of generated text; the last chunk of a generation carries ``finish_reason``."""
-
-    text: str
-    token_ids: tuple[int, ...] = ()
-    finish_reason: str | None = None  # "stop", "length" or "cancelled"
-
-
-@dataclass
-class Generation:
-    """The collected result of a non-streamed generation."""
-
-    text: str
-    completion_tokens: int
-    prompt_tokens: int
-    finish_reason: str
-    token_ids: list[int] = field(default_factory=list)
 
 
 class AdapterHandle:
@@ -186,9 +155,9 @@ class Engine:
         metadata = self._llama.metadata
         template = metadata.get("tokenizer.chat_template")
         self._eos = int(self._llama.token_eos())
-        self._chat = None if template is None else Jinja2ChatFormatter(
+        self._chat = None if template is None else ChatTemplate(Jinja2ChatFormatter(
             template=template, eos_token=self._token_text(self._eos),
-            bos_token=self._token_text(int(self._llama.token_bos())), stop_token_ids=[self._eos])
+            bos_token=self._token_text(int(self._llama.token_bos())), stop_token_ids=[self._eos]), self._tokens)
 
     def _longest_piece(self) -> int:
         """Bytes of the longest text one token stands for (ordinary text, not control tokens)."""
@@ -316,30 +285,39 @@ class Engine:
         if self._chat is None:
             raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
         with self._reading():
-            return self._chat_tokens(messages)
-
-    def _chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        nonce = secrets.token_hex(8)  # unguessable: a message cannot contain the marks that stand for contents
-        marked = [dict(message, content=f"\x00{nonce}:{index}\x00") for index, message in enumerate(messages)]
-        pieces = re.split(f"\x00{nonce}:(\\d+)\x00", self._render(marked))
-        if len(pieces) != 2 * len(messages) + 1:  # the template changed the contents (filters): render them as is
-            log.debug("chat template does not place contents verbatim; tokenizing the rendered prompt whole")
-            return self._tokens(self._render(list(messages)), special=True)
-        tokens: list[int] = []
-        for index, piece in enumerate(pieces):
-            text = piece if index % 2 == 0 else str(messages[int(piece)]["content"])
-            tokens += self._tokens(text, special=index % 2 == 0)
-        return tokens
-
-    def _render(self, messages: list[dict[str, Any]]) -> str:
-        try:
-            return str(self._chat(messages=cast(Any, messages)).prompt)  # type: ignore[misc]
-        except TemplateError as exc:
-            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}",
-                                 param="messages") from exc
+            return self._chat.tokens(messages)
 
     def _tokens(self, text: str, *, special: bool) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=False, special=special)) if text else []
+
+    # -- grammars -------------------------------------------------------------------------------------------------
+
+    def json_grammar(self, schema: dict[str, Any] | None = None) -> str:
+        """GBNF text that makes the output one JSON object (``schema`` None) or JSON matching ``schema``.
+
+        Raises ``InvalidRequest`` (param ``response_format``) for a schema llama.cpp cannot turn into a grammar.
+        Runs on the caller's thread (a grammar reads only the vocabulary); a large schema takes seconds to convert.
+        """
+        if schema is None:
+            grammar = llama_grammar.JSON_GBNF
+        else:
+            check_schema(schema)
+            try:
+                grammar = with_json_strings(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
+            except Exception as exc:  # the converter asserts (or fails in any way) on what it does not support
+                raise refused(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+            check_grammar(grammar)
+        self._check_parses(grammar)
+        return grammar
+
+    def _check_parses(self, grammar: str) -> None:
+        # Llama.generate() adds a grammar to its sampler without checking that llama.cpp parsed it: a grammar that
+        # does not parse becomes a NULL sampler in the chain and the process segfaults (llama-cpp-python 0.3.36).
+        check_grammar(grammar)
+        sampler = llama_cpp.llama_sampler_init_grammar(self._llama._model.vocab, grammar.encode(), b"root")
+        if not sampler:
+            raise refused("llama.cpp's grammar parser rejected it (its reason is in the daemon's log)")
+        llama_cpp.llama_sampler_free(sampler)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
 
@@ -377,15 +355,14 @@ class Engine:
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, *, adapters: AdapterSet = ()) -> Generation:
         """Generate from ``prompt`` under ``adapters`` and return the whole text."""
-        pieces: list[str] = []
-        tokens: list[int] = []
-        finish = "stop"
+        result = Generation(text="", completion_tokens=0, prompt_tokens=len(prompt), finish_reason="stop")
         for chunk in self.stream(prompt, params, adapters=adapters):
-            pieces.append(chunk.text)
-            tokens.extend(chunk.token_ids)
-            finish = chunk.finish_reason or finish
-        return Generation(text="".join(pieces), completion_tokens=len(tokens), prompt_tokens=len(prompt),
-                          finish_reason=finish, token_ids=tokens)
+            result.text += chunk.text
+            result.token_ids.extend(chunk.token_ids)
+            result.logprobs.extend(chunk.logprobs)
+            result.finish_reason = chunk.finish_reason or result.finish_reason
+        result.completion_tokens = len(result.token_ids)
+        return result
 
     def _generate_into(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float],
                        ...], cancel: threading.Event, chunks: queue.Queue[Chunk | BaseException]) -> None:
@@ -399,6 +376,8 @@ class Engine:
                   cancel: threading.Event) -> Iterator[Chunk]:
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        if params.grammar is not None:
+            self._check_parses(params.grammar)
         if cancel.is_set():
             yield Chunk("", finish_reason="cancelled")
             return
@@ -406,13 +385,16 @@ class Engine:
         if len(prompt) >= n_ctx:
             raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
         self._set_adapters(adapters)
-        self.last_reused_tokens = self._keep_reusable_prefix(prompt)
+        self.last_reused_tokens = self._keep_reusable_prefix(prompt)  # a grammar constrains sampling, never the KV
         budget = min(params.max_tokens, n_ctx - len(prompt))
         self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
+        grammar = None if params.grammar is None else llama_grammar.LlamaGrammar.from_string(params.grammar)
         tokens = self._llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
-                                      temp=params.temperature, repeat_penalty=1.0)
+                                      temp=params.temperature, repeat_penalty=1.0, grammar=grammar,
+                                      presence_penalty=params.presence_penalty,
+                                      frequency_penalty=params.frequency_penalty)
         produced = 0
         for token in tokens:
             if cancel.is_set():
@@ -423,14 +405,21 @@ class Engine:
                 return
             produced += 1
             self.decoded_tokens += 1
+            # The logits of the sampled position stay in the context until the generator decodes the next token.
+            logprobs = () if params.logprobs is None else (self._logprob(token, params.logprobs),)
             text, stopped = stops.feed(decoder.decode(self._llama.detokenize([token], special=False)))
             if stopped:
-                yield Chunk(text, (token,), finish_reason="stop")
+                yield Chunk(text, (token,), finish_reason="stop", logprobs=logprobs)
                 return
             if produced >= budget:
-                yield Chunk(text + stops.flush(), (token,), finish_reason="length")
+                yield Chunk(text + stops.flush(), (token,), finish_reason="length", logprobs=logprobs)
                 return
-            yield Chunk(text, (token,))
+            yield Chunk(text, (token,), logprobs=logprobs)
+
+    def _logprob(self, token: int, alternatives: int) -> TokenLogprob:
+        """From the logits ``token`` was sampled from: the model's own, before penalties, grammar and temperature."""
+        logits = np.ctypeslib.as_array(self._llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
+        return token_logprob(logits, token, alternatives, lambda t: bytes(self._llama.detokenize([t], special=True)))
 
     def _keep_reusable_prefix(self, prompt: list[int]) -> int:
         """Trim the cache to the prefix this prompt may reuse; return its length in tokens.

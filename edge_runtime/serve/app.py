@@ -300,6 +300,10 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
                                       max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
     label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
     request[REQUESTED] = label
+    if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
+        grammar = await asyncio.get_running_loop().run_in_executor(request.app[REQUEST_WORK],
+                                                                   runtime.engine.json_grammar, parsed.json_schema)
+        parsed = parsed.constrained(grammar)
     prompt = await _prompt_tokens(request.app, runtime.engine, parsed)
     produced, job = 0, None
     try:
@@ -312,7 +316,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         request[APPLIED] = openai_api.applied_header(job.applied)
         metrics.first_token.labels(label).observe(time.monotonic() - started)
         if parsed.stream:
-            response, produced = await _stream(request, parsed, job, first, chunks)
+            response, produced = await _stream(request, parsed, job, first, chunks, len(prompt))
         else:
             response, produced = await _collect(parsed, job, first, chunks, len(prompt))
         return response
@@ -326,32 +330,40 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
 
 async def _collect(parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any],
                    prompt_tokens: int) -> tuple[web.Response, int]:
-    pieces, tokens, finish = [first.text], len(first.token_ids), first.finish_reason
+    pieces, token_ids, logprobs, finish = [first.text], list(first.token_ids), list(first.logprobs), first.finish_reason
     async for chunk in chunks:
         pieces.append(chunk.text)
-        tokens += len(chunk.token_ids)
+        token_ids += chunk.token_ids
+        logprobs += chunk.logprobs
         finish = chunk.finish_reason or finish
     body = openai_api.completion_body(parsed, response_id=openai_api.new_id(parsed.chat), text="".join(pieces),
                                       finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
-                                      completion_tokens=tokens, applied=job.applied)
-    return web.json_response(body, headers=_applied_headers(job.applied)), tokens
+                                      completion_tokens=len(token_ids), applied=job.applied,
+                                      logprobs=openai_api.LogprobsShape(parsed).render(logprobs))
+    return web.json_response(body, headers=_applied_headers(job.applied)), len(token_ids)
 
 
 async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: Job, first: Any,
-                  chunks: AsyncIterator[Any]) -> tuple[web.StreamResponse, int]:
+                  chunks: AsyncIterator[Any], prompt_tokens: int) -> tuple[web.StreamResponse, int]:
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                                            **_applied_headers(job.applied)})
     await response.prepare(request)
     response_id, tokens, is_first = openai_api.new_id(parsed.chat), 0, True
+    shape = openai_api.LogprobsShape(parsed)
     chunk = first
     try:
         while chunk is not None:
             body = openai_api.chunk_body(parsed, response_id=response_id, text=chunk.text,
-                                         finish_reason=chunk.finish_reason, applied=job.applied, first=is_first)
+                                         finish_reason=chunk.finish_reason, applied=job.applied, first=is_first,
+                                         logprobs=shape.render(chunk.logprobs) if chunk.token_ids else None)
             await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
             tokens += len(chunk.token_ids)
             is_first = False
             chunk = await anext(chunks, None)
+        if parsed.include_usage:
+            usage = openai_api.usage_chunk(parsed, response_id=response_id, prompt_tokens=prompt_tokens,
+                                           completion_tokens=tokens, applied=job.applied)
+            await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
     except (ConnectionResetError, ConnectionError):

@@ -3,26 +3,52 @@
 Adapter selection follows vLLM's convention: ``model`` equal to an adapter's name selects it, the base model's id
 or ``base`` selects none. Extension fields: ``adapter: "name"`` and ``adapters: [{"name": ..., "scale": ...}]``
 (composition, up to four). An unknown adapter is an error, never a silent fallback to the base model.
+
+Honesty about fields: what llama.cpp gives us is implemented (``response_format`` as a grammar, the penalties,
+``logprobs``, ``stream_options.include_usage``); a field that would change the answer's meaning and is not
+implemented is a 400 naming it (``UNSUPPORTED``), unless it carries its neutral value; other fields (``user``,
+``metadata``, ``store``, ``service_tier``, ``parallel_tool_calls``...) do not change the answer and are accepted.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
+from types import NoneType
 from typing import Any
 
 from edge_runtime.errors import AdapterNotFound, InvalidRequest
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import MAX_COMPOSED_ADAPTERS
 from edge_runtime.runtime.core import AdapterSpec, AppliedAdapter
-from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.generation import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 
 BASE_ALIASES = frozenset({"", "base"})
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5  # /v1/completions' integer logprobs (OpenAI's limit)
 _ROLES = frozenset({"system", "user", "assistant", "tool", "developer"})
+# Fields that change what is asked and are not implemented, with their neutral values (which pass) and what they
+# would need. Anything else not parsed below is accepted: it does not change the answer.
+UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none"), "tool calling is not supported"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none"), "function calling is not supported"),
+    "n": ((None, 1), "only n=1 is supported"),
+    "best_of": ((None, 1), "only best_of=1 is supported"),
+    "logit_bias": ((None, {}), "logit_bias is not supported"),
+    "echo": ((None, False), "echo is not supported"),
+    "suffix": ((None, ""), "suffix (insertion) is not supported"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "audio": ((None,), "audio output is not supported"),
+    "modalities": ((None, ["text"]), "only the text modality is supported"),
+    "web_search_options": ((None,), "web search is not supported"),
+}
 
 
 @dataclass(frozen=True)
@@ -37,6 +63,13 @@ class ParsedRequest:
     params: SamplingParams
     adapters: tuple[AdapterSpec, ...]
     stream: bool
+    json_output: bool = False  # response_format json_object or json_schema: generation follows a JSON grammar
+    json_schema: dict[str, Any] | None = None  # the schema of json_schema (None: any JSON object)
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+    def constrained(self, grammar: str) -> ParsedRequest:
+        """This request with its output held to ``grammar`` (GBNF, from ``Engine.json_grammar``)."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, grammar=grammar))
 
 
 def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: set[str],
@@ -44,18 +77,53 @@ def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: set[st
     """Validate an OpenAI request body; raise ``InvalidRequest`` (400) or ``AdapterNotFound`` (404)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
-    if body.get("n", 1) != 1:
-        raise InvalidRequest("only n=1 is supported", param="n")
+    for name, (neutral, reason) in UNSUPPORTED.items():
+        if name in body and body[name] not in neutral:
+            raise InvalidRequest(f"{reason} ({name})", param=name)
     model = body.get("model", base_id)
     if not isinstance(model, str):
         raise InvalidRequest("model must be a string", param="model")
+    stream = _boolean(body, "stream")
+    json_output, json_schema = _response_format(body.get("response_format"))
     return ParsedRequest(
         chat=chat, model=model or base_id, base_id=base_id,
         prompt_text=None if chat else _prompt(body.get("prompt")),
         messages=_messages(body.get("messages")) if chat else None,
-        params=_sampling(body, max_tokens_cap), adapters=_adapters(body, model, base_id, known_adapters),
-        stream=_boolean(body, "stream"),
+        params=_sampling(body, max_tokens_cap, chat=chat), adapters=_adapters(body, model, base_id, known_adapters),
+        stream=stream, json_output=json_output, json_schema=json_schema,
+        include_usage=_include_usage(body.get("stream_options"), stream),
     )
+
+
+def _response_format(value: Any) -> tuple[bool, dict[str, Any] | None]:
+    """(whether the output must be JSON, the schema it must match)."""
+    if value is None:
+        return False, None
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return False, None
+    if kind == "json_object":
+        return True, None
+    if kind != "json_schema":
+        raise InvalidRequest('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                             '{"type": "json_schema", "json_schema": {...}}', param="response_format")
+    spec = value.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, (dict, NoneType)) \
+            or not isinstance(spec.get("strict"), (bool, NoneType)):
+        raise InvalidRequest('response_format.json_schema must be {"name": "...", "schema": {...}, "strict": '
+                             'true|false}', param="response_format")
+    return True, schema
+
+
+def _include_usage(value: Any, stream: bool) -> bool:
+    if value is None:
+        return False
+    if not stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+    if not isinstance(value, dict):
+        raise InvalidRequest("stream_options must be an object", param="stream_options")
+    return _boolean(value, "include_usage", param="stream_options")
 
 
 def _prompt(value: Any) -> str:
@@ -93,7 +161,7 @@ def _utf8(text: str, param: str) -> str:
     return text
 
 
-def _sampling(body: dict[str, Any], max_tokens_cap: int) -> SamplingParams:
+def _sampling(body: dict[str, Any], max_tokens_cap: int, *, chat: bool) -> SamplingParams:
     max_tokens = body.get("max_tokens", body.get("max_completion_tokens", DEFAULT_MAX_TOKENS))
     if max_tokens is None:
         max_tokens = max_tokens_cap
@@ -110,7 +178,33 @@ def _sampling(body: dict[str, Any], max_tokens_cap: int) -> SamplingParams:
         top_p=_number(_given(body, "top_p", 1.0), "top_p", 0.0, 1.0),
         top_k=_integer(_given(body, "top_k", 0), "top_k", minimum=0),
         seed=None if seed is None else seed & 0x7FFFFFFF, stop=tuple(stop),
+        presence_penalty=_number(_given(body, "presence_penalty", 0.0), "presence_penalty", -2.0, 2.0),
+        frequency_penalty=_number(_given(body, "frequency_penalty", 0.0), "frequency_penalty", -2.0, 2.0),
+        logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
     )
+
+
+def _chat_logprobs(body: dict[str, Any]) -> int | None:
+    """Chat: ``logprobs: true`` and ``top_logprobs`` 0..20 alternatives per token."""
+    wanted = _boolean(body, "logprobs")
+    top = body.get("top_logprobs")
+    if top is None:
+        return 0 if wanted else None
+    if not wanted:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
+    return _bounded(top, "top_logprobs", MAX_TOP_LOGPROBS)
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """Completions: ``logprobs`` 0..5, the alternatives per token."""
+    value = body.get("logprobs")
+    return None if value is None else _bounded(value, "logprobs", MAX_COMPLETION_LOGPROBS)
+
+
+def _bounded(value: Any, name: str, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+        raise InvalidRequest(f"{name} must be an integer from 0 to {high}", param=name)
+    return value
 
 
 def _adapters(body: dict[str, Any], model: str, base_id: str, known: set[str]) -> tuple[AdapterSpec, ...]:
@@ -149,10 +243,10 @@ def _given(body: dict[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-def _boolean(body: dict[str, Any], key: str) -> bool:
+def _boolean(body: dict[str, Any], key: str, *, param: str | None = None) -> bool:
     value = _given(body, key, False)
     if not isinstance(value, bool):
-        raise InvalidRequest(f"{key} must be true or false", param=key)
+        raise InvalidRequest(f"{key} must be true or false", param=param or key)
     return value
 
 
@@ -193,34 +287,98 @@ def applied_header(applied: list[AppliedAdapter]) -> str:
 
 
 def completion_body(request: ParsedRequest, *, response_id: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int, applied: list[AppliedAdapter]) -> dict[str, Any]:
-    """The non-streamed response object."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason)}
+                    prompt_tokens: int, completion_tokens: int, applied: list[AppliedAdapter],
+                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The non-streamed response object (``logprobs`` from ``LogprobsShape.render``)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
     if request.chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
-        choice |= {"text": text, "logprobs": None}
+        choice["text"] = text
     return {"id": response_id, "object": "chat.completion" if request.chat else "text_completion",
             "created": int(time.time()), "model": served_model(applied, request.base_id), "choices": [choice],
-            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                      "total_tokens": prompt_tokens + completion_tokens},
-            "adapters": applied_json(applied)}
+            "usage": usage_json(prompt_tokens, completion_tokens), "adapters": applied_json(applied)}
 
 
 def chunk_body(request: ParsedRequest, *, response_id: str, text: str | None, finish_reason: str | None,
-               applied: list[AppliedAdapter], first: bool = False) -> dict[str, Any]:
-    """One Server-Sent Events chunk."""
-    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason)}
+               applied: list[AppliedAdapter], first: bool = False,
+               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One Server-Sent Events chunk (with ``usage: null`` when the request asked for a usage chunk at the end)."""
+    choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
     if request.chat:
         delta: dict[str, str] = {"role": "assistant"} if first else {}
         if text:
             delta["content"] = text
         choice["delta"] = delta
     else:
-        choice |= {"text": text or "", "logprobs": None}
+        choice["text"] = text or ""
+    body = _chunk_head(request, response_id, applied) | {"choices": [choice], "adapters": applied_json(applied)}
+    return body | {"usage": None} if request.include_usage else body
+
+
+def usage_chunk(request: ParsedRequest, *, response_id: str, prompt_tokens: int, completion_tokens: int,
+                applied: list[AppliedAdapter]) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the token counts."""
+    return _chunk_head(request, response_id, applied) | {"choices": [], "adapters": applied_json(applied),
+                                                        "usage": usage_json(prompt_tokens, completion_tokens)}
+
+
+def _chunk_head(request: ParsedRequest, response_id: str, applied: list[AppliedAdapter]) -> dict[str, Any]:
     return {"id": response_id, "object": "chat.completion.chunk" if request.chat else "text_completion",
-            "created": int(time.time()), "model": served_model(applied, request.base_id), "choices": [choice],
-            "adapters": applied_json(applied)}
+            "created": int(time.time()), "model": served_model(applied, request.base_id)}
+
+
+def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage`` object."""
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class LogprobsShape:
+    """A response's ``logprobs`` field in its endpoint's OpenAI shape, chunk after chunk.
+
+    Chat: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``. Completions: ``{"tokens",
+    "token_logprobs", "top_logprobs": [{text: logprob}], "text_offset"}``, where the dicts hold the requested
+    alternatives plus the sampled token and the offsets count characters from the prompt's start, as OpenAI's do.
+    """
+
+    def __init__(self, request: ParsedRequest) -> None:
+        self.request = request
+        self.offset = len(request.prompt_text or "")
+
+    def render(self, entries: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """The field for ``entries`` (None when the request did not ask for logprobs)."""
+        if self.request.params.logprobs is None:
+            return None
+        if self.request.chat:
+            return {"content": [_chat_logprob(e) | {"top_logprobs": [_chat_logprob(t) for t in e.top]}
+                                for e in entries], "refusal": None}
+        tokens = [_text(e.piece) for e in entries]
+        offsets = []
+        for token in tokens:
+            offsets.append(self.offset)
+            self.offset += len(token)
+        return {"tokens": tokens, "token_logprobs": [_logprob(e) for e in entries],
+                "top_logprobs": [_top_dict(e) for e in entries], "text_offset": offsets}
+
+
+def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    return {"token": _text(entry.piece), "logprob": _logprob(entry), "bytes": list(entry.piece)}
+
+
+def _top_dict(entry: TokenLogprob) -> dict[str, float]:
+    top: dict[str, float] = {}
+    for alternative in (*entry.top, entry):  # most likely first: a text two tokens share keeps the likelier
+        top.setdefault(_text(alternative.piece), _logprob(alternative))
+    return top
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _logprob(entry: TokenLogprob) -> float:
+    return max(entry.logprob, -9999.0)  # OpenAI's floor; JSON has no -Infinity
 
 
 def error_body(message: str, error_type: str, *, code: str | int | None = None,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from edge_runtime.errors import QueueFull
 from edge_runtime.runtime.core import AdapterSpec, AppliedAdapter, Runtime
-from edge_runtime.runtime.engine import Chunk, SamplingParams
+from edge_runtime.runtime.generation import Chunk, SamplingParams
 
 _DONE = object()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import openai
@@ -126,6 +127,12 @@ def test_health_and_metrics_parse_as_prometheus_text(daemon: Daemon) -> None:
     (b"[" * 50_000, 400, "not valid JSON"),
     (b'{"prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", 400, "not valid JSON"),
     (json.dumps({"messages": CHAT, "model": "a", "adapters": []}).encode(), 400, "adapters is empty"),
+    (json.dumps({"messages": CHAT, "presence_penalty": 3}).encode(), 400, "presence_penalty must be"),
+    (json.dumps({"messages": CHAT, "top_logprobs": 2}).encode(), 400, "top_logprobs needs logprobs"),
+    (json.dumps({"messages": CHAT, "logprobs": True, "top_logprobs": 21}).encode(), 400, "from 0 to 20"),
+    (json.dumps({"prompt": "x", "logprobs": 6}).encode(), 400, "logprobs must be an integer from 0 to 5"),
+    (json.dumps({"messages": CHAT, "stream_options": {"include_usage": True}}).encode(), 400, "stream: true"),
+    (json.dumps({"messages": CHAT, "response_format": {"type": "xml"}}).encode(), 400, "response_format must be"),
 ])
 def test_bad_requests_get_openai_shaped_errors_and_the_daemon_keeps_serving(daemon: Daemon, body: bytes,
                                                                             status: int, words: str) -> None:
@@ -137,6 +144,167 @@ def test_bad_requests_get_openai_shaped_errors_and_the_daemon_keeps_serving(daem
     error = response.json()["error"]
     assert words in error["message"] and error["type"] and error["code"] == status
     assert _chat_text(daemon, []) != ""
+
+
+# -- OpenAI compatibility: what the official client sends is honoured or refused, never ignored -----------------
+
+PERSON = {"type": "object", "additionalProperties": False, "required": ["name", "age", "colours"],
+          "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
+                         "colours": {"type": "array", "items": {"type": "string", "maxLength": 12}, "maxItems": 3}}}
+DESCRIBE = [{"role": "user", "content": "Describe a person in JSON."}]
+NAME_AND_AGE = [{"role": "user", "content": "Give a JSON object with a name and an age."}]
+
+
+def test_json_object_response_format_makes_the_output_a_json_object(daemon: Daemon) -> None:
+    before = _chat_text(daemon, [])
+    completion = client(daemon).chat.completions.create(model="base", messages=NAME_AND_AGE, max_tokens=48,
+                                                        temperature=0, response_format={"type": "json_object"})
+    assert completion.choices[0].finish_reason == "stop"
+    assert isinstance(json.loads(completion.choices[0].message.content or ""), dict)
+    assert _chat_text(daemon, []) == before  # the grammar was this request's only: the next reuses the KV as before
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_schema_response_format_matches_the_schema(daemon: Daemon, stream: bool) -> None:
+    response_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    api = client(daemon)
+    if stream:
+        chunks = api.chat.completions.create(model="a", messages=DESCRIBE, max_tokens=80, temperature=0,
+                                             response_format=response_format, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    else:
+        completion = api.chat.completions.create(model="a", messages=DESCRIBE, max_tokens=80, temperature=0,
+                                                 response_format=response_format)
+        assert completion.choices[0].finish_reason == "stop"
+        text = completion.choices[0].message.content or ""
+    person = json.loads(text)
+    assert set(person) == {"name", "age", "colours"}
+    assert isinstance(person["name"], str) and len(person["name"]) <= 24
+    assert isinstance(person["age"], int) and not isinstance(person["age"], bool)
+    assert isinstance(person["colours"], list) and len(person["colours"]) <= 3
+    assert all(isinstance(c, str) and len(c) <= 12 for c in person["colours"])
+
+
+@pytest.mark.parametrize("schema", [{"type": "no-such-type"}, {"$ref": "#/definitions/missing"},
+                                    {"type": "string", "maxLength": 100_000},  # crashed llama.cpp's parser
+                                    {"type": "string", "pattern": "^a{1,1000000000}$"}])
+def test_a_schema_llama_cpp_cannot_use_is_a_400_naming_response_format(daemon: Daemon, schema: object) -> None:
+    with client(daemon) as api, pytest.raises(openai.BadRequestError) as refused:  # closed: the error holds a socket
+        api.chat.completions.create(model="base", messages=CHAT, max_tokens=4, response_format={
+            "type": "json_schema", "json_schema": {"name": "x", "schema": schema}})
+    assert refused.value.param == "response_format" and "grammar" in refused.value.message
+    assert _chat_text(daemon, []) != ""
+
+
+def test_presence_and_frequency_penalties_change_greedy_output(daemon: Daemon) -> None:
+    api = client(daemon)
+    ask = [{"role": "user", "content": "Write the word apple five times."}]
+
+    def apples(**penalty: float) -> tuple[str, int]:
+        completion = api.chat.completions.create(model="base", messages=ask, max_tokens=24, temperature=0,
+                                                 **penalty)
+        text = completion.choices[0].message.content or ""
+        return text, text.lower().count("apple")
+
+    plain, plain_count = apples()
+    assert plain_count >= 6  # unpenalised greedy decoding repeats the word
+    for penalty in ({"presence_penalty": 2.0}, {"frequency_penalty": 2.0}):
+        text, count = apples(**penalty)
+        assert text != plain and count <= plain_count // 2, (penalty, text)
+    assert apples(presence_penalty=0.0, frequency_penalty=0.0)[0] == plain
+
+
+def test_chat_logprobs_are_the_greedy_tokens_with_sorted_alternatives(daemon: Daemon) -> None:
+    api = client(daemon)
+    whole = api.chat.completions.create(model="b", messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+                                        top_logprobs=3)
+    content = whole.choices[0].logprobs and whole.choices[0].logprobs.content
+    assert content is not None and whole.usage is not None and len(content) == whole.usage.completion_tokens == 8
+    assert "".join(entry.token for entry in content) == whole.choices[0].message.content
+    for entry in content:
+        assert entry.logprob <= 0 and bytes(entry.bytes or []).decode() == entry.token
+        alternatives = [t.logprob for t in entry.top_logprobs]
+        assert len(alternatives) == 3 and alternatives == sorted(alternatives, reverse=True)
+        assert (entry.top_logprobs[0].token, entry.top_logprobs[0].logprob) == (entry.token, entry.logprob)
+        assert sum(math.exp(a) for a in alternatives) <= 1 + 1e-6
+    stream = api.chat.completions.create(model="b", messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+                                         top_logprobs=3, stream=True)
+    streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert [(e.token, e.logprob) for e in streamed] == [(e.token, e.logprob) for e in content]
+    plain = api.chat.completions.create(model="b", messages=CHAT, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == whole.choices[0].message.content
+
+
+def test_completion_logprobs_have_tokens_offsets_and_top_dicts(daemon: Daemon) -> None:
+    api = client(daemon)
+    prompt = "Once upon a time"
+    whole = api.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, logprobs=2)
+    logprobs = whole.choices[0].logprobs
+    assert logprobs is not None and logprobs.tokens and logprobs.token_logprobs and logprobs.top_logprobs
+    assert logprobs.text_offset is not None
+    assert "".join(logprobs.tokens) == whole.choices[0].text and len(logprobs.tokens) == 6
+    offsets = [len(prompt) + len("".join(logprobs.tokens[:i])) for i in range(6)]
+    assert logprobs.text_offset == offsets
+    for token, logprob, top in zip(logprobs.tokens, logprobs.token_logprobs, logprobs.top_logprobs):
+        assert logprob <= 0 and len(top) == 2 and top[token] == logprob == max(top.values())
+    stream = api.completions.create(model="base", prompt=prompt, max_tokens=6, temperature=0, logprobs=2,
+                                    stream=True)
+    tokens = [t for c in stream if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens or []]
+    assert tokens == logprobs.tokens
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_include_usage_ends_the_stream_with_a_usage_chunk(daemon: Daemon, chat: bool) -> None:
+    api = client(daemon)
+    if chat:
+        chunks = list(api.chat.completions.create(model="c", messages=CHAT, max_tokens=5, temperature=0, stream=True,
+                                                  stream_options={"include_usage": True}))
+        whole_usage = api.chat.completions.create(model="c", messages=CHAT, max_tokens=5, temperature=0).usage
+    else:
+        chunks = list(api.completions.create(model="c", prompt="Hello", max_tokens=5, temperature=0, stream=True,
+                                             stream_options={"include_usage": True}))
+        whole_usage = api.completions.create(model="c", prompt="Hello", max_tokens=5, temperature=0).usage
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and whole_usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens, last.usage.total_tokens) == (
+        whole_usage.prompt_tokens, 5, whole_usage.prompt_tokens + 5)
+    assert all(c.usage is None and len(c.choices) == 1 for c in chunks[:-1])
+
+
+@pytest.mark.parametrize("field, value", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("function_call", "auto"), ("n", 2),
+    ("logit_bias", {"50256": -100}), ("best_of", 2), ("echo", True), ("suffix", " the end"),
+])
+def test_fields_that_would_change_the_answer_are_400s_naming_the_field(daemon: Daemon, field: str,
+                                                                        value: object) -> None:
+    chat = field not in ("best_of", "echo", "suffix")
+    body = {"messages": CHAT} if chat else {"prompt": "Hello"}
+    response = _post(daemon, "/v1/chat/completions" if chat else "/v1/completions",
+                     body | {"max_tokens": 2, field: value})
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == field and error["type"] == "invalid_request_error"
+
+
+def test_the_official_client_sees_tools_and_n_refused_by_name(daemon: Daemon) -> None:
+    tool = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    with client(daemon) as api:  # closed: an error holds its socket
+        with pytest.raises(openai.BadRequestError) as tools:
+            api.chat.completions.create(model="base", messages=CHAT, max_tokens=2, tools=[tool])
+        with pytest.raises(openai.BadRequestError) as n:
+            api.chat.completions.create(model="base", messages=CHAT, max_tokens=2, n=2)
+    assert (tools.value.param, n.value.param) == ("tools", "n")
+
+
+def test_fields_that_do_not_change_the_answer_are_accepted(daemon: Daemon) -> None:
+    api = client(daemon)
+    plain = api.chat.completions.create(model="base", messages=CHAT, max_tokens=6, temperature=0)
+    tagged = api.chat.completions.create(model="base", messages=CHAT, max_tokens=6, temperature=0, user="u-1",
+                                         metadata={"k": "v"}, store=False, service_tier="auto",
+                                         parallel_tool_calls=False, tool_choice="none", n=1,
+                                         response_format={"type": "text"}, logit_bias={})
+    assert tagged.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_prompt_longer_than_the_context_is_400(daemon: Daemon) -> None:
