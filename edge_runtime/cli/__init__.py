@@ -96,6 +96,7 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
             "lora_ranks": list(info.lora_ranks), "lora_alpha": info.lora_alpha,
             "tensor_types": list(info.tensor_types),
             "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get("edge_rt.base.name"),
+            "description": info.metadata.get("general.description", ""),
             "peft_config_sha256": info.metadata.get("edge_rt.peft.config_sha256"),
         }
     return common | {

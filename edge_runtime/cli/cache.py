@@ -64,7 +64,8 @@ def cache_rm(store: Any, names: tuple[str, ...]) -> None:
         if cached is None:
             raise AdapterNotFound(name, store.names())
         if store.in_use(cached.sha256):
-            raise InvalidTransition(name, "in use by a running daemon", "removed")
+            raise InvalidTransition(name, "in use by a running daemon", "removed",
+                                    fix="A running daemon serves it (its lease ends with it): stop that daemon first")
         store.evict(name)
         click.echo(f"removed {name} ({cached.size / 1e6:.2f} MB)")
 

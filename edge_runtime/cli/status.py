@@ -70,7 +70,9 @@ def _table(url: str, report: dict[str, Any]) -> str:
         refreshed = "never" if not cdn.get("last_refresh") else f"{_ago(time.time() - cdn['last_refresh'])} ago"
         lines.append(f"cdn {cdn['url']}{' (offline)' if cdn.get('offline') else ''}: manifest version "
                      f"{cdn.get('version') or '-'}, refreshed {refreshed}"
-                     + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else ""))
+                     + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else "")
+                     + (f", updates waiting (metered link): {', '.join(cdn['deferred'])}" if cdn.get("deferred")
+                        else ""))
     lines.append(f"recent requests ({len(report['recent'])})")
     lines += [f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
               f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms" for r in report["recent"]]

@@ -260,12 +260,12 @@ class InvalidTransition(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "invalid_state"
 
-    def __init__(self, name: str, current: str, requested: str) -> None:
+    def __init__(self, name: str, current: str, requested: str,
+                 *, fix: str = "Wait until it is no longer in use, or evict it first") -> None:
         self.name = name
         self.current = current
         self.requested = requested
-        super().__init__(f"adapter {name!r} cannot go from {current} to {requested}",
-                         fix="Wait until it is no longer in use, or evict it first")
+        super().__init__(f"adapter {name!r} cannot go from {current} to {requested}", fix=fix)
 
 
 class BaseDoesNotFit(EdgeRtError, MemoryError):

@@ -337,6 +337,7 @@ class AdapterManager:
         switched = False
         try:
             self._free(victims)
+            self._compatibility.verify_unchanged(version)  # a file replaced in place must not pass as the old one
             self._compatibility.check(version.name, read_header(version.path))
             with self._lock:
                 wanted = self._wanted(adapter, version)

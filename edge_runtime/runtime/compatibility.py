@@ -8,12 +8,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edge_runtime.errors import IncompatibleAdapter
+from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
+from edge_runtime.files import file_sha256
 from edge_runtime.gguf.header import GGUFHeader, read_header
 from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
 from edge_runtime.runtime.versions import AdapterVersion
 
-__all__ = ["BaseCompatibility"]
+__all__ = ["BaseCompatibility", "file_id"]
+
+
+def file_id(path: Path) -> tuple[int, int, int]:
+    """(inode, size, mtime in ns) of ``path``: any replacement or rewrite of the file changes it."""
+    stat = path.stat()
+    return stat.st_ino, stat.st_size, stat.st_mtime_ns
 
 
 class BaseCompatibility:
@@ -28,7 +35,18 @@ class BaseCompatibility:
         header = read_header(path)
         self.check(name, header)
         return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
-                              resident_bytes=sum(t.n_bytes for t in header.tensors))
+                              resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=file_id(path))
+
+    def verify_unchanged(self, version: AdapterVersion) -> None:
+        """Raise ``InvalidGGUF`` when ``version``'s file no longer holds the content registered as its sha256."""
+        if not version.path.exists():  # read_header says so, typed
+            return
+        if file_id(version.path) == version.file_id or file_sha256(version.path).hexdigest() == version.sha256:
+            return
+        raise InvalidGGUF(str(version.path), f"changed on disk since it was registered as {version.sha256[:12]}: "
+                          "the daemon will not serve other bytes under that digest; `kill -HUP` it (or POST "
+                          f"/v1/adapters/{version.name}/load) after evicting the old version to register the new "
+                          "file")
 
     def check(self, name: str, header: GGUFHeader) -> None:
         """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""

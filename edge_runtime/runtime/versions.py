@@ -60,6 +60,7 @@ class AdapterVersion:
     sha256: str
     size_bytes: int  # on disk
     resident_bytes: int  # in memory once loaded (its tensor bytes)
+    file_id: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime ns) when registered: a changed file is caught
     state: VersionState = VersionState.CACHED
     users: int = 0  # generations holding it
     handle: AdapterHandle | None = field(default=None, repr=False)  # set from RESIDENT until freed

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -78,7 +77,10 @@ async def vllm_load(request: web.Request) -> web.Response:
     name = validate_name(_field(body, "lora_name"))
     path = body.get("lora_path") if isinstance(body, dict) else None
     folder = request.app[CONFIG].adapters_dir
-    if path is not None and (folder is None or Path(str(path)).resolve() != (folder / f"{name}.gguf").resolve()):
+    if path is not None and folder is None:
+        raise InvalidRequest("this daemon has no --adapters-dir: load adapters by lora_name", param="lora_path")
+    inside = folder is not None and (folder / str(path)).resolve() == (folder / f"{name}.gguf").resolve()
+    if path is not None and not inside:  # a relative lora_path is taken in --adapters-dir
         raise InvalidRequest("lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by "
                              "name)", param="lora_path")
     info = await _load(request.app, name)
@@ -142,7 +144,7 @@ def _status(app: web.Application) -> dict[str, Any]:  # psutil and the adapter l
     downloads = follower.downloads() if follower is not None else {}
     cdn = None if follower is None else {"url": follower.cdn.cdn, "offline": follower.cdn.offline,
                                          "version": follower.version, "last_refresh": follower.last_refresh,
-                                         "last_error": follower.last_error}
+                                         "last_error": follower.last_error, "deferred": sorted(follower.deferred)}
     return {"model": base_id(runtime), "profile": runtime.profile.name, "uptime_s": time.time() - app[STARTED],
             "queued": app[SCHEDULER].queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
             "resident_adapter_bytes": runtime.adapters.resident_bytes,

@@ -7,6 +7,7 @@ never blocks on the model. Every error leaves as OpenAI-shaped JSON with the sta
 from __future__ import annotations
 
 import asyncio
+import base64
 import hmac
 import json
 import logging
@@ -97,8 +98,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
         app[FOLLOWER].on_pull = app[METRICS].observe_pull
         app.cleanup_ctx.append(_follower_lifecycle)
     app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
-    if config.adapters_dir is not None:
-        app.cleanup_ctx.append(_rescan_on_sighup)
+    app.cleanup_ctx.append(_rescan_on_sighup)  # always: an unhandled SIGHUP would end the daemon
     return app
 
 
@@ -147,6 +147,7 @@ async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
     """Register the files added to ``--adapters-dir`` since start; return the names added and, by file, refusals."""
     folder = app[CONFIG].adapters_dir
     if folder is None:
+        log.info("nothing to rescan: the daemon has no --adapters-dir")
         return [], {}
     known = set(app[RUNTIME].adapters.names())
     added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
@@ -251,12 +252,24 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
         headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
         if exc.http_status == 507 or isinstance(exc, CacheMiss):
             headers = {"x-should-retry": "false"}
+        if isinstance(exc, Unauthorized):  # lets a browser ask for the key (as the password) on the status page
+            headers = {"WWW-Authenticate": 'Basic realm="edge-rt", charset="UTF-8"'}
         body = openai_api.error_body(public_message(str(exc)), exc.error_type, code=exc.http_status,
                                      param=getattr(exc, "param", None))
         return exc.http_status, body, headers
     if isinstance(exc, web.HTTPException):
         return exc.status, openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status), None
     return 500, openai_api.error_body("internal error; see the daemon's log", "server_error", code=500), None
+
+
+def _basic_password(header: str) -> str | None:
+    scheme, _, credentials = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        return base64.b64decode(credentials, validate=True).decode("utf-8").partition(":")[2]
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def public_message(message: str) -> str:
@@ -272,7 +285,8 @@ async def _auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.app[CONFIG].api_key
     if key and request.path != "/health":
         given = request.headers.get("Authorization", "")  # bytes that are not UTF-8 arrive as surrogate escapes
-        if not hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode()):
+        if not (hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
+                or _basic_password(given) == key):  # a browser on the status page: any user, the key as password
             raise Unauthorized()
     return await handler(request)
 

@@ -65,6 +65,7 @@ class CdnFollower:
         self.version: int | None = None  # of the last manifest verified
         self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
         self.last_error: str | None = None  # why the last refresh failed (None: it did not)
+        self.deferred: dict[str, str] = {}  # name -> sha256 of updates held back by a metered link
         self.on_pull: Callable[[str, int, float, bool], None] | None = None  # (name, bytes, seconds, ok) for metrics
 
     async def start(self) -> None:
@@ -105,7 +106,12 @@ class CdnFollower:
 
     async def refresh(self) -> RefreshReport:
         """Fetch and verify the manifest; list new adapters, forget withdrawn ones, start due updates."""
-        manifest = await self.cdn.fetch_manifest()
+        try:
+            manifest = await self.cdn.fetch_manifest()
+        except EdgeRtError as exc:  # the status page and `edge-rt status` show it, whoever asked for the refresh
+            self.last_error = str(exc)
+            log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
+            raise
         self.version, self.last_refresh, self.last_error = manifest.version, time.time(), None
         offered = self.cdn.offered(manifest)
         names = tuple(entry.name for entry in offered)
@@ -115,8 +121,10 @@ class CdnFollower:
         due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
                and self.manager.outdated(e.name, e.sha256)]
         deferred: tuple[str, ...] = ()
+        self.deferred = {}
         if due and self.cdn.settings.defer_updates:  # a metered link: updates wait for `serve --allow-metered-...`
             deferred, due = tuple(e.name for e in due), []
+            self.deferred = {e.name: e.sha256 for e in offered if e.name in deferred}
             log.info("updates of %s deferred: the profile's link is metered (serve --allow-metered-updates)",
                      ", ".join(deferred))
         for entry in due:
@@ -250,9 +258,8 @@ class CdnFollower:
     async def _refresh_logged(self) -> None:
         try:
             await self.refresh()
-        except EdgeRtError as exc:  # unreachable or untrusted CDN: keep serving what is cached
-            self.last_error = str(exc)
-            log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
+        except EdgeRtError:  # unreachable or untrusted CDN (refresh recorded and logged it): keep serving the cache
+            pass
         except Exception as exc:  # never let one unexpected error end the refreshing for the daemon's lifetime
             self.last_error = f"unexpected {type(exc).__name__}: see the daemon's log"
             log.exception("manifest refresh from %s failed", self.cdn.cdn)

@@ -85,6 +85,8 @@ def _cdn(cdn: dict[str, Any] | None) -> str:
         return "<p>Not following a CDN (start with <code>--cdn URL</code>).</p>"
     refreshed = "never" if not cdn.get("last_refresh") else f"{_duration(time.time() - cdn['last_refresh'])} ago"
     error = f'<p class="error">Last error: {_e(cdn["last_error"])}</p>' if cdn.get("last_error") else ""
+    if cdn.get("deferred"):
+        error += f"<p>Updates waiting (metered link): {_e(', '.join(cdn['deferred']))}</p>"
     mode = " (offline)" if cdn.get("offline") else ""
     return (f"<p><code>{_e(cdn['url'])}</code>{mode} · manifest version {cdn.get('version') or '-'} · refreshed "
             f"{refreshed}</p>{error}")
@@ -117,6 +119,7 @@ def _e(text: object) -> str:
 _PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta http-equiv="refresh" content="{refresh}">
 <meta name="viewport" content="width=device-width, initial-scale=1"><title>{title}</title>
+<link rel="icon" href="data:,">
 <style>
 body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #1a202c; }}
 h1 {{ font-size: 1.3em; margin: 0 0 .2em; }} h2 {{ font-size: 1.05em; margin: 1.4em 0 .4em; }}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -419,3 +420,19 @@ def _catch(function: Callable[..., Any], *args: Any) -> list[BaseException]:
     except BaseException as exc:  # collected for the assertion
         return [exc]
     return []
+
+
+def test_a_file_replaced_on_disk_is_never_served_under_the_old_digest(runtime: Runtime, tmp_path: Path,
+                                                                      adapter_files: list[Path]) -> None:
+    # Regression: after `mv other.gguf legal.gguf`, the next load served the new bytes as the registered sha256.
+    served = tmp_path / "legal.gguf"
+    served.write_bytes(adapter_files[0].read_bytes())
+    registered = runtime.adapters.add("legal", served).sha256
+    os.utime(served)  # touched, same bytes: still served
+    assert runtime.adapters.ensure_resident("legal").state == "resident" and runtime.adapters.evict("legal")
+    replacement = tmp_path / "incoming.gguf"
+    replacement.write_bytes(adapter_files[1].read_bytes())
+    replacement.replace(served)
+    with pytest.raises(InvalidGGUF, match=f"changed on disk since it was registered as {registered[:12]}"):
+        runtime.adapters.ensure_resident("legal")
+    assert runtime.adapters.info("legal").state == "cached" and runtime.adapters.resident_bytes == 0
