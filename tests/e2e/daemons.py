@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 import requests
 
 
@@ -64,3 +66,16 @@ def run_daemon(*args: str, log: Path, env: dict[str, str] | None = None) -> Iter
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+
+
+def require_tool(candidates: tuple[str, ...], package: str) -> str:
+    """The first of ``candidates`` found (a name on PATH or a path), or a clear failure in CI (which installs
+    ``package``) and a skip elsewhere: a missing tool never lets its tests pass unseen."""
+    for candidate in candidates:
+        found = shutil.which(candidate)
+        if found or (os.path.isabs(candidate) and os.path.exists(candidate)):
+            return found or candidate
+    message = f"{candidates[0]} is not installed (apt-get install {package}; .ci/run installs it)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

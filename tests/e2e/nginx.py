@@ -13,9 +13,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
 import requests
-from daemons import free_port
+from daemons import free_port, require_tool
 
 _CONFIG = """
 daemon off;
@@ -60,13 +59,7 @@ class Nginx:
 
 def nginx_binary() -> str:
     """nginx's path, or a clear failure in CI (which installs it) and a skip elsewhere."""
-    found = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-    if found is None:
-        message = "nginx is not installed (apt-get install nginx-light; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(("nginx", "/usr/sbin/nginx"), "nginx-light")
 
 
 @contextmanager

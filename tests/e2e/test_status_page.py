@@ -12,19 +12,13 @@ from pathlib import Path
 
 import pytest
 import requests
-from daemons import Daemon, run_daemon
+from daemons import Daemon, require_tool, run_daemon
 
 CHAT = [{"role": "user", "content": "Name a colour."}]
 
 
 def chromium() -> str:
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        message = "Chromium is not installed (apt-get install chromium; .ci/run installs it)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return found
+    return require_tool(("chromium", "chromium-browser"), "chromium")
 
 
 def browse(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
