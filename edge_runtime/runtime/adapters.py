@@ -103,13 +103,18 @@ class AdapterManager:
             changed, known.remote = known.remote != offer, offer
             return changed
 
+    def forget(self, name: str, *, only_remote: bool = False) -> bool:
+        """Forget an idle ``name`` (with ``only_remote``: one with no local version); True when it was."""
+        with self._lock:
+            adapter = self._adapters.get(name)
+            idle = adapter is not None and not adapter.busy and not (only_remote and adapter.current is not None)
+            return idle and self._adapters.pop(name) is not None
+
     def forget_remote(self, keep: Sequence[str]) -> list[str]:
         """Drop remote-only adapters whose names are not in ``keep`` (withdrawn from the CDN); return them."""
         with self._lock:
-            gone = [n for n, a in self._adapters.items() if a.current is None and not a.busy and n not in keep]
-            for name in gone:
-                del self._adapters[name]
-            return gone
+            remote = [n for n, a in self._adapters.items() if a.current is None and n not in keep]
+        return [name for name in remote if self.forget(name, only_remote=True)]
 
     def outdated(self, name: str, sha256: str) -> bool:
         """True when ``name`` has a local version whose content differs from ``sha256`` (an update is due)."""
@@ -190,8 +195,7 @@ class AdapterManager:
 
     def ensure_resident(self, name: str) -> AdapterInfo:
         """Make ``name`` resident (loading and evicting as needed) without keeping it in use."""
-        held = self.hold(name, 1.0)
-        self.release([held])
+        self.release([self.hold(name, 1.0)])
         return self.info(name)
 
     @contextmanager

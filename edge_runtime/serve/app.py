@@ -144,7 +144,8 @@ async def pull_remote(app: web.Application, names: list[str]) -> None:
 
 
 async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
-    """Register the files added to ``--adapters-dir`` since start; return the names added and, by file, refusals."""
+    """Register the files added to ``--adapters-dir`` since start and forget idle adapters whose file was deleted
+    from it; return the names added and, by file, refusals."""
     folder = app[CONFIG].adapters_dir
     if folder is None:
         log.info("nothing to rescan: the daemon has no --adapters-dir")
@@ -152,6 +153,10 @@ async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
     known = set(app[RUNTIME].adapters.names())
     added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
     new = [a.name for a in added if a.name not in known]
+    gone = [a.name for a in app[RUNTIME].adapters.list_adapters() if a.path is not None and a.path.parent == folder
+            and not a.path.exists() and app[RUNTIME].adapters.forget(a.name)]
+    if gone:
+        log.info("forgot %s: deleted from %s", ", ".join(gone), folder)
     for file_name, error in refused.items():
         log.warning("not serving %s: %s", folder / file_name, error)
     log.info("rescanned %s: %d new adapters%s", folder, len(new), f" ({', '.join(new)})" if new else "")

@@ -283,6 +283,15 @@ def test_new_files_in_the_adapters_dir_are_picked_up_by_load_and_by_sighup(tmp_p
                 break
             time.sleep(0.05)
         assert names == ["a", "b", "c"] and daemon.process.poll() is None  # SIGHUP rescans, it does not stop
+        (folder / "c.gguf").unlink()  # deleted while idle: forgotten at the next rescan (b is resident: kept)
+        (folder / "b.gguf").unlink()
+        daemon.process.send_signal(signal.SIGHUP)
+        for _ in range(100):
+            names = [a["name"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]]
+            if "c" not in names:
+                break
+            time.sleep(0.05)
+        assert names == ["a", "b"]
 
 
 def test_vllm_load_and_unload_routes(tmp_path: Path, serve_profile: Path, adapters_dir: Path) -> None:
