@@ -76,7 +76,12 @@ def _table(url: str, report: dict[str, Any]) -> str:
     lines.append(f"recent requests ({len(report['recent'])})")
     lines += [f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
               f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms" for r in report["recent"]]
-    return "\n".join(lines)
+    return "\n".join(_printable(line) for line in lines)
+
+
+def _printable(text: object) -> str:
+    """``text`` with control characters escaped: what a daemon reports (request paths) may come from anyone."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _ago(seconds: float) -> str:

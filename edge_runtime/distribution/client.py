@@ -144,9 +144,13 @@ class CdnClient:
             manifest = await asyncio.to_thread(read_manifest, document, source=self.cdn, public_key=self.public_key)
             if self.public_key is None:
                 log.warning("no public key configured: the manifest of %s is not signature-checked", self.cdn)
-            await self.store.call(self._accept, manifest, document)
+            await self.store.call(self._accept_locked, manifest, document)
             self._manifest, self._manifest_at = manifest, time.monotonic()
             return manifest
+
+    def _accept_locked(self, manifest: Manifest, document: bytes) -> None:
+        with self.store.locked():  # trust.json is read, checked and rewritten by every process on this cache
+            self._accept(manifest, document)
 
     def _accept(self, manifest: Manifest, document: bytes) -> None:
         """Raise the trust floors to ``manifest`` (or refuse it) and keep its document for offline listings."""

@@ -188,7 +188,10 @@ def parse_time(text: str) -> datetime:
     moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
     if moment.tzinfo is None:
         raise ValueError("no time zone")
-    return moment.astimezone(timezone.utc)
+    try:
+        return moment.astimezone(timezone.utc)
+    except OverflowError as exc:  # 9999-12-31T23:59:59-01:00 is past what datetime holds in UTC
+        raise ValueError(f"{text} is out of range") from exc
 
 
 def canonical_json(data: object) -> bytes:

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased
 from edge_runtime.errors import DiskFull, FileTooLarge, IntegrityError, InvalidName
 from edge_runtime.files import atomic_output, fsync_directory, read_bounded
-from edge_runtime.names import validate_name
+from edge_runtime.names import NAME_PATTERN, validate_name
 
 if TYPE_CHECKING:
     from edge_runtime.distribution.recovery import RecoveryReport
@@ -54,6 +54,7 @@ T = TypeVar("T")
 PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 MAX_REF_BYTES = 1024
 MAX_VALIDATOR_BYTES = 16 * 1024
+_NAME = re.compile(NAME_PATTERN)
 SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
 BLOB_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
 PARTIAL_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
@@ -155,7 +156,8 @@ class AdapterStore:
 
     def adapters(self) -> list[CachedAdapter]:
         """Every cached adapter, least recently used first."""
-        found = [self.lookup(ref.name) for ref in self.refs_dir.iterdir() if not ref.name.startswith(".")]
+        found = [self.lookup(ref.name) for ref in self.refs_dir.iterdir()
+                 if _NAME.fullmatch(ref.name) and ".." not in ref.name and ref.is_file()]  # strays are ignored
         return sorted((a for a in found if a is not None), key=lambda a: a.last_used)
 
     def names(self) -> tuple[str, ...]:
@@ -239,8 +241,11 @@ class AdapterStore:
         keep_blobs = self.staged()
         blobs = self._blobs()
 
-        def kept(blob: _Blob) -> bool:  # protected here, staged, or leased by a live daemon (this one included)
-            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or _leased(self.blob_path(blob.sha256))
+        own = self.leases.held()  # this process's own leases do not stop it: ``protected`` says what it needs
+
+        def kept(blob: _Blob) -> bool:  # protected here, staged, or leased by another live process
+            path = self.blob_path(blob.sha256)
+            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or (path not in own and _leased(path))
 
         held = sum(b.size for b in blobs.values() if kept(b))
         candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
@@ -264,6 +269,7 @@ class AdapterStore:
             free += plan[-1].size
         evicted = []
         for blob in plan:
+            self.leases.release(self.blob_path(blob.sha256))  # ours, if any: an idle cached adapter of this daemon
             for victim in blob.names:
                 self.evict(victim)
                 evicted.append(victim)
@@ -413,6 +419,9 @@ def _checked_sha(sha256: str) -> str:
 
 
 def remove_file(path: Path) -> str:
-    """Delete ``path`` (gone already is fine) and return its name, for reports."""
-    path.unlink(missing_ok=True)
+    """Delete ``path`` (gone already is fine; a stray folder too) and return its name, for reports."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
     return path.name

@@ -44,6 +44,10 @@ T = TypeVar("T")
 RETRYABLE_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
+MANIFEST_DEADLINE_S = 120.0  # for a small file (the manifest), retries and all
+MAX_RETRY_AFTER_S = 60.0  # the longest Retry-After honoured
+
+
 @dataclass(frozen=True)
 class TransferSettings:
     """Network limits of a device: timeouts in seconds, rates in bytes per second."""
@@ -273,7 +277,14 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 
-    return await _with_retries(url, settings, _Tally(), attempt)
+    tally = _Tally()
+    deadline = settings.deadline_s or MANIFEST_DEADLINE_S  # a trickling or Retry-After-looping CDN gives up here
+    try:
+        return await asyncio.wait_for(_with_retries(url, settings, tally, attempt), timeout=deadline)
+    except asyncio.TimeoutError as exc:
+        if isinstance(exc, EdgeRtError):
+            raise
+        raise SlowRetrieval(url, f"not complete within the {deadline:.0f} s deadline", attempts=tally.attempts) from exc
 
 
 def _fetch(session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter,
@@ -390,6 +401,6 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _backoff(settings: TransferSettings, attempt: int, retry_after_s: float | None) -> float:
-    if retry_after_s is not None:
-        return retry_after_s
+    if retry_after_s is not None:  # a hostile or broken CDN's "Retry-After: 86400" must not park the device
+        return min(retry_after_s, MAX_RETRY_AFTER_S)
     return random.uniform(0, min(settings.backoff_max_s, settings.backoff_base_s * 2 ** (attempt - 1)))

@@ -24,11 +24,11 @@ from edge_runtime.errors import (
     BudgetExceeded,
     CacheMiss,
     EdgeRtError,
+    InvalidGGUF,
     InvalidRequest,
     InvalidTransition,
     RuntimeClosed,
 )
-from edge_runtime.files import file_sha256
 from edge_runtime.gguf.header import GGUFHeader, read_header
 from edge_runtime.names import validate_name
 from edge_runtime.runtime import budget
@@ -71,8 +71,7 @@ class AdapterManager:
     def add(self, name: str, path: Path | str, *, sha256: str | None = None) -> AdapterInfo:
         """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
         validate_name(name)
-        path = Path(path)
-        version = self._compatibility.version_for(name, path, sha256 or file_sha256(path).hexdigest())
+        version = self._compatibility.version_for(name, Path(path), sha256)
         with self._lock:
             adapter = self._adapters.get(name)
             if adapter is None:
@@ -112,8 +111,9 @@ class AdapterManager:
 
     def forget_remote(self, keep: Sequence[str]) -> list[str]:
         """Drop remote-only adapters whose names are not in ``keep`` (withdrawn from the CDN); return them."""
+        kept = set(keep)  # a 40,000-adapter catalog: membership in a tuple was quadratic, on the event loop
         with self._lock:
-            remote = [n for n, a in self._adapters.items() if a.current is None and n not in keep]
+            remote = [n for n, a in self._adapters.items() if a.current is None and n not in kept]
         return [name for name in remote if self.forget(name, only_remote=True)]
 
     def outdated(self, name: str, sha256: str) -> bool:
@@ -161,8 +161,8 @@ class AdapterManager:
         for path in sorted(Path(directory).glob("*.gguf")):
             try:
                 added.append(self.add(path.stem, path))
-            except EdgeRtError as exc:  # one bad file must not keep the others from being served
-                refused[path.name] = exc
+            except (EdgeRtError, OSError) as exc:  # one bad or unreadable file must not keep the others from serving
+                refused[path.name] = exc if isinstance(exc, EdgeRtError) else InvalidGGUF(str(path), f"{exc}")
         return added, refused
 
     def names(self) -> list[str]:

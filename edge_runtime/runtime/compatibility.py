@@ -30,10 +30,14 @@ class BaseCompatibility:
         self._base_fingerprint = base_fingerprint
         self._base_shapes = {t.name: t.shape for t in base_header.tensors}
 
-    def version_for(self, name: str, path: Path, sha256: str) -> AdapterVersion:
-        """A new cached version of ``name`` for the adapter file ``path``, checked against the base model."""
+    def version_for(self, name: str, path: Path, sha256: str | None) -> AdapterVersion:
+        """A new cached version of ``name`` for the adapter file ``path``, checked against the base model; hashed
+        (when ``sha256`` is None) only once it is known to be a regular GGUF LoRA file."""
+        if path.exists() and not path.is_file():  # a folder, FIFO or device would hang or crash the hashing
+            raise InvalidGGUF(str(path), "not a regular file")
         header = read_header(path)
         self.check(name, header)
+        sha256 = sha256 or file_sha256(path).hexdigest()
         return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
                               resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=file_id(path))
 

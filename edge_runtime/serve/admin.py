@@ -79,7 +79,10 @@ async def vllm_load(request: web.Request) -> web.Response:
     folder = request.app[CONFIG].adapters_dir
     if path is not None and folder is None:
         raise InvalidRequest("this daemon has no --adapters-dir: load adapters by lora_name", param="lora_path")
-    inside = folder is not None and (folder / str(path)).resolve() == (folder / f"{name}.gguf").resolve()
+    try:
+        inside = folder is not None and (folder / str(path)).resolve() == (folder / f"{name}.gguf").resolve()
+    except (ValueError, OSError):  # a NUL byte, a path too long
+        inside = False
     if path is not None and not inside:  # a relative lora_path is taken in --adapters-dir
         raise InvalidRequest("lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by "
                              "name)", param="lora_path")

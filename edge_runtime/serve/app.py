@@ -153,6 +153,9 @@ async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
     known = set(app[RUNTIME].adapters.names())
     added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
     new = [a.name for a in added if a.name not in known]
+    if FOLLOWER in app:  # the operator's files win: a name now served from --adapters-dir stops following the CDN
+        for info in added:
+            app[FOLLOWER].unfollow(info.name)
     gone = [a.name for a in app[RUNTIME].adapters.list_adapters() if a.path is not None and a.path.parent == folder
             and not a.path.exists() and app[RUNTIME].adapters.forget(a.name)]
     if gone:

@@ -145,6 +145,10 @@ class CdnFollower:
             if self.manager.is_remote(name) or (name in self._followed and await asyncio.to_thread(self._gone, name)):
                 await self._pull(name)
 
+    def unfollow(self, name: str) -> None:
+        """Stop updating ``name`` from the CDN (the operator serves a file of that name from --adapters-dir)."""
+        self._followed.discard(name)
+
     def downloads(self) -> dict[str, TransferProgress | None]:
         """Pulls under way, by adapter name: the last progress report (None before the first byte)."""
         return dict(self._pulling)

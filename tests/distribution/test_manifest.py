@@ -220,3 +220,9 @@ def test_floors_without_a_pinned_key_follow_the_normalised_address() -> None:
     assert {publisher_id(url, None) for url in same} == {"url:http://127.0.0.1:8080/cdn"}
     assert publisher_id("https://cdn.example:443/a", None) == publisher_id("https://CDN.example/a", None)
     assert publisher_id("http://cdn.example/a", None) != publisher_id("http://cdn.example/b", None)
+
+
+def test_a_timestamp_past_what_utc_can_hold_is_an_invalid_manifest(cdn_dir: Path) -> None:
+    signed = json.loads(_document(cdn_dir))["signed"]
+    with pytest.raises(InvalidManifest, match="is not an ISO 8601 UTC time"):  # was an OverflowError traceback
+        Manifest.from_dict(signed | {"expires": "9999-12-31T23:59:59-01:00"}, source="cdn")

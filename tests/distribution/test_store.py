@@ -191,3 +191,32 @@ def test_a_staged_update_is_neither_evicted_nor_named_by_the_index_rebuild(tmp_p
     store.link("task", blobs[1].sha256)
     store.unstage(blobs[1].sha256)
     assert store.staged() == set() and [p.name for p in store.blobs_dir.iterdir()] == [f"{blobs[1].sha256}.gguf"]
+
+
+def test_a_daemon_evicts_its_own_idle_adapters_but_never_another_processs(tmp_path: Path, blobs: list[Blob]) -> None:
+    # Regression: the daemon's own leases made its idle cached adapters unevictable: every new pull was a 507.
+    small, large = sorted(blobs, key=lambda b: len(b.data))
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(large.data) + 16)
+    _put(store, small)
+    assert store.lease(small.sha256)  # this daemon serves it, idle (cached, not resident)
+    other = AdapterStore(tmp_path / "cache", budget_bytes=len(large.data) + 16)  # another process on the cache
+    assert store.make_room(large.name, len(large.data)) == [small.name]
+    assert not store.blob_path(small.sha256).exists()
+    _put(store, small)
+    assert other.lease(small.sha256)  # now another process relies on it
+    with pytest.raises(DiskFull):
+        store.make_room(large.name, len(large.data))
+    assert store.blob_path(small.sha256).exists()
+    other.close()
+
+
+def test_stray_refs_and_folders_in_the_cache_are_ignored_then_cleaned(tmp_path: Path, blobs: list[Blob]) -> None:
+    # Regression: `touch refs/'alpha~'` made ls, gc and sync fail with "invalid name"; a folder made gc crash.
+    store = AdapterStore(tmp_path / "cache")
+    _put(store, blobs[0])
+    (store.refs_dir / "alpha~").write_text("x")
+    (store.refs_dir / "folder").mkdir()
+    (store.blobs_dir / "junk").mkdir()
+    assert store.names() == (blobs[0].name,)
+    report = store.recover()
+    assert {"alpha~", "folder", "junk"} <= set(report.removed_files) and store.names() == (blobs[0].name,)

@@ -436,3 +436,19 @@ def test_a_file_replaced_on_disk_is_never_served_under_the_old_digest(runtime: R
     with pytest.raises(InvalidGGUF, match=f"changed on disk since it was registered as {registered[:12]}"):
         runtime.adapters.ensure_resident("legal")
     assert runtime.adapters.info("legal").state == "cached" and runtime.adapters.resident_bytes == 0
+
+
+def test_folders_fifos_and_devices_named_gguf_are_refused_without_reading_them(runtime: Runtime, tmp_path: Path,
+                                                                               adapter_files: list[Path]) -> None:
+    # Regression: a FIFO hung the rescan forever, a folder or a dangling link crashed it (and a restart).
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "dir.gguf").mkdir()
+    os.mkfifo(folder / "fifo.gguf")
+    (folder / "zero.gguf").symlink_to("/dev/zero")
+    (folder / "dangling.gguf").symlink_to(tmp_path / "nowhere")
+    (folder / "good.gguf").write_bytes(adapter_files[0].read_bytes())
+    added, refused = runtime.adapters.add_directory(folder)
+    assert [a.name for a in added] == ["good"]
+    assert sorted(refused) == ["dangling.gguf", "dir.gguf", "fifo.gguf", "zero.gguf"]
+    assert all(isinstance(e, InvalidGGUF) for e in refused.values())
