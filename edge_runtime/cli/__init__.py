@@ -240,7 +240,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
             for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():
                 click.echo(f"edge-rt: not serving {adapters_dir / file_name}: {error}", err=True)
         config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
-                              adapters_dir=adapters_dir,
+                              adapters_dir=adapters_dir, loopback_only=host in _LOOPBACK,
                               preload=tuple(filter(None, (n.strip() for n in preload.split(",")))))
         client = None if cdn is None else CdnClient(
             cdn, cache_dir=cache_dir, public_key=load_public_key(public_key) if public_key else None,

@@ -28,6 +28,7 @@ The tree::
     ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
     ├── BodyTimeout                              (TimeoutError)        the body did not arrive in time (408)
+    ├── Forbidden                                (PermissionError)     cross-site or rebound-host request (403)
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
     ├── QueueFull                                (RuntimeError)        the request queue is at its bound
     ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
@@ -62,6 +63,7 @@ from edge_runtime.errors.device import (
     ContextOverflow,
     DiskFull,
     FileTooLarge,
+    Forbidden,
     GGUFNotFound,
     IncompatibleAdapter,
     InvalidGGUF,
@@ -96,7 +98,7 @@ from edge_runtime.errors.distribution import (
 )
 
 __all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "CacheMiss",
-           "ContextOverflow", "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge",
+           "ContextOverflow", "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge", "Forbidden",
            "GGUFNotFound", "IncompatibleAdapter", "IntegrityError", "InvalidGGUF", "InvalidManifest",
            "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
            "LengthExceeded", "LlamaCppError", "ManifestExpired", "ModelNotFound", "NothingToPublish",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from edge_runtime.errors.base import EdgeRtError
 
 __all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow",
-           "DiskFull", "FileTooLarge", "GGUFNotFound", "IncompatibleAdapter", "InvalidGGUF", "InvalidName",
-           "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition", "LlamaCppError",
-           "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull", "RuntimeClosed",
-           "ShuttingDown", "SourceUnavailable", "Unauthorized"]
+           "DiskFull", "FileTooLarge", "Forbidden", "GGUFNotFound", "IncompatibleAdapter", "InvalidGGUF",
+           "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
+           "LlamaCppError", "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull",
+           "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -310,6 +310,17 @@ class BodyTimeout(EdgeRtError, TimeoutError):
         self.timeout_s = timeout_s
         super().__init__(f"the request body did not arrive within {timeout_s:g} s",
                          fix="Send the whole body at once; the connection was closed")
+
+
+class Forbidden(EdgeRtError, PermissionError):
+    """A request a browser was tricked into sending: another site's origin, or a host name that is not this one."""
+
+    http_status = 403
+    exit_code = 2
+    error_type = "forbidden"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, fix="Call the daemon from a program, or from its own status page")
 
 
 class Unauthorized(EdgeRtError, PermissionError):

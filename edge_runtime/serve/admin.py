@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
+import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -27,14 +30,58 @@ from edge_runtime.serve.app import (
     base_id,
     pull_remote,
     read_json,
-    rescan,
 )
 from edge_runtime.serve.metrics import CONTENT_TYPE
 from edge_runtime.serve.status import recent_json, render_page
 
-__all__ = ["routes"]
+__all__ = ["rescan", "rescan_on_sighup", "routes"]
+
+log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
+
+
+async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
+    """Register the files added to ``--adapters-dir`` since start and forget idle adapters whose file was deleted
+    from it; return the names added and, by file, refusals."""
+    folder = app[CONFIG].adapters_dir
+    if folder is None:
+        log.info("nothing to rescan: the daemon has no --adapters-dir")
+        return [], {}
+    known = set(app[RUNTIME].adapters.names())
+    added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
+    new = [a.name for a in added if a.name not in known]
+    if FOLLOWER in app:  # the operator's files win: a name now served from --adapters-dir stops following the CDN
+        for info in added:
+            app[FOLLOWER].unfollow(info.name)
+    gone = [a.name for a in app[RUNTIME].adapters.list_adapters() if a.path is not None and a.path.parent == folder
+            and not a.path.exists() and app[RUNTIME].adapters.forget(a.name)]
+    if gone:
+        log.info("forgot %s: deleted from %s", ", ".join(gone), folder)
+    for file_name, error in refused.items():
+        log.warning("not serving %s: %s", folder / file_name, error)
+    log.info("rescanned %s: %d new adapters%s", folder, len(new), f" ({', '.join(new)})" if new else "")
+    return new, {name: str(error) for name, error in refused.items()}
+
+
+async def rescan_on_sighup(app: web.Application) -> AsyncIterator[None]:
+    """Rescan ``--adapters-dir`` on SIGHUP for the app's lifetime (``systemctl reload``)."""
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[tuple[list[str], dict[str, str]]]] = set()
+
+    def on_hangup() -> None:
+        task = asyncio.ensure_future(rescan(app))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
+        yield
+        return
+    yield
+    loop.remove_signal_handler(signal.SIGHUP)
+
 
 
 @routes.get("/v1/models")

@@ -12,7 +12,6 @@ import hmac
 import json
 import logging
 import re
-import signal
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -29,6 +29,7 @@ from edge_runtime.errors import (
     CacheMiss,
     ContextOverflow,
     EdgeRtError,
+    Forbidden,
     InvalidRequest,
     QueueFull,
     ShuttingDown,
@@ -62,6 +63,7 @@ class ServerConfig:
     preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
     body_timeout_s: float = 30.0  # a client that stalls its body longer is answered 408 and disconnected
     adapters_dir: Path | None = None  # --adapters-dir: rescanned on SIGHUP; /load picks up a new file in it
+    loopback_only: bool = True  # bound to 127.0.0.1: a request naming another host is a DNS-rebinding attempt
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -80,7 +82,8 @@ routes = web.RouteTableDef()
 
 def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
     """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
-    app = web.Application(client_max_size=config.max_body_bytes, middlewares=[_access_log, _errors, _auth])
+    app = web.Application(client_max_size=config.max_body_bytes,
+                          middlewares=[_access_log, _errors, _browser_guard, _auth])
     app[CONFIG] = config
     app[RUNTIME] = runtime
     app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
@@ -98,7 +101,7 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
         app[FOLLOWER].on_pull = app[METRICS].observe_pull
         app.cleanup_ctx.append(_follower_lifecycle)
     app.on_startup.append(_preload)  # after every cleanup_ctx start: CDN adapters are known by then
-    app.cleanup_ctx.append(_rescan_on_sighup)  # always: an unhandled SIGHUP would end the daemon
+    app.cleanup_ctx.append(admin.rescan_on_sighup)  # always: an unhandled SIGHUP would end the daemon
     return app
 
 
@@ -141,47 +144,6 @@ async def pull_remote(app: web.Application, names: list[str]) -> None:
     """Pull the named adapters the device knows only from the CDN (a no-op without one)."""
     if FOLLOWER in app:
         await app[FOLLOWER].pull(names)
-
-
-async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
-    """Register the files added to ``--adapters-dir`` since start and forget idle adapters whose file was deleted
-    from it; return the names added and, by file, refusals."""
-    folder = app[CONFIG].adapters_dir
-    if folder is None:
-        log.info("nothing to rescan: the daemon has no --adapters-dir")
-        return [], {}
-    known = set(app[RUNTIME].adapters.names())
-    added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
-    new = [a.name for a in added if a.name not in known]
-    if FOLLOWER in app:  # the operator's files win: a name now served from --adapters-dir stops following the CDN
-        for info in added:
-            app[FOLLOWER].unfollow(info.name)
-    gone = [a.name for a in app[RUNTIME].adapters.list_adapters() if a.path is not None and a.path.parent == folder
-            and not a.path.exists() and app[RUNTIME].adapters.forget(a.name)]
-    if gone:
-        log.info("forgot %s: deleted from %s", ", ".join(gone), folder)
-    for file_name, error in refused.items():
-        log.warning("not serving %s: %s", folder / file_name, error)
-    log.info("rescanned %s: %d new adapters%s", folder, len(new), f" ({', '.join(new)})" if new else "")
-    return new, {name: str(error) for name, error in refused.items()}
-
-
-async def _rescan_on_sighup(app: web.Application) -> AsyncIterator[None]:
-    loop = asyncio.get_running_loop()
-    tasks: set[asyncio.Task[tuple[list[str], dict[str, str]]]] = set()
-
-    def on_hangup() -> None:
-        task = asyncio.ensure_future(rescan(app))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
-
-    try:
-        loop.add_signal_handler(signal.SIGHUP, on_hangup)
-    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals here
-        yield
-        return
-    yield
-    loop.remove_signal_handler(signal.SIGHUP)
 
 
 def base_id(runtime: Runtime) -> str:
@@ -286,6 +248,22 @@ def public_message(message: str) -> str:
 
 
 _PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+=,~-]+)+/?")  # absolute paths, not the path part of a URL
+
+
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
+
+
+@web.middleware
+async def _browser_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Refuse what a web page can make a browser send: a state-changing request from another site's origin (CSRF
+    with a 'simple' text/plain POST needs no preflight), or any request under a host name that only resolves here
+    by DNS rebinding."""
+    origin = request.headers.get("Origin")
+    if origin is not None and request.method not in ("GET", "HEAD") and urlsplit(origin).netloc != request.host:
+        raise Forbidden(f"a request from the origin {origin!r} (not this daemon's page)")
+    if request.app[CONFIG].loopback_only and (request.url.host or "") not in _LOOPBACK_HOSTS:
+        raise Forbidden(f"the host name {request.host!r}: the daemon listens on loopback only")
+    return await handler(request)
 
 
 @web.middleware

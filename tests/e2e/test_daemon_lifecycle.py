@@ -91,7 +91,7 @@ def test_client_disconnect_cancels_its_generation(daemon: Daemon) -> None:
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1])), timeout=30) as raw:
         body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900, ' \
                b'"temperature": 0, "stream": true}'
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         received = b""
         while b"data: " not in received:  # streaming has started (headers and events may come apart)
@@ -112,7 +112,7 @@ def test_a_client_gone_before_its_answer_is_counted_as_499_not_500(daemon: Daemo
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
         body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900}'
         decoded = metric(daemon, "edge_rt_tokens_decoded_total")
-        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        raw.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         deadline = time.monotonic() + 10
         while metric(daemon, "edge_rt_tokens_decoded_total") == decoded:  # wait until it generates (not streamed)

@@ -61,7 +61,7 @@ async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_500(aioht
 
     client = await aiohttp_client(create_app(ServerConfig(api_key="secret"), runtime))
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xfd\r\n"
+    writer.write(b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer \xff\xfe\xfd\r\n"
                  b"Connection: close\r\n\r\n")
     await writer.drain()
     answer = await reader.read()
@@ -95,7 +95,7 @@ async def test_a_client_that_stalls_its_body_is_answered_408_and_disconnected(ai
 
     client = await aiohttp_client(create_app(ServerConfig(body_timeout_s=0.5), runtime))
     reader, writer = await asyncio.open_connection(client.host, client.port)
-    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                  b"Content-Length: 100\r\n\r\n{\"prompt\": ")  # then nothing more
     await writer.drain()
     assert (await client.get("/health")).status == 200  # others are served meanwhile
@@ -156,3 +156,20 @@ async def test_many_empty_chat_messages_are_refused_before_tokenizing(aiohttp_cl
     response = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
     error = (await response.json())["error"]
     assert response.status == 400 and "at least 34000 tokens" in error["message"] and rendered == []
+
+
+@pytest.mark.asyncio
+async def test_requests_a_web_page_can_forge_are_refused(aiohttp_client: Any, runtime: Runtime) -> None:
+    # Regression: a cross-site text/plain POST (no preflight) ran completions and loaded adapters, and a page on a
+    # rebound host name could read /v1/status.
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    forged = await client.post("/v1/completions", data='{"prompt": "Hi", "max_tokens": 1}',
+                               headers={"Origin": "http://evil.example", "Content-Type": "text/plain"})
+    assert forged.status == 403 and (await forged.json())["error"]["type"] == "forbidden"
+    rebound = await client.get("/v1/status", headers={"Host": "evil.example:8080"})
+    assert rebound.status == 403
+    same_page = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1},
+                                  headers={"Origin": f"http://{client.host}:{client.port}"})
+    assert same_page.status == 200 and (await client.get("/v1/status")).status == 200
+    public = await aiohttp_client(create_app(ServerConfig(loopback_only=False), runtime))
+    assert (await public.get("/health", headers={"Host": "device.local"})).status == 200  # a LAN name, bound wide
