@@ -35,10 +35,20 @@ def test_keygen_writes_a_private_key_only_the_owner_reads_and_refuses_to_overwri
     assert again.exit_code == 2 and "refusing to overwrite" in again.output
 
 
-def test_published_files_are_readable_by_an_origin_running_as_another_user(published: tuple[Path, Path]) -> None:
+def test_published_files_are_readable_by_an_origin_running_as_another_user(
+        published: tuple[Path, Path], adapter_sources: Path, tmp_path: Path) -> None:
     cdn, public_key = published
     files = [cdn / "manifest.json", public_key, *(cdn / "blobs").iterdir()]
     assert len(files) == 4 and {stat.S_IMODE(f.stat().st_mode) for f in files} == {0o644}  # were 0600
+    import os
+
+    old = os.umask(0o077)  # a publisher with a strict umask: folders were 0700, so nginx still answered 403
+    try:
+        done = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(tmp_path / "strict")])
+        assert done.exit_code == 0
+    finally:
+        os.umask(old)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "strict", tmp_path / "strict" / "blobs")} == {0o755}
 
 
 def test_publishing_an_empty_folder_is_refused_unless_asked(tmp_path: Path, published: tuple[Path, Path]) -> None:

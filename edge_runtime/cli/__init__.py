@@ -307,7 +307,7 @@ def keygen(out: Path) -> None:
               help="CDN folder to write: blobs/<sha256>.gguf and manifest.json.")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Private key from `edge-rt keygen` that signs the manifest.")
-@click.option("--expires-days", type=click.FloatRange(min=0, min_open=True), default=30.0, show_default=True,
+@click.option("--expires-days", type=click.FloatRange(min=1 / 24, max=3650), default=30.0, show_default=True,
               help="Days until devices refuse this manifest.")
 @click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
 @_reports_errors

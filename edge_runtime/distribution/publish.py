@@ -8,6 +8,7 @@ manifest or the new one. Its ``version`` is one more than the manifest already t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -31,6 +32,7 @@ from edge_runtime.gguf.info import read_info
 from edge_runtime.names import validate_name
 
 PUBLIC_FILE_MODE = 0o644  # the origin server may run as another user
+PUBLIC_DIR_MODE = 0o755
 
 
 @dataclass(frozen=True)
@@ -106,6 +108,9 @@ def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> Ma
 
 def _write_blob(source: Path, target: Path) -> bool:
     """Copy ``source`` to its content address unless a correct copy is already there; True when written."""
+    for folder in (target.parent.parent, target.parent):  # readable by an origin running as another user, whatever
+        folder.mkdir(parents=True, exist_ok=True)  # the publisher's umask
+        os.chmod(folder, PUBLIC_DIR_MODE)
     if target.is_file() and file_sha256(target).hexdigest() == target.name.removesuffix(".gguf"):
         return False
     with atomic_output(target, mode=PUBLIC_FILE_MODE) as temp:
