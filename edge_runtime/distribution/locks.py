@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["CacheLock", "Claim", "Leases", "delete_unless_leased"]
+__all__ = ["CacheLock", "Claim", "Leases", "delete_unless_leased", "leased"]
 
 
 class CacheLock:
@@ -160,3 +160,18 @@ def delete_unless_leased(path: Path) -> bool:
         return True
     finally:
         os.close(descriptor)
+
+
+def leased(path: Path) -> bool:
+    """True when a live process (this one included) holds a lease on ``path``; the probe changes nothing."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(descriptor)
+    return False

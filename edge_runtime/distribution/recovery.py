@@ -8,7 +8,6 @@ records. Partials another live process writes are left alone (``locks.py``).
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from edge_runtime.distribution.store import (
     SHA256_NAME,
     AdapterStore,
     Partial,
+    is_ref,
     read_validator,
     release,
     remove_file,
@@ -27,9 +27,7 @@ from edge_runtime.distribution.store import (
 from edge_runtime.errors import EdgeRtError
 from edge_runtime.files import file_sha256
 from edge_runtime.gguf.info import read_info
-from edge_runtime.names import NAME_PATTERN, validate_name
-
-_NAME = re.compile(NAME_PATTERN)
+from edge_runtime.names import validate_name
 
 __all__ = ["RecoveryReport", "rebuild_refs", "recover"]
 
@@ -65,7 +63,7 @@ def recover(store: AdapterStore, *, verify: bool = True) -> RecoveryReport:
         if not SHA256_NAME.fullmatch(mark.name):
             removed.append(remove_file(mark))
     for ref in sorted(store.refs_dir.iterdir()):
-        if not _NAME.fullmatch(ref.name) or ".." in ref.name or not ref.is_file() or store.lookup(ref.name) is None:
+        if not is_ref(ref) or store.lookup(ref.name) is None:
             removed.append(remove_file(ref))
     return RecoveryReport(verified=tuple(verified), removed_corrupt=tuple(corrupt), completed=tuple(completed),
                           resumable=tuple(resumable), removed_files=tuple(removed),

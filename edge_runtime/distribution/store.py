@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import fcntl
 import functools
 import json
 import logging
@@ -40,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased
+from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased, leased
 from edge_runtime.errors import DiskFull, FileTooLarge, IntegrityError, InvalidName
 from edge_runtime.files import atomic_output, fsync_directory, read_bounded
 from edge_runtime.names import NAME_PATTERN, validate_name
@@ -156,8 +155,7 @@ class AdapterStore:
 
     def adapters(self) -> list[CachedAdapter]:
         """Every cached adapter, least recently used first."""
-        found = [self.lookup(ref.name) for ref in self.refs_dir.iterdir()
-                 if _NAME.fullmatch(ref.name) and ".." not in ref.name and ref.is_file()]  # strays are ignored
+        found = [self.lookup(ref.name) for ref in self.refs_dir.iterdir() if is_ref(ref)]
         return sorted((a for a in found if a is not None), key=lambda a: a.last_used)
 
     def names(self) -> tuple[str, ...]:
@@ -166,7 +164,7 @@ class AdapterStore:
 
     def in_use(self, sha256: str) -> bool:
         """True when a live process (this one included) leases blob ``sha256``: it must not be removed."""
-        return _leased(self.blob_path(_checked_sha(sha256)))
+        return leased(self.blob_path(_checked_sha(sha256)))
 
     def collect_garbage(self) -> list[str]:
         """Delete blobs no name points at that are neither staged nor leased; return their sha256."""
@@ -245,7 +243,7 @@ class AdapterStore:
 
         def kept(blob: _Blob) -> bool:  # protected here, staged, or leased by another live process
             path = self.blob_path(blob.sha256)
-            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or (path not in own and _leased(path))
+            return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or (path not in own and leased(path))
 
         held = sum(b.size for b in blobs.values() if kept(b))
         candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
@@ -397,19 +395,10 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _leased(path: Path) -> bool:
-    """True when a live process (this one included) holds a lease on ``path``; the probe changes nothing."""
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(descriptor)
-    return False
+def is_ref(path: Path) -> bool:
+    """True when ``path`` in ``refs/`` is a ref this store wrote: a regular file with a valid adapter name (strays
+    such as ``alpha~`` or folders are not)."""
+    return _NAME.fullmatch(path.name) is not None and ".." not in path.name and path.is_file()
 
 
 def _checked_sha(sha256: str) -> str:
