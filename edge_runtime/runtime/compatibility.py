@@ -38,8 +38,9 @@ class BaseCompatibility:
         header = read_header(path)
         self.check(name, header)
         sha256 = sha256 or file_sha256(path).hexdigest()
-        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=path.stat().st_size,
-                              resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=file_id(path))
+        identity = file_id(path)  # (inode, size, mtime): one stat gives the size too
+        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=identity[1],
+                              resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=identity)
 
     def verify_unchanged(self, version: AdapterVersion) -> None:
         """Raise ``InvalidGGUF`` when ``version``'s file no longer holds the content registered as its sha256."""
