@@ -11,6 +11,13 @@ a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10%
 - KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula).
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
   activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes.
+- request buffers: HTTP request bodies being read, parsed and tokenized before they reach the queue. At most
+  ``request_reads`` requests do that at once (the daemon's intake holds them to it), each with a body of up to the
+  body cap, counted three times over (measured peak: twice): the bytes received, the text Python decodes them into
+  and the strings JSON parsing makes of it. Text outside Latin-1 takes 2-4 bytes per character in Python, so such
+  bodies can need more. Up to ``max_queue`` more requests wait for a slot with their body unread, each holding what
+  the connection buffered before aiohttp paused reading it: one 256 KiB socket read plus twice aiohttp's 64 KiB
+  read buffer. Beyond that, requests get 503 at once.
 - adapters: what remains of the runtime budget.
 """
 
@@ -36,6 +43,12 @@ PEAK_HEADROOM_BYTES = 8 * MIB
 TOKENIZER_BYTES_PER_TOKEN = 400
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
 MAX_UBATCH = 512
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_QUEUE = 16
+REQUEST_BUFFER_COPIES = 3  # received bytes, decoded text, parsed strings
+MAX_REQUEST_READS = 2
+READ_BUFFER_BYTES = 64 * 1024  # aiohttp's per-connection read buffer (the daemon sets it explicitly)
+CONNECTION_BUFFER_BYTES = 256 * 1024 + 2 * READ_BUFFER_BYTES  # asyncio's recv size + aiohttp's high-water mark
 # glibc: allocations from this size up get their own mmap, so freeing them returns the pages to the OS at once.
 _MMAP_THRESHOLD_BYTES = 256 * 1024
 _M_MMAP_THRESHOLD = -3
@@ -98,6 +111,27 @@ def compute_bytes(shape: ModelShape, batch: int) -> int:
     return ubatch_for(batch) * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
 
 
+def request_reads(threads: int) -> int:
+    """How many requests may be read, parsed and tokenized at once on a device with ``threads`` CPU threads."""
+    return max(1, min(threads, MAX_REQUEST_READS))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The daemon's limits on requests that decide their memory: body cap and requests waiting (bytes, count)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+
+DEFAULT_REQUEST_LIMITS = RequestLimits()
+
+
+def request_buffer_bytes(limits: RequestLimits, reads: int) -> int:
+    """Peak bytes of ``reads`` bodies being read and parsed at once plus ``max_queue`` requests waiting unread."""
+    return reads * limits.max_body_bytes * REQUEST_BUFFER_COPIES + limits.max_queue * CONNECTION_BUFFER_BYTES
+
+
 def process_bytes(shape: ModelShape) -> int:
     """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
     return PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
@@ -112,14 +146,19 @@ class MemoryPlan:
     model_bytes: int
     kv_cache_bytes: int
     compute_bytes: int
+    request_buffer_bytes: int
     ctx: int
     batch: int
     kv_type: str
+    max_body_bytes: int
+    max_queue: int
+    request_reads: int
 
     @property
     def fixed_bytes(self) -> int:
         """Everything but adapters."""
-        return self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
+        return (self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
+                + self.request_buffer_bytes)
 
     @property
     def adapter_budget_bytes(self) -> int:
@@ -148,11 +187,14 @@ class MemoryPlan:
         return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
 
 
-def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str) -> MemoryPlan:
+def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str,
+                requests: RequestLimits = DEFAULT_REQUEST_LIMITS, reads: int = MAX_REQUEST_READS) -> MemoryPlan:
     """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
     return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.tensor_bytes,
                       kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type), compute_bytes=compute_bytes(shape, batch),
-                      ctx=ctx, batch=batch, kv_type=kv_type)
+                      request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,
+                      kv_type=kv_type, max_body_bytes=requests.max_body_bytes, max_queue=requests.max_queue,
+                      request_reads=reads)
 
 
 def adapter_resident_bytes(path: Path | str) -> int:
