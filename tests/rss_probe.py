@@ -12,37 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 from pathlib import Path
 
 import edge_runtime.cli  # noqa: F401  (the daemon's imports: what the plan's process term counts)
 import edge_runtime.serve.app  # noqa: F401
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.budget import PeakRssSampler, measured_rss_bytes
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
-
-
-class RssSampler(threading.Thread):
-    """Records the peak RSS every ``interval`` seconds until stopped."""
-
-    def __init__(self, interval: float = 0.002) -> None:
-        super().__init__(daemon=True)
-        self.interval = interval
-        self.peak = measured_rss_bytes()
-        self.samples = 0
-        self._stop_event = threading.Event()
-
-    def run(self) -> None:
-        while not self._stop_event.is_set():
-            self.peak = max(self.peak, measured_rss_bytes())
-            self.samples += 1
-            time.sleep(self.interval)
-
-    def stop(self) -> None:
-        self._stop_event.set()
-        self.join()
 
 
 def main() -> None:
@@ -53,7 +31,7 @@ def main() -> None:
     parser.add_argument("adapters", nargs="*")
     args = parser.parse_args()
 
-    sampler = RssSampler()
+    sampler = PeakRssSampler(interval_s=0.002)
     sampler.start()
     runtime = Runtime(load_profile(args.profile), ctx=args.ctx)
     names = [runtime.adapters.add(Path(p).stem, p).name for p in args.adapters]
@@ -75,7 +53,7 @@ def main() -> None:
     print(json.dumps({
         "plan": runtime.plan.as_dict(),
         "budget_bytes": runtime.profile.runtime_budget_bytes,
-        "peak_rss_bytes": sampler.peak,
+        "peak_rss_bytes": sampler.peak_bytes,
         "final_rss_bytes": measured_rss_bytes(),
         "resident_adapter_bytes": runtime.adapters.resident_bytes,
         "max_resident_count": max_resident,

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -205,6 +206,37 @@ def adapter_resident_bytes(path: Path | str) -> int:
 def measured_rss_bytes() -> int:
     """This process's resident set size, in bytes, as the OS reports it."""
     return int(psutil.Process().memory_info().rss)
+
+
+class PeakRssSampler(threading.Thread):
+    """Records the peak RSS of process ``pid`` (default: this one) every ``interval_s`` seconds until stopped."""
+
+    def __init__(self, pid: int | None = None, *, interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True, name="edge-rt-rss-sampler")
+        self.interval_s = interval_s
+        self.process = psutil.Process(pid)
+        self.peak_bytes = int(self.process.memory_info().rss)
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                self.peak_bytes = max(self.peak_bytes, int(self.process.memory_info().rss))
+            except psutil.Error:  # the process ended
+                return
+            self.samples += 1
+
+    def reset(self) -> int:
+        """Start a new measurement from the current RSS; return the peak so far."""
+        peak, self.peak_bytes = self.peak_bytes, int(self.process.memory_info().rss)
+        return peak
+
+    def stop(self) -> int:
+        """Stop sampling and return the peak in bytes."""
+        self._stop_event.set()
+        self.join()
+        return self.peak_bytes
 
 
 def configure_allocator() -> bool:
