@@ -8,9 +8,15 @@ a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10%
   per vocabulary entry) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
   threads, load transients: peaks up to 6 MiB above the steady state were measured).
 - base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode.
-- KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula).
+- KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula). It
+  holds for sliding-window models too (gemma2/gemma3): llama-cpp-python 0.3.36 creates contexts with llama.cpp's
+  default ``swa_full = true``, so the sliding-window layers' cache has ctx cells like the global layers' (not the
+  window plus a micro-batch); ``tests/runtime/test_budget_gemma.py`` checks it against llama.cpp's own sizes.
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
-  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes.
+  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes; plus the f16 attention mask
+  (ctx × ubatch × 2 bytes, filled for every prompt micro-batch) and, per vocabulary entry, the logits row
+  llama.cpp outputs and the two candidate arrays the samplers fill (4 + 12 + 12 bytes): 7 MiB for Gemma's 262k
+  vocabulary, measured 5.8.
 - request buffers: HTTP request bodies being read, parsed and tokenized before they reach the queue. At most
   ``request_reads`` requests do that at once (the daemon's intake holds them to it), each with a body of up to the
   body cap, counted three times over (measured peak: twice): the bytes received, the text Python decodes them into
@@ -43,6 +49,8 @@ PROCESS_BASELINE_BYTES = 72 * MIB
 PEAK_HEADROOM_BYTES = 8 * MIB
 TOKENIZER_BYTES_PER_TOKEN = 400
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
+KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
+LOGITS_BYTES_PER_TOKEN = 4 + 12 + 12  # one float32 logit, two llama_token_data candidates
 MAX_UBATCH = 512
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 16
@@ -97,7 +105,10 @@ def model_shape(path: Path | str) -> ModelShape:
 
 
 def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str) -> int:
-    """Bytes of the KV cache for ``ctx`` tokens: ctx × layers × (K+V width) × bytes of ``kv_type``."""
+    """Bytes of the KV cache for ``ctx`` tokens: ctx × layers × (K+V width) × bytes of ``kv_type``.
+
+    Sliding-window layers count ctx cells too: llama.cpp's default full-size SWA cache (``swa_full``).
+    """
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_type.upper()]]
     return ctx * shape.n_layers * shape.kv_width * type_size // block_size
 
@@ -107,9 +118,12 @@ def ubatch_for(batch: int) -> int:
     return max(1, min(batch, MAX_UBATCH))
 
 
-def compute_bytes(shape: ModelShape, batch: int) -> int:
-    """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens."""
-    return ubatch_for(batch) * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+def compute_bytes(shape: ModelShape, batch: int, ctx: int = 0) -> int:
+    """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens in a ``ctx``-token
+    context: activations, the attention mask, the output logits and the samplers' candidates."""
+    ubatch = ubatch_for(batch)
+    activations = ubatch * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+    return activations + ctx * ubatch * KQ_MASK_BYTES_PER_ELEMENT + shape.n_vocab * LOGITS_BYTES_PER_TOKEN
 
 
 def request_reads(threads: int) -> int:
@@ -192,7 +206,8 @@ def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, k
                 requests: RequestLimits = DEFAULT_REQUEST_LIMITS, reads: int = MAX_REQUEST_READS) -> MemoryPlan:
     """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
     return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.tensor_bytes,
-                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type), compute_bytes=compute_bytes(shape, batch),
+                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
+                      compute_bytes=compute_bytes(shape, batch, ctx),
                       request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,
                       kv_type=kv_type, max_body_bytes=requests.max_body_bytes, max_queue=requests.max_queue,
                       request_reads=reads)

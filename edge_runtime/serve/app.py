@@ -255,7 +255,8 @@ def public_message(message: str) -> str:
     return _PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
-_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+=,~-]+)+/?")  # absolute paths, not the path part of a URL
+# Absolute paths, not the path part of a URL nor the daemon's own routes ("use /v1/completions" must stay whole).
+_PATH = re.compile(r"(?<![\w:/.])(?!/v1/)(?:/[\w.@+=,~-]+)+/?")
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})

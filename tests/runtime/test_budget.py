@@ -24,9 +24,11 @@ MIB = 1 << 20
 PROBE = Path(__file__).parent.parent / "rss_probe.py"
 
 
-def run_probe(profile: Path, adapters: list[Path], *, rounds: int = 1) -> dict[str, Any]:
+def run_probe(profile: Path, adapters: list[Path], *, rounds: int = 1, model: Path | None = None) -> dict[str, Any]:
+    model_args = [] if model is None else ["--model", str(model)]
     completed = subprocess.run([sys.executable, str(PROBE), "--profile", str(profile), "--rounds", str(rounds),
-                                *map(str, adapters)], capture_output=True, text=True, timeout=600, check=False)
+                                *model_args, *map(str, adapters)], capture_output=True, text=True, timeout=600,
+                               check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     return result
