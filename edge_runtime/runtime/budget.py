@@ -4,10 +4,13 @@ The terms are computed from the base GGUF's header and the context settings, and
 a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10% of it):
 
 - process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
-  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~400 bytes
-  per vocabulary entry) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
+  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~175 bytes
+  per vocabulary entry and ~200 per BPE merge rule: 373 bytes per entry for SmolLM2's BPE, 173 for Gemma's
+  SentencePiece vocabulary) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
   threads, load transients: peaks up to 6 MiB above the steady state were measured).
-- base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode.
+- base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode. Tensors
+  of the types llama.cpp's CPU kernels repack (Q4_0, Q4_K, IQ4_NL) are counted twice: the repacked copy is held
+  beside the mapped pages it was made from (12.7 MiB for Gemma 3 270M Q4_K_M).
 - KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula). It
   holds for sliding-window models too (gemma2/gemma3): llama-cpp-python 0.3.36 creates contexts with llama.cpp's
   default ``swa_full = true``, so the sliding-window layers' cache has ctx cells like the global layers' (not the
@@ -47,7 +50,12 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 PROCESS_BASELINE_BYTES = 72 * MIB
 PEAK_HEADROOM_BYTES = 8 * MIB
-TOKENIZER_BYTES_PER_TOKEN = 400
+TOKENIZER_BYTES_PER_TOKEN = 180
+TOKENIZER_BYTES_PER_MERGE = 210
+# llama.cpp's CPU backend copies tensors of these types into an interleaved layout for its AVX2/NEON kernels
+# ("CPU_REPACK" buffer), beside the mapped file whose pages it read to do so.
+REPACKED_TYPES = frozenset({gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_K,
+                            gguf.GGMLQuantizationType.IQ4_NL})
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
 KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
 LOGITS_BYTES_PER_TOKEN = 4 + 12 + 12  # one float32 logit, two llama_token_data candidates
@@ -75,6 +83,13 @@ class ModelShape:
     kv_width: int  # K plus V values per token per layer
     tensor_bytes: int
     context_length: int
+    n_merges: int = 0  # BPE merge rules in the tokenizer
+    repacked_bytes: int = 0  # tensor bytes llama.cpp's CPU backend holds a second, repacked copy of
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the loaded model holds: its mapped tensors plus the repacked copies."""
+        return self.tensor_bytes + self.repacked_bytes
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
@@ -92,11 +107,12 @@ class ModelShape:
         head_k = number("attention.key_length", n_embd // n_head)
         head_v = number("attention.value_length", n_embd // n_head)
         n_head_kv = number("attention.head_count_kv", n_head)
-        vocab = header.fields.get("tokenizer.ggml.tokens")
+        vocab, merges = header.fields.get("tokenizer.ggml.tokens"), header.fields.get("tokenizer.ggml.merges")
         return cls(architecture=arch, n_layers=number("block_count"), n_embd=n_embd,
                    n_ff=number("feed_forward_length"), n_vocab=vocab.count if vocab else number("vocab_size"),
                    kv_width=n_head_kv * (head_k + head_v), tensor_bytes=sum(t.n_bytes for t in header.tensors),
-                   context_length=number("context_length", 0))
+                   context_length=number("context_length", 0), n_merges=merges.count if merges else 0,
+                   repacked_bytes=sum(t.n_bytes for t in header.tensors if t.ggml_type in REPACKED_TYPES))
 
 
 def model_shape(path: Path | str) -> ModelShape:
@@ -149,7 +165,8 @@ def request_buffer_bytes(limits: RequestLimits, reads: int) -> int:
 
 def process_bytes(shape: ModelShape) -> int:
     """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
-    return PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+    return (PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+            + shape.n_merges * TOKENIZER_BYTES_PER_MERGE)
 
 
 @dataclass(frozen=True)
@@ -205,7 +222,7 @@ class MemoryPlan:
 def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str,
                 requests: RequestLimits = DEFAULT_REQUEST_LIMITS, reads: int = MAX_REQUEST_READS) -> MemoryPlan:
     """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
-    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.tensor_bytes,
+    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.resident_bytes,
                       kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
                       compute_bytes=compute_bytes(shape, batch, ctx),
                       request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,

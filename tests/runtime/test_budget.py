@@ -47,11 +47,13 @@ def test_plan_predicts_measured_rss_within_ten_percent(make_profile: Callable[..
                                                        adapter_files: list[Path]) -> None:
     profile = make_profile("roomy", budget_mb=1024)
     result = run_probe(profile, adapter_files[:3])
-    predicted = result["plan"]["fixed_bytes"] + result["resident_adapter_bytes"]
+    # The probe serves no HTTP: the plan's request buffers (for the daemon's request bodies) stay unused.
+    plan = result["plan"]
+    predicted = plan["fixed_bytes"] - plan["request_buffer_bytes"] + result["resident_adapter_bytes"]
     assert result["long_prompt_tokens"] >= 512  # a full micro-batch touched the compute buffers
     assert result["resident_adapter_bytes"] == sum(budget.adapter_resident_bytes(p) for p in adapter_files[:3])
-    assert abs(result["final_rss_bytes"] - predicted) <= 0.10 * result["final_rss_bytes"], (
-        result["final_rss_bytes"] / MIB, predicted / MIB)
+    measured = max(result["final_rss_bytes"], result["peak_rss_bytes"])
+    assert measured <= predicted <= 1.10 * measured, (measured / MIB, predicted / MIB)
 
 
 def test_churn_through_more_adapters_than_fit_stays_under_budget(base_model: Path, make_profile: Callable[..., Path],
