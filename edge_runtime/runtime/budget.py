@@ -16,7 +16,9 @@ a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10%
   default ``swa_full = true``, so the sliding-window layers' cache has ctx cells like the global layers' (not the
   window plus a micro-batch); ``tests/runtime/test_budget_gemma.py`` checks it against llama.cpp's own sizes.
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
-  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes; plus the f16 attention mask
+  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes, and 12 more per unit once a prompt
+  batch runs with an adapter applied (its low-rank products and scaled outputs: measured +6.5 MiB on SmolLM2 and
+  +5 to +11 MiB on Gemma 3 270M at ubatch 256); plus the f16 attention mask
   (ctx × ubatch × 2 bytes, filled for every prompt micro-batch) and, per vocabulary entry, the logits row
   llama.cpp outputs and the two candidate arrays the samplers fill (4 + 12 + 12 bytes): 7 MiB for Gemma's 262k
   vocabulary, measured 5.8.
@@ -57,6 +59,7 @@ TOKENIZER_BYTES_PER_MERGE = 210
 REPACKED_TYPES = frozenset({gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_K,
                             gguf.GGMLQuantizationType.IQ4_NL})
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
+LORA_BYTES_PER_UBATCH_UNIT = 12  # the low-rank products and scaled outputs an applied adapter adds to the graph
 KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
 LOGITS_BYTES_PER_TOKEN = 4 + 12 + 12  # one float32 logit, two llama_token_data candidates
 MAX_UBATCH = 512
@@ -136,9 +139,10 @@ def ubatch_for(batch: int) -> int:
 
 def compute_bytes(shape: ModelShape, batch: int, ctx: int = 0) -> int:
     """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens in a ``ctx``-token
-    context: activations, the attention mask, the output logits and the samplers' candidates."""
+    context: activations (with an adapter applied), the attention mask, the output logits and the samplers'
+    candidates."""
     ubatch = ubatch_for(batch)
-    activations = ubatch * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+    activations = ubatch * (COMPUTE_BYTES_PER_UBATCH_UNIT + LORA_BYTES_PER_UBATCH_UNIT) * (shape.n_embd + shape.n_ff)
     return activations + ctx * ubatch * KQ_MASK_BYTES_PER_ELEMENT + shape.n_vocab * LOGITS_BYTES_PER_TOKEN
 
 

@@ -371,6 +371,12 @@ class Engine:
                 chunks.put(chunk)
         except BaseException as exc:  # the consumer thread re-raises it
             chunks.put(exc)
+        finally:
+            # llama-cpp-python makes a sampler per generate() that refers to itself, so only the cyclic GC frees
+            # it: ~1.8 MiB each on Gemma's 262k vocabulary, 18 MiB of RSS per ten requests until a collection.
+            sampler, self._llama._sampler = self._llama._sampler, None
+            if sampler is not None:
+                sampler.close()
 
     def _generate(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float], ...],
                   cancel: threading.Event) -> Iterator[Chunk]:

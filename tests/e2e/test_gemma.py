@@ -132,7 +132,7 @@ def test_plan_for_gemma_prints_its_terms(make_profile: Callable[..., Path], gemm
     assert report["process_bytes"] == 80 * MIB + 262144 * 400
     assert report["model_bytes"] == 246_587_904
     assert report["kv_cache_bytes"] == 18 * 512 * 2048 * 2 == 36 * MIB
-    assert report["compute_bytes"] == 512 * 16 * (640 + 2048) + 2048 * 512 * 2 + 262144 * 28
+    assert report["compute_bytes"] == 512 * (16 + 12) * (640 + 2048) + 2048 * 512 * 2 + 262144 * 28
     assert report["fixed_bytes"] == sum(report[k] for k in ("process_bytes", "model_bytes", "kv_cache_bytes",
                                                              "compute_bytes"))
     assert report["adapter_budget_bytes"] == 1024 * MIB - report["fixed_bytes"]

@@ -74,6 +74,7 @@ class Budgeted:
         peak = self.sampler.reset()
         budget, predicted = self.plan["budget_bytes"], self.predicted_bytes(used_adapters)
         report = f"{phase}: peak {peak / MIB:.1f} MiB, plan {predicted / MIB:.1f} MiB, budget {budget / MIB:.1f} MiB"
+        print(report)  # pytest -s shows the measured numbers
         assert peak <= budget, report
         assert peak <= predicted, report
         if used_adapters:  # with adapters resident the plan is a close prediction, not only a ceiling
@@ -81,41 +82,64 @@ class Budgeted:
         return peak
 
 
-def _adapters(folder: Path, base: Path, count: int, *, rank: int) -> list[Path]:
+@dataclass(frozen=True)
+class TightDevice:
+    """A base model and the tight profile it is tested under (adapters of ``rank`` on every linear layer)."""
+
+    layers: int
+    rank: int
+    budget_mb: int
+    shapes: str  # the name of the shape table in peft_dirs
+
+
+DEVICES = {"smollm2": TightDevice(layers=30, rank=32, budget_mb=340, shapes="SHAPES"),  # 37 MiB adapters
+           "gemma3": TightDevice(layers=18, rank=40, budget_mb=510, shapes="GEMMA_SHAPES")}  # 36 MiB adapters
+
+
+def _adapters(folder: Path, base: Path, device: TightDevice, count: int) -> list[Path]:
+    import peft_dirs
+
     paths = []
     for index in range(count):
-        tensors = lora_tensors(ALL_LINEAR, rank=rank, layers=range(30), seed=100 + index)
-        peft_dir = write_peft_dir(folder / f"peft-{index}", tensors=tensors, r=rank, lora_alpha=rank,
+        tensors = lora_tensors(ALL_LINEAR, rank=device.rank, layers=range(device.layers), seed=100 + index,
+                               shapes=getattr(peft_dirs, device.shapes))
+        peft_dir = write_peft_dir(folder / f"peft-{index}", tensors=tensors, r=device.rank, lora_alpha=device.rank,
                                   target_modules=ALL_LINEAR)
         paths.append(convert_peft_to_gguf(peft_dir, base=base, output=folder / "serve" / f"task-{index}.gguf",
                                           outtype="f32").output)
     return paths
 
 
-@pytest.fixture(scope="module")
-def smollm2_adapters(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> list[Path]:
-    """Five 37 MiB adapters (all linear layers, rank 32, f32) and a sixth: the same name's next version."""
-    return _adapters(tmp_path_factory.mktemp("budget-adapters"), base_model, 6, rank=32)
+@pytest.fixture(scope="module", params=sorted(DEVICES))
+def model_and_adapters(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                       base_model: Path) -> tuple[str, Path, list[Path]]:
+    """A base model, five adapters bigger than a third of its tight adapter budget, and a sixth: the same name's
+    next version."""
+    model = base_model if request.param == "smollm2" else request.getfixturevalue("gemma_model")
+    folder = tmp_path_factory.mktemp(f"budget-{request.param}")
+    return request.param, model, _adapters(folder, model, DEVICES[request.param], 6)
 
 
 @pytest.fixture()
-def budgeted(tmp_path: Path, make_profile: Callable[..., Path], base_model: Path,
-             smollm2_adapters: list[Path]) -> Iterator[Budgeted]:
+def budgeted(tmp_path: Path, make_profile: Callable[..., Path],
+             model_and_adapters: tuple[str, Path, list[Path]]) -> Iterator[Budgeted]:
+    key, model, files = model_and_adapters
     folder = tmp_path / "adapters"
     folder.mkdir()
-    for path in smollm2_adapters[:5]:
+    for path in files[:5]:
         shutil.copy(path, folder / path.name)
-    profile = make_profile("tight-340", budget_mb=340, ctx=1024, batch=256, ram_mb=1024)
-    plan = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--model", str(base_model), "--json"])
+    profile = make_profile(f"tight-{key}", budget_mb=DEVICES[key].budget_mb, ctx=1024, batch=256, ram_mb=1024)
+    plan = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--model", str(model), "--json"])
     assert plan.exit_code == 0, plan.output
-    with run_daemon("--profile", str(profile), "--model", str(base_model), "--adapters-dir", str(folder),
+    with run_daemon("--profile", str(profile), "--model", str(model), "--adapters-dir", str(folder),
                     log=tmp_path / "daemon.log") as daemon:
         sampler = PeakRssSampler(daemon.process.pid, interval_s=0.005)
         sampler.start()
-        adapter_bytes = adapter_resident_bytes(smollm2_adapters[0])
+        adapter_bytes = adapter_resident_bytes(files[0])
         budgeted = Budgeted(daemon=daemon, plan=json.loads(plan.output), sampler=sampler,
-                            adapter_bytes=adapter_bytes, names=[p.stem for p in smollm2_adapters[:5]])
-        assert adapter_bytes > budgeted.plan["adapter_budget_bytes"] / 3  # two fit at once, never three
+                            adapter_bytes=adapter_bytes, names=[p.stem for p in files[:5]])
+        fits = budgeted.plan["adapter_budget_bytes"] // adapter_bytes
+        assert fits == 2 and adapter_bytes > budgeted.plan["adapter_budget_bytes"] / 3  # two fit, never three
         try:
             yield budgeted
         finally:
@@ -129,7 +153,8 @@ def _burst(url: str) -> int:
 
 
 def test_peak_rss_stays_within_budget_and_plan_through_churn_bursts_streams_and_updates(
-        budgeted: Budgeted, smollm2_adapters: list[Path], tmp_path: Path) -> None:
+        budgeted: Budgeted, model_and_adapters: tuple[str, Path, list[Path]], tmp_path: Path) -> None:
+    files = model_and_adapters[2]
     url, names = budgeted.daemon.url, budgeted.names
     budgeted.complete("base")
     budgeted.check_phase("start", used_adapters=0)
@@ -157,12 +182,12 @@ def test_peak_rss_stays_within_budget_and_plan_through_churn_bursts_streams_and_
     before = budgeted.applied(names[0])
     updating = threading.Thread(target=budgeted.complete, args=(names[0],), kwargs={"stream": True})
     updating.start()  # the old version is in use while its file is replaced
-    shutil.copy(smollm2_adapters[5], replaced.with_suffix(".tmp"))
+    shutil.copy(files[5], replaced.with_suffix(".tmp"))
     replaced.with_suffix(".tmp").replace(replaced)
     budgeted.daemon.process.send_signal(signal.SIGHUP)  # rescan: the new file becomes the name's next version
     updating.join()
-    assert before == f"{names[0]}@{file_sha256(smollm2_adapters[0]).hexdigest()[:16]}:1"
-    new_version = f"{names[0]}@{file_sha256(smollm2_adapters[5]).hexdigest()[:16]}:1"
+    assert before == f"{names[0]}@{file_sha256(files[0]).hexdigest()[:16]}:1"
+    new_version = f"{names[0]}@{file_sha256(files[5]).hexdigest()[:16]}:1"
     for _ in range(100):
         if budgeted.applied(names[0]) == new_version:
             break
