@@ -85,14 +85,11 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
         gguf_info.KEY_MERGE_SCALE: metadata_value(float(scale)),
         gguf_info.KEY_MERGE_OUTTYPE: metadata_value(outtype),
     } | _file_type(outtype)
-    with atomic_output(output) as temp, _mapped(base) as base_bytes, _mapped(adapter) as adapter_bytes:
-        _check_bounds(base_header, len(base_bytes))
-        _check_bounds(adapter_header, len(adapter_bytes))
+    with atomic_output(output) as temp, _mapped(base_header) as base_file, _mapped(adapter_header) as adapter_file:
         slots = [TensorSlot(t.name, t.shape) for t in base_header.tensors]
         with temp.open("wb") as handle:
             writer = ModelWriter(handle, base_header, extra, slots)
-            types, errors = _write_tensors(writer, slots, base_header, base_bytes, adapter_header, adapter_bytes,
-                                           loras, outtype, progress)
+            types, errors = _write_tensors(writer, slots, base_file, adapter_file, loras, outtype, progress)
             writer.finish()
     return MergeResult(output=output, adapter_name=adapter_name, adapter_sha256=adapter_sha256,
                        base_fingerprint=fingerprint, scale=scale, outtype=outtype, merged_tensors=len(loras),
@@ -100,26 +97,24 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
                        max_delta_error=max(errors, default=0.0), size_bytes=output.stat().st_size)
 
 
-def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base_header: GGUFHeader, base_bytes: memoryview, adapter_header: GGUFHeader,
-                   adapter_bytes: memoryview, loras: dict[str, _Lora], outtype: str,
+def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base: _MappedFile, adapter: _MappedFile,
+                   loras: dict[str, _Lora], outtype: str,
                    progress: ProgressCallback | None) -> tuple[Counter[str], list[float]]:
     types: Counter[str] = Counter()
     errors: list[float] = []
-    total, done = sum(t.n_bytes for t in base_header.tensors), 0
-    for tensor, slot in zip(base_header.tensors, slots):
-        stored = _data(base_header, base_bytes, tensor)
+    total, done = sum(t.n_bytes for t in base.header.tensors), 0
+    for tensor, slot in zip(base.header.tensors, slots):
+        stored = base.data(tensor)
         lora = loras.get(tensor.name)
         if lora is None:
             writer.write(slot, stored, tensor.ggml_type)  # byte for byte: never requantised
         else:
-            lora_a = decode(_data(adapter_header, adapter_bytes, lora.lora_a), lora.lora_a.ggml_type,
-                            rows=lora.lora_a.shape[1])
-            lora_b = decode(_data(adapter_header, adapter_bytes, lora.lora_b), lora.lora_b.ggml_type,
-                            rows=lora.lora_b.shape[1])
+            lora_a = decode(adapter.data(lora.lora_a), lora.lora_a.ggml_type, rows=lora.lora_a.shape[1])
+            lora_b = decode(adapter.data(lora.lora_b), lora.lora_b.ggml_type, rows=lora.lora_b.shape[1])
             delta = (lora_b @ lora_a) * np.float32(lora.scale)  # (out × rank)·(rank × in): the base's (out × in)
             merged = decode(stored, tensor.ggml_type, rows=tensor.shape[1]) + delta
             encoded = encode_merged(merged, delta, outtype=outtype, base_type=tensor.ggml_type)
-            writer.write(slot, memoryview(encoded.data).cast("B"), encoded.qtype)
+            writer.write(slot, encoded.data.data.cast("B"), encoded.qtype)
             types[encoded.qtype.name] += 1
             errors.append(encoded.delta_error)
         done += tensor.n_bytes
@@ -181,22 +176,25 @@ def _file_type(outtype: str) -> dict[str, bytes]:
     return {} if member is None else {gguf.Keys.General.FILE_TYPE: metadata_value(int(member))}
 
 
-def _data(header: GGUFHeader, data: memoryview, tensor: HeaderTensor) -> memoryview:
-    start = header.data_offset + tensor.offset
-    return data[start:start + tensor.n_bytes]
+@dataclass(frozen=True)
+class _MappedFile:
+    header: GGUFHeader
+    bytes: memoryview
 
-
-def _check_bounds(header: GGUFHeader, size: int) -> None:
-    for tensor in header.tensors:
-        if header.data_offset + tensor.offset + tensor.n_bytes > size:
-            raise InvalidGGUF(str(header.path), f"tensor {tensor.name} runs past the end of the file (truncated?)")
+    def data(self, tensor: HeaderTensor) -> memoryview:
+        start = self.header.data_offset + tensor.offset
+        return self.bytes[start:start + tensor.n_bytes]
 
 
 @contextmanager
-def _mapped(path: Path) -> Iterator[memoryview]:
-    with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+def _mapped(header: GGUFHeader) -> Iterator[_MappedFile]:
+    """``header``'s file mapped read-only, every tensor checked to lie inside it."""
+    with header.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+        for tensor in header.tensors:
+            if header.data_offset + tensor.offset + tensor.n_bytes > len(mapped):
+                raise InvalidGGUF(str(header.path), f"tensor {tensor.name} runs past the end of the file (truncated?)")
         view = memoryview(mapped)
         try:
-            yield view
+            yield _MappedFile(header, view)
         finally:
             view.release()

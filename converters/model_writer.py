@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from pathlib import Path
 from typing import BinaryIO
 
 import gguf
@@ -41,7 +40,8 @@ class ModelWriter:
     """Writes a GGUF whose metadata is ``base``'s (with ``extra`` keys added or replaced) and whose tensors are
     ``slots``, in order: call ``write(slot, data)`` once per slot, then ``finish()``."""
 
-    def __init__(self, handle: BinaryIO, base: GGUFHeader, extra: dict[str, bytes], slots: Sequence[TensorSlot]) -> None:
+    def __init__(self, handle: BinaryIO, base: GGUFHeader, extra: dict[str, bytes],
+                 slots: Sequence[TensorSlot]) -> None:
         self._handle = handle
         self._slots = list(slots)
         self._alignment = int(base.value("general.alignment", 32))
