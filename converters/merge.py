@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import math
 import mmap
-from collections import Counter
+import os
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ import numpy as np
 
 from converters.errors import UnsupportedAdapterFeature
 from converters.model_writer import ModelWriter, TensorSlot, metadata_value
-from converters.weight_types import AUTO, OUTTYPES, check_outtype, decode, encode_merged
+from converters.weight_types import AUTO, OUTTYPES, EncodedTensor, check_outtype, decode, encode_merged
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, InvalidSettings
 from edge_runtime.files import atomic_output, file_sha256
 from edge_runtime.gguf import info as gguf_info
@@ -100,27 +102,51 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
 def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base: _MappedFile, adapter: _MappedFile,
                    loras: dict[str, _Lora], outtype: str,
                    progress: ProgressCallback | None) -> tuple[Counter[str], list[float]]:
+    """Write every tensor in the base's order; merges run on one thread per core, at most two per thread ahead."""
     types: Counter[str] = Counter()
     errors: list[float] = []
     total, done = sum(t.n_bytes for t in base.header.tensors), 0
-    for tensor, slot in zip(base.header.tensors, slots):
-        stored = base.data(tensor)
-        lora = loras.get(tensor.name)
-        if lora is None:
-            writer.write(slot, stored, tensor.ggml_type)  # byte for byte: never requantised
-        else:
-            lora_a = decode(adapter.data(lora.lora_a), lora.lora_a.ggml_type, rows=lora.lora_a.shape[1])
-            lora_b = decode(adapter.data(lora.lora_b), lora.lora_b.ggml_type, rows=lora.lora_b.shape[1])
-            delta = (lora_b @ lora_a) * np.float32(lora.scale)  # (out × rank)·(rank × in): the base's (out × in)
-            merged = decode(stored, tensor.ggml_type, rows=tensor.shape[1]) + delta
-            encoded = encode_merged(merged, delta, outtype=outtype, base_type=tensor.ggml_type)
-            writer.write(slot, encoded.data.data.cast("B"), encoded.qtype)
-            types[encoded.qtype.name] += 1
-            errors.append(encoded.delta_error)
-        done += tensor.n_bytes
-        if progress is not None:
-            progress(done, total)
+    workers = os.cpu_count() or 1
+    pending: deque[tuple[HeaderTensor, TensorSlot, Future[EncodedTensor] | None]] = deque()
+
+    def write_ready(*, everything: bool) -> None:
+        nonlocal done
+        while pending and (everything or len(pending) > 2 * workers or pending[0][2] is None
+                           or pending[0][2].done()):
+            tensor, slot, merging = pending.popleft()
+            if merging is None:
+                writer.write(slot, base.data(tensor), tensor.ggml_type)  # byte for byte: never requantised
+            else:
+                encoded = merging.result()
+                writer.write(slot, encoded.data.data.cast("B"), encoded.qtype)
+                types[encoded.qtype.name] += 1
+                errors.append(encoded.delta_error)
+            done += tensor.n_bytes
+            if progress is not None:
+                progress(done, total)
+
+    # numpy's matmul and ggml's (de)quantisers release the GIL: threads use every core.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        try:
+            for tensor, slot in zip(base.header.tensors, slots):
+                lora = loras.get(tensor.name)
+                merging = None if lora is None else pool.submit(_merge, base, adapter, tensor, lora, outtype)
+                pending.append((tensor, slot, merging))
+                write_ready(everything=False)
+            write_ready(everything=True)
+        except BaseException:
+            pool.shutdown(cancel_futures=True)
+            raise
     return types, errors
+
+
+def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: _Lora,
+           outtype: str) -> EncodedTensor:
+    lora_a = decode(adapter.data(lora.lora_a), lora.lora_a.ggml_type, rows=lora.lora_a.shape[1])
+    lora_b = decode(adapter.data(lora.lora_b), lora.lora_b.ggml_type, rows=lora.lora_b.shape[1])
+    delta = (lora_b @ lora_a) * np.float32(lora.scale)  # (out × rank)·(rank × in): the base's (out × in)
+    merged = decode(base.data(tensor), tensor.ggml_type, rows=tensor.shape[1]) + delta
+    return encode_merged(merged, delta, outtype=outtype, base_type=tensor.ggml_type)
 
 
 def _check_adapter(header: GGUFHeader) -> None:

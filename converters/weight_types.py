@@ -51,7 +51,11 @@ def check_outtype(outtype: str) -> str:
 def decode(raw: memoryview | bytes | np.ndarray, qtype: T, rows: int) -> np.ndarray:
     """A tensor's stored bytes as float32, ``rows`` × values per row."""
     data = np.frombuffer(raw, dtype=np.uint8).reshape(rows, -1)
-    return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(rows, -1)
+    if qtype in _FLOAT_TYPES:
+        return np.asarray(gguf.quants.dequantize(data, qtype), dtype=np.float32).reshape(rows, -1)
+    from converters.ggml_quantize import dequantize_rows
+
+    return dequantize_rows(data, qtype, rows)
 
 
 def encode(matrix: np.ndarray, qtype: T) -> np.ndarray:
