@@ -25,7 +25,7 @@ OUTTYPES: dict[str, T] = {
 AUTO = "auto"  # per tensor: the most compact type that keeps the delta error within AUTO_MAX_DELTA_ERROR
 BASE = "base"  # per tensor: the base tensor's own type (the base's size and speed; the adapter's change is rounded)
 MERGE_OUTTYPES = (AUTO, BASE, *OUTTYPES)
-AUTO_MAX_DELTA_ERROR = 0.05
+AUTO_MAX_DELTA_ERROR = 0.01
 # What llama.cpp's quantiser writes when rows do not hold whole blocks of the requested type (llama-quant.cpp).
 _ROW_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
 _FLOAT_TYPES = (T.F32, T.F16, T.BF16)
