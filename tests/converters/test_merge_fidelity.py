@@ -46,12 +46,12 @@ GEMMA_TARGET_DELTA_STD = 3.5
 class Reference:
     """One base model: its GGUF, transformers' float32 load of it, and both base logits for the prompt."""
 
+    name: str
     model: Path
     hf: Any
     tokens: list[int]
     hf_base: np.ndarray
     llama_base: np.ndarray
-    last_layer: int
     target_delta_std: float | None  # calibrate lora_B to this PEFT logit change; None: the converter's B_GAIN
 
 
@@ -118,8 +118,8 @@ def reference(request: pytest.FixtureRequest) -> Iterator[Reference]:
         engine.close()
     with torch.no_grad():
         hf_base = hf(torch.tensor([tokens])).logits[0].numpy()
-    yield Reference(model, hf, tokens, hf_base, llama_base, last_layer=hf.config.num_hidden_layers - 1,
-                    target_delta_std=GEMMA_TARGET_DELTA_STD if request.param == "gemma3" else None)
+    target = GEMMA_TARGET_DELTA_STD if request.param == "gemma3" else None
+    yield Reference(request.param, model, hf, tokens, hf_base, llama_base, target_delta_std=target)
     torch.set_num_threads(threads)
 
 
@@ -167,9 +167,18 @@ def test_merged_rank_and_alpha_patterns_match_peft(check: Any) -> None:
                                alpha_pattern={"down_proj": 64, "k_proj": 2}, seed=3)["auto"])
 
 
+# Each model's converter fidelity case for layers_to_transform (Gemma's is the Gemma converter tests' combined one).
+# On Gemma's Q4_K_M file the harness has little margin: q/o of layers [0, 7, 17] measured 0.976 / 0.206 merged.
+LAYERS_CASES: dict[str, dict[str, Any]] = {
+    "smollm2": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "o_proj"], "layers_to_transform": [0, 7, 29]},
+    "gemma3": {"r": 8, "lora_alpha": 8, "target_modules": ["q_proj", "k_proj", "o_proj", "down_proj"],
+               "rank_pattern": {"k_proj": 2, "layers.5.self_attn.q_proj": 16}, "alpha_pattern": {"down_proj": 64},
+               "layers_to_transform": [0, 5, 11, 17]},
+}
+
+
 def test_merged_layers_to_transform_adapter_matches_peft(check: Any, reference: Reference) -> None:
-    assert_matches_peft(*check(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"],
-                               layers_to_transform=[0, 7, reference.last_layer], seed=4)["auto"])
+    assert_matches_peft(*check(**LAYERS_CASES[reference.name], seed=4)["auto"])
 
 
 def test_merged_bf16_adapter_matches_peft(check: Any) -> None:
