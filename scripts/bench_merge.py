@@ -31,7 +31,8 @@ from edge_runtime.runtime.engine import Engine, EngineSettings
 from edge_runtime.runtime.generation import SamplingParams
 from edge_runtime.runtime.models import default_model_path
 
-CTX, THREADS, DECODE_TOKENS = 512, 2, 96
+CTX, DECODE_TOKENS = 512, 64
+THREADS = 2  # --threads
 RANKS = (8, 16, 64)
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
@@ -121,7 +122,11 @@ def bench_model(base: Path, work: Path, repeats: int) -> ModelReport:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3, help="Interleaved decode runs per configuration.")
+    parser.add_argument("--threads", type=int, default=2, help="llama.cpp threads (1 on a machine shared with "
+                                                               "other work: OpenMP barriers stall when preempted).")
     args = parser.parse_args()
+    global THREADS
+    THREADS = args.threads
     models = {"SmolLM2-135M Q4_1": default_model_path()}
     gemma = gemma_path()
     if gemma is not None:
