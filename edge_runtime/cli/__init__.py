@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from converters.weight_types import MERGE_OUTTYPES
 from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
+from edge_runtime.cli.common import progress_bar
 from edge_runtime.cli.common import reports_errors as _reports_errors
 from edge_runtime.cli.status import status
 from edge_runtime.gguf.info import GGUFInfo, read_info
@@ -68,6 +70,30 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
 
 
 @main.command()
+@click.argument("adapter", type=click.Path(path_type=Path))
+@click.option("--base", "base", default=None, help="Base model GGUF the adapter was converted for [default: embedded].")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Model GGUF to write.")
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Adapter scale folded into the weights.")
+@click.option("--outtype", type=click.Choice(MERGE_OUTTYPES), default="auto", show_default=True,
+              help="Type of the merged tensors: auto (the most compact that keeps the adapter's change within 1%), "
+                   "base (each base tensor's own type) or a tensor type.")
+@_reports_errors
+def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: str) -> None:
+    """Fold a GGUF LoRA ADAPTER into its base model and write one model GGUF (no per-token adapter cost)."""
+    from converters.merge import merge_adapter
+
+    with progress_bar(f"merging into {output.name}") as progress:
+        result = merge_adapter(adapter, base=resolve_model(base), output=output, scale=scale, outtype=outtype,
+                               progress=progress)
+    types = ", ".join(f"{count} {name}" for name, count in result.merged_types.items())
+    click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.adapter_name!r} "
+               f"(sha256 {result.adapter_sha256[:12]}) at scale {result.scale:g} into base "
+               f"{result.base_fingerprint[:12]}; {result.merged_tensors} tensors merged ({types}, largest change "
+               f"error {result.max_delta_error:.2%}), {result.copied_tensors} copied")
+
+
+@main.command()
 @click.argument("file", type=click.Path(path_type=Path), required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_reports_errors
@@ -102,7 +128,7 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
     return common | {
         "quantization": info.quantization, "parameter_count": info.parameter_count,
         "context_length": info.context_length, "fingerprint": info.fingerprint,
-    }
+    } | ({"merged_from": info.merged_from} if info.merged_from else {})
 
 
 @main.group(invoke_without_command=True)

@@ -57,6 +57,7 @@ class HeaderTensor:
     ggml_type: GGMLQuantizationType
     n_elements: int
     n_bytes: int
+    offset: int = 0  # of its data, in bytes from the start of the data section (GGUFHeader.data_offset)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,7 @@ class GGUFHeader:
     version: int
     fields: dict[str, HeaderField]
     tensors: tuple[HeaderTensor, ...]
+    data_offset: int = 0  # where tensor data starts in the file: the header's end, aligned to general.alignment
 
     def value(self, key: str, default: Any = None) -> Any:
         """The decoded value of ``key``, or ``default`` when absent."""
@@ -110,7 +112,11 @@ class _Parser:
             item = self._field()
             fields[item.key] = item
         tensors = tuple(self._tensor() for _ in range(n_tensors))
-        return GGUFHeader(path=self.path, version=version, fields=fields, tensors=tensors)
+        alignment = fields["general.alignment"].value if "general.alignment" in fields else DEFAULT_ALIGNMENT
+        if not isinstance(alignment, int) or alignment <= 0:
+            raise InvalidGGUF(str(self.path), f"general.alignment is {alignment!r}")
+        data_offset = -(-self.offset // alignment) * alignment
+        return GGUFHeader(path=self.path, version=version, fields=fields, tensors=tensors, data_offset=data_offset)
 
     def _unpack(self, layout: struct.Struct) -> Any:
         if self.offset + layout.size > len(self.view):
@@ -190,7 +196,7 @@ class _Parser:
             raise InvalidGGUF(str(self.path), f"LoRA tensor {name!r} has {n_dims} dimensions, not 2")
         shape = tuple(int(self._unpack(_U64)) for _ in range(n_dims))
         code = self._unpack(_U32)
-        self._unpack(_U64)  # data offset: tensor data is never read here
+        offset = int(self._unpack(_U64))  # tensor data is never read here
         try:
             ggml_type = GGMLQuantizationType(code)
         except ValueError:
@@ -200,4 +206,4 @@ class _Parser:
             n_elements *= dim
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
         return HeaderTensor(name=name, shape=shape, ggml_type=ggml_type, n_elements=n_elements,
-                            n_bytes=n_elements // block_size * type_size)
+                            n_bytes=n_elements // block_size * type_size, offset=offset)

@@ -23,6 +23,14 @@ KEY_BASE_FINGERPRINT = "edge_rt.base.fingerprint"
 KEY_BASE_NAME = "edge_rt.base.name"
 KEY_PEFT_CONFIG_SHA256 = "edge_rt.peft.config_sha256"
 FORMAT_VERSION = 1
+# A model made by `edge-rt merge`: the adapter folded into it and the base it was folded into.
+MERGE_PREFIX = "edge_rt.merge."
+KEY_MERGE_ADAPTER_NAME = "edge_rt.merge.adapter_name"
+KEY_MERGE_ADAPTER_SHA256 = "edge_rt.merge.adapter_sha256"
+KEY_MERGE_BASE_FINGERPRINT = "edge_rt.merge.base_fingerprint"
+KEY_MERGE_BASE_NAME = "edge_rt.merge.base_name"
+KEY_MERGE_SCALE = "edge_rt.merge.scale"
+KEY_MERGE_OUTTYPE = "edge_rt.merge.outtype"
 
 _FINGERPRINT_GENERAL_KEYS = ("general.architecture", "general.basename", "general.finetune", "general.size_label",
                              "general.version")
@@ -71,6 +79,12 @@ class GGUFInfo:
         """For an adapter: the fingerprint of the base model it was converted against."""
         value = self.metadata.get(KEY_BASE_FINGERPRINT)
         return None if value is None else str(value)
+
+    @property
+    def merged_from(self) -> dict[str, Any]:
+        """For a model made by ``edge-rt merge``: its ``edge_rt.merge.*`` keys without the prefix; else empty."""
+        return {key.removeprefix(MERGE_PREFIX): value for key, value in self.metadata.items()
+                if key.startswith(MERGE_PREFIX)}
 
     @property
     def context_length(self) -> int | None:
