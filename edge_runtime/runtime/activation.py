@@ -66,11 +66,6 @@ class Plan(Generic[A]):
         return list(zip(self.segments, ends))
 
 
-def single(adapters: Sequence[tuple[A, float]]) -> Plan[A]:
-    """Every position under ``adapters`` (as ``logits`` evaluates: aLoRAs applied throughout)."""
-    return Plan((Segment(0, tuple(adapters)),))
-
-
 def invocation_start(prompt: Sequence[int], invocation: Sequence[int]) -> int | None:
     """Where the last occurrence of ``invocation`` in ``prompt`` starts, or None (PEFT's calculate_alora_offsets)."""
     size = len(invocation)

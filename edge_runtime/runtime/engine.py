@@ -85,7 +85,7 @@ class Engine:
         self._llama: Any = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
         self.evaluated_tokens = 0  # prompt tokens evaluated (not taken from the KV cache) since start
-        self._plan: activation.Plan[AdapterHandle] = activation.single(())  # what computed each cached position
+        self._plan: activation.Plan[AdapterHandle] = activation.plan([], ())  # what computed each cached position
         self.switches = 0  # times the active adapter set changed
         self.decoded_tokens = 0  # tokens generated since start
         self._closed = False
@@ -304,17 +304,16 @@ class Engine:
     # -- evaluation -----------------------------------------------------------------------------------------------
 
     def logits(self, tokens: Sequence[int], adapters: AdapterSet | None = None) -> np.ndarray:
-        """Logits (n_tokens × vocab, float32) of ``tokens`` from an empty cache, under ``adapters`` if given."""
+        """Logits (n_tokens × vocab, float32) of ``tokens`` from an empty cache, under ``adapters`` if given (else the
+        active set), as a generation computes them: an aLoRA from its last invocation in ``tokens`` on."""
         if not self.settings.logits_all:
             raise InvalidSettings("logits_all", False, "logits() needs EngineSettings(logits_all=True)")
         return self._call(self._logits, list(tokens), None if adapters is None else tuple(adapters))
 
     def _logits(self, tokens: list[int], adapters: tuple[tuple[AdapterHandle, float], ...] | None) -> np.ndarray:
-        if adapters is not None:
-            self._set_adapters(adapters)
         self._llama.reset()
-        self._plan = activation.single(self._active)  # every position under the whole set, aLoRAs included
-        self._llama.eval(tokens)
+        self._prefill(tokens, activation.plan(tokens, self._active if adapters is None else adapters))
+        self._llama.eval(tokens[self._llama.n_tokens:])
         return np.array(self._llama.scores[: len(tokens)], dtype=np.float32, copy=True)
 
     # -- generation -----------------------------------------------------------------------------------------------
