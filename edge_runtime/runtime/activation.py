@@ -78,6 +78,11 @@ def invocation_start(prompt: Sequence[int], invocation: Sequence[int]) -> int | 
     return None
 
 
+def is_inert(prompt: Sequence[int], invocation: Sequence[int]) -> bool:
+    """True for an aLoRA whose invocation ``prompt`` lacks: it changes nothing (a plain LoRA is never inert)."""
+    return bool(invocation) and invocation_start(prompt, invocation) is None
+
+
 def plan(prompt: Sequence[int], adapters: Sequence[tuple[A, float]]) -> Plan[A]:
     """Segments of ``prompt``: plain LoRAs from 0, each aLoRA from its last invocation, aLoRAs without one inert."""
     starts: list[tuple[int, A, float]] = []
