@@ -17,6 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
+LARGE_BATCH = 64
+"""llama.cpp's CPU build computes a batch of 64 tokens or more with other kernels (other rounding) than a smaller
+one, and a single token differently again: a position's KV is reproducible only within the same class of batch
+(measured on SmolLM2 Q4_1: logits move by up to ~1.4 between classes, by 0.0 within one)."""
+
 Key = tuple[tuple[str, float], ...]
 """An adapter set as the KV cache knows it: (content digest, scale) per adapter, in application order."""
 
@@ -101,9 +106,9 @@ def plan(prompt: Sequence[int], adapters: Sequence[tuple[A, float]]) -> Plan[A]:
 def reusable_prefix(cached: Sequence[int], cached_plan: Plan[A], prompt: Sequence[int], wanted: Plan[A]) -> int:
     """Tokens of ``prompt`` whose cached KV may serve it: same tokens, computed under the same adapter sets.
 
-    At least one token is left to evaluate (the logits to sample from), and a segment is never resumed at its last
-    token: llama.cpp computes a one-token batch through a LoRA with different rounding than a longer batch (logits
-    move by up to ~0.8 on SmolLM2), so re-evaluating two tokens keeps cached runs bit-identical to fresh ones.
+    At least one token is left to evaluate (the logits to sample from), and what is left of a segment is evaluated
+    in the class of batch a fresh run uses for it (``LARGE_BATCH``): at least 64 tokens of a segment that long, at
+    least two of a shorter one. Cached runs then reproduce fresh ones bit for bit.
     """
     limit = min(len(cached), len(prompt) - 1)
     common = 0
@@ -115,8 +120,20 @@ def reusable_prefix(cached: Sequence[int], cached_plan: Plan[A], prompt: Sequenc
         if cached_plan.key_at(boundary) != wanted.key_at(boundary):
             common = boundary
             break
-    keep = max(common, 0)
     for segment, end in wanted.spans(len(prompt)):
-        if segment.start <= keep < end and end - keep == 1 and end - segment.start >= 2:
-            return keep - 1
-    return keep
+        if segment.start <= common < end:
+            length = end - segment.start
+            left = LARGE_BATCH if length >= LARGE_BATCH else min(2, length)
+            return min(common, end - left)
+    return common
+
+
+def batches(start: int, end: int, limit: int) -> list[tuple[int, int]]:
+    """Positions ``start``..``end`` as batches of at most ``limit`` tokens, of sizes differing by at most one (no
+    short remainder batch: every batch of a long segment stays in the large class)."""
+    count = max(1, -(-(end - start) // limit))
+    size, extra = divmod(end - start, count)
+    bounds = [start]
+    for index in range(count):
+        bounds.append(bounds[-1] + size + (1 if index < extra else 0))
+    return list(zip(bounds, bounds[1:]))

@@ -403,20 +403,21 @@ class Engine:
         return token_logprob(logits, token, alternatives, lambda t: bytes(self._llama.detokenize([t], special=True)))
 
     def _prefill(self, prompt: list[int], plan: activation.Plan[AdapterHandle]) -> int:
-        """Keep the cached prefix ``plan`` may reuse, evaluate every segment but the last under its own adapter set,
-        and leave the last segment's set active for ``generate`` to finish; return the reused length in tokens."""
+        """Keep the cached prefix ``plan`` may reuse, evaluate the rest segment by segment under each one's adapter
+        set, all but the last batch, which stays for ``generate`` (its logits are sampled); return the reused length."""
         cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
         keep = activation.reusable_prefix(cached, self._plan, prompt, plan)
         self._llama.n_tokens = keep  # eval() and generate() drop the KV cells past it
         self._plan = plan
-        for segment, end in plan.spans(len(prompt))[:-1]:
-            if end > self._llama.n_tokens:
+        limit = min(self.settings.n_batch, self.settings.n_ubatch)
+        for segment, end in plan.spans(len(prompt)):
+            if end > keep:
                 self._set_adapters(segment.adapters)
-                self._llama.eval(prompt[self._llama.n_tokens:end])
-        self._set_adapters(plan.segments[-1].adapters)
+                for start, stop in activation.batches(max(keep, segment.start), end, limit):
+                    if stop < len(prompt):
+                        self._llama.eval(prompt[start:stop])
         self.evaluated_tokens += len(prompt) - keep
         return keep
-
 
 def vocabulary_tokens(model_path: Path | str, text: str) -> list[int]:
     """Token ids of ``text`` in ``model_path``'s vocabulary as a Hugging Face tokenizer's ``encode(text,

@@ -82,6 +82,27 @@ def test_a_segment_is_never_resumed_at_its_last_token() -> None:
     assert activation.reusable_prefix(list(range(10)), base, prompt, activation.plan(prompt, [(OTHER, 1.0)])) == 10
 
 
+def test_what_is_left_of_a_long_segment_is_evaluated_as_a_large_batch_as_in_a_fresh_run() -> None:
+    document = list(range(1000, 1300))
+    base = activation.plan(document, [])
+    prompt = document[:290] + [5, 6, 7]  # shares 290 tokens, then differs: 3 new tokens would be a small batch
+    assert activation.reusable_prefix(document, base, prompt, activation.plan(prompt, [])) == 293 - 64
+    # The base segment before an invocation is reused whole: the aLoRA's own segment is evaluated whole anyway.
+    invoked = document + [7, 8, 5]
+    assert activation.reusable_prefix(document, base, invoked, activation.plan(invoked, [(ALORA, 1.0)])) == 300
+
+
+@pytest.mark.parametrize("start, end, limit, expected", [
+    (0, 300, 512, [(0, 300)]),
+    (0, 520, 512, [(0, 260), (260, 520)]),  # not 512 + 8: a remainder of 8 would change the batch class
+    (10, 1035, 512, [(10, 352), (352, 694), (694, 1035)]),
+    (5, 6, 512, [(5, 6)]),
+])
+def test_batches_split_evenly_within_the_limit(start: int, end: int, limit: int,
+                                               expected: list[tuple[int, int]]) -> None:
+    assert activation.batches(start, end, limit) == expected
+
+
 # -- the runtime on the real SmolLM2 ----------------------------------------------------------------------------
 
 
@@ -142,14 +163,18 @@ def test_a_pipeline_of_aloras_over_one_document_evaluates_it_once(runtime: Runti
     questions = {"router": "Which team handles this?", "json-extract": "Give the clauses as JSON.",
                  "legal-review": "Is clause 4 enforceable?"}
     document_tokens = len(ask(runtime, ""))
-    before, outputs = runtime.engine.evaluated_tokens, {}
+    outputs, evaluated = {}, []
     for name, question in questions.items():
-        prompt = ask(runtime, question)
+        prompt, before = ask(runtime, question), runtime.engine.evaluated_tokens
         outputs[name] = (prompt, runtime.generate(prompt, GREEDY, adapters=[(name, 1.0)])[0].text)
-    evaluated = runtime.engine.evaluated_tokens - before
-    suffixes = sum(len(prompt) - document_tokens for prompt, _ in outputs.values())
-    assert evaluated < document_tokens + suffixes + 3 * 12  # one prefill of the document, not three
-    assert evaluated >= document_tokens
+        evaluated.append(runtime.engine.evaluated_tokens - before)
+    prompts = [prompt for prompt, _ in outputs.values()]
+    assert evaluated[0] == len(prompts[0])
+    for prompt, count in zip(prompts[1:], evaluated[1:]):
+        # The document came from the first request's KV: only the question, and at most one large batch of the
+        # prefix before it (evaluated in the batch class a fresh run uses), were evaluated again.
+        assert len(prompt) - document_tokens <= count <= len(prompt) - document_tokens + activation.LARGE_BATCH
+    assert sum(evaluated) < 2 * document_tokens  # one prefill of the document, not three
     for name, (prompt, text) in outputs.items():
         assert text == fresh_output(profile_path, files, prompt, [(name, 1.0)])
 
@@ -160,7 +185,8 @@ def test_without_its_invocation_an_alora_is_inert_and_answers_as_the_base(runtim
     result, applied = runtime.generate(prompt, GREEDY, adapters=[("router", 1.0)])
     assert [(a.name, a.inert) for a in applied] == [("router", True)]
     base = runtime.generate(prompt, GREEDY)[0]
-    assert runtime.engine.last_reused_tokens == len(prompt) - 2  # the inert request computed the base's KV
+    # The inert request computed the base's KV: the base reuses it.
+    assert runtime.engine.last_reused_tokens == len(prompt) - activation.LARGE_BATCH
     assert result.token_ids == base.token_ids and result.text == base.text
 
 
