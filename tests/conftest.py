@@ -98,9 +98,11 @@ def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     """Write a device profile TOML (the schema users write) and return its path."""
     folder = tmp_path_factory.mktemp("profiles")
 
-    def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384) -> Path:
+    def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384,
+              threads: int = 2) -> Path:
         path = folder / f"{name}.toml"
-        path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb))
+        path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb,
+                                        threads=threads))
         return path
 
     return write
@@ -119,7 +121,7 @@ runtime_budget_mb = {budget_mb}
 adapter_cache_mb = 1024
 
 [compute]
-threads = 2
+threads = {threads}
 gpu_layers = 0
 ctx = {ctx}
 batch = {batch}
@@ -129,3 +131,21 @@ kv_type = "f16"
 max_download_kbps = 0
 metered = false
 """
+
+
+@pytest.fixture(scope="session")
+def gemma_adapter_files(tmp_path_factory: pytest.TempPathFactory, gemma_model: Path) -> list[Path]:
+    """Two ~15 MB Gemma 3 270M adapters (all linear layers of its 18, rank 16, f32), converted from PEFT folders."""
+    from peft_dirs import GEMMA_SHAPES, lora_tensors, write_peft_dir
+
+    from converters import convert_peft_to_gguf
+
+    folder = tmp_path_factory.mktemp("gemma-adapters")
+    paths = []
+    for index, name in enumerate(["gemma-legal", "gemma-brand"]):
+        tensors = lora_tensors(ALL_LINEAR, rank=16, layers=range(18), seed=100 + index, shapes=GEMMA_SHAPES)
+        peft_dir = write_peft_dir(folder / f"peft-{name}", tensors=tensors, r=16, lora_alpha=32,
+                                  target_modules=ALL_LINEAR, base_model_name_or_path="google/gemma-3-270m")
+        paths.append(convert_peft_to_gguf(peft_dir, base=gemma_model, output=folder / f"{name}.gguf",
+                                          outtype="f32").output)
+    return paths

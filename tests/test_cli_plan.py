@@ -25,12 +25,22 @@ def test_plan_json_reports_terms_and_adapter_count(make_profile: Callable[..., P
     assert report["adapter_budget_bytes"] == 512 * MIB - report["fixed_bytes"]
     assert report["adapters_that_fit"] == report["adapter_budget_bytes"] // (20 * MIB)
     assert report["fixed_bytes"] == sum(report[k] for k in ("process_bytes", "model_bytes", "kv_cache_bytes",
-                                                            "compute_bytes"))
+                                                            "compute_bytes", "request_buffer_bytes"))
+    # Two bodies of 1 MiB read at once, three copies each, and 16 waiting connections of 384 KiB.
+    assert (report["request_reads"], report["max_body_bytes"], report["max_queue"]) == (2, MIB, 16)
+    assert report["request_buffer_bytes"] == 2 * 3 * MIB + 16 * 384 * 1024 == 12 * MIB
+
+
+def test_plan_counts_the_request_buffers_serve_allows(make_profile: Callable[..., Path]) -> None:
+    profile = make_profile("plan-requests", budget_mb=512, ctx=1024)
+    result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--max-body-kb", "64", "--max-queue", "4"])
+    assert result.exit_code == 0, result.output
+    assert "request buffers (2 x 64 KiB read, 4 waiting)           1.9 MiB" in result.output
 
 
 def test_plan_with_listed_adapters_says_whether_they_fit(make_profile: Callable[..., Path],
                                                          adapter_files: list[Path]) -> None:
-    profile = make_profile("plan-files", budget_mb=296, ctx=1024)  # 66 MiB for adapters: three of the five
+    profile = make_profile("plan-files", budget_mb=308, ctx=1024)  # 66 MiB for adapters: three of the five
     args = ["plan", "--profile", str(profile)] + [a for f in adapter_files for a in ("--adapters", str(f))]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
@@ -43,7 +53,7 @@ def test_plan_fails_with_the_terms_and_the_fix_when_the_base_does_not_fit(make_p
     profile = make_profile("plan-small", budget_mb=200, ctx=8192)
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile)])
     assert result.exit_code == 7
-    assert "KV cache (8192 tokens, f16)                    180.0 MiB" in result.output
+    assert "KV cache (8192 tokens, f16)                          180.0 MiB" in result.output
     assert "error: the base model needs" in result.output
     assert "Use a smaller --ctx, a quantised KV cache" in result.output
 

@@ -148,16 +148,21 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 @click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
 @click.option("--adapters", "adapter_files", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Adapter GGUF files to fit together (repeatable).")
+@click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
+              help="The daemon's request body cap in KiB (as `serve --max-body-kb`).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
+              help="Requests that may wait in the daemon (as `serve --max-queue`).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @_reports_errors
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
-         adapter_files: tuple[Path, ...], as_json: bool) -> None:
+         adapter_files: tuple[Path, ...], max_body_kb: int, max_queue: int, as_json: bool) -> None:
     """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters."""
-    from edge_runtime.runtime.budget import adapter_resident_bytes
+    from edge_runtime.runtime.budget import RequestLimits, adapter_resident_bytes
     from edge_runtime.runtime.core import plan_for
 
     profile = load_profile(profile_name)
-    memory = plan_for(profile, resolve_model(model), ctx=ctx)
+    memory = plan_for(profile, resolve_model(model), ctx=ctx,
+                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
     adapter_bytes = [adapter_resident_bytes(p) for p in adapter_files]
     one = int(adapter_mb * (1 << 20)) if adapter_mb else max(adapter_bytes, default=0)
     report = memory.as_dict() | {"profile": profile.name, "adapter_bytes": one,
@@ -173,9 +178,11 @@ def _plan_table(report: dict[str, Any]) -> str:
     rows = [("process (Python, llama.cpp, tokenizer)", report["process_bytes"]), ("base model", report["model_bytes"]),
             (f"KV cache ({report['ctx']} tokens, {report['kv_type']})", report["kv_cache_bytes"]),
             (f"compute buffers (batch {report['batch']})", report["compute_bytes"]),
+            (f"request buffers ({report['request_reads']} x {report['max_body_bytes'] // 1024} KiB read, "
+             f"{report['max_queue']} waiting)", report["request_buffer_bytes"]),
             ("= fixed", report["fixed_bytes"]), ("runtime budget", report["budget_bytes"]),
             ("= adapter budget", report["adapter_budget_bytes"])]
-    lines = [f"memory plan for profile {report['profile']}"] + [f"  {label:<42}{value / mib:>10.1f} MiB"
+    lines = [f"memory plan for profile {report['profile']}"] + [f"  {label:<48}{value / mib:>10.1f} MiB"
                                                                  for label, value in rows]
     if report["adapters_that_fit"] is not None:
         lines.append(f"  adapters of {report['adapter_bytes'] / mib:.1f} MiB that fit at once: "
@@ -236,7 +243,10 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
             raise click.UsageError(f"{flag} only applies with --cdn URL")
     _check_port_free(host, port)  # before loading anything: one clear line, not a traceback after the banner
     logging.getLogger("edge_runtime").setLevel(min(logging.getLogger().level, logging.INFO))
-    runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx)
+    from edge_runtime.runtime.budget import RequestLimits
+
+    runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx,
+                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
     try:
         if adapters_dir is not None:
             for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():

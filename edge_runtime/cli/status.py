@@ -54,6 +54,7 @@ def _table(url: str, report: dict[str, Any]) -> str:
     rows = [("process (Python, llama.cpp, tokenizer)", plan["process_bytes"]), ("base model", plan["model_bytes"]),
             (f"KV cache ({plan['ctx']} tokens, {plan['kv_type']})", plan["kv_cache_bytes"]),
             (f"compute buffers (batch {plan['batch']})", plan["compute_bytes"]),
+            ("request buffers", plan.get("request_buffer_bytes", 0)),
             ("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
             ("measured RSS", report["rss_bytes"])]
     lines += [f"  {label:<42}{value / mib:>10.1f} MiB" for label, value in rows]

@@ -31,6 +31,7 @@ The tree::
     ├── Forbidden                                (PermissionError)     cross-site or rebound-host request (403)
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
     ├── QueueFull                                (RuntimeError)        the request queue is at its bound
+    ├── MemoryPressure                           (MemoryError)         RSS over the budget: load is shed (503)
     ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
     ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
     │   └── UnsupportedArchitecture  (converters/errors.py) (NotImplementedError) no name mapping for the base
@@ -73,6 +74,7 @@ from edge_runtime.errors.device import (
     InvalidSettings,
     InvalidTransition,
     LlamaCppError,
+    MemoryPressure,
     ModelNotFound,
     NothingToPublish,
     ProfileNotFound,
@@ -102,6 +104,6 @@ __all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "
            "GGUFNotFound", "IncompatibleAdapter", "IntegrityError", "InvalidGGUF", "InvalidManifest",
            "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
            "LengthExceeded", "LlamaCppError", "ManifestExpired", "ModelNotFound", "NothingToPublish",
-           "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused", "RuntimeClosed",
+           "MemoryPressure", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused", "RuntimeClosed",
            "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable", "TransferFailed",
            "Unauthorized", "UntrustedData"]

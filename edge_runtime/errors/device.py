@@ -7,7 +7,7 @@ from edge_runtime.errors.base import EdgeRtError
 __all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow",
            "DiskFull", "FileTooLarge", "Forbidden", "GGUFNotFound", "IncompatibleAdapter", "InvalidGGUF",
            "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
-           "LlamaCppError", "ModelNotFound", "NothingToPublish", "ProfileNotFound", "QueueFull",
+           "LlamaCppError", "ModelNotFound", "NothingToPublish", "MemoryPressure", "ProfileNotFound", "QueueFull",
            "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
 
 
@@ -347,6 +347,21 @@ class QueueFull(EdgeRtError, RuntimeError):
         self.retry_after_s = retry_after_s
         super().__init__(f"{queued} requests are already queued (limit {limit})",
                          fix=f"Retry after {retry_after_s} s")
+
+
+class MemoryPressure(EdgeRtError, MemoryError):
+    """The daemon's measured RSS is over its runtime budget: new completions wait ``retry_after_s`` seconds."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "server_overloaded"
+
+    def __init__(self, *, rss_bytes: int, budget_bytes: int, retry_after_s: int = 1) -> None:
+        self.rss_bytes = rss_bytes
+        self.budget_bytes = budget_bytes
+        self.retry_after_s = retry_after_s
+        super().__init__(f"the daemon uses {rss_bytes / 2**20:.1f} MiB, over its runtime budget of "
+                         f"{budget_bytes / 2**20:.1f} MiB", fix=f"Retry after {retry_after_s} s")
 
 
 class DiskFull(EdgeRtError, OSError):

@@ -1,10 +1,9 @@
 """The adapter manager: adapters known by name, cached on disk, resident in memory under a byte budget, in use.
 
-Each name maps to its current ``AdapterVersion`` (``versions.py``: one file content and its memory lifecycle).
-``hold`` makes an adapter resident, evicting least-recently-used idle unpinned ones (``eviction.py`` chooses), and
-counts the caller as a user until ``release``; concurrent requests share one load. ``replace`` loads a new version
-beside the one in service and gives it the name only once loaded; users of the old one finish on it. Every
-version holding memory (loading, retired, being freed) counts against the budget until freed.
+Each name maps to its current ``AdapterVersion`` (``versions.py``). ``hold`` makes an adapter resident, evicting
+least-recently-used idle unpinned ones (``eviction.py`` chooses), and counts the caller as a user until ``release``.
+``replace`` loads a new version beside the one in service and gives it the name once loaded; users of the old one
+finish on it. Every version holding memory (loading, retired, being freed) counts against the budget until freed.
 """
 
 from __future__ import annotations
@@ -66,8 +65,6 @@ class AdapterManager:
         self._uses = itertools.count(1)
         self._closed = False
 
-    # -- registry -------------------------------------------------------------------------------------------------
-
     def add(self, name: str, path: Path | str, *, sha256: str | None = None) -> AdapterInfo:
         """Register a cached adapter file under ``name`` (checked against the base now and again at load)."""
         validate_name(name)
@@ -122,7 +119,7 @@ class AdapterManager:
             adapter = self._adapters.get(name)
             return adapter is not None and adapter.current is not None and adapter.current.sha256 != sha256
 
-    def replace(self, name: str, path: Path | str, *, sha256: str) -> AdapterInfo:
+    def replace(self, name: str, path: Path | str, *, sha256: str | None = None) -> AdapterInfo:
         """Load ``path`` as the new version of ``name`` and switch to it only once llama.cpp has loaded it.
 
         Until then, and whenever the load fails (the error is raised), ``name`` keeps serving its current version.
@@ -132,7 +129,7 @@ class AdapterManager:
         fresh = self._compatibility.version_for(name, Path(path), sha256)
         with self._lock:
             adapter = self._adapter(name)
-            if adapter.current is not None and adapter.current.sha256 == sha256:
+            if adapter.current is not None and adapter.current.sha256 == fresh.sha256:
                 return self._info(adapter)
             if adapter.update is not None or self._closed:
                 raise InvalidTransition(name, "updating" if adapter.update else "closed", "replaced")
@@ -160,7 +157,10 @@ class AdapterManager:
         added, refused = [], {}
         for path in sorted(Path(directory).glob("*.gguf")):
             try:
-                added.append(self.add(path.stem, path))
+                try:
+                    added.append(self.add(path.stem, path))
+                except InvalidTransition:  # in service: the changed file becomes its next version, loaded first
+                    added.append(self.replace(path.stem, path))
             except (EdgeRtError, OSError) as exc:  # one bad or unreadable file must not keep the others from serving
                 refused[path.name] = exc if isinstance(exc, EdgeRtError) else InvalidGGUF(str(path), f"{exc}")
         return added, refused

@@ -4,13 +4,29 @@ The terms are computed from the base GGUF's header and the context settings, and
 a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10% of it):
 
 - process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
-  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~400 bytes
-  per vocabulary entry) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
+  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~175 bytes
+  per vocabulary entry and ~200 per BPE merge rule: 373 bytes per entry for SmolLM2's BPE, 173 for Gemma's
+  SentencePiece vocabulary) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
   threads, load transients: peaks up to 6 MiB above the steady state were measured).
-- base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode.
-- KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula).
+- base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode. Tensors
+  of the types llama.cpp's CPU kernels repack (Q4_0, Q4_K, IQ4_NL) are counted twice: the repacked copy is held
+  beside the mapped pages it was made from (12.7 MiB for Gemma 3 270M Q4_K_M).
+- KV cache: ctx × layers × (K width + V width) × bytes per element of the KV type (llama.cpp's own formula). It
+  holds for sliding-window models too (gemma2/gemma3): llama-cpp-python 0.3.36 creates contexts with llama.cpp's
+  default ``swa_full = true``, so the sliding-window layers' cache has ctx cells like the global layers' (not the
+  window plus a micro-batch); ``tests/runtime/test_budget_gemma.py`` checks it against llama.cpp's own sizes.
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
-  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes.
+  activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes; plus the f16 attention mask
+  (ctx × ubatch × 2 bytes, filled for every prompt micro-batch) and, per vocabulary entry, the logits row
+  llama.cpp outputs and the two candidate arrays the samplers fill (4 + 12 + 12 bytes): 7 MiB for Gemma's 262k
+  vocabulary, measured 5.8.
+- request buffers: HTTP request bodies being read, parsed and tokenized before they reach the queue. At most
+  ``request_reads`` requests do that at once (the daemon's intake holds them to it), each with a body of up to the
+  body cap, counted three times over (measured peak: twice): the bytes received, the text Python decodes them into
+  and the strings JSON parsing makes of it. Text outside Latin-1 takes 2-4 bytes per character in Python, so such
+  bodies can need more. Up to ``max_queue`` more requests wait for a slot with their body unread, each holding what
+  the connection buffered before aiohttp paused reading it: one 256 KiB socket read plus twice aiohttp's 64 KiB
+  read buffer. Beyond that, requests get 503 at once.
 - adapters: what remains of the runtime budget.
 """
 
@@ -19,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,9 +50,22 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 PROCESS_BASELINE_BYTES = 72 * MIB
 PEAK_HEADROOM_BYTES = 8 * MIB
-TOKENIZER_BYTES_PER_TOKEN = 400
+TOKENIZER_BYTES_PER_TOKEN = 180
+TOKENIZER_BYTES_PER_MERGE = 210
+# llama.cpp's CPU backend copies tensors of these types into an interleaved layout for its AVX2/NEON kernels
+# ("CPU_REPACK" buffer), beside the mapped file whose pages it read to do so.
+REPACKED_TYPES = frozenset({gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_K,
+                            gguf.GGMLQuantizationType.IQ4_NL})
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
+KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
+LOGITS_BYTES_PER_TOKEN = 4 + 12 + 12  # one float32 logit, two llama_token_data candidates
 MAX_UBATCH = 512
+DEFAULT_MAX_BODY_BYTES = 1 << 20
+DEFAULT_MAX_QUEUE = 16
+REQUEST_BUFFER_COPIES = 3  # received bytes, decoded text, parsed strings
+MAX_REQUEST_READS = 2
+READ_BUFFER_BYTES = 64 * 1024  # aiohttp's per-connection read buffer (the daemon sets it explicitly)
+CONNECTION_BUFFER_BYTES = 256 * 1024 + 2 * READ_BUFFER_BYTES  # asyncio's recv size + aiohttp's high-water mark
 # glibc: allocations from this size up get their own mmap, so freeing them returns the pages to the OS at once.
 _MMAP_THRESHOLD_BYTES = 256 * 1024
 _M_MMAP_THRESHOLD = -3
@@ -53,6 +83,13 @@ class ModelShape:
     kv_width: int  # K plus V values per token per layer
     tensor_bytes: int
     context_length: int
+    n_merges: int = 0  # BPE merge rules in the tokenizer
+    repacked_bytes: int = 0  # tensor bytes llama.cpp's CPU backend holds a second, repacked copy of
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes the loaded model holds: its mapped tensors plus the repacked copies."""
+        return self.tensor_bytes + self.repacked_bytes
 
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
@@ -70,11 +107,12 @@ class ModelShape:
         head_k = number("attention.key_length", n_embd // n_head)
         head_v = number("attention.value_length", n_embd // n_head)
         n_head_kv = number("attention.head_count_kv", n_head)
-        vocab = header.fields.get("tokenizer.ggml.tokens")
+        vocab, merges = header.fields.get("tokenizer.ggml.tokens"), header.fields.get("tokenizer.ggml.merges")
         return cls(architecture=arch, n_layers=number("block_count"), n_embd=n_embd,
                    n_ff=number("feed_forward_length"), n_vocab=vocab.count if vocab else number("vocab_size"),
                    kv_width=n_head_kv * (head_k + head_v), tensor_bytes=sum(t.n_bytes for t in header.tensors),
-                   context_length=number("context_length", 0))
+                   context_length=number("context_length", 0), n_merges=merges.count if merges else 0,
+                   repacked_bytes=sum(t.n_bytes for t in header.tensors if t.ggml_type in REPACKED_TYPES))
 
 
 def model_shape(path: Path | str) -> ModelShape:
@@ -83,7 +121,10 @@ def model_shape(path: Path | str) -> ModelShape:
 
 
 def kv_cache_bytes(shape: ModelShape, ctx: int, kv_type: str) -> int:
-    """Bytes of the KV cache for ``ctx`` tokens: ctx × layers × (K+V width) × bytes of ``kv_type``."""
+    """Bytes of the KV cache for ``ctx`` tokens: ctx × layers × (K+V width) × bytes of ``kv_type``.
+
+    Sliding-window layers count ctx cells too: llama.cpp's default full-size SWA cache (``swa_full``).
+    """
     block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[kv_type.upper()]]
     return ctx * shape.n_layers * shape.kv_width * type_size // block_size
 
@@ -93,14 +134,39 @@ def ubatch_for(batch: int) -> int:
     return max(1, min(batch, MAX_UBATCH))
 
 
-def compute_bytes(shape: ModelShape, batch: int) -> int:
-    """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens."""
-    return ubatch_for(batch) * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+def compute_bytes(shape: ModelShape, batch: int, ctx: int = 0) -> int:
+    """Resident bytes of llama.cpp's compute buffers for a prompt batch of ``batch`` tokens in a ``ctx``-token
+    context: activations, the attention mask, the output logits and the samplers' candidates."""
+    ubatch = ubatch_for(batch)
+    activations = ubatch * COMPUTE_BYTES_PER_UBATCH_UNIT * (shape.n_embd + shape.n_ff)
+    return activations + ctx * ubatch * KQ_MASK_BYTES_PER_ELEMENT + shape.n_vocab * LOGITS_BYTES_PER_TOKEN
+
+
+def request_reads(threads: int) -> int:
+    """How many requests may be read, parsed and tokenized at once on a device with ``threads`` CPU threads."""
+    return max(1, min(threads, MAX_REQUEST_READS))
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """The daemon's limits on requests that decide their memory: body cap and requests waiting (bytes, count)."""
+
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+
+
+DEFAULT_REQUEST_LIMITS = RequestLimits()
+
+
+def request_buffer_bytes(limits: RequestLimits, reads: int) -> int:
+    """Peak bytes of ``reads`` bodies being read and parsed at once plus ``max_queue`` requests waiting unread."""
+    return reads * limits.max_body_bytes * REQUEST_BUFFER_COPIES + limits.max_queue * CONNECTION_BUFFER_BYTES
 
 
 def process_bytes(shape: ModelShape) -> int:
     """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
-    return PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+    return (PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+            + shape.n_merges * TOKENIZER_BYTES_PER_MERGE)
 
 
 @dataclass(frozen=True)
@@ -112,14 +178,19 @@ class MemoryPlan:
     model_bytes: int
     kv_cache_bytes: int
     compute_bytes: int
+    request_buffer_bytes: int
     ctx: int
     batch: int
     kv_type: str
+    max_body_bytes: int
+    max_queue: int
+    request_reads: int
 
     @property
     def fixed_bytes(self) -> int:
         """Everything but adapters."""
-        return self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
+        return (self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
+                + self.request_buffer_bytes)
 
     @property
     def adapter_budget_bytes(self) -> int:
@@ -148,11 +219,15 @@ class MemoryPlan:
         return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
 
 
-def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str) -> MemoryPlan:
+def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str,
+                requests: RequestLimits = DEFAULT_REQUEST_LIMITS, reads: int = MAX_REQUEST_READS) -> MemoryPlan:
     """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
-    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.tensor_bytes,
-                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type), compute_bytes=compute_bytes(shape, batch),
-                      ctx=ctx, batch=batch, kv_type=kv_type)
+    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.resident_bytes,
+                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
+                      compute_bytes=compute_bytes(shape, batch, ctx),
+                      request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,
+                      kv_type=kv_type, max_body_bytes=requests.max_body_bytes, max_queue=requests.max_queue,
+                      request_reads=reads)
 
 
 def adapter_resident_bytes(path: Path | str) -> int:
@@ -163,6 +238,37 @@ def adapter_resident_bytes(path: Path | str) -> int:
 def measured_rss_bytes() -> int:
     """This process's resident set size, in bytes, as the OS reports it."""
     return int(psutil.Process().memory_info().rss)
+
+
+class PeakRssSampler(threading.Thread):
+    """Records the peak RSS of process ``pid`` (default: this one) every ``interval_s`` seconds until stopped."""
+
+    def __init__(self, pid: int | None = None, *, interval_s: float = 0.005) -> None:
+        super().__init__(daemon=True, name="edge-rt-rss-sampler")
+        self.interval_s = interval_s
+        self.process = psutil.Process(pid)
+        self.peak_bytes = int(self.process.memory_info().rss)
+        self.samples = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(self.interval_s):
+            try:
+                self.peak_bytes = max(self.peak_bytes, int(self.process.memory_info().rss))
+            except psutil.Error:  # the process ended
+                return
+            self.samples += 1
+
+    def reset(self) -> int:
+        """Start a new measurement from the current RSS; return the peak so far."""
+        peak, self.peak_bytes = self.peak_bytes, int(self.process.memory_info().rss)
+        return peak
+
+    def stop(self) -> int:
+        """Stop sampling and return the peak in bytes."""
+        self._stop_event.set()
+        self.join()
+        return self.peak_bytes
 
 
 def configure_allocator() -> bool:

@@ -43,26 +43,30 @@ def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> Engine
                           n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
 
 
-def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None) -> budget.MemoryPlan:
-    """The memory plan of serving ``model_path`` under ``profile``."""
-    return _plan(profile, budget.model_shape(model_path), ctx=ctx)
+def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,
+             requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
+    """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
+    return _plan(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
 
 
-def _plan(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None) -> budget.MemoryPlan:
+def _plan(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None,
+          requests: budget.RequestLimits) -> budget.MemoryPlan:
     settings = engine_settings(profile, ctx=ctx)
     return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
-                              batch=settings.n_batch, kv_type=settings.kv_type)
+                              batch=settings.n_batch, kv_type=settings.kv_type, requests=requests,
+                              reads=budget.request_reads(settings.n_threads or 1))
 
 
 class Runtime:
     """The library API the daemon serves: generate with an adapter set, within the profile's memory budget."""
 
-    def __init__(self, profile: DeviceProfile, *, model: str | Path | None = None, ctx: int | None = None) -> None:
+    def __init__(self, profile: DeviceProfile, *, model: str | Path | None = None, ctx: int | None = None,
+                 requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> None:
         budget.configure_allocator()
         self.profile = profile
         self.model_path = resolve_model(model)
         header = read_header(self.model_path)  # read once: the plan and the fingerprint both come from it
-        self.plan = _plan(profile, budget.ModelShape.from_header(header), ctx=ctx)
+        self.plan = _plan(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
         self.plan.require_fit(profile.name)
         self.base_fingerprint = base_fingerprint(header)
         self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx))

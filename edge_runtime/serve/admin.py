@@ -42,15 +42,19 @@ routes = web.RouteTableDef()
 
 
 async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
-    """Register the files added to ``--adapters-dir`` since start and forget idle adapters whose file was deleted
-    from it; return the names added and, by file, refusals."""
+    """Register the files added to ``--adapters-dir`` since start (a changed file becomes its adapter's next
+    version) and forget idle adapters whose file was deleted from it; return the names added and, by file,
+    refusals."""
     folder = app[CONFIG].adapters_dir
     if folder is None:
         log.info("nothing to rescan: the daemon has no --adapters-dir")
         return [], {}
-    known = set(app[RUNTIME].adapters.names())
+    known = {a.name: a.sha256 for a in app[RUNTIME].adapters.list_adapters()}
     added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
     new = [a.name for a in added if a.name not in known]
+    for info in added:
+        if info.name in known and known[info.name] != info.sha256:
+            log.info("adapter %s: now serving version %s from %s", info.name, info.sha256[:12], info.path)
     if FOLLOWER in app:  # the operator's files win: a name now served from --adapters-dir stops following the CDN
         for info in added:
             app[FOLLOWER].unfollow(info.name)

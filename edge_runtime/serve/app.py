@@ -30,22 +30,23 @@ from edge_runtime.errors import (
     ContextOverflow,
     EdgeRtError,
     Forbidden,
-    InvalidRequest,
+    MemoryPressure,
     QueueFull,
     ShuttingDown,
     Unauthorized,
 )
 from edge_runtime.names import validate_name
+from edge_runtime.runtime.budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, READ_BUFFER_BYTES
 from edge_runtime.runtime.core import AppliedAdapter, Runtime
 from edge_runtime.runtime.engine import Engine
 from edge_runtime.serve import openai_api
 from edge_runtime.serve.follower import CdnFollower
+from edge_runtime.serve.intake import SMALL_BODY_BYTES, RequestIntake
 from edge_runtime.serve.metrics import Metrics
 from edge_runtime.serve.scheduler import Job, Scheduler
 from edge_runtime.serve.status import RecentRequest
 
 log = logging.getLogger(__name__)
-DEFAULT_MAX_BODY_BYTES = 1 << 20
 SHUTDOWN_GRACE_S = 4.0  # a running generation's time to finish after SIGTERM (run the app with a longer timeout)
 CLIENT_CLOSED_REQUEST = 499  # the status nginx logs for a client that left before the answer (metrics and log only)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -57,7 +58,7 @@ class ServerConfig:
 
     api_key: str | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    max_queue: int = 16
+    max_queue: int = DEFAULT_MAX_QUEUE
     max_wait_s: float = 2.0
     max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
     preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
@@ -76,18 +77,24 @@ STARTED = web.AppKey("started", float)
 RECENT_REQUESTS = 20
 REQUEST_WORK = web.AppKey("request_work", ThreadPoolExecutor)  # tokenizing and parsing large bodies
 REQUEST_WORKERS = 2
-JSON_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed off the event loop
+INTAKE = web.AppKey("intake", RequestIntake)
 routes = web.RouteTableDef()
 
 
 def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
     """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
-    app = web.Application(client_max_size=config.max_body_bytes,
+    app = web.Application(client_max_size=config.max_body_bytes, handler_args={"read_bufsize": READ_BUFFER_BYTES},
                           middlewares=[_access_log, _errors, _browser_guard, _auth])
     app[CONFIG] = config
     app[RUNTIME] = runtime
     app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
-    app[METRICS] = Metrics(runtime, app[SCHEDULER])
+    app[INTAKE] = RequestIntake(reads=runtime.plan.request_reads, max_waiting=config.max_queue,
+                                budget_bytes=runtime.profile.runtime_budget_bytes, body_timeout_s=config.body_timeout_s)
+    if config.max_body_bytes > runtime.plan.max_body_bytes or config.max_queue > runtime.plan.max_queue:
+        log.warning("the memory plan counts request buffers for bodies of %d bytes and %d waiting requests, this "
+                    "server allows %d and %d: bursts can cross the budget", runtime.plan.max_body_bytes,
+                    runtime.plan.max_queue, config.max_body_bytes, config.max_queue)
+    app[METRICS] = Metrics(runtime, app[SCHEDULER], app[INTAKE])
     app[RECENT], app[STARTED] = deque(maxlen=RECENT_REQUESTS), time.time()
     from edge_runtime.serve import admin  # its routes use this module's keys: imported once this module is
 
@@ -219,7 +226,8 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
     retries 5xx) from asking twice more.
     """
     if isinstance(exc, EdgeRtError):
-        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, QueueFull) else None
+        headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, (QueueFull, MemoryPressure))
+                   else None)
         if exc.http_status == 507 or isinstance(exc, CacheMiss):
             headers = {"x-should-retry": "false"}
         if isinstance(exc, Unauthorized):  # lets a browser ask for the key (as the password) on the status page
@@ -247,7 +255,8 @@ def public_message(message: str) -> str:
     return _PATH.sub(lambda match: match.group(0).rstrip("/").rsplit("/", 1)[-1], message)
 
 
-_PATH = re.compile(r"(?<![\w:/.])(?:/[\w.@+=,~-]+)+/?")  # absolute paths, not the path part of a URL
+# Absolute paths, not the path part of a URL nor the daemon's own routes ("use /v1/completions" must stay whole).
+_PATH = re.compile(r"(?<![\w:/.])(?!/v1/)(?:/[\w.@+=,~-]+)+/?")
 
 
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "[::1]"})
@@ -294,17 +303,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
-    runtime, metrics = request.app[RUNTIME], request.app[METRICS]
-    parsed = openai_api.parse_request(await read_json(request), chat=chat, base_id=base_id(runtime),
-                                      known_adapters=set(runtime.adapters.names()),
-                                      max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
-    label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
-    request[REQUESTED] = label
-    if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
-        grammar = await asyncio.get_running_loop().run_in_executor(request.app[REQUEST_WORK],
-                                                                   runtime.engine.json_grammar, parsed.json_schema)
-        parsed = parsed.constrained(grammar)
-    prompt = await _prompt_tokens(request.app, runtime.engine, parsed)
+    runtime, metrics, intake = request.app[RUNTIME], request.app[METRICS], request.app[INTAKE]
+    intake.admit()  # over the memory budget: 503 before reading a byte of the body
+    async with intake.slot():  # the body is read, parsed and tokenized by a bounded number of requests at once
+        body = await intake.read_json(request, request.app[REQUEST_WORK], max_bytes=request.app[CONFIG].max_body_bytes)
+        parsed = openai_api.parse_request(body, chat=chat, base_id=base_id(runtime),
+                                          known_adapters=set(runtime.adapters.names()),
+                                          max_tokens_cap=request.app[CONFIG].max_tokens or runtime.engine.n_ctx)
+        del body
+        label = "+".join(sorted(name for name, _ in parsed.adapters)) or "base"
+        request[REQUESTED] = label
+        if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
+            grammar = await asyncio.get_running_loop().run_in_executor(
+                request.app[REQUEST_WORK], runtime.engine.json_grammar, parsed.json_schema)
+            parsed = parsed.constrained(grammar)
+        prompt = await _prompt_tokens(request.app, runtime.engine, parsed)
     produced, job = 0, None
     try:
         await pull_remote(request.app, [name for name, _ in parsed.adapters])
@@ -383,10 +396,13 @@ async def _prompt_tokens(app: web.Application, engine: Engine, parsed: openai_ap
     there instead of taking the threads other routes use.
     """
     texts = [m["content"] for m in parsed.messages] if parsed.messages is not None else [parsed.prompt_text or ""]
-    text_bytes = sum(len(text.encode()) for text in texts)
-    at_least = engine.min_tokens(text_bytes) + (len(parsed.messages) if parsed.messages is not None else 0)
-    if at_least >= engine.n_ctx:  # no tokenizing (a second per megabyte) for what cannot fit whatever its tokens
-        raise ContextOverflow(prompt_tokens=at_least, context_tokens=engine.n_ctx, prompt_bytes=text_bytes)
+    markers = len(parsed.messages) if parsed.messages is not None else 0
+    # A character is at least one UTF-8 byte: counting characters rules out a megabyte prompt without encoding it.
+    for size in (sum(len(text) for text in texts), None):
+        text_bytes = size if size is not None else sum(len(text.encode()) for text in texts)
+        at_least = engine.min_tokens(text_bytes) + markers
+        if at_least >= engine.n_ctx:  # no tokenizing (a second per megabyte) for what cannot fit whatever its tokens
+            raise ContextOverflow(prompt_tokens=at_least, context_tokens=engine.n_ctx, prompt_bytes=text_bytes)
     loop = asyncio.get_running_loop()
     if parsed.messages is not None:
         prompt = await loop.run_in_executor(app[REQUEST_WORK], engine.chat_prompt, parsed.messages)
@@ -402,15 +418,7 @@ def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The request's JSON body, read within ``body_timeout_s``; typed errors for a stall or bad JSON."""
-    timeout = request.app[CONFIG].body_timeout_s
-    try:
-        raw = await asyncio.wait_for(request.read(), timeout=timeout)
-    except asyncio.TimeoutError as exc:
-        raise BodyTimeout(timeout_s=timeout) from exc  # answered with Connection: close (the middleware)
-    try:
-        if len(raw) < JSON_ON_LOOP_BYTES:
-            return json.loads(raw)
-        return await asyncio.get_running_loop().run_in_executor(request.app[REQUEST_WORK], json.loads, raw)
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
-        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+    """An admin route's JSON body (at most 64 KiB: names and paths), read in an intake slot within the timeout."""
+    intake = request.app[INTAKE]
+    async with intake.slot():
+        return await intake.read_json(request, request.app[REQUEST_WORK], max_bytes=SMALL_BODY_BYTES)

@@ -10,6 +10,7 @@ from prometheus_client.registry import Collector
 
 from edge_runtime.runtime.budget import measured_rss_bytes
 from edge_runtime.runtime.core import Runtime
+from edge_runtime.serve.intake import RequestIntake
 from edge_runtime.serve.scheduler import Scheduler
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -18,9 +19,10 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class _RuntimeCollector(Collector):
     """Reads the runtime's and the scheduler's own counters at scrape time."""
 
-    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
+    def __init__(self, runtime: Runtime, scheduler: Scheduler, intake: RequestIntake) -> None:
         self.runtime = runtime
         self.scheduler = scheduler
+        self.intake = intake
 
     def collect(self) -> Iterator[Metric]:
         yield CounterMetricFamily("edge_rt_tokens_decoded", "Tokens the model generated, delivered or not",
@@ -42,12 +44,16 @@ class _RuntimeCollector(Collector):
         yield GaugeMetricFamily("edge_rt_runtime_budget_bytes", "Runtime memory budget of the device profile",
                                 value=self.runtime.profile.runtime_budget_bytes)
         yield GaugeMetricFamily("edge_rt_rss_bytes", "Resident set size of the daemon", value=measured_rss_bytes())
+        yield CounterMetricFamily("edge_rt_shed_requests", "Completions refused (503) while RSS was over the budget",
+                                  value=self.intake.shed_requests)
+        yield GaugeMetricFamily("edge_rt_over_budget", "1 while the daemon sheds load for memory, else 0",
+                                value=int(self.intake.over_budget))
 
 
 class Metrics:
     """The daemon's counters and histograms."""
 
-    def __init__(self, runtime: Runtime, scheduler: Scheduler) -> None:
+    def __init__(self, runtime: Runtime, scheduler: Scheduler, intake: RequestIntake) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("edge_rt_requests", "Completion requests by adapter and HTTP status",
                                 ["adapter", "status"], registry=self.registry)
@@ -60,7 +66,7 @@ class Metrics:
         self.pull_bytes = Counter("edge_rt_pull_bytes", "Bytes downloaded by adapter pulls", registry=self.registry)
         self.pull_seconds = Histogram("edge_rt_pull_seconds", "Time an adapter pull took", registry=self.registry,
                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
-        self.registry.register(_RuntimeCollector(runtime, scheduler))
+        self.registry.register(_RuntimeCollector(runtime, scheduler, intake))
 
     def observe_pull(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:
         """Count one pull of adapter ``name``: bytes it downloaded, how long it took, whether it succeeded."""

@@ -41,6 +41,7 @@ _STATE_COLOURS = {"remote": "#9aa5b1", "downloading": "#d69e2e", "cached": "#4a5
                   "active": "#c53030"}
 _BAR = [("process", "process_bytes", "#718096"), ("base model", "model_bytes", "#2b6cb0"),
         ("KV cache", "kv_cache_bytes", "#6b46c1"), ("compute", "compute_bytes", "#b7791f"),
+        ("request buffers", "request_buffer_bytes", "#dd6b20"),
         ("adapters", "resident_adapter_bytes", "#2f855a")]
 
 

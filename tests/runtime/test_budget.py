@@ -24,9 +24,11 @@ MIB = 1 << 20
 PROBE = Path(__file__).parent.parent / "rss_probe.py"
 
 
-def run_probe(profile: Path, adapters: list[Path], *, rounds: int = 1) -> dict[str, Any]:
+def run_probe(profile: Path, adapters: list[Path], *, rounds: int = 1, model: Path | None = None) -> dict[str, Any]:
+    model_args = [] if model is None else ["--model", str(model)]
     completed = subprocess.run([sys.executable, str(PROBE), "--profile", str(profile), "--rounds", str(rounds),
-                                *map(str, adapters)], capture_output=True, text=True, timeout=600, check=False)
+                                *model_args, *map(str, adapters)], capture_output=True, text=True, timeout=600,
+                               check=False)
     assert completed.returncode == 0, completed.stderr[-3000:]
     result: dict[str, Any] = json.loads(completed.stdout.strip().splitlines()[-1])
     return result
@@ -45,11 +47,13 @@ def test_plan_predicts_measured_rss_within_ten_percent(make_profile: Callable[..
                                                        adapter_files: list[Path]) -> None:
     profile = make_profile("roomy", budget_mb=1024)
     result = run_probe(profile, adapter_files[:3])
-    predicted = result["plan"]["fixed_bytes"] + result["resident_adapter_bytes"]
+    # The probe serves no HTTP: the plan's request buffers (for the daemon's request bodies) stay unused.
+    plan = result["plan"]
+    predicted = plan["fixed_bytes"] - plan["request_buffer_bytes"] + result["resident_adapter_bytes"]
     assert result["long_prompt_tokens"] >= 512  # a full micro-batch touched the compute buffers
     assert result["resident_adapter_bytes"] == sum(budget.adapter_resident_bytes(p) for p in adapter_files[:3])
-    assert abs(result["final_rss_bytes"] - predicted) <= 0.10 * result["final_rss_bytes"], (
-        result["final_rss_bytes"] / MIB, predicted / MIB)
+    measured = max(result["final_rss_bytes"], result["peak_rss_bytes"])
+    assert measured <= predicted <= 1.10 * measured, (measured / MIB, predicted / MIB)
 
 
 def test_churn_through_more_adapters_than_fit_stays_under_budget(base_model: Path, make_profile: Callable[..., Path],

@@ -1,0 +1,120 @@
+"""Request intake: what a request may cost in memory before it reaches the queue, and refusing it early.
+
+A request body is read, decoded, parsed and (for completions) tokenized by at most ``reads`` requests at once, and
+at most ``max_waiting`` more wait for a slot with their body unread (holding only what their connection buffered);
+more get 503 at once. The memory plan counts both as request buffers (``runtime/budget.py``). A daemon whose
+measured RSS crosses the runtime budget anyway sheds new completions (503 with ``Retry-After``) until it is back
+under, and says so in its log and in /metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Executor
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from edge_runtime.errors import BodyTimeout, InvalidRequest, MemoryPressure, QueueFull
+from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
+
+log = logging.getLogger(__name__)
+JSON_ON_LOOP_BYTES = 64 * 1024  # larger bodies are decoded and parsed off the event loop
+SMALL_BODY_BYTES = 64 * 1024  # the cap on admin routes' bodies (names and paths, never prompts)
+TRIM_INTERVAL_S = 1.0  # at most one malloc_trim per second while over budget
+RETRY_AFTER_S = 1
+
+
+class RequestIntake:
+    """Bounds concurrent body reads and sheds completions while the process is over its memory budget."""
+
+    def __init__(self, *, reads: int, max_waiting: int, budget_bytes: int, body_timeout_s: float,
+                 rss: Callable[[], int] = measured_rss_bytes) -> None:
+        self.reads = reads
+        self.max_waiting = max_waiting
+        self.budget_bytes = budget_bytes
+        self.body_timeout_s = body_timeout_s
+        self.shed_requests = 0
+        self.over_budget = False
+        self._slots = asyncio.Semaphore(reads)
+        self._waiting = 0
+        self._rss = rss
+        self._trimmed_at = 0.0
+
+    @asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        """Hold one of the ``reads`` slots for reading, parsing and tokenizing a body (503 when ``max_waiting``
+        requests already wait, or after the body timeout)."""
+        if self._slots.locked() and self._waiting >= self.max_waiting:
+            raise QueueFull(queued=self._waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S)
+        self._waiting += 1
+        try:
+            await asyncio.wait_for(self._slots.acquire(), timeout=self.body_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise QueueFull(queued=self._waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S) from exc
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._slots.release()
+
+    def admit(self) -> None:
+        """Raise ``MemoryPressure`` when the process is over its budget even after handing freed memory back."""
+        rss = self._rss()
+        if rss > self.budget_bytes and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
+            self._trimmed_at = time.monotonic()
+            release_freed_memory()
+            rss = self._rss()
+        if rss <= self.budget_bytes:
+            if self.over_budget:
+                log.warning("memory back under the budget (RSS %.1f MiB of %.1f MiB): serving again",
+                            rss / 2**20, self.budget_bytes / 2**20)
+                self.over_budget = False
+            return
+        if not self.over_budget:
+            log.warning("RSS %.1f MiB is over the runtime budget of %.1f MiB: new completions get 503 until it is "
+                        "back under (edge_rt_shed_requests counts them)", rss / 2**20, self.budget_bytes / 2**20)
+            self.over_budget = True
+        self.shed_requests += 1
+        raise MemoryPressure(rss_bytes=rss, budget_bytes=self.budget_bytes, retry_after_s=RETRY_AFTER_S)
+
+    async def read_json(self, request: web.Request, work: Executor, *, max_bytes: int) -> Any:
+        """The body of ``request`` as JSON, read within the body timeout; call it holding a ``slot()``."""
+        try:
+            raw = await asyncio.wait_for(read_body(request, max_bytes=max_bytes), timeout=self.body_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise BodyTimeout(timeout_s=self.body_timeout_s) from exc  # answered with Connection: close
+        if len(raw) < JSON_ON_LOOP_BYTES:
+            return parse_json(raw)
+        return await asyncio.get_running_loop().run_in_executor(work, parse_json, raw)
+
+
+async def read_body(request: web.Request, *, max_bytes: int) -> bytearray:
+    """The body's bytes, refused with 413 from its Content-Length before reading when it is too large."""
+    declared = request.content_length
+    if declared is not None and declared > max_bytes:
+        raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=declared)
+    body = bytearray()
+    async for chunk in request.content.iter_any():
+        if len(body) + len(chunk) > max_bytes:
+            raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(body) + len(chunk))
+        body += chunk
+    return body
+
+
+def parse_json(raw: bytearray) -> Any:
+    """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once."""
+    try:
+        text = raw.decode("utf-8")
+        raw.clear()
+        return json.loads(text)
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
+        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
