@@ -2,7 +2,8 @@
 
 llama.cpp applies ``y += (alpha / rank) · B·A·x`` per tensor with one file-wide ``adapter.lora.alpha``. PEFT's
 per-module scale (alpha/r or alpha/√r, with rank_pattern and alpha_pattern overrides) is made exact by folding
-the ratio between the two into B, so every module computes exactly what PEFT computes.
+the ratio between the two into B, so every module computes exactly what PEFT computes. An activated LoRA (aLoRA)
+carries its invocation tokens in ``adapter.alora.invocation_tokens`` (uint32), as llama.cpp's converter writes them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import gguf
 import numpy as np
 
 from converters.architectures import BaseModelLayout, read_base_layout
+from converters.errors import MalformedAdapter
 from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
 from edge_runtime.errors import InvalidSettings
 from edge_runtime.files import atomic_output
@@ -47,6 +49,7 @@ class ConversionResult:
     alpha: float
     size_bytes: int
     base_fingerprint: str
+    invocation_tokens: tuple[int, ...] = ()  # an aLoRA's invocation sequence; () for a plain LoRA
 
 
 @dataclass(frozen=True)
@@ -75,12 +78,30 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
     adapter_name = validate_name(name or output.stem)
     alpha = adapter.config.lora_alpha
     plan = _plan(adapter, layout, OUTTYPES[outtype])
+    invocation = invocation_tokens(adapter, layout)
     with atomic_output(output) as temp:
-        _write(temp, adapter, layout, adapter_name, alpha, plan, progress, description)
+        _write(temp, adapter, layout, adapter_name, alpha, plan, progress, description, invocation)
     ranks = tuple(sorted({p.pair.rank for p in plan}))
     return ConversionResult(output=output, name=adapter_name, architecture=layout.architecture,
                             tensor_count=len(plan), ranks=ranks, alpha=alpha, size_bytes=output.stat().st_size,
-                            base_fingerprint=layout.fingerprint)
+                            base_fingerprint=layout.fingerprint, invocation_tokens=invocation)
+
+
+def invocation_tokens(adapter: PeftAdapter, layout: BaseModelLayout) -> tuple[int, ...]:
+    """An aLoRA's invocation sequence: ``alora_invocation_tokens``, else ``invocation_string`` tokenized with the
+    base model's own vocabulary (as ``encode(text, add_special_tokens=False)``); () for a plain LoRA."""
+    config = adapter.config
+    tokens = config.alora_invocation_tokens
+    if not tokens and config.invocation_string:
+        from edge_runtime.runtime.engine import vocabulary_tokens  # llama.cpp only for the older aLoRAs
+
+        tokens = tuple(vocabulary_tokens(layout.path, config.invocation_string))
+    vocabulary = layout.tensor_shapes.get("token_embd.weight", (0, 1 << 32))[1]
+    if tokens and max(tokens) >= vocabulary:
+        raise MalformedAdapter(str(adapter.directory), f"invocation token {max(tokens)} is outside the base "
+                               f"model's vocabulary of {vocabulary} tokens",
+                               fix="The adapter was trained for another base model; pass that one with --base")
+    return tuple(tokens or ())
 
 
 def gguf_lora_b(adapter: PeftAdapter, layout: BaseModelLayout, pair: LoraPair, gguf_name: str) -> np.ndarray:
@@ -123,11 +144,15 @@ def _encode(matrix: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
 
 def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,
-           plan: list[_PlannedTensor], progress: ProgressCallback | None, description: str) -> None:
+           plan: list[_PlannedTensor], progress: ProgressCallback | None, description: str,
+           invocation: tuple[int, ...]) -> None:
     writer = gguf.GGUFWriter(path, arch=layout.architecture)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    if invocation:  # llama.cpp refuses any element type but uint32
+        writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, list(invocation), gguf.GGUFValueType.ARRAY,
+                             gguf.GGUFValueType.UINT32)
     writer.add_name(adapter_name)
     if description:
         writer.add_description(description)

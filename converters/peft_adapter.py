@@ -46,7 +46,6 @@ _REFUSED_WHEN_SET: dict[str, str] = {
     "layer_replication": "layer replication changes the model's layer stack; merge the adapter instead",
     "target_parameters": "LoRA on raw parameters (MoE experts) has no GGUF LoRA form; target modules instead",
     "trainable_token_indices": "trained token embeddings change the embedding table; retrain without them",
-    "alora_invocation_tokens": "activated LoRA (aLoRA) is not supported yet; train a plain LoRA",
     "arrow_config": "Arrow routing mixes several LoRAs per token; export each expert as its own adapter",
     "monteclora_config": "MonteCLoRA samples its weights; export a plain LoRA",
     "kasa_config": "KaSA rescales singular values at run time; merge the adapter instead",
@@ -67,6 +66,8 @@ class PeftConfig:
     layers_to_transform: tuple[int, ...] | None
     fan_in_fan_out: bool
     base_model_name_or_path: str | None
+    alora_invocation_tokens: tuple[int, ...] | None = None  # an activated LoRA (PEFT >= 0.17)
+    invocation_string: str | None = None  # an older aLoRA's invocation, to tokenize with the base's vocabulary
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], *, source: str) -> PeftConfig:
@@ -98,7 +99,14 @@ class PeftConfig:
             layers_to_transform=(layers,) if isinstance(layers, int) else tuple(layers) if layers else None,
             fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             base_model_name_or_path=data.get("base_model_name_or_path"),
+            alora_invocation_tokens=_token_ids(data.get("alora_invocation_tokens"), source),
+            invocation_string=_invocation_string(data.get("invocation_string"), source),
         )
+
+    @property
+    def is_alora(self) -> bool:
+        """True for an activated LoRA: it applies only from its invocation sequence on."""
+        return bool(self.alora_invocation_tokens) or bool(self.invocation_string)
 
     def rank_for(self, module: str) -> int:
         """The rank PEFT gives ``module`` (``rank_pattern`` overrides ``r``)."""
@@ -279,6 +287,24 @@ def _pattern_key(patterns: dict[str, Any], module: str) -> str | None:
 def _positive_int(value: Any, name: str, source: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise MalformedAdapter(source, f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def _token_ids(value: Any, source: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if (not isinstance(value, list) or not value
+            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1 << 32 for t in value)):
+        raise MalformedAdapter(source, f"alora_invocation_tokens must be a non-empty list of token ids, got "
+                               f"{str(value)[:200]}")
+    return tuple(value)
+
+
+def _invocation_string(value: Any, source: str) -> str | None:
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value:
+        raise MalformedAdapter(source, f"invocation_string must be non-empty text, got {str(value)[:200]!r}")
     return value
 
 

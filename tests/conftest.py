@@ -71,6 +71,28 @@ def adapter_files(tmp_path_factory: pytest.TempPathFactory, base_model: Path) ->
     return paths
 
 
+ASSISTANT_TURN = [1, 520, 9531, 198]  # "<|im_start|>assistant\n": SmolLM2's chat template opens every answer with it
+
+
+@pytest.fixture(scope="session")
+def alora_files(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> list[Path]:
+    """Three activated LoRAs (all linear layers, rank 16, f32) invoked by the assistant turn a chat prompt ends with,
+    converted from PEFT folders as a user would: "router", "json-extract" and "legal-review"."""
+    from peft_dirs import lora_tensors, write_peft_dir
+
+    from converters import convert_peft_to_gguf
+
+    folder = tmp_path_factory.mktemp("aloras")
+    paths = []
+    for index, name in enumerate(["router", "json-extract", "legal-review"]):
+        tensors = {k: v * 3 for k, v in lora_tensors(ALL_LINEAR, rank=16, layers=range(30), seed=50 + index).items()}
+        peft_dir = write_peft_dir(folder / f"peft-{name}", tensors=tensors, r=16, lora_alpha=32,
+                                  target_modules=ALL_LINEAR, alora_invocation_tokens=ASSISTANT_TURN)
+        paths.append(convert_peft_to_gguf(peft_dir, base=base_model, output=folder / f"{name}.gguf",
+                                          outtype="f32").output)
+    return paths
+
+
 @pytest.fixture(scope="session")
 def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Write a device profile TOML (the schema users write) and return its path."""

@@ -37,6 +37,21 @@ def test_convert_then_inspect_reports_the_adapter(tmp_path: Path, base_model: Pa
     assert report["size_bytes"] == out.stat().st_size
 
 
+def test_convert_and_inspect_show_an_aloras_invocation_tokens(tmp_path: Path, base_model: Path) -> None:
+    peft_dir = write_peft_dir(tmp_path / "peft", alora_invocation_tokens=[1, 520, 9531, 198])
+    out = tmp_path / "router.gguf"
+    runner = CliRunner()
+    converted = runner.invoke(main, ["convert", str(peft_dir), "--base", str(base_model), "-o", str(out)])
+    assert converted.exit_code == 0, converted.output
+    assert "aLoRA invoked by tokens [1, 520, 9531, 198]" in converted.output
+    report = json.loads(runner.invoke(main, ["inspect", str(out), "--json"]).output)
+    assert report["alora_invocation_tokens"] == [1, 520, 9531, 198]
+    assert "alora_invocation_tokens  [1, 520, 9531, 198]" in runner.invoke(main, ["inspect", str(out)]).output
+    plain = tmp_path / "plain.gguf"
+    runner.invoke(main, ["convert", str(write_peft_dir(tmp_path / "p2")), "-o", str(plain)])
+    assert json.loads(runner.invoke(main, ["inspect", str(plain), "--json"]).output)["alora_invocation_tokens"] is None
+
+
 def test_convert_defaults_to_the_embedded_base_model(tmp_path: Path, base_model: Path) -> None:
     out = tmp_path / "a.gguf"
     result = CliRunner().invoke(main, ["convert", str(write_peft_dir(tmp_path / "p")), "-o", str(out),

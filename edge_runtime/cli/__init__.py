@@ -66,7 +66,8 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
             bars[0].__exit__(None, None, None)
     click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
                f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
-               f"{result.architecture}, base {result.base_fingerprint[:12]}")
+               f"{result.architecture}, base {result.base_fingerprint[:12]}"
+               + (f", aLoRA invoked by tokens {list(result.invocation_tokens)}" if result.invocation_tokens else ""))
 
 
 @main.command()
@@ -124,6 +125,7 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
             "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get("edge_rt.base.name"),
             "description": info.metadata.get("general.description", ""),
             "peft_config_sha256": info.metadata.get("edge_rt.peft.config_sha256"),
+            "alora_invocation_tokens": list(info.invocation_tokens) or None,
         }
     return common | {
         "quantization": info.quantization, "parameter_count": info.parameter_count,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from edge_runtime.errors import InvalidGGUF
 from edge_runtime.gguf.header import GGUFHeader, HeaderTensor, read_header
@@ -31,6 +32,7 @@ KEY_MERGE_BASE_FINGERPRINT = "edge_rt.merge.base_fingerprint"
 KEY_MERGE_BASE_NAME = "edge_rt.merge.base_name"
 KEY_MERGE_SCALE = "edge_rt.merge.scale"
 KEY_MERGE_OUTTYPE = "edge_rt.merge.outtype"
+KEY_ALORA_INVOCATION_TOKENS = gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS  # uint32 array: an activated LoRA
 
 _FINGERPRINT_GENERAL_KEYS = ("general.architecture", "general.basename", "general.finetune", "general.size_label",
                              "general.version")
@@ -52,6 +54,7 @@ class GGUFInfo:
     metadata: dict[str, Any] = field(repr=False)
     tensors: tuple[HeaderTensor, ...] = field(repr=False)
     fingerprint: str | None  # a base model's own fingerprint; None for adapters
+    invocation_tokens: tuple[int, ...] = ()  # an aLoRA's invocation sequence; () for a plain LoRA or a model
 
     @property
     def is_adapter(self) -> bool:
@@ -142,4 +145,17 @@ def read_info(path: Path | str) -> GGUFInfo:
         parameter_count=sum(t.n_elements for t in header.tensors),
         metadata=metadata, tensors=header.tensors,
         fingerprint=None if kind == "adapter" else base_fingerprint(header),
+        invocation_tokens=invocation_tokens(header),
     )
+
+
+def invocation_tokens(header: GGUFHeader) -> tuple[int, ...]:
+    """An aLoRA's ``adapter.alora.invocation_tokens`` (any length); () when absent."""
+    found = header.fields.get(KEY_ALORA_INVOCATION_TOKENS)
+    if found is None:
+        return ()
+    if found.value_type != gguf.GGUFValueType.ARRAY or found.item_type != gguf.GGUFValueType.UINT32:
+        raise InvalidGGUF(str(header.path), f"{KEY_ALORA_INVOCATION_TOKENS} is not an array of uint32")
+    if found.value is not None:
+        return tuple(int(token) for token in found.value)
+    return tuple(int(token) for token in np.frombuffer(found.raw, dtype="<u4", offset=12))  # after type and count

@@ -12,7 +12,7 @@ from typing import Any
 from edge_runtime.gguf.header import read_header
 from edge_runtime.gguf.info import base_fingerprint
 from edge_runtime.profiles import DeviceProfile
-from edge_runtime.runtime import budget
+from edge_runtime.runtime import activation, budget
 from edge_runtime.runtime.adapters import AdapterManager, HeldAdapter
 from edge_runtime.runtime.engine import Engine, EngineSettings
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams
@@ -25,11 +25,13 @@ AdapterSpec = tuple[str, float]
 
 @dataclass(frozen=True)
 class AppliedAdapter:
-    """What actually ran: an adapter's name, content digest and scale."""
+    """What actually ran: an adapter's name, content digest and scale; ``inert`` for an aLoRA whose invocation the
+    prompt lacks (it changed nothing: the answer is the base model's)."""
 
     name: str
     sha256: str
     scale: float
+    inert: bool = False
 
 
 def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> EngineSettings:
@@ -76,7 +78,7 @@ class Runtime:
         """Generate under ``adapters`` (name, scale), streaming; ``applied`` receives what actually ran."""
         with self.adapters.lease(adapters) as held:
             if applied is not None:
-                applied.extend(_applied(held))
+                applied.extend(_applied(held, prompt))
             yield from self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held],
                                           cancel=cancel)
 
@@ -85,7 +87,7 @@ class Runtime:
         """Generate under ``adapters`` (name, scale) and return the text and what actually ran."""
         with self.adapters.lease(adapters) as held:
             result = self.engine.generate(prompt, params, adapters=[(h.handle, h.scale) for h in held])
-            return result, _applied(held)
+            return result, _applied(held, prompt)
 
     def close(self) -> None:
         """Free every adapter, then the model."""
@@ -93,5 +95,6 @@ class Runtime:
         self.engine.close()
 
 
-def _applied(held: Sequence[HeldAdapter]) -> list[AppliedAdapter]:
-    return [AppliedAdapter(name=h.name, sha256=h.sha256, scale=h.scale) for h in held]
+def _applied(held: Sequence[HeldAdapter], prompt: Sequence[int]) -> list[AppliedAdapter]:
+    return [AppliedAdapter(name=h.name, sha256=h.sha256, scale=h.scale,
+                           inert=activation.is_inert(prompt, h.handle.invocation)) for h in held]

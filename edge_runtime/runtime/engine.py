@@ -7,9 +7,10 @@ The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap o
 low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` / ``llama_adapter_lora_free`` calls).
 
 KV isolation: llama.cpp leaves cache consistency to the caller (``llama_set_adapters_lora`` never touches the KV
-cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine keys the cache on the active
-adapter set — each adapter's content digest and scale, never its name — and drops the cache whenever that key
-changes, so prefix reuse only ever happens under the exact set that computed the prefix.
+cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine records which adapter set computed
+each cached position — each adapter's content digest and scale, never its name — and reuses a prefix only where
+both the tokens and that set agree (``activation.py``); an aLoRA's prompt is evaluated in segments, the part
+before its invocation without it, so that part is shared with the base model.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import llama_cpp
 import numpy as np
 import psutil
 from llama_cpp import llama_grammar
+from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_runtime.errors import (
@@ -41,16 +43,18 @@ from edge_runtime.errors import (
     InvalidGGUF,
     InvalidRequest,
     InvalidSettings,
-    InvalidTransition,
     LlamaCppError,
     RuntimeClosed,
 )
 from edge_runtime.profiles import KV_TYPES
+from edge_runtime.runtime import activation
 from edge_runtime.runtime.chat import ChatTemplate
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
 from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
+from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.stops import StopMatcher
 
+__all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings", "vocabulary_tokens"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -68,30 +72,6 @@ class EngineSettings:
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
 
 
-class AdapterHandle:
-    """A LoRA adapter loaded into llama.cpp's memory (a ``llama_adapter_lora *``)."""
-
-    def __init__(self, pointer: Any, path: Path, content_id: str) -> None:
-        self._pointer: Any = pointer
-        self.path = path
-        self.content_id = content_id
-
-    @property
-    def pointer(self) -> Any:
-        """The raw llama.cpp pointer; raises once the adapter has been freed."""
-        if self._pointer is None:
-            raise InvalidTransition(str(self.path), "freed", "used")
-        return self._pointer
-
-    @property
-    def freed(self) -> bool:
-        """True once ``Engine.free_adapter`` released it."""
-        return self._pointer is None
-
-
-AdapterSet = Sequence[tuple[AdapterHandle, float]]
-
-
 class Engine:
     """One llama.cpp model and context, with adapters switched in and out without reloading the model."""
 
@@ -104,6 +84,8 @@ class Engine:
         self._active_key: tuple[tuple[str, float], ...] = ()
         self._llama: Any = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
+        self.evaluated_tokens = 0  # prompt tokens evaluated (not taken from the KV cache) since start
+        self._plan: activation.Plan[AdapterHandle] = activation.plan([], ())  # what computed each cached position
         self.switches = 0  # times the active adapter set changed
         self.decoded_tokens = 0  # tokens generated since start
         self._closed = False
@@ -212,7 +194,9 @@ class Engine:
         pointer = llama_cpp.llama_adapter_lora_init(self._llama.model, str(path).encode())
         if not pointer:
             raise InvalidGGUF(str(path), "llama.cpp refused the LoRA adapter (see its log for the tensor at fault)")
-        return AdapterHandle(pointer, path, content_id)
+        count = int(llama_cpp.llama_adapter_get_alora_n_invocation_tokens(pointer))  # adapter.alora.invocation_tokens
+        tokens = llama_cpp.llama_adapter_get_alora_invocation_tokens(pointer) if count else []
+        return AdapterHandle(pointer, path, content_id, tuple(int(tokens[i]) for i in range(count)))
 
     def free_adapter(self, handle: AdapterHandle) -> None:
         """Release an adapter's memory, detaching it from the context first (freeing an attached one is a bug)."""
@@ -242,9 +226,7 @@ class Engine:
             raise LlamaCppError(f"apply the adapter set {[h.path.name for h, _ in adapters]}")
         self._active = adapters
         self._active_key = key
-        self.switches += 1
-        # KV computed under the previous set must never serve this one.
-        self._llama.reset()
+        self.switches += 1  # the KV cache stays: each position is keyed by the set that computed it (self._plan)
         return True
 
     # -- text -----------------------------------------------------------------------------------------------------
@@ -322,16 +304,16 @@ class Engine:
     # -- evaluation -----------------------------------------------------------------------------------------------
 
     def logits(self, tokens: Sequence[int], adapters: AdapterSet | None = None) -> np.ndarray:
-        """Logits (n_tokens × vocab, float32) of ``tokens`` from an empty cache, under ``adapters`` if given."""
+        """Logits (n_tokens × vocab, float32) of ``tokens`` from an empty cache, under ``adapters`` if given (else the
+        active set), as a generation computes them: an aLoRA from its last invocation in ``tokens`` on."""
         if not self.settings.logits_all:
             raise InvalidSettings("logits_all", False, "logits() needs EngineSettings(logits_all=True)")
         return self._call(self._logits, list(tokens), None if adapters is None else tuple(adapters))
 
     def _logits(self, tokens: list[int], adapters: tuple[tuple[AdapterHandle, float], ...] | None) -> np.ndarray:
-        if adapters is not None:
-            self._set_adapters(adapters)
         self._llama.reset()
-        self._llama.eval(tokens)
+        self._prefill(tokens, activation.plan(tokens, self._active if adapters is None else adapters))
+        self._llama.eval(tokens[self._llama.n_tokens:])
         return np.array(self._llama.scores[: len(tokens)], dtype=np.float32, copy=True)
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -390,8 +372,7 @@ class Engine:
         n_ctx = int(self._llama.n_ctx())
         if len(prompt) >= n_ctx:
             raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
-        self._set_adapters(adapters)
-        self.last_reused_tokens = self._keep_reusable_prefix(prompt)  # a grammar constrains sampling, never the KV
+        self.last_reused_tokens = self._prefill(prompt, activation.plan(prompt, adapters))  # (grammar: never KV)
         budget = min(params.max_tokens, n_ctx - len(prompt))
         self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -427,19 +408,40 @@ class Engine:
         logits = np.ctypeslib.as_array(self._llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
         return token_logprob(logits, token, alternatives, lambda t: bytes(self._llama.detokenize([t], special=True)))
 
-    def _keep_reusable_prefix(self, prompt: list[int]) -> int:
-        """Trim the cache to the prefix this prompt may reuse; return its length in tokens.
-
-        llama.cpp computes a one-token batch through a LoRA with different rounding than a longer batch (the
-        logits move by up to ~0.8 on SmolLM2), so a prompt whose last token alone were re-evaluated would not
-        reproduce a fresh run. Keeping at least two tokens to evaluate makes cached runs bit-identical to fresh ones.
-        """
+    def _prefill(self, prompt: list[int], plan: activation.Plan[AdapterHandle]) -> int:
+        """Keep the cached prefix ``plan`` may reuse, evaluate the rest segment by segment under each one's adapter
+        set, all but the last batch, which stays for ``generate`` (its logits are sampled); return the reused length."""
         cached = self._llama.input_ids[: self._llama.n_tokens].tolist()
-        common = 0
-        for old, new in zip(cached, prompt):
-            if old != new:
-                break
-            common += 1
-        keep = max(0, min(common, len(prompt) - 2))
-        self._llama.n_tokens = keep  # generate() then drops the KV cells past it and evaluates the rest in one batch
+        keep = activation.reusable_prefix(cached, self._plan, prompt, plan)
+        self._llama.n_tokens = keep  # eval() and generate() drop the KV cells past it
+        self._plan = plan
+        limit = min(self.settings.n_batch, self.settings.n_ubatch)
+        for segment, end in plan.spans(len(prompt)):
+            if end > keep:
+                self._set_adapters(segment.adapters)
+                for start, stop in activation.batches(max(keep, segment.start), end, limit):
+                    if stop < len(prompt):
+                        self._llama.eval(prompt[start:stop])
+        self.evaluated_tokens += len(prompt) - keep
         return keep
+
+def vocabulary_tokens(model_path: Path | str, text: str) -> list[int]:
+    """Token ids of ``text`` in ``model_path``'s vocabulary as a Hugging Face tokenizer's ``encode(text,
+    add_special_tokens=False)`` gives them: no BOS, and control-token markers such as ``<|im_start|>`` parsed.
+
+    Loads the vocabulary only (no weights, no context: milliseconds), for a converter tokenizing for a base model.
+    """
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    with suppress_stdout_stderr(disable=False):
+        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
+    if not model:
+        raise InvalidGGUF(str(model_path), "llama.cpp could not load its vocabulary")
+    try:
+        data = text.encode()
+        buffer = (llama_cpp.llama_token * (len(data) + 2))()
+        count = llama_cpp.llama_tokenize(llama_cpp.llama_model_get_vocab(model), data, len(data), buffer,
+                                         len(buffer), False, True)
+        return [int(token) for token in buffer[:count]]
+    finally:
+        llama_cpp.llama_model_free(model)

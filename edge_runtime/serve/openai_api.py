@@ -272,8 +272,10 @@ def new_id(chat: bool) -> str:
 
 
 def applied_json(applied: list[AppliedAdapter]) -> list[dict[str, Any]]:
-    """What ran, as the ``adapters`` response field: name, sha256 prefix and scale."""
-    return [{"name": a.name, "sha256": a.sha256[:16], "scale": a.scale} for a in applied]
+    """What ran, as the ``adapters`` response field: name, sha256 prefix and scale (``inert: true`` for an aLoRA
+    the prompt never invoked)."""
+    return [{"name": a.name, "sha256": a.sha256[:16], "scale": a.scale} | ({"inert": True} if a.inert else {})
+            for a in applied]
 
 
 def served_model(applied: list[AppliedAdapter], base_id: str) -> str:
@@ -282,8 +284,9 @@ def served_model(applied: list[AppliedAdapter], base_id: str) -> str:
 
 
 def applied_header(applied: list[AppliedAdapter]) -> str:
-    """What ran, as the ``X-Edge-Adapters`` header: ``name@sha256prefix:scale`` comma-separated, or ``base``."""
-    return ",".join(f"{a.name}@{a.sha256[:16]}:{a.scale:g}" for a in applied) or "base"
+    """What ran, as the ``X-Edge-Adapters`` header: ``name@sha256prefix:scale`` comma-separated (``;inert`` after
+    an aLoRA the prompt never invoked), or ``base``."""
+    return ",".join(f"{a.name}@{a.sha256[:16]}:{a.scale:g}{';inert' if a.inert else ''}" for a in applied) or "base"
 
 
 def completion_body(request: ParsedRequest, *, response_id: str, text: str, finish_reason: str,

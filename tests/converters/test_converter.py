@@ -17,6 +17,7 @@ from converters import errors as converter_errors
 from converters.peft_adapter import read_peft_adapter
 from edge_runtime import errors
 from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT, KEY_PEFT_CONFIG_SHA256, read_info
+from edge_runtime.runtime.engine import Engine
 
 
 def tensor(reader: gguf.GGUFReader, name: str) -> np.ndarray:
@@ -109,6 +110,75 @@ def test_outtype_sets_tensor_types_with_f16_fallback_for_short_rows(tmp_path: Pa
     assert types["blk.0.attn_q.weight.lora_a"] == a_type
     # rank-8 B rows (8 values) cannot hold a 32-value Q8_0 block.
     assert types["blk.0.attn_q.weight.lora_b"] == b_type
+
+
+# -- activated LoRA (aLoRA) ------------------------------------------------------------------------------------
+
+
+def test_alora_invocation_tokens_are_written_as_the_uint32_array_llama_cpp_reads(tmp_path: Path, base_model: Path,
+                                                                                 eval_engine: Engine) -> None:
+    peft_dir = write_peft_dir(tmp_path / "peft", alora_invocation_tokens=[1, 520, 9531, 198])
+    out = tmp_path / "router.gguf"
+    assert convert_peft_to_gguf(peft_dir, base=base_model, output=out).invocation_tokens == (1, 520, 9531, 198)
+    field = gguf.GGUFReader(out).fields["adapter.alora.invocation_tokens"]
+    assert field.types == [gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.UINT32]
+    assert field.contents() == [1, 520, 9531, 198]
+    assert read_info(out).invocation_tokens == (1, 520, 9531, 198)
+    handle = eval_engine.load_adapter(out, content_id="router")  # llama_adapter_get_alora_invocation_tokens
+    try:
+        assert handle.invocation == (1, 520, 9531, 198)
+    finally:
+        eval_engine.free_adapter(handle)
+
+
+def test_a_plain_lora_has_no_invocation_key(tmp_path: Path, base_model: Path, eval_engine: Engine) -> None:
+    out = tmp_path / "plain.gguf"
+    convert_peft_to_gguf(write_peft_dir(tmp_path / "peft", alora_invocation_tokens=None), base=base_model,
+                         output=out)
+    assert "adapter.alora.invocation_tokens" not in gguf.GGUFReader(out).fields
+    assert read_info(out).invocation_tokens == ()
+    handle = eval_engine.load_adapter(out, content_id="plain")
+    try:
+        assert handle.invocation == ()
+    finally:
+        eval_engine.free_adapter(handle)
+
+
+def test_an_older_aloras_invocation_string_is_tokenized_with_the_base_vocabulary(tmp_path: Path, base_model: Path,
+                                                                                 eval_engine: Engine) -> None:
+    peft_dir = write_peft_dir(tmp_path / "peft", invocation_string="<|im_start|>assistant\n")
+    out = tmp_path / "old.gguf"
+    result = convert_peft_to_gguf(peft_dir, base=base_model, output=out)
+    # The chat template's own control token stays one token, as transformers' encode(add_special_tokens=False).
+    assert result.invocation_tokens == (1, 520, 9531, 198)
+    assert eval_engine.tokenize("<|im_start|>assistant\n", add_bos=False, special=True) == [1, 520, 9531, 198]
+    assert read_info(out).invocation_tokens == (1, 520, 9531, 198)
+    both = write_peft_dir(tmp_path / "both", invocation_string="ignored", alora_invocation_tokens=[42, 43])
+    assert convert_peft_to_gguf(both, base=base_model, output=tmp_path / "b.gguf").invocation_tokens == (42, 43)
+
+
+def test_an_invocation_longer_than_decoded_header_arrays_is_read_back_whole(tmp_path: Path, base_model: Path) -> None:
+    tokens = list(range(1000, 1100))  # the header reader keeps arrays over 64 items as raw bytes
+    out = tmp_path / "long.gguf"
+    convert_peft_to_gguf(write_peft_dir(tmp_path / "peft", alora_invocation_tokens=tokens), base=base_model,
+                         output=out)
+    assert read_info(out).invocation_tokens == tuple(tokens)
+
+
+@pytest.mark.parametrize("config, words", [
+    ({"alora_invocation_tokens": []}, "alora_invocation_tokens must be"),
+    ({"alora_invocation_tokens": "<|im_start|>"}, "alora_invocation_tokens must be"),
+    ({"alora_invocation_tokens": [1, -2]}, "alora_invocation_tokens must be"),
+    ({"alora_invocation_tokens": [1, True]}, "alora_invocation_tokens must be"),
+    ({"invocation_string": 7}, "invocation_string must be"),
+    ({"alora_invocation_tokens": [1, 49152]}, "outside the base model's vocabulary of 49152 tokens"),
+])
+def test_malformed_invocations_are_refused_by_name(tmp_path: Path, base_model: Path, config: dict[str, object],
+                                                   words: str) -> None:
+    out = tmp_path / "a.gguf"
+    with pytest.raises(converter_errors.MalformedAdapter, match=words):
+        convert_peft_to_gguf(write_peft_dir(tmp_path / "peft", **config), base=base_model, output=out)
+    assert not out.exists()
 
 
 # -- refusals ---------------------------------------------------------------------------------------------------

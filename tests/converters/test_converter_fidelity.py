@@ -19,8 +19,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+import llama_cpp
+
 from converters import architectures, convert_peft_to_gguf
 from edge_runtime.runtime.engine import Engine
+from edge_runtime.runtime.handles import AdapterHandle
 
 PROMPT = "The quick brown fox jumps over the lazy dog. Edge devices run small language models"
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -172,3 +175,76 @@ def test_ignoring_rslora_scale_fails_the_same_check(check: Any, tmp_path: Path, 
     wrong = llama_logits_with(eval_engine, tmp_path / "adapter-7-f32.gguf", token_ids, scale=0.25)
     correlation, relative_error = agreement(peft_delta, wrong - llama_base_logits)
     assert relative_error > 0.5, (correlation, relative_error)
+
+
+# -- activated LoRA (aLoRA) -------------------------------------------------------------------------------------
+
+INVOCATION = [1, 520, 9531, 198]  # "<|im_start|>assistant\n" in SmolLM2's vocabulary
+SPLIT = 8  # where the invocation goes into the prompt: base tokens before it, adapted tokens from it on
+
+
+@pytest.fixture(scope="module")
+def invoked_ids(token_ids: list[int]) -> list[int]:
+    return token_ids[:SPLIT] + INVOCATION + token_ids[SPLIT:]
+
+
+@pytest.fixture(scope="module")
+def alora(tmp_path_factory: pytest.TempPathFactory, hf_base: Any, base_model: Path, eval_engine: Engine,
+          invoked_ids: list[int]) -> dict[str, Any]:
+    """A real PEFT aLoRA on every linear layer, converted; PEFT's and llama.cpp's logits with and without it."""
+    folder = tmp_path_factory.mktemp("alora")
+    peft_logits = make_peft_adapter(hf_base, folder / "peft", invoked_ids, seed=11, r=8, lora_alpha=16,
+                                    target_modules=ALL_LINEAR, alora_invocation_tokens=INVOCATION,
+                                    task_type="CAUSAL_LM")
+    out = convert_peft_to_gguf(folder / "peft", base=base_model, output=folder / "alora.gguf", outtype="f32").output
+    with torch.no_grad():
+        hf_logits = hf_base(torch.tensor([invoked_ids])).logits[0].numpy()
+    return {"peft_delta": peft_logits - hf_logits, "gguf": out, "peft_dir": folder / "peft",
+            "llama_base": eval_engine.logits(invoked_ids, [])}
+
+
+def test_activated_lora_matches_peft_with_the_invocation_in_the_middle(alora: dict[str, Any], eval_engine: Engine,
+                                                                        invoked_ids: list[int],
+                                                                        llama_base_logits: np.ndarray,
+                                                                        hf_base_logits: np.ndarray) -> None:
+    handle = eval_engine.load_adapter(alora["gguf"], content_id="alora")
+    try:
+        assert handle.invocation == tuple(INVOCATION)
+        llama_delta = eval_engine.logits(invoked_ids, [(handle, 1.0)]) - alora["llama_base"]
+    finally:
+        eval_engine.free_adapter(handle)
+    peft_delta = alora["peft_delta"]
+    # Before the invocation both compute the base model exactly; from it on (the invocation included) the adapter.
+    assert np.all(peft_delta[:SPLIT] == 0) and np.all(llama_delta[:SPLIT] == 0)
+    assert np.std(peft_delta[SPLIT:]) > 3 * np.std(llama_base_logits - hf_base_logits)
+    assert_matches_peft(peft_delta, llama_delta)
+
+
+@pytest.mark.parametrize("start", [None, SPLIT - 1, SPLIT + 1])
+def test_an_alora_applied_from_anywhere_else_fails_the_same_check(alora: dict[str, Any], eval_engine: Engine,
+                                                                   invoked_ids: list[int], start: int | None) -> None:
+    pointer = llama_cpp.llama_adapter_lora_init(eval_engine._llama.model, str(alora["gguf"]).encode())
+    # The same weights, activated from the whole sequence (a plain LoRA) or from one token too early or too late.
+    invocation = () if start is None else tuple(invoked_ids[start:start + 2])
+    handle = AdapterHandle(pointer, alora["gguf"], f"shifted-{start}", invocation)
+    try:
+        llama_delta = eval_engine.logits(invoked_ids, [(handle, 1.0)]) - alora["llama_base"]
+    finally:
+        eval_engine.free_adapter(handle)
+    correlation, relative_error = agreement(alora["peft_delta"], llama_delta)
+    assert not (correlation > 0.98 and relative_error < 0.2), (correlation, relative_error)
+    assert relative_error > 0.3, (correlation, relative_error)  # far off, not at the edge of the thresholds
+
+
+def test_without_its_invocation_an_alora_computes_exactly_the_base(alora: dict[str, Any], eval_engine: Engine,
+                                                                   hf_base: Any, token_ids: list[int],
+                                                                   llama_base_logits: np.ndarray,
+                                                                   hf_base_logits: np.ndarray) -> None:
+    model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_base), str(alora["peft_dir"]))
+    with torch.no_grad():
+        assert np.array_equal(model(torch.tensor([token_ids])).logits[0].numpy(), hf_base_logits)
+    handle = eval_engine.load_adapter(alora["gguf"], content_id="alora")
+    try:
+        assert np.array_equal(eval_engine.logits(token_ids, [(handle, 1.0)]), llama_base_logits)
+    finally:
+        eval_engine.free_adapter(handle)
