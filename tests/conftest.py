@@ -71,14 +71,13 @@ def adapter_files(tmp_path_factory: pytest.TempPathFactory, base_model: Path) ->
     return paths
 
 
-ASSISTANT_TURN = [1, 520, 9531, 198]  # "<|im_start|>assistant\n": SmolLM2's chat template opens every answer with it
 
 
 @pytest.fixture(scope="session")
 def alora_files(tmp_path_factory: pytest.TempPathFactory, base_model: Path) -> list[Path]:
     """Three activated LoRAs (all linear layers, rank 16, f32) invoked by the assistant turn a chat prompt ends with,
     converted from PEFT folders as a user would: "router", "json-extract" and "legal-review"."""
-    from peft_dirs import lora_tensors, write_peft_dir
+    from peft_dirs import ASSISTANT_TURN, lora_tensors, write_peft_dir
 
     from converters import convert_peft_to_gguf
 

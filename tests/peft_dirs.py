@@ -18,6 +18,8 @@ GEMMA_SHAPES = {"q_proj": (640, 1024), "k_proj": (640, 256), "v_proj": (640, 256
 BLOCKS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
           "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 
+ASSISTANT_TURN = [1, 520, 9531, 198]  # "<|im_start|>assistant\n": SmolLM2's chat template opens every answer with it
+
 
 def lora_tensors(modules: list[str], *, rank: int = 8, layers: range | list[int] = range(2), seed: int = 0,
                  shapes: dict[str, tuple[int, int]] = SHAPES) -> dict[str, np.ndarray]:

@@ -41,8 +41,9 @@ class RequestIntake:
         self.body_timeout_s = body_timeout_s
         self.shed_requests = 0
         self.over_budget = False
+        self.reading = 0  # requests holding a slot
+        self.waiting = 0  # requests waiting for one
         self._slots = asyncio.Semaphore(reads)
-        self._waiting = 0
         self._rss = rss
         self._trimmed_at = 0.0
 
@@ -50,18 +51,20 @@ class RequestIntake:
     async def slot(self) -> AsyncIterator[None]:
         """Hold one of the ``reads`` slots for reading, parsing and tokenizing a body (503 when ``max_waiting``
         requests already wait, or after the body timeout)."""
-        if self._slots.locked() and self._waiting >= self.max_waiting:
-            raise QueueFull(queued=self._waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S)
-        self._waiting += 1
+        if self._slots.locked() and self.waiting >= self.max_waiting:
+            raise QueueFull(queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S)
+        self.waiting += 1
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.body_timeout_s)
         except asyncio.TimeoutError as exc:
-            raise QueueFull(queued=self._waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S) from exc
+            raise QueueFull(queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S) from exc
         finally:
-            self._waiting -= 1
+            self.waiting -= 1
+        self.reading += 1
         try:
             yield
         finally:
+            self.reading -= 1
             self._slots.release()
 
     def admit(self) -> None:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ASSISTANT_TURN
+from peft_dirs import ASSISTANT_TURN
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import activation

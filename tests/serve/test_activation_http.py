@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ASSISTANT_TURN
+from peft_dirs import ASSISTANT_TURN
 
 from edge_runtime.files import file_sha256
 from edge_runtime.profiles import load_profile
@@ -20,8 +20,8 @@ DOCUMENT = " ".join(f"Clause {n}: the supplier delivers {n * 7} units of part {n
 
 
 @pytest.fixture
-def runtime(make_profile: Callable[..., Path], alora_files: list[Path]) -> Iterator[Runtime]:
-    rt = Runtime(load_profile(str(make_profile("alora-http", budget_mb=512))), ctx=1024)
+def runtime(in_process_profile: Callable[[str], Path], alora_files: list[Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(in_process_profile("alora-http"))), ctx=1024)
     rt.adapters.add("router", alora_files[0])
     yield rt
     rt.close()

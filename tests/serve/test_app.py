@@ -16,8 +16,8 @@ from edge_runtime.serve.app import ServerConfig, create_app
 
 
 @pytest.fixture
-def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
-    rt = Runtime(load_profile(str(make_profile("app-test", budget_mb=512))), ctx=512)
+def runtime(in_process_profile: Callable[[str], Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(in_process_profile("app-test"))), ctx=512)
     yield rt
     rt.close()
 

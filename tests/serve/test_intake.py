@@ -1,0 +1,111 @@
+"""Request intake: bodies refused before they are read, a bound on requests waiting to be read, and load shedding
+while the process is over its memory budget (real runtime, real aiohttp server on 127.0.0.1, real RSS)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_runtime.profiles import load_profile
+from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.core import Runtime
+from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def runtime(in_process_profile: Callable[[str], Path]) -> Iterator[Runtime]:
+    rt = Runtime(load_profile(str(in_process_profile("intake"))), ctx=512)
+    yield rt
+    rt.close()
+
+
+async def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(head.encode() + body)
+    await writer.drain()
+    return reader, writer
+
+
+def _head(length: int) -> str:
+    return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {length}\r\n\r\n")
+
+
+@pytest.mark.asyncio
+async def test_a_body_over_the_cap_is_refused_from_its_content_length_before_it_is_sent(
+        aiohttp_client: Any, runtime: Runtime) -> None:
+    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=64 * 1024, body_timeout_s=30), runtime))
+    reader, writer = await _raw_request(client.port, _head(10 * MIB))  # headers only: the body never comes
+    status_line = await asyncio.wait_for(reader.readline(), timeout=5)  # not the 30 s body timeout
+    writer.close()
+    assert status_line.startswith(b"HTTP/1.1 413")
+
+
+@pytest.mark.asyncio
+async def test_requests_beyond_the_waiting_bound_get_503_at_once(aiohttp_client: Any, runtime: Runtime) -> None:
+    app = create_app(ServerConfig(max_queue=1, body_timeout_s=30), runtime)
+    client = await aiohttp_client(app)
+    intake = app[INTAKE]
+    assert intake.reads == 2  # the profile's two threads
+    stalled = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(3)]
+    for _ in range(200):  # two hold the read slots with half a body each, the third waits for a slot
+        if (intake.reading, intake.waiting) == (2, 1):
+            break
+        await asyncio.sleep(0.01)
+    assert (intake.reading, intake.waiting) == (2, 1)
+
+    refused = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert refused.status == 503 and refused.headers["Retry-After"] == "1"
+    assert (await refused.json())["error"]["type"] == "server_overloaded"
+    assert (await client.get("/health")).status == 200  # other routes are not held up
+
+    for _, writer in stalled:
+        writer.close()
+    for _ in range(200):
+        if (intake.reading, intake.waiting) == (0, 0):
+            break
+        await asyncio.sleep(0.01)
+    served = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
+    assert served.status == 200
+
+
+@pytest.mark.asyncio
+async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_again_once_under(
+        aiohttp_client: Any, make_profile: Callable[..., Path], caplog: pytest.LogCaptureFixture) -> None:
+    # A budget 300 MiB above what this test process holds now: room for the runtime, then real memory (a filled
+    # buffer) pushes the process over it, as a leak or another part of the process would.
+    budget_mb = measured_rss_bytes() // MIB + 300
+    runtime = Runtime(load_profile(str(make_profile("shedding", budget_mb=budget_mb, ram_mb=32768))), ctx=512)
+    try:
+        app = create_app(ServerConfig(), runtime)
+        client = await aiohttp_client(app)
+        prompt = {"prompt": "Name a colour.", "max_tokens": 2}
+        assert (await client.post("/v1/completions", json=prompt)).status == 200
+        over = budget_mb * MIB - measured_rss_bytes() + 32 * MIB
+        assert over > 32 * MIB  # the runtime left the process under its budget
+        ballast = bytearray(b"\x01") * over  # every page written: resident
+        with caplog.at_level(logging.WARNING, logger="edge_runtime.serve.intake"):
+            for _ in range(2):
+                shed = await client.post("/v1/completions", json=prompt)
+                assert shed.status == 503 and shed.headers["Retry-After"] == "1"
+                error = (await shed.json())["error"]
+                assert error["type"] == "server_overloaded" and "over its runtime budget" in error["message"]
+            assert (await client.get("/health")).status == 200
+            metrics = await (await client.get("/metrics")).text()
+            assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 1.0" in metrics
+            del ballast
+            assert (await client.post("/v1/completions", json=prompt)).status == 200
+        metrics = await (await client.get("/metrics")).text()
+        assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 0.0" in metrics
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 2  # one when shedding starts, one when it ends: not one per request
+        assert "over the runtime budget" in warnings[0] and "back under the budget" in warnings[1]
+    finally:
+        runtime.close()
