@@ -63,13 +63,20 @@ class _Lora:
     scale: float  # user scale × alpha / rank, as llama.cpp applies it
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, scale: float = 1.0,
                   outtype: str = AUTO, progress: ProgressCallback | None = None) -> MergeResult:
     """Fold the GGUF LoRA ``adapter`` at ``scale`` into ``base`` and write the complete model to ``output``."""
     check_outtype(outtype)
-    if not math.isfinite(scale):
-        raise InvalidSettings("scale", scale, "must be a finite number", fix="Pass --scale 1 (the default)")
+    if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:  # it is stored as a float32
+        raise InvalidSettings("scale", scale, "must be a finite float32 number", fix="Pass --scale 1 (the default)")
     adapter, base, output = Path(adapter), Path(base), Path(output)
+    for source in (adapter, base):
+        if output.resolve() == source.resolve():  # the atomic replace would destroy the input (a typo away)
+            raise InvalidSettings("output", str(output), f"is the input {source.name}",
+                                  fix="Write the merged model to a new file")
     adapter_header, base_header = read_header(adapter), read_header(base)
     _check_adapter(adapter_header)
     if base_header.value("general.type") == "adapter":

@@ -51,3 +51,23 @@ def test_merge_refusals_exit_with_their_codes_and_write_nothing(tmp_path: Path, 
     bad_outtype = runner.invoke(main, ["merge", str(adapter), "-o", str(out), "--outtype", "q3_k"])
     assert bad_outtype.exit_code == 2 and "q3_k" in bad_outtype.output
     assert not out.exists() and "merging" not in other_base.output + not_lora.output
+
+
+def test_merge_refuses_to_write_over_its_inputs_and_a_scale_float32_cannot_hold(tmp_path: Path,
+                                                                              adapter_files: list[Path]) -> None:
+    import shutil
+
+    from edge_runtime.runtime.models import default_model_path
+
+    base = tmp_path / "base.gguf"
+    shutil.copy(default_model_path(), base)
+    adapter = tmp_path / "adapter.gguf"
+    shutil.copy(adapter_files[0], adapter)
+    before = (base.read_bytes(), adapter.read_bytes())
+    for output in (base, adapter):
+        result = CliRunner().invoke(main, ["merge", str(adapter), "--base", str(base), "-o", str(output)])
+        assert result.exit_code == 2 and f"is the input {output.name}" in result.output
+    assert (base.read_bytes(), adapter.read_bytes()) == before  # nothing was written over them
+    huge = CliRunner().invoke(main, ["merge", str(adapter), "--base", str(base), "-o", str(tmp_path / "m.gguf"),
+                                     "--scale", "1e308"])
+    assert huge.exit_code == 2 and "finite float32" in huge.output and "Traceback" not in huge.output

@@ -54,7 +54,7 @@ def test_plan_fails_with_the_terms_and_the_fix_when_the_base_does_not_fit(make_p
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile)])
     assert result.exit_code == 7
     assert "KV cache (8192 tokens, f16)                          180.0 MiB" in result.output
-    assert "error: the base model needs" in result.output
+    assert "error: the base model with its process, KV cache, buffers and request buffers needs" in result.output
     assert "Use a smaller --ctx, a quantised KV cache" in result.output
 
 

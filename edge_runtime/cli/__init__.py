@@ -82,8 +82,12 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
 @_reports_errors
 def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: str) -> None:
     """Fold a GGUF LoRA ADAPTER into its base model and write one model GGUF (no per-token adapter cost)."""
+    import signal
+
     from converters.merge import merge_adapter
 
+    # SIGTERM (systemd, timeout) unwinds like Ctrl-C, so the partial output file is removed, not left as debris.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     with progress_bar(f"merging into {output.name}") as progress:
         result = merge_adapter(adapter, base=resolve_model(base), output=output, scale=scale, outtype=outtype,
                                progress=progress)

@@ -282,9 +282,11 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
         self.profile = profile
         mib = 1 << 20
         super().__init__(
-            f"the base model needs {needed_bytes / mib:.1f} MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but "
-            f"profile {profile!r} allows {budget_bytes / mib:.1f} MiB",
-            fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), a smaller model or another profile")
+            f"the base model with its process, KV cache, buffers and request buffers needs {needed_bytes / mib:.1f} "
+            f"MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but profile {profile!r} allows {budget_bytes / mib:.1f} "
+            "MiB",
+            fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), smaller request limits "
+                "(--max-body-kb, --max-queue), a smaller model or another profile")
 
 
 class InvalidRequest(EdgeRtError, ValueError):

@@ -37,8 +37,12 @@ class BaseCompatibility:
             raise InvalidGGUF(str(path), "not a regular file")
         header = read_header(path)
         self.check(name, header)
-        sha256 = sha256 or file_sha256(path).hexdigest()
         identity = file_id(path)  # (inode, size, mtime): one stat gives the size too
+        end = max((header.data_offset + t.offset + t.n_bytes for t in header.tensors), default=0)
+        if end > identity[1]:  # still being copied, or cut short
+            raise InvalidGGUF(str(path), f"its tensors run past the end of the file ({identity[1]} of {end} bytes: "
+                              "truncated, or still being written?)")
+        sha256 = sha256 or file_sha256(path).hexdigest()
         return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=identity[1],
                               resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=identity)
 
@@ -46,6 +50,8 @@ class BaseCompatibility:
         """Raise ``InvalidGGUF`` when ``version``'s file no longer holds the content registered as its sha256."""
         if not version.path.exists():  # read_header says so, typed
             return
+        if not version.path.is_file():
+            raise InvalidGGUF(str(version.path), "not a regular file")
         if file_id(version.path) == version.file_id or file_sha256(version.path).hexdigest() == version.sha256:
             return
         raise InvalidGGUF(str(version.path), f"changed on disk since it was registered as {version.sha256[:12]}: "

@@ -35,5 +35,6 @@ def resolve_model(spec: str | Path | None) -> Path:
     path = Path(spec).expanduser()
     if not path.is_file():
         raise ModelNotFound(f"model file {str(path)!r} does not exist", path=str(path),
-                            fix="Pass the path of a .gguf base model, or omit --model for the embedded default")
+                            fix="Pass the path of a .gguf base model (--model, or --base for merge), or omit it for "
+                                "the embedded default")
     return path

@@ -304,7 +304,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
     runtime, metrics, intake = request.app[RUNTIME], request.app[METRICS], request.app[INTAKE]
-    intake.admit()  # over the memory budget: 503 before reading a byte of the body
+    await intake.admit(lambda: _evict_idle(runtime))  # over the memory budget: 503 before reading the body
     async with intake.slot():  # the body is read, parsed and tokenized by a bounded number of requests at once
         body = await intake.read_json(request, request.app[REQUEST_WORK], max_bytes=request.app[CONFIG].max_body_bytes)
         parsed = openai_api.parse_request(body, chat=chat, base_id=base_id(runtime),
@@ -411,6 +411,16 @@ async def _prompt_tokens(app: web.Application, engine: Engine, parsed: openai_ap
     if len(prompt) >= engine.n_ctx:
         raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=engine.n_ctx)
     return prompt
+
+
+async def _evict_idle(runtime: Runtime) -> bool:
+    """Evict the least recently used idle, unpinned resident adapter; False when there is none."""
+    idle = [a for a in runtime.adapters.list_adapters() if a.state == "resident" and not a.users and not a.pinned]
+    for adapter in sorted(idle, key=lambda a: a.last_used):
+        if await asyncio.to_thread(runtime.adapters.evict, adapter.name):
+            log.warning("evicted adapter %s to bring memory back under the budget", adapter.name)
+            return True
+    return False
 
 
 def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:

@@ -13,7 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from typing import Any
@@ -67,13 +67,19 @@ class RequestIntake:
             self.reading -= 1
             self._slots.release()
 
-    def admit(self) -> None:
-        """Raise ``MemoryPressure`` when the process is over its budget even after handing freed memory back."""
+    async def admit(self, relieve: Callable[[], Awaitable[bool]]) -> None:
+        """Raise ``MemoryPressure`` when the process is over its budget even after handing freed memory back and
+        after ``relieve`` (evicting one idle adapter per call, False when none is left) brought it no lower."""
         rss = self._rss()
         if rss > self.budget_bytes and time.monotonic() - self._trimmed_at >= TRIM_INTERVAL_S:
             self._trimmed_at = time.monotonic()
             release_freed_memory()
             rss = self._rss()
+            # Memory the plan did not foresee (a hostile body's parsed objects the allocator keeps) would otherwise
+            # shed load for good: idle adapters make room, and reload on demand within the smaller space left.
+            while rss > self.budget_bytes and await relieve():
+                release_freed_memory()
+                rss = self._rss()
         if rss <= self.budget_bytes:
             if self.over_budget:
                 log.warning("memory back under the budget (RSS %.1f MiB of %.1f MiB): serving again",

@@ -127,14 +127,15 @@ def test_plan_for_gemma_prints_its_terms(make_profile: Callable[..., Path], gemm
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--model", str(gemma_model), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    # 72 MiB Python + 8 MiB headroom + 262,144 vocabulary entries x 400 bytes; the Q4_K_M tensors; 18 layers x 512
-    # K+V values x 2048 tokens x 2 bytes; activations + attention mask + logits/candidates per vocabulary entry.
-    assert report["process_bytes"] == 80 * MIB + 262144 * 400
-    assert report["model_bytes"] == 246_587_904
+    # 72 MiB Python + 8 MiB headroom + 262,144 vocabulary entries x 180 bytes (no BPE merges); the Q4_K_M tensors
+    # and the repacked copy of its Q4_K ones; 18 layers x 512 K+V values x 2048 tokens x 2 bytes; activations +
+    # attention mask + logits/candidates per vocabulary entry.
+    assert report["process_bytes"] == 80 * MIB + 262144 * 180
+    assert report["model_bytes"] == 246_587_904 + 13_271_040
     assert report["kv_cache_bytes"] == 18 * 512 * 2048 * 2 == 36 * MIB
     assert report["compute_bytes"] == 512 * (16 + 12) * (640 + 2048) + 2048 * 512 * 2 + 262144 * 28
     assert report["fixed_bytes"] == sum(report[k] for k in ("process_bytes", "model_bytes", "kv_cache_bytes",
-                                                             "compute_bytes"))
+                                                             "compute_bytes", "request_buffer_bytes"))
     assert report["adapter_budget_bytes"] == 1024 * MIB - report["fixed_bytes"]
 
 

@@ -231,12 +231,12 @@ def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Ru
     bad = tmp_path / "bad.gguf"
     data = adapter_files[1].read_bytes()
     if damage == "truncated-data":
-        bad.write_bytes(data[: len(data) - 4096])  # header intact, the last tensor short: llama.cpp refuses it
+        bad.write_bytes(data[: len(data) - 4096])  # header intact, the last tensor short
     else:
         fingerprint = read_info(adapter_files[1]).base_fingerprint
         assert fingerprint is not None
         bad.write_bytes(data.replace(fingerprint.encode(), b"0" * 64))
-    error, message = {"truncated-data": (InvalidGGUF, "llama.cpp refused"),
+    error, message = {"truncated-data": (InvalidGGUF, "run past the end of the file"),  # caught before llama.cpp
                       "other-base": (IncompatibleAdapter, "another base")}[damage]
     with pytest.raises(error, match=message):
         runtime.adapters.replace("legal-review", bad, sha256="cd" * 32)
@@ -452,3 +452,22 @@ def test_folders_fifos_and_devices_named_gguf_are_refused_without_reading_them(r
     assert [a.name for a in added] == ["good"]
     assert sorted(refused) == ["dangling.gguf", "dir.gguf", "fifo.gguf", "zero.gguf"]
     assert all(isinstance(e, InvalidGGUF) for e in refused.values())
+
+
+def test_a_file_still_being_copied_is_not_registered_and_a_folder_in_its_place_is_a_typed_error(
+        runtime: Runtime, adapter_files: list[Path], tmp_path: Path) -> None:
+    partial = tmp_path / "copying.gguf"
+    partial.write_bytes(adapter_files[0].read_bytes()[:3_000_000])  # a rescan in the middle of a copy
+    with pytest.raises(InvalidGGUF, match="run past the end of the file"):
+        runtime.adapters.add("copying", partial)
+    assert "copying" not in runtime.adapters.names()
+
+    replaced = tmp_path / "replaced.gguf"
+    replaced.write_bytes(adapter_files[1].read_bytes())
+    runtime.adapters.add("replaced", replaced)
+    replaced.unlink()
+    replaced.mkdir()  # cached, not resident: its next load finds a folder (was IsADirectoryError, a 500)
+    with pytest.raises(InvalidGGUF, match="not a regular file"):
+        runtime.adapters.ensure_resident("replaced")
+    prompt = runtime.engine.tokenize("Hello")
+    assert runtime.generate(prompt, SamplingParams(max_tokens=2))[0].completion_tokens > 0  # still serving

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
 
@@ -107,5 +107,28 @@ async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_agai
         warnings = [r.getMessage() for r in caplog.records]
         assert len(warnings) == 2  # one when shedding starts, one when it ends: not one per request
         assert "over the runtime budget" in warnings[0] and "back under the budget" in warnings[1]
+    finally:
+        runtime.close()
+
+
+@pytest.mark.asyncio
+async def test_an_idle_adapter_is_evicted_to_get_back_under_the_budget_instead_of_shedding_for_good(
+        aiohttp_client: Any, make_profile: Callable[..., Path], adapter_files: list[Path]) -> None:
+    budget_mb = measured_rss_bytes() // MIB + 300
+    runtime = Runtime(load_profile(str(make_profile("relief", budget_mb=budget_mb, ram_mb=32768))), ctx=512)
+    try:
+        runtime.adapters.add("legal-review", adapter_files[0])
+        client = await aiohttp_client(create_app(ServerConfig(), runtime))
+        prompt = {"model": "legal-review", "prompt": "Name a colour.", "max_tokens": 2}
+        assert (await client.post("/v1/completions", json=prompt)).status == 200  # now resident, idle
+        adapter = runtime.adapters.resident_bytes
+        # Over the budget by less than the adapter holds (after what trimming frees): evicting it serves again.
+        release_freed_memory()
+        ballast = bytearray(b"\x01") * (budget_mb * MIB - measured_rss_bytes() + adapter * 4 // 5)
+        assert measured_rss_bytes() > budget_mb * MIB
+        served = await client.post("/v1/completions", json={"prompt": "Name a colour.", "max_tokens": 2})
+        assert served.status == 200 and runtime.adapters.info("legal-review").state == "cached"
+        assert runtime.adapters.stats.evictions == 1 and measured_rss_bytes() <= budget_mb * MIB
+        del ballast
     finally:
         runtime.close()
