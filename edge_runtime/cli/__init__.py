@@ -114,7 +114,9 @@ def inspect(file: Path | None, as_json: bool) -> None:
         return
     width = max(len(key) for key in summary)
     for key, value in summary.items():
-        click.echo(f"{key.ljust(width)}  {value}")
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        click.echo(f"{key.ljust(width)}  {'-' if value is None else value}")
 
 
 def _summary(info: GGUFInfo) -> dict[str, Any]:
