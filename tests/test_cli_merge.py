@@ -71,3 +71,13 @@ def test_merge_refuses_to_write_over_its_inputs_and_a_scale_float32_cannot_hold(
     huge = CliRunner().invoke(main, ["merge", str(adapter), "--base", str(base), "-o", str(tmp_path / "m.gguf"),
                                      "--scale", "1e308"])
     assert huge.exit_code == 2 and "finite float32" in huge.output and "Traceback" not in huge.output
+
+
+def test_merge_warns_when_the_output_type_rounds_away_the_adapters_change(tmp_path: Path,
+                                                                          adapter_files: list[Path]) -> None:
+    result = CliRunner().invoke(main, ["merge", str(adapter_files[0]), "-o", str(tmp_path / "q.gguf"),
+                                       "--outtype", "base"])  # SmolLM2's own Q4_1
+    assert result.exit_code == 0, result.output
+    assert "warning: rounding to --outtype base changed a merged tensor by" in result.output
+    exact = CliRunner().invoke(main, ["merge", str(adapter_files[0]), "-o", str(tmp_path / "f.gguf")])
+    assert exact.exit_code == 0 and "warning" not in exact.output

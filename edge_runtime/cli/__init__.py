@@ -70,6 +70,9 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
                + (f", aLoRA invoked by tokens {list(result.invocation_tokens)}" if result.invocation_tokens else ""))
 
 
+MERGE_ERROR_WARNING = 0.2  # a merged tensor changed by more than this share of the adapter's change: warn
+
+
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--base", "base", default=None, help="Base model GGUF the adapter was converted for [default: embedded].")
@@ -96,6 +99,10 @@ def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: 
                f"(sha256 {result.adapter_sha256[:12]}) at scale {result.scale:g} into base "
                f"{result.base_fingerprint[:12]}; {result.merged_tensors} tensors merged ({types}, largest change "
                f"error {result.max_delta_error:.2%}), {result.copied_tensors} copied")
+    if result.max_delta_error > MERGE_ERROR_WARNING:
+        click.echo(f"warning: rounding to --outtype {outtype} changed a merged tensor by {result.max_delta_error:.0%} "
+                   "of what the adapter changes: the merged model will not answer as base + adapter does. Use "
+                   "--outtype auto (the default) or f16", err=True)
 
 
 @main.command()
