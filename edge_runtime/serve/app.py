@@ -63,6 +63,7 @@ class ServerConfig:
     max_tokens: int | None = None  # cap on a request's max_tokens; None = the context length
     preload: tuple[str, ...] = ()  # adapters made resident before serving (pulled first when only remote)
     body_timeout_s: float = 30.0  # a client that stalls its body longer is answered 408 and disconnected
+    body_gap_s: float = 5.0  # ... and one that sends nothing for this long inside its body
     adapters_dir: Path | None = None  # --adapters-dir: rescanned on SIGHUP; /load picks up a new file in it
     loopback_only: bool = True  # bound to 127.0.0.1: a request naming another host is a DNS-rebinding attempt
 
@@ -89,7 +90,8 @@ def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None 
     app[RUNTIME] = runtime
     app[SCHEDULER] = Scheduler(runtime, max_queue=config.max_queue, max_wait_s=config.max_wait_s)
     app[INTAKE] = RequestIntake(reads=runtime.plan.request_reads, max_waiting=config.max_queue,
-                                budget_bytes=runtime.profile.runtime_budget_bytes, body_timeout_s=config.body_timeout_s)
+                                budget_bytes=runtime.profile.runtime_budget_bytes, body_timeout_s=config.body_timeout_s,
+                                body_gap_s=config.body_gap_s)
     if config.max_body_bytes > runtime.plan.max_body_bytes or config.max_queue > runtime.plan.max_queue:
         log.warning("the memory plan counts request buffers for bodies of %d bytes and %d waiting requests, this "
                     "server allows %d and %d: bursts can cross the budget", runtime.plan.max_body_bytes,

@@ -34,11 +34,12 @@ class RequestIntake:
     """Bounds concurrent body reads and sheds completions while the process is over its memory budget."""
 
     def __init__(self, *, reads: int, max_waiting: int, budget_bytes: int, body_timeout_s: float,
-                 rss: Callable[[], int] = measured_rss_bytes) -> None:
+                 body_gap_s: float = 5.0, rss: Callable[[], int] = measured_rss_bytes) -> None:
         self.reads = reads
         self.max_waiting = max_waiting
         self.budget_bytes = budget_bytes
         self.body_timeout_s = body_timeout_s
+        self.body_gap_s = body_gap_s  # the longest pause inside a body: a stalled client frees its slot soon
         self.shed_requests = 0
         self.over_budget = False
         self.reading = 0  # requests holding a slot
@@ -96,7 +97,8 @@ class RequestIntake:
     async def read_json(self, request: web.Request, work: Executor, *, max_bytes: int) -> Any:
         """The body of ``request`` as JSON, read within the body timeout; call it holding a ``slot()``."""
         try:
-            raw = await asyncio.wait_for(read_body(request, max_bytes=max_bytes), timeout=self.body_timeout_s)
+            raw = await asyncio.wait_for(read_body(request, max_bytes=max_bytes, gap_s=self.body_gap_s),
+                                         timeout=self.body_timeout_s)
         except asyncio.TimeoutError as exc:
             raise BodyTimeout(timeout_s=self.body_timeout_s) from exc  # answered with Connection: close
         if len(raw) < JSON_ON_LOOP_BYTES:
@@ -104,13 +106,14 @@ class RequestIntake:
         return await asyncio.get_running_loop().run_in_executor(work, parse_json, raw)
 
 
-async def read_body(request: web.Request, *, max_bytes: int) -> bytearray:
-    """The body's bytes, refused with 413 from its Content-Length before reading when it is too large."""
+async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> bytearray:
+    """The body's bytes, refused with 413 from its Content-Length before reading when it is too large;
+    ``asyncio.TimeoutError`` when nothing arrives for ``gap_s`` seconds."""
     declared = request.content_length
     if declared is not None and declared > max_bytes:
         raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=declared)
     body = bytearray()
-    async for chunk in request.content.iter_any():
+    while chunk := await asyncio.wait_for(request.content.readany(), timeout=gap_s):
         if len(body) + len(chunk) > max_bytes:
             raise web.HTTPRequestEntityTooLarge(max_size=max_bytes, actual_size=len(body) + len(chunk))
         body += chunk

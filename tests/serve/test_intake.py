@@ -132,3 +132,22 @@ async def test_an_idle_adapter_is_evicted_to_get_back_under_the_budget_instead_o
         del ballast
     finally:
         runtime.close()
+
+
+@pytest.mark.asyncio
+async def test_clients_that_stall_their_bodies_hold_the_read_slots_only_for_the_gap_timeout(
+        aiohttp_client: Any, runtime: Runtime) -> None:
+    app = create_app(ServerConfig(body_timeout_s=30, body_gap_s=0.5), runtime)
+    client = await aiohttp_client(app)
+    stalled = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(2)]  # both slots
+    for _ in range(200):
+        if app[INTAKE].reading == 2:
+            break
+        await asyncio.sleep(0.01)
+    assert app[INTAKE].reading == 2
+    # Served once the stallers time out (0.5 s without a byte), not after the 30 s body timeout.
+    served = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 10)
+    assert served.status == 200
+    for reader, writer in stalled:
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 408")
+        writer.close()
