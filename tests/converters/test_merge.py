@@ -80,11 +80,11 @@ def test_metadata_names_the_adapter_and_base_and_the_model_keeps_the_base_identi
 
 def test_auto_picks_per_tensor_the_most_compact_type_within_the_delta_error(tmp_path: Path, base_model: Path) -> None:
     small = merge_adapter(make_adapter(tmp_path, base_model, name="small"), base=base_model,
-                          output=tmp_path / "small.gguf")
+                          output=tmp_path / "small-merged.gguf")
     # Rounding to Q8_0 costs ~0.5% of the merged weight: within 1% of a change as large as the weight, not of a
     # small one. Rounding to Q4_1 again costs ~8% of the weight, more than 1% of any change.
     large = merge_adapter(make_adapter(tmp_path, base_model, gain=2000.0, name="large"), base=base_model,
-                          output=tmp_path / "large.gguf")
+                          output=tmp_path / "large-merged.gguf")
     assert small.merged_types == {"F16": 6} and large.merged_types == {"Q8_0": 6}
     assert small.max_delta_error <= AUTO_MAX_DELTA_ERROR and large.max_delta_error <= AUTO_MAX_DELTA_ERROR
     assert base_model.stat().st_size < large.size_bytes < small.size_bytes
