@@ -12,6 +12,7 @@
    streaming and a burst of 1 MB bodies.
 
 Prints a markdown table and a JSON line. Uses the embedded SmolLM2 model and adapters it converts itself.
+`--memory` runs section 5 alone.
 """
 
 from __future__ import annotations
@@ -266,6 +267,19 @@ def start_daemon(adapters_dir: Path, profile: Path, *, model: Path | None = None
     raise RuntimeError("the daemon did not start")
 
 
+def memory_only(work: Path, profile: Path) -> int:
+    """Section 5 alone (``--memory``): peak RSS vs plan, which a busy machine does not skew."""
+    memory = {"SmolLM2-135M Q4_1": peak_rss_vs_plan(work, default_model_path(), profile)}
+    gemma = gemma_model()
+    if gemma is not None:
+        memory["Gemma 3 270M Q4_K_M"] = peak_rss_vs_plan(work, gemma, profile)
+    for label, measured in memory.items():
+        print(f"| peak RSS vs plan, {label} | {measured['peak_rss_mib']:.1f} vs {measured['plan_mib']:.1f} MiB = "
+              f"{measured['peak_vs_plan']:.2f}x | <= 1x, >= 0.91x |")
+    print(json.dumps({"memory": memory}))
+    return 0
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
@@ -277,6 +291,8 @@ def main() -> int:
                            f'runtime_budget_mb = 4096\n[storage]\nadapter_cache_mb = 1024\n[compute]\n'
                            f'threads = {THREADS}\ngpu_layers = 0\nctx = {CTX}\nbatch = 512\nkv_type = "f16"\n'
                            f'[network]\nmax_download_kbps = 0\nmetered = false\n')
+        if "--memory" in sys.argv[1:]:
+            return memory_only(work, profile)
         direct = on_own_thread(direct_tokens_per_second)
         process, url = start_daemon(work / "served", profile)
         try:
