@@ -151,8 +151,13 @@ def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: 
            outtype: str) -> EncodedTensor:
     lora_a = decode(adapter.data(lora.lora_a), lora.lora_a.ggml_type, rows=lora.lora_a.shape[1])
     lora_b = decode(adapter.data(lora.lora_b), lora.lora_b.ggml_type, rows=lora.lora_b.shape[1])
-    delta = (lora_b @ lora_a) * np.float32(lora.scale)  # (out × rank)·(rank × in): the base's (out × in)
-    merged = decode(base.data(tensor), tensor.ggml_type, rows=tensor.shape[1]) + delta
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as a typed error
+        delta = (lora_b @ lora_a) * np.float32(lora.scale)  # (out × rank)·(rank × in): the base's (out × in)
+        merged = decode(base.data(tensor), tensor.ggml_type, rows=tensor.shape[1]) + delta
+    if not np.isfinite(merged).all():
+        del lora_a, lora_b, delta, merged  # views of the mapped files: the traceback must not keep them open
+        raise InvalidSettings("scale", lora.scale, f"overflows float32 in {tensor.name}",
+                              fix="Pass a smaller --scale (1 applies the adapter as trained)")
     return encode_merged(merged, delta, outtype=outtype, base_type=tensor.ggml_type)
 
 

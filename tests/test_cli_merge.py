@@ -81,3 +81,11 @@ def test_merge_warns_when_the_output_type_rounds_away_the_adapters_change(tmp_pa
     assert "warning: rounding to --outtype base changed a merged tensor by" in result.output
     exact = CliRunner().invoke(main, ["merge", str(adapter_files[0]), "-o", str(tmp_path / "f.gguf")])
     assert exact.exit_code == 0 and "warning" not in exact.output
+
+
+def test_a_scale_that_overflows_the_merged_weights_is_refused(tmp_path: Path, adapter_files: list[Path]) -> None:
+    output = tmp_path / "overflow.gguf"
+    result = CliRunner().invoke(main, ["merge", str(adapter_files[0]), "-o", str(output), "--scale", "3e38",
+                                       "--outtype", "f32"])  # finite in float32, but not scale x B x A
+    assert result.exit_code == 2 and "overflows float32" in result.output
+    assert not output.exists() and not list(tmp_path.glob(".overflow*"))  # nothing written, no temp left

@@ -89,8 +89,9 @@ def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: 
 
     from converters.merge import merge_adapter
 
-    # SIGTERM (systemd, timeout) unwinds like Ctrl-C, so the partial output file is removed, not left as debris.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    # SIGTERM (systemd, timeout) and SIGHUP (a dropped terminal) unwind like Ctrl-C: the partial output is removed.
+    for number in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, lambda received, _: sys.exit(128 + received))
     with progress_bar(f"merging into {output.name}") as progress:
         result = merge_adapter(adapter, base=resolve_model(base), output=output, scale=scale, outtype=outtype,
                                progress=progress)

@@ -55,9 +55,8 @@ class BaseCompatibility:
         if file_id(version.path) == version.file_id or file_sha256(version.path).hexdigest() == version.sha256:
             return
         raise InvalidGGUF(str(version.path), f"changed on disk since it was registered as {version.sha256[:12]}: "
-                          "the daemon will not serve other bytes under that digest; `kill -HUP` it (or POST "
-                          f"/v1/adapters/{version.name}/load) after evicting the old version to register the new "
-                          "file")
+                          "the daemon will not serve other bytes under that digest; `kill -HUP` the daemon (or "
+                          "`systemctl reload`) once the file is complete to register it as the next version")
 
     def check(self, name: str, header: GGUFHeader) -> None:
         """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""

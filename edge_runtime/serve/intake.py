@@ -28,6 +28,7 @@ JSON_ON_LOOP_BYTES = 64 * 1024  # larger bodies are decoded and parsed off the e
 SMALL_BODY_BYTES = 64 * 1024  # the cap on admin routes' bodies (names and paths, never prompts)
 TRIM_INTERVAL_S = 1.0  # at most one malloc_trim per second while over budget
 RETRY_AFTER_S = 1
+MIN_BODY_BYTES_PER_S = 64 * 1024  # a body slower than this is cut once past the gap timeout (408)
 
 
 class RequestIntake:
@@ -96,11 +97,16 @@ class RequestIntake:
 
     async def read_json(self, request: web.Request, work: Executor, *, max_bytes: int) -> Any:
         """The body of ``request`` as JSON, read within the body timeout; call it holding a ``slot()``."""
+        # A body must keep arriving (no gap over body_gap_s) and arrive at MIN_BODY_RATE: a client dripping a byte
+        # every few seconds would otherwise hold a read slot for the whole body timeout.
+        declared = request.content_length
+        deadline = self.body_timeout_s if declared is None else \
+            min(self.body_timeout_s, self.body_gap_s + declared / MIN_BODY_BYTES_PER_S)
         try:
             raw = await asyncio.wait_for(read_body(request, max_bytes=max_bytes, gap_s=self.body_gap_s),
-                                         timeout=self.body_timeout_s)
+                                         timeout=deadline)
         except asyncio.TimeoutError as exc:
-            raise BodyTimeout(timeout_s=self.body_timeout_s) from exc  # answered with Connection: close
+            raise BodyTimeout(timeout_s=round(deadline, 1)) from exc  # answered with Connection: close
         if len(raw) < JSON_ON_LOOP_BYTES:
             return parse_json(raw)
         return await asyncio.get_running_loop().run_in_executor(work, parse_json, raw)

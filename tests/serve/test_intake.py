@@ -152,3 +152,26 @@ async def test_clients_that_stall_their_bodies_hold_the_read_slots_only_for_the_
     for reader, writer in stalled:
         assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 408")
         writer.close()
+
+
+@pytest.mark.asyncio
+async def test_a_client_dripping_its_body_is_cut_at_the_minimum_rate_not_after_the_body_timeout(
+        aiohttp_client: Any, runtime: Runtime) -> None:
+    app = create_app(ServerConfig(body_timeout_s=30, body_gap_s=0.5), runtime)
+    client = await aiohttp_client(app)
+    drippers = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(2)]
+
+    async def drip() -> None:  # a byte every 0.3 s: never a 0.5 s gap
+        for _ in range(20):
+            await asyncio.sleep(0.3)
+            for _, writer in drippers:
+                if not writer.is_closing():
+                    writer.write(b"x")
+
+    dripping = asyncio.ensure_future(drip())
+    served = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 10)
+    assert served.status == 200  # 1,000 bytes are due within 0.5 s + 1000 / 64 KiB/s, not 30 s
+    for reader, writer in drippers:
+        assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 408")
+        writer.close()
+    dripping.cancel()
