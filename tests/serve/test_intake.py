@@ -33,6 +33,19 @@ async def _raw_request(port: int, head: str, body: bytes = b"") -> tuple[asyncio
     return reader, writer
 
 
+async def _half_bodies(app: Any, port: int, count: int, *, waiting: int = 0) -> list[
+        tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """``count`` connections that send half a body and then nothing; returns once ``count - waiting`` of them hold
+    read slots and ``waiting`` wait for one."""
+    clients = [await _raw_request(port, _head(1000), b'{"prompt": "') for _ in range(count)]
+    for _ in range(200):
+        if (app[INTAKE].reading, app[INTAKE].waiting) == (count - waiting, waiting):
+            break
+        await asyncio.sleep(0.01)
+    assert (app[INTAKE].reading, app[INTAKE].waiting) == (count - waiting, waiting)
+    return clients
+
+
 def _head(length: int) -> str:
     return (f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             f"Content-Length: {length}\r\n\r\n")
@@ -54,12 +67,7 @@ async def test_requests_beyond_the_waiting_bound_get_503_at_once(aiohttp_client:
     client = await aiohttp_client(app)
     intake = app[INTAKE]
     assert intake.reads == 2  # the profile's two threads
-    stalled = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(3)]
-    for _ in range(200):  # two hold the read slots with half a body each, the third waits for a slot
-        if (intake.reading, intake.waiting) == (2, 1):
-            break
-        await asyncio.sleep(0.01)
-    assert (intake.reading, intake.waiting) == (2, 1)
+    stalled = await _half_bodies(app, client.port, 3, waiting=1)  # two hold the read slots, one waits
 
     refused = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1})
     assert refused.status == 503 and refused.headers["Retry-After"] == "1"
@@ -140,12 +148,7 @@ async def test_clients_that_stall_their_bodies_hold_the_read_slots_only_for_the_
         aiohttp_client: Any, runtime: Runtime) -> None:
     app = create_app(ServerConfig(body_timeout_s=30, body_gap_s=0.5), runtime)
     client = await aiohttp_client(app)
-    stalled = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(2)]  # both slots
-    for _ in range(200):
-        if app[INTAKE].reading == 2:
-            break
-        await asyncio.sleep(0.01)
-    assert app[INTAKE].reading == 2
+    stalled = await _half_bodies(app, client.port, 2)  # both read slots
     # Served once the stallers time out (0.5 s without a byte), not after the 30 s body timeout.
     served = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 10)
     assert served.status == 200
@@ -159,7 +162,7 @@ async def test_a_client_dripping_its_body_is_cut_at_the_minimum_rate_not_after_t
         aiohttp_client: Any, runtime: Runtime) -> None:
     app = create_app(ServerConfig(body_timeout_s=30, body_gap_s=0.5), runtime)
     client = await aiohttp_client(app)
-    drippers = [await _raw_request(client.port, _head(1000), b'{"prompt": "') for _ in range(2)]
+    drippers = await _half_bodies(app, client.port, 2)  # both read slots
 
     async def drip() -> None:  # a byte every 0.3 s: never a 0.5 s gap
         for _ in range(20):
