@@ -33,7 +33,7 @@ from edge_runtime.names import validate_name
 from edge_runtime.runtime import budget
 from edge_runtime.runtime.compatibility import BaseCompatibility
 from edge_runtime.runtime.engine import AdapterHandle, Engine
-from edge_runtime.runtime.eviction import EvictionCandidate, choose_evictions
+from edge_runtime.runtime.eviction import EvictionCandidate, EvictionPlan, choose_evictions
 from edge_runtime.runtime.versions import (
     AdapterInfo,
     AdapterState,
@@ -73,16 +73,16 @@ class AdapterManager:
             adapter = self._adapters.get(name)
             if adapter is None:
                 adapter = self._adapters[name] = NamedAdapter(name=name, current=version)
-                return self._info(adapter)
+                return adapter.info()
             if adapter.current is not None and adapter.current.sha256 == version.sha256:
-                return self._info(adapter)  # already known: concurrent pulls of one adapter register it once
+                return adapter.info()  # already known: concurrent pulls of one adapter register it once
             current = adapter.current
             if adapter.update is not None or (current is not None and current.state in _IN_SERVICE):
                 raise InvalidTransition(name, adapter.state.value, "replaced")
             if current is not None and current.holds_memory:  # still being freed: counted until it is
                 adapter.former.append(current)
             adapter.current, adapter.remote = version, None
-            return self._info(adapter)
+            return adapter.info()
 
     def add_remote(self, name: str, *, sha256: str, size_bytes: int) -> bool:
         """Record an adapter a CDN offers but this device has not pulled; True when that offer is new (a name not
@@ -130,7 +130,7 @@ class AdapterManager:
         with self._lock:
             adapter = self._adapter(name)
             if adapter.current is not None and adapter.current.sha256 == fresh.sha256:
-                return self._info(adapter)
+                return adapter.info()
             if adapter.update is not None or self._closed:
                 raise InvalidTransition(name, "updating" if adapter.update else "closed", "replaced")
             victims = self._make_room(fresh)  # may evict an idle old version: its file stays until the switch
@@ -173,12 +173,12 @@ class AdapterManager:
     def list_adapters(self) -> list[AdapterInfo]:
         """Snapshots of all known adapters, by name."""
         with self._lock:
-            return [self._info(a) for _, a in sorted(self._adapters.items())]
+            return [a.info() for _, a in sorted(self._adapters.items())]
 
     def info(self, name: str) -> AdapterInfo:
         """Snapshot of one adapter."""
         with self._lock:
-            return self._info(self._adapter(name))
+            return self._adapter(name).info()
 
     @property
     def resident_bytes(self) -> int:
@@ -272,6 +272,12 @@ class AdapterManager:
         self._free([victim])
         return True
 
+    def evict_least_recent(self) -> str | None:
+        """Evict the least recently used idle, unpinned adapter (memory over the budget); its name, or None."""
+        with self._lock:
+            victims = self._eviction_choice(need_bytes=1, free_bytes=0)[1].victims
+        return victims[0] if victims and self.evict(victims[0]) else None
+
     def close(self) -> None:
         """Free every resident adapter (the engine detaches each before freeing it); loads ending later are freed."""
         with self._lock:
@@ -297,14 +303,18 @@ class AdapterManager:
     def _held_bytes(self) -> int:  # lock held
         return sum(v.resident_bytes for a in self._adapters.values() for v in a.versions() if v.holds_memory)
 
-    def _make_room(self, version: AdapterVersion) -> list[AdapterVersion]:  # lock held
-        """Detach the versions the eviction choice names to fit ``version``; ``BudgetExceeded`` when it cannot."""
-        held = self._held_bytes()
+    def _eviction_choice(self, *, need_bytes: int, free_bytes: int) -> tuple[dict[str, NamedAdapter],
+                                                                              EvictionPlan]:  # lock held
         resident = {a.name: a for a in self._adapters.values() if a.current is not None and a.current.usable}
         candidates = [EvictionCandidate(name=a.name, resident_bytes=a.current.resident_bytes, last_use=a.use_order,
                                         pinned=a.pinned, in_use=a.current.users > 0)
                       for a in resident.values() if a.current is not None]
-        plan = choose_evictions(candidates, need_bytes=version.resident_bytes, free_bytes=self.budget_bytes - held)
+        return resident, choose_evictions(candidates, need_bytes=need_bytes, free_bytes=free_bytes)
+
+    def _make_room(self, version: AdapterVersion) -> list[AdapterVersion]:  # lock held
+        """Detach the versions the eviction choice names to fit ``version``; ``BudgetExceeded`` when it cannot."""
+        held = self._held_bytes()
+        resident, plan = self._eviction_choice(need_bytes=version.resident_bytes, free_bytes=self.budget_bytes - held)
         if not plan.fits:
             raise BudgetExceeded(version.name, needed_bytes=version.resident_bytes, budget_bytes=self.budget_bytes,
                                  evictable_bytes=plan.evictable_bytes, held_bytes=held - plan.evictable_bytes)
@@ -437,14 +447,3 @@ class AdapterManager:
         if adapter is None:
             raise AdapterNotFound(name, tuple(sorted(self._adapters)))
         return adapter
-
-    def _info(self, adapter: NamedAdapter) -> AdapterInfo:  # lock held
-        version, remote = adapter.current, adapter.remote
-        if version is not None:
-            sha256, size, resident, users = version.sha256, version.size_bytes, version.resident_bytes, version.users
-        else:
-            assert remote is not None
-            sha256, size, resident, users = remote.sha256, remote.size_bytes, remote.size_bytes, 0
-        return AdapterInfo(name=adapter.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
-                           state=adapter.state.value, pinned=adapter.pinned, users=users, last_used=adapter.last_used,
-                           path=None if version is None else version.path)

@@ -127,6 +127,18 @@ class NamedAdapter:
             return AdapterState.ACTIVE if version.users else AdapterState.RESIDENT
         return AdapterState.CACHED
 
+    def info(self) -> AdapterInfo:
+        """A snapshot of this name for listings."""
+        version, remote = self.current, self.remote
+        if version is not None:
+            sha256, size, resident, users = version.sha256, version.size_bytes, version.resident_bytes, version.users
+        else:
+            assert remote is not None
+            sha256, size, resident, users = remote.sha256, remote.size_bytes, remote.size_bytes, 0
+        return AdapterInfo(name=self.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
+                           state=self.state.value, pinned=self.pinned, users=users, last_used=self.last_used,
+                           path=None if version is None else version.path)
+
     @property
     def busy(self) -> bool:
         """True when a version is in memory or an update is under way (the name cannot be re-pointed)."""

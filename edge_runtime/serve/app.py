@@ -416,13 +416,11 @@ async def _prompt_tokens(app: web.Application, engine: Engine, parsed: openai_ap
 
 
 async def _evict_idle(runtime: Runtime) -> bool:
-    """Evict the least recently used idle, unpinned resident adapter; False when there is none."""
-    idle = [a for a in runtime.adapters.list_adapters() if a.state == "resident" and not a.users and not a.pinned]
-    for adapter in sorted(idle, key=lambda a: a.last_used):
-        if await asyncio.to_thread(runtime.adapters.evict, adapter.name):
-            log.warning("evicted adapter %s to bring memory back under the budget", adapter.name)
-            return True
-    return False
+    """Evict the least recently used idle, unpinned adapter; False when there is none."""
+    evicted = await asyncio.to_thread(runtime.adapters.evict_least_recent)
+    if evicted is not None:
+        log.warning("evicted adapter %s to bring memory back under the budget", evicted)
+    return evicted is not None
 
 
 def _applied_headers(applied: list[AppliedAdapter]) -> dict[str, str]:

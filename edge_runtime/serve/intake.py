@@ -79,8 +79,7 @@ class RequestIntake:
             rss = self._rss()
             # Memory the plan did not foresee (a hostile body's parsed objects the allocator keeps) would otherwise
             # shed load for good: idle adapters make room, and reload on demand within the smaller space left.
-            while rss > self.budget_bytes and await relieve():
-                release_freed_memory()
+            while rss > self.budget_bytes and await relieve():  # an eviction trims what it freed itself
                 rss = self._rss()
         if rss <= self.budget_bytes:
             if self.over_budget:
