@@ -60,12 +60,17 @@ def run_daemon(*args: str, log: Path, env: dict[str, str] | None = None) -> Iter
         yield daemon
     finally:
         if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            stop(process, signal.SIGTERM, timeout_s=20)
+
+
+def stop(process: subprocess.Popen[bytes], signum: int, *, timeout_s: float) -> None:
+    """Send ``signum`` and wait for the process to end; kill it when it takes longer than ``timeout_s``."""
+    process.send_signal(signum)
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def require_tool(candidates: tuple[str, ...], package: str) -> str:

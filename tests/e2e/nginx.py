@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
-from daemons import free_port, require_tool
+from daemons import free_port, require_tool, stop
 
 _CONFIG = """
 daemon off;
@@ -87,10 +87,5 @@ def run_nginx(*, limit_rate: str = "0") -> Iterator[Nginx]:
                 time.sleep(0.05)
         yield server
     finally:
-        process.send_signal(signal.SIGQUIT)
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop(process, signal.SIGQUIT, timeout_s=10)
         shutil.rmtree(base, ignore_errors=True)
