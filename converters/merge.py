@@ -229,7 +229,7 @@ def _mapped(header: GGUFHeader) -> Iterator[_MappedFile]:
     """``header``'s file mapped read-only, every tensor checked to lie inside it."""
     with header.path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
         for tensor in header.tensors:
-            if header.data_offset + tensor.offset + tensor.n_bytes > len(mapped):
+            if header.data_end(tensor) > len(mapped):
                 raise InvalidGGUF(str(header.path), f"tensor {tensor.name} runs past the end of the file (truncated?)")
         view = memoryview(mapped)
         try:

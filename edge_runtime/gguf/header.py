@@ -75,6 +75,10 @@ class GGUFHeader:
         found = self.fields.get(key)
         return default if found is None else found.value
 
+    def data_end(self, tensor: HeaderTensor) -> int:
+        """The byte after ``tensor``'s data in the file (past the file's size: truncated, or still being written)."""
+        return self.data_offset + tensor.offset + tensor.n_bytes
+
 
 def read_header(path: Path | str) -> GGUFHeader:
     """Parse ``path``'s GGUF header; raise ``InvalidGGUF`` for anything that is not a well-formed GGUF file."""

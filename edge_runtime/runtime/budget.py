@@ -4,10 +4,10 @@ The terms are computed from the base GGUF's header and the context settings, and
 a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10% of it):
 
 - process: the daemon's Python runtime — CPython with llama.cpp, aiohttp, cryptography and prometheus_client
-  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (measured: ~175 bytes
-  per vocabulary entry and ~200 per BPE merge rule: 373 bytes per entry for SmolLM2's BPE, 173 for Gemma's
-  SentencePiece vocabulary) plus 8 MiB of headroom for what varies between runs (allocator arenas of the decode
-  threads, load transients: peaks up to 6 MiB above the steady state were measured).
+  imported (measured: 72 MiB on x86-64 CPython 3.11) — plus llama.cpp's tokenizer tables (counted: 180 bytes
+  per vocabulary entry and 210 per BPE merge rule; measured 373 bytes per entry for SmolLM2's BPE with its merges,
+  173 for Gemma's SentencePiece vocabulary) plus 8 MiB of headroom for what varies between runs (allocator arenas
+  of the decode threads, load transients: peaks up to 6 MiB above the steady state were measured).
 - base model: the GGUF's tensor bytes. They are memory-mapped; every page is touched by the first decode. Tensors
   of the types llama.cpp's CPU kernels repack (Q4_0, Q4_K, IQ4_NL) are counted twice: the repacked copy is held
   beside the mapped pages it was made from (12.7 MiB for Gemma 3 270M Q4_K_M).

@@ -38,7 +38,7 @@ class BaseCompatibility:
         header = read_header(path)
         self.check(name, header)
         identity = file_id(path)  # (inode, size, mtime): one stat gives the size too
-        end = max((header.data_offset + t.offset + t.n_bytes for t in header.tensors), default=0)
+        end = max((header.data_end(t) for t in header.tensors), default=0)
         if end > identity[1]:  # still being copied, or cut short
             raise InvalidGGUF(str(path), f"its tensors run past the end of the file ({identity[1]} of {end} bytes: "
                               "truncated, or still being written?)")
