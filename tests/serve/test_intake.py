@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,15 @@ from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
 
 MIB = 1 << 20
+
+
+def _ballast(size: int) -> mmap.mmap:
+    """``size`` bytes of resident memory that leave the process the moment they are closed: an anonymous mapping
+    of its own, every page written (a heap block could stay resident after it is freed until the next trim)."""
+    block, page = mmap.mmap(-1, size), b"\x01" * mmap.PAGESIZE
+    for offset in range(0, size - mmap.PAGESIZE + 1, mmap.PAGESIZE):
+        block[offset:offset + mmap.PAGESIZE] = page
+    return block
 
 
 @pytest.fixture
@@ -99,7 +109,7 @@ async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_agai
         release_freed_memory()  # what the daemon's first trim would free (much, in a long pytest process)
         over = budget_mb * MIB - measured_rss_bytes() + 32 * MIB
         assert over > 32 * MIB  # the runtime left the process under its budget
-        ballast = bytearray(b"\x01") * over  # every page written: resident
+        ballast = _ballast(over)
         with caplog.at_level(logging.WARNING, logger="edge_runtime.serve.intake"):
             for _ in range(2):
                 shed = await client.post("/v1/completions", json=prompt)
@@ -109,8 +119,9 @@ async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_agai
             assert (await client.get("/health")).status == 200
             metrics = await (await client.get("/metrics")).text()
             assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 1.0" in metrics
-            del ballast
-            assert (await client.post("/v1/completions", json=prompt)).status == 200
+            ballast.close()
+            served = await client.post("/v1/completions", json=prompt)
+            assert served.status == 200, f"RSS {measured_rss_bytes() / MIB:.1f} MiB, budget {budget_mb} MiB"
         metrics = await (await client.get("/metrics")).text()
         assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 0.0" in metrics
         warnings = [r.getMessage() for r in caplog.records]
@@ -133,12 +144,12 @@ async def test_an_idle_adapter_is_evicted_to_get_back_under_the_budget_instead_o
         adapter = runtime.adapters.resident_bytes
         # Over the budget by less than the adapter holds (after what trimming frees): evicting it serves again.
         release_freed_memory()
-        ballast = bytearray(b"\x01") * (budget_mb * MIB - measured_rss_bytes() + adapter * 4 // 5)
+        ballast = _ballast(budget_mb * MIB - measured_rss_bytes() + adapter * 4 // 5)
         assert measured_rss_bytes() > budget_mb * MIB
         served = await client.post("/v1/completions", json={"prompt": "Name a colour.", "max_tokens": 2})
         assert served.status == 200 and runtime.adapters.info("legal-review").state == "cached"
         assert runtime.adapters.stats.evictions == 1 and measured_rss_bytes() <= budget_mb * MIB
-        del ballast
+        ballast.close()
     finally:
         runtime.close()
 
