@@ -20,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from edge_runtime import cores
 from edge_runtime.errors import BodyTimeout, InvalidRequest, MemoryPressure, QueueFull
 from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
 
@@ -128,9 +129,10 @@ async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> by
 def parse_json(raw: bytearray) -> Any:
     """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once."""
     try:
-        text = raw.decode("utf-8")
-        raw.clear()
-        return json.loads(text)
+        with cores.busy():  # off the loop for large bodies: beside a decode, which then leaves this thread a core
+            text = raw.decode("utf-8")
+            raw.clear()
+            return json.loads(text)
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting

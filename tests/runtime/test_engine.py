@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import llama_cpp
 import numpy as np
 import pytest
 
+from edge_runtime import cores
 from edge_runtime.errors import InvalidRequest
 from edge_runtime.runtime.engine import Engine, EngineSettings
 from edge_runtime.runtime.generation import SamplingParams, log_softmax
@@ -79,3 +83,38 @@ def test_a_json_schema_grammar_keeps_control_characters_out_of_strings(engine: E
     prompt = engine.chat_prompt([{"role": "user", "content": "Give me an address as JSON."}])
     result = engine.generate(prompt, SamplingParams(max_tokens=40, grammar=grammar))
     assert result.finish_reason == "stop" and set(json.loads(result.text)) == {"s"}
+
+
+@pytest.mark.skipif(cores.usable_cpus() < 2, reason="needs two CPUs: a decode on one cannot leave a core")
+def test_a_decode_leaves_a_core_to_each_busy_thread_beside_it_and_takes_it_back(base_model: Path) -> None:
+    # A busy thread beside a decode that uses every core makes its threads wait at each barrier for a time slice
+    # (several times slower); the engine decodes on the cores left, and its output does not depend on how many.
+    cpus = cores.usable_cpus()
+    engine = Engine(base_model, EngineSettings(n_ctx=512, n_threads=cpus))
+    try:
+        prompt, params = engine.tokenize("The capital of France is"), SamplingParams(max_tokens=12)
+        alone = engine.generate(prompt, params)
+        assert llama_cpp.llama_n_threads(engine._llama.ctx) == cpus == engine.cores.current
+        with cores.busy():  # as a request body being tokenized on another thread is
+            beside = engine.generate(prompt, params)
+            assert llama_cpp.llama_n_threads(engine._llama.ctx) == cpus - 1 == engine.cores.current
+        again = engine.generate(prompt, params)
+        assert llama_cpp.llama_n_threads(engine._llama.ctx) == cpus
+        assert alone.token_ids == beside.token_ids == again.token_ids and len(alone.token_ids) == 12
+    finally:
+        engine.close()
+
+
+def test_busy_threads_are_counted_while_they_tokenize_and_never_below_one_decode_thread(engine: Engine) -> None:
+    seen: list[int] = []
+    worker = threading.Thread(target=engine.tokenize, args=("A long document. " * 60_000,))  # ~0.5 s of work
+    worker.start()
+    while worker.is_alive():
+        seen.append(cores.busy_threads())
+        time.sleep(0.001)
+    assert max(seen) == 1 and cores.busy_threads() == 0
+    with cores.busy(), cores.busy():
+        assert cores.busy_threads() == 2
+        assert cores.decode_threads(4, cpus=8) == 4 and cores.decode_threads(4, cpus=5) == 3
+        assert cores.decode_threads(2, cpus=2) == 1  # at least one: the decode is the work that was asked for
+    assert cores.busy_threads() == 0 and cores.decode_threads(2, cpus=2) == 2

@@ -20,6 +20,12 @@ from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
 MIB = 1 << 20
 
 
+def _rss_parts() -> str:
+    """This process's resident memory by kind (anonymous, file-backed, shared), for failure messages."""
+    status = Path("/proc/self/status").read_text().splitlines()
+    return ", ".join(line.replace("\t", " ") for line in status if line.startswith(("RssAnon", "RssFile", "RssShmem")))
+
+
 def _ballast(size: int) -> mmap.mmap:
     """``size`` bytes of resident memory that leave the process the moment they are closed: an anonymous mapping
     of its own, every page written (a heap block could stay resident after it is freed until the next trim)."""
@@ -121,7 +127,7 @@ async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_agai
             assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 1.0" in metrics
             ballast.close()
             served = await client.post("/v1/completions", json=prompt)
-            assert served.status == 200, f"RSS {measured_rss_bytes() / MIB:.1f} MiB, budget {budget_mb} MiB"
+            assert served.status == 200, f"budget {budget_mb} MiB; {_rss_parts()}"
         metrics = await (await client.get("/metrics")).text()
         assert "edge_rt_shed_requests_total 2.0" in metrics and "edge_rt_over_budget 0.0" in metrics
         warnings = [r.getMessage() for r in caplog.records]
@@ -146,8 +152,11 @@ async def test_an_idle_adapter_is_evicted_to_get_back_under_the_budget_instead_o
         release_freed_memory()
         ballast = _ballast(budget_mb * MIB - measured_rss_bytes() + adapter * 4 // 5)
         assert measured_rss_bytes() > budget_mb * MIB
+        before = _rss_parts()
         served = await client.post("/v1/completions", json={"prompt": "Name a colour.", "max_tokens": 2})
-        assert served.status == 200 and runtime.adapters.info("legal-review").state == "cached"
+        assert served.status == 200, f"budget {budget_mb} MiB, adapter {adapter / MIB:.1f} MiB; before the " \
+                                     f"request {before}; after {_rss_parts()}"
+        assert runtime.adapters.info("legal-review").state == "cached"
         assert runtime.adapters.stats.evictions == 1 and measured_rss_bytes() <= budget_mb * MIB
         ballast.close()
     finally:
