@@ -138,26 +138,31 @@ async def test_completions_are_shed_while_rss_is_over_the_budget_and_served_agai
 
 
 @pytest.mark.asyncio
-async def test_an_idle_adapter_is_evicted_to_get_back_under_the_budget_instead_of_shedding_for_good(
+async def test_idle_adapters_are_evicted_least_recent_first_to_get_back_under_the_budget_instead_of_shedding(
         aiohttp_client: Any, make_profile: Callable[..., Path], adapter_files: list[Path]) -> None:
     budget_mb = measured_rss_bytes() // MIB + 300
     runtime = Runtime(load_profile(str(make_profile("relief", budget_mb=budget_mb, ram_mb=32768))), ctx=512)
+    names = ["legal-review", "brand-voice", "json-extract"]  # used in this order: legal-review is the coldest
     try:
-        runtime.adapters.add("legal-review", adapter_files[0])
         client = await aiohttp_client(create_app(ServerConfig(), runtime))
-        prompt = {"model": "legal-review", "prompt": "Name a colour.", "max_tokens": 2}
-        assert (await client.post("/v1/completions", json=prompt)).status == 200  # now resident, idle
-        adapter = runtime.adapters.resident_bytes
-        # Over the budget by less than the adapter holds (after what trimming frees): evicting it serves again.
+        for name, path in zip(names, adapter_files):
+            runtime.adapters.add(name, path)
+            prompt = {"model": name, "prompt": "Name a colour.", "max_tokens": 2}
+            assert (await client.post("/v1/completions", json=prompt)).status == 200  # now resident, idle
+        adapter = runtime.adapters.resident_bytes // len(names)
+        # Over the budget by half an adapter (after what trimming frees): evicting the coldest serves again. Other
+        # memory of a long test process may grow meanwhile (CI saw +18 MiB once): the relief then evicts the next.
         release_freed_memory()
-        ballast = _ballast(budget_mb * MIB - measured_rss_bytes() + adapter * 4 // 5)
+        ballast = _ballast(budget_mb * MIB - measured_rss_bytes() + adapter // 2)
         assert measured_rss_bytes() > budget_mb * MIB
         before = _rss_parts()
         served = await client.post("/v1/completions", json={"prompt": "Name a colour.", "max_tokens": 2})
-        assert served.status == 200, f"budget {budget_mb} MiB, adapter {adapter / MIB:.1f} MiB; before the " \
+        assert served.status == 200, f"budget {budget_mb} MiB, adapters of {adapter / MIB:.1f} MiB; before the " \
                                      f"request {before}; after {_rss_parts()}"
-        assert runtime.adapters.info("legal-review").state == "cached"
-        assert runtime.adapters.stats.evictions == 1 and measured_rss_bytes() <= budget_mb * MIB
+        states = [runtime.adapters.info(name).state for name in names]
+        evicted = runtime.adapters.stats.evictions
+        assert 1 <= evicted < len(names) and states == ["cached"] * evicted + ["resident"] * (3 - evicted), states
+        assert measured_rss_bytes() <= budget_mb * MIB
         ballast.close()
     finally:
         runtime.close()
