@@ -339,6 +339,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         if job is not None:
             job.cancel.set()  # a no-op when it finished; stops the generation when the client went away
             request.app[SCHEDULER].discard(job)  # a client gone while queued frees its slot at once
+            produced = max(produced, job.generated)  # a client gone mid-answer: what was generated until then
         request[TOKENS] = (len(prompt), produced)
         metrics.tokens.labels(label).inc(produced)
 

@@ -33,6 +33,7 @@ class Job:
     sequence: int
     cancel: threading.Event = field(default_factory=threading.Event)
     applied: list[AppliedAdapter] = field(default_factory=list)
+    generated: int = 0  # tokens the engine produced for it, delivered or not (a client may leave mid-answer)
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
@@ -151,6 +152,7 @@ class Scheduler:
                                                           applied=job.applied, cancel=job.cancel)
             for chunk in stream:
                 self.decoded_tokens += len(chunk.token_ids)
+                job.generated += len(chunk.token_ids)
                 if chunk.finish_reason == "cancelled":
                     self.cancelled_jobs += 1
                 put(chunk)

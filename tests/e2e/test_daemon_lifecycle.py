@@ -109,6 +109,7 @@ def test_client_disconnect_cancels_its_generation(daemon: Daemon) -> None:
 def test_a_client_gone_before_its_answer_is_counted_as_499_not_500(daemon: Daemon) -> None:
     before = metric(daemon, "edge_rt_requests_total", status="499")
     errors_before = metric(daemon, "edge_rt_requests_total", status="500")
+    generated_before = metric(daemon, "edge_rt_tokens_generated_total")
     with socket.create_connection(("127.0.0.1", int(daemon.url.rsplit(":", 1)[1]))) as raw:
         body = b'{"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900}'
         decoded = metric(daemon, "edge_rt_tokens_decoded_total")
@@ -124,6 +125,10 @@ def test_a_client_gone_before_its_answer_is_counted_as_499_not_500(daemon: Daemo
         time.sleep(0.05)
     assert metric(daemon, "edge_rt_requests_total", status="499") == before + 1
     assert metric(daemon, "edge_rt_requests_total", status="500") == errors_before
+    # What it generated before the client left is logged and counted, as for an answered request.
+    line = [line for line in daemon.log_text().splitlines() if "status=499" in line][-1]
+    logged = int(re.search(r"completion=(\d+)", line)[1])  # type: ignore[index]
+    assert 0 < logged == metric(daemon, "edge_rt_tokens_generated_total") - generated_before, line
 
 
 def test_concurrent_clients_on_different_adapters_get_their_own_answers(daemon: Daemon) -> None:
