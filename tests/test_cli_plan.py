@@ -43,10 +43,27 @@ def test_plan_with_listed_adapters_says_whether_they_fit(make_profile: Callable[
     profile = make_profile("plan-files", budget_mb=322, ctx=1024)  # 66 MiB for adapters: three of the five
     args = ["plan", "--profile", str(profile)] + [a for f in adapter_files for a in ("--adapters", str(f))]
     result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 7, result.output  # a script can tell: BudgetExceeded's code
     total = sum(adapter_resident_bytes(f) for f in adapter_files)
     assert f"the listed adapters ({total / MIB:.1f} MiB) do NOT fit together" in result.output
     assert "adapters of 18.6 MiB that fit at once: 3" in result.output
+    assert f"error: the 5 listed adapters need {total / MIB:.1f} MiB resident together but profile 'plan-files' " \
+           "leaves" in result.output and "Serve fewer at once" in result.output
+    three = CliRunner().invoke(main, args[:9])  # three of them
+    assert three.exit_code == 0, three.output
+    assert "MiB) fit together" in three.output
+
+
+def test_plan_refuses_to_count_a_file_that_is_no_adapter_of_the_model(
+        make_profile: Callable[..., Path], adapter_files: list[Path], base_model: Path, gemma_model: Path) -> None:
+    profile = make_profile("plan-wrong", budget_mb=800)
+    model_as_adapter = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--adapters", str(base_model)])
+    assert model_as_adapter.exit_code == 6, model_as_adapter.output
+    assert f"{base_model} is not a LoRA adapter" in model_as_adapter.output
+    other_base = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--model", str(gemma_model),
+                                           "--adapters", str(adapter_files[0])])
+    assert other_base.exit_code == 6, other_base.output
+    assert "adapter 'legal-review' was converted for another base model" in other_base.output
 
 
 def test_plan_fails_with_the_terms_and_the_fix_when_the_base_does_not_fit(make_profile: Callable[..., Path]) -> None:

@@ -15,6 +15,7 @@ from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
 from edge_runtime.cli.common import progress_bar
 from edge_runtime.cli.common import reports_errors as _reports_errors
+from edge_runtime.cli.plan import plan
 from edge_runtime.cli.status import status
 from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
@@ -177,60 +178,6 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
     return (profile.name, ", ".join(profile.aliases) or "-", f"{profile.memory.ram_mb} MiB",
             f"{profile.memory.runtime_budget_mb} MiB", f"{profile.storage.adapter_cache_mb} MiB",
             str(profile.compute.ctx), str(profile.compute.gpu_layers), download)
-
-
-@main.command()
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="Device profile: name, alias or TOML file.")
-@click.option("--model", default=None, help="Base model GGUF [default: embedded SmolLM2].")
-@click.option("--ctx", type=click.IntRange(min=256), default=None,
-              help="Context length in tokens [default: the profile's].")
-@click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
-@click.option("--adapters", "adapter_files", multiple=True, type=click.Path(exists=True, path_type=Path),
-              help="Adapter GGUF files to fit together (repeatable).")
-@click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="The daemon's request body cap in KiB (as `serve --max-body-kb`).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests that may wait in the daemon (as `serve --max-queue`).")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@_reports_errors
-def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
-         adapter_files: tuple[Path, ...], max_body_kb: int, max_queue: int, as_json: bool) -> None:
-    """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters."""
-    from edge_runtime.runtime.budget import RequestLimits, adapter_resident_bytes
-    from edge_runtime.runtime.core import plan_for
-
-    profile = load_profile(profile_name)
-    memory = plan_for(profile, resolve_model(model), ctx=ctx,
-                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
-    adapter_bytes = [adapter_resident_bytes(p) for p in adapter_files]
-    one = int(adapter_mb * (1 << 20)) if adapter_mb else max(adapter_bytes, default=0)
-    report = memory.as_dict() | {"profile": profile.name, "adapter_bytes": one,
-                                 "adapters_that_fit": memory.adapters_that_fit(one) if one else None,
-                                 "listed_adapters_bytes": sum(adapter_bytes),
-                                 "listed_adapters_fit": sum(adapter_bytes) <= memory.adapter_budget_bytes}
-    click.echo(json.dumps(report, indent=2) if as_json else _plan_table(report))
-    memory.require_fit(profile.name)
-
-
-def _plan_table(report: dict[str, Any]) -> str:
-    mib = 1 << 20
-    rows = [("process (Python, llama.cpp, tokenizer)", report["process_bytes"]), ("base model", report["model_bytes"]),
-            (f"KV cache ({report['ctx']} tokens, {report['kv_type']})", report["kv_cache_bytes"]),
-            (f"compute buffers (batch {report['batch']})", report["compute_bytes"]),
-            (f"request buffers ({report['request_reads']} x {report['max_body_bytes'] // 1024} KiB read, "
-             f"{report['max_queue']} waiting)", report["request_buffer_bytes"]),
-            ("= fixed", report["fixed_bytes"]), ("runtime budget", report["budget_bytes"]),
-            ("= adapter budget", report["adapter_budget_bytes"])]
-    lines = [f"memory plan for profile {report['profile']}"] + [f"  {label:<48}{value / mib:>10.1f} MiB"
-                                                                 for label, value in rows]
-    if report["adapters_that_fit"] is not None:
-        lines.append(f"  adapters of {report['adapter_bytes'] / mib:.1f} MiB that fit at once: "
-                     f"{report['adapters_that_fit']}")
-    if report["listed_adapters_bytes"]:
-        verdict = "fit" if report["listed_adapters_fit"] else "do NOT fit"
-        lines.append(f"  the listed adapters ({report['listed_adapters_bytes'] / mib:.1f} MiB) {verdict} together")
-    return "\n".join(lines)
 
 
 _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
@@ -443,4 +390,5 @@ class _ProgressLine:
 
 
 main.add_command(cache_group)
+main.add_command(plan)
 main.add_command(status)

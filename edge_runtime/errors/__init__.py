@@ -20,6 +20,7 @@ The tree::
     ├── AdapterNotFound                          (LookupError)         no adapter by that name is known
     ├── BudgetExceeded                           (MemoryError)         an adapter cannot fit the memory budget
     ├── BaseDoesNotFit                           (MemoryError)         the base model alone exceeds the budget
+    ├── AdaptersDoNotFit                         (MemoryError)         listed adapters exceed the adapter budget
     ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
     ├── NothingToPublish                         (ValueError)          a publish would withdraw every adapter
     ├── InvalidSettings                          (ValueError)          a library setting it does not support
@@ -57,6 +58,7 @@ from __future__ import annotations
 from edge_runtime.errors.base import EdgeRtError
 from edge_runtime.errors.device import (
     AdapterNotFound,
+    AdaptersDoNotFit,
     AddressInUse,
     BaseDoesNotFit,
     BodyTimeout,
@@ -99,7 +101,8 @@ from edge_runtime.errors.distribution import (
     UntrustedData,
 )
 
-__all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "CacheMiss",
+__all__ = ["AdaptersDoNotFit", "AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded",
+           "CacheMiss",
            "ContextOverflow", "DiskFull", "DistributionError", "EdgeRtError", "FileTooLarge", "Forbidden",
            "GGUFNotFound", "IncompatibleAdapter", "IntegrityError", "InvalidGGUF", "InvalidManifest",
            "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",

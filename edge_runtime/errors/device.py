@@ -289,6 +289,26 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
                 "(--max-body-kb, --max-queue), a smaller model or another profile")
 
 
+class AdaptersDoNotFit(EdgeRtError, MemoryError):
+    """Adapters listed to be resident together need more than the adapter budget a profile leaves (``edge-rt plan``)."""
+
+    http_status = 507
+    exit_code = 7
+    error_type = "budget_exceeded"
+
+    def __init__(self, *, count: int, needed_bytes: int, budget_bytes: int, profile: str) -> None:
+        self.count = count
+        self.needed_bytes = needed_bytes
+        self.budget_bytes = budget_bytes
+        self.profile = profile
+        mib = 1 << 20
+        super().__init__(
+            f"the {count} listed adapters need {needed_bytes / mib:.1f} MiB resident together but profile {profile!r} "
+            f"leaves {budget_bytes / mib:.1f} MiB for adapters",
+            fix="Serve fewer at once (the daemon evicts the least recently used), lower their rank, or use a smaller "
+                "--ctx or a profile with a larger runtime_budget_mb")
+
+
 class InvalidRequest(EdgeRtError, ValueError):
     """An HTTP request body or parameter edge-rt cannot serve; ``param`` names it."""
 
