@@ -22,6 +22,7 @@ from edge_runtime.runtime.budget import measured_rss_bytes
 from edge_runtime.serve.app import (
     CONFIG,
     FOLLOWER,
+    INTAKE,
     METRICS,
     RECENT,
     RUNTIME,
@@ -208,10 +209,12 @@ def _status(app: web.Application) -> dict[str, Any]:  # psutil and the adapter l
 
 @routes.get("/health")
 async def health(request: web.Request) -> web.Response:
-    """Liveness: the model is loaded and the queue depth."""
-    runtime = request.app[RUNTIME]
+    """Liveness: the model is loaded; how many requests wait for the engine, are being read or wait to be read, and
+    whether completions are shed for memory (a load balancer may send elsewhere meanwhile)."""
+    runtime, intake = request.app[RUNTIME], request.app[INTAKE]
     return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
-                              "profile": runtime.profile.name})
+                              "reading": intake.reading, "waiting_to_read": intake.waiting,
+                              "shedding": intake.over_budget, "profile": runtime.profile.name})
 
 
 @routes.get("/metrics")

@@ -30,6 +30,10 @@ class _RuntimeCollector(Collector):
         yield CounterMetricFamily("edge_rt_generations_cancelled", "Generations stopped early (client gone)",
                                   value=self.scheduler.cancelled_jobs)
         yield GaugeMetricFamily("edge_rt_queued_requests", "Requests waiting", value=self.scheduler.queued)
+        yield GaugeMetricFamily("edge_rt_reading_requests", "Requests whose bodies are being read, parsed or tokenized",
+                                value=self.intake.reading)
+        yield GaugeMetricFamily("edge_rt_waiting_to_read_requests", "Requests waiting for a read slot, body unread",
+                                value=self.intake.waiting)
         stats = self.runtime.adapters.stats
         yield CounterMetricFamily("edge_rt_adapter_loads", "Adapter loads into memory", value=stats.loads)
         yield CounterMetricFamily("edge_rt_adapter_evictions", "Adapters evicted from memory", value=stats.evictions)

@@ -173,7 +173,11 @@ async def test_clients_that_stall_their_bodies_hold_the_read_slots_only_for_the_
         aiohttp_client: Any, runtime: Runtime) -> None:
     app = create_app(ServerConfig(body_timeout_s=30, body_gap_s=0.5), runtime)
     client = await aiohttp_client(app)
-    stalled = await _half_bodies(app, client.port, 2)  # both read slots
+    stalled = await _half_bodies(app, client.port, 3, waiting=1)  # both read slots, and one waiting for them
+    health = await (await client.get("/health")).json()  # an operator sees the stalled reads
+    assert (health["reading"], health["waiting_to_read"], health["queued"], health["shedding"]) == (2, 1, 0, False)
+    metrics = await (await client.get("/metrics")).text()
+    assert "edge_rt_reading_requests 2.0" in metrics and "edge_rt_waiting_to_read_requests 1.0" in metrics
     # Served once the stallers time out (0.5 s without a byte), not after the 30 s body timeout.
     served = await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 1}), 10)
     assert served.status == 200
