@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -234,6 +235,7 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
 
     runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx,
                       requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
+    started = time.monotonic()
     try:
         if adapters_dir is not None:
             for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():
@@ -257,6 +259,8 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
         app.on_startup.append(announce)
         web.run_app(app, host=host, port=port, print=None, handler_cancellation=True,
                     shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
+        click.echo(f"edge-rt: stopped after {time.monotonic() - started:.0f} s, {runtime.engine.decoded_tokens} tokens "
+                   "generated", err=True)
     finally:
         runtime.close()
 

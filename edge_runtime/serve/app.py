@@ -139,8 +139,11 @@ async def _drop_queued(app: web.Application) -> None:
     # on_shutdown runs before aiohttp waits for handlers: queued requests get a 503 now, not a dropped connection.
     # The running generation gets SHUTDOWN_GRACE_S to finish, then stops at its next token and its answer ends
     # cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
-    app[SCHEDULER].drop_pending()
-    asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, app[SCHEDULER].cancel_running)
+    scheduler = app[SCHEDULER]
+    log.info("shutting down: %d queued requests answered 503; a running generation gets %g s to finish",
+             scheduler.queued, SHUTDOWN_GRACE_S)
+    scheduler.drop_pending()
+    asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, scheduler.cancel_running)
 
 
 async def _follower_lifecycle(app: web.Application) -> AsyncIterator[None]:
