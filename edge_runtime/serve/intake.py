@@ -10,8 +10,10 @@ under, and says so in its log and in /metrics.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -30,6 +32,12 @@ SMALL_BODY_BYTES = 64 * 1024  # the cap on admin routes' bodies (names and paths
 TRIM_INTERVAL_S = 1.0  # at most one malloc_trim per second while over budget
 RETRY_AFTER_S = 1
 MIN_BODY_BYTES_PER_S = 64 * 1024  # a body slower than this is cut once past the gap timeout (408)
+# Parsed JSON costs 56-290 bytes per array, object or item (measured: a 1 MiB body of `[{},{},...]` became 24 MiB,
+# one of tiny chat messages 8.5 MiB). At most one per 128 bytes of the body cap keeps the parsed objects within
+# about twice the cap, inside the three copies the memory plan counts: 8,192 for 1 MiB, ~2,700 chat messages.
+BYTES_PER_JSON_VALUE = 128
+MIN_JSON_VALUES = 256
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
 
 
 class RequestIntake:
@@ -107,9 +115,10 @@ class RequestIntake:
                                          timeout=deadline)
         except asyncio.TimeoutError as exc:
             raise BodyTimeout(timeout_s=round(deadline, 1)) from exc  # answered with Connection: close
+        parse = functools.partial(parse_json, raw, max_values=max(MIN_JSON_VALUES, max_bytes // BYTES_PER_JSON_VALUE))
         if len(raw) < JSON_ON_LOOP_BYTES:
-            return parse_json(raw)
-        return await asyncio.get_running_loop().run_in_executor(work, parse_json, raw)
+            return parse()
+        return await asyncio.get_running_loop().run_in_executor(work, parse)
 
 
 async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> bytearray:
@@ -126,14 +135,28 @@ async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> by
     return body
 
 
-def parse_json(raw: bytearray) -> Any:
-    """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once."""
-    try:
-        with cores.busy():  # off the loop for large bodies: beside a decode, which then leaves this thread a core
+def parse_json(raw: bytearray, *, max_values: int) -> Any:
+    """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once; refused
+    before parsing when it holds more than ``max_values`` arrays, objects and items."""
+    with cores.busy():  # off the loop for large bodies: beside a decode, which then leaves this thread a core
+        try:
             text = raw.decode("utf-8")
-            raw.clear()
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+        raw.clear()
+        values = json_values(text)
+        if values > max_values:
+            raise InvalidRequest(f"the body holds {values} JSON arrays, objects and items, more than the {max_values} "
+                                 "a body may (each becomes a Python object of up to 25 times its bytes): send fewer "
+                                 "messages or list items")
+        try:
             return json.loads(text)
-    except UnicodeDecodeError as exc:
-        raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
-        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
+            raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+
+
+def json_values(text: str) -> int:
+    """Arrays, objects and items after the first in each (commas) outside the strings of ``text``: how many Python
+    objects parsing it can make besides its strings, which cost about their size."""
+    skeleton = _JSON_STRING.sub("", text)  # the text itself when it holds no string: no copy
+    return skeleton.count(",") + skeleton.count("[") + skeleton.count("{")

@@ -207,3 +207,23 @@ async def test_a_client_dripping_its_body_is_cut_at_the_minimum_rate_not_after_t
         assert (await asyncio.wait_for(reader.readline(), 5)).startswith(b"HTTP/1.1 408")
         writer.close()
     dripping.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_body_of_many_tiny_json_values_is_refused_before_it_is_parsed_into_objects(
+        aiohttp_client: Any, runtime: Runtime) -> None:
+    # 1 MB of `[{},{},...]` parsed to ~24 MB of Python objects (8x what the plan counts for two reads); at most one
+    # array, object or item per 128 bytes of the body cap is parsed: 8,192 under the default 1 MiB cap.
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    hostile = '{"prompt": "Hi", "stop": [' + ",".join(["{}"] * 300_000) + "]}"
+    refused = await client.post("/v1/completions", data=hostile, headers={"Content-Type": "application/json"})
+    assert refused.status == 400
+    error = (await refused.json())["error"]
+    assert error["type"] == "invalid_request_error"
+    assert "holds 600002 JSON arrays, objects and items, more than the 8192 a body may" in error["message"]
+    # Commas and brackets inside strings are text, not values; a long conversation of short messages is read.
+    messages = [{"role": "user", "content": "a, [b] {c}"}, {"role": "assistant", "content": "d"}] * 1_300
+    chat = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
+    assert chat.status == 400 and (await chat.json())["error"]["type"] == "context_length_exceeded"
+    served = await client.post("/v1/chat/completions", json={"messages": messages[:20], "max_tokens": 1})
+    assert served.status == 200
