@@ -98,6 +98,10 @@ def test_every_shipped_profile_explains_its_budgets_in_comments() -> None:
     ("jetson", "jetson-orin-nano-8gb"), ("orin-nx", "jetson-orin-nx-16gb"), ("agx-orin", "jetson-agx-orin-64gb"),
     ("rpi5", "raspberry-pi-5-8gb"), ("pi5", "raspberry-pi-5-8gb"), ("phone", "phone-8gb"),
     ("drone", "drone-companion-4gb"), ("voxl2", "drone-voxl2-8gb"),
+    # The board names without their memory size, as users type them (`edge-rt serve --profile jetson-orin-nano`).
+    ("jetson-orin-nano", "jetson-orin-nano-8gb"), ("orin-nano", "jetson-orin-nano-8gb"),
+    ("jetson-orin-nx", "jetson-orin-nx-16gb"), ("jetson-agx-orin", "jetson-agx-orin-64gb"),
+    ("raspberry-pi-5", "raspberry-pi-5-8gb"),
 ])
 def test_aliases_load_their_profile(alias: str, name: str) -> None:
     assert load_profile(alias) == load_profile(name)
