@@ -115,7 +115,7 @@ def test_byte_properties_convert_mib_and_kbps() -> None:
     assert jetson.adapter_cache_bytes == 4096 * 2**20
     assert jetson.max_download_bytes_per_second is None
     assert load_profile("drone").max_download_bytes_per_second == 256_000 // 8 == 32_000
-    assert jetson.names == ("jetson-orin-nano-8gb", "jetson")
+    assert jetson.names == ("jetson-orin-nano-8gb", "jetson", "jetson-orin-nano", "orin-nano")
 
 
 def test_auto_is_this_machine_as_psutil_measures_it() -> None:
@@ -277,7 +277,7 @@ def _copy_shipped(directory: Path, *names: str) -> None:
 def test_an_alias_claimed_by_two_shipped_profiles_is_refused(tmp_path: Path) -> None:
     _copy_shipped(tmp_path / "set", "jetson-orin-nano-8gb", "jetson-orin-nx-16gb")
     nx = tmp_path / "set" / "jetson-orin-nx-16gb.toml"
-    nx.write_text(nx.read_text().replace('aliases = ["orin-nx"]', 'aliases = ["orin-nx", "jetson"]'))
+    nx.write_text(nx.read_text().replace('aliases = ["orin-nx", ', 'aliases = ["orin-nx", "jetson", '))
     with pytest.raises(InvalidProfile) as caught:
         profiles._load_directory(tmp_path / "set")
     assert (caught.value.source, caught.value.field, caught.value.value) == (str(nx), "aliases", "jetson")
@@ -308,16 +308,17 @@ def test_cli_profiles_lists_every_profile_with_its_budgets() -> None:
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == ["auto", *sorted(SHIPPED)]
     assert rows["jetson-orin-nano-8gb"].split() == [
-        "jetson-orin-nano-8gb", "jetson", "8192", "MiB", "3072", "MiB", "4096", "MiB", "4096", "999", "unlimited"]
+        "jetson-orin-nano-8gb", "jetson,", "jetson-orin-nano,", "orin-nano", "8192", "MiB", "3072", "MiB", "4096", "MiB",
+        "4096", "999", "unlimited"]
     assert rows["drone-companion-4gb"].endswith("256 kbps, metered")
-    assert "rpi5, pi5" in rows["raspberry-pi-5-8gb"]
+    assert "rpi5, pi5, raspberry-pi-5" in rows["raspberry-pi-5-8gb"]
 
 
 def test_cli_profiles_show_json_by_alias() -> None:
     result = CliRunner().invoke(main, ["profiles", "show", "jetson", "--json"])
     assert result.exit_code == 0, result.output
     shown = json.loads(result.output)
-    assert shown["name"] == "jetson-orin-nano-8gb" and shown["aliases"] == ["jetson"]
+    assert shown["name"] == "jetson-orin-nano-8gb" and shown["aliases"] == ["jetson", "jetson-orin-nano", "orin-nano"]
     assert shown["memory"] == {"ram_mb": 8192, "runtime_budget_mb": 3072}
     assert shown["storage"] == {"adapter_cache_mb": 4096}
     assert shown["compute"] == {"threads": 6, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "f16"}
