@@ -26,16 +26,21 @@ def test_plan_json_reports_terms_and_adapter_count(make_profile: Callable[..., P
     assert report["adapters_that_fit"] == report["adapter_budget_bytes"] // (20 * MIB)
     assert report["fixed_bytes"] == sum(report[k] for k in ("process_bytes", "model_bytes", "kv_cache_bytes",
                                                             "compute_bytes", "request_buffer_bytes"))
-    # Two bodies of 1 MiB read at once, three copies each, and 16 waiting connections of 384 KiB.
+    # Two bodies of 1 MiB read at once, three copies each, and every other connection the daemon allows (16 waiting
+    # for a read slot + 2 reading + 4 spare = 22, less the 2 readers) with 384 KiB buffered.
     assert (report["request_reads"], report["max_body_bytes"], report["max_queue"]) == (2, MIB, 16)
-    assert report["request_buffer_bytes"] == 2 * 3 * MIB + 16 * 384 * 1024 == 12 * MIB
+    assert report["max_connections"] == 22
+    assert report["request_buffer_bytes"] == 2 * 3 * MIB + 20 * 384 * 1024 == 13.5 * MIB
 
 
 def test_plan_counts_the_request_buffers_serve_allows(make_profile: Callable[..., Path]) -> None:
     profile = make_profile("plan-requests", budget_mb=512, ctx=1024)
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--max-body-kb", "64", "--max-queue", "4"])
     assert result.exit_code == 0, result.output
-    assert "request buffers (2 x 64 KiB read, 4 waiting)           1.9 MiB" in result.output
+    assert "request buffers (2 x 64 KiB, 10 connections)           3.4 MiB" in result.output  # 0.375 + 8 x 0.375
+    more = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--max-body-kb", "64", "--max-queue", "4",
+                                     "--max-connections", "100"])
+    assert "request buffers (2 x 64 KiB, 100 connections)         37.1 MiB" in more.output  # 0.375 + 98 x 0.375
 
 
 def test_plan_with_listed_adapters_says_whether_they_fit(make_profile: Callable[..., Path],

@@ -308,8 +308,8 @@ def test_cli_profiles_lists_every_profile_with_its_budgets() -> None:
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == ["auto", *sorted(SHIPPED)]
     assert rows["jetson-orin-nano-8gb"].split() == [
-        "jetson-orin-nano-8gb", "jetson,", "jetson-orin-nano,", "orin-nano", "8192", "MiB", "3072", "MiB", "4096", "MiB",
-        "4096", "999", "unlimited"]
+        "jetson-orin-nano-8gb", "jetson,", "jetson-orin-nano,", "orin-nano", "8192", "MiB", "3072", "MiB", "4096",
+        "MiB", "4096", "999", "unlimited"]
     assert rows["drone-companion-4gb"].endswith("256 kbps, metered")
     assert "rpi5, pi5, raspberry-pi-5" in rows["raspberry-pi-5-8gb"]
 

@@ -202,6 +202,8 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
               help="Requests that may wait; more get 503.")
 @click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
               help="Request body cap in KiB.")
+@click.option("--max-connections", type=click.IntRange(min=4), default=None,
+              help="Open connections allowed; more get 503 [default: --max-queue + 6].")
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --cdn: require manifests signed by this key.")
@@ -213,15 +215,14 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @_reports_errors
 def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host: str, port: int,
           api_key: str | None, insecure: bool, preload: str, ctx: int | None, max_queue: int,
-          max_body_kb: int, cdn: str | None, public_key: Path | None, cache_dir: Path | None,
-          offline: bool, allow_metered_updates: bool) -> None:
+          max_body_kb: int, max_connections: int | None, cdn: str | None, public_key: Path | None,
+          cache_dir: Path | None, offline: bool, allow_metered_updates: bool) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
-    from aiohttp import web
-
     from edge_runtime.distribution.client import CdnClient, SyncSettings
     from edge_runtime.distribution.keys import load_public_key
     from edge_runtime.runtime.core import Runtime
-    from edge_runtime.serve.app import SHUTDOWN_GRACE_S, ServerConfig, create_app
+    from edge_runtime.serve import site
+    from edge_runtime.serve.app import METRICS, SHUTDOWN_GRACE_S, ServerConfig, create_app
 
     if host not in _LOOPBACK and not api_key and not insecure:
         raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
@@ -234,7 +235,8 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
     from edge_runtime.runtime.budget import RequestLimits
 
     runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx,
-                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
+                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
+                                             max_connections=max_connections))
     started = time.monotonic()
     try:
         if adapters_dir is not None:
@@ -257,8 +259,9 @@ def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host:
                           if client else ""), err=True)
 
         app.on_startup.append(announce)
-        web.run_app(app, host=host, port=port, print=None, handler_cancellation=True,
-                    shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
+        site.run(app, host=host, port=port, max_connections=runtime.plan.max_connections,
+                 on_refused=app[METRICS].refused_connections.inc, handler_cancellation=True,
+                 shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
         click.echo(f"edge-rt: stopped after {time.monotonic() - started:.0f} s, {runtime.engine.decoded_tokens} tokens "
                    "generated", err=True)
     finally:

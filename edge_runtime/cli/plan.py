@@ -29,10 +29,13 @@ __all__ = ["plan"]
               help="The daemon's request body cap in KiB (as `serve --max-body-kb`).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
               help="Requests that may wait in the daemon (as `serve --max-queue`).")
+@click.option("--max-connections", type=click.IntRange(min=4), default=None,
+              help="Open connections the daemon allows (as `serve --max-connections`) [default: --max-queue + 6].")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @reports_errors
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
-         adapter_files: tuple[Path, ...], max_body_kb: int, max_queue: int, as_json: bool) -> None:
+         adapter_files: tuple[Path, ...], max_body_kb: int, max_queue: int, max_connections: int | None,
+         as_json: bool) -> None:
     """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters.
 
     Exits 7 when the base model, or the --adapters listed together, do not fit the budget."""
@@ -45,7 +48,8 @@ def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: floa
 
     profile, model_path = load_profile(profile_name), resolve_model(model)
     memory = plan_for(profile, model_path, ctx=ctx,
-                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue))
+                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
+                                             max_connections=max_connections))
     base = read_header(model_path)
     compatibility = BaseCompatibility(base, base_fingerprint(base))
     for path in adapter_files:  # a model file or another base's adapter would make the sums meaningless
@@ -68,8 +72,8 @@ def _plan_table(report: dict[str, Any]) -> str:
     rows = [("process (Python, llama.cpp, tokenizer)", report["process_bytes"]), ("base model", report["model_bytes"]),
             (f"KV cache ({report['ctx']} tokens, {report['kv_type']})", report["kv_cache_bytes"]),
             (f"compute buffers (batch {report['batch']})", report["compute_bytes"]),
-            (f"request buffers ({report['request_reads']} x {report['max_body_bytes'] // 1024} KiB read, "
-             f"{report['max_queue']} waiting)", report["request_buffer_bytes"]),
+            (f"request buffers ({report['request_reads']} x {report['max_body_bytes'] // 1024} KiB, "
+             f"{report['max_connections']} connections)", report["request_buffer_bytes"]),
             ("= fixed", report["fixed_bytes"]), ("runtime budget", report["budget_bytes"]),
             ("= adapter budget", report["adapter_budget_bytes"])]
     lines = [f"memory plan for profile {report['profile']}"] + [f"  {label:<48}{value / mib:>10.1f} MiB"

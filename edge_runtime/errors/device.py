@@ -286,7 +286,7 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
             f"MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but profile {profile!r} allows {budget_bytes / mib:.1f} "
             "MiB",
             fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), smaller request limits "
-                "(--max-body-kb, --max-queue), a smaller model or another profile")
+                "(--max-body-kb, --max-queue, --max-connections), a smaller model or another profile")
 
 
 class AdaptersDoNotFit(EdgeRtError, MemoryError):

@@ -26,9 +26,9 @@ a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10%
   ``request_reads`` requests do that at once (the daemon's intake holds them to it), each with a body of up to the
   body cap, counted three times over (measured peak: twice): the bytes received, the text Python decodes them into
   and the strings JSON parsing makes of it. Text outside Latin-1 takes 2-4 bytes per character in Python, so such
-  bodies can need more. Up to ``max_queue`` more requests wait for a slot with their body unread, each holding what
-  the connection buffered before aiohttp paused reading it: one 256 KiB socket read plus twice aiohttp's 64 KiB
-  read buffer. Beyond that, requests get 503 at once.
+  bodies can need more. Every other open connection (at most ``max_connections``; by default ``max_queue`` waiting
+  for a read slot, the readers and 4 spare) may hold what its client pushed before aiohttp paused reading it: one
+  256 KiB socket read plus twice aiohttp's 64 KiB read buffer. Beyond that, connections get 503 at once.
 - adapters: what remains of the runtime budget.
 """
 
@@ -67,6 +67,7 @@ DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 16
 REQUEST_BUFFER_COPIES = 3  # received bytes, decoded text, parsed strings
 MAX_REQUEST_READS = 2
+SPARE_CONNECTIONS = 4  # beyond readers and waiting requests: health checks, metrics, the status page
 READ_BUFFER_BYTES = 64 * 1024  # aiohttp's per-connection read buffer (the daemon sets it explicitly)
 CONNECTION_BUFFER_BYTES = 256 * 1024 + 2 * READ_BUFFER_BYTES  # asyncio's recv size + aiohttp's high-water mark
 # glibc: allocations from this size up get their own mmap, so freeing them returns the pages to the OS at once.
@@ -157,14 +158,21 @@ class RequestLimits:
 
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_queue: int = DEFAULT_MAX_QUEUE
+    max_connections: int | None = None  # None: max_queue + MAX_REQUEST_READS + SPARE_CONNECTIONS
+
+    @property
+    def connections(self) -> int:
+        """Open connections the daemon allows at once."""
+        return self.max_connections or self.max_queue + MAX_REQUEST_READS + SPARE_CONNECTIONS
 
 
 DEFAULT_REQUEST_LIMITS = RequestLimits()
 
 
 def request_buffer_bytes(limits: RequestLimits, reads: int) -> int:
-    """Peak bytes of ``reads`` bodies being read and parsed at once plus ``max_queue`` requests waiting unread."""
-    return reads * limits.max_body_bytes * REQUEST_BUFFER_COPIES + limits.max_queue * CONNECTION_BUFFER_BYTES
+    """Peak bytes of ``reads`` bodies being read and parsed at once plus what every other connection may buffer."""
+    others = max(0, limits.connections - reads)
+    return reads * limits.max_body_bytes * REQUEST_BUFFER_COPIES + others * CONNECTION_BUFFER_BYTES
 
 
 def process_bytes(shape: ModelShape) -> int:
@@ -189,6 +197,7 @@ class MemoryPlan:
     max_body_bytes: int
     max_queue: int
     request_reads: int
+    max_connections: int
 
     @property
     def fixed_bytes(self) -> int:
@@ -231,7 +240,7 @@ def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, k
                       compute_bytes=compute_bytes(shape, batch, ctx),
                       request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,
                       kv_type=kv_type, max_body_bytes=requests.max_body_bytes, max_queue=requests.max_queue,
-                      request_reads=reads)
+                      request_reads=reads, max_connections=requests.connections)
 
 
 def adapter_resident_bytes(path: Path | str) -> int:

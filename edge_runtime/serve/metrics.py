@@ -70,6 +70,9 @@ class Metrics:
         self.pull_bytes = Counter("edge_rt_pull_bytes", "Bytes downloaded by adapter pulls", registry=self.registry)
         self.pull_seconds = Histogram("edge_rt_pull_seconds", "Time an adapter pull took", registry=self.registry,
                                       buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
+        self.refused_connections = Counter("edge_rt_refused_connections", "Connections answered 503 and closed "
+                                           "unread: as many were open as --max-connections allows",
+                                           registry=self.registry)
         self.registry.register(_RuntimeCollector(runtime, scheduler, intake))
 
     def observe_pull(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:

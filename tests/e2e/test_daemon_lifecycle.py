@@ -48,7 +48,10 @@ def test_api_key_is_required_when_set(tmp_path: Path, serve_profile: Path) -> No
 
 
 def test_full_queue_answers_503_with_retry_after(tmp_path: Path, serve_profile: Path) -> None:
-    with run_daemon("--profile", str(serve_profile), "--max-queue", "1", log=tmp_path / "log") as daemon:
+    # Connections enough for the flood: here the queue, not the connection bound (tests/e2e/test_connections.py),
+    # answers 503.
+    with run_daemon("--profile", str(serve_profile), "--max-queue", "1", "--max-connections", "32",
+                    log=tmp_path / "log") as daemon:
         statuses, retry_after = asyncio.run(_flood(daemon.url, 6))
         assert statuses.count(200) >= 1
         assert statuses.count(503) >= 1

@@ -150,7 +150,8 @@ async def test_many_empty_chat_messages_are_refused_before_tokenizing(aiohttp_cl
         return real_chat(messages)
 
     runtime.engine.chat_prompt = counting_chat  # type: ignore[method-assign]
-    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=2 << 20), runtime))
+    # A 16 MiB cap admits the ~102,000 JSON values of the ~1 MB body (at most one per 128 bytes of the cap).
+    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=16 << 20), runtime))
     messages = [{"role": "user", "content": ""}] * 34_000
     body = io.BytesIO(json.dumps({"messages": messages, "max_tokens": 1}).encode())
     response = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})
