@@ -363,12 +363,14 @@ class QueueFull(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "server_overloaded"
 
-    def __init__(self, *, queued: int, limit: int, retry_after_s: int = 1) -> None:
+    def __init__(self, *, queued: int, limit: int, retry_after_s: int = 1, waited_s: float | None = None) -> None:
         self.queued = queued
         self.limit = limit
         self.retry_after_s = retry_after_s
-        super().__init__(f"{queued} requests are already queued (limit {limit})",
-                         fix=f"Retry after {retry_after_s} s")
+        self.waited_s = waited_s
+        message = f"{queued} requests are already queued (limit {limit})" if waited_s is None else \
+            f"the request waited {waited_s:g} s for its body to be read while others were read ({queued} waiting)"
+        super().__init__(message, fix=f"Retry after {retry_after_s} s")
 
 
 class MemoryPressure(EdgeRtError, MemoryError):

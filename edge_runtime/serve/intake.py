@@ -68,7 +68,8 @@ class RequestIntake:
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.body_timeout_s)
         except asyncio.TimeoutError as exc:
-            raise QueueFull(queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S) from exc
+            raise QueueFull(queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S,
+                            waited_s=self.body_timeout_s) from exc
         finally:
             self.waiting -= 1
         self.reading += 1
@@ -138,7 +139,7 @@ async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> by
 def parse_json(raw: bytearray, *, max_values: int) -> Any:
     """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once; refused
     before parsing when it holds more than ``max_values`` arrays, objects and items."""
-    with cores.busy():  # off the loop for large bodies: beside a decode, which then leaves this thread a core
+    with cores.busy():  # beside a decode, which then leaves this thread a core (large bodies: off the loop)
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:

@@ -110,11 +110,16 @@ def test_busy_threads_are_counted_while_they_tokenize_and_never_below_one_decode
     worker = threading.Thread(target=engine.tokenize, args=("A long document. " * 60_000,))  # ~0.5 s of work
     worker.start()
     while worker.is_alive():
-        seen.append(cores.busy_threads())
+        seen.append(cores.BUSY.count)
         time.sleep(0.001)
-    assert max(seen) == 1 and cores.busy_threads() == 0
-    with cores.busy(), cores.busy():
-        assert cores.busy_threads() == 2
-        assert cores.decode_threads(4, cpus=8) == 4 and cores.decode_threads(4, cpus=5) == 3
-        assert cores.decode_threads(2, cpus=2) == 1  # at least one: the decode is the work that was asked for
-    assert cores.busy_threads() == 0 and cores.decode_threads(2, cpus=2) == 2
+    assert max(seen) == 1 and cores.BUSY.count == 0
+    busy, applied = cores.BusyThreads(), []
+    decode = cores.DecodeCores(4, applied.append, busy=busy, cpus=5)
+    with busy.busy():
+        decode.fit()
+        with busy.busy(), busy.busy():
+            decode.fit()
+        decode.fit()
+    decode.fit()
+    assert applied == [2, 4] and busy.count == 0  # 4 fit beside one busy thread on 5 cores, 2 beside three
+    assert cores.decode_threads(2, 2, busy=2) == 1  # at least one: the decode is the work that was asked for
