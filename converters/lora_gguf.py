@@ -21,7 +21,7 @@ from converters.architectures import BaseModelLayout, read_base_layout
 from converters.errors import MalformedAdapter
 from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
 from edge_runtime.errors import InvalidSettings
-from edge_runtime.files import atomic_output
+from edge_runtime.files import atomic_output, user_file_mode
 from edge_runtime.gguf import info as gguf_info
 from edge_runtime.names import validate_name
 
@@ -79,7 +79,7 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
     alpha = adapter.config.lora_alpha
     plan = _plan(adapter, layout, OUTTYPES[outtype])
     invocation = invocation_tokens(adapter, layout)
-    with atomic_output(output) as temp:
+    with atomic_output(output, mode=user_file_mode()) as temp:
         _write(temp, adapter, layout, adapter_name, alpha, plan, progress, description, invocation)
     ranks = tuple(sorted({p.pair.rank for p in plan}))
     return ConversionResult(output=output, name=adapter_name, architecture=layout.architecture,

@@ -27,7 +27,7 @@ from converters.errors import UnsupportedAdapterFeature
 from converters.model_writer import ModelWriter, TensorSlot, metadata_value
 from converters.weight_types import AUTO, OUTTYPES, EncodedTensor, check_outtype, decode, encode_merged
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, InvalidSettings
-from edge_runtime.files import atomic_output, file_sha256
+from edge_runtime.files import atomic_output, file_sha256, user_file_mode
 from edge_runtime.gguf import info as gguf_info
 from edge_runtime.gguf.header import GGUFHeader, HeaderTensor, read_header
 
@@ -94,7 +94,8 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
         gguf_info.KEY_MERGE_SCALE: metadata_value(float(scale)),
         gguf_info.KEY_MERGE_OUTTYPE: metadata_value(outtype),
     } | _file_type(outtype)
-    with atomic_output(output) as temp, _mapped(base_header) as base_file, _mapped(adapter_header) as adapter_file:
+    with atomic_output(output, mode=user_file_mode()) as temp, _mapped(base_header) as base_file, \
+            _mapped(adapter_header) as adapter_file:
         slots = [TensorSlot(t.name, t.shape) for t in base_header.tensors]
         with temp.open("wb") as handle:
             writer = ModelWriter(handle, base_header, extra, slots)

@@ -25,7 +25,8 @@ HASH_CHUNK_BYTES = 1 << 20
 def atomic_output(target: Path, *, mode: int | None = None) -> Iterator[Path]:
     """Yield a unique temp path beside ``target``; on success it replaces ``target``, on error it is removed.
 
-    The file is private (0600) unless ``mode`` is given: files others serve (a CDN folder) need 0644.
+    The file is private (0600) unless ``mode`` is given: files others serve (a CDN folder) need 0644, and files a
+    user asked for (a converted adapter, a merged model) get ``user_file_mode()``, as ``open`` would make them.
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, temp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
@@ -41,6 +42,17 @@ def atomic_output(target: Path, *, mode: int | None = None) -> Iterator[Path]:
         fsync_directory(target.parent)
     finally:
         temp.unlink(missing_ok=True)
+
+
+def user_file_mode() -> int:
+    """The mode a new file gets from this process's umask (0644 under the usual 022)."""
+    try:  # Linux 4.7+: read it without changing it (os.umask sets it, racing other threads)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("Umask:"))
+        umask = int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        umask = os.umask(0o022)
+        os.umask(umask)
+    return 0o666 & ~umask
 
 
 def fsync_directory(directory: Path) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import gguf
@@ -26,6 +28,7 @@ def test_convert_then_inspect_reports_the_adapter(tmp_path: Path, base_model: Pa
     assert converted.exit_code == 0, converted.output
     assert "adapter 'brand-voice', 8 tensors, rank 8, alpha 32, llama" in converted.output
     assert read_info(out).metadata["general.description"] == "Rewrites copy in the brand's voice"
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~_umask()  # as any file the user makes (a daemon user reads it)
 
     inspected = runner.invoke(main, ["inspect", str(out), "--json"])
     assert inspected.exit_code == 0, inspected.output
@@ -142,3 +145,9 @@ def test_fingerprint_of_the_embedded_model_never_changes(base_model: Path) -> No
 def test_inspect_of_a_missing_file_is_not_found_exit_3(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["inspect", str(tmp_path / "gone.gguf")])
     assert result.exit_code == 3 and "gone.gguf: no such file" in result.output  # was exit 4, "not readable"
+
+
+def _umask() -> int:
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
