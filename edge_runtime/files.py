@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from edge_runtime import cores
 from edge_runtime.errors import FileTooLarge
 
 __all__ = ["HASH_CHUNK_BYTES", "atomic_output", "file_sha256", "fsync_directory", "read_bounded"]
@@ -80,7 +79,7 @@ def file_sha256(path: Path, *, limit: int | None = None) -> hashlib._Hash:
     """A sha256 object fed with the first ``limit`` bytes of ``path`` (all when None)."""
     digest = hashlib.sha256()
     remaining = limit
-    with path.open("rb") as handle, cores.busy():  # a daemon's decode leaves this thread a core
+    with path.open("rb") as handle:
         while remaining is None or remaining > 0:
             chunk = handle.read(HASH_CHUNK_BYTES if remaining is None else min(HASH_CHUNK_BYTES, remaining))
             if not chunk:

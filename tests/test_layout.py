@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "edge_runtime"
 FORBIDDEN = {"runtime": ("edge_runtime.distribution", "edge_runtime.serve"),
              "distribution": ("edge_runtime.runtime", "edge_runtime.serve"),
              "gguf": ("edge_runtime.runtime", "edge_runtime.distribution", "edge_runtime.serve")}
-SHARED = ["errors", "settings.py", "names.py", "files.py", "profiles.py", "hub.py", "cores.py"]
+SHARED = ["errors", "settings.py", "names.py", "files.py", "profiles.py", "hub.py"]
 MAX_MODULE_LINES = 450
 
 

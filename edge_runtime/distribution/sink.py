@@ -21,7 +21,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO, TypeVar
 
-from edge_runtime import cores
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter, release
 from edge_runtime.errors import IntegrityError, LengthExceeded
 from edge_runtime.files import file_sha256
@@ -55,8 +54,7 @@ class HashingWriter:
     def append(self, chunk: bytes) -> None:
         """Queue ``chunk`` for the file and the digest; raises the error of an earlier write (e.g. disk full)."""
         self._collect(keep=len(self._pending))
-        hashed = self._hash.submit(_hash_into, self._digest, chunk)  # the digest of now: reset() may replace it
-        self._pending.append((self._disk.submit(self._write, chunk), hashed))
+        self._pending.append((self._disk.submit(self._write, chunk), self._hash.submit(self._digest.update, chunk)))
 
     async def drain(self) -> None:
         """Wait, without blocking the event loop, until at most ``max_pending`` chunks are queued."""
@@ -200,8 +198,3 @@ class DownloadSink:
             self.store.discard(self.partial)
         if release_claim:
             release(self.partial)
-
-
-def _hash_into(digest: hashlib._Hash, chunk: bytes) -> None:
-    with cores.busy():  # a daemon's decode leaves this thread a core
-        digest.update(chunk)

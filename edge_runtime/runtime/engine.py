@@ -38,7 +38,6 @@ from llama_cpp import llama_grammar
 from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edge_runtime import cores
 from edge_runtime.errors import (
     ContextOverflow,
     InvalidGGUF,
@@ -134,7 +133,6 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
-        self.cores = cores.DecodeCores(threads, lambda n: llama_cpp.llama_set_n_threads(self._llama.ctx, n, n))
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get("tokenizer.chat_template")
@@ -236,7 +234,7 @@ class Engine:
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
         """Token ids of ``text`` in the base model's vocabulary."""
-        with self._reading(), cores.busy():
+        with self._reading():
             return list(self._llama.tokenize(text.encode(), add_bos=add_bos, special=special))
 
     @contextmanager
@@ -265,7 +263,7 @@ class Engine:
         """
         if self._chat is None:
             raise InvalidRequest("the base model has no chat template; use /v1/completions with a prompt")
-        with self._reading(), cores.busy():
+        with self._reading():
             return self._chat.tokens(messages)
 
     def _tokens(self, text: str, *, special: bool) -> list[int]:
@@ -372,7 +370,6 @@ class Engine:
         if len(prompt) >= n_ctx:
             raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
         self.last_reused_tokens = self._prefill(prompt, activation.plan(prompt, adapters))  # (grammar: never KV)
-        self.cores.fit()  # for the prompt's last batch, which generate() evaluates
         budget = min(params.max_tokens, n_ctx - len(prompt))
         self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -384,7 +381,6 @@ class Engine:
                                       frequency_penalty=params.frequency_penalty)
         produced = 0
         for token in tokens:
-            self.cores.fit()  # for the next token's decode, which runs when this loop asks for it
             if cancel.is_set():
                 yield Chunk("", finish_reason="cancelled")
                 return
@@ -421,7 +417,6 @@ class Engine:
             if end > keep:
                 self._set_adapters(segment.adapters)
                 for start, stop in activation.batches(max(keep, segment.start), end, limit):
-                    self.cores.fit()
                     if stop < len(prompt):
                         self._llama.eval(prompt[start:stop])
         self.evaluated_tokens += len(prompt) - keep

@@ -23,7 +23,6 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from edge_runtime import cores
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.errors import (
     BodyTimeout,
@@ -321,7 +320,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         request[REQUESTED] = label
         if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
             grammar = await asyncio.get_running_loop().run_in_executor(
-                request.app[REQUEST_WORK], cores.counted, runtime.engine.json_grammar, parsed.json_schema)
+                request.app[REQUEST_WORK], runtime.engine.json_grammar, parsed.json_schema)
             parsed = parsed.constrained(grammar)
         prompt = await _prompt_tokens(request.app, runtime.engine, parsed)
     produced, job = 0, None

@@ -22,7 +22,6 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_runtime import cores
 from edge_runtime.errors import BodyTimeout, InvalidRequest, MemoryPressure, QueueFull
 from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
 
@@ -139,21 +138,20 @@ async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> by
 def parse_json(raw: bytearray, *, max_values: int) -> Any:
     """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once; refused
     before parsing when it holds more than ``max_values`` arrays, objects and items."""
-    with cores.busy():  # beside a decode, which then leaves this thread a core (large bodies: off the loop)
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
-        raw.clear()
-        values = json_values(text)
-        if values > max_values:
-            raise InvalidRequest(f"the body holds {values} JSON arrays, objects and items, more than the {max_values} "
-                                 "a body may (each becomes a Python object of up to 25 times its bytes): send fewer "
-                                 "messages or list items")
-        try:
-            return json.loads(text)
-        except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
-            raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    raw.clear()
+    values = json_values(text)
+    if values > max_values:
+        raise InvalidRequest(f"the body holds {values} JSON arrays, objects and items, more than the {max_values} a "
+                             "body may (each becomes a Python object of up to 25 times its bytes): send fewer messages "
+                             "or list items")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
+        raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
 
 
 def json_values(text: str) -> int:
