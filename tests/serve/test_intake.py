@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import mmap
+import tracemalloc
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
+from edge_runtime.serve.intake import json_values
 
 MIB = 1 << 20
 
@@ -220,10 +222,36 @@ async def test_a_body_of_many_tiny_json_values_is_refused_before_it_is_parsed_in
     assert refused.status == 400
     error = (await refused.json())["error"]
     assert error["type"] == "invalid_request_error"
-    assert "holds 600002 JSON arrays, objects and items, more than the 8192 a body may" in error["message"]
+    assert "holds more than the 8192 JSON arrays, objects and items a body may" in error["message"]
     # Commas and brackets inside strings are text, not values; a long conversation of short messages is read.
     messages = [{"role": "user", "content": "a, [b] {c}"}, {"role": "assistant", "content": "d"}] * 1_300
     chat = await client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 1})
     assert chat.status == 400 and (await chat.json())["error"]["type"] == "context_length_exceeded"
     served = await client.post("/v1/chat/completions", json={"messages": messages[:20], "max_tokens": 1})
     assert served.status == 200
+
+
+@pytest.mark.parametrize(("text", "values"), [
+    ('{"a": "x\\\\", "b": ["c", "d\\"e,", 1]}', 5),  # an escaped backslash ends a string, an escaped quote not
+    ('["\\\\\\"", 1, 2]', 3),
+    ('{"k\\u005c": [1,2]}', 3),  # a \u escape of a backslash escapes nothing
+    ('{"prompt": "a, [b] {c}"}', 1),
+    ('{"prompt": "never closed, [', 1),
+])
+def test_json_values_counts_only_outside_strings(text: str, values: int) -> None:
+    assert json_values(text) == values
+
+
+def test_counting_hostile_bodies_takes_linear_time_and_no_memory() -> None:
+    # Regression: a regex scanned an unclosed string of escaped quotes from every quote to the end: 64 KiB held the
+    # event loop 12 s. Work is measured in what it allocates and in the strings visited, not in seconds.
+    unclosed = '{"prompt": "' + '\\"' * (1 << 19)  # 1 MiB
+    quotes = '""ab' * (1 << 18)  # 1 MiB of empty strings: more than valid JSON with 8,192 values can hold
+    tracemalloc.start()
+    try:
+        assert json_values(unclosed, stop_after=8192) == 1
+        assert json_values(quotes, stop_after=8192) == 2 * 8192 + 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * (1 << 20) + 4096  # at most the escape-free copy of the text, never a list of pieces
