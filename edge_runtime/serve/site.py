@@ -3,7 +3,9 @@
 aiohttp accepts every connection, and each may hold up to ~384 KiB its client pushed before aiohttp paused reading
 (a body sent to a route that never reads one, or a request waiting for a read slot): 300 connections from one local
 process added ~100 MiB to a 300 MiB daemon. Past ``max_connections`` open ones, a new connection is answered 503
-(with Retry-After) and closed before anything is read from it, so the memory plan can count every connection.
+(with Retry-After) and closed before anything is read from it, so the memory plan can count every connection; an
+idle connection (keep-alive, or one that never sent a request) is closed to make room first, so idle sockets cannot
+lock clients out.
 
 ``run`` does what ``aiohttp.web.run_app`` does for one host and port (a runner that turns SIGINT and SIGTERM into a
 graceful exit, the shutdown timeout, the loop's cleanup) with a site whose protocol factory applies the bound.
@@ -42,8 +44,14 @@ class _Refusal(asyncio.Protocol):
         transport.close()
 
 
+KEEPALIVE_TIMEOUT_S = 75.0  # an idle connection is closed after this (aiohttp's run_app default; its runner's is 3630)
+IDLE_GRACE_S = 2.0  # a connection younger than this is never closed to make room: it may be about to send
+
+
 class BoundedSite(web.TCPSite):
-    """A TCP site that refuses connections past ``max_connections`` open ones (503, closed at once)."""
+    """A TCP site that bounds open connections at ``max_connections``: at the bound, the oldest connection with no
+    request in progress (idle keep-alive, or one that never sent a request) is closed to make room; when every one is
+    busy, the new connection is answered 503 and closed at once."""
 
     def __init__(self, runner: web.AppRunner, host: str, port: int, *, max_connections: int,
                  on_refused: Callable[[], object] = lambda: None) -> None:
@@ -52,6 +60,8 @@ class BoundedSite(web.TCPSite):
         self._on_refused = on_refused
         self.refused = 0  # connections answered 503 since start
         self._accepting = 0  # handed to asyncio, connection_made not yet called (a burst is accepted in one go)
+        self._opened: dict[web.RequestHandler, float] = {}  # when each open connection was accepted (loop time)
+        self.closed_idle = 0  # idle connections closed to make room since start
 
     async def start(self) -> None:
         """Listen, as ``TCPSite.start`` does, through the bounding protocol factory."""
@@ -63,7 +73,7 @@ class BoundedSite(web.TCPSite):
             self._accepting -= 1
 
         def connection() -> asyncio.BaseProtocol:
-            if len(server.connections) + self._accepting >= self.max_connections:
+            if len(server.connections) + self._accepting >= self.max_connections and not self._close_idle(server):
                 self.refused += 1
                 self._on_refused()
                 if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
@@ -74,10 +84,29 @@ class BoundedSite(web.TCPSite):
             # this: a callback queued now runs just before it, so the handler is counted in one place at a time.
             self._accepting += 1
             loop.call_soon(accepted)
-            return server()
+            handler = server()
+            self._opened[handler] = loop.time()
+            return handler
 
         self._server = await loop.create_server(connection, self._host, self._port, backlog=self._backlog,
                                                 reuse_address=self._reuse_address)
+
+    def _close_idle(self, server: web.Server) -> bool:
+        """Close the oldest connection with no request in progress, opened at least IDLE_GRACE_S ago; False when
+        there is none (every connection is busy or new)."""
+        open_now = server.connections  # in the order they were made
+        cutoff = asyncio.get_running_loop().time() - IDLE_GRACE_S
+        alive = set(open_now)  # forget closed connections, but not those still being accepted (not yet open)
+        self._opened = {h: t for h, t in self._opened.items() if h in alive or t > cutoff}
+        for handler in open_now:
+            # aiohttp marks a request in progress only privately; without the mark, nothing counts as idle.
+            opened = self._opened.get(handler)
+            if opened is not None and opened <= cutoff and not getattr(handler, "_request_in_progress", True):
+                handler.force_close()  # its transport closes now: the client sees the end of an idle connection
+                del self._opened[handler]
+                self.closed_idle += 1
+                return True
+        return False
 
 
 def run(app: web.Application, *, host: str, port: int, max_connections: int, shutdown_timeout: float,
@@ -109,7 +138,8 @@ def run(app: web.Application, *, host: str, port: int, max_connections: int, shu
 
 async def _serve(app: web.Application, *, host: str, port: int, max_connections: int, shutdown_timeout: float,
                  on_refused: Callable[[], object], **runner_args: Any) -> None:
-    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=shutdown_timeout, **runner_args)
+    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=shutdown_timeout,
+                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, **runner_args)
     await runner.setup()
     try:
         await BoundedSite(runner, host, port, max_connections=max_connections, on_refused=on_refused).start()

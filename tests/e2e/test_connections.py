@@ -91,6 +91,24 @@ def test_connections_past_the_bound_get_503_at_once_and_room_returns_when_one_cl
     assert metric(bounded, "edge_rt_refused_connections_total") - refused_before >= 5  # the operator sees them
 
 
+def test_idle_connections_make_room_for_a_new_client_instead_of_locking_it_out(bounded: Daemon) -> None:
+    # 22 sockets that never send a request held every slot until aiohttp's keep-alive timeout: now, once they are
+    # 2 s old, the oldest idle one is closed for each new client.
+    time.sleep(0.3)
+    held = _hold(bounded, DEFAULT_CONNECTIONS)
+    try:
+        time.sleep(2.5)
+        for _ in range(3):  # each evicts one, oldest first
+            assert requests.get(f"{bounded.url}/health", timeout=10).status_code == 200
+        assert [_answer(conn, timeout_s=2) for conn in held[:3]] == [b"", b"", b""]  # closed, nothing sent
+        with pytest.raises(TimeoutError):  # the younger ones are still open
+            held[3].settimeout(0.2)
+            held[3].recv(1)
+    finally:
+        for conn in held:
+            conn.close()
+
+
 def test_hundreds_of_connections_pushing_unread_bodies_stay_within_what_the_plan_counts(bounded: Daemon) -> None:
     # Each pushes 300 KB of a 1 MB body to a route that reads none; before the bound, 300 of them added ~100 MiB.
     process = psutil.Process(bounded.process.pid)
