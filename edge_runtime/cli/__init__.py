@@ -14,7 +14,7 @@ import click
 from converters.weight_types import MERGE_OUTTYPES
 from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
-from edge_runtime.cli.common import progress_bar
+from edge_runtime.cli.common import progress_bar, request_limit_options
 from edge_runtime.cli.common import reports_errors as _reports_errors
 from edge_runtime.cli.plan import plan
 from edge_runtime.cli.status import status
@@ -198,12 +198,7 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
               help="Comma-separated adapters to load at start (with --cdn, pulled first when not cached).")
 @click.option("--ctx", type=click.IntRange(min=256), default=None,
               help="Context length in tokens [default: the profile's].")
-@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests that may wait; more get 503.")
-@click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="Request body cap in KiB.")
-@click.option("--max-connections", type=click.IntRange(min=4), default=None,
-              help="Open connections allowed; more get 503 [default: --max-queue + 6].")
+@request_limit_options
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --cdn: require manifests signed by this key.")

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edge_runtime.cli.common import reports_errors
+from edge_runtime.cli.common import reports_errors, request_limit_options
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -25,12 +25,7 @@ __all__ = ["plan"]
 @click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
 @click.option("--adapters", "adapter_files", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Adapter GGUF files to fit together (repeatable).")
-@click.option("--max-body-kb", type=click.IntRange(min=1), default=1024, show_default=True,
-              help="The daemon's request body cap in KiB (as `serve --max-body-kb`).")
-@click.option("--max-queue", type=click.IntRange(min=1), default=16, show_default=True,
-              help="Requests that may wait in the daemon (as `serve --max-queue`).")
-@click.option("--max-connections", type=click.IntRange(min=4), default=None,
-              help="Open connections the daemon allows (as `serve --max-connections`) [default: --max-queue + 6].")
+@request_limit_options  # as given to `serve`
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @reports_errors
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
