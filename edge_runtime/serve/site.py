@@ -126,7 +126,9 @@ def run(app: web.Application, *, host: str, port: int, max_connections: int, shu
             if not main.done():
                 main.cancel()
                 with suppress(asyncio.CancelledError):
-                    loop.run_until_complete(main)
+                    loop.run_until_complete(main)  # the graceful shutdown: running requests get their grace
+        except (web.GracefulExit, KeyboardInterrupt):
+            log.warning("a second signal during the graceful shutdown: stopping now, running requests are cut")
         finally:
             rest = asyncio.all_tasks(loop)
             for task in rest:

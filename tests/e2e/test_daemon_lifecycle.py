@@ -320,3 +320,23 @@ def test_vllm_load_and_unload_routes(tmp_path: Path, serve_profile: Path, adapte
         assert (unloaded.json()["evicted"], unloaded.json()["state"]) == (True, "cached")
         missing = requests.post(f"{daemon.url}/v1/unload_lora_adapter", json={"lora_name": "zz"}, timeout=60)
         assert missing.status_code == 404
+
+
+def test_a_second_sigterm_during_the_graceful_shutdown_stops_at_once_and_says_so(tmp_path: Path,
+                                                                                 serve_profile: Path) -> None:
+    with run_daemon("--profile", str(serve_profile), log=tmp_path / "log") as daemon:
+        counting = ", ".join(str(n) for n in range(1, 30))
+        running = requests.post(f"{daemon.url}/v1/completions", stream=True, timeout=30,
+                                json={"prompt": counting, "max_tokens": 900, "stream": True, "temperature": 0})
+        lines = running.iter_lines()
+        next(lines)  # generating now: the first SIGTERM gives it 4 s
+        daemon.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        daemon.process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert daemon.process.wait(timeout=20) == 0
+        assert time.monotonic() - started < 3  # not the 4 s grace
+        running.close()
+        log = daemon.log_text()
+        assert "a second signal during the graceful shutdown: stopping now, running requests are cut" in log
+        assert re.search(r"edge-rt: stopped after \d+ s, \d+ tokens generated\n$", log), log[-400:]
