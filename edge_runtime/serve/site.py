@@ -22,14 +22,15 @@ from typing import Any
 
 from aiohttp import web
 
+from edge_runtime.serve import openai_api
+
 __all__ = ["BoundedSite", "run"]
 
 log = logging.getLogger(__name__)
 
-_REFUSAL_BODY = json.dumps({"error": {
-    "message": "the daemon has as many connections open as it allows (serve --max-connections): retry shortly, or "
-               "reuse a connection (HTTP keep-alive)", "type": "server_overloaded", "param": None,
-    "code": "too_many_connections"}}).encode()
+_REFUSAL_BODY = json.dumps(openai_api.error_body(
+    "the daemon has as many connections open as it allows (serve --max-connections): retry shortly, or reuse a "
+    "connection (HTTP keep-alive)", "server_overloaded", code="too_many_connections")).encode()
 _REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nRetry-After: 1\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY)
 
@@ -61,7 +62,6 @@ class BoundedSite(web.TCPSite):
         self.refused = 0  # connections answered 503 since start
         self._accepting = 0  # handed to asyncio, connection_made not yet called (a burst is accepted in one go)
         self._opened: dict[web.RequestHandler, float] = {}  # when each open connection was accepted (loop time)
-        self.closed_idle = 0  # idle connections closed to make room since start
 
     async def start(self) -> None:
         """Listen, as ``TCPSite.start`` does, through the bounding protocol factory."""
@@ -104,7 +104,6 @@ class BoundedSite(web.TCPSite):
             if opened is not None and opened <= cutoff and not getattr(handler, "_request_in_progress", True):
                 handler.force_close()  # its transport closes now: the client sees the end of an idle connection
                 del self._opened[handler]
-                self.closed_idle += 1
                 return True
         return False
 
