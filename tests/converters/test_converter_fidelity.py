@@ -33,15 +33,20 @@ ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 B_GAIN = 2.0
 
 
+def hf_model_from_gguf(model: Path) -> Any:
+    """transformers' float32 model dequantised from the GGUF llama.cpp runs (offline: nothing is downloaded)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name,
+                                                                   dtype=torch.float32)
+    loaded.eval()
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def hf_base(base_model: Path) -> Iterator[Any]:
     """transformers' float32 model dequantised from the same GGUF llama.cpp runs."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(base_model.parent), gguf_file=base_model.name, dtype=torch.float32)
-    model.eval()
-    yield model
+    yield hf_model_from_gguf(base_model)
 
 
 @pytest.fixture(scope="module")
@@ -62,18 +67,34 @@ def hf_base_logits(hf_base: Any, token_ids: list[int]) -> np.ndarray:
 
 
 def make_peft_adapter(hf_base: Any, directory: Path, token_ids: list[int], *, seed: int = 0, gain: float = B_GAIN,
-                      save_dtype: Any = None, **config: Any) -> np.ndarray:
-    """Build and save a real PEFT LoRA with random weights; return PEFT's logits for ``token_ids``."""
+                      save_dtype: Any = None, calibrate: tuple[np.ndarray, float] | None = None,
+                      **config: Any) -> np.ndarray:
+    """Build and save a real PEFT LoRA with random weights, lora_B scaled by ``gain``; return PEFT's logits for
+    ``token_ids``, computed with exactly the saved weights. With ``calibrate`` (PEFT's base logits, a target), the
+    gain is instead the one that makes PEFT's logit change that large (its standard deviation)."""
     torch.manual_seed(seed)
     model = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(init_lora_weights=False, **config))
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if "lora_B" in name:
-                parameter.mul_(gain)
-            if save_dtype is not None and "lora_" in name:
-                # Round to the saved precision so the reference computes with exactly the stored weights.
-                parameter.copy_(parameter.to(save_dtype).to(torch.float32))
-        logits = model(torch.tensor([token_ids])).logits[0].numpy()
+    initial_b = [(p, p.detach().clone()) for name, p in model.named_parameters() if "lora_B" in name]
+
+    def logits_at(scale: float) -> np.ndarray:
+        with torch.no_grad():
+            for parameter, initial in initial_b:
+                parameter.copy_(initial * scale)
+            if save_dtype is not None:  # round to the saved precision: the reference computes with those weights
+                for name, parameter in model.named_parameters():
+                    if "lora_" in name:
+                        parameter.copy_(parameter.to(save_dtype).to(torch.float32))
+            result: np.ndarray = model(torch.tensor([token_ids])).logits[0].numpy()
+        return result
+
+    if calibrate is not None:
+        base_logits, target_std = calibrate
+        low, high = 0.01, 4.0  # the change grows with the gain over this range: bisect its logarithm
+        for _ in range(10):
+            middle = (low * high) ** 0.5
+            low, high = (middle, high) if np.std(logits_at(middle) - base_logits) < target_std else (low, middle)
+        gain = (low * high) ** 0.5
+    logits = logits_at(gain)
     if save_dtype is not None:
         for name, parameter in model.named_parameters():
             if "lora_" in name:

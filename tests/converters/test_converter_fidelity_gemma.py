@@ -15,7 +15,6 @@ held to rounding precision (correlation > 0.9999, relative error < 0.02).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,9 @@ from test_converter_fidelity import (  # noqa: E402  (after the reference stack'
     PROMPT,
     agreement,
     assert_matches_peft,
+    hf_model_from_gguf,
     llama_logits_with,
+    make_peft_adapter,
 )
 
 from converters import architectures, convert_peft_to_gguf  # noqa: E402
@@ -87,12 +88,7 @@ def hf_gemma(gemma_model: Path) -> Iterator[Any]:
     """transformers' float32 Gemma3ForCausalLM dequantised from the Q4_K_M GGUF."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores; the results do not depend on it
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            str(gemma_model.parent), gguf_file=gemma_model.name, dtype=torch.float32)
-    model.eval()
-    yield model
+    yield hf_model_from_gguf(gemma_model)
     torch.set_num_threads(threads)
 
 
@@ -113,30 +109,6 @@ def _base_logits(engine: Engine, tokens: list[int]) -> np.ndarray:
     return engine.logits(tokens)
 
 
-def make_calibrated_peft_adapter(hf_base: Any, base_logits: np.ndarray, directory: Path, token_ids: list[int], *,
-                                 seed: int, **config: Any) -> np.ndarray:
-    """Build and save a real PEFT LoRA with random weights, lora_B scaled so that PEFT's logit change has a
-    standard deviation of ``TARGET_DELTA_STD``; return PEFT's logits for ``token_ids``."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(hf_base), peft.LoraConfig(init_lora_weights=False, **config))
-    halves_b = [(p, p.detach().clone()) for name, p in model.named_parameters() if "lora_B" in name]
-
-    def logits_at(gain: float) -> np.ndarray:
-        with torch.no_grad():
-            for parameter, initial in halves_b:
-                parameter.copy_(initial * gain)
-            result: np.ndarray = model(torch.tensor([token_ids])).logits[0].numpy()
-        return result
-
-    low, high = 0.01, 4.0  # the change grows with the gain (monotonically over this range): bisect its logarithm
-    for _ in range(10):
-        middle = (low * high) ** 0.5
-        low, high = (middle, high) if np.std(logits_at(middle) - base_logits) < TARGET_DELTA_STD else (low, middle)
-    logits = logits_at((low * high) ** 0.5)
-    model.save_pretrained(str(directory))
-    return logits
-
-
 @pytest.fixture
 def check(tmp_path: Path, hf_gemma: Any, gemma_model: Path, gemma_tokens: list[int],
           gemma_hf_base: np.ndarray) -> Any:
@@ -145,8 +117,8 @@ def check(tmp_path: Path, hf_gemma: Any, gemma_model: Path, gemma_tokens: list[i
 
     def run(engine: Engine, *, outtype: str = "f32", seed: int = 0, **config: Any) -> tuple[np.ndarray, np.ndarray]:
         peft_dir = tmp_path / f"peft-{seed}"
-        peft_logits = make_calibrated_peft_adapter(hf_gemma, gemma_hf_base, peft_dir, gemma_tokens, seed=seed,
-                                                   **config)
+        peft_logits = make_peft_adapter(hf_gemma, peft_dir, gemma_tokens, seed=seed,
+                                        calibrate=(gemma_hf_base, TARGET_DELTA_STD), **config)
         out = tmp_path / f"adapter-{seed}-{outtype}.gguf"
         result = convert_peft_to_gguf(peft_dir, base=gemma_model, output=out, outtype=outtype)
         assert result.architecture == "gemma3"

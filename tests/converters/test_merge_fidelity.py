@@ -11,7 +11,6 @@ converter's Gemma fidelity tests do. Merged into the base dequantised to F32, th
 
 from __future__ import annotations
 
-import copy
 import ctypes
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,10 +26,11 @@ peft = pytest.importorskip("peft")
 
 from test_converter_fidelity import (  # noqa: E402  (after the reference stack's importorskip)
     ALL_LINEAR,
-    B_GAIN,
     PROMPT,
     agreement,
     assert_matches_peft,
+    hf_model_from_gguf,
+    make_peft_adapter,
 )
 
 from converters import convert_peft_to_gguf  # noqa: E402
@@ -63,40 +63,12 @@ def llama_logits(model: Path, tokens: list[int]) -> np.ndarray:
         engine.close()
 
 
-def make_peft_adapter(reference: Reference, directory: Path, *, seed: int, save_dtype: Any = None,
-                      **config: Any) -> np.ndarray:
-    """Build and save a real PEFT LoRA with random weights (lora_B scaled as the reference asks); return PEFT's
-    logits for the reference's tokens, computed with exactly the saved weights."""
-    torch.manual_seed(seed)
-    model = peft.get_peft_model(copy.deepcopy(reference.hf), peft.LoraConfig(init_lora_weights=False, **config))
-    halves_b = [(p, p.detach().clone()) for name, p in model.named_parameters() if "lora_B" in name]
-
-    def logits_at(gain: float) -> np.ndarray:
-        with torch.no_grad():
-            for parameter, initial in halves_b:
-                parameter.copy_(initial * gain)
-            if save_dtype is not None:  # round to the saved precision: the reference computes with those weights
-                for name, parameter in model.named_parameters():
-                    if "lora_" in name:
-                        parameter.copy_(parameter.to(save_dtype).to(torch.float32))
-            result: np.ndarray = model(torch.tensor([reference.tokens])).logits[0].numpy()
-        return result
-
-    gain = B_GAIN
-    if reference.target_delta_std is not None:
-        low, high = 0.01, 4.0  # the change grows with the gain over this range: bisect its logarithm
-        for _ in range(10):
-            middle = (low * high) ** 0.5
-            below = np.std(logits_at(middle) - reference.hf_base) < reference.target_delta_std
-            low, high = (middle, high) if below else (low, middle)
-        gain = (low * high) ** 0.5
-    logits = logits_at(gain)
-    if save_dtype is not None:
-        for name, parameter in model.named_parameters():
-            if "lora_" in name:
-                parameter.data = parameter.data.to(save_dtype)
-    model.save_pretrained(str(directory))
-    return logits
+def make_reference_adapter(reference: Reference, directory: Path, *, seed: int, save_dtype: Any = None,
+                           **config: Any) -> np.ndarray:
+    """A saved PEFT LoRA for ``reference`` (lora_B scaled as it asks) and PEFT's logits for its tokens."""
+    calibrate = None if reference.target_delta_std is None else (reference.hf_base, reference.target_delta_std)
+    return make_peft_adapter(reference.hf, directory, reference.tokens, seed=seed, save_dtype=save_dtype,
+                             calibrate=calibrate, **config)
 
 
 @pytest.fixture(scope="module", params=["smollm2", "gemma3"])
@@ -104,11 +76,7 @@ def reference(request: pytest.FixtureRequest) -> Iterator[Reference]:
     model: Path = request.getfixturevalue("base_model" if request.param == "smollm2" else "gemma_model")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # 2 shared cores; the results do not depend on it
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_HUB_OFFLINE", "1")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model.parent), gguf_file=model.name,
-                                                               dtype=torch.float32)
-    hf.eval()
+    hf = hf_model_from_gguf(model)
     engine = Engine(model, SETTINGS)
     try:
         # Gemma is trained with <bos> first; SmolLM2's converter fidelity tests run without it.
@@ -130,7 +98,7 @@ def check(tmp_path: Path, reference: Reference) -> Any:
     def run(*, outtypes: tuple[str, ...] = ("auto",), seed: int = 0, save_dtype: Any = None, base: Path | None = None,
             **config: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         peft_dir = tmp_path / f"peft-{seed}"
-        peft_logits = make_peft_adapter(reference, peft_dir, seed=seed, save_dtype=save_dtype, **config)
+        peft_logits = make_reference_adapter(reference, peft_dir, seed=seed, save_dtype=save_dtype, **config)
         peft_delta = peft_logits - reference.hf_base
         # The adapter must dominate the quantisation noise, or the comparison proves nothing.
         assert np.std(peft_delta) > 3 * np.std(reference.llama_base - reference.hf_base)
