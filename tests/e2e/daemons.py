@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 
 @dataclass
@@ -84,3 +85,10 @@ def require_tool(candidates: tuple[str, ...], package: str) -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
+
+
+def metric(daemon: Daemon, name: str, **labels: str) -> float:
+    """The sum of the daemon's ``/metrics`` samples named ``name`` whose labels include ``labels``."""
+    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())

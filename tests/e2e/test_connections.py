@@ -12,8 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 import requests
-from daemons import Daemon, run_daemon
-from prometheus_client.parser import text_string_to_metric_families
+from daemons import Daemon, metric, run_daemon
 
 MIB = 1 << 20
 DEFAULT_CONNECTIONS = 16 + 2 + 4  # --max-queue + the readers + 4 spare, as `edge-rt plan` counts them
@@ -24,11 +23,6 @@ def bounded(tmp_path_factory: pytest.TempPathFactory, serve_profile: Path) -> It
     log = tmp_path_factory.mktemp("bounded") / "serve.log"
     with run_daemon("--profile", str(serve_profile), log=log) as running:
         yield running
-
-
-def metric(daemon: Daemon, name: str) -> float:
-    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
 
 
 def _connect(daemon: Daemon) -> socket.socket:

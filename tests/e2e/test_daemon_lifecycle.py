@@ -16,8 +16,7 @@ from pathlib import Path
 
 import aiohttp
 import requests
-from daemons import Daemon, run_daemon
-from prometheus_client.parser import text_string_to_metric_families
+from daemons import Daemon, metric, run_daemon
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import adapter_resident_bytes
@@ -25,12 +24,6 @@ from edge_runtime.runtime.core import plan_for
 
 CHAT = [{"role": "user", "content": "Write a long story about a drone."}]
 MIB = 1 << 20
-
-
-def metric(daemon: Daemon, name: str, **labels: str) -> float:
-    text = requests.get(f"{daemon.url}/metrics", timeout=10).text
-    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
-               if s.name == name and labels.items() <= s.labels.items())
 
 
 def test_api_key_is_required_when_set(tmp_path: Path, serve_profile: Path) -> None:
