@@ -14,6 +14,7 @@ import numpy as np
 
 from converters.errors import UnsupportedArchitecture
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, read_header
 from edge_runtime.gguf.info import base_fingerprint
 
@@ -78,9 +79,9 @@ class BaseModelLayout:
 def read_base_layout(path: str) -> BaseModelLayout:
     """Read the base GGUF's header (no tensor data); refuse adapters and unknown architectures."""
     header = read_header(path)
-    if header.value("general.type") == "adapter":
+    if header.value(keys.TYPE) == "adapter":
         raise InvalidGGUF(path, "this is a LoRA adapter, not a base model")
-    architecture = str(header.value("general.architecture", ""))
+    architecture = str(header.value(keys.ARCHITECTURE, ""))
     if architecture not in PERMUTES_QK:
         raise UnsupportedArchitecture(architecture or "<missing>", SUPPORTED_ARCHITECTURES)
     block_count = _int_field(header, f"{architecture}.block_count")
@@ -88,7 +89,7 @@ def read_base_layout(path: str) -> BaseModelLayout:
     kv_key = f"{architecture}.attention.head_count_kv"
     head_count_kv = _int_field(header, kv_key) if kv_key in header.fields else head_count
     return BaseModelLayout(
-        path=path, architecture=architecture, name=str(header.value("general.name", architecture)),
+        path=path, architecture=architecture, name=str(header.value(keys.NAME, architecture)),
         block_count=block_count, head_count=head_count, head_count_kv=head_count_kv,
         tensor_shapes={t.name: t.shape for t in header.tensors},
         fingerprint=base_fingerprint(header),

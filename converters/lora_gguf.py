@@ -20,18 +20,15 @@ import numpy as np
 from converters.architectures import BaseModelLayout, read_base_layout
 from converters.errors import MalformedAdapter
 from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
+from converters.weight_types import OUTTYPES, encode
 from edge_runtime.errors import InvalidSettings
 from edge_runtime.files import atomic_output, user_file_mode
 from edge_runtime.gguf import info as gguf_info
+from edge_runtime.gguf import keys
+from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE
 from edge_runtime.names import validate_name
 
-OUTTYPES: dict[str, gguf.GGMLQuantizationType] = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
-DEFAULT_OUTTYPE = "f16"
+DEFAULT_OUTTYPE = DEFAULT_ADAPTER_OUTTYPE
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes written so far, total bytes) while tensors are written."""
@@ -68,9 +65,9 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
 
     ``description`` lands in the GGUF's ``general.description`` (and so in a published manifest's entry).
     """
-    if outtype not in OUTTYPES:
-        raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(OUTTYPES)}",
-                              fix="Pass --outtype f32, f16, bf16 or q8_0")
+    if outtype not in ADAPTER_OUTTYPES:
+        raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(ADAPTER_OUTTYPES)}",
+                              fix=f"Pass --outtype {', '.join(ADAPTER_OUTTYPES)}")
     output = Path(output)
     peft_dir = resolve_peft_dir(source)
     adapter = read_peft_adapter(peft_dir)
@@ -93,7 +90,7 @@ def invocation_tokens(adapter: PeftAdapter, layout: BaseModelLayout) -> tuple[in
     config = adapter.config
     tokens = config.alora_invocation_tokens
     if not tokens and config.invocation_string:
-        from edge_runtime.runtime.engine import vocabulary_tokens  # llama.cpp only for the older aLoRAs
+        from converters.vocabulary import vocabulary_tokens  # llama.cpp only for the older aLoRAs
 
         tokens = tuple(vocabulary_tokens(layout.path, config.invocation_string))
     vocabulary = layout.tensor_shapes.get("token_embd.weight", (0, 1 << 32))[1]
@@ -134,15 +131,6 @@ def _type_for(shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf
     return wanted if shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
 
 
-def _encode(matrix: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    matrix = np.ascontiguousarray(matrix, dtype=np.float32)
-    if qtype == gguf.GGMLQuantizationType.F32:
-        return matrix  # already what the file holds: no copy
-    if qtype == gguf.GGMLQuantizationType.F16:
-        return matrix.astype(np.float16)
-    return gguf.quants.quantize(matrix, qtype)
-
-
 def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,
            plan: list[_PlannedTensor], progress: ProgressCallback | None, description: str,
            invocation: tuple[int, ...]) -> None:
@@ -156,18 +144,19 @@ def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_na
     writer.add_name(adapter_name)
     if description:
         writer.add_description(description)
-    writer.add_uint32(gguf_info.KEY_FORMAT, gguf_info.FORMAT_VERSION)
-    writer.add_string(gguf_info.KEY_ADAPTER_NAME, adapter_name)
-    writer.add_string(gguf_info.KEY_BASE_FINGERPRINT, layout.fingerprint)
-    writer.add_string(gguf_info.KEY_BASE_NAME, layout.name)
-    writer.add_string(gguf_info.KEY_PEFT_CONFIG_SHA256, adapter.config_sha256)
-    def encode(item: _PlannedTensor) -> np.ndarray:
+    writer.add_uint32(keys.FORMAT, gguf_info.FORMAT_VERSION)
+    writer.add_string(keys.ADAPTER_NAME, adapter_name)
+    writer.add_string(keys.BASE_FINGERPRINT, layout.fingerprint)
+    writer.add_string(keys.BASE_NAME, layout.name)
+    writer.add_string(keys.PEFT_CONFIG_SHA256, adapter.config_sha256)
+
+    def tensor_data(item: _PlannedTensor) -> np.ndarray:
         matrix = gguf_lora_b(adapter, layout, item.pair, item.target) if item.is_b else item.pair.lora_a
-        return _encode(matrix, item.qtype)
+        return encode(matrix, item.qtype)
 
     # numpy releases the GIL while casting and quantising: one thread per core halves the dominant cost.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        encoded = list(pool.map(encode, plan))
+        encoded = list(pool.map(tensor_data, plan))
     for item, data in zip(plan, encoded):
         writer.add_tensor_info(item.name, data.shape, data.dtype, data.nbytes, raw_dtype=item.qtype)
     try:

@@ -25,18 +25,19 @@ import numpy as np
 
 from converters.errors import UnsupportedAdapterFeature
 from converters.model_writer import ModelWriter, TensorSlot, metadata_value
-from converters.weight_types import AUTO, OUTTYPES, EncodedTensor, check_outtype, decode, encode_merged
+from converters.weight_types import OUTTYPES, EncodedTensor, check_outtype, decode, encode_merged
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, InvalidSettings
 from edge_runtime.files import atomic_output, file_sha256, user_file_mode
 from edge_runtime.gguf import info as gguf_info
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, HeaderTensor, read_header
+from edge_runtime.gguf.outtypes import AUTO
 
 __all__ = ["MergeResult", "merge_adapter"]
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (base tensor bytes processed so far, total) after each tensor."""
 
-_ALORA_KEY = "adapter.alora.invocation_tokens"
 
 
 @dataclass(frozen=True)
@@ -79,20 +80,20 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
                                   fix="Write the merged model to a new file")
     adapter_header, base_header = read_header(adapter), read_header(base)
     _check_adapter(adapter_header)
-    if base_header.value("general.type") == "adapter":
+    if base_header.value(keys.TYPE) == "adapter":
         raise InvalidGGUF(str(base), "this is a LoRA adapter, not a base model")
     fingerprint = gguf_info.base_fingerprint(base_header)
     loras = _pair_with_base(adapter_header, base_header, fingerprint, scale)
-    adapter_name = str(adapter_header.value(gguf_info.KEY_ADAPTER_NAME) or adapter_header.value("general.name")
+    adapter_name = str(adapter_header.value(keys.ADAPTER_NAME) or adapter_header.value(keys.NAME)
                        or adapter.stem)
     adapter_sha256 = file_sha256(adapter).hexdigest()
     extra = {
-        gguf_info.KEY_MERGE_ADAPTER_NAME: metadata_value(adapter_name),
-        gguf_info.KEY_MERGE_ADAPTER_SHA256: metadata_value(adapter_sha256),
-        gguf_info.KEY_MERGE_BASE_FINGERPRINT: metadata_value(fingerprint),
-        gguf_info.KEY_MERGE_BASE_NAME: metadata_value(str(base_header.value("general.name", base.stem))),
-        gguf_info.KEY_MERGE_SCALE: metadata_value(float(scale)),
-        gguf_info.KEY_MERGE_OUTTYPE: metadata_value(outtype),
+        keys.MERGE_ADAPTER_NAME: metadata_value(adapter_name),
+        keys.MERGE_ADAPTER_SHA256: metadata_value(adapter_sha256),
+        keys.MERGE_BASE_FINGERPRINT: metadata_value(fingerprint),
+        keys.MERGE_BASE_NAME: metadata_value(str(base_header.value(keys.NAME, base.stem))),
+        keys.MERGE_SCALE: metadata_value(float(scale)),
+        keys.MERGE_OUTTYPE: metadata_value(outtype),
     } | _file_type(outtype)
     with atomic_output(output, mode=user_file_mode()) as temp, _mapped(base_header) as base_file, \
             _mapped(adapter_header) as adapter_file:
@@ -163,21 +164,22 @@ def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: 
 
 
 def _check_adapter(header: GGUFHeader) -> None:
-    if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
+    if header.value(keys.TYPE) != "adapter" or header.value(keys.ADAPTER_TYPE) != "lora":
         raise InvalidGGUF(str(header.path), "not a LoRA adapter (general.type=adapter, adapter.type=lora)")
-    if _ALORA_KEY in header.fields:
+    if keys.ALORA_INVOCATION_TOKENS in header.fields:
         raise UnsupportedAdapterFeature(
-            "aLoRA", _ALORA_KEY, fix="An activated LoRA applies only after its invocation tokens; merged, it would "
+            "aLoRA", keys.ALORA_INVOCATION_TOKENS,
+            fix="An activated LoRA applies only after its invocation tokens; merged, it would "
                                      "apply everywhere. Serve it unmerged with `edge-rt serve --adapters-dir`")
 
 
 def _pair_with_base(adapter: GGUFHeader, base: GGUFHeader, fingerprint: str, scale: float) -> dict[str, _Lora]:
     """Base tensor name → its LoRA; ``IncompatibleAdapter`` when the adapter was made for another base model."""
-    made_for = adapter.value(gguf_info.KEY_BASE_FINGERPRINT)
+    made_for = adapter.value(keys.BASE_FINGERPRINT)
     if made_for is not None and made_for != fingerprint:
         raise IncompatibleAdapter(
             f"{adapter.path.name} was converted for another base model (fingerprint {str(made_for)[:12]}, "
-            f"{adapter.value(gguf_info.KEY_BASE_NAME, 'unnamed')}) than {base.path.name} ({fingerprint[:12]})",
+            f"{adapter.value(keys.BASE_NAME, 'unnamed')}) than {base.path.name} ({fingerprint[:12]})",
             fix="Pass --base the model the adapter was converted for")
     alpha = float(adapter.value(gguf.Keys.Adapter.LORA_ALPHA, 0.0))
     halves = {t.name: t for t in adapter.tensors}

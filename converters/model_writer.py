@@ -14,6 +14,7 @@ from typing import BinaryIO
 
 import gguf
 
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, HeaderField
 
 __all__ = ["ModelWriter", "TensorSlot", "metadata_value"]
@@ -44,7 +45,7 @@ class ModelWriter:
                  slots: Sequence[TensorSlot]) -> None:
         self._handle = handle
         self._slots = list(slots)
-        self._alignment = int(base.value("general.alignment", 32))
+        self._alignment = int(base.value(keys.ALIGNMENT, 32))
         fields = {key: _raw_field(item) for key, item in base.fields.items()} | extra
         handle.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._slots), len(fields)))
         for key, value in fields.items():

@@ -39,6 +39,9 @@ _REFUSED_FLAGS: dict[str, str] = {
                 "model (PEFT's merge_and_unload) and convert the merged model instead",
     "lora_bias": "LoRA biases add a learned vector llama.cpp's LoRA cannot hold; retrain with lora_bias=False",
     "use_qalora": "QA-LoRA pools the input before lora_A; merge it into the base model instead",
+    "fan_in_fan_out": "fan_in_fan_out=True is for Conv1D layers that store weights transposed (GPT-2 style), which "
+                      "the supported architectures do not have; retrain with fan_in_fan_out=False, or merge the "
+                      "adapter and convert the merged model",
 }
 _REFUSED_WHEN_SET: dict[str, str] = {
     "modules_to_save": "fully trained copies of whole modules are not LoRA tensors; retrain without "
@@ -64,7 +67,6 @@ class PeftConfig:
     alpha_pattern: dict[str, float]
     target_modules: tuple[str, ...] | str | None
     layers_to_transform: tuple[int, ...] | None
-    fan_in_fan_out: bool
     base_model_name_or_path: str | None
     alora_invocation_tokens: tuple[int, ...] | None = None  # an activated LoRA (PEFT >= 0.17)
     invocation_string: str | None = None  # an older aLoRA's invocation, to tokenize with the base's vocabulary
@@ -97,7 +99,6 @@ class PeftConfig:
                            for k, v in (data.get("alpha_pattern") or {}).items()},
             target_modules=targets if isinstance(targets, str) or targets is None else tuple(map(str, targets)),
             layers_to_transform=(layers,) if isinstance(layers, int) else tuple(layers) if layers else None,
-            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
             base_model_name_or_path=data.get("base_model_name_or_path"),
             alora_invocation_tokens=_token_ids(data.get("alora_invocation_tokens"), source),
             invocation_string=_invocation_string(data.get("invocation_string"), source),

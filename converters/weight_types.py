@@ -14,17 +14,13 @@ import gguf
 import numpy as np
 
 from edge_runtime.errors import InvalidSettings
+from edge_runtime.gguf.outtypes import AUTO, BASE, MERGE_OUTTYPES, TENSOR_OUTTYPES
 
 T = gguf.GGMLQuantizationType
 
-# Named output types: numpy or gguf-py encode the float ones, llama.cpp's quantiser the block ones.
-OUTTYPES: dict[str, T] = {
-    "f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q6_k": T.Q6_K, "q5_k": T.Q5_K, "q5_1": T.Q5_1,
-    "q5_0": T.Q5_0, "q4_k": T.Q4_K, "q4_1": T.Q4_1, "q4_0": T.Q4_0,
-}
-AUTO = "auto"  # per tensor: the most compact type that keeps the delta error within AUTO_MAX_DELTA_ERROR
-BASE = "base"  # per tensor: the base tensor's own type (the base's size and speed; the adapter's change is rounded)
-MERGE_OUTTYPES = (AUTO, BASE, *OUTTYPES)
+# Named output types: numpy or gguf-py encode the float ones, llama.cpp's quantiser the block ones. With ``auto``
+# each tensor gets the most compact type that keeps the delta error within AUTO_MAX_DELTA_ERROR.
+OUTTYPES: dict[str, T] = {name: gguf.GGMLQuantizationType[name.upper()] for name in TENSOR_OUTTYPES}
 AUTO_MAX_DELTA_ERROR = 0.01
 # What llama.cpp's quantiser writes when rows do not hold whole blocks of the requested type (llama-quant.cpp).
 _ROW_FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0}
@@ -59,13 +55,13 @@ def decode(raw: memoryview | bytes | np.ndarray, qtype: T, rows: int) -> np.ndar
 
 
 def encode(matrix: np.ndarray, qtype: T) -> np.ndarray:
-    """``matrix`` (float32, rows × values) in ``qtype``'s stored form."""
+    """``matrix`` (float32, rows × values) in ``qtype``'s stored form (an f32 matrix is returned without a copy)."""
     if qtype == T.F32:
         return np.ascontiguousarray(matrix, dtype=np.float32)
     if qtype == T.F16:
         return matrix.astype(np.float16)
     if qtype == T.BF16:
-        return gguf.quants.quantize(matrix, qtype)
+        return gguf.quants.quantize(np.ascontiguousarray(matrix, dtype=np.float32), qtype)
     from converters.ggml_quantize import quantize_rows
 
     return quantize_rows(matrix, qtype)

@@ -1,4 +1,5 @@
-"""Adapter names: the one check every name passes before it becomes a key, a header value or part of a path."""
+"""Adapter names and content digests: the one check every name passes before it becomes a key, a header value or
+part of a path."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from edge_runtime.errors import InvalidName
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _NAME = re.compile(NAME_PATTERN)
+SHA256_HEX = "[0-9a-f]{64}"  # a content digest as blobs, refs and manifests spell it (lower-case hex)
+SHA256_NAME = re.compile(f"^{SHA256_HEX}$")
 
 
 def validate_name(name: str) -> str:
@@ -16,3 +19,4 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in {".", ".."} or ".." in name:
         raise InvalidName(repr(name) if not isinstance(name, str) else name, NAME_PATTERN)
     return name
+

@@ -40,9 +40,9 @@ from converters import convert_peft_to_gguf
 from edge_runtime.gguf.header import read_header
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import PeakRssSampler, adapter_resident_bytes
-from edge_runtime.runtime.core import plan_for
 from edge_runtime.runtime.engine import Engine, EngineSettings, SamplingParams
 from edge_runtime.runtime.models import default_model_path
+from edge_runtime.runtime.plan import plan_for
 
 MODULES = {"self_attn": {"q_proj": (576, 576), "k_proj": (576, 192), "v_proj": (576, 192), "o_proj": (576, 576)},
            "mlp": {"gate_proj": (576, 1536), "up_proj": (576, 1536), "down_proj": (1536, 576)}}

@@ -242,7 +242,8 @@ async def _listing_seconds(catalog: Path, public: Path, count: int) -> float:
     from edge_runtime.distribution.keys import load_public_key
     from edge_runtime.profiles import load_profile
     from edge_runtime.runtime.core import Runtime
-    from edge_runtime.serve.app import ServerConfig, create_app
+    from edge_runtime.serve.app import create_app
+    from edge_runtime.serve.state import ServerConfig
 
     runtime = Runtime(load_profile("auto"), ctx=256)
     cdn = CdnClient(catalog.as_uri(), cache_dir=catalog.parent / "device-cache", offline=False,

@@ -23,6 +23,7 @@ from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import PeakRssSampler, measured_rss_bytes
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
     max_resident = 0
     for _ in range(args.rounds):
         for name in names:
-            outputs[name].append(runtime.generate(prompt, greedy, adapters=[(name, 1.0)])[0].text)
+            outputs[name].append(runtime.generate(prompt, greedy, adapters=[AdapterRequest(name, 1.0)])[0].text)
             resident = [a for a in runtime.adapters.list_adapters() if a.state in ("resident", "active")]
             max_resident = max(max_resident, len(resident))
     time.sleep(0.05)

@@ -11,14 +11,15 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from converters.weight_types import MERGE_OUTTYPES
 from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
 from edge_runtime.cli.common import progress_bar, request_limit_options
 from edge_runtime.cli.common import reports_errors as _reports_errors
 from edge_runtime.cli.plan import plan
 from edge_runtime.cli.status import status
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.info import GGUFInfo, read_info
+from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE, MERGE_OUTTYPES
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -41,7 +42,7 @@ def main(verbose: int) -> None:
 @click.option("--base", "base", default=None, help="Base model GGUF the adapter was trained on [default: embedded].")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="GGUF LoRA file to write.")
-@click.option("--outtype", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True,
+@click.option("--outtype", type=click.Choice(ADAPTER_OUTTYPES), default=DEFAULT_ADAPTER_OUTTYPE, show_default=True,
               help="Tensor type of the written adapter.")
 @click.option("--name", default=None, help="Adapter name recorded in the file [default: OUTPUT's stem].")
 @click.option("--description", default="", help="What the adapter does (general.description; shown in manifests).")
@@ -52,20 +53,9 @@ def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: s
     from converters import convert_peft_to_gguf
 
     base_path = resolve_model(base)
-    bars: list[Any] = []  # the bar appears when writing starts: nothing claims "writing" for a refused input
-
-    def progress(done: int, total: int) -> None:
-        if not bars:
-            bars.append(click.progressbar(length=total, label=f"writing {output.name}", file=sys.stderr))
-            bars[0].__enter__()
-        bars[0].update(done - bars[0].pos)
-
-    try:
+    with progress_bar(f"writing {output.name}") as progress:  # drawn from the first write: not for a refused input
         result = convert_peft_to_gguf(peft_dir, base=base_path, output=output, outtype=outtype, name=name,
                                       progress=progress, description=description)
-    finally:
-        if bars:
-            bars[0].__exit__(None, None, None)
     click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
                f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
                f"{result.architecture}, base {result.base_fingerprint[:12]}"
@@ -138,9 +128,9 @@ def _summary(info: GGUFInfo) -> dict[str, Any]:
         return common | {
             "lora_ranks": list(info.lora_ranks), "lora_alpha": info.lora_alpha,
             "tensor_types": list(info.tensor_types),
-            "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get("edge_rt.base.name"),
-            "description": info.metadata.get("general.description", ""),
-            "peft_config_sha256": info.metadata.get("edge_rt.peft.config_sha256"),
+            "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get(keys.BASE_NAME),
+            "description": info.metadata.get(keys.DESCRIPTION, ""),
+            "peft_config_sha256": info.metadata.get(keys.PEFT_CONFIG_SHA256),
             "alora_invocation_tokens": list(info.invocation_tokens) or None,
         }
     return common | {
@@ -181,9 +171,6 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
             str(profile.compute.ctx), str(profile.compute.gpu_layers), download)
 
 
-_LOOPBACK = {"127.0.0.1", "::1", "localhost"}
-
-
 @main.command()
 @click.option("--profile", "profile_name", default="auto", show_default=True,
               help="Device profile: name, alias or TOML file.")
@@ -208,84 +195,22 @@ _LOOPBACK = {"127.0.0.1", "::1", "localhost"}
 @click.option("--allow-metered-updates", is_flag=True,
               help="With --cdn on a profile whose link is metered: fetch new versions in the background anyway.")
 @_reports_errors
-def serve(profile_name: str, model: str | None, adapters_dir: Path | None, host: str, port: int,
-          api_key: str | None, insecure: bool, preload: str, ctx: int | None, max_queue: int,
-          max_body_kb: int, max_connections: int | None, cdn: str | None, public_key: Path | None,
-          cache_dir: Path | None, offline: bool, allow_metered_updates: bool) -> None:
+def serve(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
-    from edge_runtime.distribution.client import CdnClient, SyncSettings
-    from edge_runtime.distribution.keys import load_public_key
-    from edge_runtime.runtime.core import Runtime
-    from edge_runtime.serve import site
-    from edge_runtime.serve.app import METRICS, SHUTDOWN_GRACE_S, ServerConfig, create_app
-
-    if host not in _LOOPBACK and not api_key and not insecure:
-        raise click.UsageError(f"refusing to bind {host} without --api-key (or pass --insecure)")
-    for flag, value in (("--public-key", public_key), ("--cache-dir", cache_dir), ("--offline", offline),
-                        ("--allow-metered-updates", allow_metered_updates)):
-        if value and cdn is None:
-            raise click.UsageError(f"{flag} only applies with --cdn URL")
-    _check_port_free(host, port)  # before loading anything: one clear line, not a traceback after the banner
-    logging.getLogger("edge_runtime").setLevel(min(logging.getLogger().level, logging.INFO))
     from edge_runtime.runtime.budget import RequestLimits
+    from edge_runtime.serve.daemon import ServeOptions, run
 
-    runtime = Runtime(load_profile(profile_name), model=model, ctx=ctx,
-                      requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
-                                             max_connections=max_connections))
-    started = time.monotonic()
-    try:
-        if adapters_dir is not None:
-            for file_name, error in runtime.adapters.add_directory(adapters_dir)[1].items():
-                click.echo(f"edge-rt: not serving {adapters_dir / file_name}: {error}", err=True)
-        config = ServerConfig(api_key=api_key, max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
-                              adapters_dir=adapters_dir, loopback_only=host in _LOOPBACK,
-                              preload=tuple(filter(None, (n.strip() for n in preload.split(",")))))
-        client = None if cdn is None else CdnClient(
-            cdn, cache_dir=cache_dir, public_key=load_public_key(public_key) if public_key else None,
-            base_fingerprint=runtime.base_fingerprint,
-            sync_settings=SyncSettings.for_profile(runtime.profile, allow_metered_updates=allow_metered_updates),
-            offline=True if offline else None, protected=runtime.adapters.protected_names)
-        app = create_app(config, runtime, cdn=client)
-
-        async def announce(_: Any) -> None:  # after the CDN's adapters were registered and --preload loaded
-            click.echo(f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} on "
-                       f"http://{host}:{port} with {_adapter_counts(runtime)}"
-                       + (f", {'offline: serving the cache of' if client.offline else 'following'} {cdn}"
-                          if client else ""), err=True)
-
-        app.on_startup.append(announce)
-        site.run(app, host=host, port=port, max_connections=runtime.plan.max_connections,
-                 on_refused=app[METRICS].refused_connections.inc, handler_cancellation=True,
-                 shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
-        click.echo(f"edge-rt: stopped after {time.monotonic() - started:.0f} s, {runtime.engine.decoded_tokens} tokens "
-                   "generated", err=True)
-    finally:
-        runtime.close()
-
-
-
-def _check_port_free(host: str, port: int) -> None:
-    import socket
-
-    from edge_runtime.errors import AddressInUse
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as exc:
-        raise AddressInUse(host, port, str(exc)) from exc
-    family, kind, _, _, address = infos[0]
-    with socket.socket(family, kind) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp binds: only a listener conflicts
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            raise AddressInUse(host, port, exc.strerror or str(exc)) from exc
-
-
-def _adapter_counts(runtime: Any) -> str:
-    states = [a.state for a in runtime.adapters.list_adapters()]
-    detail = ", ".join(f"{states.count(s)} {s}" for s in ("resident", "cached", "remote") if states.count(s))
-    return f"{len(states)} adapter{'s' if len(states) != 1 else ''}" + (f" ({detail})" if detail else "")
+    limits = RequestLimits(max_body_bytes=flags.pop("max_body_kb") * 1024, max_queue=flags.pop("max_queue"),
+                           max_connections=flags.pop("max_connections"))
+    preload = tuple(filter(None, (name.strip() for name in flags.pop("preload").split(","))))
+    insecure = flags.pop("insecure")
+    options = ServeOptions(profile=flags.pop("profile_name"), limits=limits, preload=preload, **flags)
+    if not options.loopback and not options.api_key and not insecure:
+        raise click.UsageError(f"refusing to bind {options.host} without --api-key (or pass --insecure)")
+    for flag in ("public_key", "cache_dir", "offline", "allow_metered_updates"):
+        if flags[flag] and options.cdn is None:
+            raise click.UsageError(f"--{flag.replace('_', '-')} only applies with --cdn URL")
+    run(options, say=lambda line: click.echo(line, err=True))
 
 
 @main.command()
@@ -380,7 +305,6 @@ class _ProgressLine:
         self._last = 0.0
 
     def __call__(self, progress: TransferProgress) -> None:
-        import time
 
         done = progress.done_bytes >= progress.total_bytes
         if not done and time.monotonic() - self._last < 0.2:

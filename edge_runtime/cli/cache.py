@@ -75,7 +75,9 @@ def cache_rm(store: Any, names: tuple[str, ...]) -> None:
 @reports_errors
 def cache_gc(store: Any) -> None:
     """Verify every blob, finish or drop interrupted downloads, and delete blobs no name uses."""
-    report = store.recover()
+    from edge_runtime.distribution.recovery import recover
+
+    report = recover(store)
     dropped = store.collect_garbage()
     click.echo(f"verified {len(report.verified)} blobs, removed {len(report.removed_corrupt)} corrupt, "
                f"{len(dropped)} unused and {len(report.removed_files)} stray files; "

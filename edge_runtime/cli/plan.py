@@ -39,7 +39,7 @@ def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: floa
     from edge_runtime.gguf.info import base_fingerprint
     from edge_runtime.runtime.budget import RequestLimits, adapter_resident_bytes
     from edge_runtime.runtime.compatibility import BaseCompatibility
-    from edge_runtime.runtime.core import plan_for
+    from edge_runtime.runtime.plan import plan_for
 
     profile, model_path = load_profile(profile_name), resolve_model(model)
     memory = plan_for(profile, model_path, ctx=ctx,
@@ -63,14 +63,12 @@ def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: floa
 
 
 def _plan_table(report: dict[str, Any]) -> str:
+    from edge_runtime.runtime.budget import MEMORY_TERMS
+
     mib = 1 << 20
-    rows = [("process (Python, llama.cpp, tokenizer)", report["process_bytes"]), ("base model", report["model_bytes"]),
-            (f"KV cache ({report['ctx']} tokens, {report['kv_type']})", report["kv_cache_bytes"]),
-            (f"compute buffers (batch {report['batch']})", report["compute_bytes"]),
-            (f"request buffers ({report['request_reads']} x {report['max_body_bytes'] // 1024} KiB, "
-             f"{report['max_connections']} connections)", report["request_buffer_bytes"]),
-            ("= fixed", report["fixed_bytes"]), ("runtime budget", report["budget_bytes"]),
-            ("= adapter budget", report["adapter_budget_bytes"])]
+    rows = [(term.describe(report), report[term.key]) for term in MEMORY_TERMS]
+    rows += [("= fixed", report["fixed_bytes"]), ("runtime budget", report["budget_bytes"]),
+             ("= adapter budget", report["adapter_budget_bytes"])]
     lines = [f"memory plan for profile {report['profile']}"] + [f"  {label:<48}{value / mib:>10.1f} MiB"
                                                                  for label, value in rows]
     if report["adapters_that_fit"] is not None:

@@ -12,6 +12,8 @@ import click
 
 from edge_runtime.cli.common import reports_errors
 from edge_runtime.errors import TransferFailed
+from edge_runtime.runtime.budget import MEMORY_TERMS
+from edge_runtime.units import duration
 
 __all__ = ["status"]
 
@@ -49,26 +51,23 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
 
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
-    lines = [f"{report['model']} under profile {report['profile']} at {url}, up {_ago(report['uptime_s'])}, "
+    lines = [f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
              f"{report['queued']} queued", "memory"]
-    rows = [("process (Python, llama.cpp, tokenizer)", plan["process_bytes"]), ("base model", plan["model_bytes"]),
-            (f"KV cache ({plan['ctx']} tokens, {plan['kv_type']})", plan["kv_cache_bytes"]),
-            (f"compute buffers (batch {plan['batch']})", plan["compute_bytes"]),
-            ("request buffers", plan.get("request_buffer_bytes", 0)),
-            ("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
-            ("measured RSS", report["rss_bytes"])]
-    lines += [f"  {label:<42}{value / mib:>10.1f} MiB" for label, value in rows]
+    rows = [(term.describe(plan), plan[term.key]) for term in MEMORY_TERMS]
+    rows += [("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
+             ("measured RSS", report["rss_bytes"])]
+    lines += [f"  {label:<48}{value / mib:>10.1f} MiB" for label, value in rows]
     lines.append(f"adapters ({len(report['adapters'])})")
     for a in report["adapters"]:
         state = a["state"]
         if state == "downloading":
             state += f" {100 * a['downloaded_bytes'] / max(1, a['download_total_bytes']):.0f}%"
-        used = "never used" if not a.get("last_used") else f"used {_ago(time.time() - a['last_used'])} ago"
+        used = "never used" if not a.get("last_used") else f"used {duration(time.time() - a['last_used'])} ago"
         lines.append(f"  {a['name']:<24}{state:<18}{a['size_bytes'] / 1e6:>8.1f} MB  {a['sha256'][:12]}  "
                      f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}")
     cdn = report.get("cdn")
     if cdn:
-        refreshed = "never" if not cdn.get("last_refresh") else f"{_ago(time.time() - cdn['last_refresh'])} ago"
+        refreshed = "never" if not cdn.get("last_refresh") else f"{duration(time.time() - cdn['last_refresh'])} ago"
         lines.append(f"cdn {cdn['url']}{' (offline)' if cdn.get('offline') else ''}: manifest version "
                      f"{cdn.get('version') or '-'}, refreshed {refreshed}"
                      + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else "")
@@ -84,8 +83,3 @@ def _printable(text: object) -> str:
     """``text`` with control characters escaped: what a daemon reports (request paths) may come from anyone."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
-
-def _ago(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"

@@ -31,9 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from edge_runtime import settings
 from edge_runtime.distribution.manifest import MANIFEST_FILE, Manifest, ManifestEntry, blob_path, read_manifest
+from edge_runtime.distribution.recovery import recover
+from edge_runtime.distribution.sink import BlobRequest
 from edge_runtime.distribution.sources import open_source, read_manifest_file
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
-from edge_runtime.distribution.transfer import BlobRequest, ProgressCallback, RateLimiter, TransferSettings
+from edge_runtime.distribution.transfer import ProgressCallback, RateLimiter, TransferSettings
 from edge_runtime.distribution.trust import TrustStore, publisher_id
 from edge_runtime.errors import (
     AdapterNotFound,
@@ -330,5 +332,5 @@ async def run_sync(cdn: str, names: Sequence[str] | None, *, progress: ProgressC
                    **client_options: Any) -> SyncReport:
     """Recover the cache (start-up scan), then sync ``names`` (all offered when None): what ``edge-rt sync`` runs."""
     async with CdnClient(cdn, **client_options) as client:
-        await client.store.call(client.store.recover)
+        await client.store.call(recover, client.store)
         return await client.sync(names, progress=progress)

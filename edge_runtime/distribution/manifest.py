@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,13 +29,12 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from edge_runtime.distribution import keys
 from edge_runtime.errors import EdgeRtError, InvalidManifest
-from edge_runtime.names import validate_name
+from edge_runtime.names import SHA256_NAME, validate_name
 
 MANIFEST_FILE = "manifest.json"
 MANIFEST_TYPE = "edge-rt/adapter-manifest"
 SCHEMA_VERSION = 1
 MAX_MANIFEST_BYTES = 16 << 20  # ~40,000 adapters; read whole, never more
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 def blob_path(sha256: str) -> str:
@@ -70,7 +68,7 @@ class ManifestEntry:
         except EdgeRtError as exc:
             raise fields.invalid("name", f"not a safe adapter name ({exc.message})") from exc
         sha256 = fields.text("sha256")
-        if _SHA256.fullmatch(sha256) is None:
+        if SHA256_NAME.fullmatch(sha256) is None:
             raise fields.invalid("sha256", "must be 64 lowercase hex digits")
         if fields.text("path") != blob_path(sha256):
             raise fields.invalid("path", f"must be {blob_path(sha256)!r}")

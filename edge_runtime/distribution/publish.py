@@ -28,6 +28,7 @@ from edge_runtime.distribution.manifest import (
 from edge_runtime.distribution.sources import read_manifest_file
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, NothingToPublish
 from edge_runtime.files import atomic_output, file_sha256
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.info import read_info
 from edge_runtime.names import validate_name
 
@@ -103,7 +104,7 @@ def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> Ma
     sha256 = file_sha256(path).hexdigest()
     return ManifestEntry(name=name, sha256=sha256, size=info.size_bytes, rank=max(info.lora_ranks),
                          base_fingerprint=info.base_fingerprint, created=earlier.get(sha256, created),
-                         description=str(info.metadata.get("general.description", "")))
+                         description=str(info.metadata.get(keys.DESCRIPTION, "")))
 
 
 def _write_blob(source: Path, target: Path) -> bool:

@@ -16,7 +16,6 @@ from edge_runtime.distribution.store import (
     BLOB_NAME,
     PARTIAL_MAX_AGE_S,
     PARTIAL_NAME,
-    SHA256_NAME,
     AdapterStore,
     Partial,
     is_ref,
@@ -27,7 +26,7 @@ from edge_runtime.distribution.store import (
 from edge_runtime.errors import EdgeRtError
 from edge_runtime.files import file_sha256
 from edge_runtime.gguf.info import read_info
-from edge_runtime.names import validate_name
+from edge_runtime.names import SHA256_NAME, validate_name
 
 __all__ = ["RecoveryReport", "rebuild_refs", "recover"]
 
@@ -47,7 +46,13 @@ class RecoveryReport:
 
 
 def recover(store: AdapterStore, *, verify: bool = True) -> RecoveryReport:
-    """The start-up scan; call it through ``AdapterStore.recover`` (which holds the cache lock)."""
+    """The start-up scan of ``store``, under its cache lock: re-hash blobs, finish or keep partials, remove strays,
+    rebuild missing refs; partials and blobs of other live processes are left alone."""
+    with store.locked():
+        return _recover(store, verify=verify)
+
+
+def _recover(store: AdapterStore, *, verify: bool) -> RecoveryReport:
     verified, corrupt, removed = [], [], []
     for path in sorted(store.blobs_dir.iterdir()):
         match = BLOB_NAME.fullmatch(path.name)

@@ -18,19 +18,28 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, TypeVar
+from typing import BinaryIO, TypeVar
 
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter, release
 from edge_runtime.errors import IntegrityError, LengthExceeded
 from edge_runtime.files import file_sha256
 
-if TYPE_CHECKING:
-    from edge_runtime.distribution.transfer import BlobRequest
-
 T = TypeVar("T")
 SYNC_EVERY_BYTES = 16 << 20
 MAX_PENDING_CHUNKS = 32
+
+
+@dataclass(frozen=True)
+class BlobRequest:
+    """What to download: the blob the manifest names and where from."""
+
+    name: str
+    url: str
+    sha256: str
+    size: int  # bytes, from the manifest
+    link: bool = True  # point ``name`` at the blob once installed (False: the caller switches the name later)
 
 
 class HashingWriter:

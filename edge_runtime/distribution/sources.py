@@ -18,9 +18,9 @@ import aiohttp
 from edge_runtime import hub
 from edge_runtime.distribution.http import create_session
 from edge_runtime.distribution.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, blob_path
+from edge_runtime.distribution.sink import BlobRequest
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.distribution.transfer import (
-    BlobRequest,
     Fetched,
     ProgressCallback,
     RateLimiter,

@@ -17,8 +17,10 @@ process downloads to a partial of its own, never appends to another's); a blob i
 disk matches and its sha256 is its name, and never replaced once there; blobs a live daemon leases are neither
 evicted nor deleted.
 
-The store's methods are synchronous file operations. Async callers run them on the store's one worker thread with
-``await store.call(method, ...)`` (as the engine runs llama.cpp on its own), so the event loop never waits on disk.
+The store's methods are synchronous file operations and never run on the event loop: async callers hand them to the
+store's one worker thread (``await store.call(method, ...)``), or run them on a thread of their own where a step
+must stay together with other blocking work (the follower's load-and-switch); the cache lock (a thread lock and
+``flock``) and the leases' own lock make either safe.
 """
 
 from __future__ import annotations
@@ -37,15 +39,12 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 from edge_runtime.distribution.locks import CacheLock, Claim, Leases, delete_unless_leased, leased
 from edge_runtime.errors import DiskFull, FileTooLarge, IntegrityError, InvalidName
 from edge_runtime.files import atomic_output, fsync_directory, read_bounded
-from edge_runtime.names import NAME_PATTERN, validate_name
-
-if TYPE_CHECKING:
-    from edge_runtime.distribution.recovery import RecoveryReport
+from edge_runtime.names import NAME_PATTERN, SHA256_HEX, SHA256_NAME, validate_name
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -54,9 +53,8 @@ PARTIAL_MAX_AGE_S = 7 * 24 * 3600
 MAX_REF_BYTES = 1024
 MAX_VALIDATOR_BYTES = 16 * 1024
 _NAME = re.compile(NAME_PATTERN)
-SHA256_NAME = re.compile(r"^[0-9a-f]{64}$")
-BLOB_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.gguf$")
-PARTIAL_NAME = re.compile(r"^(?P<sha>[0-9a-f]{64})\.(?P<token>[0-9a-f]{16})\.(?P<kind>part|json)$")
+BLOB_NAME = re.compile(rf"^(?P<sha>{SHA256_HEX})\.gguf$")
+PARTIAL_NAME = re.compile(rf"^(?P<sha>{SHA256_HEX})\.(?P<token>[0-9a-f]{{16}})\.(?P<kind>part|json)$")
 
 
 @dataclass(frozen=True)
@@ -345,14 +343,6 @@ class AdapterStore:
                 partial.validator_path.unlink(missing_ok=True)
                 release(partial)
             return None if name is None else self.link(name, partial.sha256)
-
-    def recover(self, *, verify: bool = True) -> RecoveryReport:
-        """Start-up scan under the cache lock (``recovery.py``): re-hash blobs, finish or keep partials, remove
-        strays, rebuild missing refs; partials and blobs of other live processes are left alone."""
-        from edge_runtime.distribution.recovery import recover
-
-        with self._lock.held():
-            return recover(self, verify=verify)
 
     def locked(self) -> AbstractContextManager[None]:
         """The cache lock, for changes that span several store operations (re-entrant within a thread)."""

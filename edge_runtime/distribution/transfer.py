@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import aiohttp
 
-from edge_runtime.distribution.sink import DownloadSink
+from edge_runtime.distribution.sink import BlobRequest, DownloadSink
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.errors import (
     EdgeRtError,
@@ -117,17 +117,6 @@ class RateLimiter:
         self._tokens -= count
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / self.rate)
-
-
-@dataclass(frozen=True)
-class BlobRequest:
-    """What to download: the blob the manifest names and where from."""
-
-    name: str
-    url: str
-    sha256: str
-    size: int  # bytes, from the manifest
-    link: bool = True  # point ``name`` at the blob once installed (False: the caller switches the name later)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from typing import Any
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from edge_runtime.errors import GGUFNotFound, InvalidGGUF
+from edge_runtime.gguf import keys
 
 MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -116,9 +117,9 @@ class _Parser:
             item = self._field()
             fields[item.key] = item
         tensors = tuple(self._tensor() for _ in range(n_tensors))
-        alignment = fields["general.alignment"].value if "general.alignment" in fields else DEFAULT_ALIGNMENT
+        alignment = fields[keys.ALIGNMENT].value if keys.ALIGNMENT in fields else DEFAULT_ALIGNMENT
         if not isinstance(alignment, int) or alignment <= 0:
-            raise InvalidGGUF(str(self.path), f"general.alignment is {alignment!r}")
+            raise InvalidGGUF(str(self.path), f"{keys.ALIGNMENT} is {alignment!r}")
         data_offset = -(-self.offset // alignment) * alignment
         return GGUFHeader(path=self.path, version=version, fields=fields, tensors=tensors, data_offset=data_offset)
 

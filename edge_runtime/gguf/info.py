@@ -1,4 +1,4 @@
-"""Facts read from GGUF files: what a file is, the base-model fingerprint, and edge-rt's adapter metadata keys.
+"""Facts read from GGUF files: what a file is and the base-model fingerprint (the keys are in ``keys.py``).
 
 The fingerprint identifies a base model's lineage (architecture, hyper-parameters, vocabulary, tensor names and
 shapes, and the model's base name/fine-tune/size labels) and deliberately ignores quantisation: a LoRA trained on
@@ -16,27 +16,13 @@ import gguf
 import numpy as np
 
 from edge_runtime.errors import InvalidGGUF
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, HeaderTensor, read_header
 
-KEY_FORMAT = "edge_rt.format_version"
-KEY_ADAPTER_NAME = "edge_rt.adapter.name"
-KEY_BASE_FINGERPRINT = "edge_rt.base.fingerprint"
-KEY_BASE_NAME = "edge_rt.base.name"
-KEY_PEFT_CONFIG_SHA256 = "edge_rt.peft.config_sha256"
-FORMAT_VERSION = 1
-# A model made by `edge-rt merge`: the adapter folded into it and the base it was folded into.
-MERGE_PREFIX = "edge_rt.merge."
-KEY_MERGE_ADAPTER_NAME = "edge_rt.merge.adapter_name"
-KEY_MERGE_ADAPTER_SHA256 = "edge_rt.merge.adapter_sha256"
-KEY_MERGE_BASE_FINGERPRINT = "edge_rt.merge.base_fingerprint"
-KEY_MERGE_BASE_NAME = "edge_rt.merge.base_name"
-KEY_MERGE_SCALE = "edge_rt.merge.scale"
-KEY_MERGE_OUTTYPE = "edge_rt.merge.outtype"
-KEY_ALORA_INVOCATION_TOKENS = gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS  # uint32 array: an activated LoRA
+FORMAT_VERSION = 1  # of edge-rt's adapter metadata (keys.FORMAT)
 
-_FINGERPRINT_GENERAL_KEYS = ("general.architecture", "general.basename", "general.finetune", "general.size_label",
-                             "general.version")
-_FINGERPRINT_TOKENIZER_KEYS = ("tokenizer.ggml.model", "tokenizer.ggml.tokens")
+_FINGERPRINT_GENERAL_KEYS = (keys.ARCHITECTURE, keys.BASENAME, keys.FINETUNE, keys.SIZE_LABEL, keys.VERSION)
+_FINGERPRINT_TOKENIZER_KEYS = (keys.TOKENIZER_MODEL, keys.TOKENS)
 
 
 @dataclass(frozen=True)
@@ -80,25 +66,25 @@ class GGUFInfo:
     @property
     def base_fingerprint(self) -> str | None:
         """For an adapter: the fingerprint of the base model it was converted against."""
-        value = self.metadata.get(KEY_BASE_FINGERPRINT)
+        value = self.metadata.get(keys.BASE_FINGERPRINT)
         return None if value is None else str(value)
 
     @property
     def merged_from(self) -> dict[str, Any]:
         """For a model made by ``edge-rt merge``: its ``edge_rt.merge.*`` keys without the prefix; else empty."""
-        return {key.removeprefix(MERGE_PREFIX): value for key, value in self.metadata.items()
-                if key.startswith(MERGE_PREFIX)}
+        return {key.removeprefix(keys.MERGE_PREFIX): value for key, value in self.metadata.items()
+                if key.startswith(keys.MERGE_PREFIX)}
 
     @property
     def context_length(self) -> int | None:
         """The model's trained context length in tokens."""
-        value = self.metadata.get(f"{self.architecture}.context_length")
+        value = self.metadata.get(keys.CONTEXT_LENGTH.format(arch=self.architecture))
         return None if value is None else int(value)
 
     @property
     def quantization(self) -> str | None:
         """The base model's ``general.file_type`` as a name such as ``MOSTLY_Q4_1``."""
-        value = self.metadata.get("general.file_type")
+        value = self.metadata.get(keys.FILE_TYPE)
         if value is None:
             return None
         try:
@@ -114,13 +100,13 @@ def read_metadata(header: GGUFHeader) -> dict[str, Any]:
 
 def base_fingerprint(header: GGUFHeader) -> str:
     """sha256 (hex) of a base model's identity: lineage labels, hyper-parameters, vocabulary, tensor shapes."""
-    arch = str(header.value("general.architecture", ""))
+    arch = str(header.value(keys.ARCHITECTURE, ""))
     if not arch:
         raise InvalidGGUF(str(header.path), "general.architecture is missing")
     digest = hashlib.sha256(b"edge-rt base fingerprint v1\n")
-    keys = [k for k in header.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
+    identity = [k for k in header.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
             or k.startswith(f"{arch}.")]
-    for key in sorted(keys):
+    for key in sorted(identity):
         item = header.fields[key]
         digest.update(f"{key}:{int(item.value_type)}:{len(item.raw)}\n".encode())
         digest.update(item.raw)
@@ -134,13 +120,13 @@ def read_info(path: Path | str) -> GGUFInfo:
     path = Path(path)
     header = read_header(path)
     metadata = read_metadata(header)
-    architecture = str(metadata.get("general.architecture", ""))
+    architecture = str(metadata.get(keys.ARCHITECTURE, ""))
     if not architecture:
         raise InvalidGGUF(str(path), "general.architecture is missing")
-    kind = "adapter" if metadata.get("general.type") == "adapter" else "model"
+    kind = "adapter" if metadata.get(keys.TYPE) == "adapter" else "model"
     return GGUFInfo(
         path=path, size_bytes=path.stat().st_size, kind=kind, architecture=architecture,
-        name=str(metadata.get(KEY_ADAPTER_NAME) or metadata.get("general.name") or path.stem),
+        name=str(metadata.get(keys.ADAPTER_NAME) or metadata.get(keys.NAME) or path.stem),
         tensor_count=len(header.tensors), tensor_bytes=sum(t.n_bytes for t in header.tensors),
         parameter_count=sum(t.n_elements for t in header.tensors),
         metadata=metadata, tensors=header.tensors,
@@ -151,11 +137,11 @@ def read_info(path: Path | str) -> GGUFInfo:
 
 def invocation_tokens(header: GGUFHeader) -> tuple[int, ...]:
     """An aLoRA's ``adapter.alora.invocation_tokens`` (any length); () when absent."""
-    found = header.fields.get(KEY_ALORA_INVOCATION_TOKENS)
+    found = header.fields.get(keys.ALORA_INVOCATION_TOKENS)
     if found is None:
         return ()
     if found.value_type != gguf.GGUFValueType.ARRAY or found.item_type != gguf.GGUFValueType.UINT32:
-        raise InvalidGGUF(str(header.path), f"{KEY_ALORA_INVOCATION_TOKENS} is not an array of uint32")
+        raise InvalidGGUF(str(header.path), f"{keys.ALORA_INVOCATION_TOKENS} is not an array of uint32")
     if found.value is not None:
         return tuple(int(token) for token in found.value)
     return tuple(int(token) for token in np.frombuffer(found.raw, dtype="<u4", offset=12))  # after type and count

@@ -34,6 +34,7 @@ from edge_runtime.runtime import budget
 from edge_runtime.runtime.compatibility import BaseCompatibility
 from edge_runtime.runtime.engine import AdapterHandle, Engine
 from edge_runtime.runtime.eviction import EvictionCandidate, EvictionPlan, choose_evictions
+from edge_runtime.runtime.requests import MAX_COMPOSED_ADAPTERS, AdapterRequest
 from edge_runtime.runtime.versions import (
     AdapterInfo,
     AdapterState,
@@ -48,7 +49,6 @@ from edge_runtime.runtime.versions import (
 __all__ = ["MAX_COMPOSED_ADAPTERS", "AdapterInfo", "AdapterManager", "AdapterState", "HeldAdapter", "ManagerStats"]
 
 log = logging.getLogger(__name__)
-MAX_COMPOSED_ADAPTERS = 4
 _IN_SERVICE = (VersionState.LOADING, VersionState.RESIDENT)  # a current version add() must not re-point
 
 
@@ -170,6 +170,10 @@ class AdapterManager:
         with self._lock:
             return sorted(self._adapters)
 
+    def is_known(self, name: str) -> bool:
+        """True when ``name`` is a known adapter (one dictionary look-up: no copy of the catalog)."""
+        return name in self._adapters  # a dict read is atomic under the GIL
+
     def list_adapters(self) -> list[AdapterInfo]:
         """Snapshots of all known adapters, by name."""
         with self._lock:
@@ -199,15 +203,15 @@ class AdapterManager:
         return self.info(name)
 
     @contextmanager
-    def lease(self, specs: Sequence[tuple[str, float]]) -> Iterator[list[HeldAdapter]]:
-        """Hold every adapter of ``specs`` (name, scale) for the duration of a generation."""
-        if len(specs) > MAX_COMPOSED_ADAPTERS:
-            raise InvalidRequest(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(specs)}",
+    def lease(self, requests: Sequence[AdapterRequest]) -> Iterator[list[HeldAdapter]]:
+        """Hold every adapter of ``requests`` for the duration of a generation."""
+        if len(requests) > MAX_COMPOSED_ADAPTERS:
+            raise InvalidRequest(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(requests)}",
                                  param="adapters")
         held: list[HeldAdapter] = []
         try:
-            for name, scale in specs:
-                held.append(self.hold(name, scale))
+            for request in requests:
+                held.append(self.hold(request.name, request.scale))
             yield held
         finally:
             self.release(held)

@@ -40,11 +40,13 @@ import logging
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import gguf
 import psutil
 
 from edge_runtime.errors import BaseDoesNotFit, InvalidGGUF
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, read_header
 
 log = logging.getLogger(__name__)
@@ -98,7 +100,7 @@ class ModelShape:
     @classmethod
     def from_header(cls, header: GGUFHeader) -> ModelShape:
         """Read the shape from a base model's GGUF header."""
-        arch = str(header.value("general.architecture", ""))
+        arch = str(header.value(keys.ARCHITECTURE, ""))
 
         def number(key: str, default: int | None = None) -> int:
             value = header.value(f"{arch}.{key}", default)
@@ -111,7 +113,7 @@ class ModelShape:
         head_k = number("attention.key_length", n_embd // n_head)
         head_v = number("attention.value_length", n_embd // n_head)
         n_head_kv = number("attention.head_count_kv", n_head)
-        vocab, merges = header.fields.get("tokenizer.ggml.tokens"), header.fields.get("tokenizer.ggml.merges")
+        vocab, merges = header.fields.get(keys.TOKENS), header.fields.get(keys.MERGES)
         return cls(architecture=arch, n_layers=number("block_count"), n_embd=n_embd,
                    n_ff=number("feed_forward_length"), n_vocab=vocab.count if vocab else number("vocab_size"),
                    kv_width=n_head_kv * (head_k + head_v), tensor_bytes=sum(t.n_bytes for t in header.tensors),
@@ -230,6 +232,29 @@ class MemoryPlan:
     def as_dict(self) -> dict[str, int | str]:
         """The plan as plain values (bytes), with the derived totals."""
         return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
+
+
+@dataclass(frozen=True)
+class MemoryTerm:
+    """One fixed term of the memory plan, as every view shows it (``edge-rt plan``, ``edge-rt status``, the page)."""
+
+    key: str  # its bytes: MemoryPlan.as_dict()[key]
+    label: str  # short, for the status page's bar
+    detail: str  # with the plan's own numbers: formatted with MemoryPlan.as_dict() and max_body_kib
+
+    def describe(self, plan: dict[str, Any]) -> str:
+        """The term's label with ``plan``'s numbers (a ``MemoryPlan.as_dict()``)."""
+        return self.detail.format(**plan, max_body_kib=int(plan["max_body_bytes"]) // 1024)
+
+
+MEMORY_TERMS = (
+    MemoryTerm("process_bytes", "process", "process (Python, llama.cpp, tokenizer)"),
+    MemoryTerm("model_bytes", "base model", "base model"),
+    MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({ctx} tokens, {kv_type})"),
+    MemoryTerm("compute_bytes", "compute", "compute buffers (batch {batch})"),
+    MemoryTerm("request_buffer_bytes", "request buffers",
+               "request buffers ({request_reads} x {max_body_kib} KiB, {max_connections} connections)"),
+)
 
 
 def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
 from edge_runtime.files import file_sha256
+from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, read_header
-from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT
 from edge_runtime.runtime.versions import AdapterVersion
 
 __all__ = ["BaseCompatibility", "file_id"]
@@ -60,9 +60,9 @@ class BaseCompatibility:
 
     def check(self, name: str, header: GGUFHeader) -> None:
         """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""
-        if header.value("general.type") != "adapter" or header.value("adapter.type") != "lora":
+        if header.value(keys.TYPE) != "adapter" or header.value(keys.ADAPTER_TYPE) != "lora":
             raise IncompatibleAdapter(f"{header.path} is not a LoRA adapter", fix="Pass a file made by edge-rt convert")
-        fingerprint = header.value(KEY_BASE_FINGERPRINT)
+        fingerprint = header.value(keys.BASE_FINGERPRINT)
         if fingerprint is not None:
             if fingerprint != self._base_fingerprint:
                 raise IncompatibleAdapter(

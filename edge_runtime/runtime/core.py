@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,48 +12,13 @@ from edge_runtime.gguf.info import base_fingerprint
 from edge_runtime.profiles import DeviceProfile
 from edge_runtime.runtime import activation, budget
 from edge_runtime.runtime.adapters import AdapterManager, HeldAdapter
-from edge_runtime.runtime.engine import Engine, EngineSettings
+from edge_runtime.runtime.engine import Engine
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams
 from edge_runtime.runtime.models import resolve_model
+from edge_runtime.runtime.plan import engine_settings, plan_for_shape
+from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
 log = logging.getLogger(__name__)
-
-AdapterSpec = tuple[str, float]
-
-
-@dataclass(frozen=True)
-class AppliedAdapter:
-    """What actually ran: an adapter's name, content digest and scale; ``inert`` for an aLoRA whose invocation the
-    prompt lacks (it changed nothing: the answer is the base model's)."""
-
-    name: str
-    sha256: str
-    scale: float
-    inert: bool = False
-
-
-def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> EngineSettings:
-    """Context settings a profile asks for (``ctx`` overrides the profile's)."""
-    compute = profile.compute
-    n_ctx = ctx or compute.ctx
-    return EngineSettings(n_ctx=n_ctx, n_batch=min(compute.batch, n_ctx), n_ubatch=budget.ubatch_for(compute.batch),
-                          n_threads=min(compute.threads, os.cpu_count() or compute.threads),
-                          n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
-
-
-def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,
-             requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
-    """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
-    return _plan(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
-
-
-def _plan(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None,
-          requests: budget.RequestLimits) -> budget.MemoryPlan:
-    settings = engine_settings(profile, ctx=ctx)
-    return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
-                              batch=settings.n_batch, kv_type=settings.kv_type, requests=requests,
-                              reads=budget.request_reads(settings.n_threads or 1))
-
 
 class Runtime:
     """The library API the daemon serves: generate with an adapter set, within the profile's memory budget."""
@@ -66,16 +29,16 @@ class Runtime:
         self.profile = profile
         self.model_path = resolve_model(model)
         header = read_header(self.model_path)  # read once: the plan and the fingerprint both come from it
-        self.plan = _plan(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
+        self.plan = plan_for_shape(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
         self.plan.require_fit(profile.name)
         self.base_fingerprint = base_fingerprint(header)
         self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx))
         self.adapters = AdapterManager(self.engine, budget_bytes=self.plan.adapter_budget_bytes, base_header=header,
                                        base_fingerprint=self.base_fingerprint)
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterSpec] = (),
+    def stream(self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = (),
                applied: list[AppliedAdapter] | None = None, cancel: Any = None) -> Iterator[Chunk]:
-        """Generate under ``adapters`` (name, scale), streaming; ``applied`` receives what actually ran."""
+        """Generate under ``adapters``, streaming; ``applied`` receives what actually ran."""
         with self.adapters.lease(adapters) as held:
             if applied is not None:
                 applied.extend(_applied(held, prompt))
@@ -83,8 +46,8 @@ class Runtime:
                                           cancel=cancel)
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, *,
-                 adapters: Sequence[AdapterSpec] = ()) -> tuple[Generation, list[AppliedAdapter]]:
-        """Generate under ``adapters`` (name, scale) and return the text and what actually ran."""
+                 adapters: Sequence[AdapterRequest] = ()) -> tuple[Generation, list[AppliedAdapter]]:
+        """Generate under ``adapters`` and return the text and what actually ran."""
         with self.adapters.lease(adapters) as held:
             result = self.engine.generate(prompt, params, adapters=[(h.handle, h.scale) for h in held])
             return result, _applied(held, prompt)

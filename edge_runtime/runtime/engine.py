@@ -1,4 +1,5 @@
-"""The engine: the one resident base model and its context. The only module that imports llama_cpp.
+"""The engine: the one resident base model and its context. The only module of the runtime that imports llama_cpp
+(the converters use it too: ggml's quantiser, a base model's vocabulary).
 
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
 hand their work to it. Keep it so when embedding an engine: llama.cpp's OpenMP keeps a thread team per thread that
@@ -26,7 +27,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -35,7 +35,6 @@ import llama_cpp
 import numpy as np
 import psutil
 from llama_cpp import llama_grammar
-from llama_cpp._utils import suppress_stdout_stderr
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 from edge_runtime.errors import (
@@ -46,30 +45,19 @@ from edge_runtime.errors import (
     LlamaCppError,
     RuntimeClosed,
 )
+from edge_runtime.gguf import keys
 from edge_runtime.profiles import KV_TYPES
 from edge_runtime.runtime import activation
 from edge_runtime.runtime.chat import ChatTemplate
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
 from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
+from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.stops import StopMatcher
 
-__all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings", "vocabulary_tokens"]
+__all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings"]
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class EngineSettings:
-    """How the base model and its context are set up (from a device profile, or defaults)."""
-
-    n_ctx: int = 2048
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
-    n_gpu_layers: int = 0
-    kv_type: str = "f16"
-    logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
 
 
 class Engine:
@@ -135,7 +123,7 @@ class Engine:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
-        template = metadata.get("tokenizer.chat_template")
+        template = metadata.get(keys.CHAT_TEMPLATE)
         self._eos = int(self._llama.token_eos())
         self._chat = None if template is None else ChatTemplate(Jinja2ChatFormatter(
             template=template, eos_token=self._token_text(self._eos),
@@ -421,24 +409,3 @@ class Engine:
                         self._llama.eval(prompt[start:stop])
         self.evaluated_tokens += len(prompt) - keep
         return keep
-
-def vocabulary_tokens(model_path: Path | str, text: str) -> list[int]:
-    """Token ids of ``text`` in ``model_path``'s vocabulary as a Hugging Face tokenizer's ``encode(text,
-    add_special_tokens=False)`` gives them: no BOS, and control-token markers such as ``<|im_start|>`` parsed.
-
-    Loads the vocabulary only (no weights, no context: milliseconds), for a converter tokenizing for a base model.
-    """
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = True
-    with suppress_stdout_stderr(disable=False):
-        model = llama_cpp.llama_model_load_from_file(str(model_path).encode(), params)
-    if not model:
-        raise InvalidGGUF(str(model_path), "llama.cpp could not load its vocabulary")
-    try:
-        data = text.encode()
-        buffer = (llama_cpp.llama_token * (len(data) + 2))()
-        count = llama_cpp.llama_tokenize(llama_cpp.llama_model_get_vocab(model), data, len(data), buffer,
-                                         len(buffer), False, True)
-        return [int(token) for token in buffer[:count]]
-    finally:
-        llama_cpp.llama_model_free(model)

@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 
 from edge_runtime.errors import InvalidTransition
-from edge_runtime.runtime.engine import AdapterHandle
+from edge_runtime.runtime.handles import AdapterHandle
 
 __all__ = ["AdapterInfo", "AdapterState", "AdapterVersion", "HeldAdapter", "ManagerStats", "NamedAdapter",
            "RemoteOffer", "VersionState"]

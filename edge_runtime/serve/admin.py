@@ -1,5 +1,5 @@
-"""The daemon's admin and observation routes: models, adapters (list, load, evict), CDN sync, status (JSON and
-page), health and metrics. The completion routes and the middleware are in ``app.py``.
+"""The daemon's admin routes: models, adapters (list, load, evict, vLLM's load/unload), CDN sync, and the rescan
+of ``--adapters-dir`` (SIGHUP). Observation routes are in ``monitoring.py``, completions in ``completions.py``.
 """
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import asyncio
 import dataclasses
 import logging
 import signal
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,49 +17,35 @@ from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import InvalidRequest
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import AdapterInfo
-from edge_runtime.runtime.budget import measured_rss_bytes
-from edge_runtime.serve.app import (
-    CONFIG,
-    FOLLOWER,
-    INTAKE,
-    METRICS,
-    RECENT,
-    RUNTIME,
-    SCHEDULER,
-    STARTED,
-    base_id,
-    pull_remote,
-    read_json,
-)
-from edge_runtime.serve.metrics import CONTENT_TYPE
-from edge_runtime.serve.status import recent_json, render_page
+from edge_runtime.serve.intake import SMALL_BODY_BYTES
+from edge_runtime.serve.state import DAEMON, Daemon
 
-__all__ = ["rescan", "rescan_on_sighup", "routes"]
+__all__ = ["adapter_json", "rescan", "rescan_on_sighup", "routes"]
 
 log = logging.getLogger(__name__)
 
 routes = web.RouteTableDef()
 
 
-async def rescan(app: web.Application) -> tuple[list[str], dict[str, str]]:
+async def rescan(daemon: Daemon) -> tuple[list[str], dict[str, str]]:
     """Register the files added to ``--adapters-dir`` since start (a changed file becomes its adapter's next
     version) and forget idle adapters whose file was deleted from it; return the names added and, by file,
     refusals."""
-    folder = app[CONFIG].adapters_dir
+    folder, manager = daemon.config.adapters_dir, daemon.runtime.adapters
     if folder is None:
         log.info("nothing to rescan: the daemon has no --adapters-dir")
         return [], {}
-    known = {a.name: a.sha256 for a in app[RUNTIME].adapters.list_adapters()}
-    added, refused = await asyncio.to_thread(app[RUNTIME].adapters.add_directory, folder)
+    known = {a.name: a.sha256 for a in manager.list_adapters()}
+    added, refused = await asyncio.to_thread(manager.add_directory, folder)
     new = [a.name for a in added if a.name not in known]
     for info in added:
         if info.name in known and known[info.name] != info.sha256:
             log.info("adapter %s: now serving version %s from %s", info.name, info.sha256[:12], info.path)
-    if FOLLOWER in app:  # the operator's files win: a name now served from --adapters-dir stops following the CDN
-        for info in added:
-            app[FOLLOWER].unfollow(info.name)
-    gone = [a.name for a in app[RUNTIME].adapters.list_adapters() if a.path is not None and a.path.parent == folder
-            and not a.path.exists() and app[RUNTIME].adapters.forget(a.name)]
+    if daemon.follower is not None:  # the operator's files win: a name now served from --adapters-dir stops
+        for info in added:  # following the CDN
+            daemon.follower.unfollow(info.name)
+    gone = [a.name for a in manager.list_adapters() if a.path is not None and a.path.parent == folder
+            and not a.path.exists() and manager.forget(a.name)]
     if gone:
         log.info("forgot %s: deleted from %s", ", ".join(gone), folder)
     for file_name, error in refused.items():
@@ -75,7 +60,7 @@ async def rescan_on_sighup(app: web.Application) -> AsyncIterator[None]:
     tasks: set[asyncio.Task[tuple[list[str], dict[str, str]]]] = set()
 
     def on_hangup() -> None:
-        task = asyncio.ensure_future(rescan(app))
+        task = asyncio.ensure_future(rescan(app[DAEMON]))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
 
@@ -88,47 +73,48 @@ async def rescan_on_sighup(app: web.Application) -> AsyncIterator[None]:
     loop.remove_signal_handler(signal.SIGHUP)
 
 
-
 @routes.get("/v1/models")
 async def models(request: web.Request) -> web.Response:
     """The base model and every known adapter, as OpenAI model objects."""
-    runtime = request.app[RUNTIME]
-    base = base_id(runtime)
+    daemon = request.app[DAEMON]
+    base = daemon.base_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
     data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
-             for name in runtime.adapters.names()]
+             for name in daemon.runtime.adapters.names()]
     return web.json_response({"object": "list", "data": data})
 
 
 @routes.get("/v1/adapters")
 async def adapters(request: web.Request) -> web.Response:
     """Every known adapter with its size, digest, state, pin and last use."""
-    downloads = request.app[FOLLOWER].downloads() if FOLLOWER in request.app else {}
-    return web.json_response({"object": "list", "data": [_adapter_json(a, downloads) for a in
-                                                         request.app[RUNTIME].adapters.list_adapters()]})
+    daemon = request.app[DAEMON]
+    downloads = daemon.follower.downloads() if daemon.follower is not None else {}
+    return web.json_response({"object": "list", "data": [adapter_json(a, downloads) for a in
+                                                         daemon.runtime.adapters.list_adapters()]})
 
 
 @routes.post("/v1/adapters/{name}/load")
 async def load_adapter(request: web.Request) -> web.Response:
     """Make an adapter resident now (it may evict others); a file new in ``--adapters-dir`` is registered first."""
-    return web.json_response(_adapter_json(await _load(request.app, validate_name(request.match_info["name"]))))
+    return web.json_response(adapter_json(await _load(request.app[DAEMON], validate_name(request.match_info["name"]))))
 
 
-async def _load(app: web.Application, name: str) -> AdapterInfo:
-    if name not in app[RUNTIME].adapters.names():
-        await rescan(app)
-    await pull_remote(app, [name])
-    return await asyncio.to_thread(app[RUNTIME].adapters.ensure_resident, name)
+async def _load(daemon: Daemon, name: str) -> AdapterInfo:
+    if not daemon.runtime.adapters.is_known(name):
+        await rescan(daemon)
+    await daemon.pull_remote([name])
+    return await asyncio.to_thread(daemon.runtime.adapters.ensure_resident, name)
 
 
 @routes.post("/v1/load_lora_adapter")
 async def vllm_load(request: web.Request) -> web.Response:
     """vLLM's route: ``{"lora_name": ..., "lora_path": ...}``; the path must be the adapter's file in
     ``--adapters-dir`` (no other file of the device is ever opened on a client's word)."""
+    daemon = request.app[DAEMON]
     body = await read_json(request)
     name = validate_name(_field(body, "lora_name"))
     path = body.get("lora_path") if isinstance(body, dict) else None
-    folder = request.app[CONFIG].adapters_dir
+    folder = daemon.config.adapters_dir
     if path is not None and folder is None:
         raise InvalidRequest("this daemon has no --adapters-dir: load adapters by lora_name", param="lora_path")
     try:
@@ -138,18 +124,18 @@ async def vllm_load(request: web.Request) -> web.Response:
     if path is not None and not inside:  # a relative lora_path is taken in --adapters-dir
         raise InvalidRequest("lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by "
                              "name)", param="lora_path")
-    info = await _load(request.app, name)
-    return web.json_response({"message": f"Success: LoRA adapter '{name}' added successfully."} | _adapter_json(info))
+    info = await _load(daemon, name)
+    return web.json_response({"message": f"Success: LoRA adapter '{name}' added successfully."} | adapter_json(info))
 
 
 @routes.post("/v1/unload_lora_adapter")
 async def vllm_unload(request: web.Request) -> web.Response:
     """vLLM's route: ``{"lora_name": ...}`` frees the adapter's memory (it stays known, on disk)."""
     name = validate_name(_field(await read_json(request), "lora_name"))
-    manager = request.app[RUNTIME].adapters
+    manager = request.app[DAEMON].runtime.adapters
     evicted = await asyncio.to_thread(manager.evict, name)
     return web.json_response({"message": f"Success: LoRA adapter '{name}' removed successfully.",
-                              "evicted": evicted} | _adapter_json(manager.info(name)))
+                              "evicted": evicted} | adapter_json(manager.info(name)))
 
 
 def _field(body: Any, key: str) -> str:
@@ -163,67 +149,35 @@ def _field(body: Any, key: str) -> str:
 async def evict_adapter(request: web.Request) -> web.Response:
     """Evict an adapter from memory (it stays cached on disk); in-use adapters stay until their requests end."""
     name = validate_name(request.match_info["name"])
-    manager = request.app[RUNTIME].adapters
-    evicted = await asyncio.get_running_loop().run_in_executor(None, manager.evict, name)
-    return web.json_response(_adapter_json(manager.info(name)) | {"evicted": evicted})
+    manager = request.app[DAEMON].runtime.adapters
+    evicted = await asyncio.to_thread(manager.evict, name)
+    return web.json_response(adapter_json(manager.info(name)) | {"evicted": evicted})
 
 
 @routes.post("/v1/sync")
 async def sync(request: web.Request) -> web.Response:
     """Refresh the CDN manifest now; with ``?wait=true`` answer once the updates it started are done."""
-    if FOLLOWER not in request.app:
+    daemon = request.app[DAEMON]
+    follower = daemon.follower
+    if follower is None:
         raise InvalidRequest("this daemon has no CDN: start it with --cdn URL")
-    follower = request.app[FOLLOWER]
     report = await follower.refresh()
     if request.query.get("wait", "").lower() in ("1", "true", "yes"):
         await follower.settle()
     body = dataclasses.asdict(report)
-    body["adapters"] = {a.name: a.sha256 for a in request.app[RUNTIME].adapters.list_adapters()}
+    body["adapters"] = {a.name: a.sha256 for a in daemon.runtime.adapters.list_adapters()}
     return web.json_response(body)
 
 
-@routes.get("/v1/status")
-async def status(request: web.Request) -> web.Response:
-    """What the device is doing: memory plan and RSS, adapters and their states, CDN, recent requests."""
-    return web.json_response(await asyncio.to_thread(_status, request.app))
+async def read_json(request: web.Request) -> Any:
+    """An admin route's JSON body (at most 64 KiB: names and paths), read in an intake slot within the timeout."""
+    daemon = request.app[DAEMON]
+    async with daemon.intake.slot():
+        return await daemon.intake.read_json(request, daemon.request_work, max_bytes=SMALL_BODY_BYTES)
 
 
-@routes.get("/")
-async def status_page(request: web.Request) -> web.Response:
-    """The same facts as a self-refreshing HTML page (no external assets)."""
-    return web.Response(text=render_page(await asyncio.to_thread(_status, request.app)), content_type="text/html")
-
-
-def _status(app: web.Application) -> dict[str, Any]:  # psutil and the adapter list: off the event loop
-    runtime, follower = app[RUNTIME], app.get(FOLLOWER)
-    downloads = follower.downloads() if follower is not None else {}
-    cdn = None if follower is None else {"url": follower.cdn.cdn, "offline": follower.cdn.offline,
-                                         "version": follower.version, "last_refresh": follower.last_refresh,
-                                         "last_error": follower.last_error, "deferred": sorted(follower.deferred)}
-    return {"model": base_id(runtime), "profile": runtime.profile.name, "uptime_s": time.time() - app[STARTED],
-            "queued": app[SCHEDULER].queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
-            "resident_adapter_bytes": runtime.adapters.resident_bytes,
-            "adapters": [_adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
-            "recent": recent_json(app[RECENT])}
-
-
-@routes.get("/health")
-async def health(request: web.Request) -> web.Response:
-    """Liveness: the model is loaded; how many requests wait for the engine, are being read or wait to be read, and
-    whether completions are shed for memory (a load balancer may send elsewhere meanwhile)."""
-    runtime, intake = request.app[RUNTIME], request.app[INTAKE]
-    return web.json_response({"status": "ok", "model": base_id(runtime), "queued": request.app[SCHEDULER].queued,
-                              "reading": intake.reading, "waiting_to_read": intake.waiting,
-                              "shedding": intake.over_budget, "profile": runtime.profile.name})
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text exposition."""
-    return web.Response(body=request.app[METRICS].render(), headers={"Content-Type": CONTENT_TYPE})
-
-
-def _adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
+def adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
+    """An adapter as the API shows it, with its download's progress when a pull is under way."""
     body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
             "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
             "last_used": info.last_used or None}

@@ -1,8 +1,8 @@
 """The daemon's view of a CDN: remote adapters listed, pulled on first use, updated only once the new one loads.
 
-``CdnFollower`` joins the CDN client (``sync.py``) to the adapter manager (``adapters.py``) for ``edge-rt serve
---cdn``. At start it re-verifies the cache and registers what is there, then reads the manifest before the daemon
-serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with If-None-Match, then
+``CdnFollower`` joins the CDN client (``distribution/client.py``) to the adapter manager (``runtime/adapters.py``)
+for ``edge-rt serve --cdn``. At start it re-verifies the cache and registers what is there, then reads the manifest
+before the daemon serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with If-None-Match, then
 
 - lists newly offered adapters as ``remote`` and forgets remote ones the CDN no longer offers (pulled copies stay);
 - for an adapter whose content changed, downloads and verifies the new blob beside the old, has llama.cpp load it,
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.manifest import ManifestEntry
+from edge_runtime.distribution.recovery import recover
 from edge_runtime.distribution.store import CachedAdapter
 from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import (
@@ -71,7 +72,7 @@ class CdnFollower:
     async def start(self) -> None:
         """Recover the cache, register cached adapters, read the manifest once, then refresh in the background."""
         store = self.cdn.store
-        await store.call(store.recover)
+        await store.call(recover, store)
         local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
         for cached in await store.call(store.adapters):
             if cached.name in local:

@@ -103,7 +103,7 @@ class RequestIntake:
 
     async def read_json(self, request: web.Request, work: Executor, *, max_bytes: int) -> Any:
         """The body of ``request`` as JSON, read within the body timeout; call it holding a ``slot()``."""
-        # A body must keep arriving (no gap over body_gap_s) and arrive at MIN_BODY_RATE: a client dripping a byte
+        # A body must keep arriving (no gap over body_gap_s) and at MIN_BODY_BYTES_PER_S: a client dripping a byte
         # every few seconds would otherwise hold a read slot for the whole body timeout.
         declared = request.content_length
         deadline = self.body_timeout_s if declared is None else \

@@ -19,13 +19,11 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import NoneType
-from typing import Any
+from typing import Any, Protocol
 
 from edge_runtime.errors import AdapterNotFound, InvalidRequest
-from edge_runtime.names import validate_name
-from edge_runtime.runtime.adapters import MAX_COMPOSED_ADAPTERS
-from edge_runtime.runtime.core import AdapterSpec, AppliedAdapter
 from edge_runtime.runtime.generation import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
+from edge_runtime.runtime.requests import MAX_COMPOSED_ADAPTERS, AdapterRequest, AppliedAdapter
 
 BASE_ALIASES = frozenset({"", "base"})
 DEFAULT_MAX_TOKENS = 256
@@ -51,6 +49,16 @@ UNSUPPORTED: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+class Catalog(Protocol):
+    """The adapters a request may name (the adapter manager is one)."""
+
+    def is_known(self, name: str) -> bool:
+        """True when ``name`` may be requested."""
+
+    def names(self) -> list[str]:
+        """Every name, sorted (only for the error that lists them)."""
+
+
 @dataclass(frozen=True)
 class ParsedRequest:
     """A validated completion request."""
@@ -61,7 +69,7 @@ class ParsedRequest:
     prompt_text: str | None
     messages: list[dict[str, str]] | None
     params: SamplingParams
-    adapters: tuple[AdapterSpec, ...]
+    adapters: tuple[AdapterRequest, ...]
     stream: bool
     json_output: bool = False  # response_format json_object or json_schema: generation follows a JSON grammar
     json_schema: dict[str, Any] | None = None  # the schema of json_schema (None: any JSON object)
@@ -72,7 +80,7 @@ class ParsedRequest:
         return dataclasses.replace(self, params=dataclasses.replace(self.params, grammar=grammar))
 
 
-def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: set[str],
+def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: Catalog,
                   max_tokens_cap: int) -> ParsedRequest:
     """Validate an OpenAI request body; raise ``InvalidRequest`` (400) or ``AdapterNotFound`` (404)."""
     if not isinstance(body, dict):
@@ -207,7 +215,7 @@ def _bounded(value: Any, name: str, high: int) -> int:
     return value
 
 
-def _adapters(body: dict[str, Any], model: str, base_id: str, known: set[str]) -> tuple[AdapterSpec, ...]:
+def _adapters(body: dict[str, Any], model: str, base_id: str, known: Catalog) -> tuple[AdapterRequest, ...]:
     if "adapters" in body:
         items = body["adapters"]
         if not isinstance(items, list) or len(items) > MAX_COMPOSED_ADAPTERS:
@@ -217,22 +225,21 @@ def _adapters(body: dict[str, Any], model: str, base_id: str, known: set[str]) -
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidRequest('each adapter is {"name": ..., "scale": ...}', param="adapters")
-            specs.append((item["name"], _number(item.get("scale", 1.0), "adapters[].scale", -8.0, 8.0)))
+            specs.append(AdapterRequest(item["name"], _number(item.get("scale", 1.0), "adapters[].scale", -8.0, 8.0)))
         if not specs and model not in BASE_ALIASES and model != base_id:
             raise InvalidRequest(f"adapters is empty but model names {model!r}; use one of them", param="adapters")
     elif "adapter" in body and body["adapter"] is not None:
         if not isinstance(body["adapter"], str):
             raise InvalidRequest("adapter must be a string", param="adapter")
-        specs = [(body["adapter"], 1.0)]
+        specs = [AdapterRequest(body["adapter"])]
     elif model in BASE_ALIASES or model == base_id:
         specs = []
     else:
-        specs = [(model, 1.0)]
-    for name, _ in specs:
-        validate_name(name)
-        if name not in known:
-            raise AdapterNotFound(name, tuple(sorted(known)), base=base_id)
-    if len({name for name, _ in specs}) != len(specs):
+        specs = [AdapterRequest(model)]
+    for spec in specs:
+        if not known.is_known(spec.name):
+            raise AdapterNotFound(spec.name, tuple(known.names()), base=base_id)
+    if len({spec.name for spec in specs}) != len(specs):
         raise InvalidRequest("an adapter appears twice in adapters", param="adapters")
     return tuple(specs)
 

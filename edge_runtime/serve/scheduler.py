@@ -16,8 +16,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from edge_runtime.errors import QueueFull
-from edge_runtime.runtime.core import AdapterSpec, AppliedAdapter, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.generation import Chunk, SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
 _DONE = object()
 
@@ -28,7 +29,7 @@ class Job:
 
     prompt: list[int]
     params: SamplingParams
-    adapters: tuple[AdapterSpec, ...]
+    adapters: tuple[AdapterRequest, ...]
     enqueued: float
     sequence: int
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -37,7 +38,7 @@ class Job:
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
-    def adapter_key(self) -> tuple[AdapterSpec, ...]:
+    def adapter_key(self) -> tuple[AdapterRequest, ...]:
         """The adapter set this job runs under (what a switch is measured against)."""
         return self.adapters
 
@@ -63,7 +64,7 @@ class Scheduler:
         self._pending: list[Job] = []
         self._wakeup = asyncio.Event()
         self._sequence = itertools.count()
-        self._current_key: tuple[AdapterSpec, ...] | None = None
+        self._current_key: tuple[AdapterRequest, ...] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-scheduler")
         self._task: asyncio.Task[None] | None = None
         self._running: Job | None = None
@@ -75,7 +76,7 @@ class Scheduler:
         """Jobs waiting (not counting the one running)."""
         return len(self._pending)
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[AdapterSpec]) -> Job:
+    def submit(self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[AdapterRequest]) -> Job:
         """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(queued=len(self._pending), limit=self.max_queue)

@@ -14,6 +14,10 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from edge_runtime.runtime.budget import MEMORY_TERMS
+from edge_runtime.units import duration as _duration
+from edge_runtime.units import mib as _mib
+
 __all__ = ["RecentRequest", "render_page"]
 
 REFRESH_S = 2
@@ -39,10 +43,10 @@ def recent_json(recent: deque[RecentRequest]) -> list[dict[str, Any]]:
 
 _STATE_COLOURS = {"remote": "#9aa5b1", "downloading": "#d69e2e", "cached": "#4a5568", "resident": "#2f855a",
                   "active": "#c53030"}
-_BAR = [("process", "process_bytes", "#718096"), ("base model", "model_bytes", "#2b6cb0"),
-        ("KV cache", "kv_cache_bytes", "#6b46c1"), ("compute", "compute_bytes", "#b7791f"),
-        ("request buffers", "request_buffer_bytes", "#dd6b20"),
-        ("adapters", "resident_adapter_bytes", "#2f855a")]
+_TERM_COLOURS = {"process_bytes": "#718096", "model_bytes": "#2b6cb0", "kv_cache_bytes": "#6b46c1",
+                 "compute_bytes": "#b7791f", "request_buffer_bytes": "#dd6b20"}
+_BAR = [(term.label, term.key, _TERM_COLOURS[term.key]) for term in MEMORY_TERMS]
+_BAR.append(("adapters", "resident_adapter_bytes", "#2f855a"))
 
 
 def render_page(status: dict[str, Any]) -> str:
@@ -98,19 +102,6 @@ def _recent_rows(recent: list[dict[str, Any]]) -> str:
             f"{_e(r['path'])}</td><td>{r['status']}</td><td>{_e(r['requested'])}</td><td>{_e(r['ran'])}</td>"
             f"<td>{r['ms']:.0f} ms</td></tr>" for r in recent]
     return "".join(rows) or '<tr><td colspan="6">no requests yet</td></tr>'
-
-
-def _mib(value: float) -> str:
-    return f"{value / (1 << 20):.1f} MiB"
-
-
-def _duration(seconds: float) -> str:
-    seconds = max(0.0, seconds)
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _e(text: object) -> str:

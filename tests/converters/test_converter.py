@@ -16,7 +16,8 @@ from converters import convert_peft_to_gguf
 from converters import errors as converter_errors
 from converters.peft_adapter import read_peft_adapter
 from edge_runtime import errors
-from edge_runtime.gguf.info import KEY_BASE_FINGERPRINT, KEY_PEFT_CONFIG_SHA256, read_info
+from edge_runtime.gguf import keys
+from edge_runtime.gguf.info import read_info
 from edge_runtime.runtime.engine import Engine
 
 
@@ -38,8 +39,8 @@ def test_output_holds_llama_cpp_lora_layout_and_edge_rt_metadata(tmp_path: Path,
     assert fields["adapter.lora.alpha"] == pytest.approx(16.0)
     assert fields["general.architecture"] == "llama"
     assert fields["edge_rt.adapter.name"] == "legal-review"
-    assert fields[KEY_BASE_FINGERPRINT] == read_info(base_model).fingerprint == result.base_fingerprint
-    assert fields[KEY_PEFT_CONFIG_SHA256] == read_peft_adapter(peft_dir).config_sha256
+    assert fields[keys.BASE_FINGERPRINT] == read_info(base_model).fingerprint == result.base_fingerprint
+    assert fields[keys.PEFT_CONFIG_SHA256] == read_peft_adapter(peft_dir).config_sha256
     names = sorted(t.name for t in reader.tensors)
     assert names == sorted(f"blk.{layer}.{kind}.weight.lora_{half}" for layer in range(2)
                            for kind in ("attn_q", "attn_k") for half in "ab")
@@ -192,6 +193,7 @@ def test_malformed_invocations_are_refused_by_name(tmp_path: Path, base_model: P
     ("lora_bias", True, "LoRA biases"),
     ("layer_replication", [[0, 4], [2, 5]], "layer replication"),
     ("peft_type", "IA3", "Only LoRA"),
+    ("fan_in_fan_out", True, "Conv1D"),  # weights stored transposed: converting as if not would be silently wrong
 ])
 def test_unsupported_peft_features_are_refused_by_name(tmp_path: Path, base_model: Path, option: str,
                                                        value: object, words: str) -> None:

@@ -24,6 +24,7 @@ from hub_server import LocalHub
 from edge_runtime.distribution.client import CdnClient, SyncSettings
 from edge_runtime.distribution.manifest import Manifest, read_manifest, sign_manifest
 from edge_runtime.distribution.publish import publish
+from edge_runtime.distribution.recovery import recover
 from edge_runtime.distribution.store import AdapterStore, release
 from edge_runtime.distribution.transfer import TransferProgress, TransferSettings
 from edge_runtime.distribution.trust import publisher_id
@@ -506,7 +507,7 @@ async def test_a_process_killed_mid_write_leaves_a_partial_the_recovery_scan_res
     process.send_signal(signal.SIGKILL)
     await process.wait()
 
-    report = AdapterStore(tmp_path / "cache").recover()
+    report = recover(AdapterStore(tmp_path / "cache"))
     assert len(report.resumable) == 1 and report.completed == ()
     cached = await make_client(public_key=None).ensure_cached("wide")
     resumed = cdn.blob_requests[-1]

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import pytest
 
+from edge_runtime.distribution.recovery import recover
 from edge_runtime.distribution.store import AdapterStore, release
 from edge_runtime.errors import DiskFull, IntegrityError
 from edge_runtime.files import file_sha256
@@ -67,7 +68,7 @@ def test_the_index_is_rebuilt_from_the_blobs_when_refs_are_lost(tmp_path: Path, 
     shutil.rmtree(store.refs_dir)
     rebuilt = AdapterStore(tmp_path / "cache")
     assert rebuilt.names() == ()
-    report = rebuilt.recover()
+    report = recover(rebuilt)
     assert sorted(report.refs_rebuilt) == sorted(b.name for b in blobs)
     assert {a.name: a.sha256 for a in rebuilt.adapters()} == {b.name: b.sha256 for b in blobs}
 
@@ -93,7 +94,7 @@ def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_pa
     (store.blobs_dir / ".x.gguf.tmp").write_bytes(b"temp")
     (store.refs_dir / ".json-extract.abc.tmp").write_text("temp")
 
-    report = store.recover()
+    report = recover(store)
 
     assert report.removed_corrupt == (blobs[0].sha256,) and store.lookup(blobs[0].name) is None
     assert report.completed == (blobs[1].sha256,) and report.refs_rebuilt == (blobs[1].name,)
@@ -183,7 +184,7 @@ def test_a_staged_update_is_neither_evicted_nor_named_by_the_index_rebuild(tmp_p
     partial.path.write_bytes(blobs[1].data)
     store.stage(blobs[1].sha256)
     store.install(partial, name=None, digest=blobs[1].sha256, size=len(blobs[1].data))
-    report = store.recover()  # a restart: the blob's inner name (brand-voice or json-extract) must not be used
+    report = recover(store)  # a restart: the blob's inner name (brand-voice or json-extract) must not be used
     assert report.refs_rebuilt == () and store.names() == ("task",)
     with pytest.raises(DiskFull):  # the staged blob is kept like a protected one
         store.make_room("other", len(blobs[1].data), protected=["task"])  # fits only by evicting it
@@ -218,5 +219,5 @@ def test_stray_refs_and_folders_in_the_cache_are_ignored_then_cleaned(tmp_path: 
     (store.refs_dir / "folder").mkdir()
     (store.blobs_dir / "junk").mkdir()
     assert store.names() == (blobs[0].name,)
-    report = store.recover()
+    report = recover(store)
     assert {"alpha~", "folder", "junk"} <= set(report.removed_files) and store.names() == (blobs[0].name,)

@@ -20,7 +20,7 @@ from daemons import Daemon, metric, run_daemon
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import adapter_resident_bytes
-from edge_runtime.runtime.core import plan_for
+from edge_runtime.runtime.plan import plan_for
 
 CHAT = [{"role": "user", "content": "Write a long story about a drone."}]
 MIB = 1 << 20

@@ -16,8 +16,8 @@ from daemons import Daemon, run_daemon
 
 from edge_runtime.cli import main
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.core import engine_settings
 from edge_runtime.runtime.engine import Engine, SamplingParams
+from edge_runtime.runtime.plan import engine_settings
 
 MIB = 1 << 20
 PROMPT = "The three primary colours are"

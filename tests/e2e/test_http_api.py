@@ -358,7 +358,7 @@ def _sha256(path: Path) -> str:
 
 def test_plan_predicts_the_running_daemons_rss_within_ten_percent(daemon: Daemon, serve_profile: Path,
                                                                   base_model: Path) -> None:
-    from edge_runtime.runtime.core import plan_for
+    from edge_runtime.runtime.plan import plan_for
 
     warm = _post(daemon, "/v1/completions", {"prompt": "The robot walked along the river. " * 70, "max_tokens": 2})
     assert warm.status_code == 200

@@ -14,6 +14,7 @@ from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import activation
 from edge_runtime.runtime.core import AdapterSpec, Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 
 GREEDY = SamplingParams(max_tokens=12)
 DOCUMENT = " ".join(f"Clause {n}: the supplier delivers {n * 7} units of part {n % 5} by day {n * 3}." for n in
@@ -150,7 +151,7 @@ def test_an_alora_after_the_base_evaluates_only_from_its_invocation(runtime: Run
     assert prompt[-4:] == ASSISTANT_TURN and len(prompt) > 250
     base = runtime.generate(prompt, GREEDY)[0].text
     before = runtime.engine.evaluated_tokens
-    result, applied = runtime.generate(prompt, GREEDY, adapters=[("router", 1.0)])
+    result, applied = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("router", 1.0)])
     assert runtime.engine.evaluated_tokens - before == 4  # the invocation; the document came from the base's KV
     assert runtime.engine.last_reused_tokens == len(prompt) - 4
     assert [(a.name, a.inert) for a in applied] == [("router", False)]
@@ -166,7 +167,7 @@ def test_a_pipeline_of_aloras_over_one_document_evaluates_it_once(runtime: Runti
     outputs, evaluated = {}, []
     for name, question in questions.items():
         prompt, before = ask(runtime, question), runtime.engine.evaluated_tokens
-        outputs[name] = (prompt, runtime.generate(prompt, GREEDY, adapters=[(name, 1.0)])[0].text)
+        outputs[name] = (prompt, runtime.generate(prompt, GREEDY, adapters=[AdapterRequest(name, 1.0)])[0].text)
         evaluated.append(runtime.engine.evaluated_tokens - before)
     prompts = [prompt for prompt, _ in outputs.values()]
     assert evaluated[0] == len(prompts[0])
@@ -182,7 +183,7 @@ def test_a_pipeline_of_aloras_over_one_document_evaluates_it_once(runtime: Runti
 def test_without_its_invocation_an_alora_is_inert_and_answers_as_the_base(runtime: Runtime) -> None:
     prompt = runtime.engine.tokenize(f"{DOCUMENT}\nThe clause with the most units is")
     assert activation.invocation_start(prompt, ASSISTANT_TURN) is None
-    result, applied = runtime.generate(prompt, GREEDY, adapters=[("router", 1.0)])
+    result, applied = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("router", 1.0)])
     assert [(a.name, a.inert) for a in applied] == [("router", True)]
     base = runtime.generate(prompt, GREEDY)[0]
     # The inert request computed the base's KV: the base reuses it.

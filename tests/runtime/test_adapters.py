@@ -24,6 +24,7 @@ from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import adapter_resident_bytes
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.runtime.versions import AdapterVersion, VersionState
 
 GREEDY = SamplingParams(max_tokens=6)
@@ -72,7 +73,7 @@ def test_pinned_adapter_is_never_evicted(runtime: Runtime, adapter_files: list[P
 def test_adapter_in_use_is_never_evicted_and_a_full_budget_says_so(runtime: Runtime,
                                                                     adapter_files: list[Path]) -> None:
     fit_budget(runtime, adapter_files, 2)
-    with runtime.adapters.lease([("legal-review", 1.0), ("brand-voice", 1.0)]):
+    with runtime.adapters.lease([AdapterRequest("legal-review", 1.0), AdapterRequest("brand-voice", 1.0)]):
         assert states(runtime)["legal-review"] == "active"
         with pytest.raises(BudgetExceeded) as raised:
             runtime.adapters.ensure_resident("json-extract")
@@ -89,7 +90,7 @@ def test_adapter_larger_than_the_budget_is_refused_and_the_runtime_still_serves(
     before = runtime.generate(prompt, GREEDY)[0].text
     runtime.adapters.budget_bytes = 1 << 20
     with pytest.raises(BudgetExceeded, match=r"needs 18\.\d MiB but the adapter budget is 1\.0 MiB"):
-        runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])
+        runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("legal-review", 1.0)])
     assert states(runtime)["legal-review"] == "cached"
     assert runtime.generate(prompt, GREEDY)[0].text == before
 
@@ -134,7 +135,7 @@ def test_a_base_model_file_is_not_accepted_as_an_adapter(runtime: Runtime, base_
 
 def test_unknown_adapter_fails_closed(runtime: Runtime) -> None:
     with pytest.raises(AdapterNotFound, match="unknown adapter 'nope'.*legal-review"):
-        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("nope", 1.0)])
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[AdapterRequest("nope", 1.0)])
 
 
 @pytest.mark.parametrize("name", ["../../etc/passwd", "/abs", "a/b", "", ".hidden", "x\x00y", "a" * 129])
@@ -170,7 +171,8 @@ def test_every_version_in_memory_counts_against_the_budget(runtime: Runtime, ada
 
 def test_more_than_four_composed_adapters_are_refused(runtime: Runtime) -> None:
     with pytest.raises(ValueError, match="at most 4 adapters"):
-        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[(n, 0.2) for n in runtime.adapters.names()])
+        runtime.generate(runtime.engine.tokenize("Hi"), GREEDY,
+                         adapters=[AdapterRequest(n, 0.2) for n in runtime.adapters.names()])
 
 
 def test_gpu_layers_without_offload_support_fall_back_to_cpu_with_a_notice(base_model: Path,
@@ -205,8 +207,8 @@ def test_registering_the_same_content_twice_keeps_the_resident_copy(runtime: Run
 def test_a_new_version_takes_over_only_once_loaded_and_running_generations_finish_on_the_old(
         runtime: Runtime, adapter_files: list[Path]) -> None:
     prompt = runtime.engine.tokenize("Write one word:")
-    old_text = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
-    new_text = runtime.generate(prompt, GREEDY, adapters=[("brand-voice", 1.0)])[0].text
+    old_text = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("legal-review", 1.0)])[0].text
+    new_text = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("brand-voice", 1.0)])[0].text
     assert old_text != new_text  # the two files compute differently, so the switch is observable
     runtime.adapters.evict("brand-voice")
     one = adapter_resident_bytes(adapter_files[0])
@@ -216,7 +218,7 @@ def test_a_new_version_takes_over_only_once_loaded_and_running_generations_finis
 
     assert (updated.sha256, updated.state) == ("ab" * 32, "resident")
     assert not running.handle.freed and runtime.adapters.resident_bytes == 2 * one  # old kept for its user
-    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == new_text
+    assert runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("legal-review", 1.0)])[0].text == new_text
     runtime.adapters.release([running])
     assert running.handle.freed and runtime.adapters.resident_bytes == one
     assert runtime.adapters.stats.evictions == 1  # brand-voice's; a replaced version is not an eviction
@@ -226,7 +228,7 @@ def test_a_new_version_takes_over_only_once_loaded_and_running_generations_finis
 def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Runtime, adapter_files: list[Path],
                                                                      tmp_path: Path, damage: str) -> None:
     prompt = runtime.engine.tokenize("Write one word:")
-    before = runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text
+    before = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("legal-review", 1.0)])[0].text
     sha_before = runtime.adapters.info("legal-review").sha256
     bad = tmp_path / "bad.gguf"
     data = adapter_files[1].read_bytes()
@@ -243,13 +245,13 @@ def test_a_new_version_that_does_not_load_leaves_the_old_one_serving(runtime: Ru
     info = runtime.adapters.info("legal-review")
     assert (info.sha256, info.state) == (sha_before, "resident")
     assert runtime.adapters.resident_bytes == adapter_resident_bytes(adapter_files[0])
-    assert runtime.generate(prompt, GREEDY, adapters=[("legal-review", 1.0)])[0].text == before
+    assert runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("legal-review", 1.0)])[0].text == before
 
 
 def test_a_new_version_without_room_beside_an_in_use_old_one_waits(runtime: Runtime,
                                                                    adapter_files: list[Path]) -> None:
     fit_budget(runtime, adapter_files, 1)
-    with runtime.adapters.lease([("legal-review", 1.0)]):
+    with runtime.adapters.lease([AdapterRequest("legal-review", 1.0)]):
         with pytest.raises(BudgetExceeded):
             runtime.adapters.replace("legal-review", adapter_files[1], sha256="ab" * 32)
         assert runtime.adapters.info("legal-review").state == "active"
@@ -268,7 +270,7 @@ def test_requests_during_an_update_that_evicted_the_old_version_wait_for_the_new
 
         def request(served: list[str] = served, errors: list[BaseException] = errors) -> None:
             try:
-                with runtime.adapters.lease([("legal-review", 1.0)]) as held:
+                with runtime.adapters.lease([AdapterRequest("legal-review", 1.0)]) as held:
                     served.append(held[0].sha256)
             except BaseException as exc:  # collected for the assertion below
                 errors.append(exc)
@@ -385,7 +387,8 @@ def test_a_hostile_file_in_an_adapters_folder_is_reported_and_the_rest_served(ru
     added, refused = runtime.adapters.add_directory(folder)
     assert [a.name for a in added] == ["good"] and list(refused) == ["nested.gguf"]
     assert isinstance(refused["nested.gguf"], InvalidGGUF) and "nested deeper" in str(refused["nested.gguf"])
-    assert runtime.generate(runtime.engine.tokenize("Hi"), GREEDY, adapters=[("good", 1.0)])[1][0].name == "good"
+    assert runtime.generate(runtime.engine.tokenize("Hi"), GREEDY,
+                            adapters=[AdapterRequest("good", 1.0)])[1][0].name == "good"
 
 
 def test_a_request_waits_for_a_load_under_way_instead_of_a_spurious_507(runtime: Runtime,

@@ -18,7 +18,7 @@ import pytest
 from edge_runtime.gguf.header import read_header
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import budget
-from edge_runtime.runtime.core import plan_for
+from edge_runtime.runtime.plan import plan_for
 
 MIB = 1 << 20
 PROBE = Path(__file__).parent.parent / "rss_probe.py"

@@ -18,7 +18,7 @@ from test_budget import run_probe
 from edge_runtime.gguf.header import read_header
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import budget
-from edge_runtime.runtime.core import plan_for
+from edge_runtime.runtime.plan import plan_for
 
 MIB = 1 << 20
 # llama.cpp's context log, one line per KV cache (iSWA: one for the 3 global layers, one for the 15 sliding ones).

@@ -11,6 +11,7 @@ import pytest
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import AdapterSpec, Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 
 GREEDY = SamplingParams(max_tokens=12)
 MESSAGES = [{"role": "user", "content": "List three things a drone needs."}]
@@ -55,10 +56,11 @@ def test_switching_adapters_never_reuses_kv_cache(runtime: Runtime, profile_path
 def test_prefix_reuse_is_kept_under_the_same_adapter_set_only(runtime: Runtime, adapter_files: list[Path]) -> None:
     runtime.adapters.add("a", adapter_files[0])
     prompt = runtime.engine.chat_prompt(MESSAGES)
-    runtime.generate(prompt, GREEDY, adapters=[("a", 1.0)])
-    runtime.generate(prompt, GREEDY, adapters=[("a", 1.0)])
+    runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("a", 1.0)])
+    runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("a", 1.0)])
     assert runtime.engine.last_reused_tokens == len(prompt) - 2
-    runtime.generate(prompt, GREEDY, adapters=[("a", 0.5)])  # same adapter, other scale: another computation
+    # The same adapter at another scale is another computation.
+    runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("a", 0.5)])
     assert runtime.engine.last_reused_tokens == 0
     runtime.generate(prompt, GREEDY)
     assert runtime.engine.last_reused_tokens == 0
@@ -70,12 +72,12 @@ def test_new_version_under_the_same_name_never_reuses_old_kv(runtime: Runtime, p
     shutil.copy(adapter_files[0], deployed)
     runtime.adapters.add("assistant", deployed)
     prompt = runtime.engine.chat_prompt(MESSAGES)
-    old = runtime.generate(prompt, GREEDY, adapters=[("assistant", 1.0)])[0].text
+    old = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("assistant", 1.0)])[0].text
     # A new version is published under the same name: same prompt, same name, different content.
     assert runtime.adapters.evict("assistant")
     shutil.copy(adapter_files[1], deployed)
     runtime.adapters.add("assistant", deployed)
-    new = runtime.generate(prompt, GREEDY, adapters=[("assistant", 1.0)])[0].text
+    new = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("assistant", 1.0)])[0].text
     assert runtime.engine.last_reused_tokens == 0
     assert new != old
     assert new == fresh_output(profile_path, {"assistant": adapter_files[1]}, [("assistant", 1.0)])
@@ -84,8 +86,8 @@ def test_new_version_under_the_same_name_never_reuses_old_kv(runtime: Runtime, p
 def test_streamed_text_equals_generated_text(runtime: Runtime, adapter_files: list[Path]) -> None:
     runtime.adapters.add("a", adapter_files[2])
     prompt = runtime.engine.chat_prompt(MESSAGES)
-    whole = runtime.generate(prompt, GREEDY, adapters=[("a", 1.0)])[0]
-    chunks = list(runtime.stream(prompt, GREEDY, adapters=[("a", 1.0)]))
+    whole = runtime.generate(prompt, GREEDY, adapters=[AdapterRequest("a", 1.0)])[0]
+    chunks = list(runtime.stream(prompt, GREEDY, adapters=[AdapterRequest("a", 1.0)]))
     assert "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].finish_reason == whole.finish_reason == "length"
     assert sum(len(c.token_ids) for c in chunks) == whole.completion_tokens == 12

@@ -13,7 +13,8 @@ from peft_dirs import ASSISTANT_TURN
 from edge_runtime.files import file_sha256
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
-from edge_runtime.serve.app import ServerConfig, create_app
+from edge_runtime.serve.app import create_app
+from edge_runtime.serve.state import ServerConfig
 
 DOCUMENT = " ".join(f"Clause {n}: the supplier delivers {n * 7} units of part {n % 5} by day {n * 3}." for n in
                     range(1, 9))

@@ -12,7 +12,8 @@ import pytest
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
-from edge_runtime.serve.app import ServerConfig, create_app
+from edge_runtime.serve.app import create_app
+from edge_runtime.serve.state import ServerConfig
 
 
 @pytest.fixture
@@ -24,7 +25,8 @@ def runtime(in_process_profile: Callable[[str], Path]) -> Iterator[Runtime]:
 
 @pytest.mark.asyncio
 async def test_a_prompt_too_long_by_its_bytes_alone_is_refused_without_tokenizing(
-        aiohttp_client: Any, runtime: Runtime) -> None:
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    runtime = runtime_with(max_body_bytes=4 << 20)
     tokenized: list[int] = []
     real_tokenize = runtime.engine.tokenize
 
@@ -33,7 +35,7 @@ async def test_a_prompt_too_long_by_its_bytes_alone_is_refused_without_tokenizin
         return real_tokenize(text, **kwargs)
 
     runtime.engine.tokenize = counting_tokenize  # type: ignore[method-assign]
-    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=4 << 20), runtime))
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
     limit = 512 * runtime.engine.max_token_bytes  # no 512-token prompt can hold more bytes than this
 
     response = await client.post("/v1/completions", json={"prompt": "x" * (limit + 1), "max_tokens": 1})
@@ -105,9 +107,10 @@ async def test_a_client_that_stalls_its_body_is_answered_408_and_disconnected(ai
 
 
 @pytest.mark.asyncio
-async def test_every_request_is_logged_and_counted_rejected_ones_too(aiohttp_client: Any, runtime: Runtime,
-                                                                     caplog: pytest.LogCaptureFixture) -> None:
-    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=2048), runtime))
+async def test_every_request_is_logged_and_counted_rejected_ones_too(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime], caplog: pytest.LogCaptureFixture) -> None:
+    runtime = runtime_with(max_body_bytes=2048)
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
     with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
         unknown = await client.post("/v1/completions", json={"prompt": "Hi", "model": "gpt-4", "max_tokens": 1})
         too_big = await client.post("/v1/completions", json={"prompt": "x" * 4096, "max_tokens": 1})
@@ -140,7 +143,9 @@ async def test_the_response_names_what_ran_and_a_507_is_not_worth_retrying(aioht
 
 
 @pytest.mark.asyncio
-async def test_many_empty_chat_messages_are_refused_before_tokenizing(aiohttp_client: Any, runtime: Runtime) -> None:
+async def test_many_empty_chat_messages_are_refused_before_tokenizing(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    runtime = runtime_with(max_body_bytes=16 << 20)
     # Regression: contents counted 0 bytes, so 34,000 empty messages were tokenized into a 170,000-token prompt.
     rendered: list[int] = []
     real_chat = runtime.engine.chat_prompt
@@ -151,7 +156,7 @@ async def test_many_empty_chat_messages_are_refused_before_tokenizing(aiohttp_cl
 
     runtime.engine.chat_prompt = counting_chat  # type: ignore[method-assign]
     # A 16 MiB cap admits the ~102,000 JSON values of the ~1 MB body (at most one per 128 bytes of the cap).
-    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=16 << 20), runtime))
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
     messages = [{"role": "user", "content": ""}] * 34_000
     body = io.BytesIO(json.dumps({"messages": messages, "max_tokens": 1}).encode())
     response = await client.post("/v1/chat/completions", data=body, headers={"Content-Type": "application/json"})

@@ -18,6 +18,7 @@ from edge_runtime.distribution.publish import publish
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.serve import follower as follower_module
 from edge_runtime.serve.follower import CdnFollower
 
@@ -80,7 +81,7 @@ async def serving(follower: CdnFollower, name: str) -> tuple[str, Path, str]:
     prompt = engine.tokenize("Write one word:")
 
     def run() -> tuple[str, Path, str]:
-        with follower.manager.lease([(name, 1.0)]) as held:
+        with follower.manager.lease([AdapterRequest(name, 1.0)]) as held:
             text = engine.generate(prompt, GREEDY, adapters=[(h.handle, h.scale) for h in held]).text
             return held[0].sha256, held[0].handle.path, text
 

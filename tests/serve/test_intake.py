@@ -16,8 +16,9 @@ import pytest
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import measured_rss_bytes, release_freed_memory
 from edge_runtime.runtime.core import Runtime
-from edge_runtime.serve.app import INTAKE, ServerConfig, create_app
+from edge_runtime.serve.app import create_app
 from edge_runtime.serve.intake import json_values
+from edge_runtime.serve.state import DAEMON, ServerConfig
 
 MIB = 1 << 20
 
@@ -57,10 +58,10 @@ async def _half_bodies(app: Any, port: int, count: int, *, waiting: int = 0) -> 
     read slots and ``waiting`` wait for one."""
     clients = [await _raw_request(port, _head(1000), b'{"prompt": "') for _ in range(count)]
     for _ in range(200):
-        if (app[INTAKE].reading, app[INTAKE].waiting) == (count - waiting, waiting):
+        if (app[DAEMON].intake.reading, app[DAEMON].intake.waiting) == (count - waiting, waiting):
             break
         await asyncio.sleep(0.01)
-    assert (app[INTAKE].reading, app[INTAKE].waiting) == (count - waiting, waiting)
+    assert (app[DAEMON].intake.reading, app[DAEMON].intake.waiting) == (count - waiting, waiting)
     return clients
 
 
@@ -71,8 +72,9 @@ def _head(length: int) -> str:
 
 @pytest.mark.asyncio
 async def test_a_body_over_the_cap_is_refused_from_its_content_length_before_it_is_sent(
-        aiohttp_client: Any, runtime: Runtime) -> None:
-    client = await aiohttp_client(create_app(ServerConfig(max_body_bytes=64 * 1024, body_timeout_s=30), runtime))
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    runtime = runtime_with(max_body_bytes=64 * 1024)
+    client = await aiohttp_client(create_app(ServerConfig(body_timeout_s=30), runtime))
     reader, writer = await _raw_request(client.port, _head(10 * MIB))  # headers only: the body never comes
     status_line = await asyncio.wait_for(reader.readline(), timeout=5)  # not the 30 s body timeout
     writer.close()
@@ -80,10 +82,12 @@ async def test_a_body_over_the_cap_is_refused_from_its_content_length_before_it_
 
 
 @pytest.mark.asyncio
-async def test_requests_beyond_the_waiting_bound_get_503_at_once(aiohttp_client: Any, runtime: Runtime) -> None:
-    app = create_app(ServerConfig(max_queue=1, body_timeout_s=30), runtime)
+async def test_requests_beyond_the_waiting_bound_get_503_at_once(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    runtime = runtime_with(max_queue=1)
+    app = create_app(ServerConfig(body_timeout_s=30), runtime)
     client = await aiohttp_client(app)
-    intake = app[INTAKE]
+    intake = app[DAEMON].intake
     assert intake.reads == 2  # the profile's two threads
     stalled = await _half_bodies(app, client.port, 3, waiting=1)  # two hold the read slots, one waits
 

@@ -9,8 +9,9 @@ import pytest
 
 from edge_runtime.errors import QueueFull
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.serve.scheduler import Scheduler
 
 
@@ -21,12 +22,12 @@ def runtime(make_profile: Callable[..., Path]) -> Iterator[Runtime]:
     rt.close()
 
 
-def queue(scheduler: Scheduler, specs: list[tuple[AdapterSpec, ...]]) -> None:
+def queue(scheduler: Scheduler, specs: list[tuple[AdapterRequest, ...]]) -> None:
     for spec in specs:
         scheduler.submit([1, 2, 3], SamplingParams(max_tokens=1), spec)
 
 
-def order(scheduler: Scheduler, now: float) -> list[tuple[AdapterSpec, ...]]:
+def order(scheduler: Scheduler, now: float) -> list[tuple[AdapterRequest, ...]]:
     served = []
     while scheduler.queued:
         job = scheduler.next_job(now)
@@ -36,7 +37,7 @@ def order(scheduler: Scheduler, now: float) -> list[tuple[AdapterSpec, ...]]:
     return served
 
 
-A, B = (("a", 1.0),), (("b", 1.0),)
+A, B = (AdapterRequest("a"),), (AdapterRequest("b"),)
 
 
 def test_jobs_of_the_current_adapter_set_go_first(runtime: Runtime) -> None:

@@ -1,0 +1,53 @@
+"""Settings and the memory plan, from a device profile: pure (no llama.cpp), so ``edge-rt plan`` runs anywhere.
+
+``engine_settings`` says how the engine sets up its context; ``plan_for`` says where the profile's runtime budget
+goes (``budget.py`` holds the byte formulas) for a model file, before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from edge_runtime.profiles import DeviceProfile
+from edge_runtime.runtime import budget
+
+__all__ = ["EngineSettings", "engine_settings", "plan_for", "plan_for_shape"]
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the base model and its context are set up (from a device profile, or defaults)."""
+
+    n_ctx: int = 2048
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
+    n_gpu_layers: int = 0
+    kv_type: str = "f16"
+    logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
+
+
+def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> EngineSettings:
+    """Context settings a profile asks for (``ctx`` overrides the profile's)."""
+    compute = profile.compute
+    n_ctx = ctx or compute.ctx
+    return EngineSettings(n_ctx=n_ctx, n_batch=min(compute.batch, n_ctx), n_ubatch=budget.ubatch_for(compute.batch),
+                          n_threads=min(compute.threads, os.cpu_count() or compute.threads),
+                          n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
+
+
+def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,
+             requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
+    """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
+    return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
+
+
+def plan_for_shape(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None = None,
+                   requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
+    """The memory plan for a model of ``shape`` (read from its header) under ``profile``."""
+    settings = engine_settings(profile, ctx=ctx)
+    return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
+                              batch=settings.n_batch, kv_type=settings.kv_type, requests=requests,
+                              reads=budget.request_reads(settings.n_threads or 1))
