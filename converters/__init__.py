@@ -5,18 +5,25 @@ Names load on first use: importing this package loads neither safetensors nor nu
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
 __all__ = ["ADAPTER_OUTTYPES", "DEFAULT_OUTTYPE", "MERGE_OUTTYPES", "OUTTYPES", "SUPPORTED_ARCHITECTURES",
            "ConversionResult", "MergeResult", "convert_peft_to_gguf", "merge_adapter"]
 
-_LAZY = {"SUPPORTED_ARCHITECTURES": "architectures", "DEFAULT_OUTTYPE": "lora_gguf", "OUTTYPES": "weight_types",
-         "ConversionResult": "lora_gguf", "convert_peft_to_gguf": "lora_gguf", "MergeResult": "merge",
-         "merge_adapter": "merge", "MERGE_OUTTYPES": "weight_types", "ADAPTER_OUTTYPES": "lora_gguf"}
+if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
+    from converters.architectures import SUPPORTED_ARCHITECTURES
+    from converters.lora_gguf import DEFAULT_OUTTYPE, OUTTYPES, ConversionResult, convert_peft_to_gguf
+    from converters.merge import MergeResult, merge_adapter
+    from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, MERGE_OUTTYPES
 
-_load = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
+_LAZY = {"SUPPORTED_ARCHITECTURES": "architectures", "DEFAULT_OUTTYPE": "lora_gguf", "OUTTYPES": "lora_gguf",
+         "ConversionResult": "lora_gguf", "convert_peft_to_gguf": "lora_gguf", "MergeResult": "merge",
+         "merge_adapter": "merge", "MERGE_OUTTYPES": "edge_runtime.gguf.outtypes",
+         "ADAPTER_OUTTYPES": "edge_runtime.gguf.outtypes"}
+
+_load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 
 
 def __getattr__(name: str) -> Any:

@@ -4,9 +4,9 @@ gguf-py quantises Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 but not the K-quants (Q4_K, Q5_K, Q6_
 use, and its numpy dequantisers take seconds per model. llama-cpp-python ships the ggml library that has them all;
 where gguf-py has the type too the bytes and values are the same (checked by the tests), 10-30x faster.
 
-This is the one converter module touching llama_cpp, and only to find that library: it loads no model and runs no
-graph (so no OpenMP thread team), and it is imported lazily, so converting a PEFT adapter never needs it.
-``engine.py`` stays the runtime's only llama.cpp importer.
+It touches llama_cpp only to find that library: it loads no model and runs no graph (so no OpenMP thread team), and
+it is imported lazily, by a merge and by a conversion to q8_0. ``vocabulary.py`` is the converters' other
+llama_cpp user (a base's tokenizer, for older aLoRA configs); ``engine.py`` stays the runtime's only one.
 """
 
 from __future__ import annotations

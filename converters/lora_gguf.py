@@ -20,7 +20,8 @@ import numpy as np
 from converters.architectures import BaseModelLayout, read_base_layout
 from converters.errors import MalformedAdapter
 from converters.peft_adapter import LoraPair, PeftAdapter, read_peft_adapter, resolve_peft_dir
-from converters.weight_types import OUTTYPES, encode
+from converters.weight_types import OUTTYPES as TENSOR_TYPES
+from converters.weight_types import encode
 from edge_runtime.errors import InvalidSettings
 from edge_runtime.files import atomic_output, user_file_mode
 from edge_runtime.gguf import info as gguf_info
@@ -29,6 +30,7 @@ from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE
 from edge_runtime.names import validate_name
 
 DEFAULT_OUTTYPE = DEFAULT_ADAPTER_OUTTYPE
+OUTTYPES = {name: TENSOR_TYPES[name] for name in ADAPTER_OUTTYPES}  # what an adapter may be written in
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes written so far, total bytes) while tensors are written."""
@@ -67,7 +69,7 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
     """
     if outtype not in ADAPTER_OUTTYPES:
         raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(ADAPTER_OUTTYPES)}",
-                              fix=f"Pass --outtype {', '.join(ADAPTER_OUTTYPES)}")
+                              fix="Pass --outtype f32, f16, bf16 or q8_0")
     output = Path(output)
     peft_dir = resolve_peft_dir(source)
     adapter = read_peft_adapter(peft_dir)

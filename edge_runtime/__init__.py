@@ -6,11 +6,21 @@ Every name loads on first use: ``import edge_runtime`` (or any leaf module) load
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
+    from edge_runtime.errors import EdgeRtError
+    from edge_runtime.gguf.info import GGUFInfo, read_info
+    from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
+    from edge_runtime.runtime.adapters import AdapterState
+    from edge_runtime.runtime.core import Runtime
+    from edge_runtime.runtime.generation import SamplingParams
+    from edge_runtime.runtime.models import default_model_path, resolve_model
+    from edge_runtime.runtime.requests import AdapterRequest
 
 _LAZY = {"EdgeRtError": "edge_runtime.errors", "GGUFInfo": "edge_runtime.gguf.info",
          "read_info": "edge_runtime.gguf.info", "DeviceProfile": "edge_runtime.profiles",

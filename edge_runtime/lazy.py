@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,12 +12,15 @@ __all__ = ["lazy_attributes"]
 
 
 def lazy_attributes(package: str, modules: Mapping[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for ``package`` that imports ``modules[name]`` (a module path, absolute or relative
-    to the package) when ``name`` is first read."""
+    """A module ``__getattr__`` for ``package``: ``modules[name]`` (a module path, absolute or relative to the
+    package) is imported when ``name`` is first read; any other name that is a submodule (``edge_runtime.errors``)
+    is imported as such."""
 
     def attribute(name: str) -> Any:
-        if name not in modules:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        return getattr(importlib.import_module(modules[name], package), name)
+        if name in modules:
+            return getattr(importlib.import_module(modules[name], package), name)
+        if not name.startswith("_") and importlib.util.find_spec(f"{package}.{name}") is not None:
+            return importlib.import_module(f"{package}.{name}")
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
     return attribute

@@ -25,7 +25,8 @@ SHARED = ["errors", "settings.py", "names.py", "files.py", "profiles.py", "hub.p
 
 def imported_modules(path: Path) -> set[str]:
     """Every module ``path`` imports, at any depth (function-level and TYPE_CHECKING imports included), as absolute
-    names: ``from a.b import c`` yields ``a.b`` and ``a.b.c``."""
+    names: ``from a.b import c`` yields ``a.b`` and ``a.b.c``, and a package's lazy name (``from edge_runtime import
+    Runtime``) also the module that defines it."""
     modules = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
@@ -34,7 +35,24 @@ def imported_modules(path: Path) -> set[str]:
             assert node.level == 0, f"{path}: relative import"  # absolute imports keep this check honest
             modules.add(node.module)
             modules.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return modules
+    return modules | {LAZY_NAMES[m] for m in modules if m in LAZY_NAMES}
+
+
+def lazy_names(init: Path) -> dict[str, str]:
+    """A lazy package's exported names and the modules behind them, as its ``if TYPE_CHECKING:`` block imports them
+    (``package.Name`` → ``module``)."""
+    package = ".".join(init.relative_to(ROOT).parent.parts)
+    names = {}
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            for item in node.body:
+                assert isinstance(item, ast.ImportFrom) and item.module is not None, init
+                names.update({f"{package}.{alias.name}": item.module for alias in item.names})
+    return names
+
+
+LAZY_NAMES = {name: module for top in ("edge_runtime", "converters") for init in (ROOT / top).rglob("__init__.py")
+              for name, module in lazy_names(init).items()}
 
 
 def violations(path: Path, forbidden: tuple[str, ...]) -> list[str]:
@@ -106,15 +124,15 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 @pytest.mark.parametrize("half", sorted(FORBIDDEN))
 def test_a_half_of_the_package_never_imports_the_others(half: str) -> None:
-    modules = sorted((PACKAGE / half).glob("*.py"))
+    modules = sorted((PACKAGE / half).rglob("*.py"))
     assert modules, f"edge_runtime/{half}/ is missing"
     found = {str(m.relative_to(PACKAGE)): violations(m, FORBIDDEN[half]) for m in modules}
     assert {k: v for k, v in found.items() if v} == {}
 
 
 def test_converters_sit_below_the_runtime() -> None:
-    modules = sorted((ROOT / "converters").glob("*.py"))
-    found = {m.name: violations(m, CONVERTERS_FORBIDDEN) for m in modules}
+    modules = sorted((ROOT / "converters").rglob("*.py"))
+    found = {str(m.relative_to(ROOT)): violations(m, CONVERTERS_FORBIDDEN) for m in modules}
     assert {k: v for k, v in found.items() if v} == {}
 
 
@@ -122,7 +140,7 @@ def test_shared_modules_import_no_half() -> None:
     halves = ("edge_runtime.runtime", "edge_runtime.distribution", "edge_runtime.serve", "edge_runtime.cli",
               "converters")
     modules = [m for name in SHARED
-               for m in ([PACKAGE / name] if name.endswith(".py") else sorted((PACKAGE / name).glob("*.py")))]
+               for m in ([PACKAGE / name] if name.endswith(".py") else sorted((PACKAGE / name).rglob("*.py")))]
     assert len(modules) > len(SHARED)
     found = {str(m.relative_to(PACKAGE)): violations(m, halves) for m in modules}
     assert {k: v for k, v in found.items() if v} == {}
@@ -134,6 +152,27 @@ def test_the_check_sees_a_forbidden_import(tmp_path: Path) -> None:
                       "    import edge_runtime.runtime.engine\n")
     assert violations(module, FORBIDDEN["distribution"]) == ["edge_runtime.runtime.engine", "edge_runtime.serve.app",
                                                              "edge_runtime.serve.app.create_app"]
+
+
+def test_the_check_sees_a_half_reached_through_a_lazy_package_name(tmp_path: Path) -> None:
+    module = tmp_path / "sneaky.py"
+    module.write_text("from edge_runtime import Runtime, resolve_model\n")
+    assert violations(module, FORBIDDEN["distribution"]) == ["edge_runtime.runtime.core", "edge_runtime.runtime.models"]
+
+
+@pytest.mark.parametrize("init", sorted(str(p.relative_to(ROOT)) for top in ("edge_runtime", "converters")
+                                        for p in (ROOT / top).rglob("__init__.py") if "_LAZY" in p.read_text()))
+def test_a_lazy_package_exports_what_its_type_checking_block_imports(init: str) -> None:
+    path = ROOT / init
+    package = ".".join(path.parent.relative_to(ROOT).parts)
+    tree = ast.parse(path.read_text())
+    values = {node.targets[0].id: ast.literal_eval(node.value) for node in tree.body
+              if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+              and node.targets[0].id in ("_LAZY", "__all__")}
+    lazy = {name: module if module.startswith(("edge_runtime.", "converters.")) else f"{package}.{module}"
+            for name, module in values["_LAZY"].items()}
+    assert {f"{package}.{name}": module for name, module in lazy.items()} == lazy_names(path)
+    assert set(values["__all__"]) - {"__version__"} == set(lazy)
 
 
 def test_the_import_graph_has_no_cycles() -> None:

@@ -53,7 +53,7 @@ def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
     lines = [f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
              f"{report['queued']} queued", "memory"]
-    rows = [(term.describe(plan), plan[term.key]) for term in MEMORY_TERMS]
+    rows = [(term.describe(plan), plan.get(term.key, 0)) for term in MEMORY_TERMS]
     rows += [("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
              ("measured RSS", report["rss_bytes"])]
     lines += [f"  {label:<48}{value / mib:>10.1f} MiB" for label, value in rows]

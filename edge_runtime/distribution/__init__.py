@@ -6,19 +6,26 @@ Names load on first use: importing this package (or one leaf) does not import th
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
 __all__ = ["AdapterStore", "CachedAdapter", "CdnClient", "Manifest", "ManifestEntry", "SyncReport", "SyncSettings",
            "generate_key", "load_private_key", "load_public_key", "publish", "read_manifest", "run_sync"]
 
+if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
+    from edge_runtime.distribution.client import CdnClient, SyncReport, SyncSettings, run_sync
+    from edge_runtime.distribution.keys import generate_key, load_private_key, load_public_key
+    from edge_runtime.distribution.manifest import Manifest, ManifestEntry, read_manifest
+    from edge_runtime.distribution.publish import publish
+    from edge_runtime.distribution.store import AdapterStore, CachedAdapter
+
 _LAZY = {"CdnClient": "client", "SyncReport": "client", "SyncSettings": "client", "run_sync": "client",
          "generate_key": "keys", "load_private_key": "keys", "load_public_key": "keys", "Manifest": "manifest",
          "ManifestEntry": "manifest", "read_manifest": "manifest", "publish": "publish", "AdapterStore": "store",
          "CachedAdapter": "store"}
 
-_load = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
+_load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 
 
 def __getattr__(name: str) -> Any:

@@ -46,7 +46,6 @@ from edge_runtime.errors import (
     TransferFailed,
 )
 from edge_runtime.files import atomic_output
-from edge_runtime.names import validate_name
 from edge_runtime.profiles import DeviceProfile
 
 log = logging.getLogger(__name__)
@@ -191,9 +190,9 @@ class CdnClient:
         """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed.
 
         With ``current`` (a sync) a cached copy is checked against the manifest first, which may mean fetching it;
-        without (a daemon's request, whose updates follow in the background) a cached copy is used at once.
+        without (a daemon's request, whose updates follow in the background) a cached copy is used at once. The
+        name is checked where it becomes a path (``store.lookup``).
         """
-        validate_name(name)
         cached = await self.store.call(self.store.lookup, name)
         if cached is not None and not current:
             return await self.store.call(self._used, cached)

@@ -1,8 +1,8 @@
 """Typed errors: one class per failure a user can act on.
 
 Every error carries the offending value, the limit it broke and the fix, and declares the HTTP status and the
-CLI exit code it maps to. Only the CLI (``cli/common.py``) and the daemon's error answers (``serve/responses.py``)
-read those two ClassVars.
+CLI exit code it maps to. Only the CLI (``cli/common.py``) and the daemon's error answers (``serve/responses.py``,
+and the log line of ``serve/middleware.py``) read those two ClassVars.
 
 The tree::
 

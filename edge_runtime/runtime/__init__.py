@@ -7,7 +7,7 @@ load on first use: importing this package (or a leaf such as ``runtime.plan``) l
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
@@ -15,13 +15,23 @@ __all__ = ["AdapterManager", "AdapterRequest", "AdapterState", "AppliedAdapter",
            "MemoryPlan", "ModelShape", "Runtime", "SamplingParams", "default_model_path", "model_shape", "plan_for",
            "plan_memory", "resolve_model"]
 
+if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
+    from edge_runtime.runtime.adapters import AdapterManager, AdapterState
+    from edge_runtime.runtime.budget import MemoryPlan, ModelShape, model_shape, plan_memory
+    from edge_runtime.runtime.core import Runtime
+    from edge_runtime.runtime.engine import Engine
+    from edge_runtime.runtime.generation import SamplingParams
+    from edge_runtime.runtime.models import default_model_path, resolve_model
+    from edge_runtime.runtime.plan import EngineSettings, plan_for
+    from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
+
 _LAZY = {"Runtime": "core", "AppliedAdapter": "requests", "AdapterRequest": "requests", "plan_for": "plan",
          "EngineSettings": "plan",
          "Engine": "engine", "SamplingParams": "generation", "AdapterManager": "adapters", "AdapterState": "adapters",
          "MemoryPlan": "budget", "ModelShape": "budget", "model_shape": "budget", "plan_memory": "budget",
          "default_model_path": "models", "resolve_model": "models"}
 
-_load = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
+_load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 
 
 def __getattr__(name: str) -> Any:

@@ -86,8 +86,8 @@ class AdapterManager:
 
     def add_remote(self, name: str, *, sha256: str, size_bytes: int) -> bool:
         """Record an adapter a CDN offers but this device has not pulled; True when that offer is new (a name not
-        seen before, or new content for a remote-only one), False when it was known or a local copy exists."""
-        validate_name(name)
+        seen before, or new content for a remote-only one), False when it was known or a local copy exists. The
+        name was checked when the manifest offering it was parsed."""
         with self._lock:
             known = self._adapters.get(name)
             if known is not None and known.current is not None:
@@ -208,6 +208,9 @@ class AdapterManager:
         if len(requests) > MAX_COMPOSED_ADAPTERS:
             raise InvalidRequest(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(requests)}",
                                  param="adapters")
+        if not all(isinstance(request, AdapterRequest) for request in requests):
+            raise InvalidRequest("adapters must be AdapterRequest(name, scale) values (edge_runtime.AdapterRequest), "
+                                 f"got {[type(r).__name__ for r in requests]}", param="adapters")
         held: list[HeldAdapter] = []
         try:
             for request in requests:

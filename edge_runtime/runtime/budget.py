@@ -243,8 +243,12 @@ class MemoryTerm:
     detail: str  # with the plan's own numbers: formatted with MemoryPlan.as_dict() and max_body_kib
 
     def describe(self, plan: dict[str, Any]) -> str:
-        """The term's label with ``plan``'s numbers (a ``MemoryPlan.as_dict()``)."""
-        return self.detail.format(**plan, max_body_kib=int(plan["max_body_bytes"]) // 1024)
+        """The term's label with ``plan``'s numbers (a ``MemoryPlan.as_dict()``; the short label when the plan, e.g.
+        an older daemon's, lacks a number it names)."""
+        try:
+            return self.detail.format(**plan, max_body_kib=int(plan["max_body_bytes"]) // 1024)
+        except (KeyError, ValueError, TypeError):
+            return self.label
 
 
 MEMORY_TERMS = (

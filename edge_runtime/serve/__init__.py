@@ -6,16 +6,21 @@ first use: importing this package loads neither aiohttp's app nor llama.cpp.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
 __all__ = ["SHUTDOWN_GRACE_S", "Daemon", "ServeOptions", "ServerConfig", "create_app", "run"]
 
+if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
+    from edge_runtime.serve.app import create_app
+    from edge_runtime.serve.daemon import ServeOptions, run
+    from edge_runtime.serve.state import SHUTDOWN_GRACE_S, Daemon, ServerConfig
+
 _LAZY = {"SHUTDOWN_GRACE_S": "state", "Daemon": "state", "ServerConfig": "state", "create_app": "app",
          "ServeOptions": "daemon", "run": "daemon"}
 
-_load = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
+_load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 
 
 def __getattr__(name: str) -> Any:

@@ -13,14 +13,14 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import InvalidRequest
 from edge_runtime.names import validate_name
 from edge_runtime.runtime.adapters import AdapterInfo
 from edge_runtime.serve.intake import SMALL_BODY_BYTES
+from edge_runtime.serve.openai_api import adapter_json
 from edge_runtime.serve.state import DAEMON, Daemon
 
-__all__ = ["adapter_json", "rescan", "rescan_on_sighup", "routes"]
+__all__ = ["rescan", "rescan_on_sighup", "routes"]
 
 log = logging.getLogger(__name__)
 
@@ -174,15 +174,3 @@ async def read_json(request: web.Request) -> Any:
     daemon = request.app[DAEMON]
     async with daemon.intake.slot():
         return await daemon.intake.read_json(request, daemon.request_work, max_bytes=SMALL_BODY_BYTES)
-
-
-def adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
-    """An adapter as the API shows it, with its download's progress when a pull is under way."""
-    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
-            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
-            "last_used": info.last_used or None}
-    if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
-        progress = downloads[info.name]
-        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
-                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
-    return body

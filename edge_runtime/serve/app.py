@@ -1,7 +1,7 @@
 """The daemon's aiohttp application, composed: middleware, route tables, and what starts and stops with it.
 
 Handlers live by concern (``completions``, ``admin``, ``monitoring``) and reach the daemon's state through
-``state.DAEMON``; nothing imports this module but the wiring (``daemon.py``) and tests.
+``state.DAEMON``, never through this module: only the wiring (``daemon.py``), embedders and tests import it.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ from edge_runtime.serve.state import APPLIED, DAEMON, REQUESTED, TOKENS, Daemon
 
 __all__ = ["routes"]
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("edge_runtime.serve.app")  # the daemon's request lines keep their logger name
 routes = web.RouteTableDef()
 
 

@@ -25,8 +25,8 @@ async def scheduler(app: web.Application) -> AsyncIterator[None]:
 
 
 async def request_work(app: web.Application) -> AsyncIterator[None]:
-    """Shut the request pool down last: requests still tokenizing finish before the runtime (and the vocabulary
-    they read) is freed."""
+    """Shut the request pool down at the end: requests still tokenizing finish before the runtime (and the
+    vocabulary they read) is freed."""
     yield
     await asyncio.to_thread(app[DAEMON].request_work.shutdown, wait=True, cancel_futures=True)
 

@@ -9,7 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from edge_runtime.runtime.budget import measured_rss_bytes
-from edge_runtime.serve.admin import adapter_json
+from edge_runtime.serve import openai_api
 from edge_runtime.serve.metrics import CONTENT_TYPE
 from edge_runtime.serve.state import DAEMON, Daemon
 from edge_runtime.serve.status import recent_json, render_page
@@ -41,7 +41,7 @@ def _status(daemon: Daemon) -> dict[str, Any]:  # psutil and the adapter list: o
     return {"model": daemon.base_id, "profile": runtime.profile.name, "uptime_s": time.time() - daemon.started,
             "queued": daemon.scheduler.queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
             "resident_adapter_bytes": runtime.adapters.resident_bytes,
-            "adapters": [adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
+            "adapters": [openai_api.adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
             "recent": recent_json(daemon.recent)}
 
 

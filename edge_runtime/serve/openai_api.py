@@ -19,11 +19,15 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from types import NoneType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from edge_runtime.errors import AdapterNotFound, InvalidRequest
 from edge_runtime.runtime.generation import MAX_TOP_LOGPROBS, SamplingParams, TokenLogprob
 from edge_runtime.runtime.requests import MAX_COMPOSED_ADAPTERS, AdapterRequest, AppliedAdapter
+
+if TYPE_CHECKING:
+    from edge_runtime.distribution.transfer import TransferProgress
+    from edge_runtime.runtime.versions import AdapterInfo
 
 BASE_ALIASES = frozenset({"", "base"})
 DEFAULT_MAX_TOKENS = 256
@@ -216,29 +220,29 @@ def _bounded(value: Any, name: str, high: int) -> int:
 
 
 def _adapters(body: dict[str, Any], model: str, base_id: str, known: Catalog) -> tuple[AdapterRequest, ...]:
+    pairs: list[tuple[str, float]] = []
     if "adapters" in body:
         items = body["adapters"]
         if not isinstance(items, list) or len(items) > MAX_COMPOSED_ADAPTERS:
             raise InvalidRequest(f"adapters must be a list of up to {MAX_COMPOSED_ADAPTERS} objects",
                                  param="adapters")
-        specs = []
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidRequest('each adapter is {"name": ..., "scale": ...}', param="adapters")
-            specs.append(AdapterRequest(item["name"], _number(item.get("scale", 1.0), "adapters[].scale", -8.0, 8.0)))
-        if not specs and model not in BASE_ALIASES and model != base_id:
+            pairs.append((item["name"], _number(item.get("scale", 1.0), "adapters[].scale", -8.0, 8.0)))
+        if not pairs and model not in BASE_ALIASES and model != base_id:
             raise InvalidRequest(f"adapters is empty but model names {model!r}; use one of them", param="adapters")
     elif "adapter" in body and body["adapter"] is not None:
         if not isinstance(body["adapter"], str):
             raise InvalidRequest("adapter must be a string", param="adapter")
-        specs = [AdapterRequest(body["adapter"])]
-    elif model in BASE_ALIASES or model == base_id:
-        specs = []
-    else:
-        specs = [AdapterRequest(model)]
-    for spec in specs:
-        if not known.is_known(spec.name):
-            raise AdapterNotFound(spec.name, tuple(known.names()), base=base_id)
+        pairs = [(body["adapter"], 1.0)]
+    elif model not in BASE_ALIASES and model != base_id:
+        pairs = [(model, 1.0)]
+    specs = []
+    for name, scale in pairs:  # each name checked, then looked up, in the request's order
+        specs.append(AdapterRequest(name, scale))
+        if not known.is_known(name):
+            raise AdapterNotFound(name, tuple(known.names()), base=base_id)
     if len({spec.name for spec in specs}) != len(specs):
         raise InvalidRequest("an adapter appears twice in adapters", param="adapters")
     return tuple(specs)
@@ -400,3 +404,15 @@ def error_body(message: str, error_type: str, *, code: str | int | None = None,
 def _finish(reason: str | None) -> str | None:
     # OpenAI knows stop and length; a cancelled generation ends like a stop.
     return None if reason is None else "length" if reason == "length" else "stop"
+
+
+def adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
+    """An adapter as the API shows it, with its download's progress when a pull is under way."""
+    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
+            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
+            "last_used": info.last_used or None}
+    if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
+        progress = downloads[info.name]
+        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
+                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
+    return body

@@ -13,8 +13,15 @@ from daemons import Daemon
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
+
+AdapterSpec = tuple[str, float]  # (name, scale): the test data, made AdapterRequests where they run
+
+
+def adapter_requests(spec: list[AdapterSpec]) -> list[AdapterRequest]:
+    return [AdapterRequest(name, scale) for name, scale in spec]
 
 CHAT = [{"role": "user", "content": "List three things a drone needs."}]
 
@@ -345,7 +352,7 @@ def _fresh_text(profile: Path, adapters_dir: Path, spec: list[AdapterSpec]) -> s
     try:
         runtime.adapters.add_directory(adapters_dir)
         prompt = runtime.engine.chat_prompt(CHAT)
-        return runtime.generate(prompt, SamplingParams(max_tokens=12), adapters=spec)[0].text
+        return runtime.generate(prompt, SamplingParams(max_tokens=12), adapters=adapter_requests(spec))[0].text
     finally:
         runtime.close()
 

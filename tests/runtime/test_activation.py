@@ -12,9 +12,15 @@ from peft_dirs import ASSISTANT_TURN
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime import activation
-from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
 from edge_runtime.runtime.requests import AdapterRequest
+
+AdapterSpec = tuple[str, float]  # (name, scale): the test data, made AdapterRequests where they run
+
+
+def adapter_requests(spec: list[AdapterSpec]) -> list[AdapterRequest]:
+    return [AdapterRequest(name, scale) for name, scale in spec]
 
 GREEDY = SamplingParams(max_tokens=12)
 DOCUMENT = " ".join(f"Clause {n}: the supplier delivers {n * 7} units of part {n % 5} by day {n * 3}." for n in
@@ -140,7 +146,7 @@ def fresh_output(profile_path: Path, files: dict[str, Path], prompt: list[int], 
     """Greedy output of a brand-new runtime that only ever ran ``spec`` on ``prompt``."""
     rt = started(profile_path, files)
     try:
-        return rt.generate(prompt, GREEDY, adapters=spec)[0].text
+        return rt.generate(prompt, GREEDY, adapters=adapter_requests(spec))[0].text
     finally:
         rt.close()
 
@@ -196,6 +202,6 @@ def test_switching_between_base_alora_and_plain_lora_never_reuses_kv_computed_un
     prompt = ask(runtime, "Summarise clause 3.")
     sequence: list[list[AdapterSpec]] = [[("router", 1.0)], [], [("plain", 1.0)], [("router", 1.0)],
                                          [("router", 1.0), ("plain", 1.0)], [("router", 0.5)], []]
-    interleaved = [runtime.generate(prompt, GREEDY, adapters=spec)[0].text for spec in sequence]
+    interleaved = [runtime.generate(prompt, GREEDY, adapters=adapter_requests(spec))[0].text for spec in sequence]
     assert len(set(interleaved)) == 5  # base, router, plain, router+plain and router at 0.5 all differ
     assert interleaved == [fresh_output(profile_path, files, prompt, spec) for spec in sequence]

@@ -9,9 +9,15 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import SamplingParams
 from edge_runtime.runtime.requests import AdapterRequest
+
+AdapterSpec = tuple[str, float]  # (name, scale): the test data, made AdapterRequests where they run
+
+
+def adapter_requests(spec: list[AdapterSpec]) -> list[AdapterRequest]:
+    return [AdapterRequest(name, scale) for name, scale in spec]
 
 GREEDY = SamplingParams(max_tokens=12)
 MESSAGES = [{"role": "user", "content": "List three things a drone needs."}]
@@ -28,7 +34,7 @@ def fresh_output(profile_path: Path, files: dict[str, Path], spec: list[AdapterS
     try:
         for name, path in files.items():
             runtime.adapters.add(name, path)
-        return runtime.generate(runtime.engine.chat_prompt(MESSAGES), GREEDY, adapters=spec)[0].text
+        return runtime.generate(runtime.engine.chat_prompt(MESSAGES), GREEDY, adapters=adapter_requests(spec))[0].text
     finally:
         runtime.close()
 
@@ -47,7 +53,7 @@ def test_switching_adapters_never_reuses_kv_cache(runtime: Runtime, profile_path
         runtime.adapters.add(name, path)
     sequence: list[list[AdapterSpec]] = [[], [("a", 1.0)], [("b", 1.0)], [("a", 1.0)], [("a", 0.5), ("b", 0.5)], []]
     prompt = runtime.engine.chat_prompt(MESSAGES)
-    interleaved = [runtime.generate(prompt, GREEDY, adapters=spec)[0].text for spec in sequence]
+    interleaved = [runtime.generate(prompt, GREEDY, adapters=adapter_requests(spec))[0].text for spec in sequence]
     fresh = {str(spec): fresh_output(profile_path, files, spec) for spec in sequence}
     assert interleaved == [fresh[str(spec)] for spec in sequence]
     assert len(set(interleaved)) == 4  # base, a, b and a+b all differ: a mix-up could not hide
