@@ -5,6 +5,11 @@
 - ``HF_HUB_CACHE``: huggingface_hub's cache folder (huggingface_hub itself reads it only at import).
 - ``HF_ENDPOINT``: the Hub to use for ``hf://`` sources (a mirror or a private Hub; huggingface_hub reads it only at
   import, so edge-rt passes it on each call).
+- ``EDGE_RT_REGISTRY_USERNAME`` / ``EDGE_RT_REGISTRY_PASSWORD``: credentials for ``oci://`` registries (before
+  ``~/.docker/config.json``).
+- ``DOCKER_CONFIG``: the folder of Docker's ``config.json`` (default ``~/.docker``), read for registry ``auths``.
+- ``EDGE_RT_INSECURE_REGISTRIES``: comma-separated ``HOST[:PORT]`` registries reached over plain HTTP (loopback
+  hosts always are, as Docker treats them).
 """
 
 from __future__ import annotations
@@ -45,3 +50,21 @@ def hf_endpoint() -> str | None:
     """``HF_ENDPOINT`` as set now (e.g. a Hub mirror), or None for huggingface_hub's default (huggingface.co)."""
     configured = os.environ.get("HF_ENDPOINT", "").strip()
     return configured.rstrip("/") or None
+
+
+def registry_credentials() -> tuple[str, str] | None:
+    """``EDGE_RT_REGISTRY_USERNAME`` and ``EDGE_RT_REGISTRY_PASSWORD`` when both are set now, else None."""
+    user, password = os.environ.get("EDGE_RT_REGISTRY_USERNAME"), os.environ.get("EDGE_RT_REGISTRY_PASSWORD")
+    return (user, password) if user and password is not None else None
+
+
+def docker_config_file() -> Path:
+    """Docker's ``config.json``: in ``DOCKER_CONFIG`` when set, else ``~/.docker``."""
+    configured = os.environ.get("DOCKER_CONFIG")
+    return (Path(configured).expanduser() if configured else Path.home() / ".docker") / "config.json"
+
+
+def insecure_registries() -> frozenset[str]:
+    """``EDGE_RT_INSECURE_REGISTRIES`` as lower-cased ``HOST[:PORT]`` entries: registries reached over plain HTTP."""
+    configured = os.environ.get("EDGE_RT_INSECURE_REGISTRIES", "")
+    return frozenset(part.strip().lower() for part in configured.split(",") if part.strip())

@@ -1,5 +1,6 @@
-"""Where a CDN folder is read from: ``http(s)://`` (any static server), ``file://`` (a mounted folder) or
-``hf://ORG/REPO[@REV][/DIR]`` (a Hugging Face Hub repository, read over HTTP at a pinned revision).
+"""Where a CDN folder is read from: ``http(s)://`` (any static server), ``file://`` (a mounted folder),
+``hf://ORG/REPO[@REV][/DIR]`` (a Hugging Face Hub repository, read over HTTP at a pinned revision) or
+``oci://HOST[:PORT]/REPO[:TAG]`` (a release pushed to an OCI registry, ``oci.py``).
 
 Every source gives the client the same three things: the manifest's bytes (bounded), a blob downloaded into the
 store (verified, resumable where the transport allows) and the address of a published file. ``open_source`` picks
@@ -19,6 +20,9 @@ from edge_runtime import hub
 from edge_runtime.distribution.http import create_session
 from edge_runtime.distribution.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, blob_path
 from edge_runtime.distribution.sink import BlobRequest
+from edge_runtime.distribution.oci import Descriptor, is_oci_reference, parse_reference, read_release
+from edge_runtime.distribution.registry import Registry
+from edge_runtime.distribution.registry_auth import auth_errors
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.distribution.transfer import (
     Fetched,
@@ -45,7 +49,7 @@ class Source(Protocol):
     async def close(self) -> None: ...
 
 
-__all__ = ["FileSource", "HttpSource", "HubSource", "Source", "open_source", "read_manifest_file"]
+__all__ = ["FileSource", "HttpSource", "HubSource", "OciSource", "Source", "open_source", "read_manifest_file"]
 
 
 def open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limiter: RateLimiter) -> Source:
@@ -57,8 +61,11 @@ def open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limit
         return FileSource(Path(unquote(urlparse(cdn).path)), store)
     if hub.is_hub_source(cdn):
         return HubSource(hub.parse_hub_source(cdn), store=store, transfer=transfer, limiter=limiter)
+    if is_oci_reference(cdn):
+        return OciSource(Registry(parse_reference(cdn), transfer=transfer), store=store, limiter=limiter)
     raise SourceUnavailable(cdn, "unsupported CDN address",
-                            fix="Use http(s)://HOST/PATH, file:///PATH or hf://ORG/REPO[@REVISION]")
+                            fix="Use http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or "
+                                "oci://HOST[:PORT]/REPOSITORY[:TAG]")
 
 
 class HttpSource:
@@ -143,6 +150,50 @@ class HubSource(HttpSource):
 
     def headers(self) -> dict[str, str]:
         return hub.auth_headers()
+
+
+class OciSource:
+    """A release pushed to an OCI registry: the signed document is a layer of the tag's manifest, blobs by digest.
+
+    A refresh is one conditional GET of the tag's manifest (``If-None-Match`` with the registry's digest ETag: 304
+    when nothing changed); the signed document is fetched only when the manifest names a new one.
+    """
+
+    def __init__(self, registry: Registry, *, store: AdapterStore, limiter: RateLimiter) -> None:
+        self.registry = registry
+        self.store = store
+        self.limiter = limiter
+        self._release: Fetched | None = None  # the last release manifest and its ETag
+        self._document: tuple[Descriptor, bytes] | None = None  # the last signed document and its descriptor
+
+    def url(self, relative: str) -> str:
+        """A blob's URL for ``blobs/<sha256>.gguf``; the reference itself for anything else (messages)."""
+        sha256 = relative.removeprefix("blobs/").removesuffix(".gguf")
+        if relative == blob_path(sha256):
+            return self.registry.blob_url(f"sha256:{sha256}")
+        return str(self.registry.reference)
+
+    async def manifest_bytes(self) -> bytes:
+        """The signed edge-rt manifest of the tag's release (verified by the client like any other)."""
+        last = self._release
+        fetched = await self.registry.release(etag=last.etag if last is not None else None)
+        if fetched.body is None and self._document is not None:  # 304: the release is unchanged
+            return self._document[1]
+        body = fetched.body if fetched.body is not None else b""
+        descriptor = read_release(body, source=self.registry.manifest_url(self.registry.reference.tag))
+        if self._document is None or self._document[0].digest != descriptor.digest:
+            document = await self.registry.small_blob(descriptor, limit_bytes=MAX_MANIFEST_BYTES)
+            self._document = (descriptor, document)
+        self._release = fetched
+        return self._document[1]
+
+    async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
+        with auth_errors():
+            return await download(self.registry.session(), request, store=self.store,
+                                  settings=self.registry.transfer, limiter=self.limiter, progress=progress)
+
+    async def close(self) -> None:
+        await self.registry.close()
 
 
 def read_manifest_file(path: Path) -> bytes:

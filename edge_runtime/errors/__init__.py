@@ -40,6 +40,7 @@ The tree::
     ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
     ├── ProfileNotFound                          (LookupError)         no device profile by that name or path
     ├── DiskFull                                 (OSError)             the adapter cache's disk budget or disk is full
+    ├── UnsupportedDestination                   (ValueError)          publish --out with a scheme edge-rt lacks
     └── DistributionError                                              getting an adapter from a CDN failed
         ├── UntrustedData                        (ValueError)          the CDN's data failed verification
         │   ├── InvalidManifest                                        malformed JSON or schema; names the field
@@ -50,7 +51,8 @@ The tree::
         │   └── LengthExceeded                                         response longer than allowed
         ├── TransferFailed                       (ConnectionError)     network error, refusal, retries exhausted
         │   ├── SlowRetrieval                    (TimeoutError)        stall, too slow, or past the deadline
-        │   └── RemoteNotFound                   (FileNotFoundError)   404 for a listed file
+        │   ├── RemoteNotFound                   (FileNotFoundError)   404 for a listed file
+        │   └── RegistryAuthFailed               (PermissionError)     a registry refused the credentials
         └── CacheMiss                            (FileNotFoundError)   offline and not cached
 """
 
@@ -94,11 +96,13 @@ from edge_runtime.errors.distribution import (
     InvalidManifest,
     LengthExceeded,
     ManifestExpired,
+    RegistryAuthFailed,
     RemoteNotFound,
     RollbackRefused,
     SignatureInvalid,
     SlowRetrieval,
     TransferFailed,
+    UnsupportedDestination,
     UntrustedData,
 )
 
@@ -108,6 +112,7 @@ __all__ = ["AdaptersDoNotFit", "AdapterNotFound", "AddressInUse", "BaseDoesNotFi
            "GGUFNotFound", "IncompatibleAdapter", "IntegrityError", "InvalidGGUF", "InvalidManifest",
            "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
            "LengthExceeded", "LlamaCppError", "ManifestExpired", "ModelNotFound", "NothingToPublish",
-           "MemoryPressure", "ProfileNotFound", "QueueFull", "RemoteNotFound", "RollbackRefused", "RuntimeClosed",
+           "MemoryPressure", "ProfileNotFound", "QueueFull", "RegistryAuthFailed", "RemoteNotFound",
+           "RollbackRefused", "RuntimeClosed",
            "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable", "TransferFailed",
-           "Unauthorized", "UntrustedData"]
+           "Unauthorized", "UnsupportedDestination", "UntrustedData"]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from edge_runtime.errors.base import EdgeRtError
 
 __all__ = ["CacheMiss", "DistributionError", "IntegrityError", "InvalidManifest", "LengthExceeded", "ManifestExpired",
-           "RemoteNotFound", "RollbackRefused", "SignatureInvalid", "SlowRetrieval", "TransferFailed",
-           "UntrustedData"]
+           "RegistryAuthFailed", "RemoteNotFound", "RollbackRefused", "SignatureInvalid", "SlowRetrieval",
+           "TransferFailed", "UnsupportedDestination", "UntrustedData"]
 
 
 class DistributionError(EdgeRtError):
@@ -124,6 +124,32 @@ class RemoteNotFound(TransferFailed, FileNotFoundError):
 
     exit_code = 3
     error_type = "remote_not_found"
+
+
+class RegistryAuthFailed(TransferFailed, PermissionError):
+    """A registry refused the credentials edge-rt sent (or wants some edge-rt has none of, or cannot use)."""
+
+    exit_code = 11
+    error_type = "registry_auth_failed"
+
+    def __init__(self, url: str, reason: str, *, status: int | None = 401,
+                 fix: str = "Set EDGE_RT_REGISTRY_USERNAME and EDGE_RT_REGISTRY_PASSWORD, or add the registry to "
+                            "the auths of ~/.docker/config.json (`docker login` without a credential helper)") -> None:
+        super().__init__(url, reason, status=status, attempts=1, fix=fix)
+
+
+class UnsupportedDestination(EdgeRtError, ValueError):
+    """``publish --out`` names a URL scheme edge-rt does not publish to (it would otherwise become a folder name)."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "unsupported_destination"
+
+    def __init__(self, destination: str, scheme: str) -> None:
+        self.destination = destination
+        self.scheme = scheme
+        super().__init__(f"cannot publish to {destination}: edge-rt does not publish to {scheme}:// addresses",
+                         fix="Use a folder path (served by any static server) or oci://HOST[:PORT]/REPOSITORY[:TAG]")
 
 
 class CacheMiss(DistributionError, FileNotFoundError):
