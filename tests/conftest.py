@@ -19,6 +19,9 @@ def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("EDGE_RT_HOME", str(tmp_path / "edge-rt-home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "docker-config"))  # no registry login of the machine's user
+    for name in ("EDGE_RT_REGISTRY_USERNAME", "EDGE_RT_REGISTRY_PASSWORD", "EDGE_RT_INSECURE_REGISTRIES"):
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(scope="session")

@@ -186,7 +186,7 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 @click.option("--ctx", type=click.IntRange(min=256), default=None,
               help="Context length in tokens [default: the profile's].")
 @request_limit_options
-@click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
+@click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://, oci://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --cdn: require manifests signed by this key.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -229,22 +229,23 @@ def keygen(out: Path) -> None:
 
 @main.command()
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="CDN folder to write: blobs/<sha256>.gguf and manifest.json.")
+@click.option("--out", "out", required=True,
+              help="CDN folder to write (blobs/<sha256>.gguf and manifest.json), or a registry: "
+                   "oci://HOST[:PORT]/REPOSITORY[:TAG].")
 @click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="Private key from `edge-rt keygen` that signs the manifest.")
 @click.option("--expires-days", type=click.FloatRange(min=1 / 24, max=3650), default=30.0, show_default=True,
               help="Days until devices refuse this manifest.")
 @click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
 @_reports_errors
-def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float, allow_empty: bool) -> None:
+def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allow_empty: bool) -> None:
     """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
     from edge_runtime.distribution.keys import load_private_key
     from edge_runtime.distribution.manifest import format_time
-    from edge_runtime.distribution.publish import publish as publish_folder
+    from edge_runtime.distribution.oci_publish import RegistryPublishResult, publish_to
 
-    result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days,
-                            allow_empty=allow_empty)
+    result = publish_to(src_dir, out, key=load_private_key(key) if key else None, expires_days=expires_days,
+                        allow_empty=allow_empty)
     if result.key_changed:
         signer = f"key {result.keyid[:16]}" if result.keyid else "no key (UNSIGNED)"
         click.secho(f"warning: the previous manifest was signed by {', '.join(k[:16] for k in result.previous_keyids)}"
@@ -253,13 +254,16 @@ def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float,
     for entry in result.manifest.adapters:
         click.echo(f"{entry.name}  {entry.size / 1e6:.2f} MB  rank {entry.rank}  sha256 {entry.sha256[:16]}  "
                    f"base {entry.base_fingerprint[:12]}")
-    click.echo(f"wrote {result.manifest_path}: version {result.manifest.version}, "
+    where = f"pushed {result.reference} ({result.uploaded_bytes / 1e6:.2f} MB uploaded)" \
+        if isinstance(result, RegistryPublishResult) else f"wrote {result.manifest_path}"
+    click.echo(f"{where}: version {result.manifest.version}, "
                f"{len(result.manifest.adapters)} adapters, {len(result.new_blobs)} new blobs, "
                f"expires {format_time(result.manifest.expires)}, {'signed' if result.signed else 'UNSIGNED'}")
 
 
 @main.command()
-@click.option("--cdn", required=True, help="http(s)://HOST/PATH, file:///PATH or hf://ORG/REPO[@REVISION].")
+@click.option("--cdn", required=True, help="http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or "
+                                           "oci://HOST[:PORT]/REPOSITORY[:TAG].")
 @click.option("--adapters", "adapter_names", default=None, help="Comma-separated adapters to sync.")
 @click.option("--all", "sync_all", is_flag=True, help="Sync every adapter offered for the base model.")
 @click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,

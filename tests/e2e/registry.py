@@ -64,6 +64,7 @@ class Access:
     path: str  # without the query
     status: int
     bytes: int
+    query: str = ""
 
 
 @dataclass
@@ -89,8 +90,8 @@ class Registry:
             match = _ACCESS.match(line)
             if match:
                 method, target, status, size = match.groups()
-                entries.append(Access(method, target.split("?", 1)[0], int(status),
-                                      0 if size == "-" else int(size)))
+                path, _, query = target.partition("?")
+                entries.append(Access(method, path, int(status), 0 if size == "-" else int(size), query))
         return entries
 
     def blob_file(self, sha256: str) -> Path:
