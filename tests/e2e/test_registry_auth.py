@@ -1,0 +1,74 @@
+"""Registry auth as docker users have it: htpasswd basic auth and the bearer-token flow, on the real registry."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+from pathlib import Path
+
+import pytest
+from registry import PASSWORD, USER, run_registry
+from test_registry_origin import publish_cli, sha256_of, sync_cli
+
+from edge_runtime.distribution.keys import generate_key
+
+PUBLISHER = {"EDGE_RT_REGISTRY_USERNAME": USER, "EDGE_RT_REGISTRY_PASSWORD": PASSWORD}
+
+
+def write_docker_config(host: str, entry: dict[str, str] | None = None, **extra: object) -> None:
+    """A ``config.json`` in ``$DOCKER_CONFIG`` (the autouse fixture points it into tmp_path), as `docker login` writes."""
+    folder = Path(os.environ["DOCKER_CONFIG"])
+    folder.mkdir(parents=True, exist_ok=True)
+    auths = {} if entry is None else {host: entry}
+    (folder / "config.json").write_text(json.dumps({"auths": auths, **extra}))
+
+
+def login_entry(user: str = USER, password: str = PASSWORD) -> dict[str, str]:
+    return {"auth": base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+@pytest.mark.parametrize("auth", ["basic", "token"])
+def test_credentials_from_the_environment_or_docker_config_publish_and_sync(tmp_path: Path, adapters_dir: Path,
+                                                                           auth: str) -> None:
+    key, public = generate_key(tmp_path / "signing.key")
+    with run_registry(auth=auth) as registry:
+        publish_cli(adapters_dir, registry, key, env=PUBLISHER)  # credentials from EDGE_RT_REGISTRY_*
+        write_docker_config(registry.host, login_entry())  # the device: ~/.docker/config.json auths
+        synced = sync_cli(registry, public, tmp_path / "cache", "a", "c")
+        assert synced.returncode == 0, synced.stderr
+        for name in "ac":
+            sha = sha256_of(adapters_dir / f"{name}.gguf")
+            assert sha256_of(tmp_path / "cache" / "blobs" / f"{sha}.gguf") == sha
+        statuses = [entry.status for entry in registry.log() if entry.path != "/v2/"]
+        if auth == "token":
+            scopes = [scope for scope, user in registry.tokens.requests if user == USER]  # type: ignore[union-attr]
+            assert "repository:edge/adapters:pull,push" in scopes and "repository:edge/adapters:pull" in scopes
+    assert 401 in statuses and statuses.count(401) <= 4  # challenged once per client (and per scope), not per request
+
+
+@pytest.mark.parametrize("auth", ["basic", "token"])
+def test_a_wrong_password_is_a_typed_error_with_its_exit_code(tmp_path: Path, adapters_dir: Path, auth: str) -> None:
+    key, public = generate_key(tmp_path / "signing.key")
+    with run_registry(auth=auth) as registry:
+        publish_cli(adapters_dir, registry, key, env=PUBLISHER)
+        wrong = sync_cli(registry, public, tmp_path / "cache", "a",
+                         env={"EDGE_RT_REGISTRY_USERNAME": USER, "EDGE_RT_REGISTRY_PASSWORD": "not-the-password"})
+        assert wrong.returncode == 11, wrong.stderr  # RegistryAuthFailed
+        refused = "token service of" if auth == "token" else "refused the credentials of"
+        assert refused in wrong.stderr and f"'{USER}'" in wrong.stderr and "not-the-password" not in wrong.stderr
+
+        write_docker_config(registry.host, login_entry(password="stale"))  # a stale `docker login`
+        stale = sync_cli(registry, public, tmp_path / "cache", "a")
+        assert stale.returncode == 11 and str(Path(os.environ["DOCKER_CONFIG"]) / "config.json") in stale.stderr
+
+        write_docker_config(registry.host)  # no entry: anonymous
+        if auth == "basic":
+            anonymous = sync_cli(registry, public, tmp_path / "cache", "a")
+            assert anonymous.returncode == 11 and "none are configured" in anonymous.stderr, anonymous.stderr
+
+        write_docker_config(registry.host, credsStore="desktop")
+        helper = sync_cli(registry, public, tmp_path / "cache", "a")
+        assert helper.returncode == 11 and "credential helper 'desktop'" in helper.stderr, helper.stderr
+        assert "not supported" in helper.stderr
+    assert not (tmp_path / "cache" / "blobs").exists() or not any((tmp_path / "cache" / "blobs").iterdir())
