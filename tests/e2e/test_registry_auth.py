@@ -5,13 +5,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from registry import PASSWORD, USER, run_registry
 from test_registry_origin import publish_cli, sha256_of, sync_cli
 
-from edge_runtime.distribution.keys import generate_key
+from edge_runtime.distribution.client import CdnClient
+from edge_runtime.distribution.keys import generate_key, load_public_key
 
 PUBLISHER = {"EDGE_RT_REGISTRY_USERNAME": USER, "EDGE_RT_REGISTRY_PASSWORD": PASSWORD}
 
@@ -72,3 +77,51 @@ def test_a_wrong_password_is_a_typed_error_with_its_exit_code(tmp_path: Path, ad
         assert helper.returncode == 11 and "credential helper 'desktop'" in helper.stderr, helper.stderr
         assert "not supported" in helper.stderr
     assert not (tmp_path / "cache" / "blobs").exists() or not any((tmp_path / "cache" / "blobs").iterdir())
+
+
+@pytest.mark.asyncio
+async def test_a_blob_redirected_to_object_storage_gets_no_registry_credentials(
+        tmp_path: Path, adapters_dir: Path, aiohttp_server: Callable[..., Awaitable[TestServer]]) -> None:
+    """A registry backed by object storage answers blob GETs with a redirect to a presigned URL on another origin:
+    the registry's Authorization must not follow (it would leak a credential to the storage provider)."""
+    key, public = generate_key(tmp_path / "signing.key")
+    seen: list[tuple[str, str | None]] = []  # (path, Authorization) per request the object store got
+    with run_registry(auth="basic") as registry:
+        publish_cli(adapters_dir, registry, key, env=PUBLISHER)
+
+        async def storage(request: web.Request) -> web.StreamResponse:
+            seen.append((request.path, request.headers.get("Authorization")))
+            return web.FileResponse(registry.blob_file(request.path.rpartition("sha256:")[2]))
+
+        store = await aiohttp_server(_app(storage))
+        async with aiohttp.ClientSession(auto_decompress=False) as upstream:
+            async def front(request: web.Request) -> web.StreamResponse:
+                if "/blobs/sha256:" in request.path and request.headers.get("Authorization"):
+                    return web.Response(status=307, headers={"Location": str(store.make_url(request.path))})
+                async with upstream.request(request.method, f"{registry.url}{request.path_qs}",
+                                            headers={k: v for k, v in request.headers.items() if k != "Host"},
+                                            data=await request.read()) as answer:
+                    kept = {k: v for k, v in answer.headers.items()
+                            if k in ("Content-Type", "Docker-Content-Digest", "Etag", "WWW-Authenticate")}
+                    return web.Response(status=answer.status, body=await answer.read(), headers=kept)
+
+            proxy = await aiohttp_server(_app(front))
+            write_docker_config(f"127.0.0.1:{proxy.port}", login_entry())
+            async with CdnClient(f"oci://127.0.0.1:{proxy.port}/edge/adapters", cache_dir=tmp_path / "cache",
+                                 public_key=load_public_key(public), offline=False) as client:
+                report = await client.sync(["a"])
+    sha_a = sha256_of(adapters_dir / "a.gguf")
+    assert report.results[0].adapter.sha256 == sha_a
+    assert [path for path, _ in seen] == [f"/v2/edge/adapters/blobs/sha256:{path}" for path in
+                                          [_document_sha(seen), sha_a]]
+    assert all(authorization is None for _, authorization in seen)
+
+
+def _document_sha(seen: list[tuple[str, str | None]]) -> str:
+    return seen[0][0].rpartition("sha256:")[2]
+
+
+def _app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.Application:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    return app
