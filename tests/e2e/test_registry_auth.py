@@ -22,7 +22,8 @@ PUBLISHER = {"EDGE_RT_REGISTRY_USERNAME": USER, "EDGE_RT_REGISTRY_PASSWORD": PAS
 
 
 def write_docker_config(host: str, entry: dict[str, str] | None = None, **extra: object) -> None:
-    """A ``config.json`` in ``$DOCKER_CONFIG`` (the autouse fixture points it into tmp_path), as `docker login` writes."""
+    """A ``config.json`` in ``$DOCKER_CONFIG`` (the autouse fixture points it into tmp_path), as `docker login`
+    writes it."""
     folder = Path(os.environ["DOCKER_CONFIG"])
     folder.mkdir(parents=True, exist_ok=True)
     auths = {} if entry is None else {host: entry}

@@ -59,7 +59,7 @@ def test_publish_sync_serve_and_republish_reach_a_running_daemon_through_the_reg
         synced = sync_cli(registry, public, tmp_path / "cli-cache", "a")
         assert synced.returncode == 0, synced.stderr
         sha_a = sha256_of(adapters_dir / "a.gguf")
-        assert (tmp_path / "cli-cache" / "blobs" / f"{sha_a}.gguf").read_bytes() == (adapters_dir / "a.gguf").read_bytes()
+        assert sha256_of(tmp_path / "cli-cache" / "blobs" / f"{sha_a}.gguf") == sha_a
         with run_daemon("--profile", str(serve_profile), "--cdn", registry.reference(), "--public-key", str(public),
                         "--cache-dir", str(tmp_path / "device-cache"), log=tmp_path / "log",
                         env={"HF_HUB_OFFLINE": "0"}) as daemon:
@@ -125,7 +125,8 @@ def test_a_sync_killed_halfway_resumes_from_the_registry_with_a_206(tmp_path: Pa
         cut, resumed = [entry for entry in registry.log() if entry.path == blob and entry.method == "GET"][-2:]
     assert (cut.status, resumed.status) == (200, 206)
     assert size // 3 <= kept < size and resumed.bytes == size - kept  # the resume fetched exactly the rest
-    assert sha256_of(cache / "blobs" / f"{sha256_of(adapters_dir / 'a.gguf')}.gguf") == sha256_of(adapters_dir / "a.gguf")
+    sha_a = sha256_of(adapters_dir / "a.gguf")
+    assert sha256_of(cache / "blobs" / f"{sha_a}.gguf") == sha_a
 
 
 def _push_release(registry: Registry, document: bytes, blobs: list[Path], version: int) -> None:
@@ -137,8 +138,8 @@ def _push_release(registry: Registry, document: bytes, blobs: list[Path], versio
             layer = OciDescriptor(MANIFEST_LAYER_TYPE, uploaded.digest, uploaded.size)
             layers = [OciDescriptor("application/vnd.docker.ai.gguf.v3.lora", f"sha256:{sha256_of(path)}",
                                     path.stat().st_size) for path in blobs]
-            await client.put_manifest("edge-rt-manifest", release_artifact(document=layer, blobs=layers,
-                                                                           version=version, created="2026-01-01T00:00:00Z"))
+            release = release_artifact(document=layer, blobs=layers, version=version, created="2026-01-01T00:00:00Z")
+            await client.put_manifest("edge-rt-manifest", release)
         finally:
             await client.close()
     asyncio.run(push())
