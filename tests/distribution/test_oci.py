@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from edge_runtime.distribution.oci import (
 )
 from edge_runtime.distribution.registry import registry_url, uses_plain_http
 from edge_runtime.distribution.registry_auth import find_credentials, parse_challenge
+from edge_runtime.distribution.schedule import RefreshSchedule
 from edge_runtime.errors import InvalidManifest, RegistryAuthFailed, SourceUnavailable
 
 DIGEST = "sha256:" + "ab" * 32
@@ -130,3 +132,18 @@ def test_a_release_names_exactly_one_signed_document() -> None:
         with pytest.raises(InvalidManifest) as caught:
             read_release(broken, source="t")
         assert caught.value.field == field and caught.value.exit_code == 9
+
+
+def test_refreshes_spread_over_the_window_drift_apart_and_back_off() -> None:
+    schedule = RefreshSchedule(interval_s=60.0, jitter=0.25, start_window_s=30.0, backoff_base_s=2.0,
+                               backoff_max_s=100.0)
+    rng = random.Random(7)
+    starts = [schedule.start_delay(rng) for _ in range(2000)]
+    assert 0.0 <= min(starts) and max(starts) <= 30.0
+    assert all(150 <= sum(1 for s in starts if k * 3 <= s < (k + 1) * 3) <= 250 for k in range(10))  # ~uniform
+    assert schedule.start_delay(rng, has_cache=False) == 0.0
+    periods = [schedule.next_delay(rng) for _ in range(2000)]
+    assert 45.0 <= min(periods) < 47.0 and 73.0 < max(periods) <= 75.0
+    for failures, (low, high) in {1: (1, 2), 2: (2, 4), 5: (16, 32), 9: (50, 100), 40: (50, 100)}.items():
+        waits = [schedule.next_delay(rng, failures=failures) for _ in range(200)]
+        assert low <= min(waits) and max(waits) <= high

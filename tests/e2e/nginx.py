@@ -22,10 +22,10 @@ user nobody nogroup;
 worker_processes 1;
 pid {run}/nginx.pid;
 error_log {run}/error.log warn;
-events {{ worker_connections 64; }}
+events {{ worker_connections {worker_connections}; }}
 http {{
     log_format edge '$request_method $uri $status $body_bytes_sent "$http_range" "$http_if_range" '
-                    '"$http_if_none_match"';
+                    '"$http_if_none_match" $msec';
     access_log {run}/access.log edge;
     client_body_temp_path {run}/tmp/body;
     proxy_temp_path {run}/tmp/proxy;
@@ -52,9 +52,10 @@ class Nginx:
     run: Path
 
     def log(self) -> list[list[str]]:
-        """The access log so far: [method, uri, status, bytes, range, if-range, if-none-match] per request."""
+        """The access log so far: [method, uri, status, bytes, range, if-range, if-none-match, time] per request
+        (time: seconds since the epoch, millisecond resolution)."""
         lines = (self.run / "access.log").read_text().splitlines()
-        return [[field.strip('"') for field in line.split(" ", 6)] for line in lines]
+        return [[field.strip('"') for field in line.split(" ", 7)] for line in lines]
 
 
 def nginx_binary() -> str:
@@ -63,7 +64,7 @@ def nginx_binary() -> str:
 
 
 @contextmanager
-def run_nginx(*, limit_rate: str = "0") -> Iterator[Nginx]:
+def run_nginx(*, limit_rate: str = "0", worker_connections: int = 64) -> Iterator[Nginx]:
     """nginx serving a fresh world-readable folder (its workers run as nobody, as an origin's do)."""
     binary = nginx_binary()
     base = Path(tempfile.mkdtemp(prefix="edge-rt-origin-"))
@@ -72,7 +73,8 @@ def run_nginx(*, limit_rate: str = "0") -> Iterator[Nginx]:
     root.mkdir(mode=0o755)
     (run / "tmp").mkdir(parents=True)
     port = free_port()
-    (run / "nginx.conf").write_text(_CONFIG.format(run=run, port=port, root=root, limit_rate=limit_rate))
+    (run / "nginx.conf").write_text(_CONFIG.format(run=run, port=port, root=root, limit_rate=limit_rate,
+                                                    worker_connections=worker_connections))
     process = subprocess.Popen([binary, "-c", str(run / "nginx.conf"), "-e", str(run / "error.log")],
                                stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     server = Nginx(url=f"http://127.0.0.1:{port}", root=root, run=run)

@@ -36,7 +36,7 @@ from daemons import free_port, require_tool, stop
 
 USER, PASSWORD = "fleet-publisher", "s3cret-pa55"
 SERVICE, ISSUER = "edge-rt-test-registry", "edge-rt-test-token-issuer"
-_ACCESS = re.compile(r'^\S+ - \S+ \[[^\]]+\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
+_ACCESS = re.compile(r'^\S+ - \S+ \[([^\]]+)\] "(\S+) (\S+) [^"]*" (\d{3}) (\d+|-)')
 
 _CONFIG = """version: 0.1
 log:
@@ -65,6 +65,7 @@ class Access:
     status: int
     bytes: int
     query: str = ""
+    time: float = 0.0  # seconds since the epoch (the log's resolution: one second)
 
 
 @dataclass
@@ -89,9 +90,10 @@ class Registry:
         for line in self.log_path.read_text(errors="replace").splitlines():
             match = _ACCESS.match(line)
             if match:
-                method, target, status, size = match.groups()
+                moment, method, target, status, size = match.groups()
                 path, _, query = target.partition("?")
-                entries.append(Access(method, path, int(status), 0 if size == "-" else int(size), query))
+                when = datetime.datetime.strptime(moment, "%d/%b/%Y:%H:%M:%S %z").timestamp()
+                entries.append(Access(method, path, int(status), 0 if size == "-" else int(size), query, when))
         return entries
 
     def blob_file(self, sha256: str) -> Path:
