@@ -8,8 +8,9 @@ with a fixed period, keeps hitting the origin in one burst per period forever. S
 - each **next** one after a success comes ``interval_s`` times a factor uniform in ``[1 - jitter, 1 + jitter]``, so
   phases drift apart instead of locking together;
 - after ``n`` consecutive **failures** the wait is "equal jitter" exponential backoff: uniform in
-  ``[d/2, d]`` with ``d = min(backoff_max_s, backoff_base_s * 2**(n-1))``: an origin that is down sees each
-  device a handful of times, not once per period, and when it returns the retries arrive spread out.
+  ``[d/2, d]`` with ``d = min(backoff_max_s, backoff_base_s * 2**(n-1))``, the base being the interval unless set:
+  an origin that is down is asked less and less often (never much more often than in normal service, which a
+  short base would do to a fleet), and when it returns the retries arrive spread out.
 
 Pure arithmetic on a ``random.Random``: tested without a clock.
 """
@@ -29,7 +30,7 @@ class RefreshSchedule:
     interval_s: float = 300.0
     jitter: float = 0.2  # +- fraction of the interval
     start_window_s: float | None = None  # None: the interval
-    backoff_base_s: float = 5.0
+    backoff_base_s: float | None = None  # None: the interval
     backoff_max_s: float | None = None  # None: four intervals
 
     def start_delay(self, rng: random.Random, *, has_cache: bool = True) -> float:
@@ -42,5 +43,6 @@ class RefreshSchedule:
         if failures <= 0:
             return self.interval_s * rng.uniform(1.0 - self.jitter, 1.0 + self.jitter)
         cap = 4 * self.interval_s if self.backoff_max_s is None else self.backoff_max_s
-        ceiling = min(cap, self.backoff_base_s * 2 ** min(failures - 1, 30))
+        base = self.interval_s if self.backoff_base_s is None else self.backoff_base_s
+        ceiling = min(cap, base * 2 ** min(failures - 1, 30))
         return rng.uniform(ceiling / 2, ceiling)
