@@ -5,7 +5,8 @@ Reads: the release manifest by tag (conditional on the registry's digest ETag, s
 Writes: ``HEAD`` a blob by digest before uploading it (a blob the registry has is never sent again); an upload is
 ``POST`` then either one ``PUT ?digest=`` (small blobs) or ``PATCH`` chunks with ``Content-Range`` then a closing
 ``PUT``; a chunk that fails is retried after asking the registry how far the upload got (``GET`` on the upload
-location answers ``Range: 0-N``), so a cut connection resends only what the registry lacks.
+location answers ``Range: 0-N``), so a cut connection resends only what the registry lacks; a registry that cannot
+resume that upload (distribution 2.8 when part of the chunk was written) gets the blob again from byte 0.
 
 HTTPS by default; plain HTTP only for loopback hosts (as Docker treats them) or hosts listed in
 ``EDGE_RT_INSECURE_REGISTRIES``.
@@ -156,8 +157,8 @@ class Registry:
                     raise TransferFailed(location, f"upload failed at byte {offset} of {size}: {exc}",
                                          attempts=failures) from exc
                 await asyncio.sleep(self._backoff(failures))
-                offset, location = await self._retried(location, functools.partial(self._upload_status, location))
-                log.info("resuming the upload of %s at byte %d of %d", digest, offset, size)
+                offset, location = await self._resume_point(location, digest)
+                log.info("continuing the upload of %s at byte %d of %d", digest, offset, size)
         await self._retried(location, lambda: self._put(location, digest, b""))
 
     async def upload_file(self, path: Path, digest: str, size: int) -> None:
@@ -207,6 +208,18 @@ class Registry:
                 return self._location(response)
         except _NETWORK_ERRORS as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _resume_point(self, location: str, digest: str) -> tuple[int, str]:
+        """Where an interrupted upload goes on: the registry's offset, or byte 0 of a new upload when the registry
+        cannot resume it (distribution 2.8 signs the offset into the upload URL's ``_state``, so an upload whose
+        chunk was partly written before the connection dropped is invalid there: BLOB_UPLOAD_INVALID)."""
+        try:
+            return await self._retried(location, functools.partial(self._upload_status, location))
+        except RegistryAuthFailed:
+            raise
+        except TransferFailed as lost:
+            log.info("the registry cannot resume the upload of %s (%s): starting it over", digest, lost.reason)
+            return 0, await self._retried(self.blob_url(digest), self._start_upload)
 
     async def _upload_status(self, location: str) -> tuple[int, str]:
         async with self.session().get(location) as response:

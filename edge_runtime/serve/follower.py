@@ -2,7 +2,8 @@
 
 ``CdnFollower`` joins the CDN client (``distribution/client.py``) to the adapter manager (``runtime/adapters.py``)
 for ``edge-rt serve --cdn``. At start it re-verifies the cache and registers what is there, then reads the manifest
-before the daemon serves. Every ``manifest_ttl_s`` (and on ``POST /v1/sync``) it asks again with If-None-Match, then
+before the daemon serves. About every ``manifest_ttl_s`` (+-20%, and backing off after failures: ``RefreshSchedule``,
+so a fleet that restarted together drifts apart) and on ``POST /v1/sync`` it asks again with If-None-Match, then
 
 - lists newly offered adapters as ``remote`` and forgets remote ones the CDN no longer offers (pulled copies stay);
 - for an adapter whose content changed, downloads and verifies the new blob beside the old, has llama.cpp load it,
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from dataclasses import dataclass
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.manifest import ManifestEntry
 from edge_runtime.distribution.recovery import recover
+from edge_runtime.distribution.schedule import RefreshSchedule
 from edge_runtime.distribution.store import CachedAdapter
 from edge_runtime.distribution.transfer import TransferProgress
 from edge_runtime.errors import (
@@ -251,20 +254,24 @@ class CdnFollower:
             return
         log.info("adapter %s updated to %s", name, short)
 
-    async def _refresh_forever(self, first: asyncio.Task[None]) -> None:
+    async def _refresh_forever(self, first: asyncio.Task[bool]) -> None:
         try:
-            await first
+            failures = 0 if await first else 1
         finally:
             first.cancel()  # a no-op once done; ends it when the follower closes first
+        schedule, rng = RefreshSchedule(interval_s=self.cdn.settings.manifest_ttl_s), random.Random()
         while True:
-            await asyncio.sleep(self.cdn.settings.manifest_ttl_s)
-            await self._refresh_logged()
+            await asyncio.sleep(schedule.next_delay(rng, failures=failures))
+            failures = 0 if await self._refresh_logged() else failures + 1
 
-    async def _refresh_logged(self) -> None:
+    async def _refresh_logged(self) -> bool:
+        """One refresh, logged; True when it succeeded."""
         try:
             await self.refresh()
+            return True
         except EdgeRtError:  # unreachable or untrusted CDN (refresh recorded and logged it): keep serving the cache
-            pass
+            return False
         except Exception as exc:  # never let one unexpected error end the refreshing for the daemon's lifetime
             self.last_error = f"unexpected {type(exc).__name__}: see the daemon's log"
             log.exception("manifest refresh from %s failed", self.cdn.cdn)
+            return False

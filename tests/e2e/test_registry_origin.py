@@ -11,13 +11,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiohttp
+import pytest
 import requests
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from daemons import run_daemon
 from registry import Registry, run_registry
 
-from edge_runtime.distribution.keys import generate_key
+from edge_runtime.distribution.keys import generate_key, load_private_key
+from edge_runtime.distribution.oci_publish import publish_oci
 from edge_runtime.distribution.oci import MANIFEST_LAYER_TYPE, parse_reference, release_artifact
 from edge_runtime.distribution.oci import Descriptor as OciDescriptor
 from edge_runtime.distribution.registry import Registry as RegistryClient
@@ -191,3 +197,65 @@ def test_publish_refuses_an_out_with_a_scheme_it_does_not_publish_to(tmp_path: P
         scheme = out.split(":", 1)[0]
         assert done.returncode == 2 and f"does not publish to {scheme}://" in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["signing.key", "signing.key.pub"]  # no "s3:" folder
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("forwarded", [0.0, 0.5])
+async def test_an_upload_cut_mid_chunk_goes_on_where_the_registry_can(
+        tmp_path: Path, large_adapter: Path, aiohttp_server: Callable[..., Awaitable[TestServer]],
+        forwarded: float) -> None:
+    """A proxy forwards part of the third PATCH to the registry (none, or half), then drops the connection. The
+    publisher asks the registry how far the upload got (GET on the upload: Range 0-N): with nothing written it goes
+    on from there, sending no byte twice; with half written, distribution 2.8 refuses the stale upload state
+    (BLOB_UPLOAD_INVALID) and the publisher starts that blob over. Either way the registry ends with the exact file."""
+    key, public = generate_key(tmp_path / "signing.key")
+    patches: list[str] = []  # Content-Range of every PATCH the registry received
+    cuts: list[str] = []
+    with run_registry() as registry:
+        async with aiohttp.ClientSession(auto_decompress=False) as upstream:
+            async def front(request: web.Request) -> web.StreamResponse:
+                body = await request.read()
+                headers = {k: v for k, v in request.headers.items()
+                           if k.lower() not in ("content-length", "transfer-encoding")}
+                cut = request.method == "PATCH" and len(patches) == 2 and not cuts
+                if cut:
+                    cuts.append(request.headers["Content-Range"])
+                    body = body[:int(len(body) * forwarded)]
+                    if not body:
+                        assert request.transport is not None
+                        request.transport.close()  # dropped before anything reached the registry
+                        return web.Response()
+                if request.method == "PATCH":
+                    start = int(request.headers["Content-Range"].partition("-")[0])
+                    headers["Content-Range"] = f"{start}-{start + len(body) - 1}"
+                    patches.append(headers["Content-Range"])
+                async with upstream.request(request.method, f"{registry.url}{request.path_qs}", headers=headers,
+                                            data=body) as answer:
+                    kept = {k: v for k, v in answer.headers.items()
+                            if k in ("Content-Type", "Docker-Content-Digest", "Etag", "Location", "Range")}
+                    reply = web.Response(status=answer.status, body=await answer.read(), headers=kept)
+                if cut:
+                    assert request.transport is not None
+                    request.transport.close()  # the connection drops before the answer
+                return reply
+
+            app = web.Application()
+            app.router.add_route("*", "/{tail:.*}", front)
+            proxy = await aiohttp_server(app)
+            reference = parse_reference(f"oci://127.0.0.1:{proxy.port}/edge/adapters")
+            fast = TransferSettings(backoff_base_s=0.01, backoff_max_s=0.05)
+            result = await publish_oci(large_adapter, reference, key=load_private_key(key), transfer=fast,
+                                       upload_chunk_bytes=64 << 10)
+        size = (large_adapter / "wide.gguf").stat().st_size
+        synced = await asyncio.to_thread(sync_cli, registry, public, tmp_path / "cache", "wide")
+    assert synced.returncode == 0, synced.stderr  # the registry holds exactly the file (the sync checks its sha256)
+    assert result.new_blobs == (sha256_of(large_adapter / "wide.gguf"),)
+    chunk = 64 << 10
+    sent = sum(int(r.split("-")[1]) - int(r.split("-")[0]) + 1 for r in patches)
+    if forwarded == 0.0:  # resumed at the registry's offset: the third chunk again, then on
+        assert patches[:3] == [f"0-{chunk - 1}", f"{chunk}-{2 * chunk - 1}", f"{2 * chunk}-{3 * chunk - 1}"]
+        assert sent == size  # no byte sent twice
+    else:  # the half-written upload is invalid on 2.8: a new upload from byte 0
+        assert patches[:4] == [f"0-{chunk - 1}", f"{chunk}-{2 * chunk - 1}",
+                               f"{2 * chunk}-{2 * chunk + chunk // 2 - 1}", f"0-{chunk - 1}"]
+        assert sent == size + 2 * chunk + chunk // 2
