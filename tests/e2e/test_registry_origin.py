@@ -23,9 +23,9 @@ from daemons import run_daemon
 from registry import Registry, run_registry
 
 from edge_runtime.distribution.keys import generate_key, load_private_key
-from edge_runtime.distribution.oci_publish import publish_oci
 from edge_runtime.distribution.oci import MANIFEST_LAYER_TYPE, parse_reference, release_artifact
 from edge_runtime.distribution.oci import Descriptor as OciDescriptor
+from edge_runtime.distribution.oci_publish import publish_oci
 from edge_runtime.distribution.registry import Registry as RegistryClient
 from edge_runtime.distribution.transfer import TransferSettings
 
