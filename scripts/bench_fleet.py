@@ -45,6 +45,7 @@ class Request:
     """One request the origin answered."""
 
     time: float
+    method: str
     path: str
     status: int
     bytes: int
@@ -101,7 +102,7 @@ def nginx_origin(work: Path, key: object) -> Iterator[Origin]:
 
     with run_nginx(worker_connections=4096) as server:
         def log() -> list[Request]:
-            return [Request(float(e[7]), e[1], int(e[2]), int(e[3])) for e in server.log() if len(e) == 8]
+            return [Request(float(e[7]), e[0], e[1], int(e[2]), int(e[3])) for e in server.log() if len(e) == 8]
 
         yield Origin("nginx", server.url, lambda src: publish(src, server.root, key=key), log,  # type: ignore[arg-type]
                      stop=lambda: _move(server.root, work / "nginx-away"),
@@ -127,7 +128,7 @@ def registry_origin(work: Path, key: object) -> Iterator[Origin]:
             return asyncio.run(publish_oci(src, parse_reference(reference), key=key))  # type: ignore[arg-type]
 
         def log() -> list[Request]:
-            return [Request(e.time, e.path, e.status, e.bytes) for e in server.log()]
+            return [Request(e.time, e.method, e.path, e.status, e.bytes) for e in server.log()]
 
         repository = server.data / "docker/registry/v2/repositories/edge"
         yield Origin("registry", reference, publish, log, stop=lambda: _move(repository, work / "registry-away"),
@@ -200,7 +201,7 @@ async def run_fleet(origin: Origin, v1: Path, v2: Path, public: object, work: Pa
     await _until(lambda: all(2 in d.verified for d in devices), interval * 2.5)
     updated_to = time.time()
     updated = sum(2 in d.verified for d in devices)
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(2.0)  # whole-second logs: keep the outage out of the update figures
     origin.stop()
     down_from = time.time()
     await asyncio.sleep(interval * 2)
@@ -213,7 +214,7 @@ async def run_fleet(origin: Origin, v1: Path, v2: Path, public: object, work: Pa
     for device in devices:
         await device.client.close()  # type: ignore[attr-defined]
     await asyncio.sleep(1.5)  # the registry's log lines land
-    log = [r for r in origin.log() if r.time >= int(t0)]
+    log = [r for r in origin.log() if r.time >= int(t0) and r.method == "GET"]  # devices only GET; publishes write
     report(origin, devices, log, t0=t0, booted=booted, steady=(steady_from, steady_to), published=published,
            updated=(updated, updated_to), down=(down_from, down_to, back_to), args=args)
 
@@ -226,7 +227,7 @@ def report(origin: Origin, devices: list[Device], log: list[Request], *, t0: flo
     print(f"\n== {origin.name}: {n} devices, start window {window} s, refresh every {interval} s +-20% ==")
     boot = [r for r in log if r.time < steady[0]]
     refresh_paths = {r.path for r in boot if r.path.endswith(("manifest.json", "edge-rt-manifest"))}
-    first_reads = sorted(r.time for r in boot if r.path in refresh_paths)
+    first_reads = sorted(r.time for r in boot if r.path in refresh_paths)[:n]  # each device's first read
     spread = first_reads[-1] - first_reads[0] if first_reads else 0.0
     print(f"(a) start-of-fleet: {booted}/{n} devices verified version 1; {len(boot)} requests "
           f"({len(boot) / n:.2f} per device), first manifest reads spread over {spread:.1f} s "
@@ -241,7 +242,7 @@ def report(origin: Origin, devices: list[Device], log: list[Request], *, t0: flo
           f"{len(quiet) / max(refreshes, 1):.2f} per refresh, {sum(r.bytes for r in quiet) / max(refreshes, 1):.0f} "
           f"body bytes per refresh; statuses {dict(statuses)}")
     count, finished = updated
-    change = [r for r in log if published <= r.time < finished + 1]
+    change = [r for r in log if int(published) <= r.time < finished + 1]
     new_blob = [r for r in change if r.status in (200, 206) and r.bytes > 4096]
     times = sorted(d.verified[2] - published for d in devices if 2 in d.verified)
     p50 = times[len(times) // 2] if times else float("nan")

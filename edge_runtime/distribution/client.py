@@ -8,7 +8,8 @@
 Sources (``sources.py``): ``http(s)://`` (our own resumable client), ``file://`` (a published folder),
 ``hf://ORG/REPO[@REV][/DIR]`` (the same HTTP client on the Hub's resolve URLs at that revision, with the Hub token
 when one is configured: resume, rate cap and the sha256 check all apply, and no second copy lands in
-huggingface_hub's cache).
+huggingface_hub's cache), ``oci://HOST[:PORT]/REPO[:TAG]`` (a release pushed to an OCI registry: the same client on
+the registry's blob URLs, with its auth).
 Offline (``offline=True``, ``EDGE_RT_OFFLINE`` or ``HF_HUB_OFFLINE``) makes zero network attempts: cached adapters
 are served and anything else raises ``CacheMiss``.
 """
