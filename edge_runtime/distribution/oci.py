@@ -29,10 +29,24 @@ from typing import Any
 
 from edge_runtime.errors import InvalidManifest, SourceUnavailable
 
-__all__ = ["ADAPTER_ARTIFACT_TYPE", "DEFAULT_TAG", "EMPTY_CONFIG", "EMPTY_DIGEST", "LORA_LAYER_TYPE",
-           "MANIFEST_ARTIFACT_TYPE", "MANIFEST_LAYER_TYPE", "MAX_OCI_MANIFEST_BYTES", "OCI_MANIFEST_TYPE",
-           "Descriptor", "OciReference", "adapter_artifact", "is_oci_reference", "parse_reference",
-           "read_release", "release_artifact"]
+__all__ = [
+    "ADAPTER_ARTIFACT_TYPE",
+    "DEFAULT_TAG",
+    "EMPTY_CONFIG",
+    "EMPTY_DIGEST",
+    "LORA_LAYER_TYPE",
+    "MANIFEST_ARTIFACT_TYPE",
+    "MANIFEST_LAYER_TYPE",
+    "MAX_OCI_MANIFEST_BYTES",
+    "OCI_MANIFEST_TYPE",
+    "Descriptor",
+    "OciReference",
+    "adapter_artifact",
+    "is_oci_reference",
+    "parse_reference",
+    "read_release",
+    "release_artifact",
+]
 
 OCI_MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
 EMPTY_CONFIG_TYPE = "application/vnd.oci.empty.v1+json"
@@ -48,8 +62,10 @@ ANNOTATION = "dev.edge-rt"
 
 _TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 _REPOSITORY = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*")
-_HOST = re.compile(r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
-                   r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?")
+_HOST = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
+)
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
@@ -129,24 +145,36 @@ def _image_manifest(artifact_type: str, layers: list[Descriptor], annotations: d
     return json.dumps(document, separators=(",", ":"), sort_keys=True).encode()
 
 
-def adapter_artifact(*, name: str, sha256: str, size: int, base_fingerprint: str, rank: int, description: str,
-                     created: str) -> bytes:
+def adapter_artifact(
+    *, name: str, sha256: str, size: int, base_fingerprint: str, rank: int, description: str, created: str
+) -> bytes:
     """The image manifest of one adapter: its GGUF as the one layer, the manifest entry's fields as annotations."""
-    layer = Descriptor(LORA_LAYER_TYPE, f"sha256:{sha256}", size,
-                       (("org.opencontainers.image.title", f"{name}.gguf"),))
-    return _image_manifest(ADAPTER_ARTIFACT_TYPE, [layer], {
-        f"{ANNOTATION}.adapter.name": name, f"{ANNOTATION}.adapter.sha256": sha256,
-        f"{ANNOTATION}.adapter.base-fingerprint": base_fingerprint, f"{ANNOTATION}.adapter.rank": str(rank),
-        "org.opencontainers.image.description": description, "org.opencontainers.image.created": created,
-        "org.opencontainers.image.title": name,
-    })
+    layer = Descriptor(LORA_LAYER_TYPE, f"sha256:{sha256}", size, (("org.opencontainers.image.title", f"{name}.gguf"),))
+    return _image_manifest(
+        ADAPTER_ARTIFACT_TYPE,
+        [layer],
+        {
+            f"{ANNOTATION}.adapter.name": name,
+            f"{ANNOTATION}.adapter.sha256": sha256,
+            f"{ANNOTATION}.adapter.base-fingerprint": base_fingerprint,
+            f"{ANNOTATION}.adapter.rank": str(rank),
+            "org.opencontainers.image.description": description,
+            "org.opencontainers.image.created": created,
+            "org.opencontainers.image.title": name,
+        },
+    )
 
 
 def release_artifact(*, document: Descriptor, blobs: list[Descriptor], version: int, created: str) -> bytes:
     """The image manifest of a release: the signed document first, then every GGUF blob it lists."""
-    return _image_manifest(MANIFEST_ARTIFACT_TYPE, [document, *blobs], {
-        f"{ANNOTATION}.manifest.version": str(version), "org.opencontainers.image.created": created,
-    })
+    return _image_manifest(
+        MANIFEST_ARTIFACT_TYPE,
+        [document, *blobs],
+        {
+            f"{ANNOTATION}.manifest.version": str(version),
+            "org.opencontainers.image.created": created,
+        },
+    )
 
 
 def read_release(body: bytes, *, source: str) -> Descriptor:
@@ -164,8 +192,11 @@ def read_release(body: bytes, *, source: str) -> Descriptor:
         raise InvalidManifest(source, "layers", "missing or not a list")
     found = [layer for layer in layers if isinstance(layer, dict) and layer.get("mediaType") == MANIFEST_LAYER_TYPE]
     if len(found) != 1:
-        raise InvalidManifest(source, "layers", f"{len(found)} layers of type {MANIFEST_LAYER_TYPE}, expected one "
-                              "(is this tag an edge-rt release?)")
+        raise InvalidManifest(
+            source,
+            "layers",
+            f"{len(found)} layers of type {MANIFEST_LAYER_TYPE}, expected one (is this tag an edge-rt release?)",
+        )
     digest, size = found[0].get("digest"), found[0].get("size")
     if not isinstance(digest, str) or not _SHA256_DIGEST.fullmatch(digest):
         raise InvalidManifest(source, "layers[].digest", f"{digest!r} is not a sha256 digest")

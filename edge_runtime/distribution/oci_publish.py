@@ -62,27 +62,49 @@ class RegistryPublishResult:
         return bool(self.previous_keyids) and self.keyid not in self.previous_keyids
 
 
-def publish_to(src_dir: Path, out: str, *, key: Ed25519PrivateKey | None = None, expires_days: float = 30.0,
-               allow_empty: bool = False, transfer: TransferSettings | None = None,
-               ) -> PublishResult | RegistryPublishResult:
+def publish_to(
+    src_dir: Path,
+    out: str,
+    *,
+    key: Ed25519PrivateKey | None = None,
+    expires_days: float = 30.0,
+    allow_empty: bool = False,
+    transfer: TransferSettings | None = None,
+) -> PublishResult | RegistryPublishResult:
     """Publish to a folder (a path or ``file://``) or a registry (``oci://``); any other scheme is refused."""
     match = _SCHEME.match(out)
     if match is None:
         return publish(src_dir, Path(out), key=key, expires_days=expires_days, allow_empty=allow_empty)
     scheme = match.group(1).lower()
     if scheme == "file":
-        return publish(src_dir, Path(unquote(urlsplit(out).path)), key=key, expires_days=expires_days,
-                       allow_empty=allow_empty)
+        return publish(
+            src_dir, Path(unquote(urlsplit(out).path)), key=key, expires_days=expires_days, allow_empty=allow_empty
+        )
     if scheme == "oci":
-        return asyncio.run(publish_oci(src_dir, parse_reference(out), key=key, expires_days=expires_days,
-                                       allow_empty=allow_empty, transfer=transfer))
+        return asyncio.run(
+            publish_oci(
+                src_dir,
+                parse_reference(out),
+                key=key,
+                expires_days=expires_days,
+                allow_empty=allow_empty,
+                transfer=transfer,
+            )
+        )
     raise UnsupportedDestination(out, scheme)
 
 
-async def publish_oci(src_dir: Path, reference: OciReference, *, key: Ed25519PrivateKey | None = None,
-                      expires_days: float = 30.0, now: datetime | None = None, allow_empty: bool = False,
-                      transfer: TransferSettings | None = None,
-                      upload_chunk_bytes: int | None = None) -> RegistryPublishResult:
+async def publish_oci(
+    src_dir: Path,
+    reference: OciReference,
+    *,
+    key: Ed25519PrivateKey | None = None,
+    expires_days: float = 30.0,
+    now: datetime | None = None,
+    allow_empty: bool = False,
+    transfer: TransferSettings | None = None,
+    upload_chunk_bytes: int | None = None,
+) -> RegistryPublishResult:
     """Push every ``NAME.gguf`` of ``src_dir`` and a new signed manifest to ``reference``'s repository and tag."""
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     registry = Registry(reference, transfer=transfer or TransferSettings())
@@ -99,21 +121,34 @@ async def publish_oci(src_dir: Path, reference: OciReference, *, key: Ed25519Pri
         await registry.upload_bytes(EMPTY_CONFIG)
         for entry in entries:
             await registry.put_manifest(entry.name, _adapter_manifest(entry))
-        manifest = Manifest(version=(previous.version + 1) if previous else 1, created=now,
-                            expires=now + timedelta(days=expires_days), adapters=tuple(entries))
+        manifest = Manifest(
+            version=(previous.version + 1) if previous else 1,
+            created=now,
+            expires=now + timedelta(days=expires_days),
+            adapters=tuple(entries),
+        )
         document = await registry.upload_bytes(sign(manifest, key))
-        layer = Descriptor(MANIFEST_LAYER_TYPE, document.digest, document.size,
-                           (("org.opencontainers.image.title", "manifest.json"),))
-        blobs = [Descriptor(LORA_LAYER_TYPE, f"sha256:{sha}", size)
-                 for sha, size in dict((e.sha256, e.size) for e in entries).items()]
+        layer = Descriptor(
+            MANIFEST_LAYER_TYPE, document.digest, document.size, (("org.opencontainers.image.title", "manifest.json"),)
+        )
+        blobs = [
+            Descriptor(LORA_LAYER_TYPE, f"sha256:{sha}", size)
+            for sha, size in dict((e.sha256, e.size) for e in entries).items()
+        ]
         release = release_artifact(document=layer, blobs=blobs, version=manifest.version, created=format_time(now))
         digest = await registry.put_manifest(reference.tag, release)
     finally:
         await registry.close()
-    return RegistryPublishResult(manifest=manifest, reference=str(reference), release_digest=digest,
-                                 new_blobs=tuple(new_blobs), uploaded_bytes=registry.uploaded_bytes,
-                                 signed=key is not None, keyid=None if key is None else keyid(key.public_key()),
-                                 previous_keyids=previous_keyids)
+    return RegistryPublishResult(
+        manifest=manifest,
+        reference=str(reference),
+        release_digest=digest,
+        new_blobs=tuple(new_blobs),
+        uploaded_bytes=registry.uploaded_bytes,
+        signed=key is not None,
+        keyid=None if key is None else keyid(key.public_key()),
+        previous_keyids=previous_keyids,
+    )
 
 
 async def _previous(registry: Registry) -> tuple[Manifest | None, tuple[str, ...]]:
@@ -141,6 +176,12 @@ async def _push_blob(registry: Registry, path: Path, entry: ManifestEntry) -> bo
 
 
 def _adapter_manifest(entry: ManifestEntry) -> bytes:
-    return adapter_artifact(name=entry.name, sha256=entry.sha256, size=entry.size,
-                            base_fingerprint=entry.base_fingerprint, rank=entry.rank, description=entry.description,
-                            created=format_time(entry.created))
+    return adapter_artifact(
+        name=entry.name,
+        sha256=entry.sha256,
+        size=entry.size,
+        base_fingerprint=entry.base_fingerprint,
+        rank=entry.rank,
+        description=entry.description,
+        created=format_time(entry.created),
+    )

@@ -42,14 +42,20 @@ T = TypeVar("T")
 UPLOAD_CHUNK_BYTES = 8 << 20
 MAX_ERROR_BYTES = 4096
 _RETRYABLE = frozenset({408, 425, 429, 500, 502, 503, 504})
-_NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError,
-                   asyncio.TimeoutError)
+_NETWORK_ERRORS = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    ConnectionResetError,
+    asyncio.TimeoutError,
+)
 
 
 def uses_plain_http(reference: OciReference) -> bool:
     """True for a loopback registry (``localhost``, 127.0.0.0/8, ::1) or one listed in EDGE_RT_INSECURE_REGISTRIES."""
-    if reference.host.lower() in settings.insecure_registries() or \
-            reference.hostname.lower() in settings.insecure_registries():
+    if (
+        reference.host.lower() in settings.insecure_registries()
+        or reference.hostname.lower() in settings.insecure_registries()
+    ):
         return True
     if reference.hostname.lower() == "localhost":
         return True
@@ -72,8 +78,9 @@ class _Retry(Exception):
 class Registry:
     """A repository on a registry: its URLs, an authenticated session, and the reads and writes edge-rt makes."""
 
-    def __init__(self, reference: OciReference, *, transfer: TransferSettings,
-                 upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES) -> None:
+    def __init__(
+        self, reference: OciReference, *, transfer: TransferSettings, upload_chunk_bytes: int = UPLOAD_CHUNK_BYTES
+    ) -> None:
         self.reference = reference
         self.transfer = transfer
         self.base = registry_url(reference)
@@ -84,9 +91,12 @@ class Registry:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = create_session(connect_timeout_s=self.transfer.connect_timeout_s,
-                                           gap_timeout_s=self.transfer.gap_timeout_s,
-                                           headers={"Accept": OCI_MANIFEST_TYPE}, middlewares=(self.auth,))
+            self._session = create_session(
+                connect_timeout_s=self.transfer.connect_timeout_s,
+                gap_timeout_s=self.transfer.gap_timeout_s,
+                headers={"Accept": OCI_MANIFEST_TYPE},
+                middlewares=(self.auth,),
+            )
         return self._session
 
     async def close(self) -> None:
@@ -103,8 +113,13 @@ class Registry:
     async def release(self, *, etag: str | None = None) -> Fetched:
         """The release manifest under the reference's tag (body None: 304, unchanged since ``etag``)."""
         with auth_errors():
-            return await fetch_bounded(self.session(), self.manifest_url(self.reference.tag),
-                                       limit_bytes=MAX_OCI_MANIFEST_BYTES, settings=self.transfer, etag=etag)
+            return await fetch_bounded(
+                self.session(),
+                self.manifest_url(self.reference.tag),
+                limit_bytes=MAX_OCI_MANIFEST_BYTES,
+                settings=self.transfer,
+                etag=etag,
+            )
 
     async def small_blob(self, descriptor: Descriptor, *, limit_bytes: int) -> bytes:
         """A small blob (the signed document), bounded by its descriptor and ``limit_bytes``, digest-checked."""
@@ -121,12 +136,14 @@ class Registry:
 
     async def blob_exists(self, digest: str) -> bool:
         """HEAD by digest: True when the repository already holds the blob."""
+
         async def attempt() -> bool:
             async with self.session().head(self.blob_url(digest)) as response:
                 if response.status == 404:
                     return False
                 await _raise_for(response, "check blob")
                 return True
+
         return await self._retried(self.blob_url(digest), attempt)
 
     async def upload(self, digest: str, size: int, read: Callable[[int, int], Awaitable[bytes]]) -> None:
@@ -140,6 +157,7 @@ class Registry:
 
             async def monolithic() -> None:
                 await self._put(await self._start_upload(), digest, body)
+
             await self._retried(self.blob_url(digest), monolithic)
             self.uploaded_bytes += size
             return
@@ -154,8 +172,9 @@ class Registry:
             except _Retry as exc:
                 failures += 1
                 if failures >= self.transfer.max_attempts:
-                    raise TransferFailed(location, f"upload failed at byte {offset} of {size}: {exc}",
-                                         attempts=failures) from exc
+                    raise TransferFailed(
+                        location, f"upload failed at byte {offset} of {size}: {exc}", attempts=failures
+                    ) from exc
                 await asyncio.sleep(self._backoff(failures))
                 offset, location = await self._resume_point(location, digest)
                 log.info("continuing the upload of %s at byte %d of %d", digest, offset, size)
@@ -163,6 +182,7 @@ class Registry:
 
     async def upload_file(self, path: Path, digest: str, size: int) -> None:
         """Upload a file as blob ``digest`` (read in chunks off the event loop)."""
+
         def read_part(offset: int, count: int) -> bytes:
             with path.open("rb") as handle:
                 handle.seek(offset)
@@ -177,8 +197,10 @@ class Registry:
         """Upload ``body`` unless the registry has it; its digest and size (media type left to the caller)."""
         digest = f"sha256:{hashlib.sha256(body).hexdigest()}"
         if not await self.blob_exists(digest):
+
             async def read(offset: int, count: int) -> bytes:
-                return body[offset:offset + count]
+                return body[offset : offset + count]
+
             await self.upload(digest, len(body), read)
         return Descriptor("", digest, len(body))
 
@@ -190,6 +212,7 @@ class Registry:
             async with self.session().put(url, data=body, headers={"Content-Type": OCI_MANIFEST_TYPE}) as response:
                 await _raise_for(response, f"store the manifest {tag}")
                 return response.headers.get("Docker-Content-Digest") or f"sha256:{hashlib.sha256(body).hexdigest()}"
+
         return await self._retried(url, attempt)
 
     async def _start_upload(self) -> str:
@@ -198,8 +221,7 @@ class Registry:
             return self._location(response)
 
     async def _patch(self, location: str, offset: int, chunk: bytes) -> str:
-        headers = {"Content-Type": "application/octet-stream",
-                   "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
+        headers = {"Content-Type": "application/octet-stream", "Content-Range": f"{offset}-{offset + len(chunk) - 1}"}
         try:
             async with self.session().patch(location, data=chunk, headers=headers) as response:
                 if response.status in _RETRYABLE or response.status == 416:
@@ -230,8 +252,9 @@ class Registry:
     async def _put(self, location: str, digest: str, body: bytes) -> None:
         url = URL(location).update_query(digest=digest)
         try:
-            async with self.session().put(url, data=body, headers={"Content-Type": "application/octet-stream"}) \
-                    as response:
+            async with self.session().put(
+                url, data=body, headers={"Content-Type": "application/octet-stream"}
+            ) as response:
                 await _raise_for(response, "finish an upload", expect=(201,))
         except _NETWORK_ERRORS as exc:
             raise _Retry(f"{type(exc).__name__}: {exc}") from exc
@@ -269,11 +292,19 @@ async def _raise_for(response: aiohttp.ClientResponse, action: str, *, expect: t
     detail = await _error_detail(response)
     url = str(response.url)
     if status in (401, 403):
-        raise RegistryAuthFailed(url, f"cannot {action}: HTTP {status}{detail}", status=status,
-                                 fix="Check that these credentials may pull (and, to publish, push) this repository")
+        raise RegistryAuthFailed(
+            url,
+            f"cannot {action}: HTTP {status}{detail}",
+            status=status,
+            fix="Check that these credentials may pull (and, to publish, push) this repository",
+        )
     if status == 404:
-        raise RemoteNotFound(url, f"cannot {action}: HTTP 404{detail}", status=404,
-                             fix="Check the oci:// reference (repository and tag), or publish to it first")
+        raise RemoteNotFound(
+            url,
+            f"cannot {action}: HTTP 404{detail}",
+            status=404,
+            fix="Check the oci:// reference (repository and tag), or publish to it first",
+        )
     raise TransferFailed(url, f"cannot {action}: HTTP {status}{detail}", status=status)
 
 

@@ -70,8 +70,12 @@ def _lookup(host: str) -> _Lookup:
     except FileNotFoundError:
         return _Lookup(None, None)
     except (OSError, FileTooLarge, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RegistryAuthFailed(host, f"cannot read {path}: {exc}", status=None,
-                                 fix=f"Fix or move {path}, or set EDGE_RT_REGISTRY_USERNAME/PASSWORD") from exc
+        raise RegistryAuthFailed(
+            host,
+            f"cannot read {path}: {exc}",
+            status=None,
+            fix=f"Fix or move {path}, or set EDGE_RT_REGISTRY_USERNAME/PASSWORD",
+        ) from exc
     if not isinstance(data, dict):
         return _Lookup(None, None)
     entry = _auths_entry(data.get("auths"), host)
@@ -101,18 +105,21 @@ def _auths_host(key: str) -> str:
 
 def _entry_credentials(entry: dict[str, object], path: Path, host: str) -> Credentials | None:
     if isinstance(entry.get("identitytoken"), str) and entry["identitytoken"]:
-        raise RegistryAuthFailed(host, f"{path} holds an identity token (OAuth) for {host}, which edge-rt does not "
-                                 "exchange", status=None)
+        raise RegistryAuthFailed(
+            host, f"{path} holds an identity token (OAuth) for {host}, which edge-rt does not exchange", status=None
+        )
     auth = entry.get("auth")
     if isinstance(auth, str) and auth:
         try:
             user, sep, password = base64.b64decode(auth, validate=True).decode().partition(":")
         except (binascii.Error, UnicodeDecodeError) as exc:
-            raise RegistryAuthFailed(host, f"the auths entry for {host} in {path} is not base64 of user:password",
-                                     status=None) from exc
+            raise RegistryAuthFailed(
+                host, f"the auths entry for {host} in {path} is not base64 of user:password", status=None
+            ) from exc
         if not sep:
-            raise RegistryAuthFailed(host, f"the auths entry for {host} in {path} has no ':' between user and "
-                                     "password", status=None)
+            raise RegistryAuthFailed(
+                host, f"the auths entry for {host} in {path} has no ':' between user and password", status=None
+            )
         return Credentials(user, password, origin=str(path))
     name, secret = entry.get("username"), entry.get("password")
     if isinstance(name, str) and isinstance(secret, str) and name:
@@ -123,8 +130,10 @@ def _entry_credentials(entry: dict[str, object], path: Path, host: str) -> Crede
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     """``WWW-Authenticate`` → (lower-cased scheme, parameters), e.g. ``("bearer", {"realm": ..., "scope": ...})``."""
     scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): m.group(2).replace('\\"', '"') if m.group(2) is not None else m.group(3)
-              for m in _PARAM.finditer(rest)}
+    params = {
+        m.group(1).lower(): m.group(2).replace('\\"', '"') if m.group(2) is not None else m.group(3)
+        for m in _PARAM.finditer(rest)
+    }
     return scheme.lower(), params
 
 
@@ -186,15 +195,21 @@ class RegistryAuth:
 
     def _who(self) -> str:
         credentials = self._lookup.credentials if self._lookup else None
-        return "anonymous access" if credentials is None else \
-            f"the credentials of {credentials.username!r} (from {credentials.origin})"
+        return (
+            "anonymous access"
+            if credentials is None
+            else f"the credentials of {credentials.username!r} (from {credentials.origin})"
+        )
 
     def _credentials(self, url: str) -> Credentials | None:
         if self._lookup is None:
             self._lookup = _lookup(self.host)
         if self._lookup.credentials is None and self._lookup.helper is not None:
-            raise RegistryAuthFailed(url, f"{self.host} asks for credentials and Docker's config names the credential "
-                                     f"helper {self._lookup.helper!r}, which edge-rt does not run (not supported)")
+            raise RegistryAuthFailed(
+                url,
+                f"{self.host} asks for credentials and Docker's config names the credential "
+                f"helper {self._lookup.helper!r}, which edge-rt does not run (not supported)",
+            )
         return self._lookup.credentials
 
     async def _answer(self, challenge: str, request: ClientRequest, sent: str | None) -> str:
@@ -210,8 +225,11 @@ class RegistryAuth:
             return value
         if scheme == "bearer" and params.get("realm"):  # a new token for the challenge's scope (push needs more)
             return "Bearer " + await self._token(request, params)
-        raise RegistryAuthFailed(url, f"{self.host} answered 401 with a challenge edge-rt does not speak: "
-                                 f"{challenge[:200]!r}", fix="Use a registry with basic or bearer-token auth")
+        raise RegistryAuthFailed(
+            url,
+            f"{self.host} answered 401 with a challenge edge-rt does not speak: {challenge[:200]!r}",
+            fix="Use a registry with basic or bearer-token auth",
+        )
 
     async def _token(self, request: ClientRequest, params: dict[str, str]) -> str:
         realm = params["realm"]
@@ -220,14 +238,19 @@ class RegistryAuth:
         auth = None if credentials is None else aiohttp.BasicAuth(credentials.username, credentials.password)
         self.token_requests += 1
         try:
-            async with request.session.get(realm, params=query, auth=auth, middlewares=(),
-                                           allow_redirects=False) as response:
+            async with request.session.get(
+                realm, params=query, auth=auth, middlewares=(), allow_redirects=False
+            ) as response:
                 if response.status in (401, 403):
-                    raise RegistryAuthFailed(realm, f"the token service of {self.host} refused {self._who()} "
-                                             f"(HTTP {response.status})", status=response.status)
+                    raise RegistryAuthFailed(
+                        realm,
+                        f"the token service of {self.host} refused {self._who()} (HTTP {response.status})",
+                        status=response.status,
+                    )
                 if response.status != 200:
-                    raise TransferFailed(realm, f"the token service answered HTTP {response.status}",
-                                         status=response.status)
+                    raise TransferFailed(
+                        realm, f"the token service answered HTTP {response.status}", status=response.status
+                    )
                 body = await response.content.read(MAX_TOKEN_BYTES + 1)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise TransferFailed(realm, f"the token service is unreachable ({type(exc).__name__}: {exc})") from exc

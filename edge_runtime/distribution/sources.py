@@ -19,10 +19,10 @@ import aiohttp
 from edge_runtime import hub
 from edge_runtime.distribution.http import create_session
 from edge_runtime.distribution.manifest import MANIFEST_FILE, MAX_MANIFEST_BYTES, blob_path
-from edge_runtime.distribution.sink import BlobRequest
 from edge_runtime.distribution.oci import Descriptor, is_oci_reference, parse_reference, read_release
 from edge_runtime.distribution.registry import Registry
 from edge_runtime.distribution.registry_auth import auth_errors
+from edge_runtime.distribution.sink import BlobRequest
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.distribution.transfer import (
     Fetched,
