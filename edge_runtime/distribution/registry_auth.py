@@ -183,6 +183,7 @@ class RegistryAuth:
                 try:
                     self._authorization = await self._answer(challenge, request, sent)
                 except EdgeRtError as exc:
+                    self._forget()
                     raise AuthFailure(exc) from exc
             authorization = self._authorization
         assert authorization is not None
@@ -190,8 +191,15 @@ class RegistryAuth:
         response = await handler(request)
         if response.status == 401:
             response.release()
-            raise AuthFailure(RegistryAuthFailed(str(request.url), f"{self.host} refused {self._who()}"))
+            failure = RegistryAuthFailed(str(request.url), f"{self.host} refused {self._who()}")
+            self._forget()
+            raise AuthFailure(failure)
         return response
+
+    def _forget(self) -> None:
+        """After a refusal: read the credentials again next time (a daemon outlives a `docker login`)."""
+        self._lookup = None
+        self._authorization = None
 
     def _who(self) -> str:
         credentials = self._lookup.credentials if self._lookup else None

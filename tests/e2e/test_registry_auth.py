@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -17,6 +18,7 @@ from test_registry_origin import publish_cli, sha256_of, sync_cli
 
 from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.keys import generate_key, load_public_key
+from edge_runtime.errors import RegistryAuthFailed
 
 PUBLISHER = {"EDGE_RT_REGISTRY_USERNAME": USER, "EDGE_RT_REGISTRY_PASSWORD": PASSWORD}
 
@@ -126,3 +128,20 @@ def _app(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", handler)
     return app
+
+
+@pytest.mark.asyncio
+async def test_a_running_client_picks_up_a_fixed_login_after_a_refusal(tmp_path: Path, adapters_dir: Path) -> None:
+    """A daemon outlives a `docker login`: after a refused password the next refresh reads the credentials again."""
+    key, public = generate_key(tmp_path / "signing.key")
+    with run_registry(auth="basic") as registry:
+        await asyncio.to_thread(publish_cli, adapters_dir, registry, key, env=PUBLISHER)
+        write_docker_config(registry.host, login_entry(password="stale"))
+        async with CdnClient(registry.reference(), cache_dir=tmp_path / "cache", public_key=load_public_key(public),
+                             offline=False) as client:
+            with pytest.raises(RegistryAuthFailed) as refused:
+                await client.sync(["a"])
+            write_docker_config(registry.host, login_entry())  # the operator logs in again
+            report = await client.sync(["a"])
+    assert refused.value.exit_code == 11 and "'fleet-publisher'" in str(refused.value)
+    assert report.results[0].adapter.sha256 == sha256_of(adapters_dir / "a.gguf")
