@@ -101,8 +101,17 @@ def parse_reference(text: str) -> OciReference:
     if ":" in last:
         path, _, tag = path.rpartition(":")
     problem = None
+    if "@" in host:  # oci://USER:PASSWORD@HOST/...: never echo the password into an error, a log or a listing
+        raise SourceUnavailable(
+            "oci://" + host.rpartition("@")[2] + "/" + path,
+            "credentials do not belong in an oci:// reference (it is printed in messages and process listings)",
+            fix="Give them in EDGE_RT_REGISTRY_USERNAME/PASSWORD or with `docker login`",
+        )
+    port = host.rpartition(":")[2] if not host.endswith("]") and ":" in host else ""
     if not _HOST.fullmatch(host):
         problem = f"{host!r} is not a registry host[:port]"
+    elif port and not 1 <= int(port) <= 65535:
+        problem = f"port {port} is not between 1 and 65535"
     elif not path or not _REPOSITORY.fullmatch(path) or len(path) > 255:
         problem = f"{path!r} is not a repository name (lowercase letters, digits, '.', '_', '-', '/' between parts)"
     elif not _TAG.fullmatch(tag):
@@ -181,8 +190,8 @@ def read_release(body: bytes, *, source: str) -> Descriptor:
     """The descriptor of the signed document in a release artifact; ``InvalidManifest`` when there is none."""
     try:
         data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidManifest(source, None, f"the registry manifest is not JSON ({exc})") from exc
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a 5,000-digit number, absurd nesting
+        raise InvalidManifest(source, None, f"the registry manifest is not JSON ({str(exc)[:200]})") from exc
     if not isinstance(data, dict) or data.get("schemaVersion") != 2:
         raise InvalidManifest(source, "schemaVersion", "not an OCI image manifest (schemaVersion 2)")
     if data.get("mediaType", OCI_MANIFEST_TYPE) != OCI_MANIFEST_TYPE:

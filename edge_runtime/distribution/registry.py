@@ -275,6 +275,10 @@ class Registry:
             try:
                 with auth_errors():
                     return await attempt()
+            except aiohttp.TooManyRedirects as exc:  # a loop: trying again loops again
+                raise TransferFailed(
+                    url, f"redirected {len(exc.history)} times without an answer (a redirect loop?)"
+                ) from exc
             except (_Retry, *_NETWORK_ERRORS) as exc:
                 failures += 1
                 if failures >= self.transfer.max_attempts:
@@ -314,5 +318,5 @@ async def _error_detail(response: aiohttp.ClientResponse) -> str:
         data = json.loads(await response.content.read(MAX_ERROR_BYTES))
         first = data["errors"][0]
         return f" ({first.get('code')}: {str(first.get('message'))[:200]})"
-    except (ValueError, KeyError, IndexError, TypeError, AttributeError, aiohttp.ClientError):
+    except (ValueError, RecursionError, KeyError, IndexError, TypeError, AttributeError, aiohttp.ClientError):
         return ""

@@ -69,7 +69,7 @@ def _lookup(host: str) -> _Lookup:
         data = json.loads(read_bounded(path, MAX_CONFIG_BYTES))
     except FileNotFoundError:
         return _Lookup(None, None)
-    except (OSError, FileTooLarge, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, FileTooLarge, ValueError, RecursionError) as exc:  # ValueError: not UTF-8/JSON, huge ints
         raise RegistryAuthFailed(
             host,
             f"cannot read {path}: {exc}",
@@ -264,7 +264,7 @@ class RegistryAuth:
             raise TransferFailed(realm, f"the token service is unreachable ({type(exc).__name__}: {exc})") from exc
         try:
             data = json.loads(body) if len(body) <= MAX_TOKEN_BYTES else None
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5,000-digit number, absurd nesting
             data = None
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
         if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):

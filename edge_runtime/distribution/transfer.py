@@ -263,6 +263,8 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
                     if len(body) > limit_bytes:
                         raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
                 return Fetched(body=bytes(body), etag=response.headers.get("ETag"))
+        except aiohttp.TooManyRedirects as exc:
+            raise _redirect_loop(url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 
@@ -305,6 +307,8 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
             finally:
                 if saving is not None:
                     sink.partial = await asyncio.wrap_future(saving)
+    except aiohttp.TooManyRedirects as exc:
+        raise _redirect_loop(request.url, exc) from exc
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
     if sink.written < request.size:
@@ -313,6 +317,12 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
 
 _NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError,
                    asyncio.TimeoutError)
+
+
+def _redirect_loop(url: str, exc: aiohttp.TooManyRedirects) -> TransferFailed:
+    """A server that redirects past aiohttp's limit (a loop, usually): not retried, it would loop again."""
+    last = exc.request_info.real_url
+    return TransferFailed(url, f"redirected {len(exc.history)} times without an answer (a redirect loop?); last {last}")
 
 
 def _network_retry(exc: BaseException, where: str) -> _Retry:

@@ -44,13 +44,22 @@ def test_references_parse_host_repository_and_tag(text: str, expected: OciRefere
     ("oci://registry.example/Fleet/Adapters", "is not a repository name"),
     ("oci://registry.example/fleet/../etc", "is not a repository name"),
     ("oci://registry.example/fleet:-bad", "is not a tag"),
-    ("oci://user@registry.example/fleet", "is not a registry host"),
+    ("oci://user@registry.example/fleet", "credentials do not belong"),
     ("oci:///fleet", "is not a registry host"),
+    ("oci://127.0.0.1:99999/fleet", "port 99999 is not between 1 and 65535"),
+    ("oci://127.0.0.1:0/fleet", "port 0 is not between 1 and 65535"),
 ])
 def test_malformed_references_name_what_is_wrong(text: str, problem: str) -> None:
     with pytest.raises(SourceUnavailable, match=problem) as caught:
         parse_reference(text)
     assert caught.value.exit_code == 5
+
+
+def test_a_password_in_a_reference_never_reaches_the_error() -> None:
+    with pytest.raises(SourceUnavailable, match="EDGE_RT_REGISTRY_USERNAME/PASSWORD") as caught:
+        parse_reference("oci://alice:s3cret-pw@127.0.0.1:5000/fleet/adapters:v1")
+    assert "s3cret-pw" not in str(caught.value) and "s3cret-pw" not in repr(caught.value.__dict__)
+    assert "oci://127.0.0.1:5000/fleet/adapters" in str(caught.value)
 
 
 def test_plain_http_only_for_loopback_or_listed_registries(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,9 +120,10 @@ def test_unusable_docker_auths_are_typed_errors(config: object, problem: str) ->
 def test_a_corrupt_docker_config_is_a_typed_error() -> None:
     folder = Path(os.environ["DOCKER_CONFIG"])
     folder.mkdir(parents=True)
-    (folder / "config.json").write_text("{not json")
-    with pytest.raises(RegistryAuthFailed, match="cannot read"):
-        find_credentials("registry.example")
+    for broken in ("{not json", "[" * 100_000, '{"auths": ' + "9" * 5000 + "}"):
+        (folder / "config.json").write_text(broken)
+        with pytest.raises(RegistryAuthFailed, match="cannot read"):
+            find_credentials("registry.example")
 
 
 def test_a_release_names_exactly_one_signed_document() -> None:
@@ -122,7 +132,9 @@ def test_a_release_names_exactly_one_signed_document() -> None:
                             version=3, created="2026-01-01T00:00:00Z")
     assert read_release(body, source="t") == layer
     data = json.loads(body)
-    for broken, field in [(b"not json", None), (json.dumps({**data, "schemaVersion": 1}).encode(), "schemaVersion"),
+    huge_int = b'{"schemaVersion": ' + b"9" * 5000 + b"}"  # json.loads: ValueError, not JSONDecodeError
+    for broken, field in [(b"not json", None), (b"[" * 100_000, None), (huge_int, None),
+                          (json.dumps({**data, "schemaVersion": 1}).encode(), "schemaVersion"),
                           (json.dumps({**data, "layers": data["layers"][1:]}).encode(), "layers"),
                           (json.dumps({**data, "layers": data["layers"][:1] * 2}).encode(), "layers"),
                           (json.dumps({**data, "layers": [{**data["layers"][0], "digest": "md5:x"}]}).encode(),
