@@ -267,6 +267,8 @@ class RegistryAuth:
         except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5,000-digit number, absurd nesting
             data = None
         token = data.get("token") or data.get("access_token") if isinstance(data, dict) else None
-        if not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+        if not isinstance(token, str) or not token:
             raise TransferFailed(realm, "the token service's answer holds no token")
+        if not all("!" <= c <= "~" for c in token):  # a header value: printable ASCII (RFC 6750's token68 and more)
+            raise TransferFailed(realm, "the token service's token holds spaces, control or non-ASCII characters")
         return token

@@ -263,8 +263,8 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
                     if len(body) > limit_bytes:
                         raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
                 return Fetched(body=bytes(body), etag=response.headers.get("ETag"))
-        except aiohttp.TooManyRedirects as exc:
-            raise _redirect_loop(url, exc) from exc
+        except aiohttp.ClientResponseError as exc:  # a redirect loop, a header past aiohttp's 8 KiB limit
+            raise unusable_answer(url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 
@@ -307,8 +307,8 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
             finally:
                 if saving is not None:
                     sink.partial = await asyncio.wrap_future(saving)
-    except aiohttp.TooManyRedirects as exc:
-        raise _redirect_loop(request.url, exc) from exc
+    except aiohttp.ClientResponseError as exc:
+        raise unusable_answer(request.url, exc) from exc
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
     if sink.written < request.size:
@@ -319,10 +319,15 @@ _NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, Co
                    asyncio.TimeoutError)
 
 
-def _redirect_loop(url: str, exc: aiohttp.TooManyRedirects) -> TransferFailed:
-    """A server that redirects past aiohttp's limit (a loop, usually): not retried, it would loop again."""
-    last = exc.request_info.real_url
-    return TransferFailed(url, f"redirected {len(exc.history)} times without an answer (a redirect loop?); last {last}")
+def unusable_answer(url: str, exc: aiohttp.ClientResponseError) -> TransferFailed:
+    """An answer aiohttp could not take (a redirect loop, a header line past its 8 KiB limit): not retried, the
+    server would answer the same again."""
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        last = exc.request_info.real_url
+        reason = f"redirected {len(exc.history)} times without an answer (a redirect loop?); last {last}"
+    else:
+        reason = f"the server's answer is not usable HTTP ({str(exc.message)[:120]})"
+    return TransferFailed(url, reason)
 
 
 def _network_retry(exc: BaseException, where: str) -> _Retry:

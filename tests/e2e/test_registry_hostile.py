@@ -96,3 +96,32 @@ async def test_a_registry_error_body_that_breaks_the_json_parser_still_gives_the
     finally:
         await target.close()
     assert caught.value.status == 400 and caught.value.reason == "cannot store the manifest v1: HTTP 400"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("token", ["a\x00b", "t\u00f6k", "a b"], ids=["nul", "non-ascii", "space"])
+async def test_a_token_that_cannot_be_a_header_is_a_typed_error(
+        tmp_path: Path, aiohttp_server: Server, token: str) -> None:
+    async def registry(request: web.Request) -> web.StreamResponse:
+        if request.path == "/token":
+            return web.json_response({"token": token})
+        if request.headers.get("Authorization"):
+            return web.Response(status=404)
+        realm = f"http://127.0.0.1:{request.url.port}/token"
+        return web.Response(status=401, headers={"WWW-Authenticate": f'Bearer realm="{realm}"'})
+
+    server = await aiohttp_server(_app(registry))
+    error = await _sync(tmp_path, server.port)
+    assert isinstance(error, TransferFailed) and error.exit_code == 8
+    assert error.reason == "the token service's token holds spaces, control or non-ASCII characters"
+
+
+@pytest.mark.asyncio
+async def test_an_oversized_header_is_a_typed_error(tmp_path: Path, aiohttp_server: Server) -> None:
+    async def registry(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=401, headers={"WWW-Authenticate": 'Bearer realm="' + "x" * 20_000 + '"'})
+
+    server = await aiohttp_server(_app(registry))
+    error = await _sync(tmp_path, server.port)
+    assert isinstance(error, TransferFailed) and error.exit_code == 8
+    assert error.reason.startswith("the server's answer is not usable HTTP (Got more than 8190 bytes")
