@@ -67,6 +67,7 @@ _HOST = re.compile(
     r"|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?"
 )
 _SHA256_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+_DIGEST = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[0-9a-fA-F]{32,}")
 
 
 @dataclass(frozen=True)
@@ -96,17 +97,24 @@ def parse_reference(text: str) -> OciReference:
     """Parse ``oci://HOST[:PORT]/REPO[:TAG]``; ``SourceUnavailable`` names what is malformed."""
     rest = text.removeprefix("oci://").rstrip("/")
     host, _, path = rest.partition("/")
+    before, _, after = rest.rpartition("@")
+    if before and _DIGEST.fullmatch(after) and "@" not in before:  # REPO@sha256:...: a digest never changes
+        raise SourceUnavailable(
+            text,
+            f"{after!r} is a digest; edge-rt follows a release by its tag",
+            fix="Name the tag: oci://HOST[:PORT]/REPOSITORY[:TAG] (default edge-rt-manifest)",
+        )
+    if before:  # oci://USER:PASSWORD@HOST/...: never echo what comes before the '@' (a password, maybe with '/')
+        raise SourceUnavailable(
+            "oci://" + after,
+            "credentials do not belong in an oci:// reference (it is printed in messages and process listings)",
+            fix="Give them in EDGE_RT_REGISTRY_USERNAME/PASSWORD or with `docker login`",
+        )
     tag = DEFAULT_TAG
     last = path.rsplit("/", 1)[-1]
     if ":" in last:
         path, _, tag = path.rpartition(":")
     problem = None
-    if "@" in host:  # oci://USER:PASSWORD@HOST/...: never echo the password into an error, a log or a listing
-        raise SourceUnavailable(
-            "oci://" + host.rpartition("@")[2] + "/" + path,
-            "credentials do not belong in an oci:// reference (it is printed in messages and process listings)",
-            fix="Give them in EDGE_RT_REGISTRY_USERNAME/PASSWORD or with `docker login`",
-        )
     port = host.rpartition(":")[2] if not host.endswith("]") and ":" in host else ""
     if not _HOST.fullmatch(host):
         problem = f"{host!r} is not a registry host[:port]"

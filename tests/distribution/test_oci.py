@@ -48,6 +48,7 @@ def test_references_parse_host_repository_and_tag(text: str, expected: OciRefere
     ("oci:///fleet", "is not a registry host"),
     ("oci://127.0.0.1:99999/fleet", "port 99999 is not between 1 and 65535"),
     ("oci://127.0.0.1:0/fleet", "port 0 is not between 1 and 65535"),
+    ("oci://127.0.0.1:5000/fleet@sha256:" + "ab" * 32, "is a digest; edge-rt follows a release by its tag"),
 ])
 def test_malformed_references_name_what_is_wrong(text: str, problem: str) -> None:
     with pytest.raises(SourceUnavailable, match=problem) as caught:
@@ -56,10 +57,12 @@ def test_malformed_references_name_what_is_wrong(text: str, problem: str) -> Non
 
 
 def test_a_password_in_a_reference_never_reaches_the_error() -> None:
-    with pytest.raises(SourceUnavailable, match="EDGE_RT_REGISTRY_USERNAME/PASSWORD") as caught:
-        parse_reference("oci://alice:s3cret-pw@127.0.0.1:5000/fleet/adapters:v1")
-    assert "s3cret-pw" not in str(caught.value) and "s3cret-pw" not in repr(caught.value.__dict__)
-    assert "oci://127.0.0.1:5000/fleet/adapters" in str(caught.value)
+    for text in ("oci://alice:s3cret-pw@127.0.0.1:5000/fleet/adapters:v1",
+                 "oci://alice:s3cret/pw@127.0.0.1:5000/fleet/adapters:v1"):  # a '/' in the password
+        with pytest.raises(SourceUnavailable, match="EDGE_RT_REGISTRY_USERNAME/PASSWORD") as caught:
+            parse_reference(text)
+        assert "s3cret" not in str(caught.value) and "s3cret" not in repr(caught.value.__dict__)
+        assert "oci://127.0.0.1:5000/fleet/adapters:v1" in str(caught.value)
 
 
 def test_plain_http_only_for_loopback_or_listed_registries(monkeypatch: pytest.MonkeyPatch) -> None:
