@@ -263,7 +263,13 @@ class Registry:
         location = response.headers.get("Location") or default
         if not location:
             raise TransferFailed(str(response.url), "the registry sent no upload Location")
-        return str(response.url.join(URL(location)))
+        try:
+            joined: URL | None = response.url.join(URL(location))
+        except ValueError:  # "http://[::1": yarl refuses it
+            joined = None
+        if joined is None or joined.scheme not in ("http", "https") or not joined.host:  # file://, ftp://...
+            raise TransferFailed(str(response.url), f"the registry sent an unusable upload Location {location[:200]!r}")
+        return str(joined)
 
     def _backoff(self, attempt: int) -> float:
         return random.uniform(0, min(self.transfer.backoff_max_s, self.transfer.backoff_base_s * 2 ** (attempt - 1)))

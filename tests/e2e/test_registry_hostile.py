@@ -125,3 +125,25 @@ async def test_an_oversized_header_is_a_typed_error(tmp_path: Path, aiohttp_serv
     error = await _sync(tmp_path, server.port)
     assert isinstance(error, TransferFailed) and error.exit_code == 8
     assert error.reason.startswith("the server's answer is not usable HTTP (Got more than 8190 bytes")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("location", ["file:///etc/passwd", "ftp://127.0.0.1/upload", "http://[::1"])
+async def test_an_upload_location_that_is_not_http_is_a_typed_error(aiohttp_server: Server, location: str) -> None:
+    requests: list[str] = []
+
+    async def registry(request: web.Request) -> web.StreamResponse:
+        requests.append(request.method)
+        if request.method == "HEAD":
+            return web.Response(status=404)
+        return web.Response(status=202, headers={"Location": location})
+
+    server = await aiohttp_server(_app(registry))
+    target = Registry(parse_reference(f"oci://127.0.0.1:{server.port}/fleet/adapters"), transfer=TransferSettings())
+    try:
+        with pytest.raises(TransferFailed) as caught:
+            await target.upload_bytes(b"adapter bytes")
+    finally:
+        await target.close()
+    assert caught.value.reason == f"the registry sent an unusable upload Location {location!r}"
+    assert requests == ["HEAD", "POST"]  # nothing sent to the Location, no retry
