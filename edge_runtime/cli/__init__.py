@@ -257,7 +257,7 @@ def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allo
     where = f"pushed {result.reference} ({result.uploaded_bytes / 1e6:.2f} MB uploaded)" \
         if isinstance(result, RegistryPublishResult) else f"wrote {result.manifest_path}"
     click.echo(f"{where}: version {result.manifest.version}, "
-               f"{len(result.manifest.adapters)} adapters, {len(result.new_blobs)} new blobs, "
+               f"{_count(len(result.manifest.adapters), 'adapter')}, {_count(len(result.new_blobs), 'new blob')}, "
                f"expires {format_time(result.manifest.expires)}, {'signed' if result.signed else 'UNSIGNED'}")
 
 
@@ -299,7 +299,11 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
     for name in report.incompatible:
         click.echo(f"{name}  skipped: converted for another base model", err=True)
     version = "offline" if report.manifest_version is None else f"manifest version {report.manifest_version}"
-    click.echo(f"{len(report.results)} adapters ready ({version})", err=True)
+    click.echo(f"{_count(len(report.results), 'adapter')} ready ({version})", err=True)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 class _ProgressLine:
