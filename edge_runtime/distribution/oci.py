@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from edge_runtime.errors import InvalidManifest, SourceUnavailable
+from edge_runtime.errors import InvalidAddress, InvalidManifest
 
 __all__ = [
     "ADAPTER_ARTIFACT_TYPE",
@@ -94,18 +94,18 @@ def is_oci_reference(text: str) -> bool:
 
 
 def parse_reference(text: str) -> OciReference:
-    """Parse ``oci://HOST[:PORT]/REPO[:TAG]``; ``SourceUnavailable`` names what is malformed."""
+    """Parse ``oci://HOST[:PORT]/REPO[:TAG]``; ``InvalidAddress`` (exit 2) names what is malformed."""
     rest = text.removeprefix("oci://").rstrip("/")
     host, _, path = rest.partition("/")
     before, _, after = rest.rpartition("@")
     if before and _DIGEST.fullmatch(after) and "@" not in before:  # REPO@sha256:...: a digest never changes
-        raise SourceUnavailable(
+        raise InvalidAddress(
             text,
             f"{after!r} is a digest; edge-rt follows a release by its tag",
             fix="Name the tag: oci://HOST[:PORT]/REPOSITORY[:TAG] (default edge-rt-manifest)",
         )
     if before:  # oci://USER:PASSWORD@HOST/...: never echo what comes before the '@' (a password, maybe with '/')
-        raise SourceUnavailable(
+        raise InvalidAddress(
             "oci://" + after,
             "credentials do not belong in an oci:// reference (it is printed in messages and process listings)",
             fix="Give them in EDGE_RT_REGISTRY_USERNAME/PASSWORD or with `docker login`",
@@ -125,7 +125,7 @@ def parse_reference(text: str) -> OciReference:
     elif not _TAG.fullmatch(tag):
         problem = f"{tag!r} is not a tag (letters, digits, '_', '.', '-'; at most 128)"
     if problem is not None:
-        raise SourceUnavailable(text, problem, fix="Spell a registry as oci://HOST[:PORT]/REPOSITORY[:TAG]")
+        raise InvalidAddress(text, problem, fix="Spell a registry as oci://HOST[:PORT]/REPOSITORY[:TAG]")
     return OciReference(host=host, repository=path, tag=tag)
 
 

@@ -12,6 +12,7 @@ The tree::
     │   └── GGUFNotFound                         (FileNotFoundError)   no such file
     ├── AddressInUse                             (OSError)             the daemon cannot listen on its port
     ├── SourceUnavailable                        (ConnectionError)     an hf:// source could not be resolved
+    │   └── InvalidAddress                       (ValueError)          a malformed oci:// address (exit 2)
     ├── InvalidName                              (ValueError)          a name that would become a path is unsafe
     ├── FileTooLarge                             (ValueError)          a file holds more than edge-rt reads of it
     ├── PeftAdapterError  (converters/errors.py) (ValueError)        a PEFT directory edge-rt cannot read
@@ -72,6 +73,7 @@ from edge_runtime.errors.device import (
     Forbidden,
     GGUFNotFound,
     IncompatibleAdapter,
+    InvalidAddress,
     InvalidGGUF,
     InvalidName,
     InvalidProfile,
@@ -114,5 +116,5 @@ __all__ = ["AdaptersDoNotFit", "AdapterNotFound", "AddressInUse", "BaseDoesNotFi
            "LengthExceeded", "LlamaCppError", "ManifestExpired", "ModelNotFound", "NothingToPublish",
            "MemoryPressure", "ProfileNotFound", "QueueFull", "RegistryAuthFailed", "RemoteNotFound",
            "RollbackRefused", "RuntimeClosed",
-           "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable", "TransferFailed",
+           "ShuttingDown", "SignatureInvalid", "SlowRetrieval", "SourceUnavailable", "InvalidAddress", "TransferFailed",
            "Unauthorized", "UnsupportedDestination", "UntrustedData"]

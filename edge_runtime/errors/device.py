@@ -77,6 +77,18 @@ class SourceUnavailable(EdgeRtError, ConnectionError):
         super().__init__(f"cannot fetch {source}: {reason}", fix=fix)
 
 
+class InvalidAddress(SourceUnavailable, ValueError):
+    """An address (``oci://...``) is malformed: a usage mistake, found before anything is fetched or pushed."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "invalid_address"
+
+    def __init__(self, source: str, reason: str, *, fix: str | None = None) -> None:
+        super().__init__(source, reason, fix=fix)
+        EdgeRtError.__init__(self, f"{source} is not a usable address: {reason}", fix=fix)
+
+
 class InvalidName(EdgeRtError, ValueError):
     """A user-supplied name that would become part of a path or a key does not match the allowed pattern."""
 

@@ -22,7 +22,7 @@ from edge_runtime.distribution.oci import (
 from edge_runtime.distribution.registry import registry_url, uses_plain_http
 from edge_runtime.distribution.registry_auth import find_credentials, parse_challenge
 from edge_runtime.distribution.schedule import RefreshSchedule
-from edge_runtime.errors import InvalidManifest, RegistryAuthFailed, SourceUnavailable
+from edge_runtime.errors import InvalidAddress, InvalidManifest, RegistryAuthFailed, SourceUnavailable
 
 DIGEST = "sha256:" + "ab" * 32
 
@@ -51,9 +51,11 @@ def test_references_parse_host_repository_and_tag(text: str, expected: OciRefere
     ("oci://127.0.0.1:5000/fleet@sha256:" + "ab" * 32, "is a digest; edge-rt follows a release by its tag"),
 ])
 def test_malformed_references_name_what_is_wrong(text: str, problem: str) -> None:
-    with pytest.raises(SourceUnavailable, match=problem) as caught:
+    with pytest.raises(InvalidAddress, match=problem) as caught:
         parse_reference(text)
-    assert caught.value.exit_code == 5
+    assert caught.value.exit_code == 2  # a usage mistake, found before anything is fetched or pushed
+    assert str(caught.value).endswith("Spell a registry as oci://HOST[:PORT]/REPOSITORY[:TAG]") or "digest" in problem \
+        or "credentials" in problem
 
 
 def test_a_password_in_a_reference_never_reaches_the_error() -> None:
