@@ -54,6 +54,7 @@ from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, w
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.stops import StopMatcher
+from edge_runtime.runtime.threadpool import ThreadPool
 
 __all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings"]
 log = logging.getLogger(__name__)
@@ -71,6 +72,7 @@ class Engine:
         self._active: tuple[tuple[AdapterHandle, float], ...] = ()
         self._active_key: tuple[tuple[str, float], ...] = ()
         self._llama: Any = None
+        self._pool: ThreadPool | None = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
         self.evaluated_tokens = 0  # prompt tokens evaluated (not taken from the KV cache) since start
         self._plan: activation.Plan[AdapterHandle] = activation.plan([], ())  # what computed each cached position
@@ -121,6 +123,10 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
+        self.threads, self.openmp = threads, b"OPENMP = 1" in llama_cpp.llama_print_system_info()
+        if not self.openmp:  # else ggml makes and joins a new set of threads for every graph
+            self._pool = ThreadPool(llama_cpp.llama_cpp._lib, self._llama.ctx, threads=threads,
+                                    poll=settings.pool_poll, prio=settings.pool_prio)
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get(keys.CHAT_TEMPLATE)
@@ -141,6 +147,11 @@ class Engine:
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else self._llama._model.token_get_text(token)
+
+    @property
+    def worker_thread_id(self) -> int | None:
+        """The native id of the thread that runs every llama.cpp call (None before it first ran)."""
+        return None if self._worker_thread is None else self._worker_thread.native_id
 
     @property
     def n_vocab(self) -> int:
@@ -168,6 +179,8 @@ class Engine:
     def _close(self) -> None:
         self._set_adapters(())
         self._llama.close()
+        if self._pool is not None:
+            self._pool.free()
 
     # -- adapters -------------------------------------------------------------------------------------------------
 
