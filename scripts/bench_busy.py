@@ -4,7 +4,7 @@ candidate way of running llama.cpp's threads, in one run.
 A candidate is a llama.cpp build (the Python that has it installed), environment variables read when the build's
 thread library loads, and engine settings (threads; ggml's own thread pool's ``poll`` level and priority). Each
 candidate runs in a fresh process that loads the embedded SmolLM2 once; the parent starts and stops the
-neighbours (``python -c 'while True: pass'``, each bounded by ``timeout``) between measurements, so idle and busy
+neighbours (``python -c 'while True: pass'``, each ending by itself after a bound) between measurements, so idle and busy
 runs of one candidate alternate. A measurement is the time to first token of a fresh ~120-token prompt (nothing
 reused from the KV cache) and the greedy decode rate of the tokens after it; a decode slower than ``--max-seconds``
 is stopped there and its rate is what it reached. Each measurement also reads the process's threads from /proc:
@@ -84,11 +84,13 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
 
 @contextlib.contextmanager
 def neighbours(condition: str, bound_s: int) -> Iterator[None]:
-    """CPU-bound processes for ``condition``, each killed afterwards (and by ``timeout`` should this script die)."""
+    """CPU-bound processes for ``condition``, each killed afterwards (and ending by itself should this script die)."""
     count = 0 if condition == "idle" else int(condition.split()[0])
-    prefix = ["nice", "-n", "19"] if "nice" in condition else []
-    spinners = [subprocess.Popen([*prefix, "timeout", str(bound_s), sys.executable, "-c", "while True: pass"])
-                for _ in range(count)]
+    # `while True: pass` that ends by itself after bound_s, so none outlives a killed run; the process killed
+    # below is the spinner itself (a `timeout` wrapper would be killed and leave its child spinning)
+    code = (f"import os, time\nos.nice({19 if 'nice' in condition else 0})\nend = time.monotonic() + {bound_s}\n"
+            "while time.monotonic() < end: pass")
+    spinners = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(count)]
     try:
         if spinners:
             time.sleep(0.3)  # running, not starting

@@ -3,9 +3,10 @@
 
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
 hand their work to it. Keep it so when embedding an engine: llama.cpp's OpenMP keeps a thread team per thread that
-ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved).
-The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so adapters go through the
-low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` / ``llama_adapter_lora_free`` calls).
+ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved). The
+thread count is fixed for the engine's life (results depend on it: flash attention splits the KV cache by thread).
+The base model is memory-mapped once (adapters go through ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``
+/ ``llama_adapter_lora_free``: ``Llama(lora_path=...)`` would turn mmap off).
 
 KV isolation: llama.cpp leaves cache consistency to the caller (``llama_set_adapters_lora`` never touches the KV
 cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine records which adapter set computed
@@ -69,6 +70,7 @@ class Engine:
         self.model_path = Path(model_path)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-engine")
         self._worker_thread: threading.Thread | None = None
+        self.worker_thread_id: int | None = None  # the native id of the thread that runs every llama.cpp call
         self._active: tuple[tuple[AdapterHandle, float], ...] = ()
         self._active_key: tuple[tuple[str, float], ...] = ()
         self._llama: Any = None
@@ -96,7 +98,7 @@ class Engine:
             raise RuntimeClosed()
 
         def run() -> T:
-            self._worker_thread = threading.current_thread()
+            self._worker_thread, self.worker_thread_id = threading.current_thread(), threading.get_native_id()
             return function(*args)
 
         return self._worker.submit(run)
@@ -123,10 +125,8 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
-        self.threads, self.openmp = threads, b"OPENMP = 1" in llama_cpp.llama_print_system_info()
-        if not self.openmp:  # else ggml makes and joins a new set of threads for every graph
-            self._pool = ThreadPool(llama_cpp.llama_cpp._lib, self._llama.ctx, threads=threads,
-                                    poll=settings.pool_poll, prio=settings.pool_prio)
+        self.threads = threads  # fixed for the engine's life: llama.cpp's results depend on it
+        self._pool = ThreadPool.unless_openmp(llama_cpp, self._llama.ctx, threads, settings.pool_poll, settings.pool_prio)
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get(keys.CHAT_TEMPLATE)
@@ -147,11 +147,6 @@ class Engine:
 
     def _token_text(self, token: int) -> str:
         return "" if token < 0 else self._llama._model.token_get_text(token)
-
-    @property
-    def worker_thread_id(self) -> int | None:
-        """The native id of the thread that runs every llama.cpp call (None before it first ran)."""
-        return None if self._worker_thread is None else self._worker_thread.native_id
 
     @property
     def n_vocab(self) -> int:

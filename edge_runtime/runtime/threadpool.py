@@ -49,6 +49,13 @@ class ThreadPool:
         attach(context, self.pointer, self.pointer)
         self.threads, self.poll, self.prio = threads, poll, prio
 
+    @classmethod
+    def unless_openmp(cls, llama_cpp: Any, context: Any, threads: int, poll: int, prio: int) -> ThreadPool | None:
+        """A pool attached to ``context`` when the build has no OpenMP (else None: libgomp runs the threads)."""
+        if b"OPENMP = 1" in llama_cpp.llama_print_system_info():
+            return None
+        return cls(llama_cpp.llama_cpp._lib, context, threads=threads, poll=poll, prio=prio)
+
     def free(self) -> None:
         """Stop and join the workers (the context using the pool must be freed or detached first)."""
         if self.pointer:
