@@ -62,6 +62,17 @@ class Runtime:
                     last = now
                 yield chunk
 
+    def compute_status(self) -> dict[str, Any]:
+        """Threads, usable cores and why, the profile's warning if any, and over the last minute the decode rate
+        (tok/s) and the share of CPU-wanted time the engine's threads spent waiting for a CPU (contention)."""
+        contention = self.pace.contention()  # samples the threads' times now
+        total = self.pace.total
+        return {"threads": self.engine.threads, "usable_cores": self.cores.usable, "cores": self.cores.describe(),
+                "warning": thread_warning(self.profile, self.cores),
+                "decode_tokens_per_second": round(self.pace.tokens_per_second(), 2),
+                "contention": round(contention, 4), "cpu_seconds": round(total.ran, 3),
+                "cpu_wait_seconds": round(total.waited, 3)}
+
     def engine_threads(self) -> list[int]:
         """Native ids of the threads that run the model: the engine's worker and the threads llama.cpp started
         (every thread of the process that Python did not start)."""
