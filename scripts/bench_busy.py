@@ -4,8 +4,8 @@ candidate way of running llama.cpp's threads, in one run.
 A candidate is a llama.cpp build (the Python that has it installed), environment variables read when the build's
 thread library loads, and engine settings (threads; ggml's own thread pool's ``poll`` level and priority). Each
 candidate runs in a fresh process that loads the embedded SmolLM2 once; the parent starts and stops the
-neighbours (``python -c 'while True: pass'``, each ending by itself after a bound) between measurements, so idle and busy
-runs of one candidate alternate. A measurement is the time to first token of a fresh ~120-token prompt (nothing
+neighbours (``python -c 'while True: pass'``, each ending by itself after a bound) between measurements, so idle and
+busy runs alternate. A measurement is the time to first token of a fresh ~120-token prompt (nothing
 reused from the KV cache) and the greedy decode rate of the tokens after it; a decode slower than ``--max-seconds``
 is stopped there and its rate is what it reached. Each measurement also reads the process's threads from /proc:
 how many ran, their context switches per token (voluntary: a thread slept, e.g. on a futex; involuntary: it was
@@ -61,12 +61,16 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
     """Every candidate this run compares (those needing the OpenMP-off build only when it is given)."""
     here, off = sys.executable, args.openmp_off_python
     found = [
-        Candidate("openmp", here, note="today's build, libgomp's defaults"),
+        Candidate("today", here, {"GOMP_SPINCOUNT": "300000"}, note="OpenMP build, libgomp's default spin"),
+        Candidate("shipped", here, note="OpenMP build, edge-rt's default (settings.OPENMP_SPINCOUNT)"),
         Candidate("openmp-1-thread", here, threads=1, note="reserve_cores = 1"),
         Candidate("openmp-passive", here, {"OMP_WAIT_POLICY": "PASSIVE"}, note="threads sleep at every barrier"),
-        Candidate("openmp-spin-10k", here, {"GOMP_SPINCOUNT": "10000"}, note="spin ~10k, then sleep"),
-        Candidate("openmp-spin-100k", here, {"GOMP_SPINCOUNT": "100000"}),
-        Candidate("openmp-nice-5", here, nice=-5, note="engine threads at nice -5 (takes CPU from neighbours)"),
+        Candidate("openmp-spin-1k", here, {"GOMP_SPINCOUNT": "1000"}, note="spin 1k rounds, then sleep"),
+        Candidate("openmp-spin-3k", here, {"GOMP_SPINCOUNT": "3000"}, note="spin 3k rounds, then sleep"),
+        Candidate("openmp-spin-10k", here, {"GOMP_SPINCOUNT": "10000"}, note="spin 10k rounds, then sleep"),
+        Candidate("openmp-spin-100k", here, {"GOMP_SPINCOUNT": "100000"}, note="libgomp's default is 300k"),
+        Candidate("openmp-nice-5", here, {"GOMP_SPINCOUNT": "300000"}, nice=-5,
+                  note="today's spin, engine threads at nice -5 (takes CPU from neighbours)"),
     ]
     if off:
         found += [
@@ -155,7 +159,7 @@ def child(spec: dict[str, Any]) -> None:
         before, started = thread_stats(os.getpid()), time.perf_counter()
         stamps = []
         stream = engine.stream(prompt, SamplingParams(max_tokens=tokens, temperature=0.0))
-        for chunk in stream:
+        for _ in stream:
             stamps.append(time.perf_counter())
             if stamps[-1] - started > limit:
                 stream.close()
@@ -264,28 +268,34 @@ class DaemonProcess:
 # -- the run ----------------------------------------------------------------------------------------------------------
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Measure every candidate under every condition, interleaved per candidate, ``--repeat`` times."""
-    targets = ["engine", *(["daemon"] if args.daemon else [])]
+    """Measure every candidate under every condition, ``--repeat`` rounds; within a round each condition's
+    neighbours run while every candidate is measured in turn, so ratios compare runs minutes apart at most."""
     found: dict[str, Any] = {"loadavg_start": Path("/proc/loadavg").read_text().strip(), "results": {}}
-    index = 1
-    for candidate in candidates(args):
-        for target in targets:
-            if target == "daemon" and (candidate.nice or candidate.pool):
-                continue
-            holder: Any = EngineProcess(candidate) if target == "engine" else DaemonProcess(candidate)
-            runs: dict[str, list[dict[str, Any]]] = {condition: [] for condition in CONDITIONS}
-            try:
-                for _ in range(args.repeat):
-                    for condition in CONDITIONS:
-                        with neighbours(condition, int(args.max_seconds) + 60):
-                            runs[condition].append(holder.measure(index, args.tokens, args.max_seconds))
+    holders: dict[str, Any] = {}
+    try:
+        for candidate in candidates(args):
+            holders[f"{candidate.name} / engine"] = EngineProcess(candidate)
+            if args.daemon and not (candidate.nice or candidate.pool):
+                holders[f"{candidate.name} / daemon"] = DaemonProcess(candidate)
+            found["results"][f"{candidate.name} / engine"] = {"note": candidate.note,
+                                                              "runs": {c: [] for c in CONDITIONS}}
+            if f"{candidate.name} / daemon" in holders:
+                found["results"][f"{candidate.name} / daemon"] = {"note": candidate.note,
+                                                                  "runs": {c: [] for c in CONDITIONS}}
+        index = 1
+        for round_ in range(args.repeat):
+            for condition in CONDITIONS:
+                with neighbours(condition, int(args.max_seconds + 30) * len(holders)):
+                    for name, holder in holders.items():
+                        found["results"][name]["runs"][condition].append(
+                            holder.measure(index, args.tokens, args.max_seconds))
                         index += 1
-            finally:
-                holder.close()
-            found["results"][f"{candidate.name} / {target}"] = {"note": candidate.note, "runs": runs}
-            print(f"{candidate.name} / {target}: " + ", ".join(
-                f"{c} {statistics.median(r['tok_s'] for r in runs[c]):.1f}" for c in CONDITIONS)
-                + f" tok/s  (load {Path('/proc/loadavg').read_text().split()[0]})", file=sys.stderr, flush=True)
+                print(f"round {round_ + 1}, {condition}: " + ", ".join(
+                    f"{name} {found['results'][name]['runs'][condition][-1]['tok_s']:.1f}" for name in holders)
+                    + f" tok/s (load {Path('/proc/loadavg').read_text().split()[0]})", file=sys.stderr, flush=True)
+    finally:
+        for holder in holders.values():
+            holder.close()
     found["loadavg_end"] = Path("/proc/loadavg").read_text().strip()
     return found
 
@@ -293,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def report(found: dict[str, Any]) -> None:
     """Markdown: decode and TTFT per candidate and condition, ratios to its own idle and to today's build."""
     results = found["results"]
-    today = {c: median(results.get("openmp / engine"), c, "tok_s") for c in CONDITIONS}
+    today = {c: median(results.get("today / engine"), c, "tok_s") for c in CONDITIONS}
     print(f"load average at start: {found['loadavg_start']}; at end: {found['loadavg_end']}\n")
     print("| candidate / target | idle tok/s | 1 busy | 2 busy | 1 busy at nice 19 | 1 busy vs own idle | "
           "1 busy vs today's | idle vs today's | TTFT idle / 1 busy (ms) |")

@@ -126,7 +126,8 @@ class Engine:
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
         self.threads = threads  # fixed for the engine's life: llama.cpp's results depend on it
-        self._pool = ThreadPool.unless_openmp(llama_cpp, self._llama.ctx, threads, settings.pool_poll, settings.pool_prio)
+        self._pool = ThreadPool.unless_openmp(llama_cpp, self._llama.ctx, threads, settings.pool_poll,
+                                              settings.pool_prio)
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get(keys.CHAT_TEMPLATE)

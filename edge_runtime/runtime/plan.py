@@ -50,9 +50,10 @@ def thread_warning(profile: DeviceProfile, cores: CoreBudget) -> str | None:
     asked = f"compute.threads = {compute.threads}" + (
         f" + compute.reserve_cores = {compute.reserve_cores}" if compute.reserve_cores else "")
     running = compute.threads_for(cores.usable)
+    threads = f"{running} thread{'s' if running != 1 else ''}"
     return (f"profile {profile.name} asks for {asked} but this process may use {cores.describe()} cores: running "
-            f"{running} thread{'s' if running != 1 else ''} (answers are those of {running} threads); set "
-            f"compute.threads in the profile ({profile.source}) to what the device can give")
+            f"{threads} (answers are those of {threads}); set compute.threads in the profile ({profile.source}) "
+            "to what the device can give")
 
 
 def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,

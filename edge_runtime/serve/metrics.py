@@ -71,7 +71,8 @@ def _compute(status: dict[str, Any]) -> Iterator[Metric]:
     yield CounterMetricFamily("edge_rt_engine_cpu_seconds", "CPU time the engine's threads ran",
                               value=status["cpu_seconds"])
     yield CounterMetricFamily("edge_rt_engine_cpu_wait_seconds", "Time the engine's threads were runnable but "
-                              "waited for a CPU (the device was busy with other work)", value=status["cpu_wait_seconds"])
+                              "waited for a CPU (the device was busy with other work)",
+                              value=status["cpu_wait_seconds"])
 
 
 class Metrics:

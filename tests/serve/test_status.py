@@ -7,7 +7,6 @@ import time
 
 from edge_runtime.serve.status import render_page
 
-
 COMPUTE = {"threads": 2, "usable_cores": 2, "cores": "2 (affinity 2 CPUs, cgroup quota none)", "warning": None,
            "decode_tokens_per_second": 41.25, "contention": 0.375, "cpu_seconds": 3.0, "cpu_wait_seconds": 1.8}
 
