@@ -25,8 +25,13 @@ SAMPLE_EVERY_S = 1.0
 class Pace:
     """Decode steps and thread times over the last ``window_s`` seconds; safe to call from any thread."""
 
-    def __init__(self, threads: Callable[[], Iterable[int]], *, window_s: float = WINDOW_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        threads: Callable[[], Iterable[int]],
+        *,
+        window_s: float = WINDOW_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._threads = threads  # the native ids of the engine's threads, read at each sample
         self.window_s = window_s
         self._clock = clock
