@@ -75,7 +75,8 @@ def _table(url: str, report: dict[str, Any]) -> str:
                         else ""))
     compute = report.get("compute")
     if compute:  # a daemon older than this CLI has none
-        lines.append(f"compute: {compute['threads']} threads, usable cores {compute['cores']}, decode "
+        threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+        lines.append(f"compute: {threads}, usable cores {compute['cores']}, decode "
                      f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "
                      f"{100 * compute['contention']:.0f}% over the last minute")
         if compute.get("warning"):

@@ -73,7 +73,8 @@ def _compute(compute: dict[str, Any]) -> str:
     """Threads and usable cores, the last minute's decode rate and contention, and the profile's warning if any."""
     rate = compute["decode_tokens_per_second"]
     speed = f"{rate:.1f} tok/s" if rate else "nothing decoded"
-    line = (f'<p id="compute">{compute["threads"]} threads · usable cores {_e(compute["cores"])} · decode {speed} '
+    threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+    line = (f'<p id="compute">{threads} · usable cores {_e(compute["cores"])} · decode {speed} '
             f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
             "engine's threads waited for a CPU)</p>")
     warning = compute.get("warning")

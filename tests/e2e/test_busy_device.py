@@ -46,10 +46,10 @@ def test_jetson_profile_on_one_core_warns_once_and_reports_threads_cores_rate_an
     assert len(warnings) == 1
     assert (f"profile jetson-orin-nano-8gb asks for compute.threads = 4 + compute.reserve_cores = 2 but this process "
             f"may use {cores} cores: running 1 thread (answers are those of 1 thread)") in warnings[0]
-    assert f"(1 threads, usable cores {cores})" in log
+    assert f"(1 thread, usable cores {cores})" in log
     assert compute["threads"] == 1 and compute["usable_cores"] == 1 and compute["warning"] in warnings[0]
     assert compute["decode_tokens_per_second"] > 0
-    assert 'id="threads-warning"' in page and "1 threads · usable cores 1 (affinity 1 CPUs" in page
+    assert 'id="threads-warning"' in page and "1 thread · usable cores 1 (affinity 1 CPUs" in page
 
 
 def test_a_profile_within_the_usable_cores_starts_without_a_warning(tmp_path: Path) -> None:
