@@ -21,7 +21,6 @@ import codecs
 import ctypes
 import json
 import logging
-import os
 import queue
 import random
 import threading
@@ -38,6 +37,7 @@ import psutil
 from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from edge_runtime.cores import core_budget
 from edge_runtime.errors import (
     ContextOverflow,
     InvalidGGUF,
@@ -115,7 +115,7 @@ class Engine:
         if settings.kv_type not in KV_TYPES:
             raise InvalidSettings("kv_type", settings.kv_type, f"must be one of {', '.join(KV_TYPES)}")
         kv = gguf.GGMLQuantizationType[settings.kv_type.upper()].value  # the ggml_type id llama.cpp takes
-        threads = settings.n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        threads = settings.n_threads or min(psutil.cpu_count(logical=False) or 1, core_budget().usable)
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(self.model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch,

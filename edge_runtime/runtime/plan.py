@@ -23,7 +23,7 @@ class EngineSettings:
     n_ctx: int = 2048
     n_batch: int = 512
     n_ubatch: int = 512
-    n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
+    n_threads: int | None = None  # None: every physical core this process may use (llama-cpp-python's: half)
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
