@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import psutil
 
+from edge_runtime.cores import core_budget
 from edge_runtime.errors import FileTooLarge, InvalidProfile, ProfileNotFound
 from edge_runtime.files import read_bounded
 
@@ -208,6 +209,12 @@ class ComputeSpec:
     ctx: int
     batch: int
     kv_type: str
+    reserve_cores: int = 0  # cores left to the device's other work: threads never exceed usable cores minus these
+
+    def threads_for(self, usable_cores: int) -> int:
+        """The threads to run on a process that may use ``usable_cores``: ``threads``, at most the usable cores
+        minus ``reserve_cores``, at least 1. Fixed for a process's life: llama.cpp's answers depend on it."""
+        return max(1, min(self.threads, usable_cores - self.reserve_cores))
 
     @classmethod
     def from_dict(cls, data: object, *, source: str) -> ComputeSpec:
@@ -225,7 +232,9 @@ class ComputeSpec:
         kv_type = table.text("kv_type")
         if kv_type not in KV_TYPES:
             raise table.invalid("kv_type", f"must be one of {', '.join(KV_TYPES)}", kv_type)
-        return cls(threads=threads, gpu_layers=gpu_layers, ctx=ctx, batch=batch, kv_type=kv_type)
+        reserve = table.integer("reserve_cores", minimum=0) if "reserve_cores" in table.data else 0
+        return cls(threads=threads, gpu_layers=gpu_layers, ctx=ctx, batch=batch, kv_type=kv_type,
+                   reserve_cores=reserve)
 
 
 @dataclass(frozen=True)
@@ -369,19 +378,23 @@ def _is_path(value: str) -> bool:
 
 
 def auto_profile() -> DeviceProfile:
-    """This machine as psutil measures it now: RAM, physical cores; half of RAM as the runtime budget."""
+    """This machine as measured now: RAM, the cores this process may use (physical cores, the affinity mask and
+    the cgroup CPU quota, the fewest of them); half of RAM as the runtime budget."""
     ram_mb = int(psutil.virtual_memory().total) // MIB
-    cores = int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+    physical = int(psutil.cpu_count(logical=False) or psutil.cpu_count() or 1)
+    budget = core_budget()
+    cores = min(physical, budget.usable)
     data = {
         "name": AUTO,
-        "description": f"This machine as psutil measures it: {cores} physical cores, {ram_mb} MiB RAM, CPU only",
+        "description": f"This machine as measured: {cores} usable cores ({physical} physical, affinity "
+                       f"{budget.affinity}, cgroup quota {budget.quota or 'none'}), {ram_mb} MiB RAM, CPU only",
         "memory": {"ram_mb": ram_mb, "runtime_budget_mb": max(1, int(ram_mb * AUTO_BUDGET_FRACTION))},
         "storage": {"adapter_cache_mb": AUTO_ADAPTER_CACHE_MB},
         # The portable llama.cpp build is CPU-only; a GPU device takes its own profile (gpu_layers > 0).
         "compute": {"threads": cores, "gpu_layers": 0, "ctx": AUTO_CTX, "batch": AUTO_BATCH, "kv_type": "f16"},
         "network": {"max_download_kbps": 0, "metered": False},
     }
-    return DeviceProfile.from_dict(data, source="auto: measured by psutil")
+    return DeviceProfile.from_dict(data, source="auto: measured by psutil, sched_getaffinity and cgroup cpu.max")
 
 
 def list_profiles() -> list[DeviceProfile]:

@@ -20,7 +20,7 @@ FORBIDDEN = {"runtime": ("edge_runtime.distribution", "edge_runtime.serve", "edg
              "serve": ("edge_runtime.cli", "converters")}
 # converters/ sits below the runtime (or beside it): it may use the shared modules, never a half of edge_runtime.
 CONVERTERS_FORBIDDEN = ("edge_runtime.runtime", "edge_runtime.distribution", "edge_runtime.serve", "edge_runtime.cli")
-SHARED = ["errors", "settings.py", "names.py", "files.py", "profiles.py", "hub.py", "units.py", "lazy.py"]
+SHARED = ["errors", "settings.py", "names.py", "files.py", "profiles.py", "hub.py", "units.py", "lazy.py", "cores.py"]
 
 
 def imported_modules(path: Path) -> set[str]:

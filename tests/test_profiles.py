@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from click.testing import CliRunner
 
 from edge_runtime import profiles
 from edge_runtime.cli import main
+from edge_runtime.cores import core_budget
 from edge_runtime.errors import InvalidProfile, ProfileNotFound
 from edge_runtime.profiles import DEFAULT_PROFILE, DeviceProfile, auto_profile, list_profiles, load_profile
 
@@ -23,13 +27,13 @@ SHIPPED_DIR = Path(str(resources.files("device_profiles")))
 
 # name: (ram_mb, runtime_budget_mb, adapter_cache_mb, threads, gpu_layers, ctx, max_download_kbps, metered)
 SHIPPED = {
-    "jetson-orin-nano-8gb": (8192, 3072, 4096, 6, 999, 4096, 0, False),
-    "jetson-orin-nx-16gb": (16384, 8192, 8192, 8, 999, 8192, 0, False),
-    "jetson-agx-orin-64gb": (65536, 32768, 32768, 12, 999, 16384, 0, False),
-    "raspberry-pi-5-8gb": (8192, 4096, 4096, 4, 0, 2048, 0, False),
+    "jetson-orin-nano-8gb": (8192, 3072, 4096, 4, 999, 4096, 0, False),
+    "jetson-orin-nx-16gb": (16384, 8192, 8192, 6, 999, 8192, 0, False),
+    "jetson-agx-orin-64gb": (65536, 32768, 32768, 8, 999, 16384, 0, False),
+    "raspberry-pi-5-8gb": (8192, 4096, 4096, 3, 0, 2048, 0, False),
     "phone-8gb": (8192, 2560, 2048, 4, 0, 2048, 0, True),
     "phone-4gb": (4096, 1280, 1024, 2, 0, 2048, 0, True),
-    "drone-companion-4gb": (4096, 1536, 1024, 3, 0, 1024, 256, True),
+    "drone-companion-4gb": (4096, 1536, 1024, 2, 0, 1024, 256, True),
     "drone-voxl2-8gb": (8192, 3072, 4096, 3, 0, 2048, 2048, True),
 }
 
@@ -83,6 +87,43 @@ def test_every_shipped_profile_loads_with_its_vendor_specs_and_budgets(name: str
     assert profile.description.strip()
 
 
+# Devices that run other work (a flight stack, a perception pipeline, ROS 2, the app that calls us) leave cores
+# to it; the threads are fixed per profile, so its answers are those of that thread count.
+RESERVED = {"drone-companion-4gb": 2, "drone-voxl2-8gb": 1, "jetson-orin-nano-8gb": 2, "jetson-orin-nx-16gb": 2,
+            "jetson-agx-orin-64gb": 4, "raspberry-pi-5-8gb": 1}
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED))
+def test_profiles_of_devices_that_run_other_work_leave_cores_to_it(name: str) -> None:
+    compute = load_profile(name).compute
+    assert compute.reserve_cores == RESERVED[name]
+    text = (SHIPPED_DIR / f"{name}.toml").read_text()
+    assert f"Answers are those of {compute.threads} thread" in text or "reserve_cores keeps" in text
+
+
+@pytest.mark.parametrize(("threads", "reserve", "usable", "runs"), [
+    (4, 2, 6, 4), (4, 2, 2, 1), (6, 0, 2, 2), (2, 2, 4, 2), (3, 1, 3, 2), (1, 0, 8, 1), (8, 4, 1, 1)])
+def test_threads_never_exceed_usable_cores_minus_the_reserved_ones(threads: int, reserve: int, usable: int,
+                                                                   runs: int) -> None:
+    data = {**VALID, "compute": {**VALID["compute"], "threads": threads, "reserve_cores": reserve}}
+    assert DeviceProfile.from_dict(data, source="t").compute.threads_for(usable) == runs
+
+
+def test_reserve_cores_is_optional_and_round_trips_through_toml(tmp_path: Path) -> None:
+    assert DeviceProfile.from_dict(VALID, source="t").compute.reserve_cores == 0
+    jetson = load_profile("jetson")
+    path = tmp_path / "copy.toml"
+    path.write_text(jetson.to_toml())
+    assert load_profile(str(path)).compute == jetson.compute
+
+
+def test_auto_counts_the_cores_of_the_affinity_mask() -> None:
+    code = "from edge_runtime.profiles import auto_profile; print(auto_profile().compute.threads)"
+    pinned = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env={**os.environ, "PYTHONPATH": str(SHIPPED_DIR.parent)})
+    assert pinned.stdout.strip() == "1"
+
+
 def test_the_shipped_set_is_exactly_the_documented_devices_plus_auto() -> None:
     assert [profile.name for profile in list_profiles()] == ["auto", *sorted(SHIPPED)]
     assert sorted(path.stem for path in SHIPPED_DIR.glob("*.toml")) == sorted(SHIPPED)
@@ -125,7 +166,8 @@ def test_auto_is_this_machine_as_psutil_measures_it() -> None:
     assert profile.name == "auto" and profile.aliases == ()
     assert profile.memory.ram_mb == ram_mb
     assert profile.memory.runtime_budget_mb == ram_mb // 2
-    assert profile.compute.threads == (psutil.cpu_count(logical=False) or psutil.cpu_count())
+    usable = min(psutil.cpu_count(logical=False) or psutil.cpu_count(), core_budget().usable)
+    assert profile.compute.threads == usable and profile.compute.reserve_cores == 0
     assert (profile.compute.ctx, profile.compute.batch, profile.compute.kv_type) == (2048, 512, "f16")
     assert profile.compute.gpu_layers == 0
     assert profile.storage.adapter_cache_mb == 2048
@@ -208,6 +250,8 @@ RULES = [
     ("compute.threads", 0, "compute.threads", "at least 1"),
     ("compute.threads", False, "compute.threads", "not a boolean"),
     ("compute.gpu_layers", -1, "compute.gpu_layers", "at least 0"),
+    ("compute.reserve_cores", -1, "compute.reserve_cores", "at least 0"),
+    ("compute.reserve_cores", 1.5, "compute.reserve_cores", "must be an integer, not a float"),
     ("compute.ctx", 0, "compute.ctx", "at least 256"),
     ("compute.ctx", 1000, "compute.ctx", "multiple of 256"),
     ("compute.batch", 0, "compute.batch", "at least 1"),
@@ -321,7 +365,8 @@ def test_cli_profiles_show_json_by_alias() -> None:
     assert shown["name"] == "jetson-orin-nano-8gb" and shown["aliases"] == ["jetson", "jetson-orin-nano", "orin-nano"]
     assert shown["memory"] == {"ram_mb": 8192, "runtime_budget_mb": 3072}
     assert shown["storage"] == {"adapter_cache_mb": 4096}
-    assert shown["compute"] == {"threads": 6, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "f16"}
+    assert shown["compute"] == {"threads": 4, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "f16",
+                                "reserve_cores": 2}
     assert shown["network"] == {"max_download_kbps": 0, "metered": False}
     assert shown["source"].endswith("jetson-orin-nano-8gb.toml")
 

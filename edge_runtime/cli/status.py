@@ -73,6 +73,14 @@ def _table(url: str, report: dict[str, Any]) -> str:
                      + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else "")
                      + (f", updates waiting (metered link): {', '.join(cdn['deferred'])}" if cdn.get("deferred")
                         else ""))
+    compute = report.get("compute")
+    if compute:  # a daemon older than this CLI has none
+        threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+        lines.append(f"compute: {threads}, usable cores {compute['cores']}, decode "
+                     f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "
+                     f"{100 * compute['contention']:.0f}% over the last minute")
+        if compute.get("warning"):
+            lines.append(f"  warning: {compute['warning']}")
     lines.append(f"recent requests ({len(report['recent'])})")
     lines += [f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
               f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms" for r in report["recent"]]

@@ -10,6 +10,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
+from edge_runtime.settings import openmp_defaults
+
+openmp_defaults()  # before engine.py imports llama_cpp, which loads libgomp: it reads its environment once
 
 __all__ = ["AdapterManager", "AdapterRequest", "AdapterState", "AppliedAdapter", "Engine", "EngineSettings",
            "MemoryPlan", "ModelShape", "Runtime", "SamplingParams", "default_model_path", "model_shape", "plan_for",

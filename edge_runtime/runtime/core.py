@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edge_runtime.cores import core_budget, process_threads
 from edge_runtime.gguf.header import read_header
 from edge_runtime.gguf.info import base_fingerprint
 from edge_runtime.profiles import DeviceProfile
@@ -15,10 +18,12 @@ from edge_runtime.runtime.adapters import AdapterManager, HeldAdapter
 from edge_runtime.runtime.engine import Engine
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams
 from edge_runtime.runtime.models import resolve_model
-from edge_runtime.runtime.plan import engine_settings, plan_for_shape
+from edge_runtime.runtime.pace import Pace
+from edge_runtime.runtime.plan import engine_settings, plan_for_shape, thread_warning
 from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
 log = logging.getLogger(__name__)
+
 
 class Runtime:
     """The library API the daemon serves: generate with an adapter set, within the profile's memory budget."""
@@ -32,7 +37,12 @@ class Runtime:
         self.plan = plan_for_shape(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
         self.plan.require_fit(profile.name)
         self.base_fingerprint = base_fingerprint(header)
-        self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx))
+        self.cores = core_budget()
+        warning = thread_warning(profile, self.cores)
+        if warning:
+            log.warning("%s", warning)
+        self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx, cores=self.cores))
+        self.pace = Pace(self.engine_threads)
         self.adapters = AdapterManager(self.engine, budget_bytes=self.plan.adapter_budget_bytes, base_header=header,
                                        base_fingerprint=self.base_fingerprint)
 
@@ -42,8 +52,33 @@ class Runtime:
         with self.adapters.lease(adapters) as held:
             if applied is not None:
                 applied.extend(_applied(held, prompt))
-            yield from self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held],
-                                          cancel=cancel)
+            last = None  # the first token's time includes the prompt's evaluation: the pace counts from it on
+            for chunk in self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held],
+                                            cancel=cancel):
+                if chunk.token_ids:
+                    now = time.perf_counter()
+                    if last is not None:
+                        self.pace.step(len(chunk.token_ids), now - last)
+                    last = now
+                yield chunk
+
+    def compute_status(self) -> dict[str, Any]:
+        """Threads, usable cores and why, the profile's warning if any, and over the last minute the decode rate
+        (tok/s) and the share of CPU-wanted time the engine's threads spent waiting for a CPU (contention)."""
+        contention = self.pace.contention()  # samples the threads' times now
+        total = self.pace.total
+        return {"threads": self.engine.threads, "usable_cores": self.cores.usable, "cores": self.cores.describe(),
+                "warning": thread_warning(self.profile, self.cores),
+                "decode_tokens_per_second": round(self.pace.tokens_per_second(), 2),
+                "contention": round(contention, 4), "cpu_seconds": round(total.ran, 3),
+                "cpu_wait_seconds": round(total.waited, 3)}
+
+    def engine_threads(self) -> list[int]:
+        """Native ids of the threads that run the model: the engine's worker and the threads llama.cpp started
+        (every thread of the process that Python did not start)."""
+        python = {thread.native_id for thread in threading.enumerate()}
+        worker = self.engine.worker_thread_id
+        return [tid for tid in process_threads() if tid == worker or tid not in python]
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, *,
                  adapters: Sequence[AdapterRequest] = ()) -> tuple[Generation, list[AppliedAdapter]]:

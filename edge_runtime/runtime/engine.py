@@ -3,9 +3,10 @@
 
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
 hand their work to it. Keep it so when embedding an engine: llama.cpp's OpenMP keeps a thread team per thread that
-ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved).
-The base model is memory-mapped once (``Llama(lora_path=...)`` would turn mmap off, so adapters go through the
-low-level ``llama_adapter_lora_init`` / ``llama_set_adapters_lora`` / ``llama_adapter_lora_free`` calls).
+ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved). The
+thread count is fixed for the engine's life (results depend on it: flash attention splits the KV cache by thread).
+The base model is memory-mapped once (adapters go through ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``
+/ ``llama_adapter_lora_free``: ``Llama(lora_path=...)`` would turn mmap off).
 
 KV isolation: llama.cpp leaves cache consistency to the caller (``llama_set_adapters_lora`` never touches the KV
 cache, and llama-cpp-python reuses prompt prefixes by tokens alone). The engine records which adapter set computed
@@ -20,7 +21,6 @@ import codecs
 import ctypes
 import json
 import logging
-import os
 import queue
 import random
 import threading
@@ -37,6 +37,7 @@ import psutil
 from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
+from edge_runtime.cores import core_budget
 from edge_runtime.errors import (
     ContextOverflow,
     InvalidGGUF,
@@ -54,6 +55,7 @@ from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, w
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.stops import StopMatcher
+from edge_runtime.runtime.threadpool import ThreadPool
 
 __all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings"]
 log = logging.getLogger(__name__)
@@ -68,9 +70,11 @@ class Engine:
         self.model_path = Path(model_path)
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-engine")
         self._worker_thread: threading.Thread | None = None
+        self.worker_thread_id: int | None = None  # the native id of the thread that runs every llama.cpp call
         self._active: tuple[tuple[AdapterHandle, float], ...] = ()
         self._active_key: tuple[tuple[str, float], ...] = ()
         self._llama: Any = None
+        self._pool: ThreadPool | None = None
         self.last_reused_tokens = 0  # prompt tokens the last generation took from the KV cache
         self.evaluated_tokens = 0  # prompt tokens evaluated (not taken from the KV cache) since start
         self._plan: activation.Plan[AdapterHandle] = activation.plan([], ())  # what computed each cached position
@@ -94,7 +98,7 @@ class Engine:
             raise RuntimeClosed()
 
         def run() -> T:
-            self._worker_thread = threading.current_thread()
+            self._worker_thread, self.worker_thread_id = threading.current_thread(), threading.get_native_id()
             return function(*args)
 
         return self._worker.submit(run)
@@ -111,7 +115,7 @@ class Engine:
         if settings.kv_type not in KV_TYPES:
             raise InvalidSettings("kv_type", settings.kv_type, f"must be one of {', '.join(KV_TYPES)}")
         kv = gguf.GGMLQuantizationType[settings.kv_type.upper()].value  # the ggml_type id llama.cpp takes
-        threads = settings.n_threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1
+        threads = settings.n_threads or min(psutil.cpu_count(logical=False) or 1, core_budget().usable)
         try:
             self._llama = llama_cpp.Llama(
                 model_path=str(self.model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch,
@@ -121,6 +125,9 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
+        self.threads = threads  # fixed for the engine's life: llama.cpp's results depend on it
+        self._pool = ThreadPool.unless_openmp(llama_cpp, self._llama.ctx, threads, settings.pool_poll,
+                                              settings.pool_prio)
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get(keys.CHAT_TEMPLATE)
@@ -168,6 +175,8 @@ class Engine:
     def _close(self) -> None:
         self._set_adapters(())
         self._llama.close()
+        if self._pool is not None:
+            self._pool.free()
 
     # -- adapters -------------------------------------------------------------------------------------------------
 

@@ -6,14 +6,14 @@ goes (``budget.py`` holds the byte formulas) for a model file, before anything i
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from edge_runtime.cores import CoreBudget, core_budget
 from edge_runtime.profiles import DeviceProfile
 from edge_runtime.runtime import budget
 
-__all__ = ["EngineSettings", "engine_settings", "plan_for", "plan_for_shape"]
+__all__ = ["EngineSettings", "engine_settings", "plan_for", "plan_for_shape", "thread_warning"]
 
 
 @dataclass(frozen=True)
@@ -23,19 +23,37 @@ class EngineSettings:
     n_ctx: int = 2048
     n_batch: int = 512
     n_ubatch: int = 512
-    n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
+    n_threads: int | None = None  # None: every physical core this process may use (llama-cpp-python's: half)
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
+    pool_poll: int = 50  # builds without OpenMP: ggml's thread pool polling level, 0-100 (threadpool.py)
+    pool_prio: int = 0  # ... and its workers' priority: -1 SCHED_BATCH, 0 inherited, 1-3 SCHED_FIFO (real-time)
 
 
-def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> EngineSettings:
-    """Context settings a profile asks for (``ctx`` overrides the profile's)."""
+def engine_settings(profile: DeviceProfile, *, ctx: int | None = None,
+                    cores: CoreBudget | None = None) -> EngineSettings:
+    """Context settings a profile asks for on a process that may use ``cores`` (default: as measured now; ``ctx``
+    overrides the profile's). The thread count never exceeds the usable cores minus the profile's reserved ones."""
     compute = profile.compute
     n_ctx = ctx or compute.ctx
     return EngineSettings(n_ctx=n_ctx, n_batch=min(compute.batch, n_ctx), n_ubatch=budget.ubatch_for(compute.batch),
-                          n_threads=min(compute.threads, os.cpu_count() or compute.threads),
+                          n_threads=compute.threads_for((cores or core_budget()).usable),
                           n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
+
+
+def thread_warning(profile: DeviceProfile, cores: CoreBudget) -> str | None:
+    """One line for the operator when the profile asks for more threads than this process may use, else None."""
+    compute = profile.compute
+    if compute.threads + compute.reserve_cores <= cores.usable:
+        return None
+    asked = f"compute.threads = {compute.threads}" + (
+        f" + compute.reserve_cores = {compute.reserve_cores}" if compute.reserve_cores else "")
+    running = compute.threads_for(cores.usable)
+    threads = f"{running} thread{'s' if running != 1 else ''}"
+    return (f"profile {profile.name} asks for {asked} but this process may use {cores.describe()} cores: running "
+            f"{threads} (answers are those of {threads}); set compute.threads in the profile ({profile.source}) "
+            "to what the device can give")
 
 
 def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,

@@ -66,7 +66,9 @@ def run(options: ServeOptions, *, say: Callable[[str], None]) -> None:
         app = create_app(_server_config(options), runtime, cdn=client)
 
         async def announce(_: Any) -> None:  # after the CDN's adapters were registered and --preload loaded
-            say(f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} on "
+            say(f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} "
+                f"({runtime.engine.threads} thread{'s' if runtime.engine.threads != 1 else ''}, usable cores "
+                f"{runtime.cores.describe()}) on "
                 f"http://{options.host}:{options.port} with {_adapter_counts(runtime)}"
                 + (f", {'offline: serving the cache of' if client.offline else 'following'} {options.cdn}"
                    if client else ""))

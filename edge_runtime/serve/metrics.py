@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -52,6 +53,26 @@ class _RuntimeCollector(Collector):
                                   value=self.intake.shed_requests)
         yield GaugeMetricFamily("edge_rt_over_budget", "1 while the daemon sheds load for memory, else 0",
                                 value=int(self.intake.over_budget))
+        yield from _compute(self.runtime.compute_status())
+
+
+def _compute(status: dict[str, Any]) -> Iterator[Metric]:
+    """Threads and cores, and whether the device is too busy for them: decode rate and CPU contention."""
+    yield GaugeMetricFamily("edge_rt_engine_threads", "Threads llama.cpp decodes with (fixed per profile)",
+                            value=status["threads"])
+    yield GaugeMetricFamily("edge_rt_usable_cores", "Cores this process may use (affinity mask, cgroup CPU quota)",
+                            value=status["usable_cores"])
+    yield GaugeMetricFamily("edge_rt_decode_tokens_per_second", "Decode speed over the last minute: generated "
+                            "tokens / engine time spent on them (prompt evaluation excluded)",
+                            value=status["decode_tokens_per_second"])
+    yield GaugeMetricFamily("edge_rt_engine_cpu_contention", "Share of the last minute's CPU-wanted time the "
+                            "engine's threads waited for a CPU (runnable, not running; /proc schedstat)",
+                            value=status["contention"])
+    yield CounterMetricFamily("edge_rt_engine_cpu_seconds", "CPU time the engine's threads ran",
+                              value=status["cpu_seconds"])
+    yield CounterMetricFamily("edge_rt_engine_cpu_wait_seconds", "Time the engine's threads were runnable but "
+                              "waited for a CPU (the device was busy with other work)",
+                              value=status["cpu_wait_seconds"])
 
 
 class Metrics:

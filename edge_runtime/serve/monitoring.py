@@ -42,7 +42,7 @@ def _status(daemon: Daemon) -> dict[str, Any]:  # psutil and the adapter list: o
             "queued": daemon.scheduler.queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
             "resident_adapter_bytes": runtime.adapters.resident_bytes,
             "adapters": [openai_api.adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
-            "recent": recent_json(daemon.recent)}
+            "recent": recent_json(daemon.recent), "compute": runtime.compute_status()}
 
 
 @routes.get("/health")

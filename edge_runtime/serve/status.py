@@ -3,7 +3,8 @@ self-refreshing HTML page (``/``) with no external assets (devices are often off
 
 The facts: the memory budget split as ``edge-rt plan`` splits it, measured RSS, every adapter with its state
 (``remote``, ``downloading`` with progress, ``cached``, ``resident``, ``active``), the CDN the daemon follows, and
-the most recent requests.
+the most recent requests; the engine's threads, the cores the process may use, and over the last minute its decode
+rate and CPU contention (a busy device is visible, not a mystery).
 """
 
 from __future__ import annotations
@@ -64,7 +65,20 @@ def render_page(status: dict[str, Any]) -> str:
         refresh=REFRESH_S, title=_e(f"edge-rt · {status['model']}"), model=_e(status["model"]),
         profile=_e(status["profile"]), uptime=_duration(status["uptime_s"]), queued=status["queued"],
         segments=segments, legend=legend, free=_mib(budget - used), budget=_mib(budget), rss=_mib(status["rss_bytes"]),
-        adapters=_adapter_rows(status["adapters"]), cdn=_cdn(status.get("cdn")), recent=_recent_rows(status["recent"]))
+        adapters=_adapter_rows(status["adapters"]), cdn=_cdn(status.get("cdn")), recent=_recent_rows(status["recent"]),
+        compute=_compute(status["compute"]))
+
+
+def _compute(compute: dict[str, Any]) -> str:
+    """Threads and usable cores, the last minute's decode rate and contention, and the profile's warning if any."""
+    rate = compute["decode_tokens_per_second"]
+    speed = f"{rate:.1f} tok/s" if rate else "nothing decoded"
+    threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+    line = (f'<p id="compute">{threads} · usable cores {_e(compute["cores"])} · decode {speed} '
+            f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
+            "engine's threads waited for a CPU)</p>")
+    warning = compute.get("warning")
+    return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 
 
 def _adapter_rows(adapters: list[dict[str, Any]]) -> str:
@@ -125,6 +139,7 @@ border-bottom: 1px solid #edf2f7; }} th {{ color: #4a5568; font-weight: 600; }}
 </style></head><body>
 <h1>edge-rt · {model}</h1>
 <div class="sub">profile {profile} · up {uptime} · {queued} queued · RSS {rss} of a {budget} budget</div>
+<h2>Compute</h2>{compute}
 <h2>Memory budget</h2>
 <div class="bar">{segments}</div>
 <div class="legend">{legend}<span>free {free}</span></div>

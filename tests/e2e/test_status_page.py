@@ -64,6 +64,10 @@ def test_edge_rt_status_prints_the_same_facts(busy_daemon: Daemon) -> None:
     table = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
     assert re.search(r"^  a\s+resident", table, re.M) and re.search(r"^  c\s+cached", table, re.M)
     assert "measured RSS" in table and "recent requests (" in table
+    compute = report["compute"]
+    assert compute["threads"] >= 1 and compute["usable_cores"] >= compute["threads"]
+    assert compute["decode_tokens_per_second"] > 0  # the busy daemon has answered completions
+    assert f"compute: {compute['threads']} thread" in table and f"usable cores {compute['cores']}, decode " in table
 
 
 def test_the_page_and_status_are_behind_the_api_key(tmp_path: Path, serve_profile: Path) -> None:

@@ -7,6 +7,9 @@ import time
 
 from edge_runtime.serve.status import render_page
 
+COMPUTE = {"threads": 2, "usable_cores": 2, "cores": "2 (affinity 2 CPUs, cgroup quota none)", "warning": None,
+           "decode_tokens_per_second": 41.25, "contention": 0.375, "cpu_seconds": 3.0, "cpu_wait_seconds": 1.8}
+
 
 def test_a_downloading_adapter_shows_its_progress_and_text_is_escaped() -> None:
     status = {"model": "m", "profile": "p", "uptime_s": 5, "queued": 0, "rss_bytes": 100 << 20,
@@ -16,8 +19,22 @@ def test_a_downloading_adapter_shows_its_progress_and_text_is_escaped() -> None:
                             "size_bytes": 100, "sha256": "ab" * 32, "users": 0, "last_used": None}],
               "cdn": {"url": "http://cdn/<x>", "offline": False, "version": 3, "last_refresh": time.time(),
                       "last_error": "refused <b>"},
-              "recent": []}
+              "recent": [], "compute": COMPUTE}
     page = render_page(status)
     assert re.search(r'data-adapter="big" data-state="downloading">.*downloading 40%', page)
     assert "manifest version 3" in page and "&lt;b&gt;" in page and "<b>" not in page and "&lt;x&gt;" in page
     assert '<meta http-equiv="refresh" content="2">' in page and "http://cdn/" in page and "src=" not in page
+
+
+def test_the_page_shows_threads_cores_decode_rate_contention_and_the_thread_warning() -> None:
+    status = {"model": "m", "profile": "p", "uptime_s": 5, "queued": 0, "rss_bytes": 1, "resident_adapter_bytes": 0,
+              "plan": {"budget_bytes": 1 << 30}, "adapters": [], "cdn": None, "recent": [],
+              "compute": {**COMPUTE, "warning": "profile <j> asks for compute.threads = 6"}}
+    page = render_page(status)
+    compute = re.search(r'<p id="compute">(.*?)</p>', page)
+    assert compute is not None
+    assert compute.group(1).startswith("2 threads · usable cores 2 (affinity 2 CPUs, cgroup quota none) · decode "
+                                       "41.2 tok/s over the last minute · CPU contention 38%")
+    assert '<p class="error" id="threads-warning">profile &lt;j&gt; asks for compute.threads = 6</p>' in page
+    idle = render_page({**status, "compute": {**COMPUTE, "decode_tokens_per_second": 0.0, "contention": 0.0}})
+    assert "decode nothing decoded over the last minute · CPU contention 0%" in idle and "threads-warning" not in idle
