@@ -54,7 +54,7 @@ class BaseModelLayout:
         raise IncompatibleAdapter(
             f"target module {module!r} has no tensor in the base model {self.name!r} ({self.architecture})",
             fix="Remove it from target_modules (the base may tie lm_head to the embeddings), or pass the base "
-                "model the adapter was trained on",
+            "model the adapter was trained on",
         )
 
     def check_shape(self, module: str, gguf_name: str, lora_a: np.ndarray, lora_b: np.ndarray) -> None:
@@ -63,7 +63,8 @@ class BaseModelLayout:
         if lora_a.shape[1] != n_in or lora_b.shape[0] != n_out:
             raise IncompatibleAdapter(
                 f"module {module!r}: the adapter maps {lora_a.shape[1]} → {lora_b.shape[0]} features but the base "
-                f"tensor {gguf_name} maps {n_in} → {n_out}; the adapter was trained for another base model")
+                f"tensor {gguf_name} maps {n_in} → {n_out}; the adapter was trained for another base model"
+            )
 
     def arrange_lora_b(self, gguf_name: str, lora_b: np.ndarray) -> np.ndarray:
         """``lora_b`` with its rows in the order llama.cpp stores the base tensor's rows."""
@@ -89,8 +90,12 @@ def read_base_layout(path: str) -> BaseModelLayout:
     kv_key = f"{architecture}.attention.head_count_kv"
     head_count_kv = _int_field(header, kv_key) if kv_key in header.fields else head_count
     return BaseModelLayout(
-        path=path, architecture=architecture, name=str(header.value(keys.NAME, architecture)),
-        block_count=block_count, head_count=head_count, head_count_kv=head_count_kv,
+        path=path,
+        architecture=architecture,
+        name=str(header.value(keys.NAME, architecture)),
+        block_count=block_count,
+        head_count=head_count,
+        head_count_kv=head_count_kv,
         tensor_shapes={t.name: t.shape for t in header.tensors},
         fingerprint=base_fingerprint(header),
         tensor_map=gguf.get_tensor_name_map(_ARCH_BY_NAME[architecture], block_count),
@@ -100,18 +105,19 @@ def read_base_layout(path: str) -> BaseModelLayout:
 def _permute_rows(matrix: np.ndarray, n_head: int) -> np.ndarray:
     # Same reordering as llama.cpp's LlamaModel.permute, applied to the output rows only.
     rows = matrix.shape[0]
-    return (matrix.reshape(n_head, 2, rows // n_head // 2, *matrix.shape[1:])
-            .swapaxes(1, 2)
-            .reshape(matrix.shape))
+    return matrix.reshape(n_head, 2, rows // n_head // 2, *matrix.shape[1:]).swapaxes(1, 2).reshape(matrix.shape)
 
 
 def _module_spellings(module: str) -> list[str]:
     # Multimodal checkpoints nest the text model under `language_model`; llama.cpp names it as the plain model.
     spellings = [module]
-    for nested, plain in (("model.language_model.", "model."), ("language_model.model.", "model."),
-                          ("language_model.", "")):
+    for nested, plain in (
+        ("model.language_model.", "model."),
+        ("language_model.model.", "model."),
+        ("language_model.", ""),
+    ):
         if module.startswith(nested):
-            spellings.append(plain + module[len(nested):])
+            spellings.append(plain + module[len(nested) :])
     return spellings
 
 

@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from edge_runtime.errors import EdgeRtError, IncompatibleAdapter
 
-__all__ = ["AdapterFilesMissing", "MalformedAdapter", "PeftAdapterError", "UnsupportedAdapterFeature",
-           "UnsupportedArchitecture"]
+__all__ = [
+    "AdapterFilesMissing",
+    "MalformedAdapter",
+    "PeftAdapterError",
+    "UnsupportedAdapterFeature",
+    "UnsupportedArchitecture",
+]
 
 
 class PeftAdapterError(EdgeRtError, ValueError):
@@ -53,5 +58,7 @@ class UnsupportedArchitecture(IncompatibleAdapter, NotImplementedError):
     def __init__(self, architecture: str, supported: tuple[str, ...]) -> None:
         self.architecture = architecture
         self.supported = supported
-        super().__init__(f"base architecture {architecture!r} is not supported by the converter",
-                         fix=f"Supported architectures: {', '.join(supported)}")
+        super().__init__(
+            f"base architecture {architecture!r} is not supported by the converter",
+            fix=f"Supported architectures: {', '.join(supported)}",
+        )

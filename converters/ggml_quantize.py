@@ -42,8 +42,15 @@ def _quantize_chunk() -> Any:
     function = _library().ggml_quantize_chunk
     function.restype = ctypes.c_size_t
     # (type, const float *src, void *dst, int64 start, int64 nrows, int64 n_per_row, const float *imatrix)
-    function.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                         ctypes.c_int64, ctypes.c_void_p]
+    function.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
     return function
 
 

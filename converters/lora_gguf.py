@@ -60,16 +60,27 @@ class _PlannedTensor:
     qtype: gguf.GGMLQuantizationType
 
 
-def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | Path, outtype: str = DEFAULT_OUTTYPE,
-                         name: str | None = None, progress: ProgressCallback | None = None,
-                         description: str = "") -> ConversionResult:
+def convert_peft_to_gguf(
+    source: str | Path,
+    *,
+    base: str | Path,
+    output: str | Path,
+    outtype: str = DEFAULT_OUTTYPE,
+    name: str | None = None,
+    progress: ProgressCallback | None = None,
+    description: str = "",
+) -> ConversionResult:
     """Convert the PEFT adapter at ``source`` (a folder or ``hf://ORG/REPO[@REV]``) for ``base`` into ``output``.
 
     ``description`` lands in the GGUF's ``general.description`` (and so in a published manifest's entry).
     """
     if outtype not in ADAPTER_OUTTYPES:
-        raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(ADAPTER_OUTTYPES)}",
-                              fix="Pass --outtype f32, f16, bf16 or q8_0")
+        raise InvalidSettings(
+            "outtype",
+            outtype,
+            f"must be one of {', '.join(ADAPTER_OUTTYPES)}",
+            fix="Pass --outtype f32, f16, bf16 or q8_0",
+        )
     output = Path(output)
     peft_dir = resolve_peft_dir(source)
     adapter = read_peft_adapter(peft_dir)
@@ -81,9 +92,17 @@ def convert_peft_to_gguf(source: str | Path, *, base: str | Path, output: str | 
     with atomic_output(output, mode=user_file_mode()) as temp:
         _write(temp, adapter, layout, adapter_name, alpha, plan, progress, description, invocation)
     ranks = tuple(sorted({p.pair.rank for p in plan}))
-    return ConversionResult(output=output, name=adapter_name, architecture=layout.architecture,
-                            tensor_count=len(plan), ranks=ranks, alpha=alpha, size_bytes=output.stat().st_size,
-                            base_fingerprint=layout.fingerprint, invocation_tokens=invocation)
+    return ConversionResult(
+        output=output,
+        name=adapter_name,
+        architecture=layout.architecture,
+        tensor_count=len(plan),
+        ranks=ranks,
+        alpha=alpha,
+        size_bytes=output.stat().st_size,
+        base_fingerprint=layout.fingerprint,
+        invocation_tokens=invocation,
+    )
 
 
 def invocation_tokens(adapter: PeftAdapter, layout: BaseModelLayout) -> tuple[int, ...]:
@@ -97,9 +116,11 @@ def invocation_tokens(adapter: PeftAdapter, layout: BaseModelLayout) -> tuple[in
         tokens = tuple(vocabulary_tokens(layout.path, config.invocation_string))
     vocabulary = layout.tensor_shapes.get("token_embd.weight", (0, 1 << 32))[1]
     if tokens and max(tokens) >= vocabulary:
-        raise MalformedAdapter(str(adapter.directory), f"invocation token {max(tokens)} is outside the base "
-                               f"model's vocabulary of {vocabulary} tokens",
-                               fix="The adapter was trained for another base model; pass that one with --base")
+        raise MalformedAdapter(
+            str(adapter.directory),
+            f"invocation token {max(tokens)} is outside the base model's vocabulary of {vocabulary} tokens",
+            fix="The adapter was trained for another base model; pass that one with --base",
+        )
     return tuple(tokens or ())
 
 
@@ -114,16 +135,22 @@ def gguf_lora_b(adapter: PeftAdapter, layout: BaseModelLayout, pair: LoraPair, g
     return lora_b if factor == 1.0 else (lora_b * np.float32(factor)).astype(np.float32)
 
 
-def _plan(adapter: PeftAdapter, layout: BaseModelLayout,
-          qtype: gguf.GGMLQuantizationType) -> list[_PlannedTensor]:
+def _plan(adapter: PeftAdapter, layout: BaseModelLayout, qtype: gguf.GGMLQuantizationType) -> list[_PlannedTensor]:
     planned: list[_PlannedTensor] = []
     for pair in adapter.pairs:
         target = layout.gguf_name(pair.module)
         layout.check_shape(pair.module, target, pair.lora_a, pair.lora_b)
         stem = target.removesuffix(".weight")
         for is_b, matrix in ((False, pair.lora_a), (True, pair.lora_b)):
-            planned.append(_PlannedTensor(name=f"{stem}.weight.lora_{'b' if is_b else 'a'}", target=target,
-                                          pair=pair, is_b=is_b, qtype=_type_for(matrix.shape, qtype)))
+            planned.append(
+                _PlannedTensor(
+                    name=f"{stem}.weight.lora_{'b' if is_b else 'a'}",
+                    target=target,
+                    pair=pair,
+                    is_b=is_b,
+                    qtype=_type_for(matrix.shape, qtype),
+                )
+            )
     return planned
 
 
@@ -133,16 +160,28 @@ def _type_for(shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf
     return wanted if shape[-1] % block_size == 0 else gguf.GGMLQuantizationType.F16
 
 
-def _write(path: Path, adapter: PeftAdapter, layout: BaseModelLayout, adapter_name: str, alpha: float,
-           plan: list[_PlannedTensor], progress: ProgressCallback | None, description: str,
-           invocation: tuple[int, ...]) -> None:
+def _write(
+    path: Path,
+    adapter: PeftAdapter,
+    layout: BaseModelLayout,
+    adapter_name: str,
+    alpha: float,
+    plan: list[_PlannedTensor],
+    progress: ProgressCallback | None,
+    description: str,
+    invocation: tuple[int, ...],
+) -> None:
     writer = gguf.GGUFWriter(path, arch=layout.architecture)
     writer.add_type(gguf.GGUFType.ADAPTER)
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     if invocation:  # llama.cpp refuses any element type but uint32
-        writer.add_key_value(gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS, list(invocation), gguf.GGUFValueType.ARRAY,
-                             gguf.GGUFValueType.UINT32)
+        writer.add_key_value(
+            gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS,
+            list(invocation),
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.UINT32,
+        )
     writer.add_name(adapter_name)
     if description:
         writer.add_description(description)

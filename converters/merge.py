@@ -39,7 +39,6 @@ ProgressCallback = Callable[[int, int], None]
 """Called with (base tensor bytes processed so far, total) after each tensor."""
 
 
-
 @dataclass(frozen=True)
 class MergeResult:
     """What ``merge_adapter`` wrote."""
@@ -67,8 +66,15 @@ class _Lora:
 FLOAT32_MAX = 3.4028234663852886e38
 
 
-def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, scale: float = 1.0,
-                  outtype: str = AUTO, progress: ProgressCallback | None = None) -> MergeResult:
+def merge_adapter(
+    adapter: str | Path,
+    *,
+    base: str | Path,
+    output: str | Path,
+    scale: float = 1.0,
+    outtype: str = AUTO,
+    progress: ProgressCallback | None = None,
+) -> MergeResult:
     """Fold the GGUF LoRA ``adapter`` at ``scale`` into ``base`` and write the complete model to ``output``."""
     check_outtype(outtype)
     if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:  # it is stored as a float32
@@ -76,16 +82,16 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
     adapter, base, output = Path(adapter), Path(base), Path(output)
     for source in (adapter, base):
         if output.resolve() == source.resolve():  # the atomic replace would destroy the input (a typo away)
-            raise InvalidSettings("output", str(output), f"is the input {source.name}",
-                                  fix="Write the merged model to a new file")
+            raise InvalidSettings(
+                "output", str(output), f"is the input {source.name}", fix="Write the merged model to a new file"
+            )
     adapter_header, base_header = read_header(adapter), read_header(base)
     _check_adapter(adapter_header)
     if base_header.value(keys.TYPE) == "adapter":
         raise InvalidGGUF(str(base), "this is a LoRA adapter, not a base model")
     fingerprint = gguf_info.base_fingerprint(base_header)
     loras = _pair_with_base(adapter_header, base_header, fingerprint, scale)
-    adapter_name = str(adapter_header.value(keys.ADAPTER_NAME) or adapter_header.value(keys.NAME)
-                       or adapter.stem)
+    adapter_name = str(adapter_header.value(keys.ADAPTER_NAME) or adapter_header.value(keys.NAME) or adapter.stem)
     adapter_sha256 = file_sha256(adapter).hexdigest()
     extra = {
         keys.MERGE_ADAPTER_NAME: metadata_value(adapter_name),
@@ -95,22 +101,40 @@ def merge_adapter(adapter: str | Path, *, base: str | Path, output: str | Path, 
         keys.MERGE_SCALE: metadata_value(float(scale)),
         keys.MERGE_OUTTYPE: metadata_value(outtype),
     } | _file_type(outtype)
-    with atomic_output(output, mode=user_file_mode()) as temp, _mapped(base_header) as base_file, \
-            _mapped(adapter_header) as adapter_file:
+    with (
+        atomic_output(output, mode=user_file_mode()) as temp,
+        _mapped(base_header) as base_file,
+        _mapped(adapter_header) as adapter_file,
+    ):
         slots = [TensorSlot(t.name, t.shape) for t in base_header.tensors]
         with temp.open("wb") as handle:
             writer = ModelWriter(handle, base_header, extra, slots)
             types, errors = _write_tensors(writer, slots, base_file, adapter_file, loras, outtype, progress)
             writer.finish()
-    return MergeResult(output=output, adapter_name=adapter_name, adapter_sha256=adapter_sha256,
-                       base_fingerprint=fingerprint, scale=scale, outtype=outtype, merged_tensors=len(loras),
-                       copied_tensors=len(base_header.tensors) - len(loras), merged_types=dict(sorted(types.items())),
-                       max_delta_error=max(errors, default=0.0), size_bytes=output.stat().st_size)
+    return MergeResult(
+        output=output,
+        adapter_name=adapter_name,
+        adapter_sha256=adapter_sha256,
+        base_fingerprint=fingerprint,
+        scale=scale,
+        outtype=outtype,
+        merged_tensors=len(loras),
+        copied_tensors=len(base_header.tensors) - len(loras),
+        merged_types=dict(sorted(types.items())),
+        max_delta_error=max(errors, default=0.0),
+        size_bytes=output.stat().st_size,
+    )
 
 
-def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base: _MappedFile, adapter: _MappedFile,
-                   loras: dict[str, _Lora], outtype: str,
-                   progress: ProgressCallback | None) -> tuple[Counter[str], list[float]]:
+def _write_tensors(
+    writer: ModelWriter,
+    slots: list[TensorSlot],
+    base: _MappedFile,
+    adapter: _MappedFile,
+    loras: dict[str, _Lora],
+    outtype: str,
+    progress: ProgressCallback | None,
+) -> tuple[Counter[str], list[float]]:
     """Write every tensor in the base's order; merges run on one thread per core, at most two per thread ahead."""
     types: Counter[str] = Counter()
     errors: list[float] = []
@@ -120,8 +144,7 @@ def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base: _MappedFi
 
     def write_ready(*, everything: bool) -> None:
         nonlocal done
-        while pending and (everything or len(pending) > 2 * workers or pending[0][2] is None
-                           or pending[0][2].done()):
+        while pending and (everything or len(pending) > 2 * workers or pending[0][2] is None or pending[0][2].done()):
             tensor, slot, merging = pending.popleft()
             if merging is None:
                 writer.write(slot, base.data(tensor), tensor.ggml_type)  # byte for byte: never requantised
@@ -149,8 +172,7 @@ def _write_tensors(writer: ModelWriter, slots: list[TensorSlot], base: _MappedFi
     return types, errors
 
 
-def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: _Lora,
-           outtype: str) -> EncodedTensor:
+def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: _Lora, outtype: str) -> EncodedTensor:
     lora_a = decode(adapter.data(lora.lora_a), lora.lora_a.ggml_type, rows=lora.lora_a.shape[1])
     lora_b = decode(adapter.data(lora.lora_b), lora.lora_b.ggml_type, rows=lora.lora_b.shape[1])
     with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below, as a typed error
@@ -158,8 +180,12 @@ def _merge(base: _MappedFile, adapter: _MappedFile, tensor: HeaderTensor, lora: 
         merged = decode(base.data(tensor), tensor.ggml_type, rows=tensor.shape[1]) + delta
     if not np.isfinite(merged).all():
         del lora_a, lora_b, delta, merged  # views of the mapped files: the traceback must not keep them open
-        raise InvalidSettings("scale", lora.scale, f"overflows float32 in {tensor.name}",
-                              fix="Pass a smaller --scale (1 applies the adapter as trained)")
+        raise InvalidSettings(
+            "scale",
+            lora.scale,
+            f"overflows float32 in {tensor.name}",
+            fix="Pass a smaller --scale (1 applies the adapter as trained)",
+        )
     return encode_merged(merged, delta, outtype=outtype, base_type=tensor.ggml_type)
 
 
@@ -168,9 +194,11 @@ def _check_adapter(header: GGUFHeader) -> None:
         raise InvalidGGUF(str(header.path), "not a LoRA adapter (general.type=adapter, adapter.type=lora)")
     if keys.ALORA_INVOCATION_TOKENS in header.fields:
         raise UnsupportedAdapterFeature(
-            "aLoRA", keys.ALORA_INVOCATION_TOKENS,
+            "aLoRA",
+            keys.ALORA_INVOCATION_TOKENS,
             fix="An activated LoRA applies only after its invocation tokens; merged, it would "
-                                     "apply everywhere. Serve it unmerged with `edge-rt serve --adapters-dir`")
+            "apply everywhere. Serve it unmerged with `edge-rt serve --adapters-dir`",
+        )
 
 
 def _pair_with_base(adapter: GGUFHeader, base: GGUFHeader, fingerprint: str, scale: float) -> dict[str, _Lora]:
@@ -180,7 +208,8 @@ def _pair_with_base(adapter: GGUFHeader, base: GGUFHeader, fingerprint: str, sca
         raise IncompatibleAdapter(
             f"{adapter.path.name} was converted for another base model (fingerprint {str(made_for)[:12]}, "
             f"{adapter.value(keys.BASE_NAME, 'unnamed')}) than {base.path.name} ({fingerprint[:12]})",
-            fix="Pass --base the model the adapter was converted for")
+            fix="Pass --base the model the adapter was converted for",
+        )
     alpha = float(adapter.value(gguf.Keys.Adapter.LORA_ALPHA, 0.0))
     halves = {t.name: t for t in adapter.tensors}
     targets = {t.name: t for t in base.tensors}
@@ -192,12 +221,18 @@ def _pair_with_base(adapter: GGUFHeader, base: GGUFHeader, fingerprint: str, sca
         lora_b, target = halves.get(f"{target_name}.lora_b"), targets.get(target_name)
         if lora_b is None:
             raise InvalidGGUF(str(adapter.path), f"{name} has no matching {target_name}.lora_b")
-        if target is None or len(target.shape) != 2 or lora_a.shape[0] != target.shape[0] \
-                or lora_b.shape[1] != target.shape[1] or lora_a.shape[1] != lora_b.shape[0]:
+        if (
+            target is None
+            or len(target.shape) != 2
+            or lora_a.shape[0] != target.shape[0]
+            or lora_b.shape[1] != target.shape[1]
+            or lora_a.shape[1] != lora_b.shape[0]
+        ):
             raise IncompatibleAdapter(
                 f"{adapter.path.name}: {name} {list(lora_a.shape)} / lora_b {list(lora_b.shape)} do not fit the base "
                 f"tensor {target_name} {list(target.shape) if target else '(missing)'} of {base.path.name}",
-                fix="Pass --base the model the adapter was converted for")
+                fix="Pass --base the model the adapter was converted for",
+            )
         rank = lora_a.shape[1]
         loras[target_name] = _Lora(lora_a, lora_b, scale * (alpha / rank if alpha else 1.0))
     if not loras:
@@ -224,7 +259,7 @@ class _MappedFile:
 
     def data(self, tensor: HeaderTensor) -> memoryview:
         start = self.header.data_offset + tensor.offset
-        return self.bytes[start:start + tensor.n_bytes]
+        return self.bytes[start : start + tensor.n_bytes]
 
 
 @contextmanager

@@ -41,8 +41,9 @@ class ModelWriter:
     """Writes a GGUF whose metadata is ``base``'s (with ``extra`` keys added or replaced) and whose tensors are
     ``slots``, in order: call ``write(slot, data)`` once per slot, then ``finish()``."""
 
-    def __init__(self, handle: BinaryIO, base: GGUFHeader, extra: dict[str, bytes],
-                 slots: Sequence[TensorSlot]) -> None:
+    def __init__(
+        self, handle: BinaryIO, base: GGUFHeader, extra: dict[str, bytes], slots: Sequence[TensorSlot]
+    ) -> None:
         self._handle = handle
         self._slots = list(slots)
         self._alignment = int(base.value(keys.ALIGNMENT, 32))

@@ -29,23 +29,25 @@ PICKLE_WEIGHTS_FILE = "adapter_model.bin"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_WEIGHTS_BYTES = 16 << 30
 
-_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
-                  r"|lora_magnitude_vector)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$")
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_embedding_A|lora_embedding_B"
+    r"|lora_magnitude_vector)(?:\.[A-Za-z0-9_-]+)?(?:\.weight)?$"
+)
 _LAYER_INDEX = re.compile(r"\.(\d+)\.")
 
 # Options that change the forward pass in a way a GGUF LoRA (y += scale * B A x) cannot express.
 _REFUSED_FLAGS: dict[str, str] = {
     "use_dora": "DoRA rescales the merged weight by a learned magnitude vector; merge the adapter into the base "
-                "model (PEFT's merge_and_unload) and convert the merged model instead",
+    "model (PEFT's merge_and_unload) and convert the merged model instead",
     "lora_bias": "LoRA biases add a learned vector llama.cpp's LoRA cannot hold; retrain with lora_bias=False",
     "use_qalora": "QA-LoRA pools the input before lora_A; merge it into the base model instead",
     "fan_in_fan_out": "fan_in_fan_out=True is for Conv1D layers that store weights transposed (GPT-2 style), which "
-                      "the supported architectures do not have; retrain with fan_in_fan_out=False, or merge the "
-                      "adapter and convert the merged model",
+    "the supported architectures do not have; retrain with fan_in_fan_out=False, or merge the "
+    "adapter and convert the merged model",
 }
 _REFUSED_WHEN_SET: dict[str, str] = {
     "modules_to_save": "fully trained copies of whole modules are not LoRA tensors; retrain without "
-                       "modules_to_save, or merge the adapter and convert the merged model",
+    "modules_to_save, or merge the adapter and convert the merged model",
     "layer_replication": "layer replication changes the model's layer stack; merge the adapter instead",
     "target_parameters": "LoRA on raw parameters (MoE experts) has no GGUF LoRA form; target modules instead",
     "trainable_token_indices": "trained token embeddings change the embedding table; retrain without them",
@@ -84,8 +86,12 @@ class PeftConfig:
             if data.get(option):
                 raise UnsupportedAdapterFeature(option, data[option], fix=fix)
         if data.get("bias", "none") != "none":
-            raise UnsupportedAdapterFeature("bias", data["bias"], fix="GGUF LoRAs carry no biases; retrain with "
-                                            "bias='none', or merge the adapter and convert the merged model")
+            raise UnsupportedAdapterFeature(
+                "bias",
+                data["bias"],
+                fix="GGUF LoRAs carry no biases; retrain with "
+                "bias='none', or merge the adapter and convert the merged model",
+            )
         r = _positive_int(data.get("r", 8), "r", source)
         targets = data.get("target_modules")
         layers = data.get("layers_to_transform")
@@ -93,10 +99,13 @@ class PeftConfig:
             r=r,
             lora_alpha=_number(data.get("lora_alpha", 8), "lora_alpha", source),
             use_rslora=bool(data.get("use_rslora", False)),
-            rank_pattern={str(k): _positive_int(v, f"rank_pattern[{k}]", source)
-                          for k, v in (data.get("rank_pattern") or {}).items()},
-            alpha_pattern={str(k): _number(v, f"alpha_pattern[{k}]", source)
-                           for k, v in (data.get("alpha_pattern") or {}).items()},
+            rank_pattern={
+                str(k): _positive_int(v, f"rank_pattern[{k}]", source)
+                for k, v in (data.get("rank_pattern") or {}).items()
+            },
+            alpha_pattern={
+                str(k): _number(v, f"alpha_pattern[{k}]", source) for k, v in (data.get("alpha_pattern") or {}).items()
+            },
             target_modules=targets if isinstance(targets, str) or targets is None else tuple(map(str, targets)),
             layers_to_transform=(layers,) if isinstance(layers, int) else tuple(layers) if layers else None,
             base_model_name_or_path=data.get("base_model_name_or_path"),
@@ -173,32 +182,45 @@ def read_peft_adapter(directory: Path) -> PeftAdapter:
     try:
         data = json.loads(raw_config)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise MalformedAdapter(str(config_path), f"not valid JSON ({exc})",
-                               fix="Re-save the adapter with PEFT's save_pretrained") from exc
+        raise MalformedAdapter(
+            str(config_path), f"not valid JSON ({exc})", fix="Re-save the adapter with PEFT's save_pretrained"
+        ) from exc
     if not isinstance(data, dict):
         raise MalformedAdapter(str(config_path), "the JSON document is not an object")
     config = PeftConfig.from_dict(data, source=str(config_path))
     pairs = _read_pairs(weights_path, config)
-    return PeftAdapter(directory=directory, config=config, pairs=pairs,
-                       config_sha256=hashlib.sha256(raw_config).hexdigest(),
-                       source_bytes=weights_path.stat().st_size)
+    return PeftAdapter(
+        directory=directory,
+        config=config,
+        pairs=pairs,
+        config_sha256=hashlib.sha256(raw_config).hexdigest(),
+        source_bytes=weights_path.stat().st_size,
+    )
 
 
 def _locate_files(directory: Path) -> tuple[Path, Path]:
     if not directory.is_dir():
-        raise AdapterFilesMissing(str(directory), "not a directory",
-                                  fix="Pass the folder PEFT's save_pretrained wrote, or hf://ORG/REPO")
+        raise AdapterFilesMissing(
+            str(directory), "not a directory", fix="Pass the folder PEFT's save_pretrained wrote, or hf://ORG/REPO"
+        )
     config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_path.is_file():
-        raise AdapterFilesMissing(str(directory), f"{CONFIG_FILE} is missing",
-                                  fix="Pass the folder PEFT's save_pretrained wrote (it holds adapter_config.json)")
+        raise AdapterFilesMissing(
+            str(directory),
+            f"{CONFIG_FILE} is missing",
+            fix="Pass the folder PEFT's save_pretrained wrote (it holds adapter_config.json)",
+        )
     if not weights_path.is_file():
         if (directory / PICKLE_WEIGHTS_FILE).is_file():
-            raise AdapterFilesMissing(str(directory), f"only {PICKLE_WEIGHTS_FILE} (a pickle) is present; edge-rt "
-                                      "never loads pickles", fix="Re-save the adapter with "
-                                      "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors")
-        raise AdapterFilesMissing(str(directory), f"{WEIGHTS_FILE} is missing",
-                                  fix="Pass the folder PEFT's save_pretrained wrote")
+            raise AdapterFilesMissing(
+                str(directory),
+                f"only {PICKLE_WEIGHTS_FILE} (a pickle) is present; edge-rt never loads pickles",
+                fix="Re-save the adapter with "
+                "save_pretrained(..., safe_serialization=True) to get adapter_model.safetensors",
+            )
+        raise AdapterFilesMissing(
+            str(directory), f"{WEIGHTS_FILE} is missing", fix="Pass the folder PEFT's save_pretrained wrote"
+        )
     return config_path, weights_path
 
 
@@ -214,8 +236,9 @@ def _read_pairs(weights_path: Path, config: PeftConfig) -> tuple[LoraPair, ...]:
     try:
         entries = safetensors.deserialize(raw)
     except Exception as exc:  # safetensors raises its own SafetensorError and sometimes plain exceptions
-        raise MalformedAdapter(str(weights_path), f"corrupt safetensors file ({exc})",
-                               fix="Re-download or re-save the adapter") from exc
+        raise MalformedAdapter(
+            str(weights_path), f"corrupt safetensors file ({exc})", fix="Re-download or re-save the adapter"
+        ) from exc
     found: dict[str, dict[str, np.ndarray]] = {}
     for key, entry in entries:
         module, kind = _split_key(str(key), weights_path)
@@ -226,14 +249,18 @@ def _read_pairs(weights_path: Path, config: PeftConfig) -> tuple[LoraPair, ...]:
 def _split_key(key: str, weights_path: Path) -> tuple[str, str]:
     match = _KEY.match(key)
     if match is None:
-        raise MalformedAdapter(str(weights_path), f"tensor {key!r} is not a LoRA A/B matrix",
-                               fix="Only LoRA matrices can be converted; retrain without extra trainable modules")
+        raise MalformedAdapter(
+            str(weights_path),
+            f"tensor {key!r} is not a LoRA A/B matrix",
+            fix="Only LoRA matrices can be converted; retrain without extra trainable modules",
+        )
     kind = match["kind"]
     if kind == "lora_magnitude_vector":
         raise UnsupportedAdapterFeature("use_dora", True, fix=_REFUSED_FLAGS["use_dora"])
     if kind.startswith("lora_embedding"):
-        raise UnsupportedAdapterFeature("embedding LoRA", match["module"],
-                                        fix="Remove the embedding layer from target_modules and retrain")
+        raise UnsupportedAdapterFeature(
+            "embedding LoRA", match["module"], fix="Remove the embedding layer from target_modules and retrain"
+        )
     return match["module"], kind
 
 
@@ -247,8 +274,11 @@ def _to_float32(entry: dict[str, Any], key: str, weights_path: Path) -> np.ndarr
         # bfloat16 is the upper half of a float32: widen by shifting the 16 bits into place.
         array = (np.frombuffer(data, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
     else:
-        raise MalformedAdapter(str(weights_path), f"tensor {key!r} has dtype {dtype}",
-                               fix="Save the adapter in float32, float16 or bfloat16")
+        raise MalformedAdapter(
+            str(weights_path),
+            f"tensor {key!r} has dtype {dtype}",
+            fix="Save the adapter in float32, float16 or bfloat16",
+        )
     if len(shape) != 2:
         raise MalformedAdapter(str(weights_path), f"tensor {key!r} has shape {list(shape)}, expected a matrix")
     return array.reshape(shape)
@@ -257,17 +287,25 @@ def _to_float32(entry: dict[str, Any], key: str, weights_path: Path) -> np.ndarr
 def _make_pair(module: str, halves: dict[str, np.ndarray], config: PeftConfig, weights_path: Path) -> LoraPair:
     if set(halves) != {"lora_A", "lora_B"}:
         missing = ({"lora_A", "lora_B"} - set(halves)).pop()
-        raise MalformedAdapter(str(weights_path), f"module {module} has no {missing} tensor",
-                               fix="The file is incomplete; re-save the adapter")
+        raise MalformedAdapter(
+            str(weights_path),
+            f"module {module} has no {missing} tensor",
+            fix="The file is incomplete; re-save the adapter",
+        )
     lora_a, lora_b = halves["lora_A"], halves["lora_B"]
     if lora_a.shape[0] != lora_b.shape[1]:
-        raise MalformedAdapter(str(weights_path), f"module {module}: lora_A has rank {lora_a.shape[0]} but lora_B "
-                               f"has rank {lora_b.shape[1]}", fix="The A and B matrices must come from one LoRA layer")
+        raise MalformedAdapter(
+            str(weights_path),
+            f"module {module}: lora_A has rank {lora_a.shape[0]} but lora_B has rank {lora_b.shape[1]}",
+            fix="The A and B matrices must come from one LoRA layer",
+        )
     expected = config.rank_for(module)
     if lora_a.shape[0] != expected:
-        raise MalformedAdapter(str(weights_path), f"module {module}: tensors have rank {lora_a.shape[0]} but "
-                               f"adapter_config.json gives it rank {expected}",
-                               fix="The config and weights come from different adapters; re-save them together")
+        raise MalformedAdapter(
+            str(weights_path),
+            f"module {module}: tensors have rank {lora_a.shape[0]} but adapter_config.json gives it rank {expected}",
+            fix="The config and weights come from different adapters; re-save them together",
+        )
     if not config.targets(module):
         raise MalformedAdapter(str(weights_path), f"module {module} has LoRA tensors but is not in target_modules")
     layers = config.layers_to_transform
@@ -294,10 +332,14 @@ def _positive_int(value: Any, name: str, source: str) -> int:
 def _token_ids(value: Any, source: str) -> tuple[int, ...] | None:
     if value is None:
         return None
-    if (not isinstance(value, list) or not value
-            or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1 << 32 for t in value)):
-        raise MalformedAdapter(source, f"alora_invocation_tokens must be a non-empty list of token ids, got "
-                               f"{str(value)[:200]}")
+    if (
+        not isinstance(value, list)
+        or not value
+        or any(isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < 1 << 32 for t in value)
+    ):
+        raise MalformedAdapter(
+            source, f"alora_invocation_tokens must be a non-empty list of token ids, got {str(value)[:200]}"
+        )
     return tuple(value)
 
 

@@ -31,8 +31,9 @@ def vocabulary_tokens(model_path: Path | str, text: str) -> list[int]:
     try:
         data = text.encode()
         buffer = (llama_cpp.llama_token * (len(data) + 2))()
-        count = llama_cpp.llama_tokenize(llama_cpp.llama_model_get_vocab(model), data, len(data), buffer,
-                                         len(buffer), False, True)
+        count = llama_cpp.llama_tokenize(
+            llama_cpp.llama_model_get_vocab(model), data, len(data), buffer, len(buffer), False, True
+        )
         return [int(token) for token in buffer[:count]]
     finally:
         llama_cpp.llama_model_free(model)

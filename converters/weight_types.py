@@ -39,8 +39,12 @@ class EncodedTensor:
 def check_outtype(outtype: str) -> str:
     """``outtype`` if ``merge`` knows it, else ``InvalidSettings`` naming the choices."""
     if outtype not in MERGE_OUTTYPES:
-        raise InvalidSettings("outtype", outtype, f"must be one of {', '.join(MERGE_OUTTYPES)}",
-                              fix="Pass --outtype auto (the default), base, or a tensor type such as q8_0 or f16")
+        raise InvalidSettings(
+            "outtype",
+            outtype,
+            f"must be one of {', '.join(MERGE_OUTTYPES)}",
+            fix="Pass --outtype auto (the default), base, or a tensor type such as q8_0 or f16",
+        )
     return outtype
 
 

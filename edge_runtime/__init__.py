@@ -22,15 +22,36 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY load
     from edge_runtime.runtime.models import default_model_path, resolve_model
     from edge_runtime.runtime.requests import AdapterRequest
 
-_LAZY = {"EdgeRtError": "edge_runtime.errors", "GGUFInfo": "edge_runtime.gguf.info",
-         "read_info": "edge_runtime.gguf.info", "DeviceProfile": "edge_runtime.profiles",
-         "list_profiles": "edge_runtime.profiles", "load_profile": "edge_runtime.profiles",
-         "default_model_path": "edge_runtime.runtime.models", "resolve_model": "edge_runtime.runtime.models",
-         "Runtime": "edge_runtime.runtime.core", "SamplingParams": "edge_runtime.runtime.generation",
-         "AdapterState": "edge_runtime.runtime.adapters", "AdapterRequest": "edge_runtime.runtime.requests"}
+_LAZY = {
+    "EdgeRtError": "edge_runtime.errors",
+    "GGUFInfo": "edge_runtime.gguf.info",
+    "read_info": "edge_runtime.gguf.info",
+    "DeviceProfile": "edge_runtime.profiles",
+    "list_profiles": "edge_runtime.profiles",
+    "load_profile": "edge_runtime.profiles",
+    "default_model_path": "edge_runtime.runtime.models",
+    "resolve_model": "edge_runtime.runtime.models",
+    "Runtime": "edge_runtime.runtime.core",
+    "SamplingParams": "edge_runtime.runtime.generation",
+    "AdapterState": "edge_runtime.runtime.adapters",
+    "AdapterRequest": "edge_runtime.runtime.requests",
+}
 
-__all__ = ["AdapterRequest", "AdapterState", "DeviceProfile", "EdgeRtError", "GGUFInfo", "Runtime", "SamplingParams",
-           "__version__", "default_model_path", "list_profiles", "load_profile", "read_info", "resolve_model"]
+__all__ = [
+    "AdapterRequest",
+    "AdapterState",
+    "DeviceProfile",
+    "EdgeRtError",
+    "GGUFInfo",
+    "Runtime",
+    "SamplingParams",
+    "__version__",
+    "default_model_path",
+    "list_profiles",
+    "load_profile",
+    "read_info",
+    "resolve_model",
+]
 
 _load = lazy_attributes(__name__, _LAZY)
 

@@ -45,8 +45,11 @@ def parse_hub_source(text: str) -> HubSource:
     """Parse ``hf://ORG/REPO[@REVISION][/PATH]``; raise ``SourceUnavailable`` naming the expected form."""
     match = _SOURCE.match(text)
     if match is None or (match["path"] and ".." in match["path"].split("/")):
-        raise SourceUnavailable(text, "not a valid hf:// address",
-                                fix="Write it as hf://ORG/REPO, hf://ORG/REPO@REVISION or hf://ORG/REPO/FILE")
+        raise SourceUnavailable(
+            text,
+            "not a valid hf:// address",
+            fix="Write it as hf://ORG/REPO, hf://ORG/REPO@REVISION or hf://ORG/REPO/FILE",
+        )
     return HubSource(repo_id=match["repo"], revision=match["revision"], path=match["path"])
 
 
@@ -56,9 +59,14 @@ def fetch_folder(source: HubSource, filenames: list[str]) -> Path:
 
     patterns = [f"{source.path}/{name}" if source.path else name for name in filenames]
     with _hub_errors(source):
-        folder = snapshot_download(repo_id=source.repo_id, revision=source.revision, allow_patterns=patterns,
-                                   cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline(),
-                                   endpoint=settings.hf_endpoint())
+        folder = snapshot_download(
+            repo_id=source.repo_id,
+            revision=source.revision,
+            allow_patterns=patterns,
+            cache_dir=settings.hf_cache_dir(),
+            local_files_only=settings.offline(),
+            endpoint=settings.hf_endpoint(),
+        )
     return Path(folder) / source.path if source.path else Path(folder)
 
 
@@ -69,9 +77,16 @@ def fetch_file(source: HubSource) -> Path:
     if not source.path:
         raise SourceUnavailable(str(source), "no file named", fix="Write it as hf://ORG/REPO[@REVISION]/FILE.gguf")
     with _hub_errors(source):
-        return Path(hf_hub_download(repo_id=source.repo_id, filename=source.path, revision=source.revision,
-                                    cache_dir=settings.hf_cache_dir(), local_files_only=settings.offline(),
-                                    endpoint=settings.hf_endpoint()))
+        return Path(
+            hf_hub_download(
+                repo_id=source.repo_id,
+                filename=source.path,
+                revision=source.revision,
+                cache_dir=settings.hf_cache_dir(),
+                local_files_only=settings.offline(),
+                endpoint=settings.hf_endpoint(),
+            )
+        )
 
 
 def file_url(source: HubSource, relative: str) -> str:
@@ -97,12 +112,20 @@ def _hub_errors(source: HubSource) -> Iterator[None]:
     try:
         yield
     except LocalEntryNotFoundError as exc:
-        raise SourceUnavailable(str(source), "not in the local Hugging Face cache and the Hub is not reachable "
-                                "(HF_HUB_OFFLINE may be set)",
-                                fix="Download it once while online, or pass a local directory") from exc
+        raise SourceUnavailable(
+            str(source),
+            "not in the local Hugging Face cache and the Hub is not reachable (HF_HUB_OFFLINE may be set)",
+            fix="Download it once while online, or pass a local directory",
+        ) from exc
     except HfHubHTTPError as exc:
-        raise SourceUnavailable(str(source), f"the Hub refused the request: {exc}",
-                                fix="Check the repository name, the revision and your HF token") from exc
+        raise SourceUnavailable(
+            str(source),
+            f"the Hub refused the request: {exc}",
+            fix="Check the repository name, the revision and your HF token",
+        ) from exc
     except Exception as exc:  # the Hub client's transport errors (DNS, refused, reset) have no common base class
-        raise SourceUnavailable(str(source), f"network or disk error: {exc}",
-                                fix="Check the connection, or set HF_HUB_OFFLINE=1 to use the local cache") from exc
+        raise SourceUnavailable(
+            str(source),
+            f"network or disk error: {exc}",
+            fix="Check the connection, or set HF_HUB_OFFLINE=1 to use the local cache",
+        ) from exc

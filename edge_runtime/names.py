@@ -19,4 +19,3 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in {".", ".."} or ".." in name:
         raise InvalidName(repr(name) if not isinstance(name, str) else name, NAME_PATTERN)
     return name
-

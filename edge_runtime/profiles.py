@@ -39,8 +39,18 @@ if TYPE_CHECKING:
         from importlib.abc import Traversable
 
 __all__ = [
-    "AUTO", "DEFAULT_PROFILE", "KV_TYPES", "NAME_PATTERN", "ComputeSpec", "DeviceProfile", "MemorySpec",
-    "NetworkSpec", "StorageSpec", "auto_profile", "list_profiles", "load_profile",
+    "AUTO",
+    "DEFAULT_PROFILE",
+    "KV_TYPES",
+    "NAME_PATTERN",
+    "ComputeSpec",
+    "DeviceProfile",
+    "MemorySpec",
+    "NetworkSpec",
+    "StorageSpec",
+    "auto_profile",
+    "list_profiles",
+    "load_profile",
 ]
 
 AUTO = "auto"
@@ -158,8 +168,7 @@ class _Table:
 
 
 def _toml_type(value: object) -> str:
-    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array",
-             dict: "a table"}
+    names = {bool: "a boolean", int: "an integer", float: "a float", str: "a string", list: "an array", dict: "a table"}
     return names.get(type(value), type(value).__name__)
 
 
@@ -233,8 +242,7 @@ class ComputeSpec:
         if kv_type not in KV_TYPES:
             raise table.invalid("kv_type", f"must be one of {', '.join(KV_TYPES)}", kv_type)
         reserve = table.integer("reserve_cores", minimum=0) if "reserve_cores" in table.data else 0
-        return cls(threads=threads, gpu_layers=gpu_layers, ctx=ctx, batch=batch, kv_type=kv_type,
-                   reserve_cores=reserve)
+        return cls(threads=threads, gpu_layers=gpu_layers, ctx=ctx, batch=batch, kv_type=kv_type, reserve_cores=reserve)
 
 
 @dataclass(frozen=True)
@@ -250,8 +258,7 @@ class NetworkSpec:
     def from_dict(cls, data: object, *, source: str) -> NetworkSpec:
         """Read and check a ``[network]`` table, naming ``source`` and the bad key in errors."""
         table = _Table.section(cls, data, source=source)
-        return cls(max_download_kbps=table.integer("max_download_kbps", minimum=0),
-                   metered=table.boolean("metered"))
+        return cls(max_download_kbps=table.integer("max_download_kbps", minimum=0), metered=table.boolean("metered"))
 
 
 _SECTIONS = tuple(spec.SECTION for spec in (MemorySpec, StorageSpec, ComputeSpec, NetworkSpec))
@@ -278,12 +285,16 @@ class DeviceProfile:
         aliases = top.names("aliases")
         if name in aliases:
             raise top.invalid("aliases", "repeats the profile's name", name)
-        return cls(name=name, description=top.text("description"), aliases=aliases,
-                   memory=MemorySpec.from_dict(top.get("memory"), source=source),
-                   storage=StorageSpec.from_dict(top.get("storage"), source=source),
-                   compute=ComputeSpec.from_dict(top.get("compute"), source=source),
-                   network=NetworkSpec.from_dict(top.get("network"), source=source),
-                   source=source)
+        return cls(
+            name=name,
+            description=top.text("description"),
+            aliases=aliases,
+            memory=MemorySpec.from_dict(top.get("memory"), source=source),
+            storage=StorageSpec.from_dict(top.get("storage"), source=source),
+            compute=ComputeSpec.from_dict(top.get("compute"), source=source),
+            network=NetworkSpec.from_dict(top.get("network"), source=source),
+            source=source,
+        )
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -387,7 +398,7 @@ def auto_profile() -> DeviceProfile:
     data = {
         "name": AUTO,
         "description": f"This machine as measured: {cores} usable cores ({physical} physical, affinity "
-                       f"{budget.affinity}, cgroup quota {budget.quota or 'none'}), {ram_mb} MiB RAM, CPU only",
+        f"{budget.affinity}, cgroup quota {budget.quota or 'none'}), {ram_mb} MiB RAM, CPU only",
         "memory": {"ram_mb": ram_mb, "runtime_budget_mb": max(1, int(ram_mb * AUTO_BUDGET_FRACTION))},
         "storage": {"adapter_cache_mb": AUTO_ADAPTER_CACHE_MB},
         # The portable llama.cpp build is CPU-only; a GPU device takes its own profile (gpu_layers > 0).

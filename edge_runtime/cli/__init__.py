@@ -27,39 +27,58 @@ if TYPE_CHECKING:
     from edge_runtime.distribution.transfer import TransferProgress
 
 
-
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="edge-rt")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
     """edge-rt: one resident INT4 base model, task LoRA adapters hot-applied per request."""
-    logging.basicConfig(level=logging.WARNING - 10 * min(verbose, 2),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(verbose, 2), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 @main.command()
 @click.argument("peft_dir")
 @click.option("--base", "base", default=None, help="Base model GGUF the adapter was trained on [default: embedded].")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="GGUF LoRA file to write.")
-@click.option("--outtype", type=click.Choice(ADAPTER_OUTTYPES), default=DEFAULT_ADAPTER_OUTTYPE, show_default=True,
-              help="Tensor type of the written adapter.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="GGUF LoRA file to write.",
+)
+@click.option(
+    "--outtype",
+    type=click.Choice(ADAPTER_OUTTYPES),
+    default=DEFAULT_ADAPTER_OUTTYPE,
+    show_default=True,
+    help="Tensor type of the written adapter.",
+)
 @click.option("--name", default=None, help="Adapter name recorded in the file [default: OUTPUT's stem].")
 @click.option("--description", default="", help="What the adapter does (general.description; shown in manifests).")
 @_reports_errors
-def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: str | None,
-            description: str) -> None:
+def convert(peft_dir: str, base: str | None, output: Path, outtype: str, name: str | None, description: str) -> None:
     """Convert a PEFT LoRA (a folder or hf://ORG/REPO[@REV]) into a GGUF LoRA for BASE."""
     from converters import convert_peft_to_gguf
 
     base_path = resolve_model(base)
     with progress_bar(f"writing {output.name}") as progress:  # drawn from the first write: not for a refused input
-        result = convert_peft_to_gguf(peft_dir, base=base_path, output=output, outtype=outtype, name=name,
-                                      progress=progress, description=description)
-    click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
-               f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
-               f"{result.architecture}, base {result.base_fingerprint[:12]}"
-               + (f", aLoRA invoked by tokens {list(result.invocation_tokens)}" if result.invocation_tokens else ""))
+        result = convert_peft_to_gguf(
+            peft_dir,
+            base=base_path,
+            output=output,
+            outtype=outtype,
+            name=name,
+            progress=progress,
+            description=description,
+        )
+    click.echo(
+        f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.name!r}, "
+        f"{result.tensor_count} tensors, rank {'/'.join(map(str, result.ranks))}, alpha {result.alpha:g}, "
+        f"{result.architecture}, base {result.base_fingerprint[:12]}"
+        + (f", aLoRA invoked by tokens {list(result.invocation_tokens)}" if result.invocation_tokens else "")
+    )
 
 
 MERGE_ERROR_WARNING = 0.2  # a merged tensor changed by more than this share of the adapter's change: warn
@@ -68,12 +87,23 @@ MERGE_ERROR_WARNING = 0.2  # a merged tensor changed by more than this share of 
 @main.command()
 @click.argument("adapter", type=click.Path(path_type=Path))
 @click.option("--base", "base", default=None, help="Base model GGUF the adapter was converted for [default: embedded].")
-@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Model GGUF to write.")
+@click.option(
+    "-o",
+    "--output",
+    "output",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Model GGUF to write.",
+)
 @click.option("--scale", type=float, default=1.0, show_default=True, help="Adapter scale folded into the weights.")
-@click.option("--outtype", type=click.Choice(MERGE_OUTTYPES), default="auto", show_default=True,
-              help="Type of the merged tensors: auto (the most compact that keeps the adapter's change within 1%), "
-                   "base (each base tensor's own type) or a tensor type.")
+@click.option(
+    "--outtype",
+    type=click.Choice(MERGE_OUTTYPES),
+    default="auto",
+    show_default=True,
+    help="Type of the merged tensors: auto (the most compact that keeps the adapter's change within 1%), "
+    "base (each base tensor's own type) or a tensor type.",
+)
 @_reports_errors
 def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: str) -> None:
     """Fold a GGUF LoRA ADAPTER into its base model and write one model GGUF (no per-token adapter cost)."""
@@ -85,17 +115,23 @@ def merge(adapter: Path, base: str | None, output: Path, scale: float, outtype: 
     for number in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, lambda received, _: sys.exit(128 + received))
     with progress_bar(f"merging into {output.name}") as progress:
-        result = merge_adapter(adapter, base=resolve_model(base), output=output, scale=scale, outtype=outtype,
-                               progress=progress)
+        result = merge_adapter(
+            adapter, base=resolve_model(base), output=output, scale=scale, outtype=outtype, progress=progress
+        )
     types = ", ".join(f"{count} {name}" for name, count in result.merged_types.items())
-    click.echo(f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.adapter_name!r} "
-               f"(sha256 {result.adapter_sha256[:12]}) at scale {result.scale:g} into base "
-               f"{result.base_fingerprint[:12]}; {result.merged_tensors} tensors merged ({types}, largest change "
-               f"error {result.max_delta_error:.2%}), {result.copied_tensors} copied")
+    click.echo(
+        f"wrote {result.output} ({result.size_bytes / 1e6:.1f} MB): adapter {result.adapter_name!r} "
+        f"(sha256 {result.adapter_sha256[:12]}) at scale {result.scale:g} into base "
+        f"{result.base_fingerprint[:12]}; {result.merged_tensors} tensors merged ({types}, largest change "
+        f"error {result.max_delta_error:.2%}), {result.copied_tensors} copied"
+    )
     if result.max_delta_error > MERGE_ERROR_WARNING:
-        click.echo(f"warning: rounding to --outtype {outtype} changed a merged tensor by {result.max_delta_error:.0%} "
-                   "of what the adapter changes: the merged model will not answer as base + adapter does. Use "
-                   "--outtype auto (the default) or f16", err=True)
+        click.echo(
+            f"warning: rounding to --outtype {outtype} changed a merged tensor by {result.max_delta_error:.0%} "
+            "of what the adapter changes: the merged model will not answer as base + adapter does. Use "
+            "--outtype auto (the default) or f16",
+            err=True,
+        )
 
 
 @main.command()
@@ -121,22 +157,34 @@ def inspect(file: Path | None, as_json: bool) -> None:
 
 def _summary(info: GGUFInfo) -> dict[str, Any]:
     common: dict[str, Any] = {
-        "path": str(info.path), "kind": info.kind, "name": info.name, "architecture": info.architecture,
-        "size_bytes": info.size_bytes, "tensor_count": info.tensor_count,
+        "path": str(info.path),
+        "kind": info.kind,
+        "name": info.name,
+        "architecture": info.architecture,
+        "size_bytes": info.size_bytes,
+        "tensor_count": info.tensor_count,
     }
     if info.is_adapter:
         return common | {
-            "lora_ranks": list(info.lora_ranks), "lora_alpha": info.lora_alpha,
+            "lora_ranks": list(info.lora_ranks),
+            "lora_alpha": info.lora_alpha,
             "tensor_types": list(info.tensor_types),
-            "base_fingerprint": info.base_fingerprint, "base_name": info.metadata.get(keys.BASE_NAME),
+            "base_fingerprint": info.base_fingerprint,
+            "base_name": info.metadata.get(keys.BASE_NAME),
             "description": info.metadata.get(keys.DESCRIPTION, ""),
             "peft_config_sha256": info.metadata.get(keys.PEFT_CONFIG_SHA256),
             "alora_invocation_tokens": list(info.invocation_tokens) or None,
         }
-    return common | {
-        "quantization": info.quantization, "parameter_count": info.parameter_count,
-        "context_length": info.context_length, "fingerprint": info.fingerprint,
-    } | ({"merged_from": info.merged_from} if info.merged_from else {})
+    return (
+        common
+        | {
+            "quantization": info.quantization,
+            "parameter_count": info.parameter_count,
+            "context_length": info.context_length,
+            "fingerprint": info.fingerprint,
+        }
+        | ({"merged_from": info.merged_from} if info.merged_from else {})
+    )
 
 
 @main.group(invoke_without_command=True)
@@ -166,42 +214,72 @@ def show_profile(name_or_path: str, as_json: bool) -> None:
 def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
     cap = profile.network.max_download_kbps
     download = (f"{cap} kbps" if cap else "unlimited") + (", metered" if profile.network.metered else "")
-    return (profile.name, ", ".join(profile.aliases) or "-", f"{profile.memory.ram_mb} MiB",
-            f"{profile.memory.runtime_budget_mb} MiB", f"{profile.storage.adapter_cache_mb} MiB",
-            str(profile.compute.ctx), str(profile.compute.gpu_layers), download)
+    return (
+        profile.name,
+        ", ".join(profile.aliases) or "-",
+        f"{profile.memory.ram_mb} MiB",
+        f"{profile.memory.runtime_budget_mb} MiB",
+        f"{profile.storage.adapter_cache_mb} MiB",
+        str(profile.compute.ctx),
+        str(profile.compute.gpu_layers),
+        download,
+    )
 
 
 @main.command()
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="Device profile: name, alias or TOML file.")
+@click.option(
+    "--profile", "profile_name", default="auto", show_default=True, help="Device profile: name, alias or TOML file."
+)
 @click.option("--model", default=None, help="Base model: a GGUF path or hf://ORG/REPO/FILE.gguf [default: embedded].")
-@click.option("--adapters-dir", type=click.Path(exists=True, file_okay=False, path_type=Path), default=None,
-              help="Folder of NAME.gguf adapters (made by `edge-rt convert`).")
+@click.option(
+    "--adapters-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    default=None,
+    help="Folder of NAME.gguf adapters (made by `edge-rt convert`).",
+)
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(min=1, max=65535), default=8080, show_default=True)
 @click.option("--api-key", envvar="EDGE_RT_API_KEY", default=None, help="Require `Authorization: Bearer KEY`.")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback bind without an API key.")
-@click.option("--preload", default="",
-              help="Comma-separated adapters to load at start (with --cdn, pulled first when not cached).")
-@click.option("--ctx", type=click.IntRange(min=256), default=None,
-              help="Context length in tokens [default: the profile's].")
+@click.option(
+    "--preload",
+    default="",
+    help="Comma-separated adapters to load at start (with --cdn, pulled first when not cached).",
+)
+@click.option(
+    "--ctx", type=click.IntRange(min=256), default=None, help="Context length in tokens [default: the profile's]."
+)
 @request_limit_options
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://, oci://).")
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="With --cdn: require manifests signed by this key.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="With --cdn: the adapter cache [default: $EDGE_RT_HOME/adapters].")
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="With --cdn: require manifests signed by this key.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="With --cdn: the adapter cache [default: $EDGE_RT_HOME/adapters].",
+)
 @click.option("--offline", is_flag=True, help="With --cdn: no network attempt; serve what is cached.")
-@click.option("--allow-metered-updates", is_flag=True,
-              help="With --cdn on a profile whose link is metered: fetch new versions in the background anyway.")
+@click.option(
+    "--allow-metered-updates",
+    is_flag=True,
+    help="With --cdn on a profile whose link is metered: fetch new versions in the background anyway.",
+)
 @_reports_errors
 def serve(**flags: Any) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible HTTP API."""
     from edge_runtime.runtime.budget import RequestLimits
     from edge_runtime.serve.daemon import ServeOptions, run
 
-    limits = RequestLimits(max_body_bytes=flags.pop("max_body_kb") * 1024, max_queue=flags.pop("max_queue"),
-                           max_connections=flags.pop("max_connections"))
+    limits = RequestLimits(
+        max_body_bytes=flags.pop("max_body_kb") * 1024,
+        max_queue=flags.pop("max_queue"),
+        max_connections=flags.pop("max_connections"),
+    )
     preload = tuple(filter(None, (name.strip() for name in flags.pop("preload").split(","))))
     insecure = flags.pop("insecure")
     options = ServeOptions(profile=flags.pop("profile_name"), limits=limits, preload=preload, **flags)
@@ -214,8 +292,13 @@ def serve(**flags: Any) -> None:
 
 
 @main.command()
-@click.option("--out", "out", required=True, type=click.Path(dir_okay=False, path_type=Path),
-              help="Private key file to write; the public key goes to OUT.pub.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Private key file to write; the public key goes to OUT.pub.",
+)
 @_reports_errors
 def keygen(out: Path) -> None:
     """Write an ed25519 key pair that signs CDN manifests: OUT (private, mode 0600) and OUT.pub (for devices)."""
@@ -229,13 +312,26 @@ def keygen(out: Path) -> None:
 
 @main.command()
 @click.argument("src_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--out", "out", required=True,
-              help="CDN folder to write (blobs/<sha256>.gguf and manifest.json), or a registry: "
-                   "oci://HOST[:PORT]/REPOSITORY[:TAG].")
-@click.option("--key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Private key from `edge-rt keygen` that signs the manifest.")
-@click.option("--expires-days", type=click.FloatRange(min=1 / 24, max=3650), default=30.0, show_default=True,
-              help="Days until devices refuse this manifest.")
+@click.option(
+    "--out",
+    "out",
+    required=True,
+    help="CDN folder to write (blobs/<sha256>.gguf and manifest.json), or a registry: "
+    "oci://HOST[:PORT]/REPOSITORY[:TAG].",
+)
+@click.option(
+    "--key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Private key from `edge-rt keygen` that signs the manifest.",
+)
+@click.option(
+    "--expires-days",
+    type=click.FloatRange(min=1 / 24, max=3650),
+    default=30.0,
+    show_default=True,
+    help="Days until devices refuse this manifest.",
+)
 @click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
 @_reports_errors
 def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allow_empty: bool) -> None:
@@ -244,41 +340,79 @@ def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allo
     from edge_runtime.distribution.manifest import format_time
     from edge_runtime.distribution.oci_publish import RegistryPublishResult, publish_to
 
-    result = publish_to(src_dir, out, key=load_private_key(key) if key else None, expires_days=expires_days,
-                        allow_empty=allow_empty)
+    result = publish_to(
+        src_dir, out, key=load_private_key(key) if key else None, expires_days=expires_days, allow_empty=allow_empty
+    )
     if result.key_changed:
         signer = f"key {result.keyid[:16]}" if result.keyid else "no key (UNSIGNED)"
-        click.secho(f"warning: the previous manifest was signed by {', '.join(k[:16] for k in result.previous_keyids)}"
-                    f" and this one by {signer}: devices pinned to the old key refuse it until they get the new "
-                    "public key", fg="yellow", err=True)
+        click.secho(
+            f"warning: the previous manifest was signed by {', '.join(k[:16] for k in result.previous_keyids)}"
+            f" and this one by {signer}: devices pinned to the old key refuse it until they get the new "
+            "public key",
+            fg="yellow",
+            err=True,
+        )
     for entry in result.manifest.adapters:
-        click.echo(f"{entry.name}  {entry.size / 1e6:.2f} MB  rank {entry.rank}  sha256 {entry.sha256[:16]}  "
-                   f"base {entry.base_fingerprint[:12]}")
-    where = f"pushed {result.reference} ({result.uploaded_bytes / 1e6:.2f} MB uploaded)" \
-        if isinstance(result, RegistryPublishResult) else f"wrote {result.manifest_path}"
-    click.echo(f"{where}: version {result.manifest.version}, "
-               f"{_count(len(result.manifest.adapters), 'adapter')}, {_count(len(result.new_blobs), 'new blob')}, "
-               f"expires {format_time(result.manifest.expires)}, {'signed' if result.signed else 'UNSIGNED'}")
+        click.echo(
+            f"{entry.name}  {entry.size / 1e6:.2f} MB  rank {entry.rank}  sha256 {entry.sha256[:16]}  "
+            f"base {entry.base_fingerprint[:12]}"
+        )
+    where = (
+        f"pushed {result.reference} ({result.uploaded_bytes / 1e6:.2f} MB uploaded)"
+        if isinstance(result, RegistryPublishResult)
+        else f"wrote {result.manifest_path}"
+    )
+    click.echo(
+        f"{where}: version {result.manifest.version}, "
+        f"{_count(len(result.manifest.adapters), 'adapter')}, {_count(len(result.new_blobs), 'new blob')}, "
+        f"expires {format_time(result.manifest.expires)}, {'signed' if result.signed else 'UNSIGNED'}"
+    )
 
 
 @main.command()
-@click.option("--cdn", required=True, help="http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or "
-                                           "oci://HOST[:PORT]/REPOSITORY[:TAG].")
+@click.option(
+    "--cdn",
+    required=True,
+    help="http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or oci://HOST[:PORT]/REPOSITORY[:TAG].",
+)
 @click.option("--adapters", "adapter_names", default=None, help="Comma-separated adapters to sync.")
 @click.option("--all", "sync_all", is_flag=True, help="Sync every adapter offered for the base model.")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Adapter cache [default: $EDGE_RT_HOME/adapters].")
-@click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
-              help="Require manifests signed by this key (the .pub from `edge-rt keygen`).")
-@click.option("--profile", "profile_name", default="auto", show_default=True,
-              help="Device profile: its cache budget and download cap apply.")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Adapter cache [default: $EDGE_RT_HOME/adapters].",
+)
+@click.option(
+    "--public-key",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Require manifests signed by this key (the .pub from `edge-rt keygen`).",
+)
+@click.option(
+    "--profile",
+    "profile_name",
+    default="auto",
+    show_default=True,
+    help="Device profile: its cache budget and download cap apply.",
+)
 @click.option("--max-kbps", type=click.IntRange(min=0), default=None, help="Download cap in kbit/s (0 = none).")
 @click.option("--cache-mb", type=click.IntRange(min=1), default=None, help="Cache disk budget in MiB.")
 @click.option("--model", default=None, help="Base model whose adapters are offered [default: embedded].")
 @click.option("--offline", is_flag=True, help="Make no network attempt; check what is cached.")
 @_reports_errors
-def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | None, public_key: Path | None,
-         profile_name: str, max_kbps: int | None, cache_mb: int | None, model: str | None, offline: bool) -> None:
+def sync(
+    cdn: str,
+    adapter_names: str | None,
+    sync_all: bool,
+    cache_dir: Path | None,
+    public_key: Path | None,
+    profile_name: str,
+    max_kbps: int | None,
+    cache_mb: int | None,
+    model: str | None,
+    offline: bool,
+) -> None:
     """Fetch adapters from a CDN into the verified cache: resumable, sha256-checked, never past the manifest."""
     import asyncio
 
@@ -288,14 +422,23 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
     if (adapter_names is None) != sync_all:
         raise click.UsageError("pass exactly one of --adapters a,b and --all")
     names = None if sync_all else [n.strip() for n in (adapter_names or "").split(",") if n.strip()]
-    report = asyncio.run(run_sync(
-        cdn, names, progress=_ProgressLine(), cache_dir=cache_dir, offline=True if offline else None,
-        public_key=load_public_key(public_key) if public_key else None,
-        base_fingerprint=read_info(resolve_model(model)).fingerprint,
-        sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb)))
+    report = asyncio.run(
+        run_sync(
+            cdn,
+            names,
+            progress=_ProgressLine(),
+            cache_dir=cache_dir,
+            offline=True if offline else None,
+            public_key=load_public_key(public_key) if public_key else None,
+            base_fingerprint=read_info(resolve_model(model)).fingerprint,
+            sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb),
+        )
+    )
     for result in report.results:
-        click.echo(f"{result.adapter.name}  {'downloaded' if result.downloaded else 'cached'}  "
-                   f"{result.adapter.size / 1e6:.2f} MB  sha256 {result.adapter.sha256[:16]}  {result.adapter.path}")
+        click.echo(
+            f"{result.adapter.name}  {'downloaded' if result.downloaded else 'cached'}  "
+            f"{result.adapter.size / 1e6:.2f} MB  sha256 {result.adapter.sha256[:16]}  {result.adapter.path}"
+        )
     for name in report.incompatible:
         click.echo(f"{name}  skipped: converted for another base model", err=True)
     version = "offline" if report.manifest_version is None else f"manifest version {report.manifest_version}"
@@ -319,8 +462,12 @@ class _ProgressLine:
             return
         self._last = time.monotonic()
         eta = "?" if progress.eta_s is None else f"{progress.eta_s:.0f} s"
-        click.echo(f"\r{progress.name}  {progress.done_bytes / 1e6:.1f}/{progress.total_bytes / 1e6:.1f} MB  "
-                   f"{progress.rate_bytes_per_second / 1e6:.2f} MB/s  ETA {eta}   ", nl=done, err=True)
+        click.echo(
+            f"\r{progress.name}  {progress.done_bytes / 1e6:.1f}/{progress.total_bytes / 1e6:.1f} MB  "
+            f"{progress.rate_bytes_per_second / 1e6:.2f} MB/s  ETA {eta}   ",
+            nl=done,
+            err=True,
+        )
 
 
 main.add_command(cache_group)

@@ -15,8 +15,12 @@ __all__ = ["cache_group"]
 
 
 @click.group("cache")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Adapter cache [default: $EDGE_RT_HOME/adapters].")
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Adapter cache [default: $EDGE_RT_HOME/adapters].",
+)
 @click.pass_context
 def cache_group(ctx: click.Context, cache_dir: Path | None) -> None:
     """Look into and tidy the device's adapter cache (safe beside running daemons: what they serve is kept)."""
@@ -37,17 +41,26 @@ def cache_ls(store: Any, as_json: bool) -> None:
     rows = []
     for cached in store.adapters():
         info = read_info(cached.path)
-        rows.append({"name": cached.name, "size_bytes": cached.size, "sha256": cached.sha256,
-                     "base_fingerprint": info.base_fingerprint, "last_used": cached.last_used,
-                     "in_use": store.in_use(cached.sha256)})
+        rows.append(
+            {
+                "name": cached.name,
+                "size_bytes": cached.size,
+                "sha256": cached.sha256,
+                "base_fingerprint": info.base_fingerprint,
+                "last_used": cached.last_used,
+                "in_use": store.in_use(cached.sha256),
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for row in rows:
         age = time.time() - row["last_used"]
-        click.echo(f"{row['name']}  {row['size_bytes'] / 1e6:.2f} MB  sha256 {row['sha256'][:16]}  "
-                   f"base {(row['base_fingerprint'] or '?')[:12]}  used {age / 3600:.1f} h ago"
-                   + ("  in use by a daemon" if row["in_use"] else ""))
+        click.echo(
+            f"{row['name']}  {row['size_bytes'] / 1e6:.2f} MB  sha256 {row['sha256'][:16]}  "
+            f"base {(row['base_fingerprint'] or '?')[:12]}  used {age / 3600:.1f} h ago"
+            + ("  in use by a daemon" if row["in_use"] else "")
+        )
     click.echo(f"{len(rows)} adapters, {store.usage_bytes() / 1e6:.2f} MB in {store.root}", err=True)
 
 
@@ -64,8 +77,12 @@ def cache_rm(store: Any, names: tuple[str, ...]) -> None:
         if cached is None:
             raise AdapterNotFound(name, store.names())
         if store.in_use(cached.sha256):
-            raise InvalidTransition(name, "in use by a running daemon", "removed",
-                                    fix="A running daemon serves it (its lease ends with it): stop that daemon first")
+            raise InvalidTransition(
+                name,
+                "in use by a running daemon",
+                "removed",
+                fix="A running daemon serves it (its lease ends with it): stop that daemon first",
+            )
         store.evict(name)
         click.echo(f"removed {name} ({cached.size / 1e6:.2f} MB)")
 
@@ -79,6 +96,8 @@ def cache_gc(store: Any) -> None:
 
     report = recover(store)
     dropped = store.collect_garbage()
-    click.echo(f"verified {len(report.verified)} blobs, removed {len(report.removed_corrupt)} corrupt, "
-               f"{len(dropped)} unused and {len(report.removed_files)} stray files; "
-               f"{len(report.resumable)} downloads kept for resuming")
+    click.echo(
+        f"verified {len(report.verified)} blobs, removed {len(report.removed_corrupt)} corrupt, "
+        f"{len(dropped)} unused and {len(report.removed_files)} stray files; "
+        f"{len(report.resumable)} downloads kept for resuming"
+    )

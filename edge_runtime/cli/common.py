@@ -54,13 +54,27 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
 def request_limit_options(command: F) -> F:
     """The daemon's limits on requests, as ``serve`` takes them and ``plan`` counts them in the memory plan."""
     options = [
-        click.option("--max-queue", type=click.IntRange(min=1), default=DEFAULT_MAX_QUEUE, show_default=True,
-                     help="Requests that may wait for the engine, and for their body to be read; more get 503."),
-        click.option("--max-body-kb", type=click.IntRange(min=1), default=DEFAULT_MAX_BODY_BYTES // 1024,
-                     show_default=True, help="Request body cap in KiB."),
-        click.option("--max-connections", type=click.IntRange(min=4), default=None,
-                     help="Open connections allowed; past them idle ones are closed, then new ones get 503 "
-                          "[default: --max-queue + 6]."),
+        click.option(
+            "--max-queue",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_QUEUE,
+            show_default=True,
+            help="Requests that may wait for the engine, and for their body to be read; more get 503.",
+        ),
+        click.option(
+            "--max-body-kb",
+            type=click.IntRange(min=1),
+            default=DEFAULT_MAX_BODY_BYTES // 1024,
+            show_default=True,
+            help="Request body cap in KiB.",
+        ),
+        click.option(
+            "--max-connections",
+            type=click.IntRange(min=4),
+            default=None,
+            help="Open connections allowed; past them idle ones are closed, then new ones get 503 "
+            "[default: --max-queue + 6].",
+        ),
     ]
     for option in reversed(options):
         command = option(command)

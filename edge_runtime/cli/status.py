@@ -41,8 +41,9 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
         raise TransferFailed(url, f"HTTP {exc.code}", status=exc.code, fix=fix) from exc
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise TransferFailed(url, f"no daemon answered ({reason})",
-                             fix="Start it with `edge-rt serve`, or pass its --url") from exc
+        raise TransferFailed(
+            url, f"no daemon answered ({reason})", fix="Start it with `edge-rt serve`, or pass its --url"
+        ) from exc
     if len(body) > MAX_STATUS_BYTES:
         raise TransferFailed(url, "the status document is larger than edge-rt reads")
     data: dict[str, Any] = json.loads(body)
@@ -51,11 +52,17 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
 
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
-    lines = [f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
-             f"{report['queued']} queued", "memory"]
+    lines = [
+        f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
+        f"{report['queued']} queued",
+        "memory",
+    ]
     rows = [(term.describe(plan), plan.get(term.key, 0)) for term in MEMORY_TERMS]
-    rows += [("resident adapters", report["resident_adapter_bytes"]), ("runtime budget", plan["budget_bytes"]),
-             ("measured RSS", report["rss_bytes"])]
+    rows += [
+        ("resident adapters", report["resident_adapter_bytes"]),
+        ("runtime budget", plan["budget_bytes"]),
+        ("measured RSS", report["rss_bytes"]),
+    ]
     lines += [f"  {label:<48}{value / mib:>10.1f} MiB" for label, value in rows]
     lines.append(f"adapters ({len(report['adapters'])})")
     for a in report["adapters"]:
@@ -63,31 +70,38 @@ def _table(url: str, report: dict[str, Any]) -> str:
         if state == "downloading":
             state += f" {100 * a['downloaded_bytes'] / max(1, a['download_total_bytes']):.0f}%"
         used = "never used" if not a.get("last_used") else f"used {duration(time.time() - a['last_used'])} ago"
-        lines.append(f"  {a['name']:<24}{state:<18}{a['size_bytes'] / 1e6:>8.1f} MB  {a['sha256'][:12]}  "
-                     f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}")
+        lines.append(
+            f"  {a['name']:<24}{state:<18}{a['size_bytes'] / 1e6:>8.1f} MB  {a['sha256'][:12]}  "
+            f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}"
+        )
     cdn = report.get("cdn")
     if cdn:
         refreshed = "never" if not cdn.get("last_refresh") else f"{duration(time.time() - cdn['last_refresh'])} ago"
-        lines.append(f"cdn {cdn['url']}{' (offline)' if cdn.get('offline') else ''}: manifest version "
-                     f"{cdn.get('version') or '-'}, refreshed {refreshed}"
-                     + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else "")
-                     + (f", updates waiting (metered link): {', '.join(cdn['deferred'])}" if cdn.get("deferred")
-                        else ""))
+        lines.append(
+            f"cdn {cdn['url']}{' (offline)' if cdn.get('offline') else ''}: manifest version "
+            f"{cdn.get('version') or '-'}, refreshed {refreshed}"
+            + (f", last error: {cdn['last_error']}" if cdn.get("last_error") else "")
+            + (f", updates waiting (metered link): {', '.join(cdn['deferred'])}" if cdn.get("deferred") else "")
+        )
     compute = report.get("compute")
     if compute:  # a daemon older than this CLI has none
         threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
-        lines.append(f"compute: {threads}, usable cores {compute['cores']}, decode "
-                     f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "
-                     f"{100 * compute['contention']:.0f}% over the last minute")
+        lines.append(
+            f"compute: {threads}, usable cores {compute['cores']}, decode "
+            f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "
+            f"{100 * compute['contention']:.0f}% over the last minute"
+        )
         if compute.get("warning"):
             lines.append(f"  warning: {compute['warning']}")
     lines.append(f"recent requests ({len(report['recent'])})")
-    lines += [f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
-              f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms" for r in report["recent"]]
+    lines += [
+        f"  {time.strftime('%H:%M:%S', time.localtime(r['at']))}  {r['method']} {r['path']}  {r['status']}  "
+        f"requested {r['requested']}  ran {r['ran']}  {r['ms']:.0f} ms"
+        for r in report["recent"]
+    ]
     return "\n".join(_printable(line) for line in lines)
 
 
 def _printable(text: object) -> str:
     """``text`` with control characters escaped: what a daemon reports (request paths) may come from anyone."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
-

@@ -10,8 +10,21 @@ from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
 
-__all__ = ["AdapterStore", "CachedAdapter", "CdnClient", "Manifest", "ManifestEntry", "SyncReport", "SyncSettings",
-           "generate_key", "load_private_key", "load_public_key", "publish", "read_manifest", "run_sync"]
+__all__ = [
+    "AdapterStore",
+    "CachedAdapter",
+    "CdnClient",
+    "Manifest",
+    "ManifestEntry",
+    "SyncReport",
+    "SyncSettings",
+    "generate_key",
+    "load_private_key",
+    "load_public_key",
+    "publish",
+    "read_manifest",
+    "run_sync",
+]
 
 if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
     from edge_runtime.distribution.client import CdnClient, SyncReport, SyncSettings, run_sync
@@ -20,10 +33,21 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY load
     from edge_runtime.distribution.publish import publish
     from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 
-_LAZY = {"CdnClient": "client", "SyncReport": "client", "SyncSettings": "client", "run_sync": "client",
-         "generate_key": "keys", "load_private_key": "keys", "load_public_key": "keys", "Manifest": "manifest",
-         "ManifestEntry": "manifest", "read_manifest": "manifest", "publish": "publish", "AdapterStore": "store",
-         "CachedAdapter": "store"}
+_LAZY = {
+    "CdnClient": "client",
+    "SyncReport": "client",
+    "SyncSettings": "client",
+    "run_sync": "client",
+    "generate_key": "keys",
+    "load_private_key": "keys",
+    "load_public_key": "keys",
+    "Manifest": "manifest",
+    "ManifestEntry": "manifest",
+    "read_manifest": "manifest",
+    "publish": "publish",
+    "AdapterStore": "store",
+    "CachedAdapter": "store",
+}
 
 _load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 

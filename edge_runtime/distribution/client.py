@@ -66,8 +66,14 @@ class SyncSettings:
     defer_updates: bool = False
 
     @classmethod
-    def for_profile(cls, profile: DeviceProfile | None, *, max_kbps: int | None = None, cache_mb: int | None = None,
-                    allow_metered_updates: bool = False) -> SyncSettings:
+    def for_profile(
+        cls,
+        profile: DeviceProfile | None,
+        *,
+        max_kbps: int | None = None,
+        cache_mb: int | None = None,
+        allow_metered_updates: bool = False,
+    ) -> SyncSettings:
         """The profile's download cap (kbit/s, 0 = none), cache budget (MiB) and metered flag, each overridable."""
         rate = profile.max_download_bytes_per_second if profile else None
         if max_kbps is not None:
@@ -76,8 +82,11 @@ class SyncSettings:
         if cache_mb is not None:
             cache = cache_mb << 20
         metered = profile is not None and profile.network.metered
-        return cls(transfer=TransferSettings(max_bytes_per_second=rate), cache_budget_bytes=cache,
-                   defer_updates=metered and not allow_metered_updates)
+        return cls(
+            transfer=TransferSettings(max_bytes_per_second=rate),
+            cache_budget_bytes=cache,
+            defer_updates=metered and not allow_metered_updates,
+        )
 
 
 @dataclass(frozen=True)
@@ -100,13 +109,22 @@ class SyncReport:
 class CdnClient:
     """Verified, cached access to the adapters a CDN publishes."""
 
-    def __init__(self, cdn: str, *, cache_dir: Path | None = None, public_key: Ed25519PublicKey | None = None,
-                 base_fingerprint: str | None = None, sync_settings: SyncSettings | None = None,
-                 offline: bool | None = None, protected: Callable[[], Iterable[str]] | None = None) -> None:
+    def __init__(
+        self,
+        cdn: str,
+        *,
+        cache_dir: Path | None = None,
+        public_key: Ed25519PublicKey | None = None,
+        base_fingerprint: str | None = None,
+        sync_settings: SyncSettings | None = None,
+        offline: bool | None = None,
+        protected: Callable[[], Iterable[str]] | None = None,
+    ) -> None:
         self.cdn = cdn.rstrip("/")
         self.settings = sync_settings or SyncSettings()
-        self.store = AdapterStore(cache_dir or settings.adapter_cache_dir(),
-                                  budget_bytes=self.settings.cache_budget_bytes)
+        self.store = AdapterStore(
+            cache_dir or settings.adapter_cache_dir(), budget_bytes=self.settings.cache_budget_bytes
+        )
         self.public_key = public_key
         self.base_fingerprint = base_fingerprint
         self.offline = settings.offline() if offline is None else offline
@@ -125,8 +143,9 @@ class CdnClient:
     async def __aenter__(self) -> CdnClient:
         return self
 
-    async def __aexit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                        traceback: TracebackType | None) -> None:
+    async def __aexit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         await self.close()
 
     async def close(self) -> None:
@@ -139,8 +158,12 @@ class CdnClient:
     async def fetch_manifest(self) -> Manifest:
         """Fetch, verify (signature, version floor, expiry) and remember the CDN's manifest."""
         if self.offline:
-            raise TransferFailed(f"{self.cdn}/{MANIFEST_FILE}", "offline: no network attempt made", attempts=0,
-                                 fix="Unset --offline, EDGE_RT_OFFLINE and HF_HUB_OFFLINE to reach the CDN")
+            raise TransferFailed(
+                f"{self.cdn}/{MANIFEST_FILE}",
+                "offline: no network attempt made",
+                attempts=0,
+                fix="Unset --offline, EDGE_RT_OFFLINE and HF_HUB_OFFLINE to reach the CDN",
+            )
         async with self._manifest_lock:
             document = await self._source.manifest_bytes()
             manifest = await asyncio.to_thread(read_manifest, document, source=self.cdn, public_key=self.public_key)
@@ -183,11 +206,13 @@ class CdnClient:
 
     def offered(self, manifest: Manifest) -> tuple[ManifestEntry, ...]:
         """The manifest's adapters made for this device's base model (all when no base fingerprint is set)."""
-        return tuple(a for a in manifest.adapters
-                     if self.base_fingerprint is None or a.base_fingerprint == self.base_fingerprint)
+        return tuple(
+            a for a in manifest.adapters if self.base_fingerprint is None or a.base_fingerprint == self.base_fingerprint
+        )
 
-    async def ensure_cached(self, name: str, *, progress: ProgressCallback | None = None,
-                            current: bool = True) -> CachedAdapter:
+    async def ensure_cached(
+        self, name: str, *, progress: ProgressCallback | None = None, current: bool = True
+    ) -> CachedAdapter:
         """The verified local copy of adapter ``name``, downloading it (once, however many callers) when needed.
 
         With ``current`` (a sync) a cached copy is checked against the manifest first, which may mean fetching it;
@@ -217,8 +242,7 @@ class CdnClient:
         result = await self._shared_download(entry, progress, link=True)
         return result if result.name == name else await self.store.call(self.store.link, name, entry.sha256)
 
-    async def fetch_update(self, entry: ManifestEntry, *,
-                           progress: ProgressCallback | None = None) -> CachedAdapter:
+    async def fetch_update(self, entry: ManifestEntry, *, progress: ProgressCallback | None = None) -> CachedAdapter:
         """The verified blob of ``entry`` on disk, its name still pointing at the version in service.
 
         The daemon loads it, then calls ``switch``. Until then the blob is staged in the store: cache eviction
@@ -233,8 +257,9 @@ class CdnClient:
         path = self.store.blob_path(entry.sha256)
         if not path.is_file():
             return None
-        return CachedAdapter(name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size,
-                             last_used=time.time())
+        return CachedAdapter(
+            name=entry.name, path=path, sha256=entry.sha256, size=path.stat().st_size, last_used=time.time()
+        )
 
     def _link_if_present(self, name: str, sha256: str) -> CachedAdapter | None:
         """Point ``name`` at blob ``sha256`` when the cache already holds it (another name uses the same bytes)."""
@@ -262,8 +287,7 @@ class CdnClient:
         for sha256 in await self.store.call(self.store.staged) - listed - busy:
             await self.store.call(self.store.unstage, sha256)
 
-    async def sync(self, names: Sequence[str] | None = None, *,
-                   progress: ProgressCallback | None = None) -> SyncReport:
+    async def sync(self, names: Sequence[str] | None = None, *, progress: ProgressCallback | None = None) -> SyncReport:
         """Make ``names`` (every offered adapter when None) cached and current; they are protected from eviction."""
         if self.offline:
             chosen = list(names) if names is not None else list(await self.store.call(self.store.names))
@@ -297,11 +321,13 @@ class CdnClient:
             raise IncompatibleAdapter(
                 f"adapter {name!r} on {self.cdn} was converted for base {entry.base_fingerprint[:12]}, this device "
                 f"runs base {self.base_fingerprint[:12]}",
-                fix="Publish a conversion for this device's base model (`edge-rt convert --base`)")
+                fix="Publish a conversion for this device's base model (`edge-rt convert --base`)",
+            )
         return entry
 
-    async def _shared_download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
-                               link: bool) -> CachedAdapter:
+    async def _shared_download(
+        self, entry: ManifestEntry, progress: ProgressCallback | None, *, link: bool
+    ) -> CachedAdapter:
         task = self._inflight.get(entry.sha256)
         if task is None:
             task = asyncio.create_task(self._download(entry, progress, link=link))
@@ -313,23 +339,32 @@ class CdnClient:
         self.store.touch(cached.name)
         return self.store.lookup(cached.name) or cached
 
-    async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *,
-                        link: bool) -> CachedAdapter:
+    async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *, link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
         await self.store.call(self.store.make_room, entry.name, entry.size, protected=protected)
-        request = BlobRequest(name=entry.name, url=self._source.url(blob_path(entry.sha256)), sha256=entry.sha256,
-                              size=entry.size, link=link)
+        request = BlobRequest(
+            name=entry.name,
+            url=self._source.url(blob_path(entry.sha256)),
+            sha256=entry.sha256,
+            size=entry.size,
+            link=link,
+        )
         try:
             return await self._source.fetch(request, progress)
         except OSError as exc:
             if exc.errno != errno.ENOSPC:
                 raise
-            raise DiskFull(entry.name, needed_bytes=entry.size, available_bytes=shutil.disk_usage(self.store.root).free,
-                           limit="free disk space") from exc
+            raise DiskFull(
+                entry.name,
+                needed_bytes=entry.size,
+                available_bytes=shutil.disk_usage(self.store.root).free,
+                limit="free disk space",
+            ) from exc
 
 
-async def run_sync(cdn: str, names: Sequence[str] | None, *, progress: ProgressCallback | None = None,
-                   **client_options: Any) -> SyncReport:
+async def run_sync(
+    cdn: str, names: Sequence[str] | None, *, progress: ProgressCallback | None = None, **client_options: Any
+) -> SyncReport:
     """Recover the cache (start-up scan), then sync ``names`` (all offered when None): what ``edge-rt sync`` runs."""
     async with CdnClient(cdn, **client_options) as client:
         await client.store.call(recover, client.store)

@@ -16,18 +16,28 @@ from edge_runtime import __version__
 USER_AGENT = f"edge-rt/{__version__}"
 
 
-def create_session(*, connect_timeout_s: float, gap_timeout_s: float, max_connections: int = 8,
-                   headers: dict[str, str] | None = None,
-                   middlewares: Sequence[aiohttp.ClientMiddlewareType] = ()) -> aiohttp.ClientSession:
+def create_session(
+    *,
+    connect_timeout_s: float,
+    gap_timeout_s: float,
+    max_connections: int = 8,
+    headers: dict[str, str] | None = None,
+    middlewares: Sequence[aiohttp.ClientMiddlewareType] = (),
+) -> aiohttp.ClientSession:
     """A client session with edge-rt's timeouts and headers (plus ``headers``); close it with ``await .close()``.
 
     aiohttp drops ``Authorization`` when a redirect leaves the origin (the Hub redirects downloads to its CDN).
     ``middlewares`` wrap every request (a registry's challenge-answering auth, ``registry_auth.py``).
     """
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, connect=connect_timeout_s,
-                                    sock_read=gap_timeout_s)
+    timeout = aiohttp.ClientTimeout(
+        total=None, sock_connect=connect_timeout_s, connect=connect_timeout_s, sock_read=gap_timeout_s
+    )
     return aiohttp.ClientSession(
-        timeout=timeout, auto_decompress=False, trust_env=False, raise_for_status=False,
-        connector=aiohttp.TCPConnector(limit=max_connections), middlewares=tuple(middlewares),
+        timeout=timeout,
+        auto_decompress=False,
+        trust_env=False,
+        raise_for_status=False,
+        connector=aiohttp.TCPConnector(limit=max_connections),
+        middlewares=tuple(middlewares),
         headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity", **(headers or {})},
     )

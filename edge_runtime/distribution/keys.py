@@ -59,11 +59,17 @@ def generate_key(out: Path) -> tuple[Path, Path]:
     public_path = out.with_name(out.name + ".pub")
     with atomic_output(out) as temp:
         os.chmod(temp, 0o600)
-        temp.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                               serialization.NoEncryption()))
+        temp.write_bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
     with atomic_output(public_path, mode=0o644) as temp:
-        temp.write_bytes(private.public_key().public_bytes(serialization.Encoding.PEM,
-                                                           serialization.PublicFormat.SubjectPublicKeyInfo))
+        temp.write_bytes(
+            private.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
     return out, public_path
 
 

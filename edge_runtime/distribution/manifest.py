@@ -72,15 +72,28 @@ class ManifestEntry:
             raise fields.invalid("sha256", "must be 64 lowercase hex digits")
         if fields.text("path") != blob_path(sha256):
             raise fields.invalid("path", f"must be {blob_path(sha256)!r}")
-        return cls(name=name, sha256=sha256, size=fields.integer("size", minimum=1),
-                   rank=fields.integer("rank", minimum=1), base_fingerprint=fields.text("base_fingerprint"),
-                   created=fields.timestamp("created"), description=fields.text("description", default=""))
+        return cls(
+            name=name,
+            sha256=sha256,
+            size=fields.integer("size", minimum=1),
+            rank=fields.integer("rank", minimum=1),
+            base_fingerprint=fields.text("base_fingerprint"),
+            created=fields.timestamp("created"),
+            description=fields.text("description", default=""),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, including the derived ``path``."""
-        return {"name": self.name, "sha256": self.sha256, "size": self.size, "path": self.path, "rank": self.rank,
-                "base_fingerprint": self.base_fingerprint, "created": format_time(self.created),
-                "description": self.description}
+        return {
+            "name": self.name,
+            "sha256": self.sha256,
+            "size": self.size,
+            "path": self.path,
+            "rank": self.rank,
+            "base_fingerprint": self.base_fingerprint,
+            "created": format_time(self.created),
+            "description": self.description,
+        }
 
 
 @dataclass(frozen=True)
@@ -105,19 +118,31 @@ class Manifest:
         raw_adapters = fields.get("adapters")
         if not isinstance(raw_adapters, list):
             raise fields.invalid("adapters", "must be a list")
-        adapters = tuple(ManifestEntry.from_dict(item, source=source, where=f"signed.adapters[{i}]")
-                         for i, item in enumerate(raw_adapters))
+        adapters = tuple(
+            ManifestEntry.from_dict(item, source=source, where=f"signed.adapters[{i}]")
+            for i, item in enumerate(raw_adapters)
+        )
         duplicates = sorted(n for n, count in Counter(a.name for a in adapters).items() if count > 1)
         if duplicates:
             raise fields.invalid("adapters", f"names listed twice: {', '.join(duplicates)}")
-        return cls(version=fields.integer("version", minimum=1), created=fields.timestamp("created"),
-                   expires=fields.timestamp("expires"), adapters=adapters, schema_version=schema)
+        return cls(
+            version=fields.integer("version", minimum=1),
+            created=fields.timestamp("created"),
+            expires=fields.timestamp("expires"),
+            adapters=adapters,
+            schema_version=schema,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """The ``signed`` object as JSON-ready data."""
-        return {"_type": MANIFEST_TYPE, "schema_version": self.schema_version, "version": self.version,
-                "created": format_time(self.created), "expires": format_time(self.expires),
-                "adapters": [a.to_dict() for a in self.adapters]}
+        return {
+            "_type": MANIFEST_TYPE,
+            "schema_version": self.schema_version,
+            "version": self.version,
+            "created": format_time(self.created),
+            "expires": format_time(self.expires),
+            "adapters": [a.to_dict() for a in self.adapters],
+        }
 
     def entry(self, name: str) -> ManifestEntry | None:
         """The entry called ``name``, or None."""
@@ -213,7 +238,7 @@ def read_manifest(document: bytes, *, source: str, public_key: Ed25519PublicKey 
     except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, a 5,000-digit number, absurd nesting
         raise InvalidManifest(source, None, f"not UTF-8 JSON ({str(exc)[:200]})") from exc
     if not isinstance(envelope, dict) or not isinstance(envelope.get("signed"), dict):
-        raise InvalidManifest(source, "signed", "missing: expected {\"signed\": {...}, \"signatures\": [...]}")
+        raise InvalidManifest(source, "signed", 'missing: expected {"signed": {...}, "signatures": [...]}')
     if public_key is not None:
         keys.verify(envelope.get("signatures"), canonical_json(envelope["signed"]), public_key, source=source)
     return Manifest.from_dict(envelope["signed"], source=source)

@@ -53,8 +53,15 @@ class PublishResult:
         return bool(self.previous_keyids) and self.keyid not in self.previous_keyids
 
 
-def publish(src_dir: Path, out_dir: Path, *, key: Ed25519PrivateKey | None = None, expires_days: float = 30.0,
-            now: datetime | None = None, allow_empty: bool = False) -> PublishResult:
+def publish(
+    src_dir: Path,
+    out_dir: Path,
+    *,
+    key: Ed25519PrivateKey | None = None,
+    expires_days: float = 30.0,
+    now: datetime | None = None,
+    allow_empty: bool = False,
+) -> PublishResult:
     """Publish every ``NAME.gguf`` adapter of ``src_dir`` into ``out_dir`` with a new manifest version.
 
     Files land 0644 (an origin server often runs as another user). An empty ``src_dir`` is refused
@@ -72,13 +79,23 @@ def publish(src_dir: Path, out_dir: Path, *, key: Ed25519PrivateKey | None = Non
         if _write_blob(path, out_dir / blob_path(entry.sha256)):
             new_blobs.append(entry.sha256)
         entries.append(entry)
-    manifest = Manifest(version=(previous.version + 1) if previous else 1, created=now,
-                        expires=now + timedelta(days=expires_days), adapters=tuple(entries))
+    manifest = Manifest(
+        version=(previous.version + 1) if previous else 1,
+        created=now,
+        expires=now + timedelta(days=expires_days),
+        adapters=tuple(entries),
+    )
     target = out_dir / MANIFEST_FILE
     with atomic_output(target, mode=PUBLIC_FILE_MODE) as temp:
         temp.write_bytes(sign_manifest(manifest, key))
-    return PublishResult(manifest=manifest, manifest_path=target, new_blobs=tuple(new_blobs), signed=key is not None,
-                         keyid=None if key is None else keyid(key.public_key()), previous_keyids=previous_keyids)
+    return PublishResult(
+        manifest=manifest,
+        manifest_path=target,
+        new_blobs=tuple(new_blobs),
+        signed=key is not None,
+        keyid=None if key is None else keyid(key.public_key()),
+        previous_keyids=previous_keyids,
+    )
 
 
 def _previous(out_dir: Path) -> tuple[Manifest | None, tuple[str, ...]]:
@@ -99,12 +116,20 @@ def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> Ma
     if not info.is_adapter:
         raise InvalidGGUF(str(path), "a base model, not a LoRA adapter: only adapters are published")
     if info.base_fingerprint is None or not info.lora_ranks:
-        raise IncompatibleAdapter(f"{path} records no base fingerprint or LoRA tensors",
-                                  fix="Convert it with `edge-rt convert` so devices can match it to their base")
+        raise IncompatibleAdapter(
+            f"{path} records no base fingerprint or LoRA tensors",
+            fix="Convert it with `edge-rt convert` so devices can match it to their base",
+        )
     sha256 = file_sha256(path).hexdigest()
-    return ManifestEntry(name=name, sha256=sha256, size=info.size_bytes, rank=max(info.lora_ranks),
-                         base_fingerprint=info.base_fingerprint, created=earlier.get(sha256, created),
-                         description=str(info.metadata.get(keys.DESCRIPTION, "")))
+    return ManifestEntry(
+        name=name,
+        sha256=sha256,
+        size=info.size_bytes,
+        rank=max(info.lora_ranks),
+        base_fingerprint=info.base_fingerprint,
+        created=earlier.get(sha256, created),
+        description=str(info.metadata.get(keys.DESCRIPTION, "")),
+    )
 
 
 def _write_blob(source: Path, target: Path) -> bool:
@@ -119,4 +144,3 @@ def _write_blob(source: Path, target: Path) -> bool:
         if file_sha256(temp).hexdigest() != target.name.removesuffix(".gguf"):
             raise OSError(f"{source} changed while it was being published")
     return True
-

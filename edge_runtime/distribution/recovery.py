@@ -70,9 +70,15 @@ def _recover(store: AdapterStore, *, verify: bool) -> RecoveryReport:
     for ref in sorted(store.refs_dir.iterdir()):
         if not is_ref(ref) or store.lookup(ref.name) is None:
             removed.append(remove_file(ref))
-    return RecoveryReport(verified=tuple(verified), removed_corrupt=tuple(corrupt), completed=tuple(completed),
-                          resumable=tuple(resumable), removed_files=tuple(removed),
-                          refs_rebuilt=tuple(rebuild_refs(store)))
+    return RecoveryReport(
+        verified=tuple(verified),
+        removed_corrupt=tuple(corrupt),
+        completed=tuple(completed),
+        resumable=tuple(resumable),
+        removed_files=tuple(removed),
+        refs_rebuilt=tuple(rebuild_refs(store)),
+    )
+
 
 def _recover_partials(store: AdapterStore, removed: list[str]) -> tuple[list[str], list[str]]:
     completed, resumable = [], []
@@ -88,8 +94,9 @@ def _recover_partials(store: AdapterStore, removed: list[str]) -> tuple[list[str
         if claim is None:  # a live process is writing it
             resumable.append(match["sha"])
             continue
-        partial = Partial(path=path, sha256=match["sha"], validator=read_validator(path.with_suffix(".json")),
-                          claim=claim)
+        partial = Partial(
+            path=path, sha256=match["sha"], validator=read_validator(path.with_suffix(".json")), claim=claim
+        )
         if store.blob_path(partial.sha256).exists() or now - path.stat().st_mtime > PARTIAL_MAX_AGE_S:
             store.discard(partial)
             removed.append(path.name)
@@ -100,6 +107,7 @@ def _recover_partials(store: AdapterStore, removed: list[str]) -> tuple[list[str
             release(partial)
             resumable.append(partial.sha256)
     return completed, resumable
+
 
 def rebuild_refs(store: AdapterStore) -> list[str]:
     """Recreate refs for blobs no name points at, from the adapter name each GGUF records; return them."""

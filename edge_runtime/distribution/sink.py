@@ -45,8 +45,14 @@ class BlobRequest:
 class HashingWriter:
     """Appends chunks to ``path`` and feeds them to ``digest`` on helper threads, in order."""
 
-    def __init__(self, path: Path, digest: hashlib._Hash, *, sync_every: int = SYNC_EVERY_BYTES,
-                 max_pending: int = MAX_PENDING_CHUNKS) -> None:
+    def __init__(
+        self,
+        path: Path,
+        digest: hashlib._Hash,
+        *,
+        sync_every: int = SYNC_EVERY_BYTES,
+        max_pending: int = MAX_PENDING_CHUNKS,
+    ) -> None:
         self.path = path
         self._digest = digest
         self._handle: BinaryIO = path.open("ab")
@@ -119,8 +125,9 @@ class HashingWriter:
                 self._error = self._error or exc
 
     def _collect(self, *, keep: int, block: bool = False) -> None:
-        while len(self._pending) > keep or (self._pending and self._pending[0][0].done()
-                                            and self._pending[0][1].done()):
+        while len(self._pending) > keep or (
+            self._pending and self._pending[0][0].done() and self._pending[0][1].done()
+        ):
             written, hashed = self._pending[0]
             if not block and not (written.done() and hashed.done()):
                 return
@@ -174,8 +181,9 @@ class DownloadSink:
     def append(self, chunk: bytes) -> None:
         """Queue ``chunk`` for writing and hashing; ``LengthExceeded`` when it would pass the manifest's size."""
         if self.written + len(chunk) > self.request.size:
-            raise LengthExceeded(self.request.url, limit_bytes=self.request.size,
-                                 received_bytes=self.written + len(chunk))
+            raise LengthExceeded(
+                self.request.url, limit_bytes=self.request.size, received_bytes=self.written + len(chunk)
+            )
         self.writer.append(chunk)
         self.written += len(chunk)
 
@@ -189,12 +197,21 @@ class DownloadSink:
             if actual != self.request.sha256:
                 self.store.discard(self.partial)
                 raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
-            installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
-                                           digest=actual, size=self.request.size)
+            installed = self.store.install(
+                self.partial,
+                name=self.request.name if self.request.link else None,
+                digest=actual,
+                size=self.request.size,
+            )
         finally:
             release(self.partial)
-        return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,
-                                          size=self.written, last_used=time.time())
+        return installed or CachedAdapter(
+            name=self.request.name,
+            path=self.store.blob_path(actual),
+            sha256=actual,
+            size=self.written,
+            last_used=time.time(),
+        )
 
     def close(self, *, release_claim: bool = False) -> None:
         """Close the file once queued writes landed; a non-empty partial stays for a later resume.

@@ -63,16 +63,17 @@ def open_source(cdn: str, store: AdapterStore, transfer: TransferSettings, limit
         return HubSource(hub.parse_hub_source(cdn), store=store, transfer=transfer, limiter=limiter)
     if is_oci_reference(cdn):
         return OciSource(Registry(parse_reference(cdn), transfer=transfer), store=store, limiter=limiter)
-    raise SourceUnavailable(cdn, "unsupported CDN address",
-                            fix="Use http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or "
-                                "oci://HOST[:PORT]/REPOSITORY[:TAG]")
+    raise SourceUnavailable(
+        cdn,
+        "unsupported CDN address",
+        fix="Use http(s)://HOST/PATH, file:///PATH, hf://ORG/REPO[@REVISION] or oci://HOST[:PORT]/REPOSITORY[:TAG]",
+    )
 
 
 class HttpSource:
     """A CDN folder served over HTTP(S) by any static server."""
 
-    def __init__(self, base_url: str, *, store: AdapterStore, transfer: TransferSettings,
-                 limiter: RateLimiter) -> None:
+    def __init__(self, base_url: str, *, store: AdapterStore, transfer: TransferSettings, limiter: RateLimiter) -> None:
         self.base_url = base_url
         self.store = store
         self.transfer = transfer
@@ -90,16 +91,23 @@ class HttpSource:
 
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = create_session(connect_timeout_s=self.transfer.connect_timeout_s,
-                                           gap_timeout_s=self.transfer.gap_timeout_s, headers=self.headers())
+            self._session = create_session(
+                connect_timeout_s=self.transfer.connect_timeout_s,
+                gap_timeout_s=self.transfer.gap_timeout_s,
+                headers=self.headers(),
+            )
         return self._session
 
     async def manifest_bytes(self) -> bytes:
         """The manifest; a 304 to If-None-Match re-uses the last body (it is verified again, expiry included)."""
         last = self._manifest
-        fetched = await fetch_bounded(self.session(), self.url(MANIFEST_FILE),
-                                      limit_bytes=MAX_MANIFEST_BYTES, settings=self.transfer,
-                                      etag=last.etag if last is not None else None)
+        fetched = await fetch_bounded(
+            self.session(),
+            self.url(MANIFEST_FILE),
+            limit_bytes=MAX_MANIFEST_BYTES,
+            settings=self.transfer,
+            etag=last.etag if last is not None else None,
+        )
         if fetched.body is None:  # 304 Not Modified: only possible when an ETag (and so a body) was kept
             assert last is not None and last.body is not None
             return last.body
@@ -107,8 +115,9 @@ class HttpSource:
         return fetched.body
 
     async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
-        return await download(self.session(), request, store=self.store, settings=self.transfer,
-                              limiter=self.limiter, progress=progress)
+        return await download(
+            self.session(), request, store=self.store, settings=self.transfer, limiter=self.limiter, progress=progress
+        )
 
     async def close(self) -> None:
         if self._session is not None:
@@ -130,8 +139,9 @@ class FileSource:
         return await asyncio.to_thread(read_manifest_file, self.root / MANIFEST_FILE)
 
     async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
-        return await asyncio.to_thread(copy_local, self.root / blob_path(request.sha256), request, store=self.store,
-                                       progress=progress)
+        return await asyncio.to_thread(
+            copy_local, self.root / blob_path(request.sha256), request, store=self.store, progress=progress
+        )
 
     async def close(self) -> None:
         return None
@@ -140,8 +150,9 @@ class FileSource:
 class HubSource(HttpSource):
     """A CDN folder uploaded to a Hugging Face Hub repository, read over HTTP at a pinned revision."""
 
-    def __init__(self, source: hub.HubSource, *, store: AdapterStore, transfer: TransferSettings,
-                 limiter: RateLimiter) -> None:
+    def __init__(
+        self, source: hub.HubSource, *, store: AdapterStore, transfer: TransferSettings, limiter: RateLimiter
+    ) -> None:
         super().__init__(str(source), store=store, transfer=transfer, limiter=limiter)
         self.source = source
 
@@ -189,8 +200,14 @@ class OciSource:
 
     async def fetch(self, request: BlobRequest, progress: ProgressCallback | None) -> CachedAdapter:
         with auth_errors():
-            return await download(self.registry.session(), request, store=self.store,
-                                  settings=self.registry.transfer, limiter=self.limiter, progress=progress)
+            return await download(
+                self.registry.session(),
+                request,
+                store=self.store,
+                settings=self.registry.transfer,
+                limiter=self.limiter,
+                progress=progress,
+            )
 
     async def close(self) -> None:
         await self.registry.close()
@@ -201,7 +218,8 @@ def read_manifest_file(path: Path) -> bytes:
     try:
         return read_bounded(path, MAX_MANIFEST_BYTES)
     except FileNotFoundError as exc:
-        raise RemoteNotFound(str(path), "no manifest.json there",
-                             fix="Point --cdn at a folder written by `edge-rt publish`") from exc
+        raise RemoteNotFound(
+            str(path), "no manifest.json there", fix="Point --cdn at a folder written by `edge-rt publish`"
+        ) from exc
     except FileTooLarge as exc:
         raise LengthExceeded(str(path), limit_bytes=MAX_MANIFEST_BYTES, received_bytes=MAX_MANIFEST_BYTES + 1) from exc

@@ -117,8 +117,9 @@ class AdapterStore:
 
     async def call(self, function: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
         """Run ``function`` (a store operation, or any file work) on the store's worker thread and await it."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, functools.partial(function, *args,
-                                                                                                 **kwargs))
+        return await asyncio.get_running_loop().run_in_executor(
+            self._worker, functools.partial(function, *args, **kwargs)
+        )
 
     def close(self) -> None:
         """Stop the worker thread once queued operations are done and give up this process's leases."""
@@ -168,8 +169,9 @@ class AdapterStore:
         """Delete blobs no name points at that are neither staged nor leased; return their sha256."""
         with self._lock.held():
             kept = {a.sha256 for a in self.adapters()} | self.staged()
-            return [sha for sha in sorted(self._blobs()) if sha not in kept
-                    and delete_unless_leased(self.blob_path(sha))]
+            return [
+                sha for sha in sorted(self._blobs()) if sha not in kept and delete_unless_leased(self.blob_path(sha))
+            ]
 
     def usage_bytes(self) -> int:
         """Bytes of verified blobs on disk."""
@@ -252,15 +254,21 @@ class AdapterStore:
                 raise DiskFull(name, needed_bytes=size, available_bytes=self.budget_bytes, limit="adapter_cache_mb")
             while used + size > self.budget_bytes:
                 if not candidates:
-                    raise DiskFull(name, needed_bytes=size, available_bytes=self.budget_bytes - used,
-                                   limit="adapter_cache_mb", held_bytes=held)
+                    raise DiskFull(
+                        name,
+                        needed_bytes=size,
+                        available_bytes=self.budget_bytes - used,
+                        limit="adapter_cache_mb",
+                        held_bytes=held,
+                    )
                 plan.append(candidates.pop(0))
                 used -= plan[-1].size
         free = shutil.disk_usage(self.root).free + sum(b.size for b in plan)
         while free < size - have_bytes:
             if not candidates:
-                raise DiskFull(name, needed_bytes=size - have_bytes, available_bytes=free, limit="free disk space",
-                               held_bytes=held)
+                raise DiskFull(
+                    name, needed_bytes=size - have_bytes, available_bytes=free, limit="free disk space", held_bytes=held
+                )
             plan.append(candidates.pop(0))
             free += plan[-1].size
         evicted = []
@@ -289,8 +297,7 @@ class AdapterStore:
                 os.rename(candidate, target)
                 validator = read_validator(candidate.with_suffix(".json"))
                 candidate.with_suffix(".json").unlink(missing_ok=True)
-                return self.save_validator(Partial(path=target, sha256=sha256, validator=None, claim=claim),
-                                           validator)
+                return self.save_validator(Partial(path=target, sha256=sha256, validator=None, claim=claim), validator)
             claim = Claim.take(target, create=True)
         assert claim is not None  # a fresh random name: nobody else can hold it
         return Partial(path=target, sha256=sha256, validator=None, claim=claim)
@@ -329,9 +336,12 @@ class AdapterStore:
         on_disk = _size(partial.path)
         if digest != partial.sha256 or on_disk != size:
             self.discard(partial)
-            raise IntegrityError(str(partial.path), expected_sha256=partial.sha256, actual_sha256=digest,
-                                 problem=None if on_disk == size else f"{on_disk} bytes on disk where the manifest "
-                                                                       f"lists {size}")
+            raise IntegrityError(
+                str(partial.path),
+                expected_sha256=partial.sha256,
+                actual_sha256=digest,
+                problem=None if on_disk == size else f"{on_disk} bytes on disk where the manifest lists {size}",
+            )
         with partial.path.open("rb+") as handle:
             os.fsync(handle.fileno())
         with self._lock.held():

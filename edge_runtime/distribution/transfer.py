@@ -130,8 +130,15 @@ class Fetched:
 class _Retry(Exception):
     """An attempt failed in a way another attempt may fix."""
 
-    def __init__(self, reason: str, *, status: int | None = None, retry_after_s: float | None = None,
-                 slow: bool = False, immediate: bool = False) -> None:
+    def __init__(
+        self,
+        reason: str,
+        *,
+        status: int | None = None,
+        retry_after_s: float | None = None,
+        slow: bool = False,
+        immediate: bool = False,
+    ) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
@@ -140,9 +147,15 @@ class _Retry(Exception):
         self.immediate = immediate
 
 
-async def download(session: aiohttp.ClientSession, request: BlobRequest, *, store: AdapterStore,
-                   settings: TransferSettings, limiter: RateLimiter,
-                   progress: ProgressCallback | None = None) -> CachedAdapter:
+async def download(
+    session: aiohttp.ClientSession,
+    request: BlobRequest,
+    *,
+    store: AdapterStore,
+    settings: TransferSettings,
+    limiter: RateLimiter,
+    progress: ProgressCallback | None = None,
+) -> CachedAdapter:
     """Download, verify and install ``request`` into ``store`` under its name (resuming any partial)."""
     clock = _Clock(request, progress)
     sink = await _download_once(session, request, store, settings, limiter, clock, fresh=False)
@@ -156,9 +169,16 @@ async def download(session: aiohttp.ClientSession, request: BlobRequest, *, stor
     return await store.call(sink.finish)
 
 
-async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, store: AdapterStore,
-                         settings: TransferSettings, limiter: RateLimiter, clock: _Clock, *,
-                         fresh: bool) -> DownloadSink:
+async def _download_once(
+    session: aiohttp.ClientSession,
+    request: BlobRequest,
+    store: AdapterStore,
+    settings: TransferSettings,
+    limiter: RateLimiter,
+    clock: _Clock,
+    *,
+    fresh: bool,
+) -> DownloadSink:
     sink = await store.call(DownloadSink, store, request)
     deadline = settings.deadline_for(request.size)
     complete = False
@@ -170,8 +190,11 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
     except asyncio.TimeoutError as exc:
         if isinstance(exc, EdgeRtError):
             raise
-        raise SlowRetrieval(request.url, f"not complete within the {deadline:.0f} s deadline "
-                            f"({sink.written} of {request.size} bytes)", attempts=clock.attempts) from exc
+        raise SlowRetrieval(
+            request.url,
+            f"not complete within the {deadline:.0f} s deadline ({sink.written} of {request.size} bytes)",
+            attempts=clock.attempts,
+        ) from exc
     except LengthExceeded:
         await store.call(store.discard, sink.partial)
         raise
@@ -180,8 +203,9 @@ async def _download_once(session: aiohttp.ClientSession, request: BlobRequest, s
     return sink
 
 
-def copy_local(source: Path, request: BlobRequest, *, store: AdapterStore,
-               progress: ProgressCallback | None = None) -> CachedAdapter:
+def copy_local(
+    source: Path, request: BlobRequest, *, store: AdapterStore, progress: ProgressCallback | None = None
+) -> CachedAdapter:
     """Copy a local blob (``file://`` or the Hub cache) into ``store``, bounded by size and verified."""
     sink = DownloadSink(store, request)
     clock = _Clock(request, progress)
@@ -222,12 +246,18 @@ class _Clock(_Tally):
 
     def report(self, done: int) -> None:
         if self.progress is not None:
-            self.progress(TransferProgress(name=self.request.name, done_bytes=done, total_bytes=self.request.size,
-                                           received_bytes=self.received, elapsed_s=time.monotonic() - self.started))
+            self.progress(
+                TransferProgress(
+                    name=self.request.name,
+                    done_bytes=done,
+                    total_bytes=self.request.size,
+                    received_bytes=self.received,
+                    elapsed_s=time.monotonic() - self.started,
+                )
+            )
 
 
-async def _with_retries(url: str, settings: TransferSettings, tally: _Tally,
-                        attempt: Callable[[], Awaitable[T]]) -> T:
+async def _with_retries(url: str, settings: TransferSettings, tally: _Tally, attempt: Callable[[], Awaitable[T]]) -> T:
     while True:
         tally.attempts += 1
         try:
@@ -240,8 +270,9 @@ async def _with_retries(url: str, settings: TransferSettings, tally: _Tally,
                 await asyncio.sleep(_backoff(settings, tally.attempts, retry.retry_after_s))
 
 
-async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes: int,
-                        settings: TransferSettings, etag: str | None = None) -> Fetched:
+async def fetch_bounded(
+    session: aiohttp.ClientSession, url: str, *, limit_bytes: int, settings: TransferSettings, etag: str | None = None
+) -> Fetched:
     """GET a small file (the manifest) with retries, reading at most ``limit_bytes`` (else ``LengthExceeded``).
 
     With ``etag`` (from an earlier fetch) the request is conditional: a 304 answer carries no body.
@@ -278,14 +309,15 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
         raise SlowRetrieval(url, f"not complete within the {deadline:.0f} s deadline", attempts=tally.attempts) from exc
 
 
-def _fetch(session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter,
-           clock: _Clock) -> Awaitable[None]:
-    return _with_retries(sink.request.url, settings, clock,
-                         lambda: _attempt(session, sink, settings, limiter, clock))
+def _fetch(
+    session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter, clock: _Clock
+) -> Awaitable[None]:
+    return _with_retries(sink.request.url, settings, clock, lambda: _attempt(session, sink, settings, limiter, clock))
 
 
-async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter,
-                   clock: _Clock) -> None:
+async def _attempt(
+    session: aiohttp.ClientSession, sink: DownloadSink, settings: TransferSettings, limiter: RateLimiter, clock: _Clock
+) -> None:
     request = sink.request
     if sink.written == request.size:
         return
@@ -300,8 +332,13 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
             # first), so a resume always has it; the event loop goes straight on reading, since awaiting the disk
             # here would let a cut connection discard bytes aiohttp had already buffered.
             validator = _validator(response)
-            saving = None if validator == sink.partial.validator else sink.writer.before_next_write(
-                functools.partial(sink.store.save_validator, sink.partial, validator))
+            saving = (
+                None
+                if validator == sink.partial.validator
+                else sink.writer.before_next_write(
+                    functools.partial(sink.store.save_validator, sink.partial, validator)
+                )
+            )
             try:
                 await _receive(response, sink, settings, limiter, clock)
             finally:
@@ -315,8 +352,12 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
         raise _Retry(f"the response ended at byte {sink.written} of {request.size}")
 
 
-_NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError,
-                   asyncio.TimeoutError)
+_NETWORK_ERRORS = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+    ConnectionResetError,
+    asyncio.TimeoutError,
+)
 
 
 def unusable_answer(url: str, exc: aiohttp.ClientResponseError) -> TransferFailed:
@@ -339,24 +380,38 @@ def _check_failure(response: aiohttp.ClientResponse, url: str) -> None:
     """Raise for the statuses every request treats alike: fail fast on 401/403/404, retry 408/429/5xx."""
     status = response.status
     if status in (401, 403):
-        raise TransferFailed(url, f"HTTP {status}: access refused", status=status,
-                             fix="The CDN wants credentials edge-rt does not send; make the CDN folder public")
+        raise TransferFailed(
+            url,
+            f"HTTP {status}: access refused",
+            status=status,
+            fix="The CDN wants credentials edge-rt does not send; make the CDN folder public",
+        )
     if status == 404:
-        raise RemoteNotFound(url, "HTTP 404: the CDN does not have this file", status=404,
-                             fix="Republish the CDN folder with `edge-rt publish`")
+        raise RemoteNotFound(
+            url,
+            "HTTP 404: the CDN does not have this file",
+            status=404,
+            fix="Republish the CDN folder with `edge-rt publish`",
+        )
     if status in RETRYABLE_STATUSES:
         raise _Retry(f"HTTP {status}", status=status, retry_after_s=_retry_after(response.headers.get("Retry-After")))
 
 
-async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, offset: int,
-                        sink: DownloadSink) -> None:
+async def _check_status(
+    response: aiohttp.ClientResponse, request: BlobRequest, offset: int, sink: DownloadSink
+) -> None:
     _check_failure(response, request.url)
     status = response.status
-    if status == 416 or (status == 206 and response.headers.get("Content-Range") !=
-                         f"bytes {offset}-{request.size - 1}/{request.size}"):
+    if status == 416 or (
+        status == 206 and response.headers.get("Content-Range") != f"bytes {offset}-{request.size - 1}/{request.size}"
+    ):
         await sink.store.call(sink.restart)
-        raise _Retry(f"HTTP {status} with Content-Range {response.headers.get('Content-Range')!r} for a resume from "
-                     f"byte {offset}", status=status, immediate=True)
+        raise _Retry(
+            f"HTTP {status} with Content-Range {response.headers.get('Content-Range')!r} for a resume from "
+            f"byte {offset}",
+            status=status,
+            immediate=True,
+        )
     if status not in (200, 206):
         raise TransferFailed(request.url, f"unexpected HTTP {status}", status=status)
     if status == 200 and offset:
@@ -368,8 +423,13 @@ async def _check_status(response: aiohttp.ClientResponse, request: BlobRequest, 
         sink.mixed = True
 
 
-async def _receive(response: aiohttp.ClientResponse, sink: DownloadSink, settings: TransferSettings,
-                   limiter: RateLimiter, clock: _Clock) -> None:
+async def _receive(
+    response: aiohttp.ClientResponse,
+    sink: DownloadSink,
+    settings: TransferSettings,
+    limiter: RateLimiter,
+    clock: _Clock,
+) -> None:
     started = time.monotonic()
     received = 0
     min_rate = settings.min_rate()

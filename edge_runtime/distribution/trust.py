@@ -52,6 +52,8 @@ def normalized_url(url: str) -> str:
     netloc = host if port is None else f"{host}:{port}"
     path = posixpath.normpath(parts.path) if parts.path else ""
     return urlunsplit((scheme, netloc, "" if path in ("/", ".") else path, parts.query, ""))
+
+
 MAX_TRUST_BYTES = 4 << 20
 
 
@@ -66,8 +68,11 @@ class TrustRecord:
     @classmethod
     def from_dict(cls, data: dict[str, object]) -> TrustRecord:
         """Read one entry of ``trust.json`` (written by this module)."""
-        return cls(version=int(str(data["version"])), digest=str(data["digest"]),
-                   clock_floor=parse_time(str(data["clock_floor"])))
+        return cls(
+            version=int(str(data["version"])),
+            digest=str(data["digest"]),
+            clock_floor=parse_time(str(data["clock_floor"])),
+        )
 
     def to_dict(self) -> dict[str, object]:
         """JSON-ready form."""
@@ -85,8 +90,15 @@ class TrustStore:
         entry = self._load().get(publisher)
         return None if entry is None else TrustRecord.from_dict(entry)
 
-    def accept(self, publisher: str, manifest: Manifest, *, source: str | None = None, fallbacks: Sequence[str] = (),
-               now: datetime | None = None) -> TrustRecord:
+    def accept(
+        self,
+        publisher: str,
+        manifest: Manifest,
+        *,
+        source: str | None = None,
+        fallbacks: Sequence[str] = (),
+        now: datetime | None = None,
+    ) -> TrustRecord:
         """Check ``manifest`` against ``publisher``'s floors (rollback, same-version swap, expiry), then raise them.
 
         ``source`` names where it came from in errors; ``fallbacks`` are older keys of the same floors (a trust.json
@@ -99,9 +111,12 @@ class TrustStore:
             if manifest.version < record.version:
                 raise RollbackRefused(source, offered_version=manifest.version, trusted_version=record.version)
             if manifest.version == record.version and manifest.digest != record.digest:
-                raise RollbackRefused(source, offered_version=manifest.version, trusted_version=record.version,
-                                      problem=f"manifest version {manifest.version} changed content without a "
-                                              "new version")
+                raise RollbackRefused(
+                    source,
+                    offered_version=manifest.version,
+                    trusted_version=record.version,
+                    problem=f"manifest version {manifest.version} changed content without a new version",
+                )
         device_time = max(now, record.clock_floor) if record is not None else now
         if manifest.expires <= device_time:
             raise ManifestExpired(source, expires=format_time(manifest.expires), now=format_time(device_time))

@@ -4,11 +4,35 @@ from __future__ import annotations
 
 from edge_runtime.errors.base import EdgeRtError
 
-__all__ = ["AdapterNotFound", "AddressInUse", "BaseDoesNotFit", "BodyTimeout", "BudgetExceeded", "ContextOverflow",
-           "DiskFull", "FileTooLarge", "Forbidden", "GGUFNotFound", "IncompatibleAdapter", "InvalidGGUF",
-           "InvalidName", "InvalidProfile", "InvalidRequest", "InvalidSettings", "InvalidTransition",
-           "LlamaCppError", "ModelNotFound", "NothingToPublish", "MemoryPressure", "ProfileNotFound", "QueueFull",
-           "RuntimeClosed", "ShuttingDown", "SourceUnavailable", "Unauthorized"]
+__all__ = [
+    "AdapterNotFound",
+    "AddressInUse",
+    "BaseDoesNotFit",
+    "BodyTimeout",
+    "BudgetExceeded",
+    "ContextOverflow",
+    "DiskFull",
+    "FileTooLarge",
+    "Forbidden",
+    "GGUFNotFound",
+    "IncompatibleAdapter",
+    "InvalidGGUF",
+    "InvalidName",
+    "InvalidProfile",
+    "InvalidRequest",
+    "InvalidSettings",
+    "InvalidTransition",
+    "LlamaCppError",
+    "ModelNotFound",
+    "NothingToPublish",
+    "MemoryPressure",
+    "ProfileNotFound",
+    "QueueFull",
+    "RuntimeClosed",
+    "ShuttingDown",
+    "SourceUnavailable",
+    "Unauthorized",
+]
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -33,8 +57,10 @@ class InvalidGGUF(EdgeRtError, ValueError):
     def __init__(self, path: str, reason: str) -> None:
         self.path = path
         self.reason = reason
-        super().__init__(f"{path} is not a readable GGUF file: {reason}",
-                         fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`")
+        super().__init__(
+            f"{path} is not a readable GGUF file: {reason}",
+            fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`",
+        )
 
 
 class GGUFNotFound(InvalidGGUF, FileNotFoundError):
@@ -60,8 +86,10 @@ class AddressInUse(EdgeRtError, OSError):
     def __init__(self, host: str, port: int, reason: str) -> None:
         self.host = host
         self.port = port
-        super().__init__(f"cannot listen on {host}:{port}: {reason}",
-                         fix="Stop what uses the port (`ss -ltnp`), or pass another --port")
+        super().__init__(
+            f"cannot listen on {host}:{port}: {reason}",
+            fix="Stop what uses the port (`ss -ltnp`), or pass another --port",
+        )
 
 
 class SourceUnavailable(EdgeRtError, ConnectionError):
@@ -99,8 +127,9 @@ class InvalidName(EdgeRtError, ValueError):
     def __init__(self, name: str, pattern: str) -> None:
         self.name = name
         self.pattern = pattern
-        super().__init__(f"invalid name {name!r}",
-                         fix=f"Names must match {pattern} (letters, digits, '.', '_', '-'; no paths)")
+        super().__init__(
+            f"invalid name {name!r}", fix=f"Names must match {pattern} (letters, digits, '.', '_', '-'; no paths)"
+        )
 
 
 class FileTooLarge(EdgeRtError, ValueError):
@@ -123,8 +152,12 @@ class IncompatibleAdapter(EdgeRtError, ValueError):
     exit_code = 6
     error_type = "incompatible_adapter"
 
-    def __init__(self, message: str, *, fix: str = "Convert the adapter with --base set to the model it was "
-                                                     "trained on, and serve it with that model") -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        fix: str = "Convert the adapter with --base set to the model it was trained on, and serve it with that model",
+    ) -> None:
         super().__init__(message, fix=fix)
 
 
@@ -135,8 +168,15 @@ class InvalidProfile(EdgeRtError, ValueError):
     exit_code = 2
     error_type = "invalid_profile"
 
-    def __init__(self, source: str, field: str | None, problem: str, *, value: object = None,
-                 fix: str = "Fix that key; `edge-rt profiles show jetson` prints a complete, valid profile") -> None:
+    def __init__(
+        self,
+        source: str,
+        field: str | None,
+        problem: str,
+        *,
+        value: object = None,
+        fix: str = "Fix that key; `edge-rt profiles show jetson` prints a complete, valid profile",
+    ) -> None:
         self.source = source
         self.field = field
         self.value = value  # None when the key is missing (TOML has no null)
@@ -155,8 +195,9 @@ class ProfileNotFound(EdgeRtError, LookupError):
     def __init__(self, name: str, available: tuple[str, ...], *, problem: str = "no such device profile") -> None:
         self.name = name
         self.available = available
-        super().__init__(f"{name!r}: {problem}",
-                         fix=f"Use one of {', '.join(available)}, or a path to a .toml profile file")
+        super().__init__(
+            f"{name!r}: {problem}", fix=f"Use one of {', '.join(available)}, or a path to a .toml profile file"
+        )
 
 
 class AdapterNotFound(EdgeRtError, LookupError):
@@ -182,8 +223,9 @@ class BudgetExceeded(EdgeRtError, MemoryError):
     exit_code = 7
     error_type = "budget_exceeded"
 
-    def __init__(self, name: str, *, needed_bytes: int, budget_bytes: int, evictable_bytes: int,
-                 held_bytes: int) -> None:
+    def __init__(
+        self, name: str, *, needed_bytes: int, budget_bytes: int, evictable_bytes: int, held_bytes: int
+    ) -> None:
         self.name = name
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
@@ -194,7 +236,8 @@ class BudgetExceeded(EdgeRtError, MemoryError):
             f"adapter {name!r} needs {needed_bytes / mib:.1f} MiB but the adapter budget is "
             f"{budget_bytes / mib:.1f} MiB with {held_bytes / mib:.1f} MiB held by pinned or in-use adapters",
             fix="Wait for running requests, unpin adapters, use a smaller adapter or a profile with a larger "
-                "runtime_budget_mb (see `edge-rt plan`)")
+            "runtime_budget_mb (see `edge-rt plan`)",
+        )
 
 
 class ContextOverflow(EdgeRtError, ValueError):
@@ -208,10 +251,15 @@ class ContextOverflow(EdgeRtError, ValueError):
         self.prompt_tokens = prompt_tokens  # a lower bound when ``prompt_bytes`` is given (it was not tokenized)
         self.context_tokens = context_tokens
         self.prompt_bytes = prompt_bytes
-        size = f"{prompt_tokens} tokens" if prompt_bytes is None else \
-            f"{prompt_bytes} bytes (at least {prompt_tokens} tokens)"
-        super().__init__(f"the prompt has {size} but the context holds {context_tokens}",
-                         fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)")
+        size = (
+            f"{prompt_tokens} tokens"
+            if prompt_bytes is None
+            else f"{prompt_bytes} bytes (at least {prompt_tokens} tokens)"
+        )
+        super().__init__(
+            f"the prompt has {size} but the context holds {context_tokens}",
+            fix="Shorten the prompt, or serve with a larger ctx (profile [compute] ctx)",
+        )
 
 
 class NothingToPublish(EdgeRtError, ValueError):
@@ -224,8 +272,11 @@ class NothingToPublish(EdgeRtError, ValueError):
     def __init__(self, source: str, *, withdrawn: int) -> None:
         self.source = source
         self.withdrawn = withdrawn
-        super().__init__(f"{source} holds no NAME.gguf adapter: publishing it would withdraw all {withdrawn} adapters "
-                         "the CDN offers now", fix="Check the folder, or pass --allow-empty to withdraw everything")
+        super().__init__(
+            f"{source} holds no NAME.gguf adapter: publishing it would withdraw all {withdrawn} adapters "
+            "the CDN offers now",
+            fix="Check the folder, or pass --allow-empty to withdraw everything",
+        )
 
 
 class InvalidSettings(EdgeRtError, ValueError):
@@ -235,8 +286,14 @@ class InvalidSettings(EdgeRtError, ValueError):
     exit_code = 2
     error_type = "invalid_settings"
 
-    def __init__(self, field: str, value: object, problem: str,
-                 *, fix: str = "Fix the setting (for a daemon: the profile's [compute] table)") -> None:
+    def __init__(
+        self,
+        field: str,
+        value: object,
+        problem: str,
+        *,
+        fix: str = "Fix the setting (for a daemon: the profile's [compute] table)",
+    ) -> None:
         self.field = field
         self.value = value
         super().__init__(f"{field} = {value!r}: {problem}", fix=fix)
@@ -272,8 +329,14 @@ class InvalidTransition(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "invalid_state"
 
-    def __init__(self, name: str, current: str, requested: str,
-                 *, fix: str = "Wait until it is no longer in use, or evict it first") -> None:
+    def __init__(
+        self,
+        name: str,
+        current: str,
+        requested: str,
+        *,
+        fix: str = "Wait until it is no longer in use, or evict it first",
+    ) -> None:
         self.name = name
         self.current = current
         self.requested = requested
@@ -297,8 +360,9 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
             f"the base model with its process, KV cache, buffers and request buffers needs {needed_bytes / mib:.1f} "
             f"MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but profile {profile!r} allows {budget_bytes / mib:.1f} "
             "MiB",
-            fix="Use a smaller --ctx, a quantised KV cache (kv_type = \"q8_0\"), smaller request limits "
-                "(--max-body-kb, --max-queue, --max-connections), a smaller model or another profile")
+            fix='Use a smaller --ctx, a quantised KV cache (kv_type = "q8_0"), smaller request limits '
+            "(--max-body-kb, --max-queue, --max-connections), a smaller model or another profile",
+        )
 
 
 class AdaptersDoNotFit(EdgeRtError, MemoryError):
@@ -318,7 +382,8 @@ class AdaptersDoNotFit(EdgeRtError, MemoryError):
             f"the {count} listed adapters need {needed_bytes / mib:.1f} MiB resident together but profile {profile!r} "
             f"leaves {budget_bytes / mib:.1f} MiB for adapters",
             fix="Serve fewer at once (the daemon evicts the least recently used), lower their rank, or use a smaller "
-                "--ctx or a profile with a larger runtime_budget_mb")
+            "--ctx or a profile with a larger runtime_budget_mb",
+        )
 
 
 class InvalidRequest(EdgeRtError, ValueError):
@@ -342,8 +407,10 @@ class BodyTimeout(EdgeRtError, TimeoutError):
 
     def __init__(self, *, timeout_s: float) -> None:
         self.timeout_s = timeout_s
-        super().__init__(f"the request body did not arrive within {timeout_s:g} s",
-                         fix="Send the whole body at once; the connection was closed")
+        super().__init__(
+            f"the request body did not arrive within {timeout_s:g} s",
+            fix="Send the whole body at once; the connection was closed",
+        )
 
 
 class Forbidden(EdgeRtError, PermissionError):
@@ -380,8 +447,11 @@ class QueueFull(EdgeRtError, RuntimeError):
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.waited_s = waited_s
-        message = f"{queued} requests are already queued (limit {limit})" if waited_s is None else \
-            f"the request waited {waited_s:g} s for its body to be read while others were read ({queued} waiting)"
+        message = (
+            f"{queued} requests are already queued (limit {limit})"
+            if waited_s is None
+            else f"the request waited {waited_s:g} s for its body to be read while others were read ({queued} waiting)"
+        )
         super().__init__(message, fix=f"Retry after {retry_after_s} s")
 
 
@@ -396,8 +466,10 @@ class MemoryPressure(EdgeRtError, MemoryError):
         self.rss_bytes = rss_bytes
         self.budget_bytes = budget_bytes
         self.retry_after_s = retry_after_s
-        super().__init__(f"the daemon uses {rss_bytes / 2**20:.1f} MiB, over its runtime budget of "
-                         f"{budget_bytes / 2**20:.1f} MiB", fix=f"Retry after {retry_after_s} s")
+        super().__init__(
+            f"the daemon uses {rss_bytes / 2**20:.1f} MiB, over its runtime budget of {budget_bytes / 2**20:.1f} MiB",
+            fix=f"Retry after {retry_after_s} s",
+        )
 
 
 class DiskFull(EdgeRtError, OSError):
@@ -417,7 +489,8 @@ class DiskFull(EdgeRtError, OSError):
         super().__init__(
             f"adapter {name!r} needs {needed_bytes / mib:.1f} MiB but the {limit} leaves {available_bytes / mib:.1f}"
             f" MiB ({held_bytes / mib:.1f} MiB held by pinned, resident or in-use adapters)",
-            fix="Raise [storage] adapter_cache_mb (or --cache-mb), free disk space, or unpin adapters")
+            fix="Raise [storage] adapter_cache_mb (or --cache-mb), free disk space, or unpin adapters",
+        )
 
 
 class ShuttingDown(EdgeRtError, RuntimeError):

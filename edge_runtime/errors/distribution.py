@@ -4,9 +4,22 @@ from __future__ import annotations
 
 from edge_runtime.errors.base import EdgeRtError
 
-__all__ = ["CacheMiss", "DistributionError", "IntegrityError", "InvalidManifest", "LengthExceeded", "ManifestExpired",
-           "RegistryAuthFailed", "RemoteNotFound", "RollbackRefused", "SignatureInvalid", "SlowRetrieval",
-           "TransferFailed", "UnsupportedDestination", "UntrustedData"]
+__all__ = [
+    "CacheMiss",
+    "DistributionError",
+    "IntegrityError",
+    "InvalidManifest",
+    "LengthExceeded",
+    "ManifestExpired",
+    "RegistryAuthFailed",
+    "RemoteNotFound",
+    "RollbackRefused",
+    "SignatureInvalid",
+    "SlowRetrieval",
+    "TransferFailed",
+    "UnsupportedDestination",
+    "UntrustedData",
+]
 
 
 class DistributionError(EdgeRtError):
@@ -37,8 +50,9 @@ class InvalidManifest(UntrustedData):
     def __init__(self, source: str, field: str | None, problem: str) -> None:
         self.field = field
         where = f"{field}: " if field else ""
-        super().__init__(source, f"invalid manifest: {where}{problem}",
-                         fix="Republish the CDN folder with `edge-rt publish`")
+        super().__init__(
+            source, f"invalid manifest: {where}{problem}", fix="Republish the CDN folder with `edge-rt publish`"
+        )
 
 
 class SignatureInvalid(UntrustedData):
@@ -48,8 +62,11 @@ class SignatureInvalid(UntrustedData):
 
     def __init__(self, source: str, problem: str, *, keyid: str) -> None:
         self.keyid = keyid
-        super().__init__(source, f"manifest signature: {problem} (trusted key {keyid[:16]})",
-                         fix="Check --public-key, or republish with `edge-rt publish --key` and the matching key")
+        super().__init__(
+            source,
+            f"manifest signature: {problem} (trusted key {keyid[:16]})",
+            fix="Check --public-key, or republish with `edge-rt publish --key` and the matching key",
+        )
 
 
 class RollbackRefused(UntrustedData):
@@ -60,8 +77,11 @@ class RollbackRefused(UntrustedData):
     def __init__(self, source: str, *, offered_version: int, trusted_version: int, problem: str | None = None) -> None:
         self.offered_version = offered_version
         self.trusted_version = trusted_version
-        super().__init__(source, problem or f"manifest version {offered_version} is older than version "
-                         f"{trusted_version} already trusted", fix="Publish a new manifest (versions only grow)")
+        super().__init__(
+            source,
+            problem or f"manifest version {offered_version} is older than version {trusted_version} already trusted",
+            fix="Publish a new manifest (versions only grow)",
+        )
 
 
 class ManifestExpired(UntrustedData):
@@ -72,8 +92,11 @@ class ManifestExpired(UntrustedData):
     def __init__(self, source: str, *, expires: str, now: str) -> None:
         self.expires = expires
         self.now = now
-        super().__init__(source, f"manifest expired at {expires} (device time {now})",
-                         fix="Republish the CDN folder (`edge-rt publish` renews expires); check the device clock")
+        super().__init__(
+            source,
+            f"manifest expired at {expires} (device time {now})",
+            fix="Republish the CDN folder (`edge-rt publish` renews expires); check the device clock",
+        )
 
 
 class IntegrityError(UntrustedData):
@@ -84,9 +107,11 @@ class IntegrityError(UntrustedData):
     def __init__(self, source: str, *, expected_sha256: str, actual_sha256: str, problem: str | None = None) -> None:
         self.expected_sha256 = expected_sha256
         self.actual_sha256 = actual_sha256
-        super().__init__(source, problem or f"sha256 {actual_sha256[:16]}... differs from the manifest's "
-                         f"{expected_sha256[:16]}...",
-                         fix="The CDN or the link corrupts data; republish the adapter or try another network")
+        super().__init__(
+            source,
+            problem or f"sha256 {actual_sha256[:16]}... differs from the manifest's {expected_sha256[:16]}...",
+            fix="The CDN or the link corrupts data; republish the adapter or try another network",
+        )
 
 
 class LengthExceeded(UntrustedData):
@@ -97,15 +122,25 @@ class LengthExceeded(UntrustedData):
     def __init__(self, source: str, *, limit_bytes: int, received_bytes: int) -> None:
         self.limit_bytes = limit_bytes
         self.received_bytes = received_bytes
-        super().__init__(source, f"sent at least {received_bytes} bytes where {limit_bytes} are allowed",
-                         fix="The CDN serves a different file than its manifest lists; republish it")
+        super().__init__(
+            source,
+            f"sent at least {received_bytes} bytes where {limit_bytes} are allowed",
+            fix="The CDN serves a different file than its manifest lists; republish it",
+        )
 
 
 class TransferFailed(DistributionError, ConnectionError):
     """The CDN could not be reached or refused the request (after retries where retrying makes sense)."""
 
-    def __init__(self, url: str, reason: str, *, status: int | None = None, attempts: int = 1,
-                 fix: str = "Check the network and the --cdn URL; cached adapters stay usable with --offline") -> None:
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        *,
+        status: int | None = None,
+        attempts: int = 1,
+        fix: str = "Check the network and the --cdn URL; cached adapters stay usable with --offline",
+    ) -> None:
         self.url = url
         self.reason = reason
         self.status = status
@@ -132,9 +167,15 @@ class RegistryAuthFailed(TransferFailed, PermissionError):
     exit_code = 11
     error_type = "registry_auth_failed"
 
-    def __init__(self, url: str, reason: str, *, status: int | None = 401,
-                 fix: str = "Set EDGE_RT_REGISTRY_USERNAME and EDGE_RT_REGISTRY_PASSWORD, or add the registry to "
-                            "the auths of ~/.docker/config.json (`docker login` without a credential helper)") -> None:
+    def __init__(
+        self,
+        url: str,
+        reason: str,
+        *,
+        status: int | None = 401,
+        fix: str = "Set EDGE_RT_REGISTRY_USERNAME and EDGE_RT_REGISTRY_PASSWORD, or add the registry to "
+        "the auths of ~/.docker/config.json (`docker login` without a credential helper)",
+    ) -> None:
         super().__init__(url, reason, status=status, attempts=1, fix=fix)
 
 
@@ -148,8 +189,10 @@ class UnsupportedDestination(EdgeRtError, ValueError):
     def __init__(self, destination: str, scheme: str) -> None:
         self.destination = destination
         self.scheme = scheme
-        super().__init__(f"cannot publish to {destination}: edge-rt does not publish to {scheme}:// addresses",
-                         fix="Use a folder path (served by any static server) or oci://HOST[:PORT]/REPOSITORY[:TAG]")
+        super().__init__(
+            f"cannot publish to {destination}: edge-rt does not publish to {scheme}:// addresses",
+            fix="Use a folder path (served by any static server) or oci://HOST[:PORT]/REPOSITORY[:TAG]",
+        )
 
 
 class CacheMiss(DistributionError, FileNotFoundError):
@@ -163,5 +206,7 @@ class CacheMiss(DistributionError, FileNotFoundError):
         self.name = name
         self.cached = cached
         listing = ", ".join(cached) if cached else "none"
-        super().__init__(f"adapter {name!r} is not cached and the device is offline",
-                         fix=f"Sync it while online (`edge-rt sync --adapters {name}`); cached adapters: {listing}")
+        super().__init__(
+            f"adapter {name!r} is not cached and the device is offline",
+            fix=f"Sync it while online (`edge-rt sync --adapters {name}`); cached adapters: {listing}",
+        )

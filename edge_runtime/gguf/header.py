@@ -26,11 +26,16 @@ DECODED_ARRAY_LIMIT = 64  # longer arrays (vocabularies, merges) stay raw bytes
 _MAX_COUNT = 1 << 24
 
 _SCALARS: dict[GGUFValueType, struct.Struct] = {
-    GGUFValueType.UINT8: struct.Struct("<B"), GGUFValueType.INT8: struct.Struct("<b"),
-    GGUFValueType.UINT16: struct.Struct("<H"), GGUFValueType.INT16: struct.Struct("<h"),
-    GGUFValueType.UINT32: struct.Struct("<I"), GGUFValueType.INT32: struct.Struct("<i"),
-    GGUFValueType.FLOAT32: struct.Struct("<f"), GGUFValueType.BOOL: struct.Struct("<?"),
-    GGUFValueType.UINT64: struct.Struct("<Q"), GGUFValueType.INT64: struct.Struct("<q"),
+    GGUFValueType.UINT8: struct.Struct("<B"),
+    GGUFValueType.INT8: struct.Struct("<b"),
+    GGUFValueType.UINT16: struct.Struct("<H"),
+    GGUFValueType.INT16: struct.Struct("<h"),
+    GGUFValueType.UINT32: struct.Struct("<I"),
+    GGUFValueType.INT32: struct.Struct("<i"),
+    GGUFValueType.FLOAT32: struct.Struct("<f"),
+    GGUFValueType.BOOL: struct.Struct("<?"),
+    GGUFValueType.UINT64: struct.Struct("<Q"),
+    GGUFValueType.INT64: struct.Struct("<q"),
     GGUFValueType.FLOAT64: struct.Struct("<d"),
 }
 _U32 = struct.Struct("<I")
@@ -141,7 +146,7 @@ class _Parser:
         end = self.offset + length
         if end > len(self.view):
             raise InvalidGGUF(str(self.path), f"string of {length} bytes runs past the end of the file")
-        text = bytes(self.view[self.offset:end]).decode("utf-8")
+        text = bytes(self.view[self.offset : end]).decode("utf-8")
         self.offset = end
         return text
 
@@ -159,16 +164,23 @@ class _Parser:
         item_type, count, value = None, 1, self._value(value_type)
         if value_type == GGUFValueType.ARRAY:
             item_type, count, value = value
-        return HeaderField(key=key, value_type=value_type, item_type=item_type, count=count,
-                           raw=bytes(self.view[start:self.offset]), value=value)
+        return HeaderField(
+            key=key,
+            value_type=value_type,
+            item_type=item_type,
+            count=count,
+            raw=bytes(self.view[start : self.offset]),
+            value=value,
+        )
 
     def _value(self, value_type: GGUFValueType, depth: int = 0) -> Any:
         if value_type == GGUFValueType.STRING:
             return self._string()
         if value_type == GGUFValueType.ARRAY:
             if depth >= MAX_ARRAY_NESTING:  # real files nest at most once; a hostile one could recurse forever
-                raise InvalidGGUF(str(self.path), f"arrays nested deeper than {MAX_ARRAY_NESTING} at byte "
-                                  f"{self.offset}")
+                raise InvalidGGUF(
+                    str(self.path), f"arrays nested deeper than {MAX_ARRAY_NESTING} at byte {self.offset}"
+                )
             item_type = self._value_type()
             count = self._count()
             if count <= DECODED_ARRAY_LIMIT:
@@ -210,5 +222,11 @@ class _Parser:
         for dim in shape:
             n_elements *= dim
         block_size, type_size = GGML_QUANT_SIZES[ggml_type]
-        return HeaderTensor(name=name, shape=shape, ggml_type=ggml_type, n_elements=n_elements,
-                            n_bytes=n_elements // block_size * type_size, offset=offset)
+        return HeaderTensor(
+            name=name,
+            shape=shape,
+            ggml_type=ggml_type,
+            n_elements=n_elements,
+            n_bytes=n_elements // block_size * type_size,
+            offset=offset,
+        )

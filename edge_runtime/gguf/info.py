@@ -72,8 +72,11 @@ class GGUFInfo:
     @property
     def merged_from(self) -> dict[str, Any]:
         """For a model made by ``edge-rt merge``: its ``edge_rt.merge.*`` keys without the prefix; else empty."""
-        return {key.removeprefix(keys.MERGE_PREFIX): value for key, value in self.metadata.items()
-                if key.startswith(keys.MERGE_PREFIX)}
+        return {
+            key.removeprefix(keys.MERGE_PREFIX): value
+            for key, value in self.metadata.items()
+            if key.startswith(keys.MERGE_PREFIX)
+        }
 
     @property
     def context_length(self) -> int | None:
@@ -104,8 +107,11 @@ def base_fingerprint(header: GGUFHeader) -> str:
     if not arch:
         raise InvalidGGUF(str(header.path), "general.architecture is missing")
     digest = hashlib.sha256(b"edge-rt base fingerprint v1\n")
-    identity = [k for k in header.fields if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS
-            or k.startswith(f"{arch}.")]
+    identity = [
+        k
+        for k in header.fields
+        if k in _FINGERPRINT_GENERAL_KEYS or k in _FINGERPRINT_TOKENIZER_KEYS or k.startswith(f"{arch}.")
+    ]
     for key in sorted(identity):
         item = header.fields[key]
         digest.update(f"{key}:{int(item.value_type)}:{len(item.raw)}\n".encode())
@@ -125,11 +131,16 @@ def read_info(path: Path | str) -> GGUFInfo:
         raise InvalidGGUF(str(path), "general.architecture is missing")
     kind = "adapter" if metadata.get(keys.TYPE) == "adapter" else "model"
     return GGUFInfo(
-        path=path, size_bytes=path.stat().st_size, kind=kind, architecture=architecture,
+        path=path,
+        size_bytes=path.stat().st_size,
+        kind=kind,
+        architecture=architecture,
         name=str(metadata.get(keys.ADAPTER_NAME) or metadata.get(keys.NAME) or path.stem),
-        tensor_count=len(header.tensors), tensor_bytes=sum(t.n_bytes for t in header.tensors),
+        tensor_count=len(header.tensors),
+        tensor_bytes=sum(t.n_bytes for t in header.tensors),
         parameter_count=sum(t.n_elements for t in header.tensors),
-        metadata=metadata, tensors=header.tensors,
+        metadata=metadata,
+        tensors=header.tensors,
         fingerprint=None if kind == "adapter" else base_fingerprint(header),
         invocation_tokens=invocation_tokens(header),
     )

@@ -14,9 +14,23 @@ from edge_runtime.settings import openmp_defaults
 
 openmp_defaults()  # before engine.py imports llama_cpp, which loads libgomp: it reads its environment once
 
-__all__ = ["AdapterManager", "AdapterRequest", "AdapterState", "AppliedAdapter", "Engine", "EngineSettings",
-           "MemoryPlan", "ModelShape", "Runtime", "SamplingParams", "default_model_path", "model_shape", "plan_for",
-           "plan_memory", "resolve_model"]
+__all__ = [
+    "AdapterManager",
+    "AdapterRequest",
+    "AdapterState",
+    "AppliedAdapter",
+    "Engine",
+    "EngineSettings",
+    "MemoryPlan",
+    "ModelShape",
+    "Runtime",
+    "SamplingParams",
+    "default_model_path",
+    "model_shape",
+    "plan_for",
+    "plan_memory",
+    "resolve_model",
+]
 
 if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY loads each on first use
     from edge_runtime.runtime.adapters import AdapterManager, AdapterState
@@ -28,11 +42,23 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY load
     from edge_runtime.runtime.plan import EngineSettings, plan_for
     from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
-_LAZY = {"Runtime": "core", "AppliedAdapter": "requests", "AdapterRequest": "requests", "plan_for": "plan",
-         "EngineSettings": "plan",
-         "Engine": "engine", "SamplingParams": "generation", "AdapterManager": "adapters", "AdapterState": "adapters",
-         "MemoryPlan": "budget", "ModelShape": "budget", "model_shape": "budget", "plan_memory": "budget",
-         "default_model_path": "models", "resolve_model": "models"}
+_LAZY = {
+    "Runtime": "core",
+    "AppliedAdapter": "requests",
+    "AdapterRequest": "requests",
+    "plan_for": "plan",
+    "EngineSettings": "plan",
+    "Engine": "engine",
+    "SamplingParams": "generation",
+    "AdapterManager": "adapters",
+    "AdapterState": "adapters",
+    "MemoryPlan": "budget",
+    "ModelShape": "budget",
+    "model_shape": "budget",
+    "plan_memory": "budget",
+    "default_model_path": "models",
+    "resolve_model": "models",
+}
 
 _load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 

@@ -78,7 +78,7 @@ def invocation_start(prompt: Sequence[int], invocation: Sequence[int]) -> int | 
         return None
     first, wanted = invocation[0], list(invocation)
     for start in range(len(prompt) - size, -1, -1):
-        if prompt[start] == first and list(prompt[start:start + size]) == wanted:
+        if prompt[start] == first and list(prompt[start : start + size]) == wanted:
             return start
     return None
 

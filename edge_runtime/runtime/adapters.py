@@ -206,11 +206,15 @@ class AdapterManager:
     def lease(self, requests: Sequence[AdapterRequest]) -> Iterator[list[HeldAdapter]]:
         """Hold every adapter of ``requests`` for the duration of a generation."""
         if len(requests) > MAX_COMPOSED_ADAPTERS:
-            raise InvalidRequest(f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(requests)}",
-                                 param="adapters")
+            raise InvalidRequest(
+                f"at most {MAX_COMPOSED_ADAPTERS} adapters can be composed, got {len(requests)}", param="adapters"
+            )
         if not all(isinstance(request, AdapterRequest) for request in requests):
-            raise InvalidRequest("adapters must be AdapterRequest(name, scale) values (edge_runtime.AdapterRequest), "
-                                 f"got {[type(r).__name__ for r in requests]}", param="adapters")
+            raise InvalidRequest(
+                "adapters must be AdapterRequest(name, scale) values (edge_runtime.AdapterRequest), "
+                f"got {[type(r).__name__ for r in requests]}",
+                param="adapters",
+            )
         held: list[HeldAdapter] = []
         try:
             for request in requests:
@@ -289,8 +293,12 @@ class AdapterManager:
         """Free every resident adapter (the engine detaches each before freeing it); loads ending later are freed."""
         with self._lock:
             self._closed = True
-            victims = [self._detach(v) for a in self._adapters.values() for v in a.versions()
-                       if v.state in (VersionState.RESIDENT, VersionState.RETIRED)]
+            victims = [
+                self._detach(v)
+                for a in self._adapters.values()
+                for v in a.versions()
+                if v.state in (VersionState.RESIDENT, VersionState.RETIRED)
+            ]
             self.stats.evictions += len(victims)
         self._free(victims)
 
@@ -300,8 +308,9 @@ class AdapterManager:
         assert version.handle is not None
         version.users += 1
         self._touch(adapter)
-        return HeldAdapter(name=adapter.name, sha256=version.sha256, scale=float(scale), handle=version.handle,
-                           version=version)
+        return HeldAdapter(
+            name=adapter.name, sha256=version.sha256, scale=float(scale), handle=version.handle, version=version
+        )
 
     def _touch(self, adapter: NamedAdapter) -> None:  # lock held
         adapter.last_used = time.time()
@@ -310,12 +319,21 @@ class AdapterManager:
     def _held_bytes(self) -> int:  # lock held
         return sum(v.resident_bytes for a in self._adapters.values() for v in a.versions() if v.holds_memory)
 
-    def _eviction_choice(self, *, need_bytes: int, free_bytes: int) -> tuple[dict[str, NamedAdapter],
-                                                                              EvictionPlan]:  # lock held
+    def _eviction_choice(
+        self, *, need_bytes: int, free_bytes: int
+    ) -> tuple[dict[str, NamedAdapter], EvictionPlan]:  # lock held
         resident = {a.name: a for a in self._adapters.values() if a.current is not None and a.current.usable}
-        candidates = [EvictionCandidate(name=a.name, resident_bytes=a.current.resident_bytes, last_use=a.use_order,
-                                        pinned=a.pinned, in_use=a.current.users > 0)
-                      for a in resident.values() if a.current is not None]
+        candidates = [
+            EvictionCandidate(
+                name=a.name,
+                resident_bytes=a.current.resident_bytes,
+                last_use=a.use_order,
+                pinned=a.pinned,
+                in_use=a.current.users > 0,
+            )
+            for a in resident.values()
+            if a.current is not None
+        ]
         return resident, choose_evictions(candidates, need_bytes=need_bytes, free_bytes=free_bytes)
 
     def _make_room(self, version: AdapterVersion) -> list[AdapterVersion]:  # lock held
@@ -323,15 +341,27 @@ class AdapterManager:
         held = self._held_bytes()
         resident, plan = self._eviction_choice(need_bytes=version.resident_bytes, free_bytes=self.budget_bytes - held)
         if not plan.fits:
-            raise BudgetExceeded(version.name, needed_bytes=version.resident_bytes, budget_bytes=self.budget_bytes,
-                                 evictable_bytes=plan.evictable_bytes, held_bytes=held - plan.evictable_bytes)
+            raise BudgetExceeded(
+                version.name,
+                needed_bytes=version.resident_bytes,
+                budget_bytes=self.budget_bytes,
+                evictable_bytes=plan.evictable_bytes,
+                held_bytes=held - plan.evictable_bytes,
+            )
         self.stats.evictions += len(plan.victims)
         return [self._detach(v) for v in (resident[n].current for n in plan.victims) if v is not None]
 
     def _settling(self) -> Future[None] | None:  # lock held
         """A load or free under way (its bytes count, but are about to become usable or free), or None."""
-        return next((v.pending for a in self._adapters.values() for v in a.versions()
-                     if v.pending is not None and v.state in (VersionState.LOADING, VersionState.FREEING)), None)
+        return next(
+            (
+                v.pending
+                for a in self._adapters.values()
+                for v in a.versions()
+                if v.pending is not None and v.state in (VersionState.LOADING, VersionState.FREEING)
+            ),
+            None,
+        )
 
     def _start_load(self, version: AdapterVersion) -> Future[None]:  # lock held
         version.move_to(VersionState.LOADING)
@@ -429,8 +459,12 @@ class AdapterManager:
                     self.engine.free_adapter(version.handle)
             except BaseException as exc:
                 failure, leaked = failure or exc, True
-                log.error("adapter %s (%s) could not be freed; its %d bytes stay counted against the budget",
-                          version.name, version.sha256[:12], version.resident_bytes)
+                log.error(
+                    "adapter %s (%s) could not be freed; its %d bytes stay counted against the budget",
+                    version.name,
+                    version.sha256[:12],
+                    version.resident_bytes,
+                )
             with self._lock:
                 freed, version.pending = version.pending, None
                 adapter = self._adapters.get(version.name)

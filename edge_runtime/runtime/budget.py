@@ -58,8 +58,9 @@ TOKENIZER_BYTES_PER_TOKEN = 180
 TOKENIZER_BYTES_PER_MERGE = 210
 # llama.cpp's CPU backend copies tensors of these types into an interleaved layout for its AVX2/NEON kernels
 # ("CPU_REPACK" buffer), beside the mapped file whose pages it read to do so.
-REPACKED_TYPES = frozenset({gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_K,
-                            gguf.GGMLQuantizationType.IQ4_NL})
+REPACKED_TYPES = frozenset(
+    {gguf.GGMLQuantizationType.Q4_0, gguf.GGMLQuantizationType.Q4_K, gguf.GGMLQuantizationType.IQ4_NL}
+)
 COMPUTE_BYTES_PER_UBATCH_UNIT = 16
 LORA_BYTES_PER_UBATCH_UNIT = 12  # the low-rank products and scaled outputs an applied adapter adds to the graph
 KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
@@ -114,11 +115,18 @@ class ModelShape:
         head_v = number("attention.value_length", n_embd // n_head)
         n_head_kv = number("attention.head_count_kv", n_head)
         vocab, merges = header.fields.get(keys.TOKENS), header.fields.get(keys.MERGES)
-        return cls(architecture=arch, n_layers=number("block_count"), n_embd=n_embd,
-                   n_ff=number("feed_forward_length"), n_vocab=vocab.count if vocab else number("vocab_size"),
-                   kv_width=n_head_kv * (head_k + head_v), tensor_bytes=sum(t.n_bytes for t in header.tensors),
-                   context_length=number("context_length", 0), n_merges=merges.count if merges else 0,
-                   repacked_bytes=sum(t.n_bytes for t in header.tensors if t.ggml_type in REPACKED_TYPES))
+        return cls(
+            architecture=arch,
+            n_layers=number("block_count"),
+            n_embd=n_embd,
+            n_ff=number("feed_forward_length"),
+            n_vocab=vocab.count if vocab else number("vocab_size"),
+            kv_width=n_head_kv * (head_k + head_v),
+            tensor_bytes=sum(t.n_bytes for t in header.tensors),
+            context_length=number("context_length", 0),
+            n_merges=merges.count if merges else 0,
+            repacked_bytes=sum(t.n_bytes for t in header.tensors if t.ggml_type in REPACKED_TYPES),
+        )
 
 
 def model_shape(path: Path | str) -> ModelShape:
@@ -179,8 +187,12 @@ def request_buffer_bytes(limits: RequestLimits, reads: int) -> int:
 
 def process_bytes(shape: ModelShape) -> int:
     """Bytes of the Python runtime with llama.cpp and the model's tokenizer tables loaded."""
-    return (PROCESS_BASELINE_BYTES + PEAK_HEADROOM_BYTES + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
-            + shape.n_merges * TOKENIZER_BYTES_PER_MERGE)
+    return (
+        PROCESS_BASELINE_BYTES
+        + PEAK_HEADROOM_BYTES
+        + shape.n_vocab * TOKENIZER_BYTES_PER_TOKEN
+        + shape.n_merges * TOKENIZER_BYTES_PER_MERGE
+    )
 
 
 @dataclass(frozen=True)
@@ -204,8 +216,9 @@ class MemoryPlan:
     @property
     def fixed_bytes(self) -> int:
         """Everything but adapters."""
-        return (self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes
-                + self.request_buffer_bytes)
+        return (
+            self.process_bytes + self.model_bytes + self.kv_cache_bytes + self.compute_bytes + self.request_buffer_bytes
+        )
 
     @property
     def adapter_budget_bytes(self) -> int:
@@ -220,8 +233,12 @@ class MemoryPlan:
     def require_fit(self, profile: str) -> None:
         """Raise ``BaseDoesNotFit`` with the terms when the base model does not fit."""
         if not self.fits:
-            raise BaseDoesNotFit(needed_bytes=self.fixed_bytes, budget_bytes=self.budget_bytes,
-                                 kv_cache_bytes=self.kv_cache_bytes, profile=profile)
+            raise BaseDoesNotFit(
+                needed_bytes=self.fixed_bytes,
+                budget_bytes=self.budget_bytes,
+                kv_cache_bytes=self.kv_cache_bytes,
+                profile=profile,
+            )
 
     def adapters_that_fit(self, adapter_bytes: int) -> int:
         """How many adapters of ``adapter_bytes`` each can be resident at once."""
@@ -256,20 +273,40 @@ MEMORY_TERMS = (
     MemoryTerm("model_bytes", "base model", "base model"),
     MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({ctx} tokens, {kv_type})"),
     MemoryTerm("compute_bytes", "compute", "compute buffers (batch {batch})"),
-    MemoryTerm("request_buffer_bytes", "request buffers",
-               "request buffers ({request_reads} x {max_body_kib} KiB, {max_connections} connections)"),
+    MemoryTerm(
+        "request_buffer_bytes",
+        "request buffers",
+        "request buffers ({request_reads} x {max_body_kib} KiB, {max_connections} connections)",
+    ),
 )
 
 
-def plan_memory(shape: ModelShape, *, budget_bytes: int, ctx: int, batch: int, kv_type: str,
-                requests: RequestLimits = DEFAULT_REQUEST_LIMITS, reads: int = MAX_REQUEST_READS) -> MemoryPlan:
+def plan_memory(
+    shape: ModelShape,
+    *,
+    budget_bytes: int,
+    ctx: int,
+    batch: int,
+    kv_type: str,
+    requests: RequestLimits = DEFAULT_REQUEST_LIMITS,
+    reads: int = MAX_REQUEST_READS,
+) -> MemoryPlan:
     """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
-    return MemoryPlan(budget_bytes=budget_bytes, process_bytes=process_bytes(shape), model_bytes=shape.resident_bytes,
-                      kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
-                      compute_bytes=compute_bytes(shape, batch, ctx),
-                      request_buffer_bytes=request_buffer_bytes(requests, reads), ctx=ctx, batch=batch,
-                      kv_type=kv_type, max_body_bytes=requests.max_body_bytes, max_queue=requests.max_queue,
-                      request_reads=reads, max_connections=requests.connections)
+    return MemoryPlan(
+        budget_bytes=budget_bytes,
+        process_bytes=process_bytes(shape),
+        model_bytes=shape.resident_bytes,
+        kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
+        compute_bytes=compute_bytes(shape, batch, ctx),
+        request_buffer_bytes=request_buffer_bytes(requests, reads),
+        ctx=ctx,
+        batch=batch,
+        kv_type=kv_type,
+        max_body_bytes=requests.max_body_bytes,
+        max_queue=requests.max_queue,
+        request_reads=reads,
+        max_connections=requests.connections,
+    )
 
 
 def adapter_resident_bytes(path: Path | str) -> int:

@@ -49,5 +49,4 @@ class ChatTemplate:
         try:
             return str(self._formatter(messages=cast(Any, messages)).prompt)
         except TemplateError as exc:
-            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}",
-                                 param="messages") from exc
+            raise InvalidRequest(f"the model's chat template rejected these messages: {exc}", param="messages") from exc

@@ -40,11 +40,20 @@ class BaseCompatibility:
         identity = file_id(path)  # (inode, size, mtime): one stat gives the size too
         end = max((header.data_end(t) for t in header.tensors), default=0)
         if end > identity[1]:  # still being copied, or cut short
-            raise InvalidGGUF(str(path), f"its tensors run past the end of the file ({identity[1]} of {end} bytes: "
-                              "truncated, or still being written?)")
+            raise InvalidGGUF(
+                str(path),
+                f"its tensors run past the end of the file ({identity[1]} of {end} bytes: "
+                "truncated, or still being written?)",
+            )
         sha256 = sha256 or file_sha256(path).hexdigest()
-        return AdapterVersion(name=name, path=path, sha256=sha256, size_bytes=identity[1],
-                              resident_bytes=sum(t.n_bytes for t in header.tensors), file_id=identity)
+        return AdapterVersion(
+            name=name,
+            path=path,
+            sha256=sha256,
+            size_bytes=identity[1],
+            resident_bytes=sum(t.n_bytes for t in header.tensors),
+            file_id=identity,
+        )
 
     def verify_unchanged(self, version: AdapterVersion) -> None:
         """Raise ``InvalidGGUF`` when ``version``'s file no longer holds the content registered as its sha256."""
@@ -54,9 +63,12 @@ class BaseCompatibility:
             raise InvalidGGUF(str(version.path), "not a regular file")
         if file_id(version.path) == version.file_id or file_sha256(version.path).hexdigest() == version.sha256:
             return
-        raise InvalidGGUF(str(version.path), f"changed on disk since it was registered as {version.sha256[:12]}: "
-                          "the daemon will not serve other bytes under that digest; `kill -HUP` the daemon (or "
-                          "`systemctl reload`) once the file is complete to register it as the next version")
+        raise InvalidGGUF(
+            str(version.path),
+            f"changed on disk since it was registered as {version.sha256[:12]}: "
+            "the daemon will not serve other bytes under that digest; `kill -HUP` the daemon (or "
+            "`systemctl reload`) once the file is complete to register it as the next version",
+        )
 
     def check(self, name: str, header: GGUFHeader) -> None:
         """Raise ``IncompatibleAdapter`` unless ``header`` is a LoRA adapter made for this base model."""
@@ -67,7 +79,8 @@ class BaseCompatibility:
             if fingerprint != self._base_fingerprint:
                 raise IncompatibleAdapter(
                     f"adapter {name!r} was converted for another base model (fingerprint {str(fingerprint)[:12]}, "
-                    f"resident base {self._base_fingerprint[:12]})")
+                    f"resident base {self._base_fingerprint[:12]})"
+                )
             return
         # Adapters made by other converters carry no fingerprint: check every target tensor's shape instead.
         for tensor in header.tensors:

@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 class Runtime:
     """The library API the daemon serves: generate with an adapter set, within the profile's memory budget."""
 
-    def __init__(self, profile: DeviceProfile, *, model: str | Path | None = None, ctx: int | None = None,
-                 requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> None:
+    def __init__(
+        self,
+        profile: DeviceProfile,
+        *,
+        model: str | Path | None = None,
+        ctx: int | None = None,
+        requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
+    ) -> None:
         budget.configure_allocator()
         self.profile = profile
         self.model_path = resolve_model(model)
@@ -43,18 +49,30 @@ class Runtime:
             log.warning("%s", warning)
         self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx, cores=self.cores))
         self.pace = Pace(self.engine_threads)
-        self.adapters = AdapterManager(self.engine, budget_bytes=self.plan.adapter_budget_bytes, base_header=header,
-                                       base_fingerprint=self.base_fingerprint)
+        self.adapters = AdapterManager(
+            self.engine,
+            budget_bytes=self.plan.adapter_budget_bytes,
+            base_header=header,
+            base_fingerprint=self.base_fingerprint,
+        )
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = (),
-               applied: list[AppliedAdapter] | None = None, cancel: Any = None) -> Iterator[Chunk]:
+    def stream(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        adapters: Sequence[AdapterRequest] = (),
+        applied: list[AppliedAdapter] | None = None,
+        cancel: Any = None,
+    ) -> Iterator[Chunk]:
         """Generate under ``adapters``, streaming; ``applied`` receives what actually ran."""
         with self.adapters.lease(adapters) as held:
             if applied is not None:
                 applied.extend(_applied(held, prompt))
             last = None  # the first token's time includes the prompt's evaluation: the pace counts from it on
-            for chunk in self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held],
-                                            cancel=cancel):
+            for chunk in self.engine.stream(
+                prompt, params, adapters=[(h.handle, h.scale) for h in held], cancel=cancel
+            ):
                 if chunk.token_ids:
                     now = time.perf_counter()
                     if last is not None:
@@ -67,11 +85,16 @@ class Runtime:
         (tok/s) and the share of CPU-wanted time the engine's threads spent waiting for a CPU (contention)."""
         contention = self.pace.contention()  # samples the threads' times now
         total = self.pace.total
-        return {"threads": self.engine.threads, "usable_cores": self.cores.usable, "cores": self.cores.describe(),
-                "warning": thread_warning(self.profile, self.cores),
-                "decode_tokens_per_second": round(self.pace.tokens_per_second(), 2),
-                "contention": round(contention, 4), "cpu_seconds": round(total.ran, 3),
-                "cpu_wait_seconds": round(total.waited, 3)}
+        return {
+            "threads": self.engine.threads,
+            "usable_cores": self.cores.usable,
+            "cores": self.cores.describe(),
+            "warning": thread_warning(self.profile, self.cores),
+            "decode_tokens_per_second": round(self.pace.tokens_per_second(), 2),
+            "contention": round(contention, 4),
+            "cpu_seconds": round(total.ran, 3),
+            "cpu_wait_seconds": round(total.waited, 3),
+        }
 
     def engine_threads(self) -> list[int]:
         """Native ids of the threads that run the model: the engine's worker and the threads llama.cpp started
@@ -80,8 +103,9 @@ class Runtime:
         worker = self.engine.worker_thread_id
         return [tid for tid in process_threads() if tid == worker or tid not in python]
 
-    def generate(self, prompt: Sequence[int], params: SamplingParams, *,
-                 adapters: Sequence[AdapterRequest] = ()) -> tuple[Generation, list[AppliedAdapter]]:
+    def generate(
+        self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = ()
+    ) -> tuple[Generation, list[AppliedAdapter]]:
         """Generate under ``adapters`` and return the text and what actually ran."""
         with self.adapters.lease(adapters) as held:
             result = self.engine.generate(prompt, params, adapters=[(h.handle, h.scale) for h in held])
@@ -94,5 +118,9 @@ class Runtime:
 
 
 def _applied(held: Sequence[HeldAdapter], prompt: Sequence[int]) -> list[AppliedAdapter]:
-    return [AppliedAdapter(name=h.name, sha256=h.sha256, scale=h.scale,
-                           inert=activation.is_inert(prompt, h.handle.invocation)) for h in held]
+    return [
+        AppliedAdapter(
+            name=h.name, sha256=h.sha256, scale=h.scale, inert=activation.is_inert(prompt, h.handle.invocation)
+        )
+        for h in held
+    ]

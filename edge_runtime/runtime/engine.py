@@ -109,8 +109,10 @@ class Engine:
         settings = self.settings
         n_gpu_layers = settings.n_gpu_layers
         if n_gpu_layers and not llama_cpp.llama_supports_gpu_offload():
-            log.warning("this llama.cpp build cannot offload to a GPU; running all layers on the CPU "
-                        "(install with EDGE_RT_CMAKE_ARGS=-DGGML_CUDA=on, or similar, for GPU offload)")
+            log.warning(
+                "this llama.cpp build cannot offload to a GPU; running all layers on the CPU "
+                "(install with EDGE_RT_CMAKE_ARGS=-DGGML_CUDA=on, or similar, for GPU offload)"
+            )
             n_gpu_layers = 0
         if settings.kv_type not in KV_TYPES:
             raise InvalidSettings("kv_type", settings.kv_type, f"must be one of {', '.join(KV_TYPES)}")
@@ -118,29 +120,54 @@ class Engine:
         threads = settings.n_threads or min(psutil.cpu_count(logical=False) or 1, core_budget().usable)
         try:
             self._llama = llama_cpp.Llama(
-                model_path=str(self.model_path), n_ctx=settings.n_ctx, n_batch=settings.n_batch,
-                n_ubatch=settings.n_ubatch, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=n_gpu_layers, use_mmap=True, flash_attn=True, type_k=kv, type_v=kv,
-                logits_all=settings.logits_all, verbose=False,
+                model_path=str(self.model_path),
+                n_ctx=settings.n_ctx,
+                n_batch=settings.n_batch,
+                n_ubatch=settings.n_ubatch,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=n_gpu_layers,
+                use_mmap=True,
+                flash_attn=True,
+                type_k=kv,
+                type_v=kv,
+                logits_all=settings.logits_all,
+                verbose=False,
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
         self.threads = threads  # fixed for the engine's life: llama.cpp's results depend on it
-        self._pool = ThreadPool.unless_openmp(llama_cpp, self._llama.ctx, threads, settings.pool_poll,
-                                              settings.pool_prio)
+        self._pool = ThreadPool.unless_openmp(
+            llama_cpp, self._llama.ctx, threads, settings.pool_poll, settings.pool_prio
+        )
         self.max_token_bytes = self._longest_piece()
         metadata = self._llama.metadata
         template = metadata.get(keys.CHAT_TEMPLATE)
         self._eos = int(self._llama.token_eos())
-        self._chat = None if template is None else ChatTemplate(Jinja2ChatFormatter(
-            template=template, eos_token=self._token_text(self._eos),
-            bos_token=self._token_text(int(self._llama.token_bos())), stop_token_ids=[self._eos]), self._tokens)
+        self._chat = (
+            None
+            if template is None
+            else ChatTemplate(
+                Jinja2ChatFormatter(
+                    template=template,
+                    eos_token=self._token_text(self._eos),
+                    bos_token=self._token_text(int(self._llama.token_bos())),
+                    stop_token_ids=[self._eos],
+                ),
+                self._tokens,
+            )
+        )
 
     def _longest_piece(self) -> int:
         """Bytes of the longest text one token stands for (ordinary text, not control tokens)."""
         vocab, buffer = self._llama._model.vocab, ctypes.create_string_buffer(512)  # longer: its length, negated
-        return max(1, *(abs(int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)))
-                        for token in range(self._llama.n_vocab())))
+        return max(
+            1,
+            *(
+                abs(int(llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, False)))
+                for token in range(self._llama.n_vocab())
+            ),
+        )
 
     def min_tokens(self, byte_count: int) -> int:
         """The fewest tokens ``byte_count`` bytes of text can become: no token covers more than the longest piece."""
@@ -215,8 +242,12 @@ class Engine:
         count = len(adapters)
         pointers = (llama_cpp.llama_adapter_lora_p_ctypes * max(count, 1))(*[h.pointer for h, _ in adapters])
         scales = (ctypes.c_float * max(count, 1))(*[float(s) for _, s in adapters])
-        if llama_cpp.llama_set_adapters_lora(self._llama.ctx, pointers if count else None, count,
-                                             scales if count else None) != 0:
+        if (
+            llama_cpp.llama_set_adapters_lora(
+                self._llama.ctx, pointers if count else None, count, scales if count else None
+            )
+            != 0
+        ):
             raise LlamaCppError(f"apply the adapter set {[h.path.name for h, _ in adapters]}")
         self._active = adapters
         self._active_key = key
@@ -307,13 +338,19 @@ class Engine:
     def _logits(self, tokens: list[int], adapters: tuple[tuple[AdapterHandle, float], ...] | None) -> np.ndarray:
         self._llama.reset()
         self._prefill(tokens, activation.plan(tokens, self._active if adapters is None else adapters))
-        self._llama.eval(tokens[self._llama.n_tokens:])
+        self._llama.eval(tokens[self._llama.n_tokens :])
         return np.array(self._llama.scores[: len(tokens)], dtype=np.float32, copy=True)
 
     # -- generation -----------------------------------------------------------------------------------------------
 
-    def stream(self, prompt: Sequence[int], params: SamplingParams, *, adapters: AdapterSet = (),
-               cancel: threading.Event | None = None) -> Iterator[Chunk]:
+    def stream(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        adapters: AdapterSet = (),
+        cancel: threading.Event | None = None,
+    ) -> Iterator[Chunk]:
         """Generate under ``adapters``, yielding text as it is produced; closing the iterator cancels."""
         cancel = cancel or threading.Event()
         chunks: queue.Queue[Chunk | BaseException] = queue.Queue()
@@ -340,8 +377,14 @@ class Engine:
         result.completion_tokens = len(result.token_ids)
         return result
 
-    def _generate_into(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float],
-                       ...], cancel: threading.Event, chunks: queue.Queue[Chunk | BaseException]) -> None:
+    def _generate_into(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapters: tuple[tuple[AdapterHandle, float], ...],
+        cancel: threading.Event,
+        chunks: queue.Queue[Chunk | BaseException],
+    ) -> None:
         try:
             for chunk in self._generate(prompt, params, adapters, cancel):
                 chunks.put(chunk)
@@ -354,8 +397,13 @@ class Engine:
             if sampler is not None:
                 sampler.close()
 
-    def _generate(self, prompt: list[int], params: SamplingParams, adapters: tuple[tuple[AdapterHandle, float], ...],
-                  cancel: threading.Event) -> Iterator[Chunk]:
+    def _generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        adapters: tuple[tuple[AdapterHandle, float], ...],
+        cancel: threading.Event,
+    ) -> Iterator[Chunk]:
         if not prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if params.grammar is not None:
@@ -372,10 +420,17 @@ class Engine:
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
         grammar = None if params.grammar is None else llama_grammar.LlamaGrammar.from_string(params.grammar)
-        tokens = self._llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
-                                      temp=params.temperature, repeat_penalty=1.0, grammar=grammar,
-                                      presence_penalty=params.presence_penalty,
-                                      frequency_penalty=params.frequency_penalty)
+        tokens = self._llama.generate(
+            prompt,
+            top_k=params.top_k,
+            top_p=params.top_p,
+            min_p=0.0,
+            temp=params.temperature,
+            repeat_penalty=1.0,
+            grammar=grammar,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+        )
         produced = 0
         for token in tokens:
             if cancel.is_set():

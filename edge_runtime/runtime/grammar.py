@@ -97,7 +97,7 @@ def nesting_depth(grammar: str) -> int:
                 escaped = True
             elif char == closing:
                 closing = None
-        elif char in "\"[":
+        elif char in '"[':
             closing = '"' if char == '"' else "]"
         elif char == "#":
             comment = True

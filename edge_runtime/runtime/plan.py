@@ -31,15 +31,21 @@ class EngineSettings:
     pool_prio: int = 0  # ... and its workers' priority: -1 SCHED_BATCH, 0 inherited, 1-3 SCHED_FIFO (real-time)
 
 
-def engine_settings(profile: DeviceProfile, *, ctx: int | None = None,
-                    cores: CoreBudget | None = None) -> EngineSettings:
+def engine_settings(
+    profile: DeviceProfile, *, ctx: int | None = None, cores: CoreBudget | None = None
+) -> EngineSettings:
     """Context settings a profile asks for on a process that may use ``cores`` (default: as measured now; ``ctx``
     overrides the profile's). The thread count never exceeds the usable cores minus the profile's reserved ones."""
     compute = profile.compute
     n_ctx = ctx or compute.ctx
-    return EngineSettings(n_ctx=n_ctx, n_batch=min(compute.batch, n_ctx), n_ubatch=budget.ubatch_for(compute.batch),
-                          n_threads=compute.threads_for((cores or core_budget()).usable),
-                          n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
+    return EngineSettings(
+        n_ctx=n_ctx,
+        n_batch=min(compute.batch, n_ctx),
+        n_ubatch=budget.ubatch_for(compute.batch),
+        n_threads=compute.threads_for((cores or core_budget()).usable),
+        n_gpu_layers=compute.gpu_layers,
+        kv_type=compute.kv_type,
+    )
 
 
 def thread_warning(profile: DeviceProfile, cores: CoreBudget) -> str | None:
@@ -48,24 +54,43 @@ def thread_warning(profile: DeviceProfile, cores: CoreBudget) -> str | None:
     if compute.threads + compute.reserve_cores <= cores.usable:
         return None
     asked = f"compute.threads = {compute.threads}" + (
-        f" + compute.reserve_cores = {compute.reserve_cores}" if compute.reserve_cores else "")
+        f" + compute.reserve_cores = {compute.reserve_cores}" if compute.reserve_cores else ""
+    )
     running = compute.threads_for(cores.usable)
     threads = f"{running} thread{'s' if running != 1 else ''}"
-    return (f"profile {profile.name} asks for {asked} but this process may use {cores.describe()} cores: running "
-            f"{threads} (answers are those of {threads}); set compute.threads in the profile ({profile.source}) "
-            "to what the device can give")
+    return (
+        f"profile {profile.name} asks for {asked} but this process may use {cores.describe()} cores: running "
+        f"{threads} (answers are those of {threads}); set compute.threads in the profile ({profile.source}) "
+        "to what the device can give"
+    )
 
 
-def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,
-             requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
+def plan_for(
+    profile: DeviceProfile,
+    model_path: Path | str,
+    *,
+    ctx: int | None = None,
+    requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
+) -> budget.MemoryPlan:
     """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
     return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
 
 
-def plan_for_shape(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None = None,
-                   requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
+def plan_for_shape(
+    profile: DeviceProfile,
+    shape: budget.ModelShape,
+    *,
+    ctx: int | None = None,
+    requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
+) -> budget.MemoryPlan:
     """The memory plan for a model of ``shape`` (read from its header) under ``profile``."""
     settings = engine_settings(profile, ctx=ctx)
-    return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
-                              batch=settings.n_batch, kv_type=settings.kv_type, requests=requests,
-                              reads=budget.request_reads(settings.n_threads or 1))
+    return budget.plan_memory(
+        shape,
+        budget_bytes=profile.runtime_budget_bytes,
+        ctx=settings.n_ctx,
+        batch=settings.n_batch,
+        kv_type=settings.kv_type,
+        requests=requests,
+        reads=budget.request_reads(settings.n_threads or 1),
+    )

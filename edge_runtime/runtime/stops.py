@@ -23,10 +23,16 @@ class StopMatcher:
             emitted, self.pending = self.pending[: min(hits)], ""
             return emitted, True
         hold = max((len(s) - 1 for s in self.stops), default=0)
-        keep = next((k for k in range(min(hold, len(self.pending)), 0, -1)
-                     if any(s.startswith(self.pending[-k:]) for s in self.stops)), 0)
+        keep = next(
+            (
+                k
+                for k in range(min(hold, len(self.pending)), 0, -1)
+                if any(s.startswith(self.pending[-k:]) for s in self.stops)
+            ),
+            0,
+        )
         emitted = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
+        self.pending = self.pending[len(self.pending) - keep :]
         return emitted, False
 
     def flush(self) -> str:

@@ -28,8 +28,16 @@ from pathlib import Path
 from edge_runtime.errors import InvalidTransition
 from edge_runtime.runtime.handles import AdapterHandle
 
-__all__ = ["AdapterInfo", "AdapterState", "AdapterVersion", "HeldAdapter", "ManagerStats", "NamedAdapter",
-           "RemoteOffer", "VersionState"]
+__all__ = [
+    "AdapterInfo",
+    "AdapterState",
+    "AdapterVersion",
+    "HeldAdapter",
+    "ManagerStats",
+    "NamedAdapter",
+    "RemoteOffer",
+    "VersionState",
+]
 
 
 class VersionState(Enum):
@@ -135,9 +143,17 @@ class NamedAdapter:
         else:
             assert remote is not None
             sha256, size, resident, users = remote.sha256, remote.size_bytes, remote.size_bytes, 0
-        return AdapterInfo(name=self.name, sha256=sha256, size_bytes=size, resident_bytes=resident,
-                           state=self.state.value, pinned=self.pinned, users=users, last_used=self.last_used,
-                           path=None if version is None else version.path)
+        return AdapterInfo(
+            name=self.name,
+            sha256=sha256,
+            size_bytes=size,
+            resident_bytes=resident,
+            state=self.state.value,
+            pinned=self.pinned,
+            users=users,
+            last_used=self.last_used,
+            path=None if version is None else version.path,
+        )
 
     @property
     def busy(self) -> bool:

@@ -17,8 +17,14 @@ if TYPE_CHECKING:  # the names as type checkers see them; at run time _LAZY load
     from edge_runtime.serve.daemon import ServeOptions, run
     from edge_runtime.serve.state import SHUTDOWN_GRACE_S, Daemon, ServerConfig
 
-_LAZY = {"SHUTDOWN_GRACE_S": "state", "Daemon": "state", "ServerConfig": "state", "create_app": "app",
-         "ServeOptions": "daemon", "run": "daemon"}
+_LAZY = {
+    "SHUTDOWN_GRACE_S": "state",
+    "Daemon": "state",
+    "ServerConfig": "state",
+    "create_app": "app",
+    "ServeOptions": "daemon",
+    "run": "daemon",
+}
 
 _load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
 

@@ -44,8 +44,11 @@ async def rescan(daemon: Daemon) -> tuple[list[str], dict[str, str]]:
     if daemon.follower is not None:  # the operator's files win: a name now served from --adapters-dir stops
         for info in added:  # following the CDN
             daemon.follower.unfollow(info.name)
-    gone = [a.name for a in manager.list_adapters() if a.path is not None and a.path.parent == folder
-            and not a.path.exists() and manager.forget(a.name)]
+    gone = [
+        a.name
+        for a in manager.list_adapters()
+        if a.path is not None and a.path.parent == folder and not a.path.exists() and manager.forget(a.name)
+    ]
     if gone:
         log.info("forgot %s: deleted from %s", ", ".join(gone), folder)
     for file_name, error in refused.items():
@@ -79,8 +82,10 @@ async def models(request: web.Request) -> web.Response:
     daemon = request.app[DAEMON]
     base = daemon.base_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": "edge-rt"}]
-    data += [{"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
-             for name in daemon.runtime.adapters.names()]
+    data += [
+        {"id": name, "object": "model", "created": 0, "owned_by": "edge-rt", "parent": base}
+        for name in daemon.runtime.adapters.names()
+    ]
     return web.json_response({"object": "list", "data": data})
 
 
@@ -89,8 +94,9 @@ async def adapters(request: web.Request) -> web.Response:
     """Every known adapter with its size, digest, state, pin and last use."""
     daemon = request.app[DAEMON]
     downloads = daemon.follower.downloads() if daemon.follower is not None else {}
-    return web.json_response({"object": "list", "data": [adapter_json(a, downloads) for a in
-                                                         daemon.runtime.adapters.list_adapters()]})
+    return web.json_response(
+        {"object": "list", "data": [adapter_json(a, downloads) for a in daemon.runtime.adapters.list_adapters()]}
+    )
 
 
 @routes.post("/v1/adapters/{name}/load")
@@ -122,8 +128,10 @@ async def vllm_load(request: web.Request) -> web.Response:
     except (ValueError, OSError):  # a NUL byte, a path too long
         inside = False
     if path is not None and not inside:  # a relative lora_path is taken in --adapters-dir
-        raise InvalidRequest("lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by "
-                             "name)", param="lora_path")
+        raise InvalidRequest(
+            "lora_path must be NAME.gguf in the daemon's --adapters-dir (edge-rt loads adapters by name)",
+            param="lora_path",
+        )
     info = await _load(daemon, name)
     return web.json_response({"message": f"Success: LoRA adapter '{name}' added successfully."} | adapter_json(info))
 
@@ -134,8 +142,10 @@ async def vllm_unload(request: web.Request) -> web.Response:
     name = validate_name(_field(await read_json(request), "lora_name"))
     manager = request.app[DAEMON].runtime.adapters
     evicted = await asyncio.to_thread(manager.evict, name)
-    return web.json_response({"message": f"Success: LoRA adapter '{name}' removed successfully.",
-                              "evicted": evicted} | adapter_json(manager.info(name)))
+    return web.json_response(
+        {"message": f"Success: LoRA adapter '{name}' removed successfully.", "evicted": evicted}
+        | adapter_json(manager.info(name))
+    )
 
 
 def _field(body: Any, key: str) -> str:

@@ -21,8 +21,9 @@ __all__ = ["create_app"]
 def create_app(config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> web.Application:
     """The aiohttp application serving ``runtime`` (and pulling adapters from ``cdn`` on demand when given)."""
     daemon = Daemon.build(config, runtime, cdn=cdn)
-    app = web.Application(client_max_size=daemon.max_body_bytes, handler_args={"read_bufsize": READ_BUFFER_BYTES},
-                          middlewares=MIDDLEWARES)
+    app = web.Application(
+        client_max_size=daemon.max_body_bytes, handler_args={"read_bufsize": READ_BUFFER_BYTES}, middlewares=MIDDLEWARES
+    )
     app[DAEMON] = daemon
     for table in (completions.routes, admin.routes, monitoring.routes):
         app.add_routes(table)

@@ -75,53 +75,83 @@ async def _read(request: web.Request, daemon: Daemon, *, chat: bool) -> tuple[op
     await intake.admit(lambda: _evict_idle(runtime))  # over the memory budget: 503 before reading the body
     async with intake.slot():  # the body is read, parsed and tokenized by a bounded number of requests at once
         body = await intake.read_json(request, daemon.request_work, max_bytes=daemon.max_body_bytes)
-        parsed = openai_api.parse_request(body, chat=chat, base_id=daemon.base_id,
-                                          known_adapters=runtime.adapters,
-                                          max_tokens_cap=daemon.config.max_tokens or runtime.engine.n_ctx)
+        parsed = openai_api.parse_request(
+            body,
+            chat=chat,
+            base_id=daemon.base_id,
+            known_adapters=runtime.adapters,
+            max_tokens_cap=daemon.config.max_tokens or runtime.engine.n_ctx,
+        )
         del body
         request[REQUESTED] = "+".join(sorted(a.name for a in parsed.adapters)) or "base"
         if parsed.json_output:  # converting a schema takes up to seconds: off the event loop, before queueing
             grammar = await asyncio.get_running_loop().run_in_executor(
-                daemon.request_work, runtime.engine.json_grammar, parsed.json_schema)
+                daemon.request_work, runtime.engine.json_grammar, parsed.json_schema
+            )
             parsed = parsed.constrained(grammar)
         return parsed, await _prompt_tokens(daemon, parsed)
 
 
-async def _collect(parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any],
-                   prompt_tokens: int) -> tuple[web.Response, int]:
+async def _collect(
+    parsed: openai_api.ParsedRequest, job: Job, first: Any, chunks: AsyncIterator[Any], prompt_tokens: int
+) -> tuple[web.Response, int]:
     pieces, token_ids, logprobs, finish = [first.text], list(first.token_ids), list(first.logprobs), first.finish_reason
     async for chunk in chunks:
         pieces.append(chunk.text)
         token_ids += chunk.token_ids
         logprobs += chunk.logprobs
         finish = chunk.finish_reason or finish
-    body = openai_api.completion_body(parsed, response_id=openai_api.new_id(parsed.chat), text="".join(pieces),
-                                      finish_reason=finish or "stop", prompt_tokens=prompt_tokens,
-                                      completion_tokens=len(token_ids), applied=job.applied,
-                                      logprobs=openai_api.LogprobsShape(parsed).render(logprobs))
+    body = openai_api.completion_body(
+        parsed,
+        response_id=openai_api.new_id(parsed.chat),
+        text="".join(pieces),
+        finish_reason=finish or "stop",
+        prompt_tokens=prompt_tokens,
+        completion_tokens=len(token_ids),
+        applied=job.applied,
+        logprobs=openai_api.LogprobsShape(parsed).render(logprobs),
+    )
     return web.json_response(body, headers=_applied_headers(job.applied)), len(token_ids)
 
 
-async def _stream(request: web.Request, parsed: openai_api.ParsedRequest, job: Job, first: Any,
-                  chunks: AsyncIterator[Any], prompt_tokens: int) -> tuple[web.StreamResponse, int]:
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-                                           **_applied_headers(job.applied)})
+async def _stream(
+    request: web.Request,
+    parsed: openai_api.ParsedRequest,
+    job: Job,
+    first: Any,
+    chunks: AsyncIterator[Any],
+    prompt_tokens: int,
+) -> tuple[web.StreamResponse, int]:
+    response = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", **_applied_headers(job.applied)}
+    )
     await response.prepare(request)
     response_id, tokens, is_first = openai_api.new_id(parsed.chat), 0, True
     shape = openai_api.LogprobsShape(parsed)
     chunk = first
     try:
         while chunk is not None:
-            body = openai_api.chunk_body(parsed, response_id=response_id, text=chunk.text,
-                                         finish_reason=chunk.finish_reason, applied=job.applied, first=is_first,
-                                         logprobs=shape.render(chunk.logprobs) if chunk.token_ids else None)
+            body = openai_api.chunk_body(
+                parsed,
+                response_id=response_id,
+                text=chunk.text,
+                finish_reason=chunk.finish_reason,
+                applied=job.applied,
+                first=is_first,
+                logprobs=shape.render(chunk.logprobs) if chunk.token_ids else None,
+            )
             await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
             tokens += len(chunk.token_ids)
             is_first = False
             chunk = await anext(chunks, None)
         if parsed.include_usage:
-            usage = openai_api.usage_chunk(parsed, response_id=response_id, prompt_tokens=prompt_tokens,
-                                           completion_tokens=tokens, applied=job.applied)
+            usage = openai_api.usage_chunk(
+                parsed,
+                response_id=response_id,
+                prompt_tokens=prompt_tokens,
+                completion_tokens=tokens,
+                applied=job.applied,
+            )
             await response.write(b"data: " + json.dumps(usage).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()

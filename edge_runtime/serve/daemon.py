@@ -66,19 +66,32 @@ def run(options: ServeOptions, *, say: Callable[[str], None]) -> None:
         app = create_app(_server_config(options), runtime, cdn=client)
 
         async def announce(_: Any) -> None:  # after the CDN's adapters were registered and --preload loaded
-            say(f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} "
+            say(
+                f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} "
                 f"({runtime.engine.threads} thread{'s' if runtime.engine.threads != 1 else ''}, usable cores "
                 f"{runtime.cores.describe()}) on "
                 f"http://{options.host}:{options.port} with {_adapter_counts(runtime)}"
-                + (f", {'offline: serving the cache of' if client.offline else 'following'} {options.cdn}"
-                   if client else ""))
+                + (
+                    f", {'offline: serving the cache of' if client.offline else 'following'} {options.cdn}"
+                    if client
+                    else ""
+                )
+            )
 
         app.on_startup.append(announce)
-        site.run(app, host=options.host, port=options.port, max_connections=runtime.plan.max_connections,
-                 on_refused=app[DAEMON].metrics.refused_connections.inc, handler_cancellation=True,
-                 shutdown_timeout=SHUTDOWN_GRACE_S + 2.0)
-        say(f"edge-rt: stopped after {time.monotonic() - started:.0f} s, {runtime.engine.decoded_tokens} tokens "
-            "generated")
+        site.run(
+            app,
+            host=options.host,
+            port=options.port,
+            max_connections=runtime.plan.max_connections,
+            on_refused=app[DAEMON].metrics.refused_connections.inc,
+            handler_cancellation=True,
+            shutdown_timeout=SHUTDOWN_GRACE_S + 2.0,
+        )
+        say(
+            f"edge-rt: stopped after {time.monotonic() - started:.0f} s, {runtime.engine.decoded_tokens} tokens "
+            "generated"
+        )
     finally:
         runtime.close()
 
@@ -99,18 +112,27 @@ def check_port_free(host: str, port: int) -> None:
 
 
 def _server_config(options: ServeOptions) -> ServerConfig:
-    return ServerConfig(api_key=options.api_key, adapters_dir=options.adapters_dir, loopback_only=options.loopback,
-                        preload=options.preload)
+    return ServerConfig(
+        api_key=options.api_key,
+        adapters_dir=options.adapters_dir,
+        loopback_only=options.loopback,
+        preload=options.preload,
+    )
 
 
 def _cdn_client(options: ServeOptions, runtime: Runtime) -> CdnClient | None:
     if options.cdn is None:
         return None
     settings = SyncSettings.for_profile(runtime.profile, allow_metered_updates=options.allow_metered_updates)
-    return CdnClient(options.cdn, cache_dir=options.cache_dir, base_fingerprint=runtime.base_fingerprint,
-                     public_key=load_public_key(options.public_key) if options.public_key else None,
-                     sync_settings=settings, offline=True if options.offline else None,
-                     protected=runtime.adapters.protected_names)
+    return CdnClient(
+        options.cdn,
+        cache_dir=options.cache_dir,
+        base_fingerprint=runtime.base_fingerprint,
+        public_key=load_public_key(options.public_key) if options.public_key else None,
+        sync_settings=settings,
+        offline=True if options.offline else None,
+        protected=runtime.adapters.protected_names,
+    )
 
 
 def _adapter_counts(runtime: Runtime) -> str:

@@ -95,8 +95,11 @@ class CdnFollower:
         first = asyncio.create_task(self._refresh_logged())
         done, _ = await asyncio.wait([first], timeout=START_REFRESH_S)
         if not done:
-            log.warning("the manifest of %s did not arrive within %.0f s: serving the cache meanwhile", self.cdn.cdn,
-                        START_REFRESH_S)
+            log.warning(
+                "the manifest of %s did not arrive within %.0f s: serving the cache meanwhile",
+                self.cdn.cdn,
+                START_REFRESH_S,
+            )
         self._refresher = asyncio.create_task(self._refresh_forever(first))
 
     async def close(self) -> None:
@@ -122,20 +125,31 @@ class CdnFollower:
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
         await self.cdn.prune_staged(manifest, busy={sha256 for sha256, _ in self._updates.values()})
-        due = [e for e in offered if e.name in self._followed and e.sha256 not in self._rejected
-               and self.manager.outdated(e.name, e.sha256)]
+        due = [
+            e
+            for e in offered
+            if e.name in self._followed and e.sha256 not in self._rejected and self.manager.outdated(e.name, e.sha256)
+        ]
         deferred: tuple[str, ...] = ()
         self.deferred = {}
         if due and self.cdn.settings.defer_updates:  # a metered link: updates wait for `serve --allow-metered-...`
             deferred, due = tuple(e.name for e in due), []
             self.deferred = {e.name: e.sha256 for e in offered if e.name in deferred}
-            log.info("updates of %s deferred: the profile's link is metered (serve --allow-metered-updates)",
-                     ", ".join(deferred))
+            log.info(
+                "updates of %s deferred: the profile's link is metered (serve --allow-metered-updates)",
+                ", ".join(deferred),
+            )
         for entry in due:
             if entry.name not in self._updates:
                 self._updates[entry.name] = (entry.sha256, asyncio.create_task(self._update(entry)))
-        return RefreshReport(version=manifest.version, offered=names, new_remote=added, withdrawn=withdrawn,
-                             updating=tuple(e.name for e in due), deferred=deferred)
+        return RefreshReport(
+            version=manifest.version,
+            offered=names,
+            new_remote=added,
+            withdrawn=withdrawn,
+            updating=tuple(e.name for e in due),
+            deferred=deferred,
+        )
 
     async def settle(self) -> None:
         """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""
@@ -181,8 +195,14 @@ class CdnFollower:
         finally:
             self._pulling.pop(name, None)
         seconds, received = time.monotonic() - started, 0 if last is None else last.received_bytes
-        log.info("pulled adapter %s: %.1f MB %s in %.1f s (%.1f MB/s)", name, cached.size / 1e6,
-                 "downloaded" if received else "from the cache", seconds, received / 1e6 / max(seconds, 1e-9))
+        log.info(
+            "pulled adapter %s: %.1f MB %s in %.1f s (%.1f MB/s)",
+            name,
+            cached.size / 1e6,
+            "downloaded" if received else "from the cache",
+            seconds,
+            received / 1e6 / max(seconds, 1e-9),
+        )
         self._observe(name, received, seconds, True)
 
     def _observe(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:
@@ -197,8 +217,12 @@ class CdnFollower:
         try:
             await asyncio.to_thread(self.manager.add, cached.name, cached.path, sha256=cached.sha256)
         except InvalidTransition:  # another pull registered the version before this one, and it is in memory:
-            log.info("adapter %s keeps serving %s; %s follows as an update", cached.name,  # the update path
-                     self.manager.info(cached.name).sha256[:12], cached.sha256[:12])  # switches it once loaded
+            log.info(
+                "adapter %s keeps serving %s; %s follows as an update",
+                cached.name,  # the update path
+                self.manager.info(cached.name).sha256[:12],
+                cached.sha256[:12],
+            )  # switches it once loaded
         self._followed.add(cached.name)
 
     def _gone(self, name: str) -> bool:
@@ -249,8 +273,7 @@ class CdnFollower:
         try:
             self.cdn.switch(name, entry.sha256, replaced=old)
         except OSError:
-            log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name,
-                          short)
+            log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name, short)
             return
         log.info("adapter %s updated to %s", name, short)
 

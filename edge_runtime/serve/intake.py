@@ -40,8 +40,16 @@ MIN_JSON_VALUES = 256
 class RequestIntake:
     """Bounds concurrent body reads and sheds completions while the process is over its memory budget."""
 
-    def __init__(self, *, reads: int, max_waiting: int, budget_bytes: int, body_timeout_s: float,
-                 body_gap_s: float = 5.0, rss: Callable[[], int] = measured_rss_bytes) -> None:
+    def __init__(
+        self,
+        *,
+        reads: int,
+        max_waiting: int,
+        budget_bytes: int,
+        body_timeout_s: float,
+        body_gap_s: float = 5.0,
+        rss: Callable[[], int] = measured_rss_bytes,
+    ) -> None:
         self.reads = reads
         self.max_waiting = max_waiting
         self.budget_bytes = budget_bytes
@@ -65,8 +73,9 @@ class RequestIntake:
         try:
             await asyncio.wait_for(self._slots.acquire(), timeout=self.body_timeout_s)
         except asyncio.TimeoutError as exc:
-            raise QueueFull(queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S,
-                            waited_s=self.body_timeout_s) from exc
+            raise QueueFull(
+                queued=self.waiting, limit=self.max_waiting, retry_after_s=RETRY_AFTER_S, waited_s=self.body_timeout_s
+            ) from exc
         finally:
             self.waiting -= 1
         self.reading += 1
@@ -90,13 +99,20 @@ class RequestIntake:
                 rss = self._rss()
         if rss <= self.budget_bytes:
             if self.over_budget:
-                log.warning("memory back under the budget (RSS %.1f MiB of %.1f MiB): serving again",
-                            rss / 2**20, self.budget_bytes / 2**20)
+                log.warning(
+                    "memory back under the budget (RSS %.1f MiB of %.1f MiB): serving again",
+                    rss / 2**20,
+                    self.budget_bytes / 2**20,
+                )
                 self.over_budget = False
             return
         if not self.over_budget:
-            log.warning("RSS %.1f MiB is over the runtime budget of %.1f MiB: new completions get 503 until it is "
-                        "back under (edge_rt_shed_requests counts them)", rss / 2**20, self.budget_bytes / 2**20)
+            log.warning(
+                "RSS %.1f MiB is over the runtime budget of %.1f MiB: new completions get 503 until it is "
+                "back under (edge_rt_shed_requests counts them)",
+                rss / 2**20,
+                self.budget_bytes / 2**20,
+            )
             self.over_budget = True
         self.shed_requests += 1
         raise MemoryPressure(rss_bytes=rss, budget_bytes=self.budget_bytes, retry_after_s=RETRY_AFTER_S)
@@ -106,11 +122,15 @@ class RequestIntake:
         # A body must keep arriving (no gap over body_gap_s) and at MIN_BODY_BYTES_PER_S: a client dripping a byte
         # every few seconds would otherwise hold a read slot for the whole body timeout.
         declared = request.content_length
-        deadline = self.body_timeout_s if declared is None else \
-            min(self.body_timeout_s, self.body_gap_s + declared / MIN_BODY_BYTES_PER_S)
+        deadline = (
+            self.body_timeout_s
+            if declared is None
+            else min(self.body_timeout_s, self.body_gap_s + declared / MIN_BODY_BYTES_PER_S)
+        )
         try:
-            raw = await asyncio.wait_for(read_body(request, max_bytes=max_bytes, gap_s=self.body_gap_s),
-                                         timeout=deadline)
+            raw = await asyncio.wait_for(
+                read_body(request, max_bytes=max_bytes, gap_s=self.body_gap_s), timeout=deadline
+            )
         except asyncio.TimeoutError as exc:
             raise BodyTimeout(timeout_s=round(deadline, 1)) from exc  # answered with Connection: close
         parse = functools.partial(parse_json, raw, max_values=max(MIN_JSON_VALUES, max_bytes // BYTES_PER_JSON_VALUE))
@@ -143,9 +163,11 @@ def parse_json(raw: bytearray, *, max_values: int) -> Any:
     raw.clear()
     values = json_values(text, stop_after=max_values)
     if values > max_values:
-        raise InvalidRequest(f"the body holds more than the {max_values} JSON arrays, objects and items a body may "
-                             "(each becomes a Python object of up to 25 times its bytes): send fewer messages or list "
-                             "items")
+        raise InvalidRequest(
+            f"the body holds more than the {max_values} JSON arrays, objects and items a body may "
+            "(each becomes a Python object of up to 25 times its bytes): send fewer messages or list "
+            "items"
+        )
     try:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting

@@ -58,7 +58,10 @@ async def drop_queued(app: web.Application) -> None:
     cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
     """
     queue = app[DAEMON].scheduler
-    log.info("shutting down: %d queued requests answered 503; a running generation gets %g s to finish",
-             queue.queued, SHUTDOWN_GRACE_S)
+    log.info(
+        "shutting down: %d queued requests answered 503; a running generation gets %g s to finish",
+        queue.queued,
+        SHUTDOWN_GRACE_S,
+    )
     queue.drop_pending()
     asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, queue.cancel_running)

@@ -26,53 +26,90 @@ class _RuntimeCollector(Collector):
         self.intake = intake
 
     def collect(self) -> Iterator[Metric]:
-        yield CounterMetricFamily("edge_rt_tokens_decoded", "Tokens the model generated, delivered or not",
-                                  value=self.scheduler.decoded_tokens)
-        yield CounterMetricFamily("edge_rt_generations_cancelled", "Generations stopped early (client gone)",
-                                  value=self.scheduler.cancelled_jobs)
+        yield CounterMetricFamily(
+            "edge_rt_tokens_decoded",
+            "Tokens the model generated, delivered or not",
+            value=self.scheduler.decoded_tokens,
+        )
+        yield CounterMetricFamily(
+            "edge_rt_generations_cancelled",
+            "Generations stopped early (client gone)",
+            value=self.scheduler.cancelled_jobs,
+        )
         yield GaugeMetricFamily("edge_rt_queued_requests", "Requests waiting", value=self.scheduler.queued)
-        yield GaugeMetricFamily("edge_rt_reading_requests", "Requests whose bodies are being read, parsed or tokenized",
-                                value=self.intake.reading)
-        yield GaugeMetricFamily("edge_rt_waiting_to_read_requests", "Requests waiting for a read slot, body unread",
-                                value=self.intake.waiting)
+        yield GaugeMetricFamily(
+            "edge_rt_reading_requests",
+            "Requests whose bodies are being read, parsed or tokenized",
+            value=self.intake.reading,
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_waiting_to_read_requests",
+            "Requests waiting for a read slot, body unread",
+            value=self.intake.waiting,
+        )
         stats = self.runtime.adapters.stats
         yield CounterMetricFamily("edge_rt_adapter_loads", "Adapter loads into memory", value=stats.loads)
         yield CounterMetricFamily("edge_rt_adapter_evictions", "Adapters evicted from memory", value=stats.evictions)
-        yield CounterMetricFamily("edge_rt_adapter_load_seconds", "Time spent loading adapters",
-                                  value=stats.load_seconds_total)
-        yield CounterMetricFamily("edge_rt_adapter_switches", "Changes of the active adapter set",
-                                  value=self.runtime.engine.switches)
-        yield GaugeMetricFamily("edge_rt_resident_adapter_bytes", "Bytes of resident adapters",
-                                value=self.runtime.adapters.resident_bytes)
-        yield GaugeMetricFamily("edge_rt_adapter_budget_bytes", "Adapter memory budget",
-                                value=self.runtime.adapters.budget_bytes)
-        yield GaugeMetricFamily("edge_rt_runtime_budget_bytes", "Runtime memory budget of the device profile",
-                                value=self.runtime.profile.runtime_budget_bytes)
+        yield CounterMetricFamily(
+            "edge_rt_adapter_load_seconds", "Time spent loading adapters", value=stats.load_seconds_total
+        )
+        yield CounterMetricFamily(
+            "edge_rt_adapter_switches", "Changes of the active adapter set", value=self.runtime.engine.switches
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_resident_adapter_bytes", "Bytes of resident adapters", value=self.runtime.adapters.resident_bytes
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_adapter_budget_bytes", "Adapter memory budget", value=self.runtime.adapters.budget_bytes
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_runtime_budget_bytes",
+            "Runtime memory budget of the device profile",
+            value=self.runtime.profile.runtime_budget_bytes,
+        )
         yield GaugeMetricFamily("edge_rt_rss_bytes", "Resident set size of the daemon", value=measured_rss_bytes())
-        yield CounterMetricFamily("edge_rt_shed_requests", "Completions refused (503) while RSS was over the budget",
-                                  value=self.intake.shed_requests)
-        yield GaugeMetricFamily("edge_rt_over_budget", "1 while the daemon sheds load for memory, else 0",
-                                value=int(self.intake.over_budget))
+        yield CounterMetricFamily(
+            "edge_rt_shed_requests",
+            "Completions refused (503) while RSS was over the budget",
+            value=self.intake.shed_requests,
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_over_budget",
+            "1 while the daemon sheds load for memory, else 0",
+            value=int(self.intake.over_budget),
+        )
         yield from _compute(self.runtime.compute_status())
 
 
 def _compute(status: dict[str, Any]) -> Iterator[Metric]:
     """Threads and cores, and whether the device is too busy for them: decode rate and CPU contention."""
-    yield GaugeMetricFamily("edge_rt_engine_threads", "Threads llama.cpp decodes with (fixed per profile)",
-                            value=status["threads"])
-    yield GaugeMetricFamily("edge_rt_usable_cores", "Cores this process may use (affinity mask, cgroup CPU quota)",
-                            value=status["usable_cores"])
-    yield GaugeMetricFamily("edge_rt_decode_tokens_per_second", "Decode speed over the last minute: generated "
-                            "tokens / engine time spent on them (prompt evaluation excluded)",
-                            value=status["decode_tokens_per_second"])
-    yield GaugeMetricFamily("edge_rt_engine_cpu_contention", "Share of the last minute's CPU-wanted time the "
-                            "engine's threads waited for a CPU (runnable, not running; /proc schedstat)",
-                            value=status["contention"])
-    yield CounterMetricFamily("edge_rt_engine_cpu_seconds", "CPU time the engine's threads ran",
-                              value=status["cpu_seconds"])
-    yield CounterMetricFamily("edge_rt_engine_cpu_wait_seconds", "Time the engine's threads were runnable but "
-                              "waited for a CPU (the device was busy with other work)",
-                              value=status["cpu_wait_seconds"])
+    yield GaugeMetricFamily(
+        "edge_rt_engine_threads", "Threads llama.cpp decodes with (fixed per profile)", value=status["threads"]
+    )
+    yield GaugeMetricFamily(
+        "edge_rt_usable_cores",
+        "Cores this process may use (affinity mask, cgroup CPU quota)",
+        value=status["usable_cores"],
+    )
+    yield GaugeMetricFamily(
+        "edge_rt_decode_tokens_per_second",
+        "Decode speed over the last minute: generated tokens / engine time spent on them (prompt evaluation excluded)",
+        value=status["decode_tokens_per_second"],
+    )
+    yield GaugeMetricFamily(
+        "edge_rt_engine_cpu_contention",
+        "Share of the last minute's CPU-wanted time the "
+        "engine's threads waited for a CPU (runnable, not running; /proc schedstat)",
+        value=status["contention"],
+    )
+    yield CounterMetricFamily(
+        "edge_rt_engine_cpu_seconds", "CPU time the engine's threads ran", value=status["cpu_seconds"]
+    )
+    yield CounterMetricFamily(
+        "edge_rt_engine_cpu_wait_seconds",
+        "Time the engine's threads were runnable but waited for a CPU (the device was busy with other work)",
+        value=status["cpu_wait_seconds"],
+    )
 
 
 class Metrics:
@@ -80,20 +117,35 @@ class Metrics:
 
     def __init__(self, runtime: Runtime, scheduler: Scheduler, intake: RequestIntake) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("edge_rt_requests", "Completion requests by adapter and HTTP status",
-                                ["adapter", "status"], registry=self.registry)
+        self.requests = Counter(
+            "edge_rt_requests",
+            "Completion requests by adapter and HTTP status",
+            ["adapter", "status"],
+            registry=self.registry,
+        )
         self.tokens = Counter("edge_rt_tokens_generated", "Tokens generated", ["adapter"], registry=self.registry)
-        self.first_token = Histogram("edge_rt_time_to_first_token_seconds", "Time from request to first token",
-                                     ["adapter"], registry=self.registry,
-                                     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.pulls = Counter("edge_rt_pulls", "Adapter pulls from the CDN by result", ["result"],
-                             registry=self.registry)
+        self.first_token = Histogram(
+            "edge_rt_time_to_first_token_seconds",
+            "Time from request to first token",
+            ["adapter"],
+            registry=self.registry,
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.pulls = Counter(
+            "edge_rt_pulls", "Adapter pulls from the CDN by result", ["result"], registry=self.registry
+        )
         self.pull_bytes = Counter("edge_rt_pull_bytes", "Bytes downloaded by adapter pulls", registry=self.registry)
-        self.pull_seconds = Histogram("edge_rt_pull_seconds", "Time an adapter pull took", registry=self.registry,
-                                      buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900))
-        self.refused_connections = Counter("edge_rt_refused_connections", "Connections answered 503 and closed "
-                                           "unread: as many were open as --max-connections allows",
-                                           registry=self.registry)
+        self.pull_seconds = Histogram(
+            "edge_rt_pull_seconds",
+            "Time an adapter pull took",
+            registry=self.registry,
+            buckets=(0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+        )
+        self.refused_connections = Counter(
+            "edge_rt_refused_connections",
+            "Connections answered 503 and closed unread: as many were open as --max-connections allows",
+            registry=self.registry,
+        )
         self.registry.register(_RuntimeCollector(runtime, scheduler, intake))
 
     def observe_pull(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:

@@ -42,12 +42,28 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
             daemon.metrics.requests.labels(requested if requested != "-" else "unparsed", str(status)).inc()
         prompt, completion = request.get(TOKENS, (0, 0))
         if request.path not in _QUIET:
-            daemon.recent.append(RecentRequest(at=time.time(), method=request.method, path=request.path,
-                                               status=status, requested=requested, ran=request.get(APPLIED, "-"),
-                                               ms=(time.monotonic() - started) * 1000))
-        log.info("%s %s status=%d requested=%s ran=%s prompt=%d completion=%d %.0fms", request.method, request.path,
-                 status, requested, request.get(APPLIED, "-"), prompt, completion,
-                 (time.monotonic() - started) * 1000)
+            daemon.recent.append(
+                RecentRequest(
+                    at=time.time(),
+                    method=request.method,
+                    path=request.path,
+                    status=status,
+                    requested=requested,
+                    ran=request.get(APPLIED, "-"),
+                    ms=(time.monotonic() - started) * 1000,
+                )
+            )
+        log.info(
+            "%s %s status=%d requested=%s ran=%s prompt=%d completion=%d %.0fms",
+            request.method,
+            request.path,
+            status,
+            requested,
+            request.get(APPLIED, "-"),
+            prompt,
+            completion,
+            (time.monotonic() - started) * 1000,
+        )
 
 
 @web.middleware
@@ -93,8 +109,10 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.app[DAEMON].config.api_key
     if key and request.path != "/health":
         given = request.headers.get("Authorization", "")  # bytes that are not UTF-8 arrive as surrogate escapes
-        if not (hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
-                or _basic_password(given) == key):  # a browser on the status page: any user, the key as password
+        if not (
+            hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
+            or _basic_password(given) == key
+        ):  # a browser on the status page: any user, the key as password
             raise Unauthorized()
     return await handler(request)
 

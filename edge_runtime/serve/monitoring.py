@@ -35,14 +35,31 @@ async def status_page(request: web.Request) -> web.Response:
 def _status(daemon: Daemon) -> dict[str, Any]:  # psutil and the adapter list: off the event loop
     runtime, follower = daemon.runtime, daemon.follower
     downloads = follower.downloads() if follower is not None else {}
-    cdn = None if follower is None else {"url": follower.cdn.cdn, "offline": follower.cdn.offline,
-                                         "version": follower.version, "last_refresh": follower.last_refresh,
-                                         "last_error": follower.last_error, "deferred": sorted(follower.deferred)}
-    return {"model": daemon.base_id, "profile": runtime.profile.name, "uptime_s": time.time() - daemon.started,
-            "queued": daemon.scheduler.queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
-            "resident_adapter_bytes": runtime.adapters.resident_bytes,
-            "adapters": [openai_api.adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
-            "recent": recent_json(daemon.recent), "compute": runtime.compute_status()}
+    cdn = (
+        None
+        if follower is None
+        else {
+            "url": follower.cdn.cdn,
+            "offline": follower.cdn.offline,
+            "version": follower.version,
+            "last_refresh": follower.last_refresh,
+            "last_error": follower.last_error,
+            "deferred": sorted(follower.deferred),
+        }
+    )
+    return {
+        "model": daemon.base_id,
+        "profile": runtime.profile.name,
+        "uptime_s": time.time() - daemon.started,
+        "queued": daemon.scheduler.queued,
+        "plan": runtime.plan.as_dict(),
+        "rss_bytes": measured_rss_bytes(),
+        "resident_adapter_bytes": runtime.adapters.resident_bytes,
+        "adapters": [openai_api.adapter_json(a, downloads) for a in runtime.adapters.list_adapters()],
+        "cdn": cdn,
+        "recent": recent_json(daemon.recent),
+        "compute": runtime.compute_status(),
+    }
 
 
 @routes.get("/health")
@@ -51,9 +68,17 @@ async def health(request: web.Request) -> web.Response:
     whether completions are shed for memory (a load balancer may send elsewhere meanwhile)."""
     daemon = request.app[DAEMON]
     intake = daemon.intake
-    return web.json_response({"status": "ok", "model": daemon.base_id, "queued": daemon.scheduler.queued,
-                              "reading": intake.reading, "waiting_to_read": intake.waiting,
-                              "shedding": intake.over_budget, "profile": daemon.runtime.profile.name})
+    return web.json_response(
+        {
+            "status": "ok",
+            "model": daemon.base_id,
+            "queued": daemon.scheduler.queued,
+            "reading": intake.reading,
+            "waiting_to_read": intake.waiting,
+            "shedding": intake.over_budget,
+            "profile": daemon.runtime.profile.name,
+        }
+    )
 
 
 @routes.get("/metrics")

@@ -84,8 +84,9 @@ class ParsedRequest:
         return dataclasses.replace(self, params=dataclasses.replace(self.params, grammar=grammar))
 
 
-def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: Catalog,
-                  max_tokens_cap: int) -> ParsedRequest:
+def parse_request(
+    body: Any, *, chat: bool, base_id: str, known_adapters: Catalog, max_tokens_cap: int
+) -> ParsedRequest:
     """Validate an OpenAI request body; raise ``InvalidRequest`` (400) or ``AdapterNotFound`` (404)."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
@@ -98,11 +99,16 @@ def parse_request(body: Any, *, chat: bool, base_id: str, known_adapters: Catalo
     stream = _boolean(body, "stream")
     json_output, json_schema = _response_format(body.get("response_format"))
     return ParsedRequest(
-        chat=chat, model=model or base_id, base_id=base_id,
+        chat=chat,
+        model=model or base_id,
+        base_id=base_id,
         prompt_text=None if chat else _prompt(body.get("prompt")),
         messages=_messages(body.get("messages")) if chat else None,
-        params=_sampling(body, max_tokens_cap, chat=chat), adapters=_adapters(body, model, base_id, known_adapters),
-        stream=stream, json_output=json_output, json_schema=json_schema,
+        params=_sampling(body, max_tokens_cap, chat=chat),
+        adapters=_adapters(body, model, base_id, known_adapters),
+        stream=stream,
+        json_output=json_output,
+        json_schema=json_schema,
         include_usage=_include_usage(body.get("stream_options"), stream),
     )
 
@@ -117,14 +123,23 @@ def _response_format(value: Any) -> tuple[bool, dict[str, Any] | None]:
     if kind == "json_object":
         return True, None
     if kind != "json_schema":
-        raise InvalidRequest('response_format must be {"type": "text"}, {"type": "json_object"} or '
-                             '{"type": "json_schema", "json_schema": {...}}', param="response_format")
+        raise InvalidRequest(
+            'response_format must be {"type": "text"}, {"type": "json_object"} or '
+            '{"type": "json_schema", "json_schema": {...}}',
+            param="response_format",
+        )
     spec = value.get("json_schema")
     schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or not isinstance(schema, (dict, NoneType)) \
-            or not isinstance(spec.get("strict"), (bool, NoneType)):
-        raise InvalidRequest('response_format.json_schema must be {"name": "...", "schema": {...}, "strict": '
-                             'true|false}', param="response_format")
+    if (
+        not isinstance(spec, dict)
+        or not isinstance(spec.get("name"), str)
+        or not isinstance(schema, (dict, NoneType))
+        or not isinstance(spec.get("strict"), (bool, NoneType))
+    ):
+        raise InvalidRequest(
+            'response_format.json_schema must be {"name": "...", "schema": {...}, "strict": true|false}',
+            param="response_format",
+        )
     return True, schema
 
 
@@ -156,8 +171,11 @@ def _messages(value: Any) -> list[dict[str, str]]:
             raise InvalidRequest(f"messages[{index}] needs a role among {sorted(_ROLES)}", param="messages")
         content = message.get("content")
         if isinstance(content, list):  # content parts: keep the text ones
-            content = "".join(p["text"] for p in content
-                              if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))
+            content = "".join(
+                p["text"]
+                for p in content
+                if isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+            )
         if not isinstance(content, str):
             raise InvalidRequest(f"messages[{index}].content must be text", param="messages")
         messages.append({"role": role, "content": _utf8(content, "messages")})
@@ -189,7 +207,8 @@ def _sampling(body: dict[str, Any], max_tokens_cap: int, *, chat: bool) -> Sampl
         temperature=_number(_given(body, "temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=_number(_given(body, "top_p", 1.0), "top_p", 0.0, 1.0),
         top_k=_integer(_given(body, "top_k", 0), "top_k", minimum=0),
-        seed=None if seed is None else seed & 0x7FFFFFFF, stop=tuple(stop),
+        seed=None if seed is None else seed & 0x7FFFFFFF,
+        stop=tuple(stop),
         presence_penalty=_number(_given(body, "presence_penalty", 0.0), "presence_penalty", -2.0, 2.0),
         frequency_penalty=_number(_given(body, "frequency_penalty", 0.0), "frequency_penalty", -2.0, 2.0),
         logprobs=_chat_logprobs(body) if chat else _completion_logprobs(body),
@@ -224,8 +243,7 @@ def _adapters(body: dict[str, Any], model: str, base_id: str, known: Catalog) ->
     if "adapters" in body:
         items = body["adapters"]
         if not isinstance(items, list) or len(items) > MAX_COMPOSED_ADAPTERS:
-            raise InvalidRequest(f"adapters must be a list of up to {MAX_COMPOSED_ADAPTERS} objects",
-                                 param="adapters")
+            raise InvalidRequest(f"adapters must be a list of up to {MAX_COMPOSED_ADAPTERS} objects", param="adapters")
         for item in items:
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise InvalidRequest('each adapter is {"name": ..., "scale": ...}', param="adapters")
@@ -268,8 +286,12 @@ def _integer(value: Any, name: str, *, minimum: int) -> int:
 
 
 def _number(value: Any, name: str, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not low <= value <= high:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or not low <= value <= high
+    ):
         raise InvalidRequest(f"{name} must be a number from {low:g} to {high:g}", param=name)
     return float(value)
 
@@ -285,8 +307,10 @@ def new_id(chat: bool) -> str:
 def applied_json(applied: list[AppliedAdapter]) -> list[dict[str, Any]]:
     """What ran, as the ``adapters`` response field: name, sha256 prefix and scale (``inert: true`` for an aLoRA
     the prompt never invoked)."""
-    return [{"name": a.name, "sha256": a.sha256[:16], "scale": a.scale} | ({"inert": True} if a.inert else {})
-            for a in applied]
+    return [
+        {"name": a.name, "sha256": a.sha256[:16], "scale": a.scale} | ({"inert": True} if a.inert else {})
+        for a in applied
+    ]
 
 
 def served_model(applied: list[AppliedAdapter], base_id: str) -> str:
@@ -300,23 +324,44 @@ def applied_header(applied: list[AppliedAdapter]) -> str:
     return ",".join(f"{a.name}@{a.sha256[:16]}:{a.scale:g}{';inert' if a.inert else ''}" for a in applied) or "base"
 
 
-def completion_body(request: ParsedRequest, *, response_id: str, text: str, finish_reason: str,
-                    prompt_tokens: int, completion_tokens: int, applied: list[AppliedAdapter],
-                    logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def completion_body(
+    request: ParsedRequest,
+    *,
+    response_id: str,
+    text: str,
+    finish_reason: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    applied: list[AppliedAdapter],
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """The non-streamed response object (``logprobs`` from ``LogprobsShape.render``)."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
     if request.chat:
         choice["message"] = {"role": "assistant", "content": text}
     else:
         choice["text"] = text
-    return {"id": response_id, "object": "chat.completion" if request.chat else "text_completion",
-            "created": int(time.time()), "model": served_model(applied, request.base_id), "choices": [choice],
-            "usage": usage_json(prompt_tokens, completion_tokens), "adapters": applied_json(applied)}
+    return {
+        "id": response_id,
+        "object": "chat.completion" if request.chat else "text_completion",
+        "created": int(time.time()),
+        "model": served_model(applied, request.base_id),
+        "choices": [choice],
+        "usage": usage_json(prompt_tokens, completion_tokens),
+        "adapters": applied_json(applied),
+    }
 
 
-def chunk_body(request: ParsedRequest, *, response_id: str, text: str | None, finish_reason: str | None,
-               applied: list[AppliedAdapter], first: bool = False,
-               logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
+def chunk_body(
+    request: ParsedRequest,
+    *,
+    response_id: str,
+    text: str | None,
+    finish_reason: str | None,
+    applied: list[AppliedAdapter],
+    first: bool = False,
+    logprobs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One Server-Sent Events chunk (with ``usage: null`` when the request asked for a usage chunk at the end)."""
     choice: dict[str, Any] = {"index": 0, "finish_reason": _finish(finish_reason), "logprobs": logprobs}
     if request.chat:
@@ -330,22 +375,38 @@ def chunk_body(request: ParsedRequest, *, response_id: str, text: str | None, fi
     return body | {"usage": None} if request.include_usage else body
 
 
-def usage_chunk(request: ParsedRequest, *, response_id: str, prompt_tokens: int, completion_tokens: int,
-                applied: list[AppliedAdapter]) -> dict[str, Any]:
+def usage_chunk(
+    request: ParsedRequest,
+    *,
+    response_id: str,
+    prompt_tokens: int,
+    completion_tokens: int,
+    applied: list[AppliedAdapter],
+) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the token counts."""
-    return _chunk_head(request, response_id, applied) | {"choices": [], "adapters": applied_json(applied),
-                                                        "usage": usage_json(prompt_tokens, completion_tokens)}
+    return _chunk_head(request, response_id, applied) | {
+        "choices": [],
+        "adapters": applied_json(applied),
+        "usage": usage_json(prompt_tokens, completion_tokens),
+    }
 
 
 def _chunk_head(request: ParsedRequest, response_id: str, applied: list[AppliedAdapter]) -> dict[str, Any]:
-    return {"id": response_id, "object": "chat.completion.chunk" if request.chat else "text_completion",
-            "created": int(time.time()), "model": served_model(applied, request.base_id)}
+    return {
+        "id": response_id,
+        "object": "chat.completion.chunk" if request.chat else "text_completion",
+        "created": int(time.time()),
+        "model": served_model(applied, request.base_id),
+    }
 
 
 def usage_json(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     """OpenAI's ``usage`` object."""
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class LogprobsShape:
@@ -365,15 +426,21 @@ class LogprobsShape:
         if self.request.params.logprobs is None:
             return None
         if self.request.chat:
-            return {"content": [_chat_logprob(e) | {"top_logprobs": [_chat_logprob(t) for t in e.top]}
-                                for e in entries], "refusal": None}
+            return {
+                "content": [_chat_logprob(e) | {"top_logprobs": [_chat_logprob(t) for t in e.top]} for e in entries],
+                "refusal": None,
+            }
         tokens = [_text(e.piece) for e in entries]
         offsets = []
         for token in tokens:
             offsets.append(self.offset)
             self.offset += len(token)
-        return {"tokens": tokens, "token_logprobs": [_logprob(e) for e in entries],
-                "top_logprobs": [_top_dict(e) for e in entries], "text_offset": offsets}
+        return {
+            "tokens": tokens,
+            "token_logprobs": [_logprob(e) for e in entries],
+            "top_logprobs": [_top_dict(e) for e in entries],
+            "text_offset": offsets,
+        }
 
 
 def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
@@ -395,8 +462,9 @@ def _logprob(entry: TokenLogprob) -> float:
     return max(entry.logprob, -9999.0)  # OpenAI's floor; JSON has no -Infinity
 
 
-def error_body(message: str, error_type: str, *, code: str | int | None = None,
-               param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, error_type: str, *, code: str | int | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error shape."""
     return {"error": {"message": message, "type": error_type, "code": code, "param": param}}
 
@@ -408,11 +476,21 @@ def _finish(reason: str | None) -> str | None:
 
 def adapter_json(info: AdapterInfo, downloads: dict[str, TransferProgress | None] | None = None) -> dict[str, Any]:
     """An adapter as the API shows it, with its download's progress when a pull is under way."""
-    body = {"name": info.name, "size_bytes": info.size_bytes, "resident_bytes": info.resident_bytes,
-            "sha256": info.sha256, "state": info.state, "pinned": info.pinned, "users": info.users,
-            "last_used": info.last_used or None}
+    body = {
+        "name": info.name,
+        "size_bytes": info.size_bytes,
+        "resident_bytes": info.resident_bytes,
+        "sha256": info.sha256,
+        "state": info.state,
+        "pinned": info.pinned,
+        "users": info.users,
+        "last_used": info.last_used or None,
+    }
     if downloads and info.name in downloads:  # a pull is under way: its progress, in bytes
         progress = downloads[info.name]
-        body |= {"state": "downloading", "downloaded_bytes": progress.done_bytes if progress else 0,
-                 "download_total_bytes": progress.total_bytes if progress else info.size_bytes}
+        body |= {
+            "state": "downloading",
+            "downloaded_bytes": progress.done_bytes if progress else 0,
+            "download_total_bytes": progress.total_bytes if progress else info.size_bytes,
+        }
     return body

@@ -28,14 +28,14 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
     retries 5xx) from asking twice more.
     """
     if isinstance(exc, EdgeRtError):
-        headers = ({"Retry-After": str(exc.retry_after_s)} if isinstance(exc, (QueueFull, MemoryPressure))
-                   else None)
+        headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, (QueueFull, MemoryPressure)) else None
         if exc.http_status == 507 or isinstance(exc, CacheMiss):
             headers = {"x-should-retry": "false"}
         if isinstance(exc, Unauthorized):  # lets a browser ask for the key (as the password) on the status page
             headers = {"WWW-Authenticate": 'Basic realm="edge-rt", charset="UTF-8"'}
-        body = openai_api.error_body(public_message(str(exc)), exc.error_type, code=exc.http_status,
-                                     param=getattr(exc, "param", None))
+        body = openai_api.error_body(
+            public_message(str(exc)), exc.error_type, code=exc.http_status, param=getattr(exc, "param", None)
+        )
         return exc.http_status, body, headers
     if isinstance(exc, web.HTTPException):
         return exc.status, openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status), None

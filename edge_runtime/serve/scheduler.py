@@ -80,8 +80,13 @@ class Scheduler:
         """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(queued=len(self._pending), limit=self.max_queue)
-        job = Job(prompt=list(prompt), params=params, adapters=tuple(adapters), enqueued=time.monotonic(),
-                  sequence=next(self._sequence))
+        job = Job(
+            prompt=list(prompt),
+            params=params,
+            adapters=tuple(adapters),
+            enqueued=time.monotonic(),
+            sequence=next(self._sequence),
+        )
         self._pending.append(job)
         self._wakeup.set()
         return job
@@ -149,8 +154,9 @@ class Scheduler:
             loop.call_soon_threadsafe(job._chunks.put_nowait, item)
 
         try:
-            stream: Iterator[Chunk] = self.runtime.stream(job.prompt, job.params, adapters=job.adapters,
-                                                          applied=job.applied, cancel=job.cancel)
+            stream: Iterator[Chunk] = self.runtime.stream(
+                job.prompt, job.params, adapters=job.adapters, applied=job.applied, cancel=job.cancel
+            )
             for chunk in stream:
                 self.decoded_tokens += len(chunk.token_ids)
                 job.generated += len(chunk.token_ids)

@@ -28,11 +28,18 @@ __all__ = ["BoundedSite", "run"]
 
 log = logging.getLogger(__name__)
 
-_REFUSAL_BODY = json.dumps(openai_api.error_body(
-    "the daemon has as many connections open as it allows (serve --max-connections): retry shortly, or reuse a "
-    "connection (HTTP keep-alive)", "server_overloaded", code="too_many_connections")).encode()
-_REFUSAL = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nRetry-After: 1\r\n"
-            b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY)
+_REFUSAL_BODY = json.dumps(
+    openai_api.error_body(
+        "the daemon has as many connections open as it allows (serve --max-connections): retry shortly, or reuse a "
+        "connection (HTTP keep-alive)",
+        "server_overloaded",
+        code="too_many_connections",
+    )
+).encode()
+_REFUSAL = (
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=utf-8\r\nRetry-After: 1\r\n"
+    b"Connection: close\r\nContent-Length: " + str(len(_REFUSAL_BODY)).encode() + b"\r\n\r\n" + _REFUSAL_BODY
+)
 
 
 class _Refusal(asyncio.Protocol):
@@ -54,8 +61,15 @@ class BoundedSite(web.TCPSite):
     request in progress (idle keep-alive, or one that never sent a request) is closed to make room; when every one is
     busy, the new connection is answered 503 and closed at once."""
 
-    def __init__(self, runner: web.AppRunner, host: str, port: int, *, max_connections: int,
-                 on_refused: Callable[[], object] = lambda: None) -> None:
+    def __init__(
+        self,
+        runner: web.AppRunner,
+        host: str,
+        port: int,
+        *,
+        max_connections: int,
+        on_refused: Callable[[], object] = lambda: None,
+    ) -> None:
         super().__init__(runner, host, port)
         self.max_connections = max_connections
         self._on_refused = on_refused
@@ -77,8 +91,11 @@ class BoundedSite(web.TCPSite):
                 self.refused += 1
                 self._on_refused()
                 if self.refused in (1, 10, 100) or self.refused % 1000 == 0:
-                    log.warning("refused a connection (%d so far): %d open, the most --max-connections allows",
-                                self.refused, self.max_connections)
+                    log.warning(
+                        "refused a connection (%d so far): %d open, the most --max-connections allows",
+                        self.refused,
+                        self.max_connections,
+                    )
                 return _Refusal()
             # asyncio calls connection_made (which puts the handler in server.connections) with call_soon after
             # this: a callback queued now runs just before it, so the handler is counted in one place at a time.
@@ -88,8 +105,9 @@ class BoundedSite(web.TCPSite):
             self._opened[handler] = loop.time()
             return handler
 
-        self._server = await loop.create_server(connection, self._host, self._port, backlog=self._backlog,
-                                                reuse_address=self._reuse_address)
+        self._server = await loop.create_server(
+            connection, self._host, self._port, backlog=self._backlog, reuse_address=self._reuse_address
+        )
 
     def _close_idle(self, server: web.Server) -> bool:
         """Close the oldest connection with no request in progress, opened at least IDLE_GRACE_S ago; False when
@@ -108,13 +126,30 @@ class BoundedSite(web.TCPSite):
         return False
 
 
-def run(app: web.Application, *, host: str, port: int, max_connections: int, shutdown_timeout: float,
-        on_refused: Callable[[], object] = lambda: None, **runner_args: Any) -> None:
+def run(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    max_connections: int,
+    shutdown_timeout: float,
+    on_refused: Callable[[], object] = lambda: None,
+    **runner_args: Any,
+) -> None:
     """Serve ``app`` on ``host``:``port`` until SIGINT or SIGTERM, then shut it down gracefully; ``on_refused`` is
     called for each connection refused over ``max_connections``."""
     loop = asyncio.new_event_loop()
-    main = loop.create_task(_serve(app, host=host, port=port, max_connections=max_connections,
-                                   shutdown_timeout=shutdown_timeout, on_refused=on_refused, **runner_args))
+    main = loop.create_task(
+        _serve(
+            app,
+            host=host,
+            port=port,
+            max_connections=max_connections,
+            shutdown_timeout=shutdown_timeout,
+            on_refused=on_refused,
+            **runner_args,
+        )
+    )
     try:
         asyncio.set_event_loop(loop)
         loop.run_until_complete(main)
@@ -137,10 +172,23 @@ def run(app: web.Application, *, host: str, port: int, max_connections: int, shu
             loop.close()
 
 
-async def _serve(app: web.Application, *, host: str, port: int, max_connections: int, shutdown_timeout: float,
-                 on_refused: Callable[[], object], **runner_args: Any) -> None:
-    runner = web.AppRunner(app, handle_signals=True, shutdown_timeout=shutdown_timeout,
-                           keepalive_timeout=KEEPALIVE_TIMEOUT_S, **runner_args)
+async def _serve(
+    app: web.Application,
+    *,
+    host: str,
+    port: int,
+    max_connections: int,
+    shutdown_timeout: float,
+    on_refused: Callable[[], object],
+    **runner_args: Any,
+) -> None:
+    runner = web.AppRunner(
+        app,
+        handle_signals=True,
+        shutdown_timeout=shutdown_timeout,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_S,
+        **runner_args,
+    )
     await runner.setup()
     try:
         await BoundedSite(runner, host, port, max_connections=max_connections, on_refused=on_refused).start()

@@ -58,24 +58,30 @@ class Daemon:
     follower: CdnFollower | None = None
     recent: deque[RecentRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
     started: float = field(default_factory=time.time)  # seconds since the epoch
-    request_work: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(
-        max_workers=REQUEST_WORKERS, thread_name_prefix="edge-rt-request"))  # no thread starts until used
+    request_work: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=REQUEST_WORKERS, thread_name_prefix="edge-rt-request")
+    )  # no thread starts until used
 
     @classmethod
     def build(cls, config: ServerConfig, runtime: Runtime, *, cdn: CdnClient | None = None) -> Daemon:
         """The daemon's parts for ``runtime``, with the limits of its memory plan (following ``cdn`` if given)."""
         plan = runtime.plan
         scheduler = Scheduler(runtime, max_queue=plan.max_queue, max_wait_s=config.max_wait_s)
-        intake = RequestIntake(reads=plan.request_reads, max_waiting=plan.max_queue,
-                               budget_bytes=runtime.profile.runtime_budget_bytes, body_timeout_s=config.body_timeout_s,
-                               body_gap_s=config.body_gap_s)
+        intake = RequestIntake(
+            reads=plan.request_reads,
+            max_waiting=plan.max_queue,
+            budget_bytes=runtime.profile.runtime_budget_bytes,
+            body_timeout_s=config.body_timeout_s,
+            body_gap_s=config.body_gap_s,
+        )
         metrics = Metrics(runtime, scheduler, intake)
         follower = None
         if cdn is not None:
             follower = CdnFollower(cdn, runtime.adapters)
             follower.on_pull = metrics.observe_pull
-        return cls(config=config, runtime=runtime, scheduler=scheduler, intake=intake, metrics=metrics,
-                   follower=follower)
+        return cls(
+            config=config, runtime=runtime, scheduler=scheduler, intake=intake, metrics=metrics, follower=follower
+        )
 
     @property
     def base_id(self) -> str:

@@ -42,10 +42,20 @@ def recent_json(recent: deque[RecentRequest]) -> list[dict[str, Any]]:
     return [asdict(r) for r in reversed(recent)]
 
 
-_STATE_COLOURS = {"remote": "#9aa5b1", "downloading": "#d69e2e", "cached": "#4a5568", "resident": "#2f855a",
-                  "active": "#c53030"}
-_TERM_COLOURS = {"process_bytes": "#718096", "model_bytes": "#2b6cb0", "kv_cache_bytes": "#6b46c1",
-                 "compute_bytes": "#b7791f", "request_buffer_bytes": "#dd6b20"}
+_STATE_COLOURS = {
+    "remote": "#9aa5b1",
+    "downloading": "#d69e2e",
+    "cached": "#4a5568",
+    "resident": "#2f855a",
+    "active": "#c53030",
+}
+_TERM_COLOURS = {
+    "process_bytes": "#718096",
+    "model_bytes": "#2b6cb0",
+    "kv_cache_bytes": "#6b46c1",
+    "compute_bytes": "#b7791f",
+    "request_buffer_bytes": "#dd6b20",
+}
 _BAR = [(term.label, term.key, _TERM_COLOURS[term.key]) for term in MEMORY_TERMS]
 _BAR.append(("adapters", "resident_adapter_bytes", "#2f855a"))
 
@@ -58,15 +68,30 @@ def render_page(status: dict[str, Any]) -> str:
     segments = "".join(
         f'<div class="seg" title="{label}: {_mib(value)}" '
         f'style="width:{100 * value / budget:.2f}%;background:{colour}"></div>'
-        for label, key, colour in _BAR for value in [plan.get(key, status.get(key, 0))])
-    legend = "".join(f'<span><i style="background:{colour}"></i>{label} {_mib(plan.get(key, status.get(key, 0)))}'
-                     "</span>" for label, key, colour in _BAR)
+        for label, key, colour in _BAR
+        for value in [plan.get(key, status.get(key, 0))]
+    )
+    legend = "".join(
+        f'<span><i style="background:{colour}"></i>{label} {_mib(plan.get(key, status.get(key, 0)))}</span>'
+        for label, key, colour in _BAR
+    )
     return _PAGE.format(
-        refresh=REFRESH_S, title=_e(f"edge-rt · {status['model']}"), model=_e(status["model"]),
-        profile=_e(status["profile"]), uptime=_duration(status["uptime_s"]), queued=status["queued"],
-        segments=segments, legend=legend, free=_mib(budget - used), budget=_mib(budget), rss=_mib(status["rss_bytes"]),
-        adapters=_adapter_rows(status["adapters"]), cdn=_cdn(status.get("cdn")), recent=_recent_rows(status["recent"]),
-        compute=_compute(status["compute"]))
+        refresh=REFRESH_S,
+        title=_e(f"edge-rt · {status['model']}"),
+        model=_e(status["model"]),
+        profile=_e(status["profile"]),
+        uptime=_duration(status["uptime_s"]),
+        queued=status["queued"],
+        segments=segments,
+        legend=legend,
+        free=_mib(budget - used),
+        budget=_mib(budget),
+        rss=_mib(status["rss_bytes"]),
+        adapters=_adapter_rows(status["adapters"]),
+        cdn=_cdn(status.get("cdn")),
+        recent=_recent_rows(status["recent"]),
+        compute=_compute(status["compute"]),
+    )
 
 
 def _compute(compute: dict[str, Any]) -> str:
@@ -74,9 +99,11 @@ def _compute(compute: dict[str, Any]) -> str:
     rate = compute["decode_tokens_per_second"]
     speed = f"{rate:.1f} tok/s" if rate else "nothing decoded"
     threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
-    line = (f'<p id="compute">{threads} · usable cores {_e(compute["cores"])} · decode {speed} '
-            f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
-            "engine's threads waited for a CPU)</p>")
+    line = (
+        f'<p id="compute">{threads} · usable cores {_e(compute["cores"])} · decode {speed} '
+        f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
+        "engine's threads waited for a CPU)</p>"
+    )
     warning = compute.get("warning")
     return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 
@@ -91,11 +118,13 @@ def _adapter_rows(adapters: list[dict[str, Any]]) -> str:
         else:
             state_text = state
         last = "never" if not a.get("last_used") else f"{_duration(time.time() - a['last_used'])} ago"
-        rows.append(f'<tr data-adapter="{_e(a["name"])}" data-state="{_e(state)}"><td>{_e(a["name"])}</td>'
-                    f'<td><span class="badge" style="background:{_STATE_COLOURS.get(state, "#4a5568")}">'
-                    f"{_e(state_text)}</span>{' 📌' if a.get('pinned') else ''}</td>"
-                    f"<td>{_mib(a['size_bytes'])}</td><td><code>{_e(a['sha256'][:12])}</code></td>"
-                    f"<td>{a['users']}</td><td>{last}</td></tr>")
+        rows.append(
+            f'<tr data-adapter="{_e(a["name"])}" data-state="{_e(state)}"><td>{_e(a["name"])}</td>'
+            f'<td><span class="badge" style="background:{_STATE_COLOURS.get(state, "#4a5568")}">'
+            f"{_e(state_text)}</span>{' 📌' if a.get('pinned') else ''}</td>"
+            f"<td>{_mib(a['size_bytes'])}</td><td><code>{_e(a['sha256'][:12])}</code></td>"
+            f"<td>{a['users']}</td><td>{last}</td></tr>"
+        )
     return "".join(rows) or '<tr><td colspan="6">no adapters</td></tr>'
 
 
@@ -107,14 +136,19 @@ def _cdn(cdn: dict[str, Any] | None) -> str:
     if cdn.get("deferred"):
         error += f"<p>Updates waiting (metered link): {_e(', '.join(cdn['deferred']))}</p>"
     mode = " (offline)" if cdn.get("offline") else ""
-    return (f"<p><code>{_e(cdn['url'])}</code>{mode} · manifest version {cdn.get('version') or '-'} · refreshed "
-            f"{refreshed}</p>{error}")
+    return (
+        f"<p><code>{_e(cdn['url'])}</code>{mode} · manifest version {cdn.get('version') or '-'} · refreshed "
+        f"{refreshed}</p>{error}"
+    )
 
 
 def _recent_rows(recent: list[dict[str, Any]]) -> str:
-    rows = [f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r['at']))}</td><td>{_e(r['method'])} "
-            f"{_e(r['path'])}</td><td>{r['status']}</td><td>{_e(r['requested'])}</td><td>{_e(r['ran'])}</td>"
-            f"<td>{r['ms']:.0f} ms</td></tr>" for r in recent]
+    rows = [
+        f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r['at']))}</td><td>{_e(r['method'])} "
+        f"{_e(r['path'])}</td><td>{r['status']}</td><td>{_e(r['requested'])}</td><td>{_e(r['ran'])}</td>"
+        f"<td>{r['ms']:.0f} ms</td></tr>"
+        for r in recent
+    ]
     return "".join(rows) or '<tr><td colspan="6">no requests yet</td></tr>'
 
 
