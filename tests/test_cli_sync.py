@@ -59,7 +59,8 @@ def test_publishing_an_empty_folder_is_refused_unless_asked(tmp_path: Path, publ
     assert refused.exit_code == 2 and "would withdraw all 2 adapters" in refused.output and "--allow-empty" in \
         refused.output
     assert (cdn / "manifest.json").read_bytes() == before
-    done = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn), "--allow-empty"])
+    done = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn), "--allow-empty",
+                                     "--unsigned"])
     assert done.exit_code == 0 and "version 2, 0 adapters" in done.output
 
 
@@ -74,8 +75,11 @@ def test_publishing_with_another_key_than_the_last_manifest_warns(tmp_path: Path
     changed = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--key", str(other)])
     assert changed.exit_code == 0 and "warning: the previous manifest was signed by" in changed.output
     assert "devices pinned to the old key refuse it" in changed.output
-    unsigned = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn)])
-    assert "this one by no key (UNSIGNED)" in unsigned.output
+    # Issue 18 item 6: without --key over a signed manifest it exited 0, and every pinned device then refused updates.
+    refused = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn)])
+    assert refused.exit_code == 2 and "its manifest is signed" in refused.output and "--unsigned" in refused.output
+    unsigned = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--unsigned"])
+    assert unsigned.exit_code == 0 and "this one by no key (UNSIGNED)" in unsigned.output
 
 
 def test_sync_fetches_adapters_into_the_cache_with_progress(tmp_path: Path, published: tuple[Path, Path],

@@ -236,15 +236,20 @@ def keygen(out: Path) -> None:
 @click.option("--expires-days", type=click.FloatRange(min=1 / 24, max=3650), default=30.0, show_default=True,
               help="Days until devices refuse this manifest.")
 @click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
+@click.option("--unsigned", is_flag=True, help="Publish without --key over a signed manifest (pinned devices will "
+                                               "refuse it until they drop the key).")
+@click.option("--allow-renamed", is_flag=True, help="Publish files whose adapter name inside differs from their file "
+                                                    "name, under the file name.")
 @_reports_errors
-def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float, allow_empty: bool) -> None:
+def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float, allow_empty: bool, unsigned: bool,
+            allow_renamed: bool) -> None:
     """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
     from edge_runtime.distribution.keys import load_private_key
     from edge_runtime.distribution.manifest import format_time
     from edge_runtime.distribution.publish import publish as publish_folder
 
     result = publish_folder(src_dir, out_dir, key=load_private_key(key) if key else None, expires_days=expires_days,
-                            allow_empty=allow_empty)
+                            allow_empty=allow_empty, unsigned=unsigned, allow_renamed=allow_renamed)
     if result.key_changed:
         signer = f"key {result.keyid[:16]}" if result.keyid else "no key (UNSIGNED)"
         click.secho(f"warning: the previous manifest was signed by {', '.join(k[:16] for k in result.previous_keyids)}"
@@ -272,9 +277,12 @@ def publish(src_dir: Path, out_dir: Path, key: Path | None, expires_days: float,
 @click.option("--cache-mb", type=click.IntRange(min=1), default=None, help="Cache disk budget in MiB.")
 @click.option("--model", default=None, help="Base model whose adapters are offered [default: embedded].")
 @click.option("--offline", is_flag=True, help="Make no network attempt; check what is cached.")
+@click.option("--reset-trust", is_flag=True, help="Forget this unsigned CDN's version and clock floors first (after a "
+                                                  "forged manifest raised them).")
 @_reports_errors
 def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | None, public_key: Path | None,
-         profile_name: str, max_kbps: int | None, cache_mb: int | None, model: str | None, offline: bool) -> None:
+         profile_name: str, max_kbps: int | None, cache_mb: int | None, model: str | None, offline: bool,
+         reset_trust: bool) -> None:
     """Fetch adapters from a CDN into the verified cache: resumable, sha256-checked, never past the manifest."""
     import asyncio
 
@@ -285,7 +293,8 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
         raise click.UsageError("pass exactly one of --adapters a,b and --all")
     names = None if sync_all else [n.strip() for n in (adapter_names or "").split(",") if n.strip()]
     report = asyncio.run(run_sync(
-        cdn, names, progress=_ProgressLine(), cache_dir=cache_dir, offline=True if offline else None,
+        cdn, names, progress=_ProgressLine(), reset_trust=reset_trust, cache_dir=cache_dir,
+        offline=True if offline else None,
         public_key=load_public_key(public_key) if public_key else None,
         base_fingerprint=read_info(resolve_model(model)).fingerprint,
         sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb)))

@@ -40,6 +40,7 @@ class BlobRequest:
     sha256: str
     size: int  # bytes, from the manifest
     link: bool = True  # point ``name`` at the blob once installed (False: the caller switches the name later)
+    publisher: str | None = None  # who verified the manifest that lists it (recorded in the ref, ``store.py``)
 
 
 class HashingWriter:
@@ -190,7 +191,7 @@ class DownloadSink:
                 self.store.discard(self.partial)
                 raise IntegrityError(self.request.url, expected_sha256=self.request.sha256, actual_sha256=actual)
             installed = self.store.install(self.partial, name=self.request.name if self.request.link else None,
-                                           digest=actual, size=self.request.size)
+                                           digest=actual, size=self.request.size, publisher=self.request.publisher)
         finally:
             release(self.partial)
         return installed or CachedAdapter(name=self.request.name, path=self.store.blob_path(actual), sha256=actual,

@@ -29,12 +29,14 @@ from typing import TypeVar
 
 import aiohttp
 
+from edge_runtime.distribution.http import MAX_REDIRECTS, RedirectBlocked
 from edge_runtime.distribution.sink import BlobRequest, DownloadSink
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.errors import (
     EdgeRtError,
     IntegrityError,
     LengthExceeded,
+    RedirectRefused,
     RemoteNotFound,
     SlowRetrieval,
     TransferFailed,
@@ -263,6 +265,10 @@ async def fetch_bounded(session: aiohttp.ClientSession, url: str, *, limit_bytes
                     if len(body) > limit_bytes:
                         raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
                 return Fetched(body=bytes(body), etag=response.headers.get("ETag"))
+        except RedirectBlocked as blocked:
+            raise blocked.error from None
+        except _REDIRECT_ERRORS as exc:
+            raise _redirect_refused(url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
 
@@ -305,6 +311,10 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
             finally:
                 if saving is not None:
                     sink.partial = await asyncio.wrap_future(saving)
+    except RedirectBlocked as blocked:
+        raise blocked.error from None
+    except _REDIRECT_ERRORS as exc:
+        raise _redirect_refused(request.url, exc) from exc
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
     if sink.written < request.size:
@@ -313,6 +323,16 @@ async def _attempt(session: aiohttp.ClientSession, sink: DownloadSink, settings:
 
 _NETWORK_ERRORS = (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, ConnectionResetError,
                    asyncio.TimeoutError)
+
+
+# A redirect loop (more than MAX_REDIRECTS), or one to a URL aiohttp cannot follow (file://, a malformed Location).
+_REDIRECT_ERRORS = (aiohttp.TooManyRedirects, aiohttp.InvalidURL, aiohttp.NonHttpUrlClientError)
+
+
+def _redirect_refused(url: str, exc: BaseException) -> RedirectRefused:
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return RedirectRefused(url, str(exc.request_info.real_url), f"more than {MAX_REDIRECTS} redirects (a loop?)")
+    return RedirectRefused(url, str(exc), "only http and https are followed")
 
 
 def _network_retry(exc: BaseException, where: str) -> _Retry:

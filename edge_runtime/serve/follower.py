@@ -75,6 +75,10 @@ class CdnFollower:
         await store.call(recover, store)
         local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
         for cached in await store.call(store.adapters):
+            if not await store.call(self.cdn.trusted, cached):  # another publisher's sync wrote it
+                log.warning("cached adapter %s is not served: %s verified it, not this daemon's --public-key",
+                            cached.name, cached.publisher or "no recorded publisher")
+                continue
             if cached.name in local:
                 log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
                 continue

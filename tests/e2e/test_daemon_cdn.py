@@ -28,7 +28,7 @@ CHAT = [{"role": "user", "content": "Name a colour."}]
 def cdn(tmp_path: Path, adapters_dir: Path) -> Iterator[tuple[str, Path]]:
     """A signed CDN folder served by a real static HTTP server on 127.0.0.1."""
     key, public = generate_key(tmp_path / "signing.key")
-    publish(adapters_dir, tmp_path / "cdn", key=load_private_key(key))
+    publish(adapters_dir, tmp_path / "cdn", key=load_private_key(key), allow_renamed=True)  # a, b, c
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                "--directory", str(tmp_path / "cdn")],
@@ -122,7 +122,7 @@ def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Pat
         next_version.mkdir()
         (next_version / "a.gguf").write_bytes((adapters_dir / "a.gguf").read_bytes())
         (next_version / "b.gguf").write_bytes((adapters_dir / "c.gguf").read_bytes())  # new content for b
-        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"), allow_renamed=True)
         new_sha = hashlib.sha256((adapters_dir / "c.gguf").read_bytes()).hexdigest()
 
         report = requests.post(f"{daemon.url}/v1/sync?wait=true", timeout=60).json()
@@ -192,7 +192,7 @@ def test_two_daemons_on_one_cache_an_update_in_one_never_drops_the_blob_the_othe
         next_version = tmp_path / "v2"
         next_version.mkdir()
         shutil.copy(adapters_dir / "c.gguf", next_version / "b.gguf")  # new content for b
-        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"), allow_renamed=True)
 
         report = requests.post(f"{first.url}/v1/sync?wait=true", timeout=120).json()
         assert (report["updating"], report["adapters"]["b"]) == (["b"], new_sha)
@@ -204,3 +204,68 @@ def test_two_daemons_on_one_cache_an_update_in_one_never_drops_the_blob_the_othe
 
         assert requests.post(f"{second.url}/v1/sync?wait=true", timeout=120).json()["adapters"]["b"] == new_sha
         assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]  # the last user let go
+
+
+def _static_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/manifest.json", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    return server, url
+
+
+def _cli_sync(tmp_path: Path, url: str, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", "sync", "--cdn", url, "--all", "--cache-dir",
+                           str(cache), *extra], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "0", "EDGE_RT_HOME": str(tmp_path / "cli")})
+
+
+def test_a_key_pinned_daemon_serves_only_what_its_signed_manifest_lists_beside_an_unsigned_sync(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 4: after `sync` from a signed and an unsigned CDN into one cache, `serve --public-key` served an
+    # adapter only the unsigned manifest lists, and offline served the blob the signed manifest lists as c under a.
+    cache, (url, public) = tmp_path / "device-cache", cdn
+    sha = {name: hashlib.sha256((adapters_dir / f"{name}.gguf").read_bytes()).hexdigest() for name in "abc"}
+    assert _cli_sync(tmp_path, url, cache, "--public-key", str(public)).returncode == 0
+    unsigned_src = tmp_path / "unsigned-src"
+    unsigned_src.mkdir()
+    shutil.copy(adapters_dir / "c.gguf", unsigned_src / "a.gguf")  # "a" with other content
+    shutil.copy(adapters_dir / "b.gguf", unsigned_src / "extra.gguf")  # a name the signed CDN never lists
+    publish(unsigned_src, tmp_path / "unsigned-cdn", allow_renamed=True)
+    server, unsigned_url = _static_server(tmp_path / "unsigned-cdn")
+    try:
+        synced = _cli_sync(tmp_path, unsigned_url, cache)
+        assert synced.returncode == 0, synced.stderr
+    finally:
+        server.terminate()
+        server.wait()
+    assert (cache / "refs" / "a").read_text().split() == [sha["c"], f"url:{unsigned_url}"]  # who verified it
+
+    chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
+        names = [a["name"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]]
+        assert sorted(names) == ["a", "b", "c"]
+        extra = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "extra", **chat})
+        assert extra.status_code == 404, extra.text
+        served = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "a", **chat})
+        assert served.status_code == 200 and served.headers["X-Edge-Adapters"] == f"a@{sha['a'][:16]}:1"
+        assert "verified it, not this daemon's --public-key" in daemon.log_text()
+
+    server, unsigned_url = _static_server(tmp_path / "unsigned-cdn")  # the unsigned sync again, daemon stopped
+    try:
+        assert _cli_sync(tmp_path, unsigned_url, cache).returncode == 0
+    finally:
+        server.terminate()
+        server.wait()
+    with serve_cdn(tmp_path, serve_profile, cdn, "--offline", log="offline") as daemon:
+        a = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "a", **chat})
+        assert (a.status_code, a.json()["error"]["type"]) == (503, "cache_miss"), a.text  # never c's blob as a
+        assert "cached adapters: b, c" in a.json()["error"]["message"]  # what this daemon may serve
+        b = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "b", **chat})
+        assert b.status_code == 200 and b.headers["X-Edge-Adapters"] == f"b@{sha['b'][:16]}:1"

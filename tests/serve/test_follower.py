@@ -71,7 +71,7 @@ def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dic
         stale.unlink()
     for name, data in files.items():
         (source / f"{name}.gguf").write_bytes(data)
-    publish(source, cdn_root, key=key, allow_empty=not files)
+    publish(source, cdn_root, key=key, allow_empty=not files, allow_renamed=True)  # new content, old name
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
