@@ -59,7 +59,7 @@ class AdapterManager:
         self.engine = engine
         self.budget_bytes = budget_bytes
         self.stats = ManagerStats()
-        self._compatibility = BaseCompatibility(base_header, base_fingerprint)
+        self._compatibility = BaseCompatibility(base_header, base_fingerprint, n_ctx=engine.n_ctx)
         self._adapters: dict[str, NamedAdapter] = {}
         self._lock = threading.Lock()
         self._uses = itertools.count(1)

@@ -21,6 +21,9 @@ from edge_runtime.runtime.generation import Chunk, SamplingParams
 from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
 _DONE = object()
+# Queued grammars (GBNF text, up to 1 MiB each: a 6.4 KB schema became 970 KB) are held until their job runs; sixteen
+# of them took a daemon 73 MiB over its budget. Their text is bounded in total, as the queue's length is.
+MAX_QUEUED_GRAMMAR_BYTES = 4 << 20
 
 
 @dataclass
@@ -57,8 +60,10 @@ class Job:
 class Scheduler:
     """Serves queued jobs on one worker, grouping by adapter set, with a bound on any job's wait."""
 
-    def __init__(self, runtime: Runtime, *, max_queue: int = 16, max_wait_s: float = 2.0) -> None:
+    def __init__(self, runtime: Runtime, *, max_queue: int = 16, max_wait_s: float = 2.0,
+                 max_grammar_bytes: int = MAX_QUEUED_GRAMMAR_BYTES) -> None:
         self.runtime = runtime
+        self.max_grammar_bytes = max_grammar_bytes
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self._pending: list[Job] = []
@@ -72,6 +77,11 @@ class Scheduler:
         self.decoded_tokens = 0  # tokens generated, whether or not a client received them
 
     @property
+    def queued_grammar_bytes(self) -> int:
+        """Bytes of grammar text held by queued jobs."""
+        return sum(len(job.params.grammar or "") for job in self._pending)
+
+    @property
     def queued(self) -> int:
         """Jobs waiting (not counting the one running)."""
         return len(self._pending)
@@ -80,6 +90,10 @@ class Scheduler:
         """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(queued=len(self._pending), limit=self.max_queue)
+        grammar = len(params.grammar or "")
+        if grammar and grammar + self.queued_grammar_bytes > self.max_grammar_bytes:
+            raise QueueFull(queued=len(self._pending), limit=self.max_queue, grammar_bytes=self.queued_grammar_bytes,
+                            grammar_limit=self.max_grammar_bytes)
         job = Job(prompt=list(prompt), params=params, adapters=tuple(adapters), enqueued=time.monotonic(),
                   sequence=next(self._sequence))
         self._pending.append(job)
