@@ -179,3 +179,25 @@ async def test_requests_a_web_page_can_forge_are_refused(aiohttp_client: Any, ru
     assert same_page.status == 200 and (await client.get("/v1/status")).status == 200
     public = await aiohttp_client(create_app(ServerConfig(loopback_only=False), runtime))
     assert (await public.get("/health", headers={"Host": "device.local"})).status == 200  # a LAN name, bound wide
+
+
+@pytest.mark.asyncio
+async def test_a_request_for_an_adapter_made_for_another_base_says_so(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime], tmp_path: Path, adapter_files: list[Path],
+        gemma_adapter_files: list[Path]) -> None:
+    # Issue 18 item 17: it was answered "unknown adapter 'x' ... Known adapters: none".
+    import shutil
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_files[0], folder / "mine.gguf")
+    shutil.copy(gemma_adapter_files[0], folder / "gemmas.gguf")
+    runtime = runtime_with()
+    runtime.adapters.add_directory(folder)
+    client = await aiohttp_client(create_app(ServerConfig(adapters_dir=folder), runtime))
+    response = await client.post("/v1/chat/completions", json={"model": "gemmas", "max_tokens": 1,
+                                                                "messages": [{"role": "user", "content": "Hi"}]})
+    error = (await response.json())["error"]
+    assert response.status == 404 and error["type"] == "adapter_not_found"
+    assert "adapter 'gemmas' is not served" in error["message"] and "another base model" in error["message"]
+    assert "Known adapters: mine" in error["message"]
