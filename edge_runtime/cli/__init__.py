@@ -186,6 +186,9 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 @click.option("--ctx", type=click.IntRange(min=256), default=None,
               help="Context length in tokens [default: the profile's].")
 @request_limit_options
+@click.option("--request-timeout", type=click.FloatRange(min=1), default=600.0, show_default=True,
+              help="Seconds a completion may take from arrival (queue and generation); past it the engine stops the "
+                   "generation inside its current token and the client gets 504.")
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
               help="With --cdn: require manifests signed by this key.")

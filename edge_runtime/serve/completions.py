@@ -45,6 +45,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
     daemon = request.app[DAEMON]
     parsed, prompt = await _read(request, daemon, chat=chat)
+    parsed = parsed.with_deadline(started + daemon.config.request_timeout_s)  # the engine enforces it inside a token
     produced, job = 0, None
     try:
         await daemon.pull_remote([a.name for a in parsed.adapters])

@@ -45,6 +45,7 @@ class ServeOptions:
     cache_dir: Path | None = None
     offline: bool = False
     allow_metered_updates: bool = False
+    request_timeout: float = 600.0  # seconds a completion may take from arrival, queue and generation included
 
     @property
     def loopback(self) -> bool:
@@ -98,7 +99,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def _server_config(options: ServeOptions) -> ServerConfig:
     return ServerConfig(api_key=options.api_key, adapters_dir=options.adapters_dir, loopback_only=options.loopback,
-                        preload=options.preload)
+                        preload=options.preload, request_timeout_s=options.request_timeout)
 
 
 def _cdn_client(options: ServeOptions, runtime: Runtime) -> CdnClient | None:

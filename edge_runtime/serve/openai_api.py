@@ -82,6 +82,10 @@ class ParsedRequest:
     json_schema: dict[str, Any] | None = None  # the schema of json_schema (None: any JSON object)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
 
+    def with_deadline(self, deadline: float) -> ParsedRequest:
+        """This request ended by the engine at ``deadline`` (``time.monotonic()`` seconds) with GenerationTimeout."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, deadline=deadline))
+
     def constrained(self, grammar: str) -> ParsedRequest:
         """This request with its output held to ``grammar`` (GBNF, from ``Engine.json_grammar``)."""
         return dataclasses.replace(self, params=dataclasses.replace(self.params, grammar=grammar))

@@ -44,6 +44,7 @@ class ServerConfig:
     body_gap_s: float = 5.0  # ... and one that sends nothing for this long inside its body
     adapters_dir: Path | None = None  # --adapters-dir: rescanned on SIGHUP; /load picks up a new file in it
     loopback_only: bool = True  # bound to 127.0.0.1: a request naming another host is a DNS-rebinding attempt
+    request_timeout_s: float = 600.0  # a completion's wall time from arrival: the engine stops it (504) inside a token
 
 
 @dataclass

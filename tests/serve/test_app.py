@@ -201,3 +201,17 @@ async def test_a_request_for_an_adapter_made_for_another_base_says_so(
     assert response.status == 404 and error["type"] == "adapter_not_found"
     assert "adapter 'gemmas' is not served" in error["message"] and "another base model" in error["message"]
     assert "Known adapters: mine" in error["message"]
+
+
+@pytest.mark.asyncio
+async def test_every_completion_carries_the_daemons_deadline_and_passing_it_is_a_504(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # Issue 18 item 1: no request had a deadline; a hostile grammar held the one generation worker for hours.
+    runtime = runtime_with()
+    late = await aiohttp_client(create_app(ServerConfig(request_timeout_s=1e-6), runtime))
+    response = await late.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
+    error = (await response.json())["error"]
+    assert response.status == 504 and error["type"] == "timeout" and "passed its deadline" in error["message"]
+    on_time = await aiohttp_client(create_app(ServerConfig(), runtime))
+    served = await on_time.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    assert served.status == 200 and (await served.json())["usage"]["completion_tokens"] == 4
