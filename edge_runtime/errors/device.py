@@ -371,8 +371,8 @@ class GenerationTimeout(EdgeRtError, TimeoutError):
     def __init__(self, *, deadline_s: float, completion_tokens: int) -> None:
         self.deadline_s = deadline_s  # time.monotonic() seconds
         self.completion_tokens = completion_tokens
-        super().__init__(f"the generation passed its deadline (the daemon's --request-timeout) after {completion_tokens}"
-                         " tokens",
+        super().__init__(f"the generation passed its deadline (the daemon's --request-timeout) after "
+                         f"{completion_tokens} tokens",
                          fix="Ask for fewer tokens, use a simpler response_format, or raise the request timeout")
 
 
