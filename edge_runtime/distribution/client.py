@@ -130,6 +130,11 @@ class CdnClient:
                         traceback: TracebackType | None) -> None:
         await self.close()
 
+    def cancel_downloads(self) -> None:
+        """Stop the downloads under way (their partial files stay for a resume); callers waiting get CancelledError."""
+        for task in list(self._inflight.values()):
+            task.cancel()
+
     async def close(self) -> None:
         """Close the network session (in-flight downloads keep their partial files for a later resume)."""
         for task in list(self._inflight.values()):

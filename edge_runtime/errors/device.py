@@ -496,5 +496,7 @@ class ShuttingDown(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "server_shutting_down"
 
-    def __init__(self) -> None:
-        super().__init__("the daemon is shutting down", fix="Retry against the restarted daemon")
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail  # what the request was waiting for when the shutdown came (a download...)
+        super().__init__("the daemon is shutting down" + (f": {detail}" if detail else ""),
+                         fix="Retry against the restarted daemon")

@@ -53,7 +53,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         chunks = job.chunks()
         first = await anext(chunks, None)
         if first is None:  # dropped from the queue by a shutdown
-            raise ShuttingDown()
+            raise ShuttingDown("the request was still queued")
+        if first.finish_reason == "cancelled" and not first.token_ids and daemon.stopping:
+            raise ShuttingDown("the generation was stopped before its first token")  # was a 200 with no text
         request[APPLIED] = openai_api.applied_header(job.applied)
         daemon.metrics.first_token.labels(request[REQUESTED]).observe(time.monotonic() - started)
         if parsed.stream:

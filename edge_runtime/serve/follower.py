@@ -32,6 +32,7 @@ from edge_runtime.errors import (
     IncompatibleAdapter,
     InvalidGGUF,
     InvalidTransition,
+    ShuttingDown,
 )
 from edge_runtime.runtime.adapters import AdapterManager
 
@@ -64,6 +65,7 @@ class CdnFollower:
         self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
         self._pulling: dict[str, TransferProgress | None] = {}  # pulls under way: their last progress report
         self._pull_tasks: dict[str, asyncio.Task[None]] = {}  # one pull per name, however many requests wait
+        self._stopping = False  # stop_pulls() was called: waiting requests are answered 503
         self.version: int | None = None  # of the last manifest verified
         self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
         self.last_error: str | None = None  # why the last refresh failed (None: it did not)
@@ -167,7 +169,21 @@ class CdnFollower:
                 if task is None:  # the first waiter starts it; it is logged and counted once
                     task = self._pull_tasks[name] = asyncio.create_task(self._pull(name))
                     task.add_done_callback(lambda _, name=name: self._pull_tasks.pop(name, None))  # type: ignore[misc]
-                await asyncio.shield(task)
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not self._stopping or not task.cancelled():
+                        raise
+                    raise ShuttingDown(f"the download of adapter {name} was stopped (it resumes from where it "
+                                       "stopped on the next start)") from None
+
+    def stop_pulls(self) -> None:
+        """Stop every download under way at once (a shutdown): partial files stay for a resume, and the requests
+        waiting for them get ``ShuttingDown``."""
+        self._stopping = True
+        for task in list(self._pull_tasks.values()):
+            task.cancel()
+        self.cdn.cancel_downloads()
 
     def unfollow(self, name: str) -> None:
         """Stop updating ``name`` from the CDN (the operator serves a file of that name from --adapters-dir)."""
@@ -194,8 +210,15 @@ class CdnFollower:
         try:
             cached = await self.cdn.ensure_cached(name, progress=track, current=False)
             await self._register(cached)
+        except asyncio.CancelledError:
+            received = 0 if last is None else last.done_bytes
+            log.warning("pull of adapter %s stopped after %.1f s by the shutdown: %.1f MB on disk, resumed on the next "
+                        "start", name, time.monotonic() - started, received / 1e6)
+            self._observe(name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
+            raise
         except BaseException as exc:
-            log.warning("pull of adapter %s failed after %.1f s: %s", name, time.monotonic() - started, exc)
+            log.warning("pull of adapter %s failed after %.1f s: %s", name, time.monotonic() - started,
+                        str(exc) or type(exc).__name__)
             self._observe(name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
             raise
         finally:

@@ -6,12 +6,15 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -269,3 +272,62 @@ def test_a_key_pinned_daemon_serves_only_what_its_signed_manifest_lists_beside_a
         assert "cached adapters: b, c" in a.json()["error"]["message"]  # what this daemon may serve
         b = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "b", **chat})
         assert b.status_code == 200 and b.headers["X-Edge-Adapters"] == f"b@{sha['b'][:16]}:1"
+
+
+def _slow_profile(tmp_path: Path, profile: Path) -> Path:
+    """``profile`` with downloads capped at 800 kbit/s: a 19.6 MB adapter takes minutes to pull."""
+    slow = tmp_path / "slow-link.toml"
+    slow.write_text(profile.read_text().replace("max_download_kbps = 0", "max_download_kbps = 800"))
+    return slow
+
+
+def _ask_while_pulling(daemon: Daemon, cache: Path, name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A request for ``name`` that waits for its pull, started and held until bytes of the pull are on disk."""
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["response"] = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300,
+                                                json={"model": name, "messages": CHAT, "max_tokens": 4})
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while not any(p.stat().st_size for p in (cache / "partial").glob("*.part")):
+        time.sleep(0.05)
+    return asker, outcome
+
+
+def test_a_shutdown_during_a_pull_answers_503_with_the_reason_and_keeps_the_partial(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 2: a request waiting for a download during shutdown got 200 with "" (or no answer), and the log
+    # said "pull ... failed after 19.1 s: " with an empty reason.
+    cache, size = tmp_path / "device-cache", (adapters_dir / "a.gguf").stat().st_size
+    with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn) as daemon:
+        asker, outcome = _ask_while_pulling(daemon, cache, "a")
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=120) == 0
+        asker.join(timeout=60)
+    response = outcome["response"]
+    error = response.json()["error"]
+    assert (response.status_code, error["type"]) == (503, "server_shutting_down"), response.text
+    assert "the download of adapter a was stopped" in error["message"]
+    parts = list((cache / "partial").glob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < size  # kept for the resume
+    log = daemon.log_text()
+    assert re.search(r"pull of adapter a stopped after [\d.]+ s by the shutdown: [\d.]+ MB on disk", log), log[-2000:]
+    assert "Traceback" not in log
+
+
+def test_a_second_ctrl_c_during_a_pull_exits_without_a_traceback(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    cache = tmp_path / "device-cache"
+    with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn) as daemon:
+        asker, _ = _ask_while_pulling(daemon, cache, "a")
+        daemon.process.send_signal(signal.SIGINT)
+        daemon.process.send_signal(signal.SIGINT)
+        assert daemon.process.wait(timeout=120) == 0
+        asker.join(timeout=60)
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
+    assert len(list((cache / "partial").glob("*.part"))) == 1
