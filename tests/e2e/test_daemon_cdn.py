@@ -331,3 +331,45 @@ def test_a_second_ctrl_c_during_a_pull_exits_without_a_traceback(
         asker.join(timeout=60)
     assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
     assert len(list((cache / "partial").glob("*.part"))) == 1
+
+
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from edge_runtime.distribution.store import AdapterStore
+with AdapterStore(Path(sys.argv[1])).locked():
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_daemon_waiting_for_a_stopped_cache_gc_names_it_and_exits_on_sigterm(
+        tmp_path: Path, serve_profile: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 3: a `cache gc` stopped with Ctrl-Z blocked a daemon's start for ever, and on SIGTERM the daemon
+    # said "stopped" but stayed alive inside flock.
+    url, public = cdn
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "device-cache")], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        holder.send_signal(signal.SIGSTOP)
+        log = tmp_path / "waiting.log"
+        with log.open("wb") as sink:
+            daemon = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--port", str(free_port()),
+                                       "--profile", str(serve_profile), "--cdn", url, "--public-key", str(public),
+                                       "--cache-dir", str(tmp_path / "device-cache")], stdout=sink,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "0"})
+        while f"held by process {holder.pid}" not in log.read_text(errors="replace"):
+            assert daemon.poll() is None, log.read_text()
+            time.sleep(0.1)
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=120)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+        text = log.read_text(errors="replace")
+        assert daemon.returncode != -9 and "Traceback" not in text, text[-3000:]
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.communicate("", timeout=30)
