@@ -20,6 +20,7 @@ from edge_runtime.cli.status import status
 from edge_runtime.gguf import keys
 from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE, MERGE_OUTTYPES
+from edge_runtime.names import printable
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -116,7 +117,7 @@ def inspect(file: Path | None, as_json: bool) -> None:
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
-        click.echo(f"{key.ljust(width)}  {'-' if value is None else value}")
+        click.echo(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")  # a file's own text
 
 
 def _summary(info: GGUFInfo) -> dict[str, Any]:

@@ -215,3 +215,45 @@ async def test_every_completion_carries_the_daemons_deadline_and_passing_it_is_a
     on_time = await aiohttp_client(create_app(ServerConfig(), runtime))
     served = await on_time.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
     assert served.status == 200 and (await served.json())["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.asyncio
+async def test_unauthenticated_requests_neither_forge_log_lines_nor_reach_the_recent_table(
+        aiohttp_client: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 15: `%0a` in a path wrote a second, forged log line; 401s pushed real requests off the status
+    # page's recent table; the Basic password was compared with ==.
+    import base64
+
+    from edge_runtime.serve.state import DAEMON
+
+    app = create_app(ServerConfig(api_key="sécret"), runtime)
+    client = await aiohttp_client(app)
+    with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
+        forged = await client.get("/v1/x%0a2026-12-07 INFO edge_runtime.serve.app: GET /admin status=200%1b[2J")
+    assert forged.status == 401
+    lines = [r.getMessage() for r in caplog.records if "/v1/x" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0]
+    assert "/v1/x\\x0a2026-12-07 INFO" in lines[0] and "\\x1b[2J" in lines[0]
+    for _ in range(25):
+        assert (await client.get("/v1/models")).status == 401
+    good = base64.b64encode("anyone:sécret".encode()).decode()
+    bad = base64.b64encode("anyone:secret".encode()).decode()
+    assert (await client.get("/v1/models", headers={"Authorization": f"Basic {bad}"})).status == 401
+    assert (await client.get("/v1/models", headers={"Authorization": f"Basic {good}"})).status == 200
+    assert [(r.path, r.status) for r in app[DAEMON].recent] == [("/v1/models", 200)]
+
+
+@pytest.mark.asyncio
+async def test_a_404_line_names_the_adapter_asked_for_and_health_logs_at_debug(
+        aiohttp_client: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 20 (the log): 404 lines said requested=-, and /health polls filled the log at INFO.
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    with caplog.at_level("DEBUG", logger="edge_runtime.serve.app"):
+        missing = await client.post("/v1/chat/completions", json={"model": "nope", "messages": [
+            {"role": "user", "content": "Hi"}]})
+        assert (await client.get("/health")).status == 200
+    assert missing.status == 404
+    [line] = [r for r in caplog.records if r.getMessage().startswith("POST /v1/chat/completions")]
+    assert "status=404 requested=nope " in line.getMessage() and line.levelname == "INFO"
+    [health] = [r for r in caplog.records if r.getMessage().startswith("GET /health")]
+    assert health.levelname == "DEBUG"
