@@ -237,7 +237,7 @@ async def test_unauthenticated_requests_neither_forge_log_lines_nor_reach_the_re
     for _ in range(25):
         assert (await client.get("/v1/models")).status == 401
     good = base64.b64encode("anyone:sécret".encode()).decode()
-    bad = base64.b64encode("anyone:secret".encode()).decode()
+    bad = base64.b64encode(b"anyone:secret").decode()
     assert (await client.get("/v1/models", headers={"Authorization": f"Basic {bad}"})).status == 401
     assert (await client.get("/v1/models", headers={"Authorization": f"Basic {good}"})).status == 200
     assert [(r.path, r.status) for r in app[DAEMON].recent] == [("/v1/models", 200)]
