@@ -296,12 +296,17 @@ def sync(cdn: str, adapter_names: str | None, sync_all: bool, cache_dir: Path | 
     if (adapter_names is None) != sync_all:
         raise click.UsageError("pass exactly one of --adapters a,b and --all")
     names = None if sync_all else [n.strip() for n in (adapter_names or "").split(",") if n.strip()]
-    report = asyncio.run(run_sync(
-        cdn, names, progress=_ProgressLine(), reset_trust=reset_trust, cache_dir=cache_dir,
-        offline=True if offline else None,
-        public_key=load_public_key(public_key) if public_key else None,
-        base_fingerprint=read_info(resolve_model(model)).fingerprint,
-        sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb)))
+    try:
+        report = asyncio.run(run_sync(
+            cdn, names, progress=_ProgressLine(), reset_trust=reset_trust, cache_dir=cache_dir,
+            offline=True if offline else None,
+            public_key=load_public_key(public_key) if public_key else None,
+            base_fingerprint=read_info(resolve_model(model)).fingerprint,
+            sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb)))
+    except KeyboardInterrupt:
+        click.echo("\ninterrupted: what was downloaded stays in the cache's partial files, and the next "
+                   "`edge-rt sync` resumes from there", err=True)
+        raise SystemExit(130) from None
     for result in report.results:
         click.echo(f"{result.adapter.name}  {'downloaded' if result.downloaded else 'cached'}  "
                    f"{result.adapter.size / 1e6:.2f} MB  sha256 {result.adapter.sha256[:16]}  {result.adapter.path}")

@@ -137,8 +137,12 @@ class CdnClient:
 
     async def close(self) -> None:
         """Close the network session (in-flight downloads keep their partial files for a later resume)."""
-        for task in list(self._inflight.values()):
+        downloads = list(self._inflight.values())
+        for task in downloads:
             task.cancel()
+        # Their clean-up (releasing the partial's claim) runs on the store's worker: let it finish before the worker
+        # stops (a Ctrl-C in `sync` printed "cannot schedule new futures after shutdown" tracebacks).
+        await asyncio.gather(*downloads, return_exceptions=True)
         await self._source.close()
         await asyncio.to_thread(self.store.close)
 

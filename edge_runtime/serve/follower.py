@@ -69,6 +69,7 @@ class CdnFollower:
         self.version: int | None = None  # of the last manifest verified
         self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
         self.last_error: str | None = None  # why the last refresh failed (None: it did not)
+        self.refresh_failures = 0  # refreshes that failed since start (for /metrics: a stuck device can be alerted on)
         self.deferred: dict[str, str] = {}  # name -> sha256 of updates held back by a metered link
         self.other_base: tuple[str, ...] = ()  # offered adapters skipped: converted for another base model
         self.on_pull: Callable[[str, int, float, bool], None] | None = None  # (name, bytes, seconds, ok) for metrics
@@ -119,6 +120,7 @@ class CdnFollower:
             manifest = await self.cdn.fetch_manifest()
         except EdgeRtError as exc:  # the status page and `edge-rt status` show it, whoever asked for the refresh
             self.last_error = str(exc)
+            self.refresh_failures += 1
             log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
             raise
         self.version, self.last_refresh, self.last_error = manifest.version, time.time(), None

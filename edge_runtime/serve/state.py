@@ -76,6 +76,7 @@ class Daemon:
         if cdn is not None:
             follower = CdnFollower(cdn, runtime.adapters)
             follower.on_pull = metrics.observe_pull
+            metrics.follow(follower)
         return cls(config=config, runtime=runtime, scheduler=scheduler, intake=intake, metrics=metrics,
                    follower=follower)
 

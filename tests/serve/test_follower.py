@@ -324,3 +324,32 @@ async def test_a_shared_pull_is_counted_once_and_an_update_download_is_counted_l
     assert any(m.startswith(f"fetching update of json-extract: {new['json-extract'][:12]}") for m in messages)
     assert any(m.startswith("adapter json-extract updated: ") and f"-> {new['json-extract'][:12]}" in m
                for m in messages)
+
+
+async def test_metrics_show_the_manifest_version_its_last_refresh_and_refresh_failures(
+        follower: CdnFollower) -> None:
+    # Issue 18 item 20 (/metrics): a device stuck on an old manifest could not be alerted on.
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_runtime.errors import InvalidManifest
+    from edge_runtime.serve.metrics import _FollowerCollector
+
+    registry = CollectorRegistry()
+    registry.register(_FollowerCollector(follower))  # what Metrics.follow registers for a daemon with --cdn
+
+    def samples() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    first = samples()
+    assert first["edge_rt_manifest_version"] == follower.version == 1
+    assert first["edge_rt_manifest_last_refresh_timestamp_seconds"] == follower.last_refresh
+    assert first["edge_rt_manifest_refresh_failures_total"] == 0
+    follower.fault_cdn.manifest = b"not a manifest"  # type: ignore[attr-defined]
+    with pytest.raises(InvalidManifest):
+        await follower.refresh()
+    after = samples()
+    assert after["edge_rt_manifest_refresh_failures_total"] == 1 and after["edge_rt_manifest_version"] == 1
+    assert after["edge_rt_manifest_last_refresh_timestamp_seconds"] == first[
+        "edge_rt_manifest_last_refresh_timestamp_seconds"]
