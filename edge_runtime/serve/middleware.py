@@ -27,6 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 _QUIET = ("/", "/v1/status", "/health", "/metrics", "/favicon.ico")  # polled: kept out of the recent-requests table
 _LOOPBACK_HOSTS = LOOPBACK_NAMES | {"[::1]"}  # as a URL spells an IPv6 host
+_ASKED_FOR = web.RequestKey("asked_for", str)  # an unknown adapter's name: in the log line, never a metric label
 
 
 @web.middleware
@@ -42,7 +43,8 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         if request.path in _COMPLETIONS:
             daemon.metrics.requests.labels(requested if requested != "-" else "unparsed", str(status)).inc()
         prompt, completion = request.get(TOKENS, (0, 0))
-        path, requested = printable(request.path), printable(requested)  # %0a in a path would forge a log line
+        path = printable(request.path)  # %0a in a path would forge a log line
+        requested = printable(request.get(_ASKED_FOR, requested))
         if request.path not in _QUIET and status != Unauthorized.http_status:  # no stranger pushes real requests out
             daemon.recent.append(RecentRequest(at=time.time(), method=printable(request.method), path=path,
                                                status=status, requested=requested, ran=request.get(APPLIED, "-"),
@@ -65,7 +67,7 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise
     except Exception as exc:
         if isinstance(exc, AdapterNotFound):  # the access line names what was asked for
-            request[REQUESTED] = exc.name
+            request[_ASKED_FOR] = exc.name
         if not isinstance(exc, EdgeRtError):
             log.exception("unexpected error serving %s %s", printable(request.method), printable(request.path))
         elif public_message(str(exc)) != str(exc):  # the client gets the file names only: the log keeps the paths
