@@ -66,6 +66,9 @@ class CdnFollower:
         self._pulling: dict[str, TransferProgress | None] = {}  # pulls under way: their last progress report
         self._pull_tasks: dict[str, asyncio.Task[None]] = {}  # one pull per name, however many requests wait
         self._stopping = False  # stop_pulls() was called: waiting requests are answered 503
+        self.waiting: dict[str, int] = {}  # name -> requests waiting for its download (the status page shows them)
+        self.updated: dict[str, tuple[float, str, str]] = {}  # name -> (when, sha256 replaced, sha256 now)
+        self.descriptions: dict[str, str] = {}  # name -> description, from the last manifest verified
         self.version: int | None = None  # of the last manifest verified
         self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
         self.last_error: str | None = None  # why the last refresh failed (None: it did not)
@@ -126,6 +129,7 @@ class CdnFollower:
         self.version, self.last_refresh, self.last_error = manifest.version, time.time(), None
         offered = self.cdn.offered(manifest)
         self._note_other_base([entry for entry in manifest.adapters if entry not in offered])
+        self.descriptions = {entry.name: entry.description for entry in offered if entry.description}
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
@@ -171,6 +175,7 @@ class CdnFollower:
                 if task is None:  # the first waiter starts it; it is logged and counted once
                     task = self._pull_tasks[name] = asyncio.create_task(self._pull(name))
                     task.add_done_callback(lambda _, name=name: self._pull_tasks.pop(name, None))  # type: ignore[misc]
+                self.waiting[name] = self.waiting.get(name, 0) + 1
                 try:
                     await asyncio.shield(task)
                 except asyncio.CancelledError:
@@ -178,6 +183,10 @@ class CdnFollower:
                         raise
                     raise ShuttingDown(f"the download of adapter {name} was stopped (it resumes from where it "
                                        "stopped on the next start)") from None
+                finally:
+                    self.waiting[name] -= 1
+                    if not self.waiting[name]:
+                        del self.waiting[name]
 
     def stop_pulls(self) -> None:
         """Stop every download under way at once (a shutdown): partial files stay for a resume, and the requests
@@ -312,6 +321,7 @@ class CdnFollower:
                           short)
             return
         log.info("adapter %s updated: %s -> %s (%.1f MB)", name, (old or "none")[:12], short, entry.size / 1e6)
+        self.updated[name] = (time.time(), old or "", entry.sha256)
 
     async def _refresh_forever(self, first: asyncio.Task[None]) -> None:
         try:

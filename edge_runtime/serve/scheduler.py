@@ -38,6 +38,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     applied: list[AppliedAdapter] = field(default_factory=list)
     generated: int = 0  # tokens the engine produced for it, delivered or not (a client may leave mid-answer)
+    started: float | None = None  # time.monotonic() when it began running
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
@@ -75,6 +76,11 @@ class Scheduler:
         self._running: Job | None = None
         self.cancelled_jobs = 0  # generations stopped because their client went away or the daemon stopped
         self.decoded_tokens = 0  # tokens generated, whether or not a client received them
+
+    @property
+    def running(self) -> Job | None:
+        """The job generating now, if any."""
+        return self._running
 
     @property
     def queued_grammar_bytes(self) -> int:
@@ -154,6 +160,7 @@ class Scheduler:
                 job._chunks.put_nowait(_DONE)
                 continue
             self._running = job
+            job.started = time.monotonic()
             self._current_key = job.adapter_key
             await loop.run_in_executor(self._executor, self._produce, job, loop)
             self._running = None

@@ -306,6 +306,10 @@ def test_a_shutdown_during_a_pull_answers_503_with_the_reason_and_keeps_the_part
     cache, size = tmp_path / "device-cache", (adapters_dir / "a.gguf").stat().st_size
     with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn) as daemon:
         asker, outcome = _ask_while_pulling(daemon, cache, "a")
+        status = requests.get(f"{daemon.url}/v1/status", timeout=60).json()  # item 20: the operator sees the wait
+        [pulled] = [a for a in status["adapters"] if a["name"] == "a"]
+        assert status["waiting_for_downloads"] == 1 and pulled["state"] == "downloading", status
+        assert pulled["waiting_requests"] == 1 and "download_eta_s" in pulled and "download_bytes_per_second" in pulled
         daemon.process.send_signal(signal.SIGTERM)
         assert daemon.process.wait(timeout=120) == 0
         asker.join(timeout=60)

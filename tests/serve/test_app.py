@@ -257,3 +257,22 @@ async def test_a_404_line_names_the_adapter_asked_for_and_health_logs_at_debug(
     assert "status=404 requested=nope " in line.getMessage() and line.levelname == "INFO"
     [health] = [r for r in caplog.records if r.getMessage().startswith("GET /health")]
     assert health.levelname == "DEBUG"
+
+
+@pytest.mark.asyncio
+async def test_a_catalog_of_40000_adapters_keeps_the_page_small_and_the_status_paged(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # Issue 18 item 16: a 40,000-adapter status page was 12 MB, refreshed every 2 s and rendered on the event loop.
+    runtime = runtime_with()
+    for index in range(40_000):
+        runtime.adapters.add_remote(f"remote-{index:05d}", sha256=f"{index:064x}", size_bytes=1000)
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    page = await (await client.get("/")).text()
+    assert len(page.encode()) < 200_000 and "100 of 40000 adapters shown (40000 remote)" in page
+    first = await (await client.get("/v1/status")).json()
+    assert first["adapters_total"] == 40_000 and len(first["adapters"]) == 1000
+    assert first["adapter_states"] == {"remote": 40_000}
+    later = await (await client.get("/v1/status?offset=39990&limit=50")).json()
+    assert [a["name"] for a in later["adapters"]] == [f"remote-{i:05d}" for i in range(39_990, 40_000)]
+    refused = await client.get("/v1/status?limit=20000")
+    assert refused.status == 400 and "limit must be a whole number" in (await refused.json())["error"]["message"]
