@@ -424,6 +424,7 @@ class Engine:
         self.evaluated_tokens += len(prompt) - keep
         return keep
 
+
 def _check_deadline(params: SamplingParams, produced: int) -> None:
     if params.deadline is not None and time.monotonic() > params.deadline:
         raise GenerationTimeout(deadline_s=params.deadline, completion_tokens=produced)
