@@ -135,7 +135,7 @@ def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Pat
         new = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60, json=chat)
         assert new.headers["X-Edge-Adapters"] == f"b@{new_sha[:16]}:1" != old.headers["X-Edge-Adapters"]
         assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]
-        assert (cache / "refs" / "b").read_text() == new_sha
+        assert (cache / "refs" / "b").read_text().split()[0] == new_sha  # then who verified it (issue 18 item 4)
 
 
 def pull_then_evict_from_memory(daemon: Daemon, name: str) -> requests.Response:
