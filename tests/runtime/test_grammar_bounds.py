@@ -128,9 +128,9 @@ def test_a_deadline_ends_a_generation_inside_a_token_and_the_engine_serves_the_n
                                                                                     slow_grammar: str) -> None:
     prompt = engine.tokenize("[")
     interrupts = engine.grammar_interrupts
-    with pytest.raises(GenerationTimeout) as late:
-        engine.generate(prompt, SamplingParams(max_tokens=8, grammar=slow_grammar, deadline=time.monotonic() + 0.5))
-    assert late.value.completion_tokens == 0 and late.value.http_status == 504
+    with pytest.raises(GenerationTimeout) as late:  # the deeper the nesting, the slower each token: it is reached
+        engine.generate(prompt, SamplingParams(max_tokens=64, grammar=slow_grammar, deadline=time.monotonic() + 0.5))
+    assert late.value.completion_tokens < 64 and late.value.http_status == 504
     assert engine.grammar_interrupts == interrupts + 1  # it stopped part-way through the vocabulary
     assert engine.generate(prompt, SamplingParams(max_tokens=3)).completion_tokens == 3
 
@@ -143,17 +143,18 @@ def test_a_cancel_frees_the_worker_within_the_token_being_sampled(engine: Engine
     interrupts = engine.grammar_interrupts
 
     def run() -> None:
-        chunks.extend(engine.stream(engine.tokenize("["), SamplingParams(max_tokens=8, grammar=slow_grammar),
+        chunks.extend(engine.stream(engine.tokenize("["), SamplingParams(max_tokens=64, grammar=slow_grammar),
                                     cancel=cancel))
 
     worker = threading.Thread(target=run)
     worker.start()
-    while engine.grammar_slices == slices:  # the first token's grammar work has begun
+    while engine.grammar_slices == slices:  # the grammar work has begun
         time.sleep(0.01)
     cancel.set()
+    at_cancel = engine.grammar_slices
     worker.join(timeout=600)
     assert not worker.is_alive()
-    assert [c.finish_reason for c in chunks] == ["cancelled"] and chunks[0].token_ids == ()
-    assert engine.grammar_interrupts == interrupts + 1
-    assert engine.grammar_slices - slices < (engine.n_vocab + 4095) // 4096  # the token's vocabulary was not finished
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 64  # (how many tokens came first: the path's)
+    assert engine.grammar_interrupts == interrupts + 1  # it stopped part-way through a token's vocabulary
+    assert engine.grammar_slices - at_cancel <= 1  # at most the slice under way when the cancel came
     assert engine.generate(engine.tokenize("Hi"), SamplingParams(max_tokens=2)).completion_tokens == 2
