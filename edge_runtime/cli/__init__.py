@@ -13,7 +13,7 @@ import click
 
 from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
-from edge_runtime.cli.common import progress_bar, request_limit_options
+from edge_runtime.cli.common import parallel_option, progress_bar, request_limit_options
 from edge_runtime.cli.common import reports_errors as _reports_errors
 from edge_runtime.cli.plan import plan
 from edge_runtime.cli.status import status
@@ -185,6 +185,7 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
               help="Comma-separated adapters to load at start (with --cdn, pulled first when not cached).")
 @click.option("--ctx", type=click.IntRange(min=256), default=None,
               help="Context length in tokens [default: the profile's].")
+@parallel_option
 @request_limit_options
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://).")
 @click.option("--public-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edge_runtime.cli.common import reports_errors, request_limit_options
+from edge_runtime.cli.common import parallel_option, reports_errors, request_limit_options
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -25,11 +25,12 @@ __all__ = ["plan"]
 @click.option("--adapter-mb", type=float, default=None, help="Size of one adapter in MiB, to count how many fit.")
 @click.option("--adapters", "adapter_files", multiple=True, type=click.Path(exists=True, path_type=Path),
               help="Adapter GGUF files to fit together (repeatable).")
+@parallel_option
 @request_limit_options  # as given to `serve`
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @reports_errors
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
-         adapter_files: tuple[Path, ...], max_body_kb: int, max_queue: int, max_connections: int | None,
+         adapter_files: tuple[Path, ...], parallel: int | None, max_body_kb: int, max_queue: int, max_connections: int | None,
          as_json: bool) -> None:
     """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters.
 
@@ -42,7 +43,7 @@ def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: floa
     from edge_runtime.runtime.plan import plan_for
 
     profile, model_path = load_profile(profile_name), resolve_model(model)
-    memory = plan_for(profile, model_path, ctx=ctx,
+    memory = plan_for(profile, model_path, ctx=ctx, parallel=parallel,
                       requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue,
                                              max_connections=max_connections))
     base = read_header(model_path)

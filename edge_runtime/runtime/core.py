@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,15 +25,17 @@ class Runtime:
     """The library API the daemon serves: generate with an adapter set, within the profile's memory budget."""
 
     def __init__(self, profile: DeviceProfile, *, model: str | Path | None = None, ctx: int | None = None,
+                 parallel: int | None = None,
                  requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> None:
         budget.configure_allocator()
         self.profile = profile
         self.model_path = resolve_model(model)
         header = read_header(self.model_path)  # read once: the plan and the fingerprint both come from it
-        self.plan = plan_for_shape(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
+        shape = budget.ModelShape.from_header(header)
+        self.plan = plan_for_shape(profile, shape, ctx=ctx, parallel=parallel, requests=requests)
         self.plan.require_fit(profile.name)
         self.base_fingerprint = base_fingerprint(header)
-        self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx))
+        self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx, parallel=parallel, shape=shape))
         self.adapters = AdapterManager(self.engine, budget_bytes=self.plan.adapter_budget_bytes, base_header=header,
                                        base_fingerprint=self.base_fingerprint)
 
@@ -44,6 +47,31 @@ class Runtime:
                 applied.extend(_applied(held, prompt))
             yield from self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held],
                                           cancel=cancel)
+
+    def start(self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = (),
+              cancel: threading.Event, deliver: Callable[[Chunk | BaseException], None],
+              applied: list[AppliedAdapter] | None = None) -> None:
+        """Queue a generation under ``adapters`` beside the others the engine runs: ``deliver`` receives each chunk
+        (the last has a ``finish_reason``) or the exception that ended it, on the engine's thread; the adapters stay
+        held until then. Raises at once what holding the adapters raises."""
+        lease = self.adapters.lease(adapters)
+        held = lease.__enter__()
+        if applied is not None:
+            applied.extend(_applied(held, prompt))
+
+        def deliver_then_release(item: Chunk | BaseException) -> None:
+            try:
+                deliver(item)
+            finally:
+                if isinstance(item, BaseException) or item.finish_reason is not None:
+                    lease.__exit__(None, None, None)
+
+        try:
+            self.engine.start(prompt, params, adapters=[(h.handle, h.scale) for h in held], cancel=cancel,
+                              deliver=deliver_then_release)
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
 
     def generate(self, prompt: Sequence[int], params: SamplingParams, *,
                  adapters: Sequence[AdapterRequest] = ()) -> tuple[Generation, list[AppliedAdapter]]:

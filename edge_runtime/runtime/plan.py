@@ -20,34 +20,44 @@ __all__ = ["EngineSettings", "engine_settings", "plan_for", "plan_for_shape"]
 class EngineSettings:
     """How the base model and its context are set up (from a device profile, or defaults)."""
 
-    n_ctx: int = 2048
+    n_ctx: int = 2048  # tokens of KV per sequence
     n_batch: int = 512
     n_ubatch: int = 512
     n_threads: int | None = None  # None: every physical core (llama-cpp-python's own default is half of them)
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
+    parallel: int = 1  # sequences decoded together, each with its own n_ctx of KV
 
 
-def engine_settings(profile: DeviceProfile, *, ctx: int | None = None) -> EngineSettings:
-    """Context settings a profile asks for (``ctx`` overrides the profile's)."""
+
+def engine_settings(profile: DeviceProfile, *, ctx: int | None = None, parallel: int | None = None,
+                    shape: budget.ModelShape | None = None) -> EngineSettings:
+    """Context settings a profile asks for (``ctx`` and ``parallel`` override the profile's; an ``auto`` parallel
+    is decided from the memory plan of ``shape``, or is 1 without it)."""
     compute = profile.compute
     n_ctx = ctx or compute.ctx
+    sequences = parallel or compute.parallel
+    if sequences is None:
+        sequences = 1 if shape is None else budget.auto_parallel(
+            shape, budget_bytes=profile.runtime_budget_bytes, ctx=n_ctx, kv_type=compute.kv_type)
     return EngineSettings(n_ctx=n_ctx, n_batch=min(compute.batch, n_ctx), n_ubatch=budget.ubatch_for(compute.batch),
                           n_threads=min(compute.threads, os.cpu_count() or compute.threads),
-                          n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type)
+                          n_gpu_layers=compute.gpu_layers, kv_type=compute.kv_type, parallel=sequences)
 
 
-def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None,
+def plan_for(profile: DeviceProfile, model_path: Path | str, *, ctx: int | None = None, parallel: int | None = None,
              requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
     """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
-    return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
+    return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, parallel=parallel, requests=requests)
 
 
 def plan_for_shape(profile: DeviceProfile, shape: budget.ModelShape, *, ctx: int | None = None,
+                   parallel: int | None = None,
                    requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS) -> budget.MemoryPlan:
-    """The memory plan for a model of ``shape`` (read from its header) under ``profile``."""
-    settings = engine_settings(profile, ctx=ctx)
+    """The memory plan for a model of ``shape`` (read from its header) under ``profile``: ``ctx`` tokens of KV for
+    each of ``parallel`` sequences."""
+    settings = engine_settings(profile, ctx=ctx, parallel=parallel, shape=shape)
     return budget.plan_memory(shape, budget_bytes=profile.runtime_budget_bytes, ctx=settings.n_ctx,
                               batch=settings.n_batch, kv_type=settings.kv_type, requests=requests,
-                              reads=budget.request_reads(settings.n_threads or 1))
+                              reads=budget.request_reads(settings.n_threads or 1), parallel=settings.parallel)

@@ -63,6 +63,8 @@ def render_page(status: dict[str, Any]) -> str:
     return _PAGE.format(
         refresh=REFRESH_S, title=_e(f"edge-rt · {status['model']}"), model=_e(status["model"]),
         profile=_e(status["profile"]), uptime=_duration(status["uptime_s"]), queued=status["queued"],
+        running_count=len(status.get("running", [])), parallel=status.get("parallel", 1),
+        batch=status.get("last_batch_size", 0), running=_running_rows(status.get("running", [])),
         segments=segments, legend=legend, free=_mib(budget - used), budget=_mib(budget), rss=_mib(status["rss_bytes"]),
         adapters=_adapter_rows(status["adapters"]), cdn=_cdn(status.get("cdn")), recent=_recent_rows(status["recent"]))
 
@@ -97,6 +99,17 @@ def _cdn(cdn: dict[str, Any] | None) -> str:
             f"{refreshed}</p>{error}")
 
 
+def _running_rows(running: list[dict[str, Any]]) -> str:
+    rows = [f"<tr><td>{_e(_adapter_names(r['adapters']))}</td><td>{r['prompt_tokens']}</td>"
+            f"<td>{r['generated_tokens']}</td><td>{r['seconds']:.1f} s</td><td>{r['tokens_per_second']:.1f}</td></tr>"
+            for r in running]
+    return "".join(rows) or '<tr><td colspan="5">nothing generating</td></tr>'
+
+
+def _adapter_names(adapters: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{a['name']} x{a['scale']:g}" for a in adapters) or "base"
+
+
 def _recent_rows(recent: list[dict[str, Any]]) -> str:
     rows = [f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r['at']))}</td><td>{_e(r['method'])} "
             f"{_e(r['path'])}</td><td>{r['status']}</td><td>{_e(r['requested'])}</td><td>{_e(r['ran'])}</td>"
@@ -124,13 +137,17 @@ border-bottom: 1px solid #edf2f7; }} th {{ color: #4a5568; font-weight: 600; }}
 .badge {{ color: white; padding: 1px 8px; border-radius: 10px; font-size: .9em; }} .error {{ color: #c53030; }}
 </style></head><body>
 <h1>edge-rt · {model}</h1>
-<div class="sub">profile {profile} · up {uptime} · {queued} queued · RSS {rss} of a {budget} budget</div>
+<div class="sub">profile {profile} · up {uptime} · {queued} queued · {running_count} of {parallel} sequences running
+(last batch {batch}) · RSS {rss} of a {budget} budget</div>
 <h2>Memory budget</h2>
 <div class="bar">{segments}</div>
 <div class="legend">{legend}<span>free {free}</span></div>
 <h2>Adapters</h2>
 <table><thead><tr><th>name</th><th>state</th><th>size</th><th>sha256</th><th>users</th><th>last use</th></tr></thead>
 <tbody>{adapters}</tbody></table>
+<h2>Generating now</h2>
+<table><thead><tr><th>adapters</th><th>prompt tokens</th><th>generated</th><th>for</th><th>tok/s</th></tr></thead>
+<tbody>{running}</tbody></table>
 <h2>CDN</h2>{cdn}
 <h2>Recent requests</h2>
 <table><thead><tr><th>time</th><th>request</th><th>status</th><th>requested</th><th>ran</th><th>took</th></tr>
