@@ -34,8 +34,8 @@ import requests
 
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.budget import PeakRssSampler, adapter_resident_bytes
-from edge_runtime.runtime.core import plan_for
 from edge_runtime.runtime.models import default_model_path
+from edge_runtime.runtime.plan import plan_for
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import make_adapter  # noqa: E402  (a script beside this one, not a library module)

@@ -30,8 +30,8 @@ __all__ = ["plan"]
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @reports_errors
 def plan(profile_name: str, model: str | None, ctx: int | None, adapter_mb: float | None,
-         adapter_files: tuple[Path, ...], parallel: int | None, max_body_kb: int, max_queue: int, max_connections: int | None,
-         as_json: bool) -> None:
+         adapter_files: tuple[Path, ...], parallel: int | None, max_body_kb: int, max_queue: int,
+         max_connections: int | None, as_json: bool) -> None:
     """Show how a device's runtime budget splits between the base model, its KV cache, buffers and adapters.
 
     Exits 7 when the base model, or the --adapters listed together, do not fit the budget."""

@@ -68,7 +68,7 @@ from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, T
 from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.plan import EngineSettings
-from edge_runtime.runtime.sequence import AdapterTuple, Running
+from edge_runtime.runtime.sequence import Running
 
 __all__ = ["AdapterHandle", "AdapterSet", "Engine", "EngineSettings"]
 log = logging.getLogger(__name__)

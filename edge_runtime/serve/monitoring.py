@@ -41,7 +41,8 @@ def _status(daemon: Daemon) -> dict[str, Any]:  # psutil and the adapter list: o
     return {"model": daemon.base_id, "profile": runtime.profile.name, "uptime_s": time.time() - daemon.started,
             "queued": daemon.scheduler.queued, "plan": runtime.plan.as_dict(), "rss_bytes": measured_rss_bytes(),
             "parallel": runtime.engine.parallel, "running": daemon.scheduler.running_json(time.monotonic()),
-            "last_batch_size": runtime.engine.last_batch_size, "resident_adapter_bytes": runtime.adapters.resident_bytes,
+            "last_batch_size": runtime.engine.last_batch_size,
+            "resident_adapter_bytes": runtime.adapters.resident_bytes,
             "adapters": [openai_api.adapter_json(a, downloads) for a in runtime.adapters.list_adapters()], "cdn": cdn,
             "recent": recent_json(daemon.recent)}
 

@@ -15,12 +15,14 @@ from pathlib import Path
 import pytest
 
 from edge_runtime.profiles import load_profile
-from edge_runtime.runtime.core import AdapterSpec, Runtime
+from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import Engine
 from edge_runtime.runtime.generation import Chunk, SamplingParams
+from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.runtime.turns import next_turn
 
 GREEDY = SamplingParams(max_tokens=24)
+Ad = AdapterRequest  # short, for the tables of requests below
 
 
 @dataclass
@@ -41,7 +43,7 @@ class Collected:
         return "".join(c.text for c in self.chunks)
 
 
-Request = tuple[list[int], SamplingParams, list[AdapterSpec]]
+Request = tuple[list[int], SamplingParams, list[AdapterRequest]]
 
 
 @contextmanager
@@ -73,7 +75,7 @@ def run_together(runtime: Runtime, requests: list[Request]) -> list[Collected]:
 
     for _, _, adapters in requests:  # loading runs on the engine's worker: before it is paused
         for adapter in adapters:
-            runtime.adapters.ensure_resident(adapter[0])
+            runtime.adapters.ensure_resident(adapter.name)
     with engine_paused(runtime.engine):
         for (prompt, params, adapters), result in zip(requests, results):
             runtime.start(prompt, params, adapters=adapters, cancel=threading.Event(), deliver=deliver_to(result))
@@ -110,13 +112,13 @@ def mixed_requests(runtime: Runtime) -> list[Request]:
     grammar = runtime.engine.json_grammar()
     return [
         (chat(runtime, "List three things a drone needs."), GREEDY, []),
-        (chat(runtime, "Write a haiku about rivers."), GREEDY, [("a", 1.0)]),
-        (chat(runtime, "What is the capital of France?"), GREEDY, [("a", 1.0)]),  # same adapter as the one above
-        (chat(runtime, "List three things a drone needs."), GREEDY, [("b", 1.0)]),
-        (chat(runtime, "Route this: the battery is low."), GREEDY, [("router", 1.0)]),  # an aLoRA, invoked
+        (chat(runtime, "Write a haiku about rivers."), GREEDY, [Ad("a", 1.0)]),
+        (chat(runtime, "What is the capital of France?"), GREEDY, [Ad("a", 1.0)]),  # same adapter as the one above
+        (chat(runtime, "List three things a drone needs."), GREEDY, [Ad("b", 1.0)]),
+        (chat(runtime, "Route this: the battery is low."), GREEDY, [Ad("router", 1.0)]),  # an aLoRA, invoked
         (chat(runtime, "Give me a person as JSON."), SamplingParams(max_tokens=24, grammar=grammar), []),
         (chat(runtime, "Tell me a story."), SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=11),
-         [("a", 0.5), ("b", 0.5)]),
+         [Ad("a", 0.5), Ad("b", 0.5)]),
         (chat(runtime, "Name a colour."), SamplingParams(max_tokens=24, logprobs=2, presence_penalty=1.5), []),
     ]
 
@@ -135,11 +137,9 @@ def test_every_answer_is_the_same_alone_and_batched_beside_others_on_smollm2(smo
 
 def test_four_sequences_on_one_adapter_decode_in_one_batch(smol: Runtime) -> None:
     prompts = ["Name a fruit.", "Name a river.", "Name a city.", "Name a tool."]
-    requests: list[Request] = [(chat(smol, p), SamplingParams(max_tokens=16), [("c", 1.0)]) for p in prompts]
+    requests: list[Request] = [(chat(smol, p), SamplingParams(max_tokens=16), [Ad("c", 1.0)]) for p in prompts]
     alone = run_alone(smol, requests)
-    sizes: list[int] = []
     results = run_together(smol, requests)
-    sizes.append(smol.engine.last_batch_size)
     assert [r.tokens for r in results] == alone
     # Every request got its first token at the step its prompt was done, before any of them finished.
     first_steps = [r.steps[0] for r in results]
@@ -148,7 +148,7 @@ def test_four_sequences_on_one_adapter_decode_in_one_batch(smol: Runtime) -> Non
 
 
 def test_each_client_on_its_own_adapter_gets_a_first_token_before_any_finishes(smol: Runtime) -> None:
-    requests: list[Request] = [(chat(smol, "Describe the sea."), SamplingParams(max_tokens=20), [(name, 1.0)])
+    requests: list[Request] = [(chat(smol, "Describe the sea."), SamplingParams(max_tokens=20), [Ad(name)])
                                for name in ["a", "b", "c", "d"]]
     alone = run_alone(smol, requests)
     results = run_together(smol, requests)
@@ -166,7 +166,7 @@ def test_base_and_three_aloras_over_one_document_evaluate_it_once(make_profile: 
         prompt = chat(runtime, document + "\nSummarise the document.")
         assert len(prompt) > 1000
         requests: list[Request] = [(prompt, SamplingParams(max_tokens=8), adapters) for adapters in
-                                   ([], [("router", 1.0)], [("json", 1.0)], [("legal", 1.0)])]
+                                   ([], [Ad("router", 1.0)], [Ad("json", 1.0)], [Ad("legal", 1.0)])]
         before = runtime.engine.evaluated_tokens
         together = run_together(runtime, requests)
         evaluated = runtime.engine.evaluated_tokens - before
@@ -229,9 +229,9 @@ def test_same_answers_alone_and_batched_on_gemma(make_profile: Callable[..., Pat
 
         requests: list[Request] = [
             (text("Three things a drone needs are"), GREEDY, []),
-            (text("A haiku about rivers:"), GREEDY, [("legal", 1.0)]),
-            (text("The capital of France is"), GREEDY, [("legal", 1.0)]),
-            (text("A person as JSON:"), SamplingParams(max_tokens=24, grammar=grammar), [("brand", 1.0)]),
+            (text("A haiku about rivers:"), GREEDY, [Ad("legal", 1.0)]),
+            (text("The capital of France is"), GREEDY, [Ad("legal", 1.0)]),
+            (text("A person as JSON:"), SamplingParams(max_tokens=24, grammar=grammar), [Ad("brand", 1.0)]),
             (text("Once upon a time"), SamplingParams(max_tokens=24, temperature=0.9, seed=3), []),
             (text("The history of the region begins with"), GREEDY, []),
             (text("Rivers and towns:"), GREEDY, []),
