@@ -90,7 +90,8 @@ class Scheduler:
     def running_json(self, now: float) -> list[dict[str, object]]:
         """The running generations for the status page: adapters, prompt and generated tokens, tokens per second."""
         return [{"adapters": [{"name": a.name, "scale": a.scale} for a in job.adapters],
-                 "prompt_tokens": len(job.prompt), "generated_tokens": job.generated, "seconds": now - (job.started or now),
+                 "prompt_tokens": len(job.prompt), "generated_tokens": job.generated,
+                 "seconds": now - (job.started or now),
                  "tokens_per_second": job.generated / max(now - (job.started or now), 1e-9)}
                 for job in self._running]
 
