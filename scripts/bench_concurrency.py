@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import llama_cpp
 import requests
 
 from edge_runtime.profiles import load_profile
@@ -40,7 +41,7 @@ from edge_runtime.runtime.plan import plan_for
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_serve import make_adapter  # noqa: E402  (a script beside this one, not a library module)
 
-CTX, THREADS, TOKENS, ROUNDS = 1024, 2, 64, 4
+CTX, THREADS, TOKENS, ROUNDS = 1024, 2, 64, 3
 PROMPTS = ["Write a long story about a lighthouse keeper and the storm that changed her life.",
            "Explain in detail how a steam engine works, step by step.",
            "Describe a journey across the mountains in winter, day by day.",
@@ -157,8 +158,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of the code before batching (its PYTHONPATH), for the `today` rows")
+    parser.add_argument("--llama-lib", type=Path, default=None,
+                        help="a folder holding another llama_cpp build (pip install --target), put first on every "
+                             "daemon's PYTHONPATH, e.g. one built with -DGGML_LLAMAFILE=OFF")
     args = parser.parse_args()
-    here = str(Path(__file__).resolve().parent.parent)
+    first = f"{args.llama_lib}{os.pathsep}" if args.llama_lib else ""
+    here = first + str(Path(__file__).resolve().parent.parent)
     load_before = loadavg()
     cases: list[Case] = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -172,17 +177,19 @@ def main() -> int:
                            f'[network]\nmax_download_kbps = 0\nmetered = false\n')
         served = work / "served"
         if args.baseline is not None:
-            process, url = start_daemon(served, profile, parallel=None, pythonpath=str(args.baseline),
+            process, url = start_daemon(served, profile, parallel=None, pythonpath=first + str(args.baseline),
                                         preload="a,b,c,d")
             try:
                 run_case(url, "warm-up", ["a"])
-                cases.append(run_case(url, "today (before batching), 1 client", ["a"]))
+                cases.append(run_case(url, "today, 1 client(s), base model", ["base"]))
+                cases.append(run_case(url, "today, 1 client(s), one adapter", ["a"]))
             finally:
                 stop(process)
         process, url = start_daemon(served, profile, parallel=1, pythonpath=here, preload="a,b,c,d")
         try:
             run_case(url, "warm-up", ["a"])
-            cases.append(run_case(url, "parallel=1, 1 client", ["a"]))
+            cases.append(run_case(url, "parallel=1, 1 client(s), base model", ["base"]))
+            cases.append(run_case(url, "parallel=1, 1 client(s), one adapter", ["a"]))
         finally:
             stop(process)
         process, url = start_daemon(served, profile, parallel=4, pythonpath=here, preload="a,b,c,d")
@@ -190,8 +197,9 @@ def main() -> int:
         sampler.start()
         try:
             run_case(url, "warm-up", ["a"])
-            for clients in (1, 2, 4):
-                cases.append(run_case(url, f"parallel=4, {clients} client(s), one adapter", ["a"] * clients))
+            for model, label in (("base", "base model"), ("a", "one adapter")):
+                for clients in (1, 2, 4):
+                    cases.append(run_case(url, f"parallel=4, {clients} client(s), {label}", [model] * clients))
             cases.append(run_case(url, "parallel=4, 4 clients, each its own adapter", ["a", "b", "c", "d"]))
         finally:
             peak = sampler.stop()
@@ -200,21 +208,27 @@ def main() -> int:
         predicted = plan.fixed_bytes + sum(adapter_resident_bytes(a) for a in adapters)
     load_after = loadavg()
     rows = [case.summary() for case in cases]
-    one = next(r for r in rows if r["case"].startswith("parallel=4, 1 client"))
+    print(f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}")
     print(f"load average before: {load_before}, after: {load_after}")
     print("| case | tok/s | vs 1 client | latency p50 / p95 | TTFT p50 / max | all first tokens before any end |")
     print("|---|---|---|---|---|---|")
+    def find(daemon: str, clients: int, kind: str) -> dict[str, float | int | bool | str] | None:
+        return next((r for r in rows if r["case"] == f"{daemon}, {clients} client(s), {kind}"), None)
+
     for row in rows:
-        print(f"| {row['case']} | {row['tok_s']:.1f} | {float(row['tok_s']) / float(one['tok_s']):.2f}x | "
+        daemon, _, kind = str(row["case"]).split(", ")
+        single = find(daemon, 1, kind) or row
+        print(f"| {row['case']} | {row['tok_s']:.1f} | {float(row['tok_s']) / float(single['tok_s']):.2f}x | "
               f"{row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} s | "
               f"{row['ttft_p50_s'] * 1000:.0f} / {row['ttft_max_s'] * 1000:.0f} ms | "
               f"{'yes' if row['first_tokens_before_any_finish'] else 'no'} |")
-    today = next((r for r in rows if r["case"].startswith("today")), None)
-    single = next(r for r in rows if r["case"].startswith("parallel=1"))
-    if today is not None:
-        for label, row in (("parallel=1", single), ("parallel=4", one)):
-            print(f"{label} vs today, 1 client: decode {float(row['tok_s']) / float(today['tok_s']):.3f}x, "
-                  f"TTFT p50 {float(today['ttft_p50_s']) / float(row['ttft_p50_s']):.3f}x (higher is better)")
+    for kind in ("base model", "one adapter"):
+        today = find("today", 1, kind)
+        for daemon in ("parallel=1", "parallel=4"):
+            row = find(daemon, 1, kind)
+            if today is not None and row is not None:
+                print(f"{daemon} vs today, 1 client, {kind}: decode {float(row['tok_s']) / float(today['tok_s']):.3f}x,"
+                      f" TTFT p50 {float(today['ttft_p50_s']) / float(row['ttft_p50_s']):.3f}x (higher is better)")
     print(f"peak RSS of the parallel=4 daemon: {peak / 2**20:.1f} MiB vs plan {predicted / 2**20:.1f} MiB "
           f"({peak / predicted:.2f}x)")
     print(json.dumps({"load_before": load_before, "load_after": load_after, "cases": rows,

@@ -80,7 +80,7 @@ def run_together(runtime: Runtime, requests: list[Request]) -> list[Collected]:
         for (prompt, params, adapters), result in zip(requests, results):
             runtime.start(prompt, params, adapters=adapters, cancel=threading.Event(), deliver=deliver_to(result))
     for result in results:
-        assert result.done.wait(300)
+        assert result.done.wait(3600)  # a guard against a hang only: the machine may be very busy
         assert result.error is None, result.error
     return results
 
@@ -199,7 +199,7 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_answers_uncha
         for index, (prompt, params, adapters) in enumerate(requests):
             smol.start(prompt, params, adapters=adapters, cancel=cancels[index], deliver=deliver_to(index))
     for result in results:
-        assert result.done.wait(300)
+        assert result.done.wait(3600)  # a guard against a hang only: the machine may be very busy
     assert results[1].chunks[-1].finish_reason == "cancelled"
     assert len(results[1].tokens) < len(alone[1])
     assert [results[i].tokens for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
