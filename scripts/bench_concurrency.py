@@ -155,13 +155,16 @@ def loadavg() -> str:
 
 
 def main() -> int:
+    global ROUNDS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of the code before batching (its PYTHONPATH), for the `today` rows")
     parser.add_argument("--llama-lib", type=Path, default=None,
                         help="a folder holding another llama_cpp build (pip install --target), put first on every "
                              "daemon's PYTHONPATH, e.g. one built with -DGGML_LLAMAFILE=OFF")
+    parser.add_argument("--rounds", type=int, default=ROUNDS, help="requests each client sends in turn")
     args = parser.parse_args()
+    ROUNDS = args.rounds
     first = f"{args.llama_lib}{os.pathsep}" if args.llama_lib else ""
     here = first + str(Path(__file__).resolve().parent.parent)
     load_before = loadavg()

@@ -98,7 +98,7 @@ def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     folder = tmp_path_factory.mktemp("profiles")
 
     def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384,
-              threads: int = 2, parallel: int | str = "auto") -> Path:
+              threads: int = 2, parallel: int | str = 1) -> Path:
         path = folder / f"{name}.toml"
         path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb,
                                         threads=threads, parallel=f'"{parallel}"' if parallel == "auto" else parallel))
