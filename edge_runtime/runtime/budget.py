@@ -239,7 +239,9 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, int | str]:
         """The plan as plain values (bytes), with the derived totals."""
-        return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
+        kv_tokens = f"{self.parallel} x {self.ctx}" if self.parallel > 1 else str(self.ctx)
+        return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes,
+                               "kv_tokens": kv_tokens}
 
 
 @dataclass(frozen=True)
@@ -262,7 +264,7 @@ class MemoryTerm:
 MEMORY_TERMS = (
     MemoryTerm("process_bytes", "process", "process (Python, llama.cpp, tokenizer)"),
     MemoryTerm("model_bytes", "base model", "base model"),
-    MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({parallel} x {ctx} tokens, {kv_type})"),
+    MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({kv_tokens} tokens, {kv_type})"),
     MemoryTerm("compute_bytes", "compute", "compute buffers (batch {batch})"),
     MemoryTerm("request_buffer_bytes", "request buffers",
                "request buffers ({request_reads} x {max_body_kib} KiB, {max_connections} connections)"),
