@@ -60,7 +60,7 @@ _LAZY = {
     "resolve_model": "models",
 }
 
-_load = lazy_attributes(__name__, {name: module if "." in module else f".{module}" for name, module in _LAZY.items()})
+_load = lazy_attributes(__name__, _LAZY)
 
 
 def __getattr__(name: str) -> Any:
