@@ -26,6 +26,7 @@ from edge_runtime.errors import InvalidSettings
 from edge_runtime.files import atomic_output, user_file_mode
 from edge_runtime.gguf import info as gguf_info
 from edge_runtime.gguf import keys
+from edge_runtime.gguf.info import MAX_INVOCATION_TOKENS
 from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE
 from edge_runtime.names import validate_name
 
@@ -114,6 +115,13 @@ def invocation_tokens(adapter: PeftAdapter, layout: BaseModelLayout) -> tuple[in
         from converters.vocabulary import vocabulary_tokens  # llama.cpp only for the older aLoRAs
 
         tokens = tuple(vocabulary_tokens(layout.path, config.invocation_string))
+    if tokens and len(tokens) > MAX_INVOCATION_TOKENS:
+        raise MalformedAdapter(
+            str(adapter.directory),
+            f"its aLoRA invocation is {len(tokens)} tokens long (at most "
+            f"{MAX_INVOCATION_TOKENS}: a prompt must be able to hold it)",
+            fix="Use the short invocation sequence the adapter was trained with",
+        )
     vocabulary = layout.tensor_shapes.get("token_embd.weight", (0, 1 << 32))[1]
     if tokens and max(tokens) >= vocabulary:
         raise MalformedAdapter(

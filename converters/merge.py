@@ -100,6 +100,7 @@ def merge_adapter(
         keys.MERGE_BASE_NAME: metadata_value(str(base_header.value(keys.NAME, base.stem))),
         keys.MERGE_SCALE: metadata_value(float(scale)),
         keys.MERGE_OUTTYPE: metadata_value(outtype),
+        keys.FILE_TYPE: metadata_value(0),  # decided once the tensors' types are (_main_file_type)
     } | _file_type(outtype)
     with (
         atomic_output(output, mode=user_file_mode()) as temp,
@@ -110,6 +111,8 @@ def merge_adapter(
         with temp.open("wb") as handle:
             writer = ModelWriter(handle, base_header, extra, slots)
             types, errors = _write_tensors(writer, slots, base_file, adapter_file, loras, outtype, progress)
+            if outtype not in OUTTYPES:  # auto and base choose per tensor: name what most of the weights became
+                writer.patch(keys.FILE_TYPE, _main_file_type(slots, base_header))
             writer.finish()
     return MergeResult(
         output=output,
@@ -250,6 +253,22 @@ def _file_type(outtype: str) -> dict[str, bytes]:
     name = "ALL_F32" if qtype == gguf.GGMLQuantizationType.F32 else f"MOSTLY_{qtype.name}"
     member = gguf.LlamaFileType.__members__.get(name)
     return {} if member is None else {gguf.Keys.General.FILE_TYPE: metadata_value(int(member))}
+
+
+def _main_file_type(slots: list[TensorSlot], base: GGUFHeader) -> bytes:
+    """general.file_type for per-tensor choices: the type of the matrices holding most of the bytes (the base's own
+    value when that type has no LlamaFileType name)."""
+    weights: dict[gguf.GGMLQuantizationType, int] = {}
+    for slot in slots:
+        if len(slot.shape) >= 2:
+            weights[slot.qtype] = weights.get(slot.qtype, 0) + math.prod(slot.shape)
+    if weights:
+        main = max(weights, key=lambda qtype: weights[qtype])
+        name = "ALL_F32" if main == gguf.GGMLQuantizationType.F32 else f"MOSTLY_{main.name}"
+        member = gguf.LlamaFileType.__members__.get(name)
+        if member is not None:
+            return metadata_value(int(member))
+    return metadata_value(int(base.value(keys.FILE_TYPE, 0)))
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,11 @@ class ModelWriter:
         self._alignment = int(base.value(keys.ALIGNMENT, 32))
         fields = {key: _raw_field(item) for key, item in base.fields.items()} | extra
         handle.write(b"GGUF" + struct.pack("<IQQ", GGUF_VERSION, len(self._slots), len(fields)))
+        self._values: dict[str, tuple[int, int]] = {}  # key -> (offset, length) of its value, for ``patch``
         for key, value in fields.items():
-            handle.write(_string(key) + value)
+            handle.write(_string(key))
+            self._values[key] = (handle.tell(), len(value))
+            handle.write(value)
         self._infos_at = handle.tell()
         for slot in self._slots:
             handle.write(slot.info_bytes())
@@ -67,6 +70,16 @@ class ModelWriter:
         slot.offset = self._handle.tell() - self._data_start
         self._handle.write(data)
         self._pad()
+
+    def patch(self, key: str, value: bytes) -> None:
+        """Overwrite metadata ``key``'s value with ``value`` of the same encoded length (a uint32 decided late)."""
+        offset, length = self._values[key]
+        if len(value) != length:
+            raise ValueError(f"{key}: a {len(value)}-byte value cannot replace a {length}-byte one")
+        end = self._handle.tell()
+        self._handle.seek(offset)
+        self._handle.write(value)
+        self._handle.seek(end)
 
     def finish(self) -> None:
         """Rewrite the tensor infos with the types and offsets the data was written with."""

@@ -19,3 +19,13 @@ def validate_name(name: str) -> str:
     if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in {".", ".."} or ".." in name:
         raise InvalidName(repr(name) if not isinstance(name, str) else name, NAME_PATTERN)
     return name
+
+
+# C0 and C1 controls and DEL: what a terminal or a log reader would act on (newlines forge log lines, ESC sequences
+# rewrite the operator's screen).
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters written as ``\\xNN``, for log lines and terminal output of untrusted text."""
+    return text.translate(_CONTROLS)

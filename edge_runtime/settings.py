@@ -12,6 +12,7 @@
 - ``DOCKER_CONFIG``: the folder of Docker's ``config.json`` (default ``~/.docker``), read for registry ``auths``.
 - ``EDGE_RT_INSECURE_REGISTRIES``: comma-separated ``HOST[:PORT]`` registries reached over plain HTTP (loopback
   hosts always are, as Docker treats them).
+- ``EDGE_RT_CACHE_LOCK_TIMEOUT_S``: how long to wait for another process's cache lock before giving up (default 60).
 """
 
 from __future__ import annotations
@@ -46,6 +47,14 @@ def hf_cache_dir() -> Path | None:
     """``HF_HUB_CACHE`` as set now, or None for huggingface_hub's own default."""
     configured = os.environ.get("HF_HUB_CACHE")
     return Path(configured).expanduser() if configured else None
+
+
+def cache_lock_timeout_s() -> float:
+    """``EDGE_RT_CACHE_LOCK_TIMEOUT_S`` (seconds, default 60): the longest wait for the adapter cache's lock."""
+    try:
+        return max(0.0, float(os.environ.get("EDGE_RT_CACHE_LOCK_TIMEOUT_S", "60")))
+    except ValueError:
+        return 60.0
 
 
 def hf_endpoint() -> str | None:

@@ -58,3 +58,18 @@ def test_ls_rm_and_gc_show_and_tidy_the_cache_and_keep_what_a_daemon_uses(tmp_pa
     assert collected.exit_code == 0 and "verified 2 blobs" in collected.output and "1 unused" in collected.output
     assert not store.blob_path(orphan).exists() and store.blob_path(rows["json-extract"]["sha256"]).exists()
     daemon_like.close()
+
+
+def test_the_cache_folder_may_follow_the_subcommand(tmp_path: Path, cdn_dir: Path,
+                                                    key_pair: tuple[object, object, Path],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 18 item 20: `edge-rt cache ls --cache-dir X` was "no such option".
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    cache = synced_cache(tmp_path, cdn_dir, key_pair[2].with_name(key_pair[2].name + ".pub"))
+    after = CliRunner().invoke(main, ["cache", "ls", "--json", "--cache-dir", str(cache)])
+    before = CliRunner().invoke(main, ["cache", "--cache-dir", str(cache), "ls", "--json"])
+    assert after.exit_code == 0, after.output
+    assert sorted(row["name"] for row in json.loads(after.output)) == ["brand-voice", "json-extract"]
+    assert json.loads(after.output) == json.loads(before.output)
+    collected = CliRunner().invoke(main, ["cache", "gc", "--cache-dir", str(cache)])
+    assert collected.exit_code == 0 and "verified 2 blobs" in collected.output

@@ -151,3 +151,16 @@ def _umask() -> int:
     current = os.umask(0o022)
     os.umask(current)
     return current
+
+
+def test_inspect_escapes_control_characters_a_file_carries(tmp_path: Path, base_model: Path) -> None:
+    # Issue 18 item 15: a description with terminal escape sequences reached the operator's terminal raw.
+    peft_dir = write_peft_dir(tmp_path / "peft", r=8, lora_alpha=32)
+    out = tmp_path / "sneaky.gguf"
+    hostile = "Harmless\x1b[2J\x1b]0;owned\x07\nfake-field  value"
+    assert CliRunner().invoke(main, ["convert", str(peft_dir), "--base", str(base_model), "-o", str(out),
+                                     "--description", hostile]).exit_code == 0
+    inspected = CliRunner().invoke(main, ["inspect", str(out)])
+    assert inspected.exit_code == 0
+    assert "\x1b" not in inspected.output and "\x07" not in inspected.output
+    assert "Harmless\\x1b[2J\\x1b]0;owned\\x07\\x0afake-field  value" in inspected.output

@@ -59,7 +59,8 @@ def test_publishing_an_empty_folder_is_refused_unless_asked(tmp_path: Path, publ
     assert refused.exit_code == 2 and "would withdraw all 2 adapters" in refused.output and "--allow-empty" in \
         refused.output
     assert (cdn / "manifest.json").read_bytes() == before
-    done = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn), "--allow-empty"])
+    done = CliRunner().invoke(main, ["publish", str(tmp_path / "empty"), "--out", str(cdn), "--allow-empty",
+                                     "--unsigned"])
     assert done.exit_code == 0 and "version 2, 0 adapters" in done.output
 
 
@@ -74,8 +75,11 @@ def test_publishing_with_another_key_than_the_last_manifest_warns(tmp_path: Path
     changed = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--key", str(other)])
     assert changed.exit_code == 0 and "warning: the previous manifest was signed by" in changed.output
     assert "devices pinned to the old key refuse it" in changed.output
-    unsigned = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn)])
-    assert "this one by no key (UNSIGNED)" in unsigned.output
+    # Issue 18 item 6: without --key over a signed manifest it exited 0, and every pinned device then refused updates.
+    refused = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn)])
+    assert refused.exit_code == 2 and "its manifest is signed" in refused.output and "--unsigned" in refused.output
+    unsigned = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(cdn), "--unsigned"])
+    assert unsigned.exit_code == 0 and "this one by no key (UNSIGNED)" in unsigned.output
 
 
 def test_sync_fetches_adapters_into_the_cache_with_progress(tmp_path: Path, published: tuple[Path, Path],
@@ -135,3 +139,42 @@ def test_publish_twice_grows_the_version(tmp_path: Path, adapter_sources: Path) 
         result = CliRunner().invoke(main, ["publish", str(adapter_sources), "--out", str(tmp_path / "cdn")])
         assert result.exit_code == 0 and f"version {version}," in result.output and "UNSIGNED" in result.output
     assert json.loads((tmp_path / "cdn" / "manifest.json").read_text())["signed"]["version"] == 2
+
+
+def test_ctrl_c_in_sync_exits_130_and_says_the_download_resumes(tmp_path: Path, large_adapter: Path) -> None:
+    # Issue 18 item 20: Ctrl-C in `sync` ended in a traceback, not 130 with a word on the partial download.
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from edge_runtime.distribution.publish import publish
+
+    publish(large_adapter, tmp_path / "cdn")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(tmp_path / "cdn")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    cache = tmp_path / "cache"
+    env = os.environ | {"HF_HUB_OFFLINE": "0", "EDGE_RT_HOME": str(tmp_path / "home")}
+    try:
+        while subprocess.run(["python3", "-c", f"import socket; socket.create_connection(('127.0.0.1', {port}))"],
+                             capture_output=True).returncode:
+            time.sleep(0.05)
+        sync = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "sync", "--cdn", f"http://127.0.0.1:{port}",
+                                 "--all", "--cache-dir", str(cache), "--max-kbps", "40"], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while not any(p.stat().st_size for p in (cache / "partial").glob("*.part")):  # (no folder yet: no match)
+            assert sync.poll() is None, sync.communicate()
+            time.sleep(0.05)
+        sync.send_signal(signal.SIGINT)
+        _, stderr = sync.communicate(timeout=120)
+    finally:
+        server.terminate()
+        server.wait()
+    assert sync.returncode == 130, stderr
+    assert "next `edge-rt sync` resumes" in stderr and "Traceback" not in stderr
+    assert any(p.stat().st_size for p in (cache / "partial").glob("*.part"))

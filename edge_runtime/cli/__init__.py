@@ -20,6 +20,7 @@ from edge_runtime.cli.status import status
 from edge_runtime.gguf import keys
 from edge_runtime.gguf.info import GGUFInfo, read_info
 from edge_runtime.gguf.outtypes import ADAPTER_OUTTYPES, DEFAULT_ADAPTER_OUTTYPE, MERGE_OUTTYPES
+from edge_runtime.names import printable
 from edge_runtime.profiles import DeviceProfile, list_profiles, load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -152,7 +153,7 @@ def inspect(file: Path | None, as_json: bool) -> None:
     for key, value in summary.items():
         if isinstance(value, dict):
             value = ", ".join(f"{k}={v}" for k, v in value.items())
-        click.echo(f"{key.ljust(width)}  {'-' if value is None else value}")
+        click.echo(f"{key.ljust(width)}  {'-' if value is None else printable(str(value))}")  # a file's own text
 
 
 def _summary(info: GGUFInfo) -> dict[str, Any]:
@@ -250,6 +251,14 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
     "--ctx", type=click.IntRange(min=256), default=None, help="Context length in tokens [default: the profile's]."
 )
 @request_limit_options
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(min=1),
+    default=600.0,
+    show_default=True,
+    help="Seconds a completion may take from arrival (queue and generation); past it the engine stops the "
+    "generation inside its current token and the client gets 504.",
+)
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://, oci://).")
 @click.option(
     "--public-key",
@@ -333,15 +342,39 @@ def keygen(out: Path) -> None:
     help="Days until devices refuse this manifest.",
 )
 @click.option("--allow-empty", is_flag=True, help="Publish even when SRC_DIR holds no adapter (withdraws them all).")
+@click.option(
+    "--unsigned",
+    is_flag=True,
+    help="Publish without --key over a signed manifest (pinned devices will refuse it until they drop the key).",
+)
+@click.option(
+    "--allow-renamed",
+    is_flag=True,
+    help="Publish files whose adapter name inside differs from their file name, under the file name.",
+)
 @_reports_errors
-def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allow_empty: bool) -> None:
+def publish(
+    src_dir: Path,
+    out: str,
+    key: Path | None,
+    expires_days: float,
+    allow_empty: bool,
+    unsigned: bool,
+    allow_renamed: bool,
+) -> None:
     """Publish every NAME.gguf adapter in SRC_DIR as content-addressed blobs and a new signed manifest."""
     from edge_runtime.distribution.keys import load_private_key
     from edge_runtime.distribution.manifest import format_time
     from edge_runtime.distribution.oci_publish import RegistryPublishResult, publish_to
 
     result = publish_to(
-        src_dir, out, key=load_private_key(key) if key else None, expires_days=expires_days, allow_empty=allow_empty
+        src_dir,
+        out,
+        key=load_private_key(key) if key else None,
+        expires_days=expires_days,
+        allow_empty=allow_empty,
+        unsigned=unsigned,
+        allow_renamed=allow_renamed,
     )
     if result.key_changed:
         signer = f"key {result.keyid[:16]}" if result.keyid else "no key (UNSIGNED)"
@@ -400,6 +433,11 @@ def publish(src_dir: Path, out: str, key: Path | None, expires_days: float, allo
 @click.option("--cache-mb", type=click.IntRange(min=1), default=None, help="Cache disk budget in MiB.")
 @click.option("--model", default=None, help="Base model whose adapters are offered [default: embedded].")
 @click.option("--offline", is_flag=True, help="Make no network attempt; check what is cached.")
+@click.option(
+    "--reset-trust",
+    is_flag=True,
+    help="Forget this unsigned CDN's version and clock floors first (after a forged manifest raised them).",
+)
 @_reports_errors
 def sync(
     cdn: str,
@@ -412,6 +450,7 @@ def sync(
     cache_mb: int | None,
     model: str | None,
     offline: bool,
+    reset_trust: bool,
 ) -> None:
     """Fetch adapters from a CDN into the verified cache: resumable, sha256-checked, never past the manifest."""
     import asyncio
@@ -422,18 +461,29 @@ def sync(
     if (adapter_names is None) != sync_all:
         raise click.UsageError("pass exactly one of --adapters a,b and --all")
     names = None if sync_all else [n.strip() for n in (adapter_names or "").split(",") if n.strip()]
-    report = asyncio.run(
-        run_sync(
-            cdn,
-            names,
-            progress=_ProgressLine(),
-            cache_dir=cache_dir,
-            offline=True if offline else None,
-            public_key=load_public_key(public_key) if public_key else None,
-            base_fingerprint=read_info(resolve_model(model)).fingerprint,
-            sync_settings=SyncSettings.for_profile(load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb),
+    try:
+        report = asyncio.run(
+            run_sync(
+                cdn,
+                names,
+                progress=_ProgressLine(),
+                reset_trust=reset_trust,
+                cache_dir=cache_dir,
+                offline=True if offline else None,
+                public_key=load_public_key(public_key) if public_key else None,
+                base_fingerprint=read_info(resolve_model(model)).fingerprint,
+                sync_settings=SyncSettings.for_profile(
+                    load_profile(profile_name), max_kbps=max_kbps, cache_mb=cache_mb
+                ),
+            )
         )
-    )
+    except KeyboardInterrupt:
+        click.echo(
+            "\ninterrupted: what was downloaded stays in the cache's partial files, and the next "
+            "`edge-rt sync` resumes from there",
+            err=True,
+        )
+        raise SystemExit(130) from None
     for result in report.results:
         click.echo(
             f"{result.adapter.name}  {'downloaded' if result.downloaded else 'cached'}  "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,25 +15,38 @@ from edge_runtime.gguf.info import read_info
 __all__ = ["cache_group"]
 
 
-@click.group("cache")
-@click.option(
+_CACHE_DIR = click.option(
     "--cache-dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
     help="Adapter cache [default: $EDGE_RT_HOME/adapters].",
 )
+
+
+@click.group("cache")
+@_CACHE_DIR
 @click.pass_context
 def cache_group(ctx: click.Context, cache_dir: Path | None) -> None:
     """Look into and tidy the device's adapter cache (safe beside running daemons: what they serve is kept)."""
-    from edge_runtime import settings
-    from edge_runtime.distribution.store import AdapterStore
+    ctx.obj = cache_dir
 
-    ctx.obj = AdapterStore(cache_dir or settings.adapter_cache_dir())
+
+def _with_store(command: Callable[..., None]) -> Callable[..., None]:
+    """``--cache-dir`` after the subcommand too (``cache ls --cache-dir X``); the store is the first argument."""
+
+    def run(group_dir: Path | None, /, *args: Any, cache_dir: Path | None, **kwargs: Any) -> None:
+        from edge_runtime import settings
+        from edge_runtime.distribution.store import AdapterStore
+
+        command(AdapterStore(cache_dir or group_dir or settings.adapter_cache_dir()), *args, **kwargs)
+
+    run.__name__, run.__doc__ = command.__name__, command.__doc__  # click names the command and its help from these
+    return _CACHE_DIR(click.pass_obj(run))
 
 
 @cache_group.command("ls")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-@click.pass_obj
+@_with_store
 @reports_errors
 def cache_ls(store: Any, as_json: bool) -> None:
     """What is cached: name, size, sha256, the base it was converted for, last use, and whether a daemon uses it."""
@@ -66,7 +80,7 @@ def cache_ls(store: Any, as_json: bool) -> None:
 
 @cache_group.command("rm")
 @click.argument("names", nargs=-1, required=True)
-@click.pass_obj
+@_with_store
 @reports_errors
 def cache_rm(store: Any, names: tuple[str, ...]) -> None:
     """Remove adapters from the cache (refused for one a running daemon serves)."""
@@ -88,7 +102,7 @@ def cache_rm(store: Any, names: tuple[str, ...]) -> None:
 
 
 @cache_group.command("gc")
-@click.pass_obj
+@_with_store
 @reports_errors
 def cache_gc(store: Any) -> None:
     """Verify every blob, finish or drop interrupted downloads, and delete blobs no name uses."""

@@ -52,9 +52,18 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
 
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
+    running = report.get("running")
+    now = (
+        "idle"
+        if not running
+        else (
+            f"generating under {running['adapters']}: {running['generated_tokens']} tokens"
+            + (f", {running['tokens_per_second']:.1f} tok/s" if running.get("tokens_per_second") else "")
+        )
+    )
     lines = [
         f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
-        f"{report['queued']} queued",
+        f"{report['queued']} queued, {report.get('waiting_for_downloads', 0)} waiting for downloads, {now}",
         "memory",
     ]
     rows = [(term.describe(plan), plan.get(term.key, 0)) for term in MEMORY_TERMS]
@@ -64,16 +73,32 @@ def _table(url: str, report: dict[str, Any]) -> str:
         ("measured RSS", report["rss_bytes"]),
     ]
     lines += [f"  {label:<48}{value / mib:>10.1f} MiB" for label, value in rows]
-    lines.append(f"adapters ({len(report['adapters'])})")
+    total = report.get("adapters_total", len(report["adapters"]))
+    states = ", ".join(f"{count} {state}" for state, count in report.get("adapter_states", {}).items())
+    lines.append(f"adapters ({total}{f': {states}' if states else ''})")
     for a in report["adapters"]:
         state = a["state"]
         if state == "downloading":
             state += f" {100 * a['downloaded_bytes'] / max(1, a['download_total_bytes']):.0f}%"
+            if a.get("download_bytes_per_second"):
+                state += f" {a['download_bytes_per_second'] / 1e6:.2f} MB/s"
+            if a.get("download_eta_s") is not None:
+                state += f" ETA {duration(a['download_eta_s'])}, {a.get('waiting_requests', 0)} waiting"
         used = "never used" if not a.get("last_used") else f"used {duration(time.time() - a['last_used'])} ago"
+        update = (
+            ""
+            if not a.get("updated_at")
+            else (
+                f"  updated {duration(time.time() - a['updated_at'])} ago from {(a.get('replaced_sha256') or '-')[:12]}"
+            )
+        )
         lines.append(
             f"  {a['name']:<24}{state:<18}{a['size_bytes'] / 1e6:>8.1f} MB  {a['sha256'][:12]}  "
-            f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}"
+            f"{a['users']} users  {used}{'  pinned' if a.get('pinned') else ''}{update}"
+            + (f"  {a['description']}" if a.get("description") else "")
         )
+    if total > len(report["adapters"]):
+        lines.append(f"  ... {total - len(report['adapters'])} more (edge-rt status --json, or /v1/status?offset=N)")
     cdn = report.get("cdn")
     if cdn:
         refreshed = "never" if not cdn.get("last_refresh") else f"{duration(time.time() - cdn['last_refresh'])} ago"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import hashlib
 import logging
 import shutil
@@ -44,6 +45,7 @@ from edge_runtime.errors import (
     DiskFull,
     EdgeRtError,
     IncompatibleAdapter,
+    InvalidSettings,
     TransferFailed,
 )
 from edge_runtime.files import atomic_output
@@ -148,10 +150,19 @@ class CdnClient:
     ) -> None:
         await self.close()
 
-    async def close(self) -> None:
-        """Close the network session (in-flight downloads keep their partial files for a later resume)."""
+    def cancel_downloads(self) -> None:
+        """Stop the downloads under way (their partial files stay for a resume); callers waiting get CancelledError."""
         for task in list(self._inflight.values()):
             task.cancel()
+
+    async def close(self) -> None:
+        """Close the network session (in-flight downloads keep their partial files for a later resume)."""
+        downloads = list(self._inflight.values())
+        for task in downloads:
+            task.cancel()
+        # Their clean-up (releasing the partial's claim) runs on the store's worker: let it finish before the worker
+        # stops (a Ctrl-C in `sync` printed "cannot schedule new futures after shutdown" tracebacks).
+        await asyncio.gather(*downloads, return_exceptions=True)
         await self._source.close()
         await asyncio.to_thread(self.store.close)
 
@@ -184,6 +195,20 @@ class CdnClient:
             with atomic_output(self._last_manifest_path()) as temp:
                 temp.write_bytes(document)
             self._last_document = document
+
+    async def reset_trust(self) -> bool:
+        """Forget the version and clock floors of this unsigned CDN (``sync --reset-trust``): a forged manifest may
+        have raised them. True when there were some. A pinned key's floors are never reset (``InvalidSettings``)."""
+        if self.public_key is not None:
+            raise InvalidSettings("reset_trust", True, "floors of a pinned key were proved by its signatures")
+        return await self.store.call(self._reset_trust_locked)
+
+    def _reset_trust_locked(self) -> bool:
+        with self.store.locked():
+            dropped = [self._trust.reset(self._publisher), self._trust.reset(self.cdn)]
+        if any(dropped):
+            log.warning("trust floors of %s reset by the operator", self.cdn)
+        return any(dropped)
 
     async def last_manifest(self) -> Manifest | None:
         """The last manifest this cache verified from this CDN, read from disk (no network): for offline listings.
@@ -219,12 +244,12 @@ class CdnClient:
         without (a daemon's request, whose updates follow in the background) a cached copy is used at once. The
         name is checked where it becomes a path (``store.lookup``).
         """
-        cached = await self.store.call(self.store.lookup, name)
+        cached = await self.store.call(self._lookup_trusted, name)
         if cached is not None and not current:
             return await self.store.call(self._used, cached)
         if self.offline:
             if cached is None:
-                raise CacheMiss(name, cached=await self.store.call(self.store.names))
+                raise CacheMiss(name, cached=await self.store.call(self._trusted_names))
             return await self.store.call(self._used, cached)
         try:
             manifest = await self._current_manifest()
@@ -240,7 +265,13 @@ class CdnClient:
         if linked is not None:
             return linked
         result = await self._shared_download(entry, progress, link=True)
-        return result if result.name == name else await self.store.call(self.store.link, name, entry.sha256)
+        return (
+            result
+            if result.name == name
+            else await self.store.call(
+                functools.partial(self.store.link, name, entry.sha256, publisher=self._publisher)
+            )
+        )
 
     async def fetch_update(self, entry: ManifestEntry, *, progress: ProgressCallback | None = None) -> CachedAdapter:
         """The verified blob of ``entry`` on disk, its name still pointing at the version in service.
@@ -263,13 +294,41 @@ class CdnClient:
 
     def _link_if_present(self, name: str, sha256: str) -> CachedAdapter | None:
         """Point ``name`` at blob ``sha256`` when the cache already holds it (another name uses the same bytes)."""
-        return self.store.link(name, sha256) if self.store.blob_path(sha256).is_file() else None
+        if not self.store.blob_path(sha256).is_file():
+            return None
+        return self.store.link(name, sha256, publisher=self._publisher)
+
+    def trusted(self, cached: CachedAdapter) -> bool:
+        """Whether this client may serve ``cached``: always without a pinned key (nothing is verified then); with one,
+        when its ref was verified by that key, or this key's last verified manifest lists the same (name, sha256)
+        (a ref rebuilt by recovery, or written before refs recorded who verified them). Another publisher's sync
+        into the same cache never decides what a key-pinned daemon serves."""
+        if self.public_key is None or cached.publisher == self._publisher:
+            return True
+        manifest = self._manifest or self._read_last_manifest()
+        entry = None if manifest is None else manifest.entry(cached.name)
+        return entry is not None and entry.sha256 == cached.sha256
+
+    def _trusted_names(self) -> tuple[str, ...]:
+        return tuple(sorted(a.name for a in self.store.adapters() if self.trusted(a)))
+
+    def _lookup_trusted(self, name: str) -> CachedAdapter | None:
+        cached = self.store.lookup(name)
+        if cached is not None and not self.trusted(cached):
+            log.warning(
+                "cached %s (%s) was verified by %s, not by this client's key: not used",
+                name,
+                cached.sha256[:12],
+                cached.publisher or "no recorded publisher",
+            )
+            return None
+        return cached
 
     def switch(self, name: str, sha256: str, *, replaced: str | None = None) -> CachedAdapter:
         """Point ``name`` at the update ``fetch_update`` fetched; the blob it replaces (``replaced``, or what the name
         pointed at) goes unless another name uses it or a live process leases it. Another process on this cache
         may have switched the name already: its old blob is then ``replaced``'s to drop."""
-        cached = self.store.link(name, sha256)
+        cached = self.store.link(name, sha256, publisher=self._publisher)
         self.store.unstage(sha256)
         if replaced is not None and replaced != sha256:
             self.store.drop_if_unnamed(replaced)
@@ -341,13 +400,16 @@ class CdnClient:
 
     async def _download(self, entry: ManifestEntry, progress: ProgressCallback | None, *, link: bool) -> CachedAdapter:
         protected = set(self._protected()) | self._syncing
-        await self.store.call(self.store.make_room, entry.name, entry.size, protected=protected)
+        await self.store.call(
+            functools.partial(self.store.make_room, entry.name, entry.size, protected=protected, sha256=entry.sha256)
+        )
         request = BlobRequest(
             name=entry.name,
             url=self._source.url(blob_path(entry.sha256)),
             sha256=entry.sha256,
             size=entry.size,
             link=link,
+            publisher=self._publisher,
         )
         try:
             return await self._source.fetch(request, progress)
@@ -363,9 +425,16 @@ class CdnClient:
 
 
 async def run_sync(
-    cdn: str, names: Sequence[str] | None, *, progress: ProgressCallback | None = None, **client_options: Any
+    cdn: str,
+    names: Sequence[str] | None,
+    *,
+    progress: ProgressCallback | None = None,
+    reset_trust: bool = False,
+    **client_options: Any,
 ) -> SyncReport:
     """Recover the cache (start-up scan), then sync ``names`` (all offered when None): what ``edge-rt sync`` runs."""
     async with CdnClient(cdn, **client_options) as client:
+        if reset_trust:
+            await client.reset_trust()
         await client.store.call(recover, client.store)
         return await client.sync(names, progress=progress)

@@ -4,7 +4,9 @@ Three kinds, all ``fcntl.flock`` locks, so the kernel drops them when their proc
 stale lock behind):
 
 - the **cache lock** (``<cache>/.lock``, exclusive): held while blobs are installed, refs change, or anything is
-  deleted, so no two processes decide over the same files at once. Re-entrant within a thread.
+  deleted, so no two processes decide over the same files at once. Re-entrant within a thread. Its holder writes its
+  pid into the file; a waiter gives up after ``EDGE_RT_CACHE_LOCK_TIMEOUT_S`` (a `cache gc` stopped with Ctrl-Z
+  must not hang a daemon's start for ever) or when ``interrupt`` is called (a shutdown), naming that pid.
 - a **claim** on a partial download (exclusive, non-blocking): held by its one writer from the moment it opens the
   file until the blob is installed or the partial deleted. Another process never appends to a claimed partial: it
   downloads to a partial of its own.
@@ -15,11 +17,19 @@ stale lock behind):
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from edge_runtime import settings
+from edge_runtime.errors import CacheBusy
+
+log = logging.getLogger(__name__)
+POLL_S = 0.05  # between attempts at a lock another process holds
 
 __all__ = ["CacheLock", "Claim", "Leases", "delete_unless_leased", "leased"]
 
@@ -27,9 +37,15 @@ __all__ = ["CacheLock", "Claim", "Leases", "delete_unless_leased", "leased"]
 class CacheLock:
     """The cache-wide exclusive lock, re-entrant per thread (flock on separate descriptors would self-deadlock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, timeout_s: float | None = None) -> None:
         self.path = path
+        self.timeout_s = timeout_s  # None: EDGE_RT_CACHE_LOCK_TIMEOUT_S, read at each wait
         self._local = threading.local()
+        self._interrupted = threading.Event()
+
+    def interrupt(self) -> None:
+        """Make every wait for this lock, now and later, end with ``CacheBusy`` (the process is shutting down)."""
+        self._interrupted.set()
 
     @contextmanager
     def held(self) -> Iterator[None]:
@@ -44,7 +60,9 @@ class CacheLock:
             return
         descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX)
+            self._acquire(descriptor)
+            os.ftruncate(descriptor, 0)
+            os.pwrite(descriptor, f"{os.getpid()}\n".encode(), 0)
             self._local.depth = 1
             try:
                 yield
@@ -52,6 +70,37 @@ class CacheLock:
                 self._local.depth = 0
         finally:
             os.close(descriptor)  # releases the lock
+
+    def _acquire(self, descriptor: int) -> None:
+        started = time.monotonic()
+        timeout = settings.cache_lock_timeout_s() if self.timeout_s is None else self.timeout_s
+        logged = False
+        while True:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                pass
+            waited = time.monotonic() - started
+            if self._interrupted.is_set() or waited >= timeout:
+                raise CacheBusy(
+                    str(self.path),
+                    holder_pid=_holder(descriptor),
+                    waited_s=round(waited, 1),
+                    interrupted=self._interrupted.is_set(),
+                )
+            if not logged and waited >= 1.0:
+                log.warning("waiting for the cache lock %s, held by process %s", self.path, _holder(descriptor))
+                logged = True
+            self._interrupted.wait(POLL_S)
+
+
+def _holder(descriptor: int) -> int | None:
+    """The pid the lock's holder wrote into it (None when it wrote none)."""
+    try:
+        return int(os.pread(descriptor, 32, 0).decode("ascii").strip())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
 
 
 class Claim:
@@ -75,6 +124,15 @@ class Claim:
             os.close(descriptor)
             return None
         return cls(descriptor)
+
+    @staticmethod
+    def writing(path: Path) -> bool:
+        """True when a live process holds a claim on ``path``; the probe changes nothing."""
+        claim = Claim.take(path)
+        if claim is None:
+            return path.exists()
+        claim.release()
+        return False
 
     @property
     def held(self) -> bool:

@@ -32,7 +32,7 @@ from edge_runtime.distribution.oci import (
     read_release,
     release_artifact,
 )
-from edge_runtime.distribution.publish import PublishResult, publish
+from edge_runtime.distribution.publish import PublishResult, publish, refuse_unsigned_over_signed
 from edge_runtime.distribution.publish import _entry as adapter_entry
 from edge_runtime.distribution.registry import Registry
 from edge_runtime.distribution.transfer import TransferSettings
@@ -69,17 +69,24 @@ def publish_to(
     key: Ed25519PrivateKey | None = None,
     expires_days: float = 30.0,
     allow_empty: bool = False,
+    unsigned: bool = False,
+    allow_renamed: bool = False,
     transfer: TransferSettings | None = None,
 ) -> PublishResult | RegistryPublishResult:
     """Publish to a folder (a path or ``file://``) or a registry (``oci://``); any other scheme is refused."""
     match = _SCHEME.match(out)
-    if match is None:
-        return publish(src_dir, Path(out), key=key, expires_days=expires_days, allow_empty=allow_empty)
-    scheme = match.group(1).lower()
-    if scheme == "file":
+    if match is None or match.group(1).lower() == "file":
+        folder = Path(out) if match is None else Path(unquote(urlsplit(out).path))
         return publish(
-            src_dir, Path(unquote(urlsplit(out).path)), key=key, expires_days=expires_days, allow_empty=allow_empty
+            src_dir,
+            folder,
+            key=key,
+            expires_days=expires_days,
+            allow_empty=allow_empty,
+            unsigned=unsigned,
+            allow_renamed=allow_renamed,
         )
+    scheme = match.group(1).lower()
     if scheme == "oci":
         return asyncio.run(
             publish_oci(
@@ -88,6 +95,8 @@ def publish_to(
                 key=key,
                 expires_days=expires_days,
                 allow_empty=allow_empty,
+                unsigned=unsigned,
+                allow_renamed=allow_renamed,
                 transfer=transfer,
             )
         )
@@ -102,10 +111,17 @@ async def publish_oci(
     expires_days: float = 30.0,
     now: datetime | None = None,
     allow_empty: bool = False,
+    unsigned: bool = False,
+    allow_renamed: bool = False,
     transfer: TransferSettings | None = None,
     upload_chunk_bytes: int | None = None,
 ) -> RegistryPublishResult:
-    """Push every ``NAME.gguf`` of ``src_dir`` and a new signed manifest to ``reference``'s repository and tag."""
+    """Push every ``NAME.gguf`` of ``src_dir`` and a new signed manifest to ``reference``'s repository and tag.
+
+    Refused as for a folder: an empty ``src_dir`` unless ``allow_empty``, no ``key`` over a signed release unless
+    ``unsigned``, a file whose inner adapter name differs from its file name unless ``allow_renamed``. Unlike a
+    folder, a registry offers no lock: two publishers racing to one tag leave the last one's release.
+    """
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     registry = Registry(reference, transfer=transfer or TransferSettings())
     if upload_chunk_bytes is not None:
@@ -115,8 +131,12 @@ async def publish_oci(
         sources = sorted(src_dir.glob("*.gguf"))
         if not sources and not allow_empty:
             raise NothingToPublish(str(src_dir), withdrawn=len(previous.adapters) if previous else 0)
+        refuse_unsigned_over_signed(str(reference), previous_keyids, key=key, unsigned=unsigned)
         earlier = {a.sha256: a.created for a in previous.adapters} if previous else {}
-        entries = [await asyncio.to_thread(adapter_entry, path, created=now, earlier=earlier) for path in sources]
+        entries = [
+            await asyncio.to_thread(adapter_entry, path, created=now, earlier=earlier, allow_renamed=allow_renamed)
+            for path in sources
+        ]
         new_blobs = [entry.sha256 for path, entry in zip(sources, entries) if await _push_blob(registry, path, entry)]
         await registry.upload_bytes(EMPTY_CONFIG)
         for entry in entries:

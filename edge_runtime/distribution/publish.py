@@ -2,7 +2,8 @@
 
 ``CDN_DIR/blobs/<sha256>.gguf`` are immutable and never deleted here (a device may still be fetching a blob an
 older manifest lists); ``CDN_DIR/manifest.json`` is replaced by one atomic rename, so a reader sees the old
-manifest or the new one. Its ``version`` is one more than the manifest already there.
+manifest or the new one. Its ``version`` is one more than the manifest already there: two publishes into one folder
+take turns (``CDN_DIR/.publish.lock``), so no version is ever written twice with different content.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_runtime.distribution.keys import keyid
+from edge_runtime.distribution.locks import CacheLock
 from edge_runtime.distribution.manifest import (
     MANIFEST_FILE,
     Manifest,
@@ -26,7 +28,7 @@ from edge_runtime.distribution.manifest import (
     sign_manifest,
 )
 from edge_runtime.distribution.sources import read_manifest_file
-from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, NothingToPublish
+from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF, NothingToPublish, PublishRefused
 from edge_runtime.files import atomic_output, file_sha256
 from edge_runtime.gguf import keys
 from edge_runtime.gguf.info import read_info
@@ -34,6 +36,7 @@ from edge_runtime.names import validate_name
 
 PUBLIC_FILE_MODE = 0o644  # the origin server may run as another user
 PUBLIC_DIR_MODE = 0o755
+LOCK_FILE = ".publish.lock"
 
 
 @dataclass(frozen=True)
@@ -61,21 +64,52 @@ def publish(
     expires_days: float = 30.0,
     now: datetime | None = None,
     allow_empty: bool = False,
+    unsigned: bool = False,
+    allow_renamed: bool = False,
 ) -> PublishResult:
     """Publish every ``NAME.gguf`` adapter of ``src_dir`` into ``out_dir`` with a new manifest version.
 
-    Files land 0644 (an origin server often runs as another user). An empty ``src_dir`` is refused
-    (``NothingToPublish``) unless ``allow_empty``: it would withdraw every adapter from every device.
+    Files land 0644 (an origin server often runs as another user). Refused: an empty ``src_dir``
+    (``NothingToPublish``) unless ``allow_empty``, as it would withdraw every adapter from every device; without
+    ``key``, a folder whose manifest is signed (``PublishRefused``) unless ``unsigned``, as every device pinned to the
+    key would refuse all updates from then on; a file whose adapter name inside is not its file name unless
+    ``allow_renamed`` (the file name is what devices will call it).
     """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with CacheLock(out_dir / LOCK_FILE).held():  # held until the new manifest is in place
+        return _publish(
+            src_dir,
+            out_dir,
+            key=key,
+            expires_days=expires_days,
+            now=now,
+            allow_empty=allow_empty,
+            unsigned=unsigned,
+            allow_renamed=allow_renamed,
+        )
+
+
+def _publish(
+    src_dir: Path,
+    out_dir: Path,
+    *,
+    key: Ed25519PrivateKey | None,
+    expires_days: float,
+    now: datetime | None,
+    allow_empty: bool,
+    unsigned: bool,
+    allow_renamed: bool,
+) -> PublishResult:
     now = (now or datetime.now(timezone.utc)).replace(microsecond=0)
     previous, previous_keyids = _previous(out_dir)
     sources = sorted(src_dir.glob("*.gguf"))
     if not sources and not allow_empty:
         raise NothingToPublish(str(src_dir), withdrawn=len(previous.adapters) if previous else 0)
+    refuse_unsigned_over_signed(str(out_dir), previous_keyids, key=key, unsigned=unsigned)
     earlier = {a.sha256: a.created for a in previous.adapters} if previous else {}
     entries, new_blobs = [], []
     for path in sources:
-        entry = _entry(path, created=now, earlier=earlier)
+        entry = _entry(path, created=now, earlier=earlier, allow_renamed=allow_renamed)
         if _write_blob(path, out_dir / blob_path(entry.sha256)):
             new_blobs.append(entry.sha256)
         entries.append(entry)
@@ -98,6 +132,20 @@ def publish(
     )
 
 
+def refuse_unsigned_over_signed(
+    destination: str, previous_keyids: tuple[str, ...], *, key: Ed25519PrivateKey | None, unsigned: bool
+) -> None:
+    """``PublishRefused`` when a publish without a key would replace a signed manifest and ``--unsigned`` was not
+    given: every device pinned to that key would refuse all updates from then on."""
+    if key is None and previous_keyids and not unsigned:
+        raise PublishRefused(
+            destination,
+            f"its manifest is signed (key {', '.join(previous_keyids)}) and no --key "
+            "was given: devices pinned to that key would refuse every update",
+            fix="Pass --key with the signing key, or --unsigned to replace it with an unsigned one",
+        )
+
+
 def _previous(out_dir: Path) -> tuple[Manifest | None, tuple[str, ...]]:
     """The manifest already in ``out_dir`` (its version is the floor; a broken one stops publishing) and its keys."""
     path = out_dir / MANIFEST_FILE
@@ -110,9 +158,16 @@ def _previous(out_dir: Path) -> tuple[Manifest | None, tuple[str, ...]]:
     return manifest, tuple(k for k in keyids if isinstance(k, str))
 
 
-def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime]) -> ManifestEntry:
+def _entry(path: Path, *, created: datetime, earlier: dict[str, datetime], allow_renamed: bool) -> ManifestEntry:
     name = validate_name(path.stem)
     info = read_info(path)
+    inner = info.metadata.get(keys.ADAPTER_NAME)
+    if inner is not None and str(inner) != name and not allow_renamed:
+        raise PublishRefused(
+            str(path),
+            f"the adapter inside is named {str(inner)!r}, its file {name!r}",
+            fix=f"Rename the file to {inner}.gguf, or pass --allow-renamed to publish it as {name!r}",
+        )
     if not info.is_adapter:
         raise InvalidGGUF(str(path), "a base model, not a LoRA adapter: only adapters are published")
     if info.base_fingerprint is None or not info.lora_ranks:

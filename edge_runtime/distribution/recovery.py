@@ -1,8 +1,10 @@
 """The start-up scan of the adapter cache: what a crash, a kill or bit rot left behind is verified or cleaned up.
 
 Blobs are re-hashed (a corrupt one is removed), partials whose writer died are finished when complete, kept for a
-resume, or deleted when stale; stray files go; refs lost with the index are rebuilt from the adapter name each GGUF
-records. Partials another live process writes are left alone (``locks.py``).
+resume, or deleted when stale; stray files go; refs lost with the index are rebuilt from the (name, sha256) pairs
+of the manifests this cache verified (``manifests/``), never from the adapter name a GGUF records inside (that is
+whatever its converter wrote: a blob named by it served one adapter as another). Partials another live process
+writes are left alone (``locks.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import time
 from dataclasses import dataclass
 
 from edge_runtime.distribution.locks import Claim
+from edge_runtime.distribution.manifest import MAX_MANIFEST_BYTES, read_manifest
 from edge_runtime.distribution.store import (
     BLOB_NAME,
     PARTIAL_MAX_AGE_S,
@@ -24,9 +27,8 @@ from edge_runtime.distribution.store import (
     remove_file,
 )
 from edge_runtime.errors import EdgeRtError
-from edge_runtime.files import file_sha256
-from edge_runtime.gguf.info import read_info
-from edge_runtime.names import SHA256_NAME, validate_name
+from edge_runtime.files import file_sha256, read_bounded
+from edge_runtime.names import SHA256_NAME
 
 __all__ = ["RecoveryReport", "rebuild_refs", "recover"]
 
@@ -42,7 +44,7 @@ class RecoveryReport:
     completed: tuple[str, ...] = ()  # partials that were whole and correct: installed
     resumable: tuple[str, ...] = ()  # partials kept for resuming
     removed_files: tuple[str, ...] = ()  # stale partials, temp files and strays (file names)
-    refs_rebuilt: tuple[str, ...] = ()  # names whose ref was recreated from a blob's metadata
+    refs_rebuilt: tuple[str, ...] = ()  # names whose ref was recreated from a verified manifest's listing
 
 
 def recover(store: AdapterStore, *, verify: bool = True) -> RecoveryReport:
@@ -110,19 +112,37 @@ def _recover_partials(store: AdapterStore, removed: list[str]) -> tuple[list[str
 
 
 def rebuild_refs(store: AdapterStore) -> list[str]:
-    """Recreate refs for blobs no name points at, from the adapter name each GGUF records; return them."""
+    """Recreate refs for blobs no name points at, from the (name, sha256) pairs of the manifests this cache verified;
+    return the names. The refs record no publisher: a key-pinned daemon serves them only where its own manifest lists
+    the same pair."""
     referenced = {a.sha256 for a in store.adapters()} | store.staged()  # a staged update keeps its old name's
+    listed = listed_names(store)
     rebuilt = []
     for path in sorted(store.blobs_dir.glob("*.gguf")):
         sha256 = path.name[:64]
         if sha256 in referenced:
             continue
-        try:
-            name = validate_name(read_info(path).name)
-        except EdgeRtError as exc:
-            log.warning("cannot name blob %s (%s): left for eviction", path.name, exc)
-            continue
-        if store.lookup(name) is None:
+        names = [name for name in listed.get(sha256, ()) if store.lookup(name) is None]
+        if not names:
+            log.warning("no verified manifest names blob %s: left unnamed for eviction", path.name)
+        for name in names:
             store.link(name, sha256)
             rebuilt.append(name)
     return rebuilt
+
+
+def listed_names(store: AdapterStore) -> dict[str, list[str]]:
+    """sha256 -> adapter names, from every manifest a client verified into ``manifests/`` (each was checked against
+    its client's key, if any, before it was written there)."""
+    listed: dict[str, list[str]] = {}
+    folder = store.root / "manifests"
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else ():
+        try:
+            manifest = read_manifest(read_bounded(path, MAX_MANIFEST_BYTES), source=str(path), public_key=None)
+        except (EdgeRtError, OSError) as exc:
+            log.warning("manifest %s is not readable, its adapters are not renamed from it: %s", path, exc)
+            continue
+        for entry in manifest.adapters:
+            if entry.name not in listed.setdefault(entry.sha256, []):
+                listed[entry.sha256].append(entry.name)
+    return listed

@@ -32,7 +32,13 @@ from edge_runtime import settings
 from edge_runtime.distribution.http import create_session
 from edge_runtime.distribution.oci import MAX_OCI_MANIFEST_BYTES, OCI_MANIFEST_TYPE, Descriptor, OciReference
 from edge_runtime.distribution.registry_auth import RegistryAuth, auth_errors
-from edge_runtime.distribution.transfer import Fetched, TransferSettings, fetch_bounded, unusable_answer
+from edge_runtime.distribution.transfer import (
+    UNUSABLE_ANSWERS,
+    Fetched,
+    TransferSettings,
+    fetch_bounded,
+    unusable_answer,
+)
 from edge_runtime.errors import IntegrityError, LengthExceeded, RegistryAuthFailed, RemoteNotFound, TransferFailed
 
 __all__ = ["Registry", "registry_url", "uses_plain_http"]
@@ -281,7 +287,7 @@ class Registry:
             try:
                 with auth_errors():
                     return await attempt()
-            except aiohttp.ClientResponseError as exc:  # a redirect loop, an oversized header: the same again
+            except UNUSABLE_ANSWERS as exc:  # a refused redirect or loop, an oversized header: the same again
                 raise unusable_answer(url, exc) from exc
             except (_Retry, *_NETWORK_ERRORS) as exc:
                 failures += 1

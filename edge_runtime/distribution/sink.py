@@ -40,6 +40,7 @@ class BlobRequest:
     sha256: str
     size: int  # bytes, from the manifest
     link: bool = True  # point ``name`` at the blob once installed (False: the caller switches the name later)
+    publisher: str | None = None  # who verified the manifest that lists it (recorded in the ref, ``store.py``)
 
 
 class HashingWriter:
@@ -202,6 +203,7 @@ class DownloadSink:
                 name=self.request.name if self.request.link else None,
                 digest=actual,
                 size=self.request.size,
+                publisher=self.request.publisher,
             )
         finally:
             release(self.partial)

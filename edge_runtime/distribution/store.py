@@ -4,12 +4,16 @@ Layout of the cache folder (after huggingface_hub's blobs/refs split, but every 
 just size-checked)::
 
     blobs/<sha256>.gguf               immutable, verified before it got this name
-    refs/<name>                       the sha256 the name points to; its mtime is the last use (the LRU clock)
+    refs/<name>                       the sha256 the name points to, then on a second line who verified the
+                                      manifest that listed it (``key:<keyid>``, or ``url:<cdn>`` when unsigned;
+                                      none for a ref written before this was recorded); its mtime is the last use
     partial/<sha256>.<token>.part     a download in progress or interrupted (resumable)
     partial/<sha256>.<token>.json     the server's validator (ETag or Last-Modified) for If-Range
     staged/<sha256>                   a fetched update no name points at yet: kept from eviction, never auto-named
 
-The refs folder *is* the index: it is rebuilt from the blobs (each GGUF records its adapter name) when lost.
+The refs folder *is* the index. When it is lost, refs are rebuilt only from the (name, sha256) pairs of the
+manifests this cache verified (``manifests/``), never from the name a GGUF carries inside: a file's inner name is
+whatever its converter wrote, and naming blobs by it served one adapter under another's name.
 
 Several processes may share one cache (``locks.py``): every change to blobs, refs and markers happens under the
 cache lock; a partial belongs to the one process that claimed it (an exclusive lock held while it writes: a second
@@ -66,6 +70,7 @@ class CachedAdapter:
     sha256: str
     size: int  # bytes
     last_used: float  # seconds since the epoch
+    publisher: str | None = None  # who verified the ref (``key:<keyid>`` or ``url:<cdn>``); None: not recorded
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,25 @@ class Partial:
     def validator_path(self) -> Path:
         """The sidecar holding ``validator``."""
         return self.path.with_suffix(".json")
+
+
+@dataclass
+class _PartialFile:
+    path: Path
+    sha256: str
+    size: int
+    last_used: float  # its mtime: the last byte written
+    kept: bool  # a live process writes it, or the download making room resumes it
+
+    def remove(self) -> None:
+        claim = Claim.take(self.path)
+        if claim is None:  # a writer claimed it since: it stays
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+            self.path.with_suffix(".json").unlink(missing_ok=True)
+        finally:
+            claim.release()
 
 
 @dataclass
@@ -122,7 +146,9 @@ class AdapterStore:
         )
 
     def close(self) -> None:
-        """Stop the worker thread once queued operations are done and give up this process's leases."""
+        """Stop the worker thread once queued operations are done and give up this process's leases; an operation
+        still waiting for another process's cache lock gives up at once (``CacheBusy``)."""
+        self._lock.interrupt()
         self._worker.shutdown(wait=True)
         self.leases.release_all()
 
@@ -143,14 +169,21 @@ class AdapterStore:
         """The cached adapter called ``name``, or None."""
         ref = self.refs_dir / validate_name(name)
         try:
-            sha256 = read_bounded(ref, MAX_REF_BYTES).decode("ascii").strip()
+            sha256, _, publisher = read_bounded(ref, MAX_REF_BYTES).decode("utf-8").strip().partition("\n")
             if SHA256_NAME.fullmatch(sha256) is None:  # a damaged ref never names a path outside blobs/
                 return None
             last_used = ref.stat().st_mtime
             size = self.blob_path(sha256).stat().st_size
         except (FileNotFoundError, UnicodeDecodeError, FileTooLarge):
             return None
-        return CachedAdapter(name=name, path=self.blob_path(sha256), sha256=sha256, size=size, last_used=last_used)
+        return CachedAdapter(
+            name=name,
+            path=self.blob_path(sha256),
+            sha256=sha256,
+            size=size,
+            last_used=last_used,
+            publisher=publisher.strip() or None,
+        )
 
     def adapters(self) -> list[CachedAdapter]:
         """Every cached adapter, least recently used first."""
@@ -181,14 +214,15 @@ class AdapterStore:
         """Record a use of ``name`` (the LRU clock)."""
         os.utime(self.refs_dir / validate_name(name))
 
-    def link(self, name: str, sha256: str) -> CachedAdapter:
-        """Point ``name`` at the verified blob ``sha256``; a blob it replaces goes when no other name uses it."""
+    def link(self, name: str, sha256: str, *, publisher: str | None = None) -> CachedAdapter:
+        """Point ``name`` at the verified blob ``sha256``, recording ``publisher`` (who verified the manifest that
+        lists the pair); a blob it replaces goes when no other name uses it."""
         with self._lock.held():
             if not self.blob_path(sha256).is_file():
                 raise FileNotFoundError(self.blob_path(sha256))
             previous = self.lookup(name)
             with atomic_output(self.refs_dir / validate_name(name)) as temp:
-                temp.write_text(sha256, "ascii")
+                temp.write_text(sha256 if publisher is None else f"{sha256}\n{publisher.splitlines()[0]}\n", "utf-8")
             if previous is not None and previous.sha256 != sha256:
                 self.drop_if_unnamed(previous.sha256)  # an open file (a loaded adapter) stays readable until closed
             cached = self.lookup(name)
@@ -224,20 +258,33 @@ class AdapterStore:
             if all(a.sha256 != sha256 for a in self.adapters()):
                 delete_unless_leased(self.blob_path(sha256))
 
-    def make_room(self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0) -> list[str]:
-        """Evict least recently used unprotected adapters until ``size`` bytes fit the budget and the disk.
+    def make_room(
+        self, name: str, size: int, *, protected: Iterable[str] = (), have_bytes: int = 0, sha256: str | None = None
+    ) -> list[str]:
+        """Evict least recently used unprotected adapters and partial downloads until ``size`` bytes fit the budget
+        and the disk.
 
-        Staged blobs (updates waiting for their switch) are kept even though no name points at them.
-        ``have_bytes`` of the download already sit in a partial. Nothing is evicted when room cannot be made:
-        ``DiskFull`` names the limit. Returns the evicted names.
+        Partial downloads count against the budget like blobs (``partial/`` once held 6.8 MB under a 2 MB budget);
+        the oldest that no live process writes go first, in one LRU order with the blobs, except those of
+        ``sha256`` (the blob being made room for: the download resumes from them). Staged blobs (updates waiting for
+        their switch) are kept even though no name points at them. ``have_bytes`` of the download already sit in a
+        partial. Nothing is evicted when room cannot be made: ``DiskFull`` names the limit. Returns the evicted
+        names (a partial's is its file name).
         """
         with self._lock.held():
-            return self._make_room(name, size, protected=protected, have_bytes=have_bytes)
+            return self._make_room(name, size, protected=protected, have_bytes=have_bytes, sha256=sha256)
 
-    def _make_room(self, name: str, size: int, *, protected: Iterable[str], have_bytes: int) -> list[str]:
+    def _make_room(
+        self, name: str, size: int, *, protected: Iterable[str], have_bytes: int, sha256: str | None
+    ) -> list[str]:
         keep = set(protected) | {name}
         keep_blobs = self.staged()
         blobs = self._blobs()
+        partials = self._partials()
+        for partial in partials:
+            if partial.sha256 == sha256:  # resumed by this download: its bytes are part of ``size`` already
+                partial.kept = True
+                have_bytes = max(have_bytes, partial.size)
 
         own = self.leases.held()  # this process's own leases do not stop it: ``protected`` says what it needs
 
@@ -245,11 +292,14 @@ class AdapterStore:
             path = self.blob_path(blob.sha256)
             return bool(keep & set(blob.names)) or blob.sha256 in keep_blobs or (path not in own and leased(path))
 
-        held = sum(b.size for b in blobs.values() if kept(b))
-        candidates = sorted((b for b in blobs.values() if not kept(b)), key=lambda b: b.last_used)
-        plan: list[_Blob] = []
+        held = sum(b.size for b in blobs.values() if kept(b)) + sum(p.size for p in partials if p.kept)
+        candidates: list[_Blob | _PartialFile] = sorted(
+            [*(b for b in blobs.values() if not kept(b)), *(p for p in partials if not p.kept)],
+            key=lambda b: b.last_used,
+        )
+        plan: list[_Blob | _PartialFile] = []
         if self.budget_bytes is not None:
-            used = sum(b.size for b in blobs.values())
+            used = sum(b.size for b in blobs.values()) + sum(p.size for p in partials) - have_bytes
             if size > self.budget_bytes:
                 raise DiskFull(name, needed_bytes=size, available_bytes=self.budget_bytes, limit="adapter_cache_mb")
             while used + size > self.budget_bytes:
@@ -272,11 +322,19 @@ class AdapterStore:
             plan.append(candidates.pop(0))
             free += plan[-1].size
         evicted = []
-        for blob in plan:
+        for victim in plan:
+            if isinstance(victim, _PartialFile):
+                victim.remove()
+                evicted.append(victim.path.name)
+                log.info(
+                    "removed partial download %s (%d bytes) to make room for %s", victim.path.name, victim.size, name
+                )
+                continue
+            blob = victim
             self.leases.release(self.blob_path(blob.sha256))  # ours, if any: an idle cached adapter of this daemon
-            for victim in blob.names:
-                self.evict(victim)
-                evicted.append(victim)
+            for victim_name in blob.names:
+                self.evict(victim_name)
+                evicted.append(victim_name)
             delete_unless_leased(self.blob_path(blob.sha256))
             log.info("evicted %s (%d bytes) to make room for %s", ",".join(blob.names) or blob.sha256, blob.size, name)
         return evicted
@@ -325,7 +383,9 @@ class AdapterStore:
             partial.validator_path.unlink(missing_ok=True)
         release(partial)
 
-    def install(self, partial: Partial, *, name: str | None, digest: str, size: int) -> CachedAdapter | None:
+    def install(
+        self, partial: Partial, *, name: str | None, digest: str, size: int, publisher: str | None = None
+    ) -> CachedAdapter | None:
         """Make a complete, claimed partial visible as ``blobs/<sha256>.gguf``: fsync, rename, fsync the folder.
 
         ``digest`` (the sha256 of the bytes written) must be the partial's name and ``size`` (the manifest's) its
@@ -352,11 +412,36 @@ class AdapterStore:
                 fsync_directory(self.blobs_dir)
                 partial.validator_path.unlink(missing_ok=True)
                 release(partial)
-            return None if name is None else self.link(name, partial.sha256)
+            return None if name is None else self.link(name, partial.sha256, publisher=publisher)
 
     def locked(self) -> AbstractContextManager[None]:
         """The cache lock, for changes that span several store operations (re-entrant within a thread)."""
         return self._lock.held()
+
+    def partial_bytes(self) -> int:
+        """Bytes of partial downloads on disk (they count against the budget too)."""
+        return sum(p.size for p in self._partials())
+
+    def _partials(self) -> list[_PartialFile]:
+        """Partial downloads on disk; one a live process writes is kept (``kept``)."""
+        found = []
+        for path in self.partial_dir.glob("*.part"):
+            match = PARTIAL_NAME.fullmatch(path.name)
+            try:
+                stat = path.stat()
+            except FileNotFoundError:
+                continue
+            if match is not None:
+                found.append(
+                    _PartialFile(
+                        path=path,
+                        sha256=match["sha"],
+                        size=stat.st_size,
+                        last_used=stat.st_mtime,
+                        kept=Claim.writing(path),
+                    )
+                )
+        return found
 
     def _blobs(self) -> dict[str, _Blob]:
         blobs: dict[str, _Blob] = {}

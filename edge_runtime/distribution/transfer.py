@@ -29,12 +29,14 @@ from typing import TypeVar
 
 import aiohttp
 
+from edge_runtime.distribution.http import MAX_REDIRECTS, RedirectBlocked
 from edge_runtime.distribution.sink import BlobRequest, DownloadSink
 from edge_runtime.distribution.store import AdapterStore, CachedAdapter
 from edge_runtime.errors import (
     EdgeRtError,
     IntegrityError,
     LengthExceeded,
+    RedirectRefused,
     RemoteNotFound,
     SlowRetrieval,
     TransferFailed,
@@ -294,7 +296,7 @@ async def fetch_bounded(
                     if len(body) > limit_bytes:
                         raise LengthExceeded(url, limit_bytes=limit_bytes, received_bytes=len(body))
                 return Fetched(body=bytes(body), etag=response.headers.get("ETag"))
-        except aiohttp.ClientResponseError as exc:  # a redirect loop, a header past aiohttp's 8 KiB limit
+        except UNUSABLE_ANSWERS as exc:
             raise unusable_answer(url, exc) from exc
         except _NETWORK_ERRORS as exc:
             raise _network_retry(exc, "fetching") from exc
@@ -344,7 +346,7 @@ async def _attempt(
             finally:
                 if saving is not None:
                     sink.partial = await asyncio.wrap_future(saving)
-    except aiohttp.ClientResponseError as exc:
+    except UNUSABLE_ANSWERS as exc:
         raise unusable_answer(request.url, exc) from exc
     except _NETWORK_ERRORS as exc:
         raise _network_retry(exc, f"at byte {sink.written} of {request.size}") from exc
@@ -360,15 +362,22 @@ _NETWORK_ERRORS = (
 )
 
 
-def unusable_answer(url: str, exc: aiohttp.ClientResponseError) -> TransferFailed:
-    """An answer aiohttp could not take (a redirect loop, a header line past its 8 KiB limit): not retried, the
-    server would answer the same again."""
+# What aiohttp raises for an answer it cannot take, none of them retried (the server would answer the same again):
+# a redirect edge-rt refuses (RedirectBlocked), a redirect loop (TooManyRedirects) or one to a URL aiohttp cannot
+# follow (file://, a malformed Location: InvalidURL), a header line past aiohttp's 8 KiB limit (ClientResponseError).
+UNUSABLE_ANSWERS = (RedirectBlocked, aiohttp.ClientResponseError, aiohttp.InvalidURL)
+
+
+def unusable_answer(url: str, exc: BaseException) -> TransferFailed:
+    """The typed error for one of ``UNUSABLE_ANSWERS``: ``RedirectRefused`` for redirects, else ``TransferFailed``."""
+    if isinstance(exc, RedirectBlocked):
+        return exc.error
     if isinstance(exc, aiohttp.TooManyRedirects):
-        last = exc.request_info.real_url
-        reason = f"redirected {len(exc.history)} times without an answer (a redirect loop?); last {last}"
-    else:
-        reason = f"the server's answer is not usable HTTP ({str(exc.message)[:120]})"
-    return TransferFailed(url, reason)
+        return RedirectRefused(url, str(exc.request_info.real_url), f"more than {MAX_REDIRECTS} redirects (a loop?)")
+    if isinstance(exc, aiohttp.InvalidURL):
+        return RedirectRefused(url, str(exc), "only http and https are followed")
+    message = exc.message if isinstance(exc, aiohttp.ClientResponseError) else exc
+    return TransferFailed(url, f"the server's answer is not usable HTTP ({str(message)[:120]})")
 
 
 def _network_retry(exc: BaseException, where: str) -> _Retry:

@@ -16,6 +16,10 @@ Policy (after TUF's rollback and freeze protection):
   manifest and has no trustworthy clock accepts any unexpired-looking first manifest (trust on first use);
   pinning ``--public-key`` is what makes that first manifest trustworthy. Cached adapters stay usable whatever
   the manifest's state (``--offline``): expiry stops *updates*, it never deletes verified blobs.
+- **Unsigned floors are bounded and resettable.** Without a key anyone on the path can forge a manifest, and one with
+  version 2^62 created in 9999 would lock the address out for good. So an unsigned manifest may move the floors at
+  most ``UNSIGNED_VERSION_STEP`` versions and ``UNSIGNED_TIME_STEP`` past them, and the operator may drop an
+  unsigned address's floors (``edge-rt sync --reset-trust``; refusals say so). Keyed floors are never reset.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import json
 import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -36,6 +40,12 @@ from edge_runtime.errors import ManifestExpired, RollbackRefused
 from edge_runtime.files import atomic_output, read_bounded
 
 TRUST_FILE = "trust.json"
+UNSIGNED_VERSION_STEP = 10_000  # how far an unsigned manifest may raise the version floor at once
+UNSIGNED_TIME_STEP = timedelta(days=400)  # how far past the clock floor an unsigned manifest's "created" may lie
+RESET_FIX = (
+    "This CDN is unsigned, so its floors came from unverified manifests: if a forged one raised them, run "
+    "`edge-rt sync --cdn URL --reset-trust`, or pin a key (--public-key) so floors cannot be forged"
+)
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
@@ -107,24 +117,41 @@ class TrustStore:
         source = source or publisher
         record = next((r for r in map(self.get, (publisher, *fallbacks)) if r is not None), None)
         now = now or datetime.now(timezone.utc)
+        unsigned = not publisher.startswith("key:")
+        fix = {"fix": RESET_FIX} if unsigned else {}
         if record is not None:
             if manifest.version < record.version:
-                raise RollbackRefused(source, offered_version=manifest.version, trusted_version=record.version)
+                raise RollbackRefused(source, offered_version=manifest.version, trusted_version=record.version, **fix)
             if manifest.version == record.version and manifest.digest != record.digest:
                 raise RollbackRefused(
                     source,
                     offered_version=manifest.version,
                     trusted_version=record.version,
                     problem=f"manifest version {manifest.version} changed content without a new version",
+                    **fix,
                 )
+            if unsigned:
+                _check_unsigned_step(source, manifest, record)
         device_time = max(now, record.clock_floor) if record is not None else now
         if manifest.expires <= device_time:
-            raise ManifestExpired(source, expires=format_time(manifest.expires), now=format_time(device_time))
+            raise ManifestExpired(source, expires=format_time(manifest.expires), now=format_time(device_time), **fix)
         floor = manifest.created if record is None else max(record.clock_floor, manifest.created)
         accepted = TrustRecord(version=manifest.version, digest=manifest.digest, clock_floor=floor)
         if accepted != record or self.get(publisher) is None:
             self._save(publisher, accepted)
         return accepted
+
+    def reset(self, publisher: str) -> bool:
+        """Forget the floors of an unsigned ``publisher`` (``url:...``); True when there were some. Keyed floors
+        cannot be reset: a signature proved them."""
+        if publisher.startswith("key:"):
+            raise ValueError("floors of a signing key cannot be reset")
+        data = self._load()
+        if data.pop(publisher, None) is None:
+            return False
+        with atomic_output(self.path) as temp:
+            temp.write_text(json.dumps(data, indent=2, sort_keys=True), "utf-8")
+        return True
 
     def _load(self) -> dict[str, dict[str, object]]:
         try:
@@ -138,3 +165,26 @@ class TrustStore:
         data[source] = record.to_dict()
         with atomic_output(self.path) as temp:
             temp.write_text(json.dumps(data, indent=2, sort_keys=True), "utf-8")
+
+
+def _check_unsigned_step(source: str, manifest: Manifest, record: TrustRecord) -> None:
+    """Refuse an unsigned manifest that would move the floors further than a publisher plausibly does at once."""
+    if manifest.version - record.version > UNSIGNED_VERSION_STEP:
+        raise RollbackRefused(
+            source,
+            offered_version=manifest.version,
+            trusted_version=record.version,
+            problem=f"unsigned manifest version {manifest.version} jumps more than "
+            f"{UNSIGNED_VERSION_STEP} past version {record.version}",
+            fix=RESET_FIX,
+        )
+    if manifest.created - record.clock_floor > UNSIGNED_TIME_STEP:
+        raise RollbackRefused(
+            source,
+            offered_version=manifest.version,
+            trusted_version=record.version,
+            problem=f"unsigned manifest created {format_time(manifest.created)}, more than "
+            f"{UNSIGNED_TIME_STEP.days} days after the newest one seen "
+            f"({format_time(record.clock_floor)})",
+            fix=RESET_FIX,
+        )

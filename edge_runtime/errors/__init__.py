@@ -25,17 +25,21 @@ The tree::
     ├── AdaptersDoNotFit                         (MemoryError)         listed adapters exceed the adapter budget
     ├── ContextOverflow                          (ValueError)          the prompt does not fit the context
     ├── NothingToPublish                         (ValueError)          a publish would withdraw every adapter
+    ├── PublishRefused                           (ValueError)          unsigned over signed, or a renamed file
     ├── InvalidSettings                          (ValueError)          a library setting it does not support
     ├── RuntimeClosed                            (RuntimeError)        the runtime was closed before the call
     ├── LlamaCppError                            (RuntimeError)        llama.cpp refused an operation
     ├── InvalidTransition                        (RuntimeError)        an adapter lifecycle step out of order
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
+    │   └── GrammarTooComplex                                          its grammar keeps too many parse states
+    ├── GenerationTimeout                        (TimeoutError)        a generation passed its deadline (504)
     ├── BodyTimeout                              (TimeoutError)        the body did not arrive in time (408)
     ├── Forbidden                                (PermissionError)     cross-site or rebound-host request (403)
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
     ├── QueueFull                                (RuntimeError)        the request queue is at its bound
     ├── MemoryPressure                           (MemoryError)         RSS over the budget: load is shed (503)
     ├── ShuttingDown                             (RuntimeError)        the daemon stopped before serving it
+    ├── CacheBusy                                (TimeoutError)        another process held the cache lock too long
     ├── IncompatibleAdapter                      (ValueError)          the adapter does not fit this base model
     │   └── UnsupportedArchitecture  (converters/errors.py) (NotImplementedError) no name mapping for the base
     ├── InvalidProfile                           (ValueError)          a device profile breaks the schema
@@ -52,6 +56,7 @@ The tree::
         │   └── LengthExceeded                                         response longer than allowed
         ├── TransferFailed                       (ConnectionError)     network error, refusal, retries exhausted
         │   ├── SlowRetrieval                    (TimeoutError)        stall, too slow, or past the deadline
+        │   ├── RedirectRefused                                        a redirect loop, non-http, or to a private net
         │   ├── RemoteNotFound                   (FileNotFoundError)   404 for a listed file
         │   └── RegistryAuthFailed               (PermissionError)     a registry refused the credentials
         └── CacheMiss                            (FileNotFoundError)   offline and not cached
@@ -67,11 +72,14 @@ from edge_runtime.errors.device import (
     BaseDoesNotFit,
     BodyTimeout,
     BudgetExceeded,
+    CacheBusy,
     ContextOverflow,
     DiskFull,
     FileTooLarge,
     Forbidden,
+    GenerationTimeout,
     GGUFNotFound,
+    GrammarTooComplex,
     IncompatibleAdapter,
     InvalidAddress,
     InvalidGGUF,
@@ -85,6 +93,7 @@ from edge_runtime.errors.device import (
     ModelNotFound,
     NothingToPublish,
     ProfileNotFound,
+    PublishRefused,
     QueueFull,
     RuntimeClosed,
     ShuttingDown,
@@ -98,6 +107,7 @@ from edge_runtime.errors.distribution import (
     InvalidManifest,
     LengthExceeded,
     ManifestExpired,
+    RedirectRefused,
     RegistryAuthFailed,
     RemoteNotFound,
     RollbackRefused,
@@ -109,12 +119,13 @@ from edge_runtime.errors.distribution import (
 )
 
 __all__ = [
-    "AdaptersDoNotFit",
     "AdapterNotFound",
+    "AdaptersDoNotFit",
     "AddressInUse",
     "BaseDoesNotFit",
     "BodyTimeout",
     "BudgetExceeded",
+    "CacheBusy",
     "CacheMiss",
     "ContextOverflow",
     "DiskFull",
@@ -122,7 +133,9 @@ __all__ = [
     "EdgeRtError",
     "FileTooLarge",
     "Forbidden",
+    "GenerationTimeout",
     "GGUFNotFound",
+    "GrammarTooComplex",
     "IncompatibleAdapter",
     "IntegrityError",
     "InvalidGGUF",
@@ -135,11 +148,13 @@ __all__ = [
     "LengthExceeded",
     "LlamaCppError",
     "ManifestExpired",
+    "MemoryPressure",
     "ModelNotFound",
     "NothingToPublish",
-    "MemoryPressure",
     "ProfileNotFound",
+    "PublishRefused",
     "QueueFull",
+    "RedirectRefused",
     "RegistryAuthFailed",
     "RemoteNotFound",
     "RollbackRefused",

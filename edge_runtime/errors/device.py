@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from edge_runtime.errors.base import EdgeRtError
 
 __all__ = [
@@ -10,11 +12,14 @@ __all__ = [
     "BaseDoesNotFit",
     "BodyTimeout",
     "BudgetExceeded",
+    "CacheBusy",
     "ContextOverflow",
     "DiskFull",
     "FileTooLarge",
     "Forbidden",
     "GGUFNotFound",
+    "GenerationTimeout",
+    "GrammarTooComplex",
     "IncompatibleAdapter",
     "InvalidGGUF",
     "InvalidName",
@@ -27,12 +32,19 @@ __all__ = [
     "NothingToPublish",
     "MemoryPressure",
     "ProfileNotFound",
+    "PublishRefused",
     "QueueFull",
     "RuntimeClosed",
     "ShuttingDown",
     "SourceUnavailable",
     "Unauthorized",
 ]
+
+
+def absolute(path: str) -> str:
+    """``path`` as an absolute path for messages (a daemon's or a script's working folder is not the reader's);
+    URLs and empty strings unchanged."""
+    return path if not path or "://" in path else os.path.abspath(path)
 
 
 class ModelNotFound(EdgeRtError, FileNotFoundError):
@@ -55,10 +67,10 @@ class InvalidGGUF(EdgeRtError, ValueError):
     error_type = "invalid_gguf"
 
     def __init__(self, path: str, reason: str) -> None:
-        self.path = path
+        self.path = absolute(path)
         self.reason = reason
         super().__init__(
-            f"{path} is not a readable GGUF file: {reason}",
+            f"{self.path} is not a readable GGUF file: {reason}",
             fix="Pass a .gguf file written by llama.cpp's converters or by `edge-rt convert`",
         )
 
@@ -71,8 +83,8 @@ class GGUFNotFound(InvalidGGUF, FileNotFoundError):
     error_type = "file_not_found"
 
     def __init__(self, path: str) -> None:
-        EdgeRtError.__init__(self, f"{path}: no such file", fix="Check the path")
-        self.path = path
+        self.path = absolute(path)
+        EdgeRtError.__init__(self, f"{self.path}: no such file", fix="Check the path")
         self.reason = "no such file"
 
 
@@ -207,12 +219,18 @@ class AdapterNotFound(EdgeRtError, LookupError):
     exit_code = 3
     error_type = "adapter_not_found"
 
-    def __init__(self, name: str, known: tuple[str, ...] = (), *, base: str | None = None) -> None:
+    def __init__(
+        self, name: str, known: tuple[str, ...] = (), *, base: str | None = None, refused: str | None = None
+    ) -> None:
         self.name = name
         self.known = known
         self.base = base
+        self.refused = refused  # why a file or CDN entry of that name is not served (another base, unreadable...)
         listing = ", ".join(known[:20]) + (" ..." if len(known) > 20 else "") if known else "none"
         also = f"; the base model is {base!r} (or 'base')" if base else ""
+        if refused is not None:
+            super().__init__(f"adapter {name!r} is not served: {refused}", fix=f"Known adapters: {listing}{also}")
+            return
         super().__init__(f"unknown adapter {name!r}", fix=f"Known adapters: {listing}{also}")
 
 
@@ -277,6 +295,20 @@ class NothingToPublish(EdgeRtError, ValueError):
             "the CDN offers now",
             fix="Check the folder, or pass --allow-empty to withdraw everything",
         )
+
+
+class PublishRefused(EdgeRtError, ValueError):
+    """A publish that would mislead devices: an unsigned manifest over a signed one (every pinned device would refuse
+    all updates), or a file whose adapter name inside differs from its file name."""
+
+    http_status = 400
+    exit_code = 2
+    error_type = "publish_refused"
+
+    def __init__(self, target: str, reason: str, *, fix: str) -> None:
+        self.target = target
+        self.reason = reason
+        super().__init__(f"not publishing {target}: {reason}", fix=fix)
 
 
 class InvalidSettings(EdgeRtError, ValueError):
@@ -398,6 +430,37 @@ class InvalidRequest(EdgeRtError, ValueError):
         super().__init__(message)
 
 
+class GrammarTooComplex(InvalidRequest):
+    """A response format whose grammar would make llama.cpp's sampler keep too many parse stacks (each one is a pass
+    over the vocabulary on every token): an ambiguous schema such as nested ``anyOf`` branches that start alike."""
+
+    def __init__(self, *, stacks: int, limit: int) -> None:
+        self.stacks = stacks
+        self.limit = limit
+        super().__init__(
+            f"response_format's grammar reaches {stacks} parse states at once (at most {limit} for this "
+            "model's vocabulary); make anyOf/oneOf branches start differently, or use fewer enum values "
+            "sharing a prefix",
+            param="response_format",
+        )
+
+
+class GenerationTimeout(EdgeRtError, TimeoutError):
+    """A generation ran past its request's deadline; the engine stopped it inside the token it was computing."""
+
+    http_status = 504
+    exit_code = 1
+    error_type = "timeout"
+
+    def __init__(self, *, deadline_s: float, completion_tokens: int) -> None:
+        self.deadline_s = deadline_s  # time.monotonic() seconds
+        self.completion_tokens = completion_tokens
+        super().__init__(
+            f"the generation passed its deadline (the daemon's --request-timeout) after {completion_tokens} tokens",
+            fix="Ask for fewer tokens, use a simpler response_format, or raise the request timeout",
+        )
+
+
 class BodyTimeout(EdgeRtError, TimeoutError):
     """A client sent its headers, then not its whole body within the read timeout (the connection is closed)."""
 
@@ -442,16 +505,31 @@ class QueueFull(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "server_overloaded"
 
-    def __init__(self, *, queued: int, limit: int, retry_after_s: int = 1, waited_s: float | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        queued: int,
+        limit: int,
+        retry_after_s: int = 1,
+        waited_s: float | None = None,
+        grammar_bytes: int | None = None,
+        grammar_limit: int | None = None,
+    ) -> None:
         self.queued = queued
         self.limit = limit
         self.retry_after_s = retry_after_s
         self.waited_s = waited_s
+        self.grammar_bytes = grammar_bytes
         message = (
             f"{queued} requests are already queued (limit {limit})"
             if waited_s is None
             else f"the request waited {waited_s:g} s for its body to be read while others were read ({queued} waiting)"
         )
+        if grammar_bytes is not None:
+            message = (
+                f"queued requests already hold {grammar_bytes} bytes of response_format grammars (limit "
+                f"{grammar_limit})"
+            )
         super().__init__(message, fix=f"Retry after {retry_after_s} s")
 
 
@@ -493,6 +571,29 @@ class DiskFull(EdgeRtError, OSError):
         )
 
 
+class CacheBusy(EdgeRtError, TimeoutError):
+    """Another process held the adapter cache's lock for longer than the wait allows, or the wait was interrupted by
+    a shutdown; ``holder_pid`` is the process the lock file names (None when it names none)."""
+
+    http_status = 503
+    exit_code = 1
+    error_type = "cache_busy"
+
+    def __init__(self, lock: str, *, holder_pid: int | None, waited_s: float, interrupted: bool = False) -> None:
+        self.lock = lock
+        self.holder_pid = holder_pid
+        self.waited_s = waited_s
+        self.interrupted = interrupted
+        holder = f"process {holder_pid}" if holder_pid is not None else "another process"
+        why = "the wait was interrupted (shutting down)" if interrupted else f"waited {waited_s:g} s"
+        super().__init__(
+            f"{holder} holds the cache lock {lock}: {why}",
+            fix=f"If {holder} is stopped (Ctrl-Z), resume or end it"
+            f"{f' (kill -CONT {holder_pid} / kill {holder_pid})' if holder_pid else ''}, then retry; "
+            "EDGE_RT_CACHE_LOCK_TIMEOUT_S sets the wait",
+        )
+
+
 class ShuttingDown(EdgeRtError, RuntimeError):
     """The daemon is stopping: a queued request was dropped before it ran."""
 
@@ -500,5 +601,8 @@ class ShuttingDown(EdgeRtError, RuntimeError):
     exit_code = 1
     error_type = "server_shutting_down"
 
-    def __init__(self) -> None:
-        super().__init__("the daemon is shutting down", fix="Retry against the restarted daemon")
+    def __init__(self, detail: str | None = None) -> None:
+        self.detail = detail  # what the request was waiting for when the shutdown came (a download...)
+        super().__init__(
+            "the daemon is shutting down" + (f": {detail}" if detail else ""), fix="Retry against the restarted daemon"
+        )

@@ -74,13 +74,21 @@ class RollbackRefused(UntrustedData):
 
     error_type = "manifest_rollback"
 
-    def __init__(self, source: str, *, offered_version: int, trusted_version: int, problem: str | None = None) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        offered_version: int,
+        trusted_version: int,
+        problem: str | None = None,
+        fix: str = "Publish a new manifest (versions only grow)",
+    ) -> None:
         self.offered_version = offered_version
         self.trusted_version = trusted_version
         super().__init__(
             source,
             problem or f"manifest version {offered_version} is older than version {trusted_version} already trusted",
-            fix="Publish a new manifest (versions only grow)",
+            fix=fix,
         )
 
 
@@ -89,14 +97,17 @@ class ManifestExpired(UntrustedData):
 
     error_type = "manifest_expired"
 
-    def __init__(self, source: str, *, expires: str, now: str) -> None:
+    def __init__(
+        self,
+        source: str,
+        *,
+        expires: str,
+        now: str,
+        fix: str = "Republish the CDN folder (`edge-rt publish` renews expires); check the device clock",
+    ) -> None:
         self.expires = expires
         self.now = now
-        super().__init__(
-            source,
-            f"manifest expired at {expires} (device time {now})",
-            fix="Republish the CDN folder (`edge-rt publish` renews expires); check the device clock",
-        )
+        super().__init__(source, f"manifest expired at {expires} (device time {now})", fix=fix)
 
 
 class IntegrityError(UntrustedData):
@@ -146,6 +157,19 @@ class TransferFailed(DistributionError, ConnectionError):
         self.status = status
         self.attempts = attempts
         super().__init__(f"{url}: {reason} (after {attempts} attempt{'s' if attempts != 1 else ''})", fix=fix)
+
+
+class RedirectRefused(TransferFailed):
+    """The CDN redirected somewhere edge-rt does not follow: another scheme, a loop, a link-local address, or from a
+    public origin to a loopback or private one."""
+
+    def __init__(self, url: str, location: str, reason: str) -> None:
+        self.location = location
+        super().__init__(
+            url,
+            f"redirect to {location[:200]!r} refused: {reason}",
+            fix="Fix the CDN's redirect, or point --cdn at where the files are",
+        )
 
 
 class SlowRetrieval(TransferFailed, TimeoutError):

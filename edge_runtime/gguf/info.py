@@ -146,13 +146,27 @@ def read_info(path: Path | str) -> GGUFInfo:
     )
 
 
+MAX_INVOCATION_TOKENS = 8192  # longer than any context edge-rt serves; real invocations are a few tokens
+INVOCATION_TOKEN_BYTES = 48  # memory per invocation token once loaded: llama.cpp's copy and the handle's Python tuple
+
+
+def check_invocation_length(source: str, count: int, limit: int = MAX_INVOCATION_TOKENS) -> None:
+    """Raise ``InvalidGGUF`` for an aLoRA invocation of more than ``limit`` tokens: no prompt can contain it, and a
+    16M-token one cost 180 MiB of RSS that no budget counted."""
+    if count > limit:
+        raise InvalidGGUF(
+            source, f"its aLoRA invocation is {count} tokens long (at most {limit}: a prompt must be able to hold it)"
+        )
+
+
 def invocation_tokens(header: GGUFHeader) -> tuple[int, ...]:
-    """An aLoRA's ``adapter.alora.invocation_tokens`` (any length); () when absent."""
+    """An aLoRA's ``adapter.alora.invocation_tokens`` (at most ``MAX_INVOCATION_TOKENS``); () when absent."""
     found = header.fields.get(keys.ALORA_INVOCATION_TOKENS)
     if found is None:
         return ()
     if found.value_type != gguf.GGUFValueType.ARRAY or found.item_type != gguf.GGUFValueType.UINT32:
         raise InvalidGGUF(str(header.path), f"{keys.ALORA_INVOCATION_TOKENS} is not an array of uint32")
+    check_invocation_length(str(header.path), found.count)
     if found.value is not None:
         return tuple(int(token) for token in found.value)
     return tuple(int(token) for token in np.frombuffer(found.raw, dtype="<u4", offset=12))  # after type and count

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import threading
 from dataclasses import asdict, dataclass
@@ -369,6 +370,7 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
+@functools.cache  # find_library runs `/sbin/ldconfig -p`: a fork of the whole daemon on every trim, uncached
 def _libc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     if name is None:

@@ -12,6 +12,7 @@ from edge_runtime.errors import IncompatibleAdapter, InvalidGGUF
 from edge_runtime.files import file_sha256
 from edge_runtime.gguf import keys
 from edge_runtime.gguf.header import GGUFHeader, read_header
+from edge_runtime.gguf.info import INVOCATION_TOKEN_BYTES, MAX_INVOCATION_TOKENS, check_invocation_length
 from edge_runtime.runtime.versions import AdapterVersion
 
 __all__ = ["BaseCompatibility", "file_id"]
@@ -26,9 +27,10 @@ def file_id(path: Path) -> tuple[int, int, int]:
 class BaseCompatibility:
     """The resident base model's fingerprint and tensor shapes, against which adapters are checked."""
 
-    def __init__(self, base_header: GGUFHeader, base_fingerprint: str) -> None:
+    def __init__(self, base_header: GGUFHeader, base_fingerprint: str, *, n_ctx: int | None = None) -> None:
         self._base_fingerprint = base_fingerprint
         self._base_shapes = {t.name: t.shape for t in base_header.tensors}
+        self._n_ctx = n_ctx  # an aLoRA invocation longer than the context can never be invoked: refused
 
     def version_for(self, name: str, path: Path, sha256: str | None) -> AdapterVersion:
         """A new cached version of ``name`` for the adapter file ``path``, checked against the base model; hashed
@@ -45,13 +47,16 @@ class BaseCompatibility:
                 f"its tensors run past the end of the file ({identity[1]} of {end} bytes: "
                 "truncated, or still being written?)",
             )
+        invocation = header.fields.get(keys.ALORA_INVOCATION_TOKENS)
+        count = 0 if invocation is None else invocation.count
+        check_invocation_length(str(path), count, min(MAX_INVOCATION_TOKENS, self._n_ctx or MAX_INVOCATION_TOKENS))
         sha256 = sha256 or file_sha256(path).hexdigest()
         return AdapterVersion(
             name=name,
             path=path,
             sha256=sha256,
             size_bytes=identity[1],
-            resident_bytes=sum(t.n_bytes for t in header.tensors),
+            resident_bytes=sum(t.n_bytes for t in header.tensors) + count * INVOCATION_TOKEN_BYTES,
             file_id=identity,
         )
 

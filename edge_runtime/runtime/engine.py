@@ -24,6 +24,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 from edge_runtime.cores import core_budget
 from edge_runtime.errors import (
     ContextOverflow,
+    GenerationTimeout,
     InvalidGGUF,
     InvalidRequest,
     InvalidSettings,
@@ -51,7 +53,7 @@ from edge_runtime.profiles import KV_TYPES
 from edge_runtime.runtime import activation
 from edge_runtime.runtime.chat import ChatTemplate
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
-from edge_runtime.runtime.grammar import check_grammar, check_schema, refused, with_json_strings
+from edge_runtime.runtime.grammar import check_bounded, check_grammar, check_schema, refused, with_json_strings
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.stops import StopMatcher
@@ -80,6 +82,9 @@ class Engine:
         self._plan: activation.Plan[AdapterHandle] = activation.plan([], ())  # what computed each cached position
         self.switches = 0  # times the active adapter set changed
         self.decoded_tokens = 0  # tokens generated since start
+        self.grammar_slices = 0  # slices of the vocabulary a request's grammar checked (_GrammarGuard)
+        self.grammar_interrupts = 0  # tokens whose grammar check stopped part-way (cancelled or past a deadline)
+        self._guard: _GrammarGuard | None = None
         self._closed = False
         self._readers = 0  # tokenizations running on callers' threads: the model is freed only after them
         self._readers_done = threading.Condition()
@@ -325,6 +330,7 @@ class Engine:
         if not sampler:
             raise refused("llama.cpp's grammar parser rejected it (its reason is in the daemon's log)")
         llama_cpp.llama_sampler_free(sampler)
+        check_bounded(grammar, self.n_vocab)
 
     # -- evaluation -----------------------------------------------------------------------------------------------
 
@@ -396,6 +402,9 @@ class Engine:
             sampler, self._llama._sampler = self._llama._sampler, None
             if sampler is not None:
                 sampler.close()
+            guard, self._guard = self._guard, None
+            if guard is not None:
+                guard.close()
 
     def _generate(
         self,
@@ -411,6 +420,7 @@ class Engine:
         if cancel.is_set():
             yield Chunk("", finish_reason="cancelled")
             return
+        _check_deadline(params, 0)
         n_ctx = int(self._llama.n_ctx())
         if len(prompt) >= n_ctx:
             raise ContextOverflow(prompt_tokens=len(prompt), context_tokens=n_ctx)
@@ -419,7 +429,13 @@ class Engine:
         self._llama.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
-        grammar = None if params.grammar is None else llama_grammar.LlamaGrammar.from_string(params.grammar)
+        if params.grammar is not None:
+            self._guard = _GrammarGuard(
+                self,
+                params.grammar,
+                len(prompt),
+                lambda: cancel.is_set() or (params.deadline is not None and time.monotonic() > params.deadline),
+            )
         tokens = self._llama.generate(
             prompt,
             top_k=params.top_k,
@@ -427,7 +443,7 @@ class Engine:
             min_p=0.0,
             temp=params.temperature,
             repeat_penalty=1.0,
-            grammar=grammar,
+            logits_processor=None if self._guard is None else [self._guard],
             presence_penalty=params.presence_penalty,
             frequency_penalty=params.frequency_penalty,
         )
@@ -436,6 +452,7 @@ class Engine:
             if cancel.is_set():
                 yield Chunk("", finish_reason="cancelled")
                 return
+            _check_deadline(params, produced)
             if token == self._eos or llama_cpp.llama_vocab_is_eog(self._llama._model.vocab, token):
                 yield Chunk(stops.flush(), finish_reason="stop")
                 return
@@ -473,3 +490,56 @@ class Engine:
                         self._llama.eval(prompt[start:stop])
         self.evaluated_tokens += len(prompt) - keep
         return keep
+
+
+def _check_deadline(params: SamplingParams, produced: int) -> None:
+    if params.deadline is not None and time.monotonic() > params.deadline:
+        raise GenerationTimeout(deadline_s=params.deadline, completion_tokens=produced)
+
+
+class _GrammarGuard:
+    """A request's grammar as a logits processor: llama.cpp's own grammar sampler (the same masks, so the same
+    answers as ``generate(grammar=...)``), applied to the vocabulary in slices with ``stop()`` asked between them, so
+    that a cancel or a deadline ends even a token whose grammar work would take minutes. Each sampled token is
+    accepted into the grammar on the next call (``input_ids`` then ends with it)."""
+
+    SLICE = 4096  # tokens per llama.cpp call: a few ms at the parse-state limit
+
+    def __init__(self, engine: Engine, grammar: str, accepted: int, stop: Callable[[], bool]) -> None:
+        self._engine = engine
+        self._sampler = llama_cpp.llama_sampler_init_grammar(engine._llama._model.vocab, grammar.encode(), b"root")
+        if not self._sampler:
+            raise refused("llama.cpp's grammar parser rejected it (its reason is in the daemon's log)")
+        self._accepted = accepted  # tokens of input_ids already in the grammar's state (the prompt: none of them)
+        self._stop = stop
+
+    def __call__(self, input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        for token in input_ids[self._accepted :].tolist():
+            llama_cpp.llama_sampler_accept(self._sampler, token)
+        self._accepted = len(input_ids)
+        # ``scores`` is the logit field of llama.cpp's candidate array (id, logit, p): mask it in place.
+        entry = ctypes.sizeof(llama_cpp.llama_token_data)
+        if scores.strides != (entry,):
+            raise LlamaCppError(f"mask a grammar over candidates laid out with strides {scores.strides}")
+        logit: Any = llama_cpp.llama_token_data.logit  # the field's descriptor (typed as a float)
+        base = scores.ctypes.data - logit.offset
+        for start in range(0, len(scores), self.SLICE):
+            if self._stop():  # the caller sees the same condition before using the token sampled from this
+                self._engine.grammar_interrupts += 1
+                break
+            count = min(self.SLICE, len(scores) - start)
+            view = llama_cpp.llama_token_data_array(
+                data=ctypes.cast(base + start * entry, ctypes.POINTER(llama_cpp.llama_token_data)),
+                size=count,
+                selected=-1,
+                sorted=False,
+            )
+            llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(view))
+            self._engine.grammar_slices += 1
+        return scores
+
+    def close(self) -> None:
+        """Free the grammar's llama.cpp state."""
+        if self._sampler:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None

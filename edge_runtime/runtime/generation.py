@@ -20,7 +20,8 @@ class SamplingParams:
     ``presence_penalty`` and ``frequency_penalty`` (OpenAI's, -2..2) go to llama.cpp's penalties sampler, which
     counts the last 64 generated tokens. ``grammar`` is GBNF text (from ``Engine.json_grammar``) the output must
     follow. ``logprobs`` None computes nothing; n >= 0 gives each generated token's log-probability and its n most
-    likely alternatives.
+    likely alternatives. ``deadline`` (``time.monotonic()`` seconds) ends the generation with ``GenerationTimeout``
+    when passed, even inside one token's grammar work.
     """
 
     max_tokens: int = 256
@@ -33,6 +34,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     grammar: str | None = None
     logprobs: int | None = None
+    deadline: float | None = None
 
 
 @dataclass(frozen=True)

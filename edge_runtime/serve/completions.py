@@ -45,6 +45,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
     daemon = request.app[DAEMON]
     parsed, prompt = await _read(request, daemon, chat=chat)
+    parsed = parsed.with_deadline(started + daemon.config.request_timeout_s)  # the engine enforces it inside a token
     produced, job = 0, None
     try:
         await daemon.pull_remote([a.name for a in parsed.adapters])
@@ -52,7 +53,9 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         chunks = job.chunks()
         first = await anext(chunks, None)
         if first is None:  # dropped from the queue by a shutdown
-            raise ShuttingDown()
+            raise ShuttingDown("the request was still queued")
+        if first.finish_reason == "cancelled" and not first.token_ids and daemon.stopping:
+            raise ShuttingDown("the generation was stopped before its first token")  # was a 200 with no text
         request[APPLIED] = openai_api.applied_header(job.applied)
         daemon.metrics.first_token.labels(request[REQUESTED]).observe(time.monotonic() - started)
         if parsed.stream:

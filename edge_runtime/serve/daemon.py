@@ -45,6 +45,7 @@ class ServeOptions:
     cache_dir: Path | None = None
     offline: bool = False
     allow_metered_updates: bool = False
+    request_timeout: float = 600.0  # seconds a completion may take from arrival, queue and generation included
 
     @property
     def loopback(self) -> bool:
@@ -117,6 +118,7 @@ def _server_config(options: ServeOptions) -> ServerConfig:
         adapters_dir=options.adapters_dir,
         loopback_only=options.loopback,
         preload=options.preload,
+        request_timeout_s=options.request_timeout,
     )
 
 

@@ -35,6 +35,7 @@ from edge_runtime.errors import (
     IncompatibleAdapter,
     InvalidGGUF,
     InvalidTransition,
+    ShuttingDown,
 )
 from edge_runtime.runtime.adapters import AdapterManager
 
@@ -66,10 +67,17 @@ class CdnFollower:
         self._followed: set[str] = set()  # names that came from the CDN (others, e.g. --adapters-dir, stay as given)
         self._switching: set[asyncio.Future[None]] = set()  # shielded load + rename steps still running
         self._pulling: dict[str, TransferProgress | None] = {}  # pulls under way: their last progress report
+        self._pull_tasks: dict[str, asyncio.Task[None]] = {}  # one pull per name, however many requests wait
+        self._stopping = False  # stop_pulls() was called: waiting requests are answered 503
+        self.waiting: dict[str, int] = {}  # name -> requests waiting for its download (the status page shows them)
+        self.updated: dict[str, tuple[float, str, str]] = {}  # name -> (when, sha256 replaced, sha256 now)
+        self.descriptions: dict[str, str] = {}  # name -> description, from the last manifest verified
         self.version: int | None = None  # of the last manifest verified
         self.last_refresh: float | None = None  # when it was verified (seconds since the epoch)
         self.last_error: str | None = None  # why the last refresh failed (None: it did not)
+        self.refresh_failures = 0  # refreshes that failed since start (for /metrics: a stuck device can be alerted on)
         self.deferred: dict[str, str] = {}  # name -> sha256 of updates held back by a metered link
+        self.other_base: tuple[str, ...] = ()  # offered adapters skipped: converted for another base model
         self.on_pull: Callable[[str, int, float, bool], None] | None = None  # (name, bytes, seconds, ok) for metrics
 
     async def start(self) -> None:
@@ -78,6 +86,13 @@ class CdnFollower:
         await store.call(recover, store)
         local = set(self.manager.names())  # e.g. --adapters-dir: the operator's files win over cached copies
         for cached in await store.call(store.adapters):
+            if not await store.call(self.cdn.trusted, cached):  # another publisher's sync wrote it
+                log.warning(
+                    "cached adapter %s is not served: %s verified it, not this daemon's --public-key",
+                    cached.name,
+                    cached.publisher or "no recorded publisher",
+                )
+                continue
             if cached.name in local:
                 log.warning("cached adapter %s is not served: a local file of that name is", cached.name)
                 continue
@@ -117,10 +132,13 @@ class CdnFollower:
             manifest = await self.cdn.fetch_manifest()
         except EdgeRtError as exc:  # the status page and `edge-rt status` show it, whoever asked for the refresh
             self.last_error = str(exc)
+            self.refresh_failures += 1
             log.warning("manifest refresh from %s failed: %s", self.cdn.cdn, exc)
             raise
         self.version, self.last_refresh, self.last_error = manifest.version, time.time(), None
         offered = self.cdn.offered(manifest)
+        self._note_other_base([entry for entry in manifest.adapters if entry not in offered])
+        self.descriptions = {entry.name: entry.description for entry in offered if entry.description}
         names = tuple(entry.name for entry in offered)
         added = tuple(e.name for e in offered if self.manager.add_remote(e.name, sha256=e.sha256, size_bytes=e.size))
         withdrawn = tuple(self.manager.forget_remote(keep=names))
@@ -151,6 +169,25 @@ class CdnFollower:
             deferred=deferred,
         )
 
+    def _note_other_base(self, skipped: list[ManifestEntry]) -> None:
+        """Say (once per change) which offered adapters were made for another base; requests for them say why."""
+        base = (self.cdn.base_fingerprint or "")[:12]
+        for entry in skipped:
+            self.manager.refuse(
+                entry.name,
+                f"{self.cdn.cdn} offers it converted for another base model (fingerprint "
+                f"{entry.base_fingerprint[:12]}; this daemon runs {base})",
+            )
+        names = tuple(sorted(entry.name for entry in skipped))
+        if names and names != self.other_base:
+            log.warning(
+                "skipped %d adapters %s offers for another base model: %s",
+                len(names),
+                self.cdn.cdn,
+                ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""),
+            )
+        self.other_base = names
+
     async def settle(self) -> None:
         """Wait for the updates under way (each logs its own failure); cancelling the wait leaves them running."""
         if self._updates:
@@ -161,7 +198,32 @@ class CdnFollower:
         by hand, or by a process that ignores leases); other requests go on meanwhile."""
         for name in names:
             if self.manager.is_remote(name) or (name in self._followed and await asyncio.to_thread(self._gone, name)):
-                await self._pull(name)
+                task = self._pull_tasks.get(name)
+                if task is None:  # the first waiter starts it; it is logged and counted once
+                    task = self._pull_tasks[name] = asyncio.create_task(self._pull(name))
+                    task.add_done_callback(lambda _, name=name: self._pull_tasks.pop(name, None))  # type: ignore[misc]
+                self.waiting[name] = self.waiting.get(name, 0) + 1
+                try:
+                    await asyncio.shield(task)
+                except asyncio.CancelledError:
+                    if not self._stopping or not task.cancelled():
+                        raise
+                    raise ShuttingDown(
+                        f"the download of adapter {name} was stopped (it resumes from where it "
+                        "stopped on the next start)"
+                    ) from None
+                finally:
+                    self.waiting[name] -= 1
+                    if not self.waiting[name]:
+                        del self.waiting[name]
+
+    def stop_pulls(self) -> None:
+        """Stop every download under way at once (a shutdown): partial files stay for a resume, and the requests
+        waiting for them get ``ShuttingDown``."""
+        self._stopping = True
+        for task in list(self._pull_tasks.values()):
+            task.cancel()
+        self.cdn.cancel_downloads()
 
     def unfollow(self, name: str) -> None:
         """Stop updating ``name`` from the CDN (the operator serves a file of that name from --adapters-dir)."""
@@ -188,8 +250,23 @@ class CdnFollower:
         try:
             cached = await self.cdn.ensure_cached(name, progress=track, current=False)
             await self._register(cached)
+        except asyncio.CancelledError:
+            received = 0 if last is None else last.done_bytes
+            log.warning(
+                "pull of adapter %s stopped after %.1f s by the shutdown: %.1f MB on disk, resumed on the next start",
+                name,
+                time.monotonic() - started,
+                received / 1e6,
+            )
+            self._observe(name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
+            raise
         except BaseException as exc:
-            log.warning("pull of adapter %s failed after %.1f s: %s", name, time.monotonic() - started, exc)
+            log.warning(
+                "pull of adapter %s failed after %.1f s: %s",
+                name,
+                time.monotonic() - started,
+                str(exc) or type(exc).__name__,
+            )
             self._observe(name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
             raise
         finally:
@@ -233,13 +310,38 @@ class CdnFollower:
         return [task for _, task in self._updates.values()]
 
     async def _update(self, entry: ManifestEntry) -> None:
+        started, last = time.monotonic(), None
+
+        def track(progress: TransferProgress) -> None:
+            nonlocal last
+            last = progress
+
+        log.info(
+            "fetching update of %s: %s (%.1f MB) from %s", entry.name, entry.sha256[:12], entry.size / 1e6, self.cdn.cdn
+        )
         try:
-            staged = await self.cdn.fetch_update(entry)
+            staged = await self.cdn.fetch_update(entry, progress=track)
         except EdgeRtError as exc:  # network trouble: the next refresh tries again
-            log.warning("update of %s to %s not fetched: %s", entry.name, entry.sha256[:12], exc)
+            log.warning(
+                "update of %s to %s not fetched after %.1f s: %s",
+                entry.name,
+                entry.sha256[:12],
+                time.monotonic() - started,
+                exc,
+            )
+            self._observe(entry.name, 0 if last is None else last.received_bytes, time.monotonic() - started, False)
         except Exception:
             log.exception("update of %s to %s not fetched", entry.name, entry.sha256[:12])
         else:
+            seconds, received = time.monotonic() - started, 0 if last is None else last.received_bytes
+            log.info(
+                "fetched update of %s: %.1f MB %s in %.1f s",
+                entry.name,
+                entry.size / 1e6,
+                "downloaded" if received else "already in the cache",
+                seconds,
+            )
+            self._observe(entry.name, received, seconds, True)
             # Loading and renaming are one step on one thread: a cancelled caller (a client gone from
             # /v1/sync?wait=true, a shutdown) must not leave the memory on the new version and the disk on the old.
             step = asyncio.ensure_future(asyncio.to_thread(self._load_and_switch, entry, staged))
@@ -275,7 +377,8 @@ class CdnFollower:
         except OSError:
             log.exception("adapter %s serves %s, but the cache could not record it (a restart goes back)", name, short)
             return
-        log.info("adapter %s updated to %s", name, short)
+        log.info("adapter %s updated: %s -> %s (%.1f MB)", name, (old or "none")[:12], short, entry.size / 1e6)
+        self.updated[name] = (time.time(), old or "", entry.sha256)
 
     async def _refresh_forever(self, first: asyncio.Task[bool]) -> None:
         try:

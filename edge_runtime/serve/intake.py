@@ -13,6 +13,7 @@ import asyncio
 import functools
 import json
 import logging
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -35,6 +36,10 @@ MIN_BODY_BYTES_PER_S = 64 * 1024  # a body slower than this is cut once past the
 # about twice the cap, inside the three copies the memory plan counts: 8,192 for 1 MiB, ~2,700 chat messages.
 BYTES_PER_JSON_VALUE = 128
 MIN_JSON_VALUES = 256
+# Python stores a str at 1, 2 or 4 bytes per character, the widest character deciding: one emoji in a 1 MiB body of
+# ASCII makes its text 4 MiB (and the prompt parsed from it as much again). Decoded text may take at most this many
+# times the body cap; the plan's three copies of a body then still hold.
+TEXT_BYTES_PER_BODY_BYTE = 1.5
 
 
 class RequestIntake:
@@ -133,7 +138,12 @@ class RequestIntake:
             )
         except asyncio.TimeoutError as exc:
             raise BodyTimeout(timeout_s=round(deadline, 1)) from exc  # answered with Connection: close
-        parse = functools.partial(parse_json, raw, max_values=max(MIN_JSON_VALUES, max_bytes // BYTES_PER_JSON_VALUE))
+        parse = functools.partial(
+            parse_json,
+            raw,
+            max_values=max(MIN_JSON_VALUES, max_bytes // BYTES_PER_JSON_VALUE),
+            max_text_bytes=int(max_bytes * TEXT_BYTES_PER_BODY_BYTE),
+        )
         if len(raw) < JSON_ON_LOOP_BYTES:
             return parse()
         return await asyncio.get_running_loop().run_in_executor(work, parse)
@@ -153,13 +163,21 @@ async def read_body(request: web.Request, *, max_bytes: int, gap_s: float) -> by
     return body
 
 
-def parse_json(raw: bytearray, *, max_values: int) -> Any:
+def parse_json(raw: bytearray, *, max_values: int, max_text_bytes: int | None = None) -> Any:
     """Decode and parse ``raw``, emptying it first so that at most two copies of the body live at once; refused
-    before parsing when it holds more than ``max_values`` arrays, objects and items."""
+    before parsing when it holds more than ``max_values`` arrays, objects and items, or when its text takes more than
+    ``max_text_bytes`` in memory (characters beyond U+FFFF widen every character of a Python str to 4 bytes)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"the body is not UTF-8 ({exc.reason} at byte {exc.start})") from exc
+    if max_text_bytes is not None and sys.getsizeof(text) > max_text_bytes:
+        width = (sys.getsizeof(text) - sys.getsizeof("")) // max(1, len(text))
+        raise InvalidRequest(
+            f"the body's {len(raw)} bytes decode to {sys.getsizeof(text)} bytes of text ({width} "
+            f"bytes per character: it holds characters beyond U+FFFF such as emoji), over the "
+            f"{max_text_bytes} a body may take: send a shorter prompt"
+        )
     raw.clear()
     values = json_values(text, stop_after=max_values)
     if values > max_values:
@@ -169,9 +187,32 @@ def parse_json(raw: bytearray, *, max_values: int) -> Any:
             "items"
         )
     try:
-        return json.loads(text)
+        parsed = json.loads(text)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, huge integers, absurd nesting
         raise InvalidRequest(f"the body is not valid JSON ({str(exc)[:200]})") from exc
+    del text
+    if max_text_bytes is not None:  # "\ud83d\ude00" escapes keep the body narrow and widen the parsed string
+        _check_string_bytes(parsed, max_text_bytes)
+    return parsed
+
+
+def _check_string_bytes(value: Any, limit: int) -> None:
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += sys.getsizeof(item)
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    if total > limit:
+        raise InvalidRequest(
+            f"the body's strings take {total} bytes in memory (4 bytes per character once one holds "
+            f"a character beyond U+FFFF, such as an emoji), over the {limit} a body may take: send a "
+            "shorter prompt"
+        )
 
 
 def json_values(text: str, *, stop_after: int | None = None) -> int:

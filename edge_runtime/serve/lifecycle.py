@@ -57,11 +57,15 @@ async def drop_queued(app: web.Application) -> None:
     The running generation gets SHUTDOWN_GRACE_S to finish, then stops at its next token and its answer ends
     cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
     """
-    queue = app[DAEMON].scheduler
+    daemon = app[DAEMON]
+    queue = daemon.scheduler
+    daemon.stopping = True
     log.info(
         "shutting down: %d queued requests answered 503; a running generation gets %g s to finish",
         queue.queued,
         SHUTDOWN_GRACE_S,
     )
     queue.drop_pending()
+    if daemon.follower is not None:  # requests waiting for a download get a 503 now; the partial stays
+        daemon.follower.stop_pulls()
     asyncio.get_running_loop().call_later(SHUTDOWN_GRACE_S, queue.cancel_running)

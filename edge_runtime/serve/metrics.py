@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -13,6 +13,9 @@ from edge_runtime.runtime.budget import measured_rss_bytes
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.serve.intake import RequestIntake
 from edge_runtime.serve.scheduler import Scheduler
+
+if TYPE_CHECKING:
+    from edge_runtime.serve.follower import CdnFollower
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -112,6 +115,32 @@ def _compute(status: dict[str, Any]) -> Iterator[Metric]:
     )
 
 
+class _FollowerCollector(Collector):
+    """The CDN follower's state at scrape time: a device stuck on an old manifest can be alerted on."""
+
+    def __init__(self, follower: CdnFollower) -> None:
+        self.follower = follower
+
+    def collect(self) -> Iterator[Metric]:
+        follower = self.follower
+        if follower.version is not None:
+            yield GaugeMetricFamily(
+                "edge_rt_manifest_version", "Version of the last manifest verified from the CDN", value=follower.version
+            )
+        if follower.last_refresh is not None:
+            yield GaugeMetricFamily(
+                "edge_rt_manifest_last_refresh_timestamp_seconds",
+                "When the manifest was last verified (seconds since the epoch)",
+                value=follower.last_refresh,
+            )
+        yield CounterMetricFamily(
+            "edge_rt_manifest_refresh_failures", "Manifest refreshes that failed", value=follower.refresh_failures
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_pulls_in_progress", "Adapter downloads requests are waiting for", value=len(follower.downloads())
+        )
+
+
 class Metrics:
     """The daemon's counters and histograms."""
 
@@ -147,6 +176,10 @@ class Metrics:
             registry=self.registry,
         )
         self.registry.register(_RuntimeCollector(runtime, scheduler, intake))
+
+    def follow(self, follower: CdnFollower) -> None:
+        """Export ``follower``'s manifest state (version, last refresh, failures) and its downloads."""
+        self.registry.register(_FollowerCollector(follower))
 
     def observe_pull(self, name: str, received_bytes: int, seconds: float, ok: bool) -> None:
         """Count one pull of adapter ``name``: bytes it downloaded, how long it took, whether it succeeded."""

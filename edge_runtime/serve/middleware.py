@@ -13,7 +13,8 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from edge_runtime.errors import BodyTimeout, EdgeRtError, Forbidden, Unauthorized
+from edge_runtime.errors import AdapterNotFound, BodyTimeout, EdgeRtError, Forbidden, Unauthorized
+from edge_runtime.names import printable
 from edge_runtime.serve.responses import error_response, public_message
 from edge_runtime.serve.state import APPLIED, DAEMON, LOOPBACK_NAMES, REQUESTED, TOKENS
 from edge_runtime.serve.status import RecentRequest
@@ -26,6 +27,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _COMPLETIONS = ("/v1/completions", "/v1/chat/completions")
 _QUIET = ("/", "/v1/status", "/health", "/metrics", "/favicon.ico")  # polled: kept out of the recent-requests table
 _LOOPBACK_HOSTS = LOOPBACK_NAMES | {"[::1]"}  # as a URL spells an IPv6 host
+_ASKED_FOR = web.RequestKey("asked_for", str)  # an unknown adapter's name: in the log line, never a metric label
 
 
 @web.middleware
@@ -41,22 +43,25 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
         if request.path in _COMPLETIONS:
             daemon.metrics.requests.labels(requested if requested != "-" else "unparsed", str(status)).inc()
         prompt, completion = request.get(TOKENS, (0, 0))
-        if request.path not in _QUIET:
+        path = printable(request.path)  # %0a in a path would forge a log line
+        requested = printable(request.get(_ASKED_FOR, requested))
+        if request.path not in _QUIET and status != Unauthorized.http_status:  # no stranger pushes real requests out
             daemon.recent.append(
                 RecentRequest(
                     at=time.time(),
-                    method=request.method,
-                    path=request.path,
+                    method=printable(request.method),
+                    path=path,
                     status=status,
                     requested=requested,
                     ran=request.get(APPLIED, "-"),
                     ms=(time.monotonic() - started) * 1000,
                 )
             )
-        log.info(
+        log.log(
+            logging.DEBUG if request.path == "/health" else logging.INFO,
             "%s %s status=%d requested=%s ran=%s prompt=%d completion=%d %.0fms",
-            request.method,
-            request.path,
+            printable(request.method),
+            path,
             status,
             requested,
             request.get(APPLIED, "-"),
@@ -78,10 +83,18 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         raise
     except Exception as exc:
+        if isinstance(exc, AdapterNotFound):  # the access line names what was asked for
+            request[_ASKED_FOR] = exc.name
         if not isinstance(exc, EdgeRtError):
-            log.exception("unexpected error serving %s %s", request.method, request.path)
+            log.exception("unexpected error serving %s %s", printable(request.method), printable(request.path))
         elif public_message(str(exc)) != str(exc):  # the client gets the file names only: the log keeps the paths
-            log.info("%s %s answered %d: %s", request.method, request.path, exc.http_status, exc)
+            log.info(
+                "%s %s answered %d: %s",
+                printable(request.method),
+                printable(request.path),
+                exc.http_status,
+                printable(str(exc)),
+            )
         response = error_response(exc)
         if isinstance(exc, BodyTimeout) and request.transport is not None:  # the rest of a stalled body is never
             await response.prepare(request)  # read: answer, then close (aiohttp would linger reading it)
@@ -109,10 +122,11 @@ async def auth(request: web.Request, handler: Handler) -> web.StreamResponse:
     key = request.app[DAEMON].config.api_key
     if key and request.path != "/health":
         given = request.headers.get("Authorization", "")  # bytes that are not UTF-8 arrive as surrogate escapes
+        password = _basic_password(given)  # a browser on the status page: any user, the key as password
         if not (
             hmac.compare_digest(given.encode("utf-8", "surrogateescape"), f"Bearer {key}".encode())
-            or _basic_password(given) == key
-        ):  # a browser on the status page: any user, the key as password
+            or (password is not None and hmac.compare_digest(password.encode("utf-8", "surrogateescape"), key.encode()))
+        ):
             raise Unauthorized()
     return await handler(request)
 

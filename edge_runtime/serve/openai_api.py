@@ -62,6 +62,9 @@ class Catalog(Protocol):
     def names(self) -> list[str]:
         """Every name, sorted (only for the error that lists them)."""
 
+    def refusal(self, name: str) -> str | None:
+        """Why ``name`` is not served when a file or CDN entry of that name was refused (another base...), else None."""
+
 
 @dataclass(frozen=True)
 class ParsedRequest:
@@ -78,6 +81,10 @@ class ParsedRequest:
     json_output: bool = False  # response_format json_object or json_schema: generation follows a JSON grammar
     json_schema: dict[str, Any] | None = None  # the schema of json_schema (None: any JSON object)
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+
+    def with_deadline(self, deadline: float) -> ParsedRequest:
+        """This request ended by the engine at ``deadline`` (``time.monotonic()`` seconds) with GenerationTimeout."""
+        return dataclasses.replace(self, params=dataclasses.replace(self.params, deadline=deadline))
 
     def constrained(self, grammar: str) -> ParsedRequest:
         """This request with its output held to ``grammar`` (GBNF, from ``Engine.json_grammar``)."""
@@ -260,7 +267,7 @@ def _adapters(body: dict[str, Any], model: str, base_id: str, known: Catalog) ->
     for name, scale in pairs:  # each name checked, then looked up, in the request's order
         specs.append(AdapterRequest(name, scale))
         if not known.is_known(name):
-            raise AdapterNotFound(name, tuple(known.names()), base=base_id)
+            raise AdapterNotFound(name, tuple(known.names()), base=base_id, refused=known.refusal(name))
     if len({spec.name for spec in specs}) != len(specs):
         raise InvalidRequest("an adapter appears twice in adapters", param="adapters")
     return tuple(specs)

@@ -21,6 +21,9 @@ from edge_runtime.runtime.generation import Chunk, SamplingParams
 from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
 
 _DONE = object()
+# Queued grammars (GBNF text, up to 1 MiB each: a 6.4 KB schema became 970 KB) are held until their job runs; sixteen
+# of them took a daemon 73 MiB over its budget. Their text is bounded in total, as the queue's length is.
+MAX_QUEUED_GRAMMAR_BYTES = 4 << 20
 
 
 @dataclass
@@ -35,6 +38,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     applied: list[AppliedAdapter] = field(default_factory=list)
     generated: int = 0  # tokens the engine produced for it, delivered or not (a client may leave mid-answer)
+    started: float | None = None  # time.monotonic() when it began running
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
@@ -57,8 +61,16 @@ class Job:
 class Scheduler:
     """Serves queued jobs on one worker, grouping by adapter set, with a bound on any job's wait."""
 
-    def __init__(self, runtime: Runtime, *, max_queue: int = 16, max_wait_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        *,
+        max_queue: int = 16,
+        max_wait_s: float = 2.0,
+        max_grammar_bytes: int = MAX_QUEUED_GRAMMAR_BYTES,
+    ) -> None:
         self.runtime = runtime
+        self.max_grammar_bytes = max_grammar_bytes
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self._pending: list[Job] = []
@@ -72,6 +84,16 @@ class Scheduler:
         self.decoded_tokens = 0  # tokens generated, whether or not a client received them
 
     @property
+    def running(self) -> Job | None:
+        """The job generating now, if any."""
+        return self._running
+
+    @property
+    def queued_grammar_bytes(self) -> int:
+        """Bytes of grammar text held by queued jobs."""
+        return sum(len(job.params.grammar or "") for job in self._pending)
+
+    @property
     def queued(self) -> int:
         """Jobs waiting (not counting the one running)."""
         return len(self._pending)
@@ -80,6 +102,14 @@ class Scheduler:
         """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
         if len(self._pending) >= self.max_queue:
             raise QueueFull(queued=len(self._pending), limit=self.max_queue)
+        grammar = len(params.grammar or "")
+        if grammar and grammar + self.queued_grammar_bytes > self.max_grammar_bytes:
+            raise QueueFull(
+                queued=len(self._pending),
+                limit=self.max_queue,
+                grammar_bytes=self.queued_grammar_bytes,
+                grammar_limit=self.max_grammar_bytes,
+            )
         job = Job(
             prompt=list(prompt),
             params=params,
@@ -145,6 +175,7 @@ class Scheduler:
                 job._chunks.put_nowait(_DONE)
                 continue
             self._running = job
+            job.started = time.monotonic()
             self._current_key = job.adapter_key
             await loop.run_in_executor(self._executor, self._produce, job, loop)
             self._running = None

@@ -44,6 +44,7 @@ class ServerConfig:
     body_gap_s: float = 5.0  # ... and one that sends nothing for this long inside its body
     adapters_dir: Path | None = None  # --adapters-dir: rescanned on SIGHUP; /load picks up a new file in it
     loopback_only: bool = True  # bound to 127.0.0.1: a request naming another host is a DNS-rebinding attempt
+    request_timeout_s: float = 600.0  # a completion's wall time from arrival: the engine stops it (504) inside a token
 
 
 @dataclass
@@ -58,6 +59,7 @@ class Daemon:
     follower: CdnFollower | None = None
     recent: deque[RecentRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
     started: float = field(default_factory=time.time)  # seconds since the epoch
+    stopping: bool = False  # a shutdown began: a request that did not run is a 503, never an empty 200
     request_work: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=REQUEST_WORKERS, thread_name_prefix="edge-rt-request")
     )  # no thread starts until used
@@ -79,6 +81,7 @@ class Daemon:
         if cdn is not None:
             follower = CdnFollower(cdn, runtime.adapters)
             follower.on_pull = metrics.observe_pull
+            metrics.follow(follower)
         return cls(
             config=config, runtime=runtime, scheduler=scheduler, intake=intake, metrics=metrics, follower=follower
         )

@@ -82,12 +82,14 @@ def render_page(status: dict[str, Any]) -> str:
         profile=_e(status["profile"]),
         uptime=_duration(status["uptime_s"]),
         queued=status["queued"],
+        waiting=status.get("waiting_for_downloads", 0),
+        running=_running(status.get("running")),
         segments=segments,
         legend=legend,
         free=_mib(budget - used),
         budget=_mib(budget),
         rss=_mib(status["rss_bytes"]),
-        adapters=_adapter_rows(status["adapters"]),
+        adapters=_adapter_rows(status["adapters"]) + _more_row(status),
         cdn=_cdn(status.get("cdn")),
         recent=_recent_rows(status["recent"]),
         compute=_compute(status["compute"]),
@@ -108,6 +110,24 @@ def _compute(compute: dict[str, Any]) -> str:
     return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 
 
+def _running(running: dict[str, Any] | None) -> str:
+    if not running:
+        return "idle"
+    rate = f", {running['tokens_per_second']:.1f} tok/s" if running.get("tokens_per_second") else ""
+    return _e(f"generating under {running['adapters']}: {running['generated_tokens']} tokens{rate}")
+
+
+def _more_row(status: dict[str, Any]) -> str:
+    shown, total = len(status["adapters"]), status.get("adapters_total", len(status["adapters"]))
+    if total <= shown:
+        return ""
+    states = ", ".join(f"{count} {state}" for state, count in status.get("adapter_states", {}).items())
+    return (
+        f'<tr><td colspan="7">{shown} of {total} adapters shown ({_e(states)}); all of them: '
+        f"<code>/v1/status?offset={shown}&amp;limit=1000</code></td></tr>"
+    )
+
+
 def _adapter_rows(adapters: list[dict[str, Any]]) -> str:
     rows = []
     for a in adapters:
@@ -115,17 +135,29 @@ def _adapter_rows(adapters: list[dict[str, Any]]) -> str:
         if state == "downloading":
             done, total = a.get("downloaded_bytes", 0), max(1, a.get("download_total_bytes", 1))
             state_text = f"downloading {100 * done / total:.0f}%"
+            if a.get("download_bytes_per_second"):
+                state_text += f" at {a['download_bytes_per_second'] / 1e6:.2f} MB/s"
+            if a.get("download_eta_s") is not None:
+                state_text += f", {_duration(a['download_eta_s'])} left"
+            if a.get("waiting_requests"):
+                state_text += f", {a['waiting_requests']} requests waiting"
         else:
             state_text = state
+        about = _e(a.get("description", ""))
+        if a.get("updated_at"):
+            about += (
+                f' <span class="sub">updated {_duration(time.time() - a["updated_at"])} ago, replacing '
+                f"<code>{_e((a.get('replaced_sha256') or '-')[:12])}</code></span>"
+            )
         last = "never" if not a.get("last_used") else f"{_duration(time.time() - a['last_used'])} ago"
         rows.append(
             f'<tr data-adapter="{_e(a["name"])}" data-state="{_e(state)}"><td>{_e(a["name"])}</td>'
             f'<td><span class="badge" style="background:{_STATE_COLOURS.get(state, "#4a5568")}">'
             f"{_e(state_text)}</span>{' 📌' if a.get('pinned') else ''}</td>"
             f"<td>{_mib(a['size_bytes'])}</td><td><code>{_e(a['sha256'][:12])}</code></td>"
-            f"<td>{a['users']}</td><td>{last}</td></tr>"
+            f"<td>{a['users']}</td><td>{last}</td><td>{about}</td></tr>"
         )
-    return "".join(rows) or '<tr><td colspan="6">no adapters</td></tr>'
+    return "".join(rows) or '<tr><td colspan="7">no adapters</td></tr>'
 
 
 def _cdn(cdn: dict[str, Any] | None) -> str:
@@ -172,13 +204,15 @@ border-bottom: 1px solid #edf2f7; }} th {{ color: #4a5568; font-weight: 600; }}
 .badge {{ color: white; padding: 1px 8px; border-radius: 10px; font-size: .9em; }} .error {{ color: #c53030; }}
 </style></head><body>
 <h1>edge-rt · {model}</h1>
-<div class="sub">profile {profile} · up {uptime} · {queued} queued · RSS {rss} of a {budget} budget</div>
+<div class="sub">profile {profile} · up {uptime} · {queued} queued · {waiting} waiting for downloads · {running}
+· RSS {rss} of a {budget} budget</div>
 <h2>Compute</h2>{compute}
 <h2>Memory budget</h2>
 <div class="bar">{segments}</div>
 <div class="legend">{legend}<span>free {free}</span></div>
 <h2>Adapters</h2>
-<table><thead><tr><th>name</th><th>state</th><th>size</th><th>sha256</th><th>users</th><th>last use</th></tr></thead>
+<table><thead><tr><th>name</th><th>state</th><th>size</th><th>sha256</th><th>users</th><th>last use</th>
+<th>about</th></tr></thead>
 <tbody>{adapters}</tbody></table>
 <h2>CDN</h2>{cdn}
 <h2>Recent requests</h2>

@@ -177,3 +177,16 @@ def test_bad_inputs_are_typed_errors_and_leave_the_previous_output(tmp_path: Pat
     with pytest.raises(errors.InvalidGGUF, match="runs past the end of the file"):
         merge_adapter(adapter, base=truncated, output=out)
     assert out.read_bytes() == b"previous" and sorted(p.name for p in tmp_path.glob(".m.gguf*")) == []
+
+
+def test_auto_names_the_type_most_of_the_merged_weights_became_in_general_file_type(
+        tmp_path: Path, base_model: Path, adapter_files: list[Path]) -> None:
+    # Issue 18 item 19: `merge --outtype auto` left general.file_type at the base's (MOSTLY_Q4_1) whatever it wrote.
+    merged = merge_adapter(adapter_files[0], base=base_model, output=tmp_path / "merged.gguf")
+    weights: dict[T, int] = {}
+    for tensor in tensors_of(merged.output).values():
+        if len(tensor.shape) >= 2:
+            weights[tensor.tensor_type] = weights.get(tensor.tensor_type, 0) + int(np.prod(tensor.shape))
+    main = max(weights, key=lambda qtype: weights[qtype])
+    assert main != T.Q4_1 and read_info(base_model).quantization == "MOSTLY_Q4_1"
+    assert read_info(merged.output).quantization == ("ALL_F32" if main == T.F32 else f"MOSTLY_{main.name}")

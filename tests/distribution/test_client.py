@@ -122,7 +122,7 @@ async def test_an_adapter_updated_on_the_cdn_is_fetched_again_and_the_old_blob_g
     source = tmp_path / "v2"
     source.mkdir()
     (source / "json-extract.gguf").write_bytes(_source(adapter_sources, "brand-voice"))  # new content, same name
-    publish(source, cdn.root, key=key_pair[0])
+    publish(source, cdn.root, key=key_pair[0], allow_renamed=True)
     report = await client.sync(["json-extract"])
     assert report.manifest_version == 2 and report.results[0].downloaded
     assert report.results[0].adapter.sha256 != old.sha256 and not old.path.exists()
@@ -289,7 +289,7 @@ async def test_the_overall_deadline_bounds_a_download(make_client: MakeClient, c
 
 async def test_a_reset_mid_transfer_resends_only_the_missing_bytes(tmp_path: Path, large_adapter: Path,
                                                                    make_client: MakeClient, cdn: FaultCdn) -> None:
-    publish(large_adapter, cdn.root)
+    publish(large_adapter, cdn.root, unsigned=True)  # over the signed fixture manifest
     size = (large_adapter / "wide.gguf").stat().st_size
     cdn.faults = [Fault(truncate_at=0.6)]
     await make_client(public_key=None).ensure_cached("wide")
@@ -471,7 +471,7 @@ async def test_an_unreachable_cdn_still_serves_what_is_cached(make_client: MakeC
 
 async def test_the_rate_cap_holds_within_20_percent(large_adapter: Path, make_client: MakeClient,
                                                     cdn: FaultCdn) -> None:
-    publish(large_adapter, cdn.root)
+    publish(large_adapter, cdn.root, unsigned=True)  # over the signed fixture manifest
     size = (large_adapter / "wide.gguf").stat().st_size
     kbps = 4000  # 500 000 B/s
     progress: list[TransferProgress] = []
@@ -489,7 +489,7 @@ async def test_a_process_killed_mid_write_leaves_a_partial_the_recovery_scan_res
     import signal
     import sys
 
-    publish(large_adapter, cdn.root)
+    publish(large_adapter, cdn.root, unsigned=True)  # over the signed fixture manifest
     size = (large_adapter / "wide.gguf").stat().st_size
     cdn.faults = [Fault(hold_at=0.5)]
     env = os.environ | {"EDGE_RT_HOME": str(tmp_path / "home")}

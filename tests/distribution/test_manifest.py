@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import shutil
+import subprocess
+import sys
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -25,6 +30,7 @@ from edge_runtime.errors import (
     InvalidGGUF,
     InvalidManifest,
     ManifestExpired,
+    PublishRefused,
     RollbackRefused,
     SignatureInvalid,
 )
@@ -226,3 +232,94 @@ def test_a_timestamp_past_what_utc_can_hold_is_an_invalid_manifest(cdn_dir: Path
     signed = json.loads(_document(cdn_dir))["signed"]
     with pytest.raises(InvalidManifest, match="is not an ISO 8601 UTC time"):  # was an OverflowError traceback
         Manifest.from_dict(signed | {"expires": "9999-12-31T23:59:59-01:00"}, source="cdn")
+
+
+_PUBLISH_LOOP = """
+import sys, time
+from pathlib import Path
+from edge_runtime.distribution.publish import publish
+source, cdn, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+while not go.exists():
+    time.sleep(0.001)
+for _ in range(6):
+    result = publish(source, cdn)
+    print(result.manifest.version, result.manifest.digest, flush=True)
+"""
+
+
+def test_concurrent_publishes_into_one_folder_never_write_one_version_twice(tmp_path: Path,
+                                                                           adapter_sources: Path) -> None:
+    # Issue 18 item 6: two publishes read the same floor and both wrote version n+1 with different content (7/10).
+    sources = []
+    for name in ("json-extract", "brand-voice"):
+        folder = tmp_path / f"src-{name}"
+        folder.mkdir()
+        shutil.copyfile(adapter_sources / f"{name}.gguf", folder / f"{name}.gguf")
+        sources.append(folder)
+    cdn, go = tmp_path / "cdn", tmp_path / "go"
+    publish(sources[0], cdn)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(sys.path)}
+    runs = [subprocess.Popen([sys.executable, "-c", _PUBLISH_LOOP, str(source), str(cdn), str(go)], env=env,
+                             stdout=subprocess.PIPE, text=True) for source in sources]
+    time.sleep(0.5)  # both are waiting for the go file (a head start only; the assertions do not depend on it)
+    go.touch()
+    lines = [line.split() for run in runs for line in run.communicate(timeout=300)[0].splitlines()]
+    assert [run.returncode for run in runs] == [0, 0]
+    versions = sorted(int(version) for version, _ in lines)
+    assert versions == list(range(2, 14)), lines  # twelve publishes after the first: each its own version
+    assert read_manifest(_document(cdn), source="cdn", public_key=None).version == 13
+
+
+def test_publishing_unsigned_over_a_signed_manifest_needs_unsigned(cdn_dir: Path, adapter_sources: Path) -> None:
+    # Issue 18 item 6: it exited 0 with a warning, and every device pinned to the key then refused all updates.
+    before = _document(cdn_dir)
+    with pytest.raises(PublishRefused, match="manifest is signed") as refused:
+        publish(adapter_sources, cdn_dir)
+    assert refused.value.exit_code == 2 and "--unsigned" in str(refused.value)
+    assert _document(cdn_dir) == before
+    result = publish(adapter_sources, cdn_dir, unsigned=True)
+    assert not result.signed and result.manifest.version == 2 and result.key_changed
+
+
+def test_a_file_whose_adapter_name_inside_differs_is_published_only_when_renamed_explicitly(
+        tmp_path: Path, adapter_sources: Path) -> None:
+    # Issue 18 item 5: devices named a blob after the name inside it; a renamed file must be a deliberate choice.
+    source = tmp_path / "src"
+    source.mkdir()
+    shutil.copyfile(adapter_sources / "json-extract.gguf", source / "legal.gguf")
+    with pytest.raises(PublishRefused, match="named 'json-extract', its file 'legal'"):
+        publish(source, tmp_path / "cdn")
+    assert not (tmp_path / "cdn" / "manifest.json").exists()
+    assert publish(source, tmp_path / "cdn", allow_renamed=True).manifest.names == ("legal",)
+
+
+def test_one_forged_unsigned_manifest_cannot_lock_an_address_out_for_good(tmp_path: Path) -> None:
+    # Issue 18 item 7: without a key, version 2^62 created in 9999 raised the floors past anything real.
+    trust, unsigned = TrustStore(tmp_path), "url:http://127.0.0.1:9/cdn"
+    trust.accept(unsigned, _manifest(3), now=T0)
+    forged = _manifest(2**62, created=datetime(9998, 1, 1, tzinfo=timezone.utc))
+    with pytest.raises(RollbackRefused, match="jumps more than 10000 past version 3") as jump:
+        trust.accept(unsigned, forged, now=T0)
+    assert "--reset-trust" in str(jump.value)
+    with pytest.raises(RollbackRefused, match="more than 400 days after"):
+        trust.accept(unsigned, _manifest(4, created=datetime(9998, 1, 1, tzinfo=timezone.utc)), now=T0)
+    assert trust.get(unsigned).version == 3  # type: ignore[union-attr]
+    trust.accept(unsigned, _manifest(4, created=T0 + timedelta(days=1)), now=T0)  # the real next one
+
+    # A first manifest has no floor to step from: a forged one is taken, and the operator resets it.
+    fresh = TrustStore(tmp_path / "fresh")
+    fresh.accept(unsigned, forged, now=T0)
+    with pytest.raises(RollbackRefused, match="older than version") as locked:
+        fresh.accept(unsigned, _manifest(5), now=T0)
+    assert "edge-rt sync --cdn URL --reset-trust" in str(locked.value)
+    assert fresh.reset(unsigned) and fresh.get(unsigned) is None
+    fresh.accept(unsigned, _manifest(5), now=T0)
+    with pytest.raises(ValueError, match="cannot be reset"):
+        fresh.reset("key:abc")
+
+
+def test_keyed_floors_take_any_step_a_signature_vouches_for(tmp_path: Path) -> None:
+    trust = TrustStore(tmp_path)
+    trust.accept("key:abc", _manifest(3), now=T0)
+    trust.accept("key:abc", _manifest(2**40, created=T0 + timedelta(days=1000)), now=T0)
+    assert trust.get("key:abc").version == 2**40  # type: ignore[union-attr]

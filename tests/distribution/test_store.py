@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import NamedTuple
 
 import pytest
 
+from edge_runtime.distribution.manifest import Manifest, ManifestEntry, sign_manifest
 from edge_runtime.distribution.recovery import recover
 from edge_runtime.distribution.store import AdapterStore, release
 from edge_runtime.errors import DiskFull, IntegrityError
@@ -37,6 +39,17 @@ def _put(store: AdapterStore, blob: Blob, *, name: str | None = None) -> None:
     store.install(partial, name=name or blob.name, digest=blob.sha256, size=len(blob.data))
 
 
+def _remember_manifest(store: AdapterStore, listed: dict[str, Blob]) -> None:
+    """What a client leaves in ``manifests/`` after verifying a manifest that lists ``listed`` (name -> blob)."""
+    now = datetime.now(timezone.utc).replace(microsecond=0)
+    entries = tuple(ManifestEntry(name=name, sha256=blob.sha256, size=len(blob.data), rank=2, base_fingerprint="f" * 64,
+                                  created=now) for name, blob in listed.items())
+    folder = store.root / "manifests"
+    folder.mkdir(exist_ok=True)
+    (folder / "0123456789abcdef.json").write_bytes(sign_manifest(
+        Manifest(version=1, created=now, expires=now + timedelta(days=1), adapters=entries), None))
+
+
 def _age(store: AdapterStore, name: str, seconds_ago: float) -> None:
     moment = time.time() - seconds_ago
     os.utime(store.refs_dir / name, (moment, moment))
@@ -61,16 +74,21 @@ def test_a_partial_whose_sha256_differs_never_becomes_visible(tmp_path: Path, bl
     assert list(store.blobs_dir.iterdir()) == list(store.partial_dir.iterdir()) == []
 
 
-def test_the_index_is_rebuilt_from_the_blobs_when_refs_are_lost(tmp_path: Path, blobs: list[Blob]) -> None:
+def test_the_index_is_rebuilt_from_the_verified_manifests_pairs_when_refs_are_lost(tmp_path: Path,
+                                                                                   blobs: list[Blob]) -> None:
+    # Issue 18 item 5: refs were rebuilt from the adapter name inside each GGUF: after refs/ was lost, legal's blob
+    # was named medical and an offline daemon served it. Only a verified manifest's (name, sha256) pairs name blobs.
     store = AdapterStore(tmp_path / "cache")
     for blob in blobs:
         _put(store, blob)
+    _remember_manifest(store, {"legal": blobs[0]})  # blobs[0] was published as "legal", whatever it says inside
     shutil.rmtree(store.refs_dir)
     rebuilt = AdapterStore(tmp_path / "cache")
     assert rebuilt.names() == ()
     report = recover(rebuilt)
-    assert sorted(report.refs_rebuilt) == sorted(b.name for b in blobs)
-    assert {a.name: a.sha256 for a in rebuilt.adapters()} == {b.name: b.sha256 for b in blobs}
+    assert report.refs_rebuilt == ("legal",)
+    assert {a.name: a.sha256 for a in rebuilt.adapters()} == {"legal": blobs[0].sha256}  # blobs[1]: listed nowhere
+    assert rebuilt.lookup(blobs[0].name) is None and rebuilt.lookup(blobs[1].name) is None
 
 
 def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_partials(
@@ -94,6 +112,7 @@ def test_recovery_scan_removes_corrupt_blobs_and_debris_and_finishes_or_keeps_pa
     (store.blobs_dir / ".x.gguf.tmp").write_bytes(b"temp")
     (store.refs_dir / ".json-extract.abc.tmp").write_text("temp")
 
+    _remember_manifest(store, {blob.name: blob for blob in blobs})
     report = recover(store)
 
     assert report.removed_corrupt == (blobs[0].sha256,) and store.lookup(blobs[0].name) is None
@@ -221,3 +240,32 @@ def test_stray_refs_and_folders_in_the_cache_are_ignored_then_cleaned(tmp_path: 
     assert store.names() == (blobs[0].name,)
     report = recover(store)
     assert {"alpha~", "folder", "junk"} <= set(report.removed_files) and store.names() == (blobs[0].name,)
+
+
+def test_partial_downloads_count_against_the_budget_and_the_oldest_unclaimed_goes_first(
+        tmp_path: Path, blobs: list[Blob]) -> None:
+    # Issue 18 item 11: partial/ held 6.8 MB under --cache-mb 2; they were outside the quota.
+    small, large = sorted(blobs, key=lambda b: len(b.data))
+    store = AdapterStore(tmp_path / "cache", budget_bytes=len(large.data) + len(small.data))
+    _put(store, small)
+    abandoned = store.open_partial("ab" * 32)  # a download given up on, its writer gone
+    abandoned.path.write_bytes(b"x" * (len(small.data) // 2))
+    release(abandoned)
+    os.utime(abandoned.path, (0, 0))  # older than the cached adapter
+    assert store.partial_bytes() == len(small.data) // 2
+    # large + small + the partial exceed the budget: the partial (oldest) goes, the cached adapter stays.
+    assert store.make_room(large.name, len(large.data)) == [abandoned.path.name]
+    assert not abandoned.path.exists() and store.lookup(small.name) is not None
+
+    live = store.open_partial("cd" * 32)  # a download under way in this (or any live) process: never removed
+    live.path.write_bytes(b"y" * (len(small.data) // 2))
+    with pytest.raises(DiskFull) as full:
+        store.make_room(large.name, len(large.data), protected=[small.name])
+    assert full.value.held_bytes >= len(small.data) // 2 and live.path.exists()
+    resumed = store.open_partial(large.sha256)  # the download itself resumes a partial: it is part of the size
+    resumed.path.write_bytes(large.data[:100])
+    release(resumed)
+    release(live)
+    live.path.unlink()
+    assert store.make_room(large.name, len(large.data), protected=[small.name], sha256=large.sha256) == []
+    assert resumed.path.exists()

@@ -6,12 +6,15 @@ import hashlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -28,7 +31,7 @@ CHAT = [{"role": "user", "content": "Name a colour."}]
 def cdn(tmp_path: Path, adapters_dir: Path) -> Iterator[tuple[str, Path]]:
     """A signed CDN folder served by a real static HTTP server on 127.0.0.1."""
     key, public = generate_key(tmp_path / "signing.key")
-    publish(adapters_dir, tmp_path / "cdn", key=load_private_key(key))
+    publish(adapters_dir, tmp_path / "cdn", key=load_private_key(key), allow_renamed=True)  # a, b, c
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
                                "--directory", str(tmp_path / "cdn")],
@@ -122,7 +125,7 @@ def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Pat
         next_version.mkdir()
         (next_version / "a.gguf").write_bytes((adapters_dir / "a.gguf").read_bytes())
         (next_version / "b.gguf").write_bytes((adapters_dir / "c.gguf").read_bytes())  # new content for b
-        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"), allow_renamed=True)
         new_sha = hashlib.sha256((adapters_dir / "c.gguf").read_bytes()).hexdigest()
 
         report = requests.post(f"{daemon.url}/v1/sync?wait=true", timeout=60).json()
@@ -132,7 +135,7 @@ def test_a_version_published_while_serving_takes_over_after_a_sync(tmp_path: Pat
         new = requests.post(f"{daemon.url}/v1/chat/completions", timeout=60, json=chat)
         assert new.headers["X-Edge-Adapters"] == f"b@{new_sha[:16]}:1" != old.headers["X-Edge-Adapters"]
         assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]
-        assert (cache / "refs" / "b").read_text() == new_sha
+        assert (cache / "refs" / "b").read_text().split()[0] == new_sha  # then who verified it (issue 18 item 4)
 
 
 def pull_then_evict_from_memory(daemon: Daemon, name: str) -> requests.Response:
@@ -192,7 +195,7 @@ def test_two_daemons_on_one_cache_an_update_in_one_never_drops_the_blob_the_othe
         next_version = tmp_path / "v2"
         next_version.mkdir()
         shutil.copy(adapters_dir / "c.gguf", next_version / "b.gguf")  # new content for b
-        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"))
+        publish(next_version, tmp_path / "cdn", key=load_private_key(tmp_path / "signing.key"), allow_renamed=True)
 
         report = requests.post(f"{first.url}/v1/sync?wait=true", timeout=120).json()
         assert (report["updating"], report["adapters"]["b"]) == (["b"], new_sha)
@@ -204,3 +207,173 @@ def test_two_daemons_on_one_cache_an_update_in_one_never_drops_the_blob_the_othe
 
         assert requests.post(f"{second.url}/v1/sync?wait=true", timeout=120).json()["adapters"]["b"] == new_sha
         assert sorted(p.name for p in (cache / "blobs").iterdir()) == [f"{new_sha}.gguf"]  # the last user let go
+
+
+def _static_server(folder: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory",
+                               str(folder)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            requests.get(f"{url}/manifest.json", timeout=1)
+            break
+        except requests.ConnectionError:
+            time.sleep(0.05)
+    return server, url
+
+
+def _cli_sync(tmp_path: Path, url: str, cache: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_runtime.cli", "sync", "--cdn", url, "--all", "--cache-dir",
+                           str(cache), *extra], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "HF_HUB_OFFLINE": "0", "EDGE_RT_HOME": str(tmp_path / "cli")})
+
+
+def test_a_key_pinned_daemon_serves_only_what_its_signed_manifest_lists_beside_an_unsigned_sync(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 4: after `sync` from a signed and an unsigned CDN into one cache, `serve --public-key` served an
+    # adapter only the unsigned manifest lists, and offline served the blob the signed manifest lists as c under a.
+    cache, (url, public) = tmp_path / "device-cache", cdn
+    sha = {name: hashlib.sha256((adapters_dir / f"{name}.gguf").read_bytes()).hexdigest() for name in "abc"}
+    assert _cli_sync(tmp_path, url, cache, "--public-key", str(public)).returncode == 0
+    unsigned_src = tmp_path / "unsigned-src"
+    unsigned_src.mkdir()
+    shutil.copy(adapters_dir / "c.gguf", unsigned_src / "a.gguf")  # "a" with other content
+    shutil.copy(adapters_dir / "b.gguf", unsigned_src / "extra.gguf")  # a name the signed CDN never lists
+    publish(unsigned_src, tmp_path / "unsigned-cdn", allow_renamed=True)
+    server, unsigned_url = _static_server(tmp_path / "unsigned-cdn")
+    try:
+        synced = _cli_sync(tmp_path, unsigned_url, cache)
+        assert synced.returncode == 0, synced.stderr
+    finally:
+        server.terminate()
+        server.wait()
+    assert (cache / "refs" / "a").read_text().split() == [sha["c"], f"url:{unsigned_url}"]  # who verified it
+
+    chat = {"messages": CHAT, "max_tokens": 4, "temperature": 0}
+    with serve_cdn(tmp_path, serve_profile, cdn) as daemon:
+        names = [a["name"] for a in requests.get(f"{daemon.url}/v1/adapters", timeout=10).json()["data"]]
+        assert sorted(names) == ["a", "b", "c"]
+        extra = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "extra", **chat})
+        assert extra.status_code == 404, extra.text
+        served = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "a", **chat})
+        assert served.status_code == 200 and served.headers["X-Edge-Adapters"] == f"a@{sha['a'][:16]}:1"
+        assert "verified it, not this daemon's --public-key" in daemon.log_text()
+
+    server, unsigned_url = _static_server(tmp_path / "unsigned-cdn")  # the unsigned sync again, daemon stopped
+    try:
+        assert _cli_sync(tmp_path, unsigned_url, cache).returncode == 0
+    finally:
+        server.terminate()
+        server.wait()
+    with serve_cdn(tmp_path, serve_profile, cdn, "--offline", log="offline") as daemon:
+        a = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "a", **chat})
+        assert (a.status_code, a.json()["error"]["type"]) == (503, "cache_miss"), a.text  # never c's blob as a
+        assert "cached adapters: b, c" in a.json()["error"]["message"]  # what this daemon may serve
+        b = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300, json={"model": "b", **chat})
+        assert b.status_code == 200 and b.headers["X-Edge-Adapters"] == f"b@{sha['b'][:16]}:1"
+
+
+def _slow_profile(tmp_path: Path, profile: Path) -> Path:
+    """``profile`` with downloads capped at 800 kbit/s: a 19.6 MB adapter takes minutes to pull."""
+    slow = tmp_path / "slow-link.toml"
+    slow.write_text(profile.read_text().replace("max_download_kbps = 0", "max_download_kbps = 800"))
+    return slow
+
+
+def _ask_while_pulling(daemon: Daemon, cache: Path, name: str) -> tuple[threading.Thread, dict[str, Any]]:
+    """A request for ``name`` that waits for its pull, started and held until bytes of the pull are on disk."""
+    outcome: dict[str, Any] = {}
+
+    def ask() -> None:
+        try:
+            outcome["response"] = requests.post(f"{daemon.url}/v1/chat/completions", timeout=300,
+                                                json={"model": name, "messages": CHAT, "max_tokens": 4})
+        except requests.RequestException as exc:
+            outcome["error"] = exc
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    while not any(p.stat().st_size for p in (cache / "partial").glob("*.part")):
+        time.sleep(0.05)
+    return asker, outcome
+
+
+def test_a_shutdown_during_a_pull_answers_503_with_the_reason_and_keeps_the_partial(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 2: a request waiting for a download during shutdown got 200 with "" (or no answer), and the log
+    # said "pull ... failed after 19.1 s: " with an empty reason.
+    cache, size = tmp_path / "device-cache", (adapters_dir / "a.gguf").stat().st_size
+    with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn) as daemon:
+        asker, outcome = _ask_while_pulling(daemon, cache, "a")
+        status = requests.get(f"{daemon.url}/v1/status", timeout=60).json()  # item 20: the operator sees the wait
+        [pulled] = [a for a in status["adapters"] if a["name"] == "a"]
+        assert status["waiting_for_downloads"] == 1 and pulled["state"] == "downloading", status
+        assert pulled["waiting_requests"] == 1 and "download_eta_s" in pulled and "download_bytes_per_second" in pulled
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=120) == 0
+        asker.join(timeout=60)
+    response = outcome["response"]
+    error = response.json()["error"]
+    assert (response.status_code, error["type"]) == (503, "server_shutting_down"), response.text
+    assert "the download of adapter a was stopped" in error["message"]
+    parts = list((cache / "partial").glob("*.part"))
+    assert len(parts) == 1 and 0 < parts[0].stat().st_size < size  # kept for the resume
+    log = daemon.log_text()
+    assert re.search(r"pull of adapter a stopped after [\d.]+ s by the shutdown: [\d.]+ MB on disk", log), log[-2000:]
+    assert "Traceback" not in log
+
+
+def test_a_second_ctrl_c_during_a_pull_exits_without_a_traceback(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path, cdn: tuple[str, Path]) -> None:
+    cache = tmp_path / "device-cache"
+    with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn) as daemon:
+        asker, _ = _ask_while_pulling(daemon, cache, "a")
+        daemon.process.send_signal(signal.SIGINT)
+        daemon.process.send_signal(signal.SIGINT)
+        assert daemon.process.wait(timeout=120) == 0
+        asker.join(timeout=60)
+    assert "Traceback" not in daemon.log_text(), daemon.log_text()[-3000:]
+    assert len(list((cache / "partial").glob("*.part"))) == 1
+
+
+_HOLD_LOCK = """
+import sys
+from pathlib import Path
+from edge_runtime.distribution.store import AdapterStore
+with AdapterStore(Path(sys.argv[1])).locked():
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def test_a_daemon_waiting_for_a_stopped_cache_gc_names_it_and_exits_on_sigterm(
+        tmp_path: Path, serve_profile: Path, cdn: tuple[str, Path]) -> None:
+    # Issue 18 item 3: a `cache gc` stopped with Ctrl-Z blocked a daemon's start for ever, and on SIGTERM the daemon
+    # said "stopped" but stayed alive inside flock.
+    url, public = cdn
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(tmp_path / "device-cache")], text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        holder.send_signal(signal.SIGSTOP)
+        log = tmp_path / "waiting.log"
+        with log.open("wb") as sink:
+            daemon = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--port", str(free_port()),
+                                       "--profile", str(serve_profile), "--cdn", url, "--public-key", str(public),
+                                       "--cache-dir", str(tmp_path / "device-cache")], stdout=sink,
+                                      stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "0"})
+        while f"held by process {holder.pid}" not in log.read_text(errors="replace"):
+            assert daemon.poll() is None, log.read_text()
+            time.sleep(0.1)
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(timeout=120)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+        text = log.read_text(errors="replace")
+        assert daemon.returncode != -9 and "Traceback" not in text, text[-3000:]
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.communicate("", timeout=30)

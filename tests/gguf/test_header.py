@@ -105,3 +105,18 @@ def test_nesting_that_real_files_use_still_parses(tmp_path: Path) -> None:
     path = tmp_path / "nested.gguf"
     path.write_bytes(_gguf(_nested_arrays(2), 1))
     assert read_header(path).fields["hostile.nesting"].count == 1
+
+
+def test_errors_name_files_by_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Issue 18 item 19: relative paths leaked into messages, read by someone whose working folder is another.
+    from edge_runtime.errors import GGUFNotFound, InvalidGGUF
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf at all")
+    with pytest.raises(GGUFNotFound) as missing:
+        read_header(Path("missing.gguf"))
+    assert missing.value.path == str(tmp_path / "missing.gguf") and str(tmp_path / "missing.gguf") in str(
+        missing.value)
+    with pytest.raises(InvalidGGUF) as junk:
+        read_header(Path("junk.gguf"))
+    assert str(junk.value).startswith(f"{tmp_path / 'junk.gguf'} is not a readable GGUF file")

@@ -474,3 +474,63 @@ def test_a_file_still_being_copied_is_not_registered_and_a_folder_in_its_place_i
         runtime.adapters.ensure_resident("replaced")
     prompt = runtime.engine.tokenize("Hello")
     assert runtime.generate(prompt, SamplingParams(max_tokens=2))[0].completion_tokens > 0  # still serving
+
+
+def test_rescanning_a_folder_reads_no_file_that_did_not_change(tmp_path: Path, make_profile: Callable[..., Path],
+                                                               adapter_files: list[Path]) -> None:
+    # Issue 18 item 14: every load of an unknown name re-hashed all of --adapters-dir (300 MB: 1.1 s per request).
+    import shutil
+    import sys
+
+    from edge_runtime.files import file_sha256
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    for path in adapter_files[:2]:
+        shutil.copy(path, folder / path.name)
+    rt = Runtime(load_profile(str(make_profile("rescan-test", budget_mb=1024))), ctx=512)
+    try:
+        first, _ = rt.adapters.add_directory(folder)
+        opened: list[str] = []
+        watching = [True]
+
+        def hook(event: str, args: tuple[Any, ...]) -> None:
+            if watching[0] and event == "open" and str(args[0]).startswith(str(folder)):
+                opened.append(str(args[0]))
+
+        sys.addaudithook(hook)
+        try:
+            again, refused = rt.adapters.add_directory(folder)
+            shutil.copy(adapter_files[2], folder / adapter_files[0].name)  # one file changes: only it is read
+            changed, _ = rt.adapters.add_directory(folder)
+        finally:
+            watching[0] = False
+        assert refused == {} and [a.sha256 for a in again] == [a.sha256 for a in first]
+        assert set(opened) == {str(folder / adapter_files[0].name)}
+        now = {a.name: a.sha256 for a in changed}
+        assert now[adapter_files[0].stem] == file_sha256(adapter_files[2]).hexdigest()
+    finally:
+        rt.close()
+
+
+def test_an_adapter_for_another_base_is_named_as_such_not_as_unknown(
+        tmp_path: Path, make_profile: Callable[..., Path], adapter_files: list[Path],
+        gemma_adapter_files: list[Path]) -> None:
+    # Issue 18 item 17: it showed as "unknown adapter ... Known adapters: none" (HTTP and --preload).
+    import shutil
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_files[0], folder / "mine.gguf")
+    shutil.copy(gemma_adapter_files[0], folder / "gemmas.gguf")
+    rt = Runtime(load_profile(str(make_profile("other-base-test", budget_mb=1024))), ctx=512)
+    try:
+        _, refused = rt.adapters.add_directory(folder)
+        assert list(refused) == ["gemmas.gguf"]
+        with pytest.raises(AdapterNotFound) as missing:
+            rt.adapters.ensure_resident("gemmas")
+        assert "adapter 'gemmas' is not served" in str(missing.value)
+        assert "converted for another base model" in str(missing.value) and "Known adapters: mine" in str(missing.value)
+        assert rt.adapters.refusal("mine") is None and rt.adapters.refusal("never-seen") is None
+    finally:
+        rt.close()

@@ -91,3 +91,23 @@ def test_base_that_does_not_fit_is_reported_with_the_terms(base_model: Path,
                                                          (2048, "q4_0", 12.65625)])
 def test_kv_cache_scales_with_ctx_and_type(base_model: Path, ctx: int, kv_type: str, expected_mib: float) -> None:
     assert budget.kv_cache_bytes(budget.model_shape(base_model), ctx, kv_type) / MIB == pytest.approx(expected_mib)
+
+
+def test_trimming_freed_memory_spawns_no_process_after_the_first_time() -> None:
+    # Issue 18 item 13: ctypes.util.find_library("c") ran `/sbin/ldconfig -p` (a fork of the daemon) on every trim.
+    spawned: list[str] = []
+    watching = [False]
+
+    def hook(event: str, args: tuple[object, ...]) -> None:
+        if watching[0] and event in ("subprocess.Popen", "os.posix_spawn", "os.fork", "os.exec"):
+            spawned.append(event)
+
+    budget.release_freed_memory()  # resolves libc once
+    sys.addaudithook(hook)
+    watching[0] = True
+    try:
+        for _ in range(3):
+            budget.release_freed_memory()
+    finally:
+        watching[0] = False
+    assert spawned == []

@@ -179,3 +179,100 @@ async def test_requests_a_web_page_can_forge_are_refused(aiohttp_client: Any, ru
     assert same_page.status == 200 and (await client.get("/v1/status")).status == 200
     public = await aiohttp_client(create_app(ServerConfig(loopback_only=False), runtime))
     assert (await public.get("/health", headers={"Host": "device.local"})).status == 200  # a LAN name, bound wide
+
+
+@pytest.mark.asyncio
+async def test_a_request_for_an_adapter_made_for_another_base_says_so(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime], tmp_path: Path, adapter_files: list[Path],
+        gemma_adapter_files: list[Path]) -> None:
+    # Issue 18 item 17: it was answered "unknown adapter 'x' ... Known adapters: none".
+    import shutil
+
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    shutil.copy(adapter_files[0], folder / "mine.gguf")
+    shutil.copy(gemma_adapter_files[0], folder / "gemmas.gguf")
+    runtime = runtime_with()
+    runtime.adapters.add_directory(folder)
+    client = await aiohttp_client(create_app(ServerConfig(adapters_dir=folder), runtime))
+    response = await client.post("/v1/chat/completions", json={"model": "gemmas", "max_tokens": 1,
+                                                                "messages": [{"role": "user", "content": "Hi"}]})
+    error = (await response.json())["error"]
+    assert response.status == 404 and error["type"] == "adapter_not_found"
+    assert "adapter 'gemmas' is not served" in error["message"] and "another base model" in error["message"]
+    assert "Known adapters: mine" in error["message"]
+
+
+@pytest.mark.asyncio
+async def test_every_completion_carries_the_daemons_deadline_and_passing_it_is_a_504(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # Issue 18 item 1: no request had a deadline; a hostile grammar held the one generation worker for hours.
+    runtime = runtime_with()
+    late = await aiohttp_client(create_app(ServerConfig(request_timeout_s=1e-6), runtime))
+    response = await late.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4})
+    error = (await response.json())["error"]
+    assert response.status == 504 and error["type"] == "timeout" and "passed its deadline" in error["message"]
+    on_time = await aiohttp_client(create_app(ServerConfig(), runtime))
+    served = await on_time.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    assert served.status == 200 and (await served.json())["usage"]["completion_tokens"] == 4
+
+
+@pytest.mark.asyncio
+async def test_unauthenticated_requests_neither_forge_log_lines_nor_reach_the_recent_table(
+        aiohttp_client: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 15: `%0a` in a path wrote a second, forged log line; 401s pushed real requests off the status
+    # page's recent table; the Basic password was compared with ==.
+    import base64
+
+    from edge_runtime.serve.state import DAEMON
+
+    app = create_app(ServerConfig(api_key="sécret"), runtime)
+    client = await aiohttp_client(app)
+    with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
+        forged = await client.get("/v1/x%0a2026-12-07 INFO edge_runtime.serve.app: GET /admin status=200%1b[2J")
+    assert forged.status == 401
+    lines = [r.getMessage() for r in caplog.records if "/v1/x" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "\x1b" not in lines[0]
+    assert "/v1/x\\x0a2026-12-07 INFO" in lines[0] and "\\x1b[2J" in lines[0]
+    for _ in range(25):
+        assert (await client.get("/v1/models")).status == 401
+    good = base64.b64encode("anyone:sécret".encode()).decode()
+    bad = base64.b64encode(b"anyone:secret").decode()
+    assert (await client.get("/v1/models", headers={"Authorization": f"Basic {bad}"})).status == 401
+    assert (await client.get("/v1/models", headers={"Authorization": f"Basic {good}"})).status == 200
+    assert [(r.path, r.status) for r in app[DAEMON].recent] == [("/v1/models", 200)]
+
+
+@pytest.mark.asyncio
+async def test_a_404_line_names_the_adapter_asked_for_and_health_logs_at_debug(
+        aiohttp_client: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 20 (the log): 404 lines said requested=-, and /health polls filled the log at INFO.
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    with caplog.at_level("DEBUG", logger="edge_runtime.serve.app"):
+        missing = await client.post("/v1/chat/completions", json={"model": "nope", "messages": [
+            {"role": "user", "content": "Hi"}]})
+        assert (await client.get("/health")).status == 200
+    assert missing.status == 404
+    [line] = [r for r in caplog.records if r.getMessage().startswith("POST /v1/chat/completions")]
+    assert "status=404 requested=nope " in line.getMessage() and line.levelname == "INFO"
+    [health] = [r for r in caplog.records if r.getMessage().startswith("GET /health")]
+    assert health.levelname == "DEBUG"
+
+
+@pytest.mark.asyncio
+async def test_a_catalog_of_40000_adapters_keeps_the_page_small_and_the_status_paged(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # Issue 18 item 16: a 40,000-adapter status page was 12 MB, refreshed every 2 s and rendered on the event loop.
+    runtime = runtime_with()
+    for index in range(40_000):
+        runtime.adapters.add_remote(f"remote-{index:05d}", sha256=f"{index:064x}", size_bytes=1000)
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    page = await (await client.get("/")).text()
+    assert len(page.encode()) < 200_000 and "100 of 40000 adapters shown (40000 remote)" in page
+    first = await (await client.get("/v1/status")).json()
+    assert first["adapters_total"] == 40_000 and len(first["adapters"]) == 1000
+    assert first["adapter_states"] == {"remote": 40_000}
+    later = await (await client.get("/v1/status?offset=39990&limit=50")).json()
+    assert [a["name"] for a in later["adapters"]] == [f"remote-{i:05d}" for i in range(39_990, 40_000)]
+    refused = await client.get("/v1/status?limit=20000")
+    assert refused.status == 400 and "limit must be a whole number" in (await refused.json())["error"]["message"]

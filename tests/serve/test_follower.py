@@ -71,7 +71,7 @@ def republish(tmp_path: Path, cdn_root: Path, key: Ed25519PrivateKey, files: dic
         stale.unlink()
     for name, data in files.items():
         (source / f"{name}.gguf").write_bytes(data)
-    publish(source, cdn_root, key=key, allow_empty=not files)
+    publish(source, cdn_root, key=key, allow_empty=not files, allow_renamed=True)  # new content, old name
     return {name: hashlib.sha256(data).hexdigest() for name, data in files.items()}
 
 
@@ -282,3 +282,74 @@ async def test_a_stalling_cdn_does_not_keep_a_starting_daemon_from_serving_its_c
             break
         await asyncio.sleep(0.1)
     assert restarted.version == 1 and "brand-voice" in restarted.manager.names()
+
+
+async def test_offered_adapters_for_another_base_are_counted_and_named_as_such(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair,
+        gemma_adapter_files: list[Path], caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 17: a daemon following a CDN did not say it skipped adapters made for another base, and a request
+    # for one was "unknown adapter".
+    from edge_runtime.errors import AdapterNotFound
+
+    republish(tmp_path, cdn_dir, key_pair[0], {"json-extract": (adapter_sources / "json-extract.gguf").read_bytes(),
+                                               "gemma-legal": gemma_adapter_files[0].read_bytes()})
+    with caplog.at_level("WARNING", logger="edge_runtime.serve.follower"):
+        report = await follower.refresh()
+        await follower.refresh()  # said once, not at every refresh
+    assert report.offered == ("json-extract",) and follower.other_base == ("gemma-legal",)
+    assert [r.message for r in caplog.records].count(
+        f"skipped 1 adapters {follower.cdn.cdn} offers for another base model: gemma-legal") == 1
+    with pytest.raises(AdapterNotFound, match="adapter 'gemma-legal' is not served: .* converted for another base"):
+        follower.manager.ensure_resident("gemma-legal")
+
+
+async def test_a_shared_pull_is_counted_once_and_an_update_download_is_counted_like_a_pull(
+        tmp_path: Path, follower: CdnFollower, cdn_dir: Path, adapter_sources: Path, key_pair: KeyPair,
+        caplog: pytest.LogCaptureFixture) -> None:
+    # Issue 18 item 19: pull metrics counted every waiter of one shared download; update downloads were neither
+    # logged nor counted.
+    observed: list[tuple[str, int, bool]] = []
+    follower.on_pull = lambda name, received, seconds, ok: observed.append((name, received, ok))
+    size = (adapter_sources / "json-extract.gguf").stat().st_size
+    await asyncio.gather(*(follower.pull(["json-extract"]) for _ in range(3)))
+    assert observed == [("json-extract", size, True)]
+    new = republish(tmp_path, cdn_dir, key_pair[0],
+                    {"json-extract": (adapter_sources / "brand-voice.gguf").read_bytes()})
+    with caplog.at_level("INFO", logger="edge_runtime.serve.follower"):
+        await follower.refresh()
+        await follower.settle()
+    new_size = (adapter_sources / "brand-voice.gguf").stat().st_size
+    assert observed[1:] == [("json-extract", new_size, True)]
+    messages = [r.message for r in caplog.records]
+    assert any(m.startswith(f"fetching update of json-extract: {new['json-extract'][:12]}") for m in messages)
+    assert any(m.startswith("adapter json-extract updated: ") and f"-> {new['json-extract'][:12]}" in m
+               for m in messages)
+
+
+async def test_metrics_show_the_manifest_version_its_last_refresh_and_refresh_failures(
+        follower: CdnFollower) -> None:
+    # Issue 18 item 20 (/metrics): a device stuck on an old manifest could not be alerted on.
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edge_runtime.errors import InvalidManifest
+    from edge_runtime.serve.metrics import _FollowerCollector
+
+    registry = CollectorRegistry()
+    registry.register(_FollowerCollector(follower))  # what Metrics.follow registers for a daemon with --cdn
+
+    def samples() -> dict[str, float]:
+        text = generate_latest(registry).decode()
+        return {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+
+    first = samples()
+    assert first["edge_rt_manifest_version"] == follower.version == 1
+    assert first["edge_rt_manifest_last_refresh_timestamp_seconds"] == follower.last_refresh
+    assert first["edge_rt_manifest_refresh_failures_total"] == 0
+    follower.fault_cdn.manifest = b"not a manifest"  # type: ignore[attr-defined]
+    with pytest.raises(InvalidManifest):
+        await follower.refresh()
+    after = samples()
+    assert after["edge_rt_manifest_refresh_failures_total"] == 1 and after["edge_rt_manifest_version"] == 1
+    assert after["edge_rt_manifest_last_refresh_timestamp_seconds"] == first[
+        "edge_rt_manifest_last_refresh_timestamp_seconds"]

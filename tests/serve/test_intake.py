@@ -4,6 +4,7 @@ while the process is over its memory budget (real runtime, real aiohttp server o
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import mmap
 import tracemalloc
@@ -259,3 +260,25 @@ def test_counting_hostile_bodies_takes_linear_time_and_no_memory() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 2 * (1 << 20) + 4096  # at most the escape-free copy of the text, never a list of pieces
+
+
+@pytest.mark.asyncio
+async def test_a_body_whose_text_widens_past_what_the_plan_counts_is_refused(aiohttp_client: Any,
+                                                                           runtime: Runtime) -> None:
+    # Issue 18 item 12: one emoji per 1 MiB body made Python store every character in 4 bytes (11.5 MiB over
+    # twenty bodies), which no part of the memory plan counted.
+    app = create_app(ServerConfig(), runtime)
+    client = await aiohttp_client(app)
+    half = app[DAEMON].max_body_bytes // 2
+    wide = {"prompt": "a" * half + "\U0001F600", "max_tokens": 1}  # half the body cap: twice the cap as a str
+    refused = await client.post("/v1/completions", json=wide)
+    assert refused.status == 400
+    message = (await refused.json())["error"]["message"]
+    assert "4 bytes per character" in message and "beyond U+FFFF" in message  # "\ud83d\ude00": wide once parsed
+    raw = await client.post("/v1/completions", data=json.dumps(wide, ensure_ascii=False).encode(),
+                            headers={"Content-Type": "application/json"})  # the emoji as UTF-8: wide once decoded
+    assert raw.status == 400 and "4 bytes per character" in (await raw.json())["error"]["message"]
+    ascii_only = await client.post("/v1/completions", json={"prompt": "a" * half, "max_tokens": 1})
+    assert (await ascii_only.json())["error"]["type"] == "context_length_exceeded"  # read and tokenized
+    short = await client.post("/v1/completions", json={"prompt": "Hi \U0001F600", "max_tokens": 1})
+    assert short.status == 200

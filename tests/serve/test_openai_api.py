@@ -25,6 +25,9 @@ class CountingCatalog:
         self.listed += 1
         return sorted(self._names)
 
+    def refusal(self, name: str) -> str | None:
+        return None  # nothing refused (issue 18 item 17: the 404 says why a refused name is not served)
+
 
 def _parse(body: dict[str, object], catalog: CountingCatalog) -> tuple[AdapterRequest, ...]:
     return parse_request(body, chat=False, base_id="base", known_adapters=catalog, max_tokens_cap=64).adapters

@@ -62,3 +62,19 @@ def test_the_queue_is_bounded(runtime: Runtime) -> None:
     with pytest.raises(QueueFull) as raised:
         queue(scheduler, [A])
     assert raised.value.limit == 2 and raised.value.http_status == 503
+
+
+def test_queued_grammars_are_bounded_in_bytes_not_only_in_count(runtime: Runtime) -> None:
+    # Issue 18 item 10: 16 queued requests with 970 KB grammars each took RSS 73 MiB over a 330 MiB budget.
+    scheduler = Scheduler(runtime, max_queue=16, max_grammar_bytes=3_000_000)
+    grammar = 'root ::= "x"' + " " * 999_988  # a 1 MB grammar, as a 6.4 KB schema can become
+    assert len(grammar) == 1_000_000
+    for _ in range(3):
+        scheduler.submit([1, 2], SamplingParams(max_tokens=1, grammar=grammar), ())
+    assert scheduler.queued_grammar_bytes == 3_000_000
+    with pytest.raises(QueueFull) as full:
+        scheduler.submit([1, 2], SamplingParams(max_tokens=1, grammar=grammar), ())
+    assert "hold 3000000 bytes of response_format grammars (limit 3000000)" in str(full.value)
+    assert full.value.http_status == 503 and scheduler.queued == 3
+    scheduler.submit([1, 2], SamplingParams(max_tokens=1), ())  # a request without a grammar still queues
+    assert scheduler.queued == 4

@@ -38,3 +38,25 @@ def test_the_page_shows_threads_cores_decode_rate_contention_and_the_thread_warn
     assert '<p class="error" id="threads-warning">profile &lt;j&gt; asks for compute.threads = 6</p>' in page
     idle = render_page({**status, "compute": {**COMPUTE, "decode_tokens_per_second": 0.0, "contention": 0.0}})
     assert "decode nothing decoded over the last minute · CPU contention 0%" in idle and "threads-warning" not in idle
+def test_the_page_shows_what_waits_for_downloads_what_runs_and_each_adapters_update() -> None:
+    # Issue 18 item 20: the page said "0 queued" while requests waited for a download, and showed neither the
+    # download's rate and ETA, nor the running generation, nor an adapter's description and last update.
+    status = {"model": "m", "profile": "p", "uptime_s": 5, "queued": 0, "rss_bytes": 100 << 20,
+              "resident_adapter_bytes": 0, "plan": {"budget_bytes": 1 << 30, "process_bytes": 1, "model_bytes": 1,
+                                                    "kv_cache_bytes": 1, "compute_bytes": 1},
+              "waiting_for_downloads": 2, "adapters_total": 3, "adapter_states": {"downloading": 1, "resident": 1,
+                                                                                  "remote": 1},
+              "running": {"adapters": "legal", "prompt_tokens": 30, "generated_tokens": 12, "seconds": 2.0,
+                          "tokens_per_second": 6.0},
+              "adapters": [{"name": "big", "state": "downloading", "downloaded_bytes": 40, "download_total_bytes": 100,
+                            "size_bytes": 100, "sha256": "ab" * 32, "users": 0, "last_used": None,
+                            "download_bytes_per_second": 2_500_000, "download_eta_s": 90, "waiting_requests": 2},
+                           {"name": "legal", "state": "resident", "size_bytes": 100, "sha256": "cd" * 32, "users": 1,
+                            "last_used": time.time(), "description": "Reviews <contracts>",
+                            "updated_at": time.time() - 120, "replaced_sha256": "ef" * 32}],
+              "cdn": None, "recent": [], "compute": COMPUTE}
+    page = render_page(status)
+    assert "2 waiting for downloads" in page and "generating under legal: 12 tokens, 6.0 tok/s" in page
+    assert re.search(r"downloading 40% at 2\.50 MB/s, [^<,]+ left, 2 requests waiting", page)
+    assert "Reviews &lt;contracts&gt;" in page and "replacing <code>efefefefefef</code>" in page
+    assert "2 of 3 adapters shown (1 downloading, 1 resident, 1 remote)" in page

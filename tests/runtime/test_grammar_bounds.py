@@ -1,0 +1,160 @@
+"""Grammar work is bounded: what llama.cpp's sampler would keep is measured before a grammar is accepted, and a
+deadline or a cancel ends even a token whose grammar work would take minutes. Real llama.cpp on SmolLM2."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from llama_cpp import llama_grammar
+
+from edge_runtime.errors import GenerationTimeout, GrammarTooComplex
+from edge_runtime.runtime import grammar as grammar_module
+from edge_runtime.runtime.engine import Engine, EngineSettings
+from edge_runtime.runtime.generation import Chunk, SamplingParams
+from edge_runtime.runtime.grammar import parse_stack_peak, stack_limit
+
+
+@pytest.fixture(scope="module")
+def engine(base_model: Path) -> Iterator[Engine]:
+    running = Engine(base_model, EngineSettings(n_ctx=512, n_threads=2))
+    yield running
+    running.close()
+
+
+def nested_anyof(levels: int) -> dict[str, Any]:
+    """The hostile review's schema: level k is anyOf an array of exactly 1 and one of exactly 2 items of level k-1."""
+    defs: dict[str, Any] = {"l0": {"type": "integer"}}
+    for k in range(1, levels + 1):
+        below = {"$ref": f"#/$defs/l{k - 1}"}
+        defs[f"l{k}"] = {"anyOf": [{"type": "array", "items": below, "minItems": 1, "maxItems": 1},
+                                   {"type": "array", "items": below, "minItems": 2, "maxItems": 2}]}
+    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/l{levels}"}]}  # (a top-level $ref leaves inner ones unread)
+
+
+def raw_grammar(schema: dict[str, Any]) -> str:
+    return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+
+
+def test_the_22_level_nested_anyof_schema_is_refused_with_a_typed_error(engine: Engine) -> None:
+    # Issue 18 item 1: it passed every check, then held the one generation worker for hours (26 s/token at level 13).
+    schema = nested_anyof(22)
+    assert 3000 < len(json.dumps(schema)) < 5000  # the 4 KB of the report
+    with pytest.raises(GrammarTooComplex) as refused:
+        engine.json_grammar(schema)
+    assert refused.value.param == "response_format" and refused.value.http_status == 400
+    assert refused.value.stacks > refused.value.limit == stack_limit(engine.n_vocab)
+    assert "anyOf/oneOf branches start differently" in str(refused.value)
+
+
+def test_each_level_of_nesting_doubles_the_parse_states_the_measure_finds() -> None:
+    peaks = [parse_stack_peak(raw_grammar(nested_anyof(levels)), stop_at=10**6)[0] for levels in range(1, 6)]
+    assert [b / a for a, b in zip(peaks, peaks[1:])] == [2.0, 2.0, 2.0, 2.0], peaks
+
+
+def test_an_enum_of_1800_strings_sharing_a_prefix_is_refused_and_a_short_one_is_served(engine: Engine) -> None:
+    # Issue 18 item 1: 400 ms/token (0.2 ms without a grammar) with every value one parse stack.
+    with pytest.raises(GrammarTooComplex) as refused:
+        engine.json_grammar({"enum": [f"customer-account-{i:04d}" for i in range(1800)]})
+    assert refused.value.stacks >= 1800
+    grammar = engine.json_grammar({"enum": [f"customer-account-{i:04d}" for i in range(40)]})
+    prompt = engine.chat_prompt([{"role": "user", "content": "Pick an account."}])
+    result = engine.generate(prompt, SamplingParams(max_tokens=20, grammar=grammar))
+    assert json.loads(result.text) in {f"customer-account-{i:04d}" for i in range(40)}
+
+
+ORDINARY = {"type": "object", "required": ["name", "tags", "address"], "properties": {
+    "name": {"type": "string", "maxLength": 40},
+    "age": {"type": "integer"},
+    "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 5},
+    "kind": {"enum": ["person", "company", "other"]},
+    "address": {"type": "object", "properties": {"street": {"type": "string"}, "zip": {"type": "string",
+                                                                                   "pattern": "^[0-9]{5}$"}}},
+    "score": {"anyOf": [{"type": "number"}, {"type": "null"}]}}}
+
+
+def test_ordinary_grammars_stay_far_below_the_limit() -> None:
+    limit = stack_limit(49152)
+    for grammar in (llama_grammar.JSON_GBNF, raw_grammar(ORDINARY)):
+        peak, _ = parse_stack_peak(grammar, stop_at=limit + 1)
+        assert peak <= limit // 4, peak
+
+
+def test_accepted_grammars_give_the_answers_llama_cpps_own_grammar_sampler_gives(engine: Engine) -> None:
+    # The engine now applies the grammar in slices of the vocabulary (so a cancel can end a token); the masks are
+    # llama.cpp's own, so greedy and seeded answers are those of Llama.generate(grammar=...).
+    prompt = engine.chat_prompt([{"role": "user", "content": "Describe a customer as JSON."}])
+    for schema, params in ((None, SamplingParams(max_tokens=48)), (ORDINARY, SamplingParams(max_tokens=64)),
+                           (ORDINARY, SamplingParams(max_tokens=48, temperature=0.9, seed=7, top_p=0.9))):
+        grammar = engine.json_grammar(schema)
+        engine._call(engine._llama.reset)  # both evaluate the whole prompt (a reused prefix may round differently)
+        ours = engine.generate(prompt, dataclasses.replace(params, grammar=grammar))
+        theirs = engine._call(_llama_cpp_grammar_tokens, engine, prompt, params, grammar, len(ours.token_ids))
+        assert ours.token_ids == theirs
+
+
+def _llama_cpp_grammar_tokens(engine: Engine, prompt: list[int], params: SamplingParams, grammar: str,
+                              count: int) -> list[int]:
+    llama = engine._llama
+    llama.reset()
+    llama.set_seed(params.seed if params.seed is not None else 0)
+    tokens = []
+    for token in llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
+                                temp=params.temperature, repeat_penalty=1.0,
+                                grammar=llama_grammar.LlamaGrammar.from_string(grammar, verbose=False)):
+        tokens.append(int(token))
+        if len(tokens) == count:
+            break
+    llama._sampler = None
+    llama.reset()
+    return tokens
+
+
+@pytest.fixture
+def slow_grammar(engine: Engine, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A grammar whose first tokens take llama.cpp's sampler seconds each (12 nested levels), let through the measure
+    by a raised limit: what a grammar the measure misjudged would cost."""
+    monkeypatch.setattr(grammar_module, "MAX_STACK_WORK", 1 << 40)
+    return engine.json_grammar(nested_anyof(12))
+
+
+def test_a_deadline_ends_a_generation_inside_a_token_and_the_engine_serves_the_next(engine: Engine,
+                                                                                    slow_grammar: str) -> None:
+    prompt = engine.tokenize("[")
+    interrupts = engine.grammar_interrupts
+    with pytest.raises(GenerationTimeout) as late:  # the deeper the nesting, the slower each token: it is reached
+        engine.generate(prompt, SamplingParams(max_tokens=64, grammar=slow_grammar, deadline=time.monotonic() + 0.5))
+    assert late.value.completion_tokens < 64 and late.value.http_status == 504
+    assert engine.grammar_interrupts == interrupts + 1  # it stopped part-way through the vocabulary
+    assert engine.generate(prompt, SamplingParams(max_tokens=3)).completion_tokens == 3
+
+
+def test_a_cancel_frees_the_worker_within_the_token_being_sampled(engine: Engine, slow_grammar: str) -> None:
+    # A disconnect did not free the worker: cancellation was checked between tokens only (SIGTERM took 36 s).
+    cancel = threading.Event()
+    chunks: list[Chunk] = []
+    slices = engine.grammar_slices
+    interrupts = engine.grammar_interrupts
+
+    def run() -> None:
+        chunks.extend(engine.stream(engine.tokenize("["), SamplingParams(max_tokens=64, grammar=slow_grammar),
+                                    cancel=cancel))
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    while engine.grammar_slices == slices:  # the grammar work has begun
+        time.sleep(0.01)
+    cancel.set()
+    at_cancel = engine.grammar_slices
+    worker.join(timeout=600)
+    assert not worker.is_alive()
+    assert chunks[-1].finish_reason == "cancelled" and len(chunks) < 64  # (how many tokens came first: the path's)
+    assert engine.grammar_interrupts == interrupts + 1  # it stopped part-way through a token's vocabulary
+    assert engine.grammar_slices - at_cancel <= 1  # at most the slice under way when the cancel came
+    assert engine.generate(engine.tokenize("Hi"), SamplingParams(max_tokens=2)).completion_tokens == 2
