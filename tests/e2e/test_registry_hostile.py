@@ -14,7 +14,7 @@ from edge_runtime.distribution.client import CdnClient
 from edge_runtime.distribution.oci import parse_reference
 from edge_runtime.distribution.registry import Registry
 from edge_runtime.distribution.transfer import TransferSettings
-from edge_runtime.errors import EdgeRtError, InvalidManifest, TransferFailed
+from edge_runtime.errors import EdgeRtError, InvalidManifest, RedirectRefused, TransferFailed
 
 Server = Callable[..., Awaitable[TestServer]]
 NESTED = b"[" * 100_000  # json.loads raises RecursionError on it
@@ -78,7 +78,7 @@ async def test_a_redirect_loop_is_one_typed_error_not_retried(tmp_path: Path, ai
 
     server = await aiohttp_server(_app(registry))
     error = await _sync(tmp_path, server.port)
-    assert isinstance(error, TransferFailed) and error.exit_code == 8 and "redirect loop" in error.reason
+    assert isinstance(error, RedirectRefused) and error.exit_code == 8 and "more than 10 redirects" in error.reason
     assert len(hits) == 10  # aiohttp gives up at its 10-redirect limit: one attempt, not six (60 requests)
 
 

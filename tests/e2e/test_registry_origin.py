@@ -40,7 +40,8 @@ def edge_rt(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
 
 def publish_cli(source: Path, registry: Registry, key: Path, *, env: dict[str, str] | None = None,
                 repository: str = "edge/adapters") -> subprocess.CompletedProcess[str]:
-    done = edge_rt("publish", str(source), "--out", registry.reference(repository), "--key", str(key), env=env)
+    done = edge_rt("publish", str(source), "--out", registry.reference(repository), "--key", str(key),
+                   "--allow-renamed", env=env)  # the served adapters a, b, c are renamed copies
     assert done.returncode == 0, done.stderr
     return done
 
@@ -188,6 +189,26 @@ def test_a_tampered_layer_manifest_or_rollback_is_refused_with_the_errors_of_the
                      headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}).raise_for_status()
         rolled_back = sync_cli(registry, public, tmp_path / "cache", "b")
         assert rolled_back.returncode == 9 and "older than version 2" in rolled_back.stderr, rolled_back.stderr
+
+
+def test_a_registry_gets_the_refusals_of_a_folder_renamed_files_and_unsigned_over_signed(
+        tmp_path: Path, adapters_dir: Path) -> None:
+    key = tmp_path / "cdn.key"
+    generate_key(key)
+    with run_registry() as registry:
+        out = registry.reference("edge/adapters")
+        renamed = edge_rt("publish", str(adapters_dir), "--out", out, "--key", str(key))
+        assert renamed.returncode == 2 and "the adapter inside is named" in renamed.stderr
+        assert "--allow-renamed" in renamed.stderr
+        publish_cli(adapters_dir, registry, key)
+        unsigned = edge_rt("publish", str(adapters_dir), "--out", out, "--allow-renamed")
+        assert unsigned.returncode == 2 and "its manifest is signed" in unsigned.stderr
+        assert "--unsigned" in unsigned.stderr
+        release = requests.get(f"{registry.url}{RELEASE}", timeout=10,
+                               headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        assert release.status_code == 200 and release.json()["annotations"]["dev.edge-rt.manifest.version"] == "1"
+        forced = edge_rt("publish", str(adapters_dir), "--out", out, "--allow-renamed", "--unsigned")
+        assert forced.returncode == 0, forced.stderr
 
 
 def test_publish_refuses_an_out_with_a_scheme_it_does_not_publish_to(tmp_path: Path, adapters_dir: Path) -> None:

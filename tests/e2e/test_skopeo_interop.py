@@ -78,7 +78,8 @@ def write_release_layout(layout: Path, cdn: Path, tag: str) -> None:
 
 def test_edge_rt_pulls_a_release_skopeo_copied_from_an_oci_layout(tmp_path: Path, adapters_dir: Path) -> None:
     key, public = generate_key(tmp_path / "signing.key")
-    published = edge_rt("publish", str(adapters_dir), "--out", str(tmp_path / "cdn"), "--key", str(key))
+    published = edge_rt("publish", str(adapters_dir), "--out", str(tmp_path / "cdn"), "--key", str(key),
+                        "--allow-renamed")
     assert published.returncode == 0, published.stderr
     write_release_layout(tmp_path / "layout", tmp_path / "cdn", "edge-rt-manifest")
     with run_registry() as registry:

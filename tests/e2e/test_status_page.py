@@ -46,7 +46,7 @@ def test_the_status_page_shows_every_adapter_with_its_state_in_a_real_browser(bu
     states = dict(re.findall(r'data-adapter="([^"]+)" data-state="([^"]+)"', dom))
     assert states == {"a": "resident", "b": "resident", "c": "cached"}
     assert "Memory budget" in dom and "base model" in dom and "/v1/chat/completions" in dom  # recent requests
-    assert re.search(r"<td>404</td><td>-</td>", dom)  # the rejected request is listed too
+    assert re.search(r"<td>404</td><td>nope</td>", dom)  # the rejected request is listed too, with what it asked
     shot = tmp_path / "status-page.png"
     taken = browse(f"{busy_daemon.url}/", f"--screenshot={shot}", "--window-size=1200,800", "--hide-scrollbars")
     assert taken.returncode == 0 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and shot.stat().st_size > 10_000
