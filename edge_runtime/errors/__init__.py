@@ -33,6 +33,7 @@ The tree::
     ├── InvalidRequest                           (ValueError)          a request body or parameter is malformed
     │   └── GrammarTooComplex                                          its grammar keeps too many parse states
     ├── GenerationTimeout                        (TimeoutError)        a generation passed its deadline (504)
+    ├── DownloadWaitTimeout                      (TimeoutError)        the deadline passed during a download (504)
     ├── BodyTimeout                              (TimeoutError)        the body did not arrive in time (408)
     ├── Forbidden                                (PermissionError)     cross-site or rebound-host request (403)
     ├── Unauthorized                             (PermissionError)     the API key is missing or wrong
@@ -75,6 +76,7 @@ from edge_runtime.errors.device import (
     CacheBusy,
     ContextOverflow,
     DiskFull,
+    DownloadWaitTimeout,
     FileTooLarge,
     Forbidden,
     GenerationTimeout,
@@ -129,6 +131,7 @@ __all__ = [
     "CacheMiss",
     "ContextOverflow",
     "DiskFull",
+    "DownloadWaitTimeout",
     "DistributionError",
     "EdgeRtError",
     "FileTooLarge",

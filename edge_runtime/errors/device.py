@@ -15,6 +15,7 @@ __all__ = [
     "CacheBusy",
     "ContextOverflow",
     "DiskFull",
+    "DownloadWaitTimeout",
     "FileTooLarge",
     "Forbidden",
     "GGUFNotFound",
@@ -458,6 +459,23 @@ class GenerationTimeout(EdgeRtError, TimeoutError):
         super().__init__(
             f"the generation passed its deadline (the daemon's --request-timeout) after {completion_tokens} tokens",
             fix="Ask for fewer tokens, use a simpler response_format, or raise the request timeout",
+        )
+
+
+class DownloadWaitTimeout(EdgeRtError, TimeoutError):
+    """A request's deadline passed while the adapters it asked for were still downloading (the downloads go on)."""
+
+    http_status = 504
+    exit_code = 1
+    error_type = "timeout"
+
+    def __init__(self, *, adapters: list[str], timeout_s: float) -> None:
+        self.adapters = adapters
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"the request passed its deadline (the daemon's --request-timeout, {timeout_s:g} s) while adapter "
+            f"{', '.join(adapters)} was still downloading; the download goes on",
+            fix="Retry once the adapter is cached (GET /v1/adapters shows its state), or raise --request-timeout",
         )
 
 

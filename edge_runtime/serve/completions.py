@@ -15,13 +15,13 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_runtime.errors import ContextOverflow, EdgeRtError, ShuttingDown
+from edge_runtime.errors import ContextOverflow, DownloadWaitTimeout, EdgeRtError, ShuttingDown
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.requests import AppliedAdapter
 from edge_runtime.serve import openai_api
 from edge_runtime.serve.responses import error_payload
 from edge_runtime.serve.scheduler import Job
-from edge_runtime.serve.state import APPLIED, DAEMON, REQUESTED, TOKENS, Daemon
+from edge_runtime.serve.state import APPLIED, DAEMON, ENDED_WITH, REQUESTED, TOKENS, Daemon
 
 __all__ = ["routes"]
 
@@ -48,7 +48,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     parsed = parsed.with_deadline(started + daemon.config.request_timeout_s)  # the engine enforces it inside a token
     produced, job = 0, None
     try:
-        await daemon.pull_remote([a.name for a in parsed.adapters])
+        await _pull_within(daemon, [a.name for a in parsed.adapters], started + daemon.config.request_timeout_s)
         job = daemon.scheduler.submit(prompt, parsed.params, parsed.adapters)
         chunks = job.chunks()
         first = await anext(chunks, None)
@@ -163,8 +163,25 @@ async def _stream(
     except Exception as exc:  # after the headers went out the status is fixed: report in the stream
         if not isinstance(exc, EdgeRtError):
             log.exception("generation failed mid-stream")
-        await response.write(b"data: " + json.dumps(error_payload(exc)[1]).encode() + b"\n\n")
+        status, body, _ = error_payload(exc)
+        request[ENDED_WITH] = status
+        await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
     return response, tokens
+
+
+async def _pull_within(daemon: Daemon, names: list[str], deadline: float) -> None:
+    """Wait for the downloads of remote adapters ``names`` until ``deadline`` (``time.monotonic()``); the downloads go
+    on past it for the requests after this one."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as scope:
+            await daemon.pull_remote(names)
+    except TimeoutError:
+        if not scope.expired():  # a download's own timeout (SlowRetrieval), not the request's deadline
+            raise
+        waiting = sorted(daemon.follower.waiting) if daemon.follower is not None else []
+        raise DownloadWaitTimeout(
+            adapters=[name for name in names if name in waiting] or names, timeout_s=daemon.config.request_timeout_s
+        ) from None
 
 
 async def _prompt_tokens(daemon: Daemon, parsed: openai_api.ParsedRequest) -> list[int]:

@@ -16,7 +16,7 @@ from aiohttp import web
 from edge_runtime.errors import AdapterNotFound, BodyTimeout, EdgeRtError, Forbidden, Unauthorized
 from edge_runtime.names import printable
 from edge_runtime.serve.responses import error_response, public_message
-from edge_runtime.serve.state import APPLIED, DAEMON, LOOPBACK_NAMES, REQUESTED, TOKENS
+from edge_runtime.serve.state import APPLIED, DAEMON, ENDED_WITH, LOOPBACK_NAMES, REQUESTED, TOKENS
 from edge_runtime.serve.status import RecentRequest
 
 __all__ = ["MIDDLEWARES"]
@@ -36,7 +36,7 @@ async def access_log(request: web.Request, handler: Handler) -> web.StreamRespon
     started, status = time.monotonic(), CLIENT_CLOSED_REQUEST
     try:
         response = await handler(request)
-        status = response.status
+        status = request.get(ENDED_WITH, response.status)  # a stream that ended in an error counts as that error
         return response
     finally:
         daemon, requested = request.app[DAEMON], request.get(REQUESTED, "-")

@@ -106,3 +106,4 @@ DAEMON = web.AppKey("daemon", Daemon)
 REQUESTED = web.RequestKey("requested", str)  # what a completion request asked for ("a+b", "base"), once parsed
 APPLIED = web.RequestKey("applied", str)  # what ran: the X-Edge-Adapters value
 TOKENS = web.RequestKey("tokens", tuple)  # (prompt tokens, completion tokens)
+ENDED_WITH = web.RequestKey("ended_with", int)  # a stream's error status once its 200 headers went out (log, metrics)

@@ -377,3 +377,22 @@ def test_a_daemon_waiting_for_a_stopped_cache_gc_names_it_and_exits_on_sigterm(
     finally:
         holder.send_signal(signal.SIGCONT)
         holder.communicate("", timeout=30)
+
+
+def test_a_request_whose_deadline_passes_during_its_adapters_download_is_a_504_and_the_download_goes_on(
+        tmp_path: Path, serve_profile: Path, cdn: tuple[str, Path]) -> None:
+    # From a new user's walk: --request-timeout 3 and a request for a remote adapter on a slow link waited the
+    # whole download (104 s), then got a 504 blaming the generation.
+    cache = tmp_path / "device-cache"
+    with serve_cdn(tmp_path, _slow_profile(tmp_path, serve_profile), cdn, "--request-timeout", "2") as daemon:
+        response = requests.post(f"{daemon.url}/v1/chat/completions", timeout=120,
+                                 json={"model": "a", "messages": CHAT, "max_tokens": 4})
+        error = response.json()["error"]
+        assert (response.status_code, error["type"]) == (504, "timeout"), response.text
+        assert "while adapter a was still downloading; the download goes on" in error["message"]
+        status = requests.get(f"{daemon.url}/v1/status", timeout=60).json()
+        [pulled] = [a for a in status["adapters"] if a["name"] == "a"]
+        assert pulled["state"] == "downloading" and status["waiting_for_downloads"] == 0  # it goes on, unwaited
+        metrics = requests.get(f"{daemon.url}/metrics", timeout=60).text
+        assert 'edge_rt_requests_total{adapter="a",status="504"} 1.0' in metrics
+    assert any(p.stat().st_size for p in (cache / "partial").glob("*.part"))

@@ -218,6 +218,32 @@ async def test_every_completion_carries_the_daemons_deadline_and_passing_it_is_a
 
 
 @pytest.mark.asyncio
+async def test_a_stream_that_passes_its_deadline_is_logged_and_counted_as_a_504(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime], caplog: pytest.LogCaptureFixture) -> None:
+    # From a new user's walk: a streamed answer cut by --request-timeout was logged and counted as a 200. A grammar
+    # asking for 400 numbers keeps the generation going for seconds, past a 4 s deadline; depending on the load the
+    # deadline passes before the first token (a plain 504) or after it (an error event in the 200 stream): both
+    # are a 504 to the operator.
+    runtime = runtime_with()
+    client = await aiohttp_client(create_app(ServerConfig(request_timeout_s=4.0), runtime))
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 400, "maxItems": 400}
+    with caplog.at_level("INFO", logger="edge_runtime.serve.app"):
+        response = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "List numbers."}], "max_tokens": 4000, "stream": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}})
+        text = await response.text()
+    if response.status == 200:
+        assert '"code": 504' in text and "passed its deadline" in text and "[DONE]" not in text
+    else:
+        assert response.status == 504
+    metrics = await (await client.get("/metrics")).text()
+    assert 'edge_rt_requests_total{adapter="base",status="504"} 1.0' in metrics
+    assert 'status="200"' not in metrics.split("edge_rt_requests_total{", 1)[1].split("\n# ", 1)[0]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("POST /v1/chat/completions")]
+    assert len(lines) == 1 and lines[0].split()[2] == "status=504"
+
+
+@pytest.mark.asyncio
 async def test_unauthenticated_requests_neither_forge_log_lines_nor_reach_the_recent_table(
         aiohttp_client: Any, runtime: Runtime, caplog: pytest.LogCaptureFixture) -> None:
     # Issue 18 item 15: `%0a` in a path wrote a second, forged log line; 401s pushed real requests off the status
