@@ -127,6 +127,18 @@ def test_sync_with_the_wrong_key_exits_with_the_untrusted_data_code(tmp_path: Pa
         (tmp_path / "edge-rt-home" / "adapters" / "blobs").iterdir())
 
 
+def test_reset_trust_with_a_pinned_key_says_it_only_applies_to_unsigned_cdns(
+        published: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # From a new user's walk: the refusal told them to fix "the profile's [compute] table".
+    cdn, public_key = published
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    result = CliRunner().invoke(main, ["sync", "--cdn", cdn.as_uri(), "--all", "--public-key", str(public_key),
+                                       "--reset-trust"])
+    assert result.exit_code == 2
+    assert "it only resets the floors of unsigned CDNs" in result.stderr and "Drop --reset-trust" in result.stderr
+    assert "[compute]" not in result.stderr
+
+
 def test_sync_needs_exactly_one_of_adapters_and_all(published: tuple[Path, Path]) -> None:
     cdn, _ = published
     for args in ([], ["--all", "--adapters", "a"]):

@@ -200,7 +200,12 @@ class CdnClient:
         """Forget the version and clock floors of this unsigned CDN (``sync --reset-trust``): a forged manifest may
         have raised them. True when there were some. A pinned key's floors are never reset (``InvalidSettings``)."""
         if self.public_key is not None:
-            raise InvalidSettings("reset_trust", True, "floors of a pinned key were proved by its signatures")
+            raise InvalidSettings(
+                "--reset-trust",
+                True,
+                "it only resets the floors of unsigned CDNs; a pinned key's floors were proved by its signatures",
+                fix="Drop --reset-trust (a rollback under a key is refused for good; publish a newer version instead)",
+            )
         return await self.store.call(self._reset_trust_locked)
 
     def _reset_trust_locked(self) -> bool:
