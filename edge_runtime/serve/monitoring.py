@@ -9,8 +9,11 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_runtime.errors import InvalidRequest
+from edge_runtime.errors import EdgeRtError, InvalidRequest
+from edge_runtime.gguf import keys
+from edge_runtime.gguf.header import read_header
 from edge_runtime.runtime.budget import measured_rss_bytes
+from edge_runtime.runtime.versions import AdapterInfo
 from edge_runtime.serve import openai_api
 from edge_runtime.serve.follower import CdnFollower
 from edge_runtime.serve.metrics import CONTENT_TYPE
@@ -68,7 +71,10 @@ def _status(daemon: Daemon, *, offset: int, limit: int) -> dict[str, Any]:  # ps
     )
     every = sorted(runtime.adapters.list_adapters(), key=lambda a: (a.state == "remote", a.name))
     states = Counter("downloading" if a.name in downloads else a.state for a in every)
-    adapters = [_adapter(openai_api.adapter_json(a, downloads), follower) for a in every[offset : offset + limit]]
+    adapters = [
+        _adapter(openai_api.adapter_json(a, downloads), follower, _description(daemon, a))
+        for a in every[offset : offset + limit]
+    ]
     running = daemon.scheduler.running
     return {
         "model": daemon.base_id,
@@ -90,12 +96,28 @@ def _status(daemon: Daemon, *, offset: int, limit: int) -> dict[str, Any]:  # ps
     }
 
 
-def _adapter(body: dict[str, Any], follower: CdnFollower | None) -> dict[str, Any]:
-    """An adapter's API facts plus what the follower knows: its description, its last update, who waits for it."""
+def _description(daemon: Daemon, adapter: AdapterInfo) -> str | None:
+    """The ``general.description`` of a file on the device (read once per sha256), None without a file."""
+    if adapter.path is None:
+        return None
+    if adapter.sha256 not in daemon.descriptions:
+        try:
+            found = read_header(adapter.path).value(keys.DESCRIPTION, "")
+        except (OSError, EdgeRtError):  # replaced or removed meanwhile: the next page reads it again
+            return None
+        daemon.descriptions[adapter.sha256] = str(found)
+    return daemon.descriptions[adapter.sha256] or None
+
+
+def _adapter(body: dict[str, Any], follower: CdnFollower | None, description: str | None) -> dict[str, Any]:
+    """An adapter's API facts plus its description (the file's, else the manifest's), and what the follower knows:
+    its last update, who waits for it."""
+    if description:
+        body["description"] = description
     if follower is None:
         return body
     name = body["name"]
-    if name in follower.descriptions:
+    if "description" not in body and name in follower.descriptions:
         body["description"] = follower.descriptions[name]
     if name in follower.updated:
         when, replaced, _ = follower.updated[name]

@@ -60,6 +60,7 @@ class Daemon:
     recent: deque[RecentRequest] = field(default_factory=lambda: deque(maxlen=RECENT_REQUESTS))
     started: float = field(default_factory=time.time)  # seconds since the epoch
     stopping: bool = False  # a shutdown began: a request that did not run is a 503, never an empty 200
+    descriptions: dict[str, str] = field(default_factory=dict)  # local adapters' general.description, by sha256
     request_work: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(max_workers=REQUEST_WORKERS, thread_name_prefix="edge-rt-request")
     )  # no thread starts until used

@@ -302,3 +302,25 @@ async def test_a_catalog_of_40000_adapters_keeps_the_page_small_and_the_status_p
     assert [a["name"] for a in later["adapters"]] == [f"remote-{i:05d}" for i in range(39_990, 40_000)]
     refused = await client.get("/v1/status?limit=20000")
     assert refused.status == 400 and "limit must be a whole number" in (await refused.json())["error"]["message"]
+
+
+@pytest.mark.asyncio
+async def test_an_adapter_file_on_the_device_shows_its_own_description(
+        aiohttp_client: Any, runtime: Runtime, tmp_path: Path, base_model: Path) -> None:
+    # From a new user's walk: only adapters described by a CDN manifest showed a description; a file converted with
+    # --description and served from --adapters-dir showed none (on the page and in `edge-rt status`).
+    from peft_dirs import lora_tensors, write_peft_dir
+
+    from converters import convert_peft_to_gguf
+
+    peft_dir = write_peft_dir(tmp_path / "peft", tensors=lora_tensors(["q_proj"], rank=4, layers=range(2), seed=7),
+                              r=4, lora_alpha=8, target_modules=["q_proj"])
+    path = convert_peft_to_gguf(peft_dir, base=base_model, output=tmp_path / "contracts.gguf", outtype="f32",
+                                description="Reviews <contracts>").output
+    runtime.adapters.add("contracts", path)
+    client = await aiohttp_client(create_app(ServerConfig(), runtime))
+    status = await (await client.get("/v1/status")).json()
+    [listed] = [a for a in status["adapters"] if a["name"] == "contracts"]
+    assert listed["description"] == "Reviews <contracts>"
+    page = await (await client.get("/")).text()
+    assert "Reviews &lt;contracts&gt;" in page
