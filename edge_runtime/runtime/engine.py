@@ -53,7 +53,14 @@ from edge_runtime.profiles import KV_TYPES
 from edge_runtime.runtime import activation
 from edge_runtime.runtime.chat import ChatTemplate
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
-from edge_runtime.runtime.grammar import check_bounded, check_grammar, check_schema, refused, with_json_strings
+from edge_runtime.runtime.grammar import (
+    check_bounded,
+    check_grammar,
+    check_schema,
+    converter_problem,
+    refused,
+    with_json_strings,
+)
 from edge_runtime.runtime.handles import AdapterHandle, AdapterSet
 from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.stops import StopMatcher
@@ -317,7 +324,7 @@ class Engine:
             try:
                 grammar = with_json_strings(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
             except Exception as exc:  # the converter asserts (or fails in any way) on what it does not support
-                raise refused(f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+                raise refused(converter_problem(exc)) from exc
             check_grammar(grammar)
         self._check_parses(grammar)
         return grammar

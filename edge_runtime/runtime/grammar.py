@@ -466,3 +466,19 @@ def check_bounded(grammar: str, n_vocab: int) -> None:
         raise refused(f"its grammar could not be measured ({exc})") from exc
     if peak > limit:
         raise GrammarTooComplex(stacks=peak, limit=limit)
+
+
+def converter_problem(exc: Exception) -> str:
+    """What llama.cpp's JSON-schema converter failed on, in words a client can act on (it raises bare
+    ``KeyError``/``AssertionError`` with its own command-line advice)."""
+    text = str(exc.args[0]) if exc.args else ""
+    if isinstance(exc, KeyError) and text.startswith("#"):
+        return (
+            f"its $ref {text!r} could not be resolved by llama.cpp's schema converter (a $ref at the schema's root "
+            "to a definition that refers to another is one such case: inline the root definition)"
+        )
+    if "remote schemas" in text:
+        return "a $ref points outside the schema: only local references (#/$defs/..., #/definitions/...) are followed"
+    if "Unrecognized schema" in text:
+        return 'a part of it is no JSON Schema llama.cpp\'s converter knows (an unknown "type"?)'
+    return f"llama.cpp's schema converter failed ({type(exc).__name__}: {text[:200]})"

@@ -38,7 +38,10 @@ def error_payload(exc: BaseException) -> tuple[int, dict[str, Any], dict[str, st
         )
         return exc.http_status, body, headers
     if isinstance(exc, web.HTTPException):
-        return exc.status, openai_api.error_body(exc.reason, "invalid_request_error", code=exc.status), None
+        message = exc.reason
+        if isinstance(exc, web.HTTPRequestEntityTooLarge):  # its text names both sizes
+            message = f"{exc.text} bytes: the daemon's --max-body-kb bounds a request's JSON body, prompt included"
+        return exc.status, openai_api.error_body(message, "invalid_request_error", code=exc.status), None
     return 500, openai_api.error_body("internal error; see the daemon's log", "server_error", code=500), None
 
 

@@ -324,3 +324,29 @@ async def test_an_adapter_file_on_the_device_shows_its_own_description(
     assert listed["description"] == "Reviews <contracts>"
     page = await (await client.get("/")).text()
     assert "Reviews &lt;contracts&gt;" in page
+
+
+@pytest.mark.asyncio
+async def test_schemas_the_converter_cannot_take_and_oversized_bodies_say_what_to_do(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # From a new user's walk: raw "KeyError: '#/$defs/Q'", "AssertionError: ... use --allow-fetch" (a flag edge-rt
+    # does not have) and a bare "Request Entity Too Large".
+    client = await aiohttp_client(create_app(ServerConfig(), runtime_with(max_body_bytes=4096)))
+
+    async def refusal(schema: dict[str, Any]) -> str:
+        response = await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+        error = (await response.json())["error"]
+        assert response.status == 400 and error["param"] == "response_format", error
+        return str(error["message"])
+
+    root_ref = {"$defs": {"Q": {"type": "integer"}, "P": {"type": "object", "properties": {"n": {"$ref": "#/$defs/Q"}}}},
+                "$ref": "#/$defs/P"}
+    assert "could not be resolved by llama.cpp's schema converter" in await refusal(root_ref)
+    remote = await refusal({"$ref": "https://example.com/schema.json"})
+    assert "only local references" in remote and "--allow-fetch" not in remote
+    assert "no JSON Schema llama.cpp's converter knows" in await refusal({"type": "frobnicate"})
+    too_big = await client.post("/v1/completions", json={"prompt": "x" * 8192, "max_tokens": 1})
+    message = (await too_big.json())["error"]["message"]
+    assert too_big.status == 413 and "4096" in message and "--max-body-kb" in message
