@@ -73,3 +73,17 @@ def test_the_cache_folder_may_follow_the_subcommand(tmp_path: Path, cdn_dir: Pat
     assert json.loads(after.output) == json.loads(before.output)
     collected = CliRunner().invoke(main, ["cache", "gc", "--cache-dir", str(cache)])
     assert collected.exit_code == 0 and "verified 2 blobs" in collected.output
+
+
+def test_a_mistyped_or_twice_given_cache_dir_is_a_usage_error_and_creates_nothing(tmp_path: Path) -> None:
+    # From a new user's walk: `cache ls --cache-dir /typo` said "0 adapters" and created the folder.
+    missing = tmp_path / "typo"
+    for args in (["cache", "ls", "--cache-dir", str(missing)], ["cache", "--cache-dir", str(missing), "gc"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2 and "does not exist: no adapter cache there" in result.output
+    assert not missing.exists()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    twice = CliRunner().invoke(main, ["cache", "--cache-dir", str(tmp_path / "a"), "ls", "--cache-dir",
+                                      str(tmp_path / "b")])
+    assert twice.exit_code == 2 and "--cache-dir was given twice" in twice.output

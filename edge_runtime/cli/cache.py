@@ -38,7 +38,12 @@ def _with_store(command: Callable[..., None]) -> Callable[..., None]:
         from edge_runtime import settings
         from edge_runtime.distribution.store import AdapterStore
 
-        command(AdapterStore(cache_dir or group_dir or settings.adapter_cache_dir()), *args, **kwargs)
+        if cache_dir and group_dir and cache_dir.resolve() != group_dir.resolve():
+            raise click.UsageError(f"--cache-dir was given twice, as {group_dir} and as {cache_dir}: give one")
+        chosen = cache_dir or group_dir
+        if chosen is not None and not chosen.is_dir():  # a typo must not become a new, empty cache
+            raise click.UsageError(f"--cache-dir {chosen} does not exist: no adapter cache there (a typo?)")
+        command(AdapterStore(chosen or settings.adapter_cache_dir()), *args, **kwargs)
 
     run.__name__, run.__doc__ = command.__name__, command.__doc__  # click names the command and its help from these
     return _CACHE_DIR(click.pass_obj(run))
