@@ -8,19 +8,31 @@ process on a shared device may use.
 
 Contention is read from ``/proc/self/task/<tid>/schedstat``: per thread, the nanoseconds it ran and the
 nanoseconds it was runnable but waited for a CPU. A decode whose threads wait is slow because the device is busy.
+Idle CPU time, the device's spare capacity, is the ``idle`` and ``iowait`` columns of ``/proc/stat``'s first line.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CoreBudget", "ThreadTimes", "cgroup_quota_cores", "core_budget", "process_threads", "thread_times"]
+__all__ = [
+    "CoreBudget",
+    "ThreadTimes",
+    "cgroup_quota_cores",
+    "core_budget",
+    "idle_cpu_seconds",
+    "native_threads",
+    "process_threads",
+    "thread_times",
+]
 
 _MAX_READ = 64 * 1024  # /proc and cgroup files are tiny; never read more than this from them
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100  # /proc/stat's unit (USER_HZ)
 
 
 @dataclass(frozen=True)
@@ -129,6 +141,24 @@ def process_threads(*, proc: Path = Path("/proc")) -> list[int]:
         return sorted(int(entry.name) for entry in os.scandir(proc / "self" / "task") if entry.name.isdigit())
     except OSError:
         return []
+
+
+def native_threads(worker: int | None) -> list[int]:
+    """Native ids of the threads that run a model: ``worker`` (the thread that calls llama.cpp) and every thread of
+    the process that Python did not start (llama.cpp's OpenMP or ggml threads)."""
+    python = {thread.native_id for thread in threading.enumerate()}
+    return [tid for tid in process_threads() if tid == worker or tid not in python]
+
+
+def idle_cpu_seconds(*, proc: Path = Path("/proc")) -> float | None:
+    """Seconds all CPUs of the device spent idle (or waiting for I/O) since boot; None where /proc/stat is missing."""
+    fields = _read(proc / "stat").partition("\n")[0].split()
+    if len(fields) < 6 or fields[0] != "cpu":
+        return None
+    idle, iowait = _number(fields[4]), _number(fields[5])
+    if idle is None or iowait is None:
+        return None
+    return (idle + iowait) / _CLOCK_TICKS
 
 
 def thread_times(thread_ids: Iterable[int] | None = None, *, proc: Path = Path("/proc")) -> ThreadTimes:

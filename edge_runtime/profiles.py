@@ -402,7 +402,7 @@ def auto_profile() -> DeviceProfile:
         "memory": {"ram_mb": ram_mb, "runtime_budget_mb": max(1, int(ram_mb * AUTO_BUDGET_FRACTION))},
         "storage": {"adapter_cache_mb": AUTO_ADAPTER_CACHE_MB},
         # The portable llama.cpp build is CPU-only; a GPU device takes its own profile (gpu_layers > 0).
-        "compute": {"threads": cores, "gpu_layers": 0, "ctx": AUTO_CTX, "batch": AUTO_BATCH, "kv_type": "f16"},
+        "compute": {"threads": cores, "gpu_layers": 0, "ctx": AUTO_CTX, "batch": AUTO_BATCH, "kv_type": "q8_0"},
         "network": {"max_download_kbps": 0, "metered": False},
     }
     return DeviceProfile.from_dict(data, source="auto: measured by psutil, sched_getaffinity and cgroup cpu.max")

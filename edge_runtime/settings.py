@@ -3,8 +3,9 @@
 - ``EDGE_RT_HOME``: edge-rt's state folder (default ``~/.cache/edge-rt``).
 - ``EDGE_RT_OFFLINE`` / ``HF_HUB_OFFLINE``: truthy means zero network attempts.
 - ``HF_HUB_CACHE``: huggingface_hub's cache folder (huggingface_hub itself reads it only at import).
-- ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY``: how llama.cpp's OpenMP threads wait at a barrier; when neither is set,
-  edge-rt sets ``GOMP_SPINCOUNT`` to ``OPENMP_SPINCOUNT`` before llama.cpp loads libgomp (see ``openmp_defaults``).
+- ``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY`` are libgomp's, not edge-rt's: how llama.cpp's OpenMP threads wait at a
+  barrier. edge-rt keeps libgomp's default (fastest while the engine's threads have cores; on a busy device the
+  engine sheds threads instead, ``runtime/governor.py``).
 - ``HF_ENDPOINT``: the Hub to use for ``hf://`` sources (a mirror or a private Hub; huggingface_hub reads it only at
   import, so edge-rt passes it on each call).
 - ``EDGE_RT_REGISTRY_USERNAME`` / ``EDGE_RT_REGISTRY_PASSWORD``: credentials for ``oci://`` registries (before
@@ -79,22 +80,3 @@ def insecure_registries() -> frozenset[str]:
     """``EDGE_RT_INSECURE_REGISTRIES`` as lower-cased ``HOST[:PORT]`` entries: registries reached over plain HTTP."""
     configured = os.environ.get("EDGE_RT_INSECURE_REGISTRIES", "")
     return frozenset(part.strip().lower() for part in configured.split(",") if part.strip())
-
-
-# libgomp spins ~300,000 rounds at each of the ~400 barriers of a decoded token before it sleeps. With a free core
-# for every thread that is fastest; beside any busy process it is a collapse (a thread spins through its time slice
-# while the partner it waits for is preempted: 2 tok/s instead of 30 at load 10; scripts/bench_busy.py). 300
-# rounds (~10 us) cover a barrier's usual wait and then give the core back.
-OPENMP_SPINCOUNT = "300"
-
-
-def openmp_defaults() -> dict[str, str]:
-    """Set ``GOMP_SPINCOUNT`` to ``OPENMP_SPINCOUNT`` unless the user chose a wait policy; return what was set.
-
-    libgomp reads its environment once, when llama_cpp first loads it: call this before that import (the runtime
-    package does, on import). A process that loaded llama_cpp earlier keeps libgomp's defaults.
-    """
-    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
-        return {}
-    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
-    return {"GOMP_SPINCOUNT": OPENMP_SPINCOUNT}

@@ -2,7 +2,8 @@
 candidate way of running llama.cpp's threads, in one run.
 
 A candidate is a llama.cpp build (the Python that has it installed), environment variables read when the build's
-thread library loads, and engine settings (threads; ggml's own thread pool's ``poll`` level and priority). Each
+thread library loads, and engine settings (threads, the KV cache type and whether the engine may shed threads while
+the device is busy; ggml's own thread pool's ``poll`` level and priority). Each
 candidate runs in a fresh process that loads the embedded SmolLM2 once; the parent starts and stops the
 neighbours (``python -c 'while True: pass'``, each ending by itself after a bound) between measurements, so idle and
 busy runs alternate. A measurement is the time to first token of a fresh ~120-token prompt (nothing
@@ -44,6 +45,9 @@ TEXT = ("Write a short report on the maintenance of a fleet of delivery drones. 
         "wears, how often it is checked and what a technician does when a check fails. ")
 
 
+FIXED_F16 = {"kv_type": "f16", "shed_threads": False}  # what edge-rt ran before the governor
+
+
 @dataclass
 class Candidate:
     """One way to run the engine: which build (python), environment, engine settings."""
@@ -52,6 +56,7 @@ class Candidate:
     python: str
     env: dict[str, str] = field(default_factory=dict)
     threads: int = 2
+    settings: dict[str, Any] = field(default_factory=lambda: dict(FIXED_F16))  # EngineSettings fields
     pool: dict[str, int] = field(default_factory=dict)  # ggml thread pool: poll, prio (OpenMP-off builds only)
     nice: int = 0  # the engine's threads' nice value (negative needs CAP_SYS_NICE)
     note: str = ""
@@ -61,16 +66,17 @@ def candidates(args: argparse.Namespace) -> list[Candidate]:
     """Every candidate this run compares (those needing the OpenMP-off build only when it is given)."""
     here, off = sys.executable, args.openmp_off_python
     found = [
-        Candidate("today", here, {"GOMP_SPINCOUNT": "300000"}, note="OpenMP build, libgomp's default spin"),
-        Candidate("shipped", here, note="OpenMP build, edge-rt's default (settings.OPENMP_SPINCOUNT)"),
+        Candidate("today", here, note="before the governor: f16 KV cache, 2 threads fixed, libgomp's default spin"),
+        Candidate("shipped", here, settings={"kv_type": "q8_0"},
+                  note="the auto profile: q8_0 KV cache, a thread shed while the device is busy"),
+        Candidate("q8-fixed", here, settings={"kv_type": "q8_0", "shed_threads": False},
+                  note="q8_0 KV cache, 2 threads fixed (the KV type's own cost)"),
+        Candidate("spin-300", here, {"GOMP_SPINCOUNT": "300"}, note="the previous release: libgomp spins 300 rounds"),
         Candidate("openmp-1-thread", here, threads=1, note="reserve_cores = 1"),
         Candidate("openmp-passive", here, {"OMP_WAIT_POLICY": "PASSIVE"}, note="threads sleep at every barrier"),
         Candidate("openmp-spin-1k", here, {"GOMP_SPINCOUNT": "1000"}, note="spin 1k rounds, then sleep"),
-        Candidate("openmp-spin-3k", here, {"GOMP_SPINCOUNT": "3000"}, note="spin 3k rounds, then sleep"),
         Candidate("openmp-spin-10k", here, {"GOMP_SPINCOUNT": "10000"}, note="spin 10k rounds, then sleep"),
-        Candidate("openmp-spin-100k", here, {"GOMP_SPINCOUNT": "100000"}, note="libgomp's default is 300k"),
-        Candidate("openmp-nice-5", here, {"GOMP_SPINCOUNT": "300000"}, nice=-5,
-                  note="today's spin, engine threads at nice -5 (takes CPU from neighbours)"),
+        Candidate("openmp-nice-5", here, nice=-5, note="engine threads at nice -5 (takes CPU from neighbours)"),
     ]
     if off:
         found += [
@@ -149,9 +155,9 @@ def child(spec: dict[str, Any]) -> None:
     from edge_runtime.runtime.models import default_model_path
 
     engine = Engine(default_model_path(), EngineSettings(n_ctx=2048, n_threads=spec["threads"], **spec["settings"]))
+    engine.generate(engine.tokenize("Warm up the thread team"), SamplingParams(max_tokens=8))
     if spec["nice"]:
         engine._call(lambda: os.setpriority(os.PRIO_PROCESS, 0, spec["nice"]))  # the engine thread; its team inherits
-    engine.generate(engine.tokenize("Warm up the thread team"), SamplingParams(max_tokens=8))
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         index, tokens, limit = json.loads(line)
@@ -165,7 +171,8 @@ def child(spec: dict[str, Any]) -> None:
                 stream.close()
                 break
         after = thread_stats(os.getpid())
-        print(json.dumps(result(started, stamps, before, after)), flush=True)
+        shed = {"thread_changes": engine.governor.changes, "shed_steps": engine.governor.shed_steps}
+        print(json.dumps({**result(started, stamps, before, after), **shed}), flush=True)
 
 
 def result(started: float, stamps: list[float], before: dict[int, Any], after: dict[int, Any]) -> dict[str, Any]:
@@ -179,7 +186,7 @@ class EngineProcess:
     """A child process holding one candidate's engine."""
 
     def __init__(self, candidate: Candidate) -> None:
-        settings = {f"pool_{k}": v for k, v in candidate.pool.items()}
+        settings = {**candidate.settings, **{f"pool_{k}": v for k, v in candidate.pool.items()}}
         spec = {"threads": candidate.threads, "settings": settings, "nice": candidate.nice}
         env = {**os.environ, **candidate.env, "PYTHONPATH": str(REPO)}
         self.process = subprocess.Popen([candidate.python, __file__, "--child", json.dumps(spec)], env=env,
@@ -205,13 +212,14 @@ class DaemonProcess:
     """``edge-rt serve`` under one candidate, measured through a streaming HTTP client."""
 
     def __init__(self, candidate: Candidate) -> None:
-        if candidate.nice or candidate.pool:
+        if not self.takes(candidate):
             raise SystemExit(f"--daemon: candidate {candidate.name} needs engine settings the CLI does not take")
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             self.port = probe.getsockname()[1]
         env = {**os.environ, **candidate.env, "PYTHONPATH": str(REPO)}
-        profile = "auto" if candidate.threads == 2 else str(self._profile(candidate.threads))
+        kv = candidate.settings["kv_type"]
+        profile = "auto" if (candidate.threads, kv) == (2, "q8_0") else str(self._profile(candidate.threads, kv))
         self.process = subprocess.Popen([candidate.python, "-m", "edge_runtime.cli", "serve", "--port",
                                          str(self.port), "--profile", profile], env=env,
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -227,12 +235,21 @@ class DaemonProcess:
         self._post(0, 8, 30.0)  # warm up
 
     @staticmethod
-    def _profile(threads: int) -> Path:
+    def takes(candidate: Candidate) -> bool:
+        """Whether ``edge-rt serve`` can run the candidate: a profile sets threads and the KV type, and the engine
+        sheds threads exactly when the KV type allows it."""
+        settings = candidate.settings
+        sheds = settings.get("shed_threads", True) and settings["kv_type"] in ("q8_0", "q4_0")
+        return not (candidate.nice or candidate.pool) and sheds == settings.get("shed_threads", True)
+
+    @staticmethod
+    def _profile(threads: int, kv_type: str) -> Path:
         from edge_runtime.profiles import load_profile
 
         text = load_profile("auto").to_toml().replace("name = \"auto\"", "name = \"bench\"")
         text = text.replace("\nthreads = ", f"\nthreads = {threads}\n# was ")
-        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-busy-{os.getpid()}-{threads}.toml"
+        text = text.replace("\nkv_type = ", f"\nkv_type = \"{kv_type}\"\n# was ")
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-busy-{os.getpid()}-{threads}-{kv_type}.toml"
         path.write_text(text)
         return path
 
@@ -275,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         for candidate in candidates(args):
             holders[f"{candidate.name} / engine"] = EngineProcess(candidate)
-            if args.daemon and not (candidate.nice or candidate.pool):
+            if args.daemon and DaemonProcess.takes(candidate):
                 holders[f"{candidate.name} / daemon"] = DaemonProcess(candidate)
             found["results"][f"{candidate.name} / engine"] = {"note": candidate.note,
                                                               "runs": {c: [] for c in CONDITIONS}}

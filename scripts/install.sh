@@ -8,9 +8,9 @@
 set -euo pipefail
 
 LLAMA_CPP_PYTHON_VERSION="0.3.36"
-# llama.cpp's OpenMP thread team stays (the build's default): beside busy processes ggml's own pool
-# (-DGGML_OPENMP=OFF) spins at every barrier and decoded slowest of all (README, Busy devices); edge-rt instead
-# shortens libgomp's barrier spin at run time (GOMP_SPINCOUNT, settings.openmp_defaults).
+# llama.cpp's OpenMP thread team stays (the build's default): ggml's own pool (-DGGML_OPENMP=OFF) decoded no better
+# beside busy processes (README, Busy devices); edge-rt instead runs fewer threads while the device is busy
+# (runtime/governor.py), which a quantised KV cache makes answer-neutral.
 # Portable x86-64 build. -march=native would also enable AMX kernels, which crash on CPUs and VMs that
 # advertise AMX without the kernel granting tile state. Override with EDGE_RT_CMAKE_ARGS (e.g. -DGGML_CUDA=on).
 DEFAULT_CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"

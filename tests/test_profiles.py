@@ -82,7 +82,7 @@ def test_every_shipped_profile_loads_with_its_vendor_specs_and_budgets(name: str
     assert profile.storage.adapter_cache_mb == cache
     assert (profile.compute.threads, profile.compute.gpu_layers, profile.compute.ctx) == (threads, gpu_layers, ctx)
     assert (profile.network.max_download_kbps, profile.network.metered) == (kbps, metered)
-    assert profile.compute.kv_type == "f16"
+    assert profile.compute.kv_type == "q8_0"  # thread-invariant: the governor may shed threads
     assert profile.compute.batch <= profile.compute.ctx
     assert profile.description.strip()
 
@@ -98,7 +98,8 @@ def test_profiles_of_devices_that_run_other_work_leave_cores_to_it(name: str) ->
     compute = load_profile(name).compute
     assert compute.reserve_cores == RESERVED[name]
     text = (SHIPPED_DIR / f"{name}.toml").read_text()
-    assert f"Answers are those of {compute.threads} thread" in text or "reserve_cores keeps" in text
+    assert f"Up to {compute.threads} threads: fewer while the device is busy" in text or "reserve_cores keeps" in text
+    assert compute.kv_type == "q8_0"  # what lets the engine shed threads without changing an answer
 
 
 @pytest.mark.parametrize(("threads", "reserve", "usable", "runs"), [
@@ -168,7 +169,8 @@ def test_auto_is_this_machine_as_psutil_measures_it() -> None:
     assert profile.memory.runtime_budget_mb == ram_mb // 2
     usable = min(psutil.cpu_count(logical=False) or psutil.cpu_count(), core_budget().usable)
     assert profile.compute.threads == usable and profile.compute.reserve_cores == 0
-    assert (profile.compute.ctx, profile.compute.batch, profile.compute.kv_type) == (2048, 512, "f16")
+    # q8_0: llama.cpp's results do not depend on the thread count with it, so the engine may shed threads
+    assert (profile.compute.ctx, profile.compute.batch, profile.compute.kv_type) == (2048, 512, "q8_0")
     assert profile.compute.gpu_layers == 0
     assert profile.storage.adapter_cache_mb == 2048
     assert (profile.network.max_download_kbps, profile.network.metered) == (0, False)
@@ -365,7 +367,7 @@ def test_cli_profiles_show_json_by_alias() -> None:
     assert shown["name"] == "jetson-orin-nano-8gb" and shown["aliases"] == ["jetson", "jetson-orin-nano", "orin-nano"]
     assert shown["memory"] == {"ram_mb": 8192, "runtime_budget_mb": 3072}
     assert shown["storage"] == {"adapter_cache_mb": 4096}
-    assert shown["compute"] == {"threads": 4, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "f16",
+    assert shown["compute"] == {"threads": 4, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "q8_0",
                                 "reserve_cores": 2}
     assert shown["network"] == {"max_download_kbps": 0, "metered": False}
     assert shown["source"].endswith("jetson-orin-nano-8gb.toml")

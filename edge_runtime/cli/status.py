@@ -13,6 +13,7 @@ import click
 from edge_runtime.cli.common import reports_errors
 from edge_runtime.errors import TransferFailed
 from edge_runtime.runtime.budget import MEMORY_TERMS
+from edge_runtime.runtime.governor import threads_text
 from edge_runtime.units import duration
 
 __all__ = ["status"]
@@ -110,7 +111,7 @@ def _table(url: str, report: dict[str, Any]) -> str:
         )
     compute = report.get("compute")
     if compute:  # a daemon older than this CLI has none
-        threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+        threads = threads_text(compute)
         lines.append(
             f"compute: {threads}, usable cores {compute['cores']}, decode "
             f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "

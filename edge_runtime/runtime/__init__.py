@@ -10,9 +10,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from edge_runtime.lazy import lazy_attributes
-from edge_runtime.settings import openmp_defaults
-
-openmp_defaults()  # before engine.py imports llama_cpp, which loads libgomp: it reads its environment once
 
 __all__ = [
     "AdapterManager",

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from edge_runtime.cores import core_budget, process_threads
+from edge_runtime.cores import core_budget, native_threads
 from edge_runtime.gguf.header import read_header
 from edge_runtime.gguf.info import base_fingerprint
 from edge_runtime.profiles import DeviceProfile
@@ -87,6 +86,10 @@ class Runtime:
         total = self.pace.total
         return {
             "threads": self.engine.threads,
+            "running_threads": self.engine.running_threads,
+            "thread_policy": _thread_policy(self.engine),
+            "thread_changes": self.engine.governor.changes,
+            "shed_steps": self.engine.governor.shed_steps,
             "usable_cores": self.cores.usable,
             "cores": self.cores.describe(),
             "warning": thread_warning(self.profile, self.cores),
@@ -99,9 +102,7 @@ class Runtime:
     def engine_threads(self) -> list[int]:
         """Native ids of the threads that run the model: the engine's worker and the threads llama.cpp started
         (every thread of the process that Python did not start)."""
-        python = {thread.native_id for thread in threading.enumerate()}
-        worker = self.engine.worker_thread_id
-        return [tid for tid in process_threads() if tid == worker or tid not in python]
+        return native_threads(self.engine.worker_thread_id)
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = ()
@@ -124,3 +125,15 @@ def _applied(held: Sequence[HeldAdapter], prompt: Sequence[int]) -> list[Applied
         )
         for h in held
     ]
+
+
+def _thread_policy(engine: Engine) -> str:
+    """How the engine's thread count may change, in the operator's words."""
+    kv = engine.settings.kv_type
+    if engine.threads == 1:
+        return "one thread"
+    if engine.governor.enabled:
+        return f"fewer while the device is busy (a {kv} KV cache gives the same answers at any thread count)"
+    if not engine.settings.shed_threads:
+        return "fixed (shed_threads is off)"
+    return f'fixed (an {kv} KV cache makes answers depend on the thread count; kv_type = "q8_0" allows shedding)'

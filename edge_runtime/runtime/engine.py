@@ -4,7 +4,9 @@
 Every llama.cpp call runs on the engine's single worker thread; public methods may be called from any thread and
 hand their work to it. Keep it so when embedding an engine: llama.cpp's OpenMP keeps a thread team per thread that
 ran a graph, and with more OpenMP threads than cores its barriers sleep instead of spinning (decode halved). The
-thread count is fixed for the engine's life (results depend on it: flash attention splits the KV cache by thread).
+profile's thread count is the most the engine uses: with a quantised KV cache (llama.cpp's results then do not
+depend on the thread count) the governor sheds threads while the device is busy (``governor.py``); with an f16 cache
+the count is fixed for the engine's life (flash attention's split-KV decode rounds by thread count).
 The base model is memory-mapped once (adapters go through ``llama_adapter_lora_init`` / ``llama_set_adapters_lora``
 / ``llama_adapter_lora_free``: ``Llama(lora_path=...)`` would turn mmap off).
 
@@ -38,7 +40,7 @@ import psutil
 from llama_cpp import llama_grammar
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-from edge_runtime.cores import core_budget
+from edge_runtime.cores import core_budget, native_threads
 from edge_runtime.errors import (
     ContextOverflow,
     GenerationTimeout,
@@ -53,6 +55,7 @@ from edge_runtime.profiles import KV_TYPES
 from edge_runtime.runtime import activation
 from edge_runtime.runtime.chat import ChatTemplate
 from edge_runtime.runtime.generation import Chunk, Generation, SamplingParams, TokenLogprob, token_logprob
+from edge_runtime.runtime.governor import ThreadGovernor, read_now, thread_invariant
 from edge_runtime.runtime.grammar import (
     check_bounded,
     check_grammar,
@@ -148,7 +151,13 @@ class Engine:
             )
         except ValueError as exc:
             raise InvalidGGUF(str(self.model_path), f"llama.cpp could not load it ({exc})") from exc
-        self.threads = threads  # fixed for the engine's life: llama.cpp's results depend on it
+        self.threads = threads  # the most any step runs (the governor may run fewer)
+        self.running_threads = threads
+        self.governor = ThreadGovernor(
+            threads,
+            enabled=settings.shed_threads and thread_invariant(settings.kv_type),
+            read=lambda: read_now(lambda: native_threads(self.worker_thread_id)),
+        )
         self._pool = ThreadPool.unless_openmp(
             llama_cpp, self._llama.ctx, threads, settings.pool_poll, settings.pool_prio
         )
@@ -456,6 +465,7 @@ class Engine:
         )
         produced = 0
         for token in tokens:
+            self._pace_threads()  # for the step that decodes ``token`` when the loop asks for the next one
             if cancel.is_set():
                 yield Chunk("", finish_reason="cancelled")
                 return
@@ -476,6 +486,13 @@ class Engine:
                 return
             yield Chunk(text, (token,), logprobs=logprobs)
 
+    def _pace_threads(self) -> None:
+        """Run the next llama.cpp step on as many threads as the governor says (a call only when that changes)."""
+        count = self.governor.next_step()
+        if count != self.running_threads:
+            llama_cpp.llama_set_n_threads(self._llama.ctx, count, count)
+            self.running_threads = count
+
     def _logprob(self, token: int, alternatives: int) -> TokenLogprob:
         """From the logits ``token`` was sampled from: the model's own, before penalties, grammar and temperature."""
         logits = np.ctypeslib.as_array(self._llama._ctx.get_logits_ith(-1), shape=(self.n_vocab,))
@@ -488,6 +505,7 @@ class Engine:
         keep = activation.reusable_prefix(cached, self._plan, prompt, plan)
         self._llama.n_tokens = keep  # eval() and generate() drop the KV cells past it
         self._plan = plan
+        self._pace_threads()
         limit = min(self.settings.n_batch, self.settings.n_ubatch)
         for segment, end in plan.spans(len(prompt)):
             if end > keep:

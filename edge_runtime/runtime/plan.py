@@ -27,6 +27,7 @@ class EngineSettings:
     n_gpu_layers: int = 0
     kv_type: str = "f16"
     logits_all: bool = False  # keep every position's logits (evaluation only: costs n_ctx × vocab × 4 bytes)
+    shed_threads: bool = True  # run fewer threads while the device is busy, where answers allow (governor.py)
     pool_poll: int = 50  # builds without OpenMP: ggml's thread pool polling level, 0-100 (threadpool.py)
     pool_prio: int = 0  # ... and its workers' priority: -1 SCHED_BATCH, 0 inherited, 1-3 SCHED_FIFO (real-time)
 

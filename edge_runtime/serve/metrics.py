@@ -87,7 +87,22 @@ class _RuntimeCollector(Collector):
 def _compute(status: dict[str, Any]) -> Iterator[Metric]:
     """Threads and cores, and whether the device is too busy for them: decode rate and CPU contention."""
     yield GaugeMetricFamily(
-        "edge_rt_engine_threads", "Threads llama.cpp decodes with (fixed per profile)", value=status["threads"]
+        "edge_rt_engine_threads", "The most threads llama.cpp decodes with (the profile's)", value=status["threads"]
+    )
+    yield GaugeMetricFamily(
+        "edge_rt_engine_threads_running",
+        "Threads the next decode step runs (fewer than edge_rt_engine_threads while the device is busy)",
+        value=status["running_threads"],
+    )
+    yield CounterMetricFamily(
+        "edge_rt_engine_thread_changes",
+        "Times the engine shed a thread for a busy device or took one back",
+        value=status["thread_changes"],
+    )
+    yield CounterMetricFamily(
+        "edge_rt_engine_shed_steps",
+        "Decode steps run with fewer threads than the profile's (the device was busy)",
+        value=status["shed_steps"],
     )
     yield GaugeMetricFamily(
         "edge_rt_usable_cores",

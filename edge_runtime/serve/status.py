@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from edge_runtime.runtime.budget import MEMORY_TERMS
+from edge_runtime.runtime.governor import threads_text
 from edge_runtime.units import duration as _duration
 from edge_runtime.units import mib as _mib
 
@@ -100,12 +101,14 @@ def _compute(compute: dict[str, Any]) -> str:
     """Threads and usable cores, the last minute's decode rate and contention, and the profile's warning if any."""
     rate = compute["decode_tokens_per_second"]
     speed = f"{rate:.1f} tok/s" if rate else "nothing decoded"
-    threads = f"{compute['threads']} thread{'s' if compute['threads'] != 1 else ''}"
+    threads = _e(threads_text(compute))
     line = (
         f'<p id="compute">{threads} · usable cores {_e(compute["cores"])} · decode {speed} '
         f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
         "engine's threads waited for a CPU)</p>"
     )
+    if compute.get("thread_policy"):
+        line += f'<p class="sub" id="thread-policy">threads: {_e(compute["thread_policy"])}</p>'
     warning = compute.get("warning")
     return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 

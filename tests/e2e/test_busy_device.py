@@ -34,6 +34,8 @@ def test_jetson_profile_on_one_core_warns_once_and_reports_threads_cores_rate_an
                                                                      "temperature": 0}, timeout=120)
         assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 16
         assert metric(daemon, "edge_rt_engine_threads") == 1
+        assert metric(daemon, "edge_rt_engine_threads_running") == 1
+        assert metric(daemon, "edge_rt_engine_thread_changes_total") == 0  # one thread: nothing to shed
         assert metric(daemon, "edge_rt_usable_cores") == 1
         assert metric(daemon, "edge_rt_decode_tokens_per_second") > 0
         assert metric(daemon, "edge_rt_engine_cpu_seconds_total") > 0
