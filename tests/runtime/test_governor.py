@@ -1,0 +1,86 @@
+"""The thread governor's decisions, from scripted readings (no clock games: every window is a step apart)."""
+
+from __future__ import annotations
+
+import pytest
+
+from edge_runtime.cores import ThreadTimes
+from edge_runtime.runtime.governor import Reading, ThreadGovernor, thread_invariant, threads_text
+
+
+class Script:
+    """Readings one second apart: each step adds ``ran`` and ``waited`` seconds to the threads and ``idle`` CPU
+    seconds to the device, as the test sets them before the step."""
+
+    def __init__(self) -> None:
+        self.ran = self.waited = self.idle = self.when = 0.0
+        self.step = (1.0, 0.0, 0.0)  # ran, waited, idle per reading
+
+    def __call__(self) -> Reading:
+        ran, waited, idle = self.step
+        self.ran, self.waited, self.idle, self.when = self.ran + ran, self.waited + waited, self.idle + idle, self.when + 1
+        return Reading(times=ThreadTimes(ran=self.ran, waited=self.waited), idle_s=self.idle, when=self.when)
+
+
+def governor(limit: int, script: Script, *, hold_s: float = 0.0) -> ThreadGovernor:
+    return ThreadGovernor(limit, enabled=True, read=script, window_s=0.0, hold_s=hold_s, pause_s=float("inf"))
+
+
+def steps(gov: ThreadGovernor, count: int) -> list[int]:
+    return [gov.next_step() for _ in range(count)]
+
+
+def test_sheds_one_thread_per_window_while_the_threads_wait_and_never_below_one() -> None:
+    script = Script()
+    gov = governor(4, script)
+    script.step = (1.0, 0.5, 0.0)  # a third of the wanted time waited: above 0.2
+    assert steps(gov, 6) == [4, 3, 2, 1, 1, 1]  # the first step only reads; then one thread less per window
+    assert gov.changes == 3 and gov.shed_steps == 5
+
+
+def test_keeps_its_threads_while_they_rarely_wait_and_takes_one_back_only_with_an_idle_core() -> None:
+    script = Script()
+    gov = governor(2, script)
+    script.step = (1.0, 0.1, 0.0)  # 9% waited (a nice-19 neighbour): not worth shedding
+    assert steps(gov, 4) == [2, 2, 2, 2]
+    script.step = (1.0, 1.0, 0.0)
+    assert steps(gov, 2) == [1, 1]
+    script.step = (1.0, 0.0, 0.3)  # the neighbour still holds most of the other core
+    assert steps(gov, 3) == [1, 1, 1]
+    script.step = (1.0, 0.0, 0.9)  # a core is idle again
+    assert steps(gov, 2) == [2, 2] and gov.changes == 2
+
+
+def test_a_restore_waits_hold_s_after_the_last_shed() -> None:
+    script = Script()
+    gov = governor(2, script, hold_s=3.0)
+    script.step = (1.0, 1.0, 0.0)
+    assert steps(gov, 2) == [2, 1]  # shed at reading 2
+    script.step = (1.0, 0.0, 2.0)
+    assert steps(gov, 4) == [1, 1, 2, 2]  # readings 3 and 4 are within 3 s of the shed; reading 5 is not
+
+
+def test_disabled_or_one_thread_never_reads_or_changes() -> None:
+    script = Script()
+    for gov in (ThreadGovernor(2, enabled=False, read=script), ThreadGovernor(1, enabled=True, read=script)):
+        assert steps(gov, 5) == [gov.limit] * 5 and gov.changes == 0 and not gov.enabled
+    assert script.when == 0  # no reading taken
+
+
+def test_a_pause_between_steps_starts_a_new_window() -> None:
+    script = Script()
+    gov = ThreadGovernor(2, enabled=True, read=script, window_s=0.0, hold_s=0.0, pause_s=0.0)
+    script.step = (1.0, 1.0, 0.0)
+    # every gap counts as a pause: each step only takes a fresh first reading and never decides
+    assert steps(gov, 4) == [2, 2, 2, 2] and gov.changes == 0 and script.when == 4
+
+
+@pytest.mark.parametrize(("kv_type", "invariant"), [("f32", False), ("f16", False), ("q8_0", True), ("q4_0", True)])
+def test_only_quantised_kv_caches_are_thread_invariant(kv_type: str, invariant: bool) -> None:
+    assert thread_invariant(kv_type) is invariant
+
+
+def test_threads_text_names_the_running_count_only_while_shedding() -> None:
+    assert threads_text({"threads": 2, "running_threads": 2}) == "2 threads"
+    assert threads_text({"threads": 2, "running_threads": 1}) == "2 threads (1 running: the device is busy)"
+    assert threads_text({"threads": 1}) == "1 thread"  # a daemon older than the governor
