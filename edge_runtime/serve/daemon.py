@@ -78,6 +78,7 @@ def run(options: ServeOptions, *, say: Callable[[str], None]) -> None:
                     else ""
                 )
             )
+            say(f"edge-rt: threads: {runtime.compute_status()['thread_policy']}")
 
         app.on_startup.append(announce)
         site.run(
