@@ -528,7 +528,7 @@ class _GrammarGuard:
     that a cancel or a deadline ends even a token whose grammar work would take minutes. Each sampled token is
     accepted into the grammar on the next call (``input_ids`` then ends with it)."""
 
-    SLICE = 4096  # tokens per llama.cpp call: a few ms at the parse-state limit
+    SLICE = 2048  # tokens per llama.cpp call: a millisecond or two at the parse-state limit
 
     def __init__(self, engine: Engine, grammar: str, accepted: int, stop: Callable[[], bool]) -> None:
         self._engine = engine

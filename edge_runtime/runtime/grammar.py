@@ -9,10 +9,12 @@ schema is a 400 and nothing worse.
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import heapq
 import json
 import re
+import sys
+import threading
 from typing import Any
 
 from edge_runtime.errors import GrammarTooComplex, InvalidRequest
@@ -125,6 +127,10 @@ MAX_STACK_WORK = 1 << 23  # parse stacks × vocabulary size at the worst state f
 MIN_STACKS = 64  # every vocabulary may keep this many (JSON itself needs ~20)
 EXPLORE_STATES = 2000  # parser states the measure visits at most
 EXPLORE_WORK = 400_000  # stack steps it takes at most (a second or two of Python)
+RULE_STATES = 100  # ... and from each named rule with alternatives: states,
+RULE_WORK = 5_000  # stack steps,
+TOTAL_WORK = 200_000  # and stack steps over all of those rules
+_PARSE_FRAMES = 4 * MAX_NESTING + 1000  # the GBNF parser recurses twice per nested group
 _MAX_CHAR = 0x10FFFF
 _MAX_GBNF_REPEAT = 2000  # llama.cpp's MAX_REPETITION_THRESHOLD
 
@@ -401,15 +407,35 @@ def parse_stack_peak(
     grammar: str, *, stop_at: int, states: int = EXPLORE_STATES, work: int = EXPLORE_WORK
 ) -> tuple[int, bool]:
     """The largest number of parse stacks llama.cpp keeps at a state reachable by some text, among the states this
-    search visits (largest first), and whether the search saw all reachable states (False: it hit a bound, or found
-    ``stop_at`` stacks and stopped). Raises ``ValueError`` for text that is not GBNF."""
+    search visits (largest first), and whether the search from the root saw all reachable states (False: it hit a
+    bound, or found ``stop_at`` stacks and stopped). Raises ``ValueError`` for text that is not GBNF.
+
+    A search from the root alone can be kept from the costly part: a long unambiguous prefix (a few enums of long
+    strings) uses up its bounds first. So each rule with alternatives is also searched from its own start, with
+    bounds of its own (``RULE_STATES``, ``RULE_WORK``; ``TOTAL_WORK`` over all): the stacks a rule keeps from its
+    start are a lower bound of what it keeps wherever the grammar reaches it. Only the grammar's named rules are
+    searched so (a JSON schema's anyOf, enums and $defs), not the groups the parser makes of repetitions."""
     parser = _GbnfParser(grammar)
     rules = parser.parse()
-    budget = [work]
-    root = parser.names["root"]
+    peak, complete = _explore(rules, parser.names["root"], stop_at=stop_at, states=states, budget=[work])
+    total = [TOTAL_WORK]
+    named = set(parser.names.values())  # the schema's own rules (anyOf, enums, $defs), not the parser's groups
+    branching = sorted((i for i in named if len(rules[i]) > 1), key=lambda i: -len(rules[i]))
+    for rule_id in branching:
+        if peak >= stop_at or total[0] <= 0:
+            break
+        budget = [min(RULE_WORK, total[0])]
+        found, _ = _explore(rules, rule_id, stop_at=stop_at, states=RULE_STATES, budget=budget)
+        total[0] -= min(RULE_WORK, total[0]) - budget[0]
+        peak = max(peak, found)
+    return peak, complete and peak < stop_at
+
+
+def _explore(rules: _Rules, start_rule: int, *, stop_at: int, states: int, budget: list[int]) -> tuple[int, bool]:
+    """The search of ``parse_stack_peak`` from ``start_rule``'s start: (peak stacks, whether it saw every state)."""
     start_set: set[_Stack] = set()
-    for number, sequence in enumerate(rules[root]):
-        _advance(rules, ((root, number, 0),) if sequence else (), start_set, budget)
+    for number, sequence in enumerate(rules[start_rule]):
+        _advance(rules, ((start_rule, number, 0),) if sequence else (), start_set, budget)
     start = frozenset(start_set)
     peak = len(start)
     visited = {start}
@@ -451,9 +477,24 @@ def stack_limit(n_vocab: int) -> int:
     return max(MIN_STACKS, MAX_STACK_WORK // max(1, n_vocab))
 
 
-@functools.lru_cache(maxsize=64)
-def _measured(grammar: str, limit: int) -> tuple[int, bool]:
-    return parse_stack_peak(grammar, stop_at=limit + 1)
+_MEASURED: dict[tuple[bytes, int], int] = {}  # (sha256 of a grammar, limit) -> peak: digests, not megabyte texts
+_MEASURED_KEEP = 64
+_MEASURED_LOCK = threading.Lock()
+
+
+def _measured(grammar: str, limit: int) -> int:
+    key = (hashlib.sha256(grammar.encode()).digest(), limit)
+    with _MEASURED_LOCK:
+        if key in _MEASURED:
+            return _MEASURED[key]
+    if sys.getrecursionlimit() < _PARSE_FRAMES:  # Python frames only (3.11 keeps them off the C stack)
+        sys.setrecursionlimit(_PARSE_FRAMES)
+    peak, _ = parse_stack_peak(grammar, stop_at=limit + 1)
+    with _MEASURED_LOCK:
+        while len(_MEASURED) >= _MEASURED_KEEP:
+            del _MEASURED[next(iter(_MEASURED))]
+        _MEASURED[key] = peak
+    return peak
 
 
 def check_bounded(grammar: str, n_vocab: int) -> None:
@@ -461,9 +502,9 @@ def check_bounded(grammar: str, n_vocab: int) -> None:
     stacks than ``stack_limit(n_vocab)``: each one costs a pass over the vocabulary on every token."""
     limit = stack_limit(n_vocab)
     try:
-        peak, _ = _measured(grammar, limit)
-    except (ValueError, IndexError) as exc:
-        raise refused(f"its grammar could not be measured ({exc})") from exc
+        peak = _measured(grammar, limit)
+    except (ValueError, IndexError, RecursionError) as exc:
+        raise refused(f"its grammar could not be measured ({type(exc).__name__}: {str(exc)[:200]})") from exc
     if peak > limit:
         raise GrammarTooComplex(stacks=peak, limit=limit)
 

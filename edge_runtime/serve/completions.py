@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
-from edge_runtime.errors import ContextOverflow, DownloadWaitTimeout, EdgeRtError, ShuttingDown
+from edge_runtime.errors import ContextOverflow, DownloadWaitTimeout, EdgeRtError, GenerationTimeout, ShuttingDown
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.requests import AppliedAdapter
 from edge_runtime.serve import openai_api
@@ -51,7 +51,7 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
         await _pull_within(daemon, [a.name for a in parsed.adapters], started + daemon.config.request_timeout_s)
         job = daemon.scheduler.submit(prompt, parsed.params, parsed.adapters)
         chunks = job.chunks()
-        first = await anext(chunks, None)
+        first = await _first_within(chunks, started + daemon.config.request_timeout_s)
         if first is None:  # dropped from the queue by a shutdown
             raise ShuttingDown("the request was still queued")
         if first.finish_reason == "cancelled" and not first.token_ids and daemon.stopping:
@@ -167,6 +167,18 @@ async def _stream(
         request[ENDED_WITH] = status
         await response.write(b"data: " + json.dumps(body).encode() + b"\n\n")
     return response, tokens
+
+
+async def _first_within(chunks: AsyncIterator[Any], deadline: float) -> Any:
+    """The first chunk, or ``GenerationTimeout`` at ``deadline`` while the request still waits in the queue (the
+    engine enforces the deadline itself once it runs; the caller's ``finally`` drops the job from the queue)."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as scope:
+            return await anext(chunks, None)
+    except TimeoutError:
+        if not scope.expired():
+            raise
+        raise GenerationTimeout(deadline_s=deadline, completion_tokens=0) from None
 
 
 async def _pull_within(daemon: Daemon, names: list[str], deadline: float) -> None:

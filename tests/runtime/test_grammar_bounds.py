@@ -53,6 +53,39 @@ def test_the_22_level_nested_anyof_schema_is_refused_with_a_typed_error(engine: 
     assert "anyOf/oneOf branches start differently" in str(refused.value)
 
 
+def test_a_long_unambiguous_prefix_does_not_hide_the_nested_anyof_from_the_measure(engine: Engine) -> None:
+    # From the hostile review of #18: 14 enums of 10 random 20-letter strings before the 22-level schema used up the
+    # search's bounds from the root (peak 11, search cut off), so the schema was accepted and a token took 37 s.
+    import random
+
+    rng = random.Random(1)
+    schema = nested_anyof(22)
+    properties: dict[str, Any] = {
+        f"p{i}": {"enum": ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(20)) for _ in range(10)]}
+        for i in range(14)
+    }
+    properties["b"] = {"$ref": "#/$defs/l22"}
+    hidden = {"$defs": schema["$defs"], "type": "object", "properties": properties, "required": sorted(properties)}
+    parser = grammar_module._GbnfParser(raw_grammar(hidden))
+    rules = parser.parse()
+    limit = stack_limit(engine.n_vocab)
+    from_root, complete = grammar_module._explore(  # what the measure saw before: the search from the root alone
+        rules, parser.names["root"], stop_at=limit + 1, states=grammar_module.EXPLORE_STATES,
+        budget=[grammar_module.EXPLORE_WORK])
+    assert from_root <= limit and not complete  # cut off by its bounds before the costly part
+    with pytest.raises(GrammarTooComplex) as refused:
+        engine.json_grammar(hidden)
+    assert refused.value.stacks > refused.value.limit == limit
+
+
+def test_long_repetitions_within_the_limits_are_measured_not_a_500(engine: Engine) -> None:
+    # From the hostile review of #18: maxItems 600 or maxLength 500 made the GBNF parser recurse past Python's frame
+    # limit (RecursionError: a 500 to the client) although both are within MAX_REPEAT.
+    for schema in ({"type": "array", "items": {"type": "integer"}, "maxItems": 600},
+                   {"type": "object", "properties": {"a": {"type": "string", "maxLength": 1000}}}):
+        assert "root ::=" in engine.json_grammar(schema)
+
+
 def test_each_level_of_nesting_doubles_the_parse_states_the_measure_finds() -> None:
     peaks = [parse_stack_peak(raw_grammar(nested_anyof(levels)), stop_at=10**6)[0] for levels in range(1, 6)]
     assert [b / a for a, b in zip(peaks, peaks[1:])] == [2.0, 2.0, 2.0, 2.0], peaks

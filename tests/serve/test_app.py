@@ -350,3 +350,38 @@ async def test_schemas_the_converter_cannot_take_and_oversized_bodies_say_what_t
     too_big = await client.post("/v1/completions", json={"prompt": "x" * 8192, "max_tokens": 1})
     message = (await too_big.json())["error"]["message"]
     assert too_big.status == 413 and "4096" in message and "--max-body-kb" in message
+
+
+@pytest.mark.asyncio
+async def test_a_request_waiting_for_the_engine_gets_its_504_at_its_deadline_not_when_the_engine_frees(
+        aiohttp_client: Any, runtime_with: Callable[..., Runtime]) -> None:
+    # From the hostile review of #18: a request queued behind a long generation got its 504 only once the worker
+    # came free (172.8 s against a 90 s deadline). Here the engine is held by a long grammar generation started
+    # outside the daemon (no deadline); the request must be answered while that one still runs.
+    import threading
+
+    from edge_runtime.runtime.generation import SamplingParams
+
+    runtime = runtime_with()
+    schema = {"type": "array", "items": {"type": "integer"}, "minItems": 400, "maxItems": 400}
+    grammar = runtime.engine.json_grammar(schema)
+    started, stop, finished = threading.Event(), threading.Event(), threading.Event()
+
+    def hold_the_engine() -> None:
+        for _ in runtime.engine.stream(runtime.engine.tokenize("Numbers:"), SamplingParams(
+                max_tokens=4000, temperature=0.0, grammar=grammar), cancel=stop):
+            started.set()
+        finished.set()
+
+    holder = threading.Thread(target=hold_the_engine)
+    holder.start()
+    try:
+        assert started.wait(timeout=300)  # hang guard only
+        client = await aiohttp_client(create_app(ServerConfig(request_timeout_s=2.0), runtime))
+        response = await client.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2})
+        error = (await response.json())["error"]
+        assert response.status == 504 and error["type"] == "timeout"
+        assert not finished.is_set()  # answered while the engine was still busy with the other generation
+    finally:
+        stop.set()
+        holder.join(timeout=300)
