@@ -101,10 +101,10 @@ def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     folder = tmp_path_factory.mktemp("profiles")
 
     def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384,
-              threads: int = 2) -> Path:
+              threads: int = 2, parallel: int | str = 1) -> Path:
         path = folder / f"{name}.toml"
         path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb,
-                                        threads=threads))
+                                        threads=threads, parallel=f'"{parallel}"' if parallel == "auto" else parallel))
         return path
 
     return write
@@ -128,6 +128,7 @@ gpu_layers = 0
 ctx = {ctx}
 batch = {batch}
 kv_type = "f16"
+parallel = {parallel}
 
 [network]
 max_download_kbps = 0
