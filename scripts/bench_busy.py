@@ -239,8 +239,8 @@ class DaemonProcess:
         """Whether ``edge-rt serve`` can run the candidate: a profile sets threads and the KV type, and the engine
         sheds threads exactly when the KV type allows it."""
         settings = candidate.settings
-        sheds = settings.get("shed_threads", True) and settings["kv_type"] in ("q8_0", "q4_0")
-        return not (candidate.nice or candidate.pool) and sheds == settings.get("shed_threads", True)
+        daemon_sheds = settings["kv_type"] in ("q8_0", "q4_0")  # a daemon sheds threads whenever the KV type allows
+        return not (candidate.nice or candidate.pool) and daemon_sheds == settings.get("shed_threads", True)
 
     @staticmethod
     def _profile(threads: int, kv_type: str) -> Path:

@@ -7,7 +7,10 @@ one CPU-bound process, 2 threads decode at about a quarter of their idle speed a
 (``scripts/bench_busy.py``). The governor reads, every ``window_s`` of decoding, how long the engine's threads
 waited for a CPU (``/proc/self/task/*/schedstat``) and how much CPU the device left idle (``/proc/stat``); it
 sheds one thread when they waited more than ``shed_above`` of the time they wanted a CPU, and takes one back when
-the device left at least ``restore_idle_cores`` of a core idle (not sooner than ``hold_s`` after a shed).
+the device left at least ``restore_idle_cores`` of a core idle (not sooner than ``hold_s`` after a shed), or to
+try, ``probe_s`` after a shed: a neighbour at nice 19 soaks up the idle CPU without making the engine's threads
+wait, so only a try shows the cores are there. A try that makes the threads wait is shed again at the next window
+and the next try waits twice as long (at most ``probe_max_s``).
 
 Shedding must never change an answer, so the engine enables the governor only where llama.cpp's kernels give the
 same bits at every thread count (``thread_invariant``): each output element of a matrix product, a norm or a
@@ -61,11 +64,13 @@ class ThreadGovernor:
         *,
         enabled: bool,
         read: Callable[[], Reading],
-        window_s: float = 0.25,
+        window_s: float = 0.1,
         shed_above: float = 0.2,
         restore_idle_cores: float = 0.6,
         hold_s: float = 1.0,
         pause_s: float = 1.0,
+        probe_s: float = 2.0,
+        probe_max_s: float = 32.0,
     ) -> None:
         self.limit = max(1, limit)
         self.enabled = enabled and self.limit > 1
@@ -76,6 +81,9 @@ class ThreadGovernor:
         self.window_s, self.shed_above = window_s, shed_above
         self.restore_idle_cores, self.hold_s = restore_idle_cores, hold_s
         self.pause_s = pause_s  # a longer gap between steps is the engine idling: measure afresh after it
+        self.probe_first_s, self.probe_max_s = probe_s, probe_max_s
+        self._probe_after = probe_s  # since the last shed: take a thread back to try, even without idle CPU
+        self._probing = False
         self._start: Reading | None = None  # the window's first reading
         self._last_step = 0.0
         self._last_shed = float("-inf")
@@ -106,17 +114,23 @@ class ThreadGovernor:
             if end.idle_s is not None and start.idle_s is not None and seconds > 0
             else 0.0
         )
+        since_shed = end.when - self._last_shed
         if waited > self.shed_above and self.current > 1:
             self.current -= 1
             self.changes += 1
             self._last_shed = end.when
-        elif (
-            self.current < self.limit
-            and idle_cores >= self.restore_idle_cores
-            and end.when - self._last_shed >= self.hold_s
+            if self._probing:  # the try failed: wait twice as long before the next one
+                self._probe_after = min(2 * self._probe_after, self.probe_max_s)
+            self._probing = False
+        elif self.current < self.limit and (
+            (idle_cores >= self.restore_idle_cores and since_shed >= self.hold_s) or since_shed >= self._probe_after
         ):
             self.current += 1
             self.changes += 1
+            self._probing = idle_cores < self.restore_idle_cores
+        elif self._probing:  # a window passed at the tried count without waiting: it stays
+            self._probing = False
+            self._probe_after = self.probe_first_s
 
 
 def threads_text(compute: Mapping[str, Any]) -> str:

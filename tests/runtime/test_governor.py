@@ -22,8 +22,9 @@ class Script:
         return Reading(times=ThreadTimes(ran=self.ran, waited=self.waited), idle_s=self.idle, when=self.when)
 
 
-def governor(limit: int, script: Script, *, hold_s: float = 0.0) -> ThreadGovernor:
-    return ThreadGovernor(limit, enabled=True, read=script, window_s=0.0, hold_s=hold_s, pause_s=float("inf"))
+def governor(limit: int, script: Script, *, hold_s: float = 0.0, probe_s: float = float("inf")) -> ThreadGovernor:
+    return ThreadGovernor(limit, enabled=True, read=script, window_s=0.0, hold_s=hold_s, pause_s=float("inf"),
+                          probe_s=probe_s, probe_max_s=8.0)
 
 
 def steps(gov: ThreadGovernor, count: int) -> list[int]:
@@ -58,6 +59,23 @@ def test_a_restore_waits_hold_s_after_the_last_shed() -> None:
     assert steps(gov, 2) == [2, 1]  # shed at reading 2
     script.step = (1.0, 0.0, 2.0)
     assert steps(gov, 4) == [1, 1, 2, 2]  # readings 3 and 4 are within 3 s of the shed; reading 5 is not
+
+
+def test_without_idle_cpu_it_tries_a_thread_back_and_waits_twice_as_long_after_each_failed_try() -> None:
+    # A neighbour at nice 19 leaves no idle CPU yet never makes the engine wait: only a try shows the core is there.
+    script = Script()
+    gov = governor(2, script, probe_s=2.0)
+    script.step = (1.0, 1.0, 0.0)  # a busy neighbour at nice 0: every window at 2 threads waits
+    assert steps(gov, 2) == [2, 1]  # shed at reading 2
+    script.step = (1.0, 0.0, 0.0)  # 1 thread never waits, and no CPU is idle
+    assert steps(gov, 2) == [1, 2]  # tried 2 s after the shed (reading 4)
+    script.step = (1.0, 1.0, 0.0)
+    assert steps(gov, 1) == [1]  # the try waited: shed again (reading 5)
+    script.step = (1.0, 0.0, 0.0)
+    assert steps(gov, 4) == [1, 1, 1, 2]  # the next try waits 4 s (reading 9)
+    assert steps(gov, 2) == [2, 2]  # at nice 19 the try does not wait: 2 threads stay
+    script.step = (1.0, 1.0, 0.0)
+    assert steps(gov, 3) == [1, 1, 2]  # a try that stuck resets the interval to 2 s
 
 
 def test_disabled_or_one_thread_never_reads_or_changes() -> None:
