@@ -88,7 +88,7 @@ def test_every_shipped_profile_loads_with_its_vendor_specs_and_budgets(name: str
 
 
 # Devices that run other work (a flight stack, a perception pipeline, ROS 2, the app that calls us) leave cores
-# to it; the threads are fixed per profile, so its answers are those of that thread count.
+# to it; with its q8_0 KV cache the engine may run fewer threads while the device is busy, with the same answers.
 RESERVED = {"drone-companion-4gb": 2, "drone-voxl2-8gb": 1, "jetson-orin-nano-8gb": 2, "jetson-orin-nx-16gb": 2,
             "jetson-agx-orin-64gb": 4, "raspberry-pi-5-8gb": 1}
 

@@ -117,6 +117,8 @@ def _table(url: str, report: dict[str, Any]) -> str:
             f"{compute['decode_tokens_per_second']:.1f} tok/s and CPU contention "
             f"{100 * compute['contention']:.0f}% over the last minute"
         )
+        if compute.get("thread_policy"):
+            lines.append(f"  threads: {compute['thread_policy']}")
         if compute.get("warning"):
             lines.append(f"  warning: {compute['warning']}")
     lines.append(f"recent requests ({len(report['recent'])})")

@@ -61,8 +61,9 @@ def thread_warning(profile: DeviceProfile, cores: CoreBudget) -> str | None:
     threads = f"{running} thread{'s' if running != 1 else ''}"
     return (
         f"profile {profile.name} asks for {asked} but this process may use {cores.describe()} cores: running "
-        f"{threads} (answers are those of {threads}); set compute.threads in the profile ({profile.source}) "
-        "to what the device can give"
+        f"{threads}; on the device the profile is for, give the process more cores, else write a profile for this "
+        f"device (edge-rt profiles show {profile.name} > my-device.toml, then lower compute.threads and "
+        "compute.reserve_cores)"
     )
 
 

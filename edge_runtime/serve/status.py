@@ -97,6 +97,9 @@ def render_page(status: dict[str, Any]) -> str:
     )
 
 
+BUSY_CONTENTION = 0.25  # over the last minute: other work took the cores the engine's threads wanted
+
+
 def _compute(compute: dict[str, Any]) -> str:
     """Threads and usable cores, the last minute's decode rate and contention, and the profile's warning if any."""
     rate = compute["decode_tokens_per_second"]
@@ -107,6 +110,11 @@ def _compute(compute: dict[str, Any]) -> str:
         f"over the last minute · CPU contention {100 * compute['contention']:.0f}% (share of the time the "
         "engine's threads waited for a CPU)</p>"
     )
+    if compute["contention"] >= BUSY_CONTENTION:
+        line += (
+            f'<p class="error" id="device-busy">the device is busy: the engine\'s threads waited for a CPU '
+            f"{100 * compute['contention']:.0f}% of the time they wanted one over the last minute</p>"
+        )
     if compute.get("thread_policy"):
         line += f'<p class="sub" id="thread-policy">threads: {_e(compute["thread_policy"])}</p>'
     warning = compute.get("warning")

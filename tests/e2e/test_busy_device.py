@@ -47,7 +47,8 @@ def test_jetson_profile_on_one_core_warns_once_and_reports_threads_cores_rate_an
     warnings = [line for line in log.splitlines() if "asks for compute.threads" in line]
     assert len(warnings) == 1
     assert (f"profile jetson-orin-nano-8gb asks for compute.threads = 4 + compute.reserve_cores = 2 but this process "
-            f"may use {cores} cores: running 1 thread (answers are those of 1 thread)") in warnings[0]
+            f"may use {cores} cores: running 1 thread; on the device the profile is for") in warnings[0]
+    assert "edge-rt profiles show jetson-orin-nano-8gb > my-device.toml" in warnings[0]
     assert f"(1 thread, usable cores {cores})" in log
     assert compute["threads"] == 1 and compute["usable_cores"] == 1 and compute["warning"] in warnings[0]
     assert compute["decode_tokens_per_second"] > 0

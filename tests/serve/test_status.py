@@ -38,6 +38,9 @@ def test_the_page_shows_threads_cores_decode_rate_contention_and_the_thread_warn
     assert '<p class="error" id="threads-warning">profile &lt;j&gt; asks for compute.threads = 6</p>' in page
     idle = render_page({**status, "compute": {**COMPUTE, "decode_tokens_per_second": 0.0, "contention": 0.0}})
     assert "decode nothing decoded over the last minute · CPU contention 0%" in idle and "threads-warning" not in idle
+    # a busy device is said in words whatever the KV type (an f16 profile cannot shed threads): 38% >= 25%
+    assert "id=\"device-busy\">the device is busy: the engine's threads waited for a CPU 38%" in page
+    assert "device-busy" not in idle
 def test_the_page_shows_what_waits_for_downloads_what_runs_and_each_adapters_update() -> None:
     # Issue 18 item 20: the page said "0 queued" while requests waited for a download, and showed neither the
     # download's rate and ETA, nor the running generation, nor an adapter's description and last update.
