@@ -8,7 +8,8 @@ process on a shared device may use.
 
 Contention is read from ``/proc/self/task/<tid>/schedstat``: per thread, the nanoseconds it ran and the
 nanoseconds it was runnable but waited for a CPU. A decode whose threads wait is slow because the device is busy.
-Idle CPU time, the device's spare capacity, is the ``idle`` and ``iowait`` columns of ``/proc/stat``'s first line.
+Idle CPU time, the spare capacity, is the ``idle`` and ``iowait`` columns of ``/proc/stat``'s lines for the CPUs in
+this process's affinity mask.
 """
 
 from __future__ import annotations
@@ -151,14 +152,24 @@ def native_threads(worker: int | None) -> list[int]:
 
 
 def idle_cpu_seconds(*, proc: Path = Path("/proc")) -> float | None:
-    """Seconds all CPUs of the device spent idle (or waiting for I/O) since boot; None where /proc/stat is missing."""
-    fields = _read(proc / "stat").partition("\n")[0].split()
-    if len(fields) < 6 or fields[0] != "cpu":
-        return None
-    idle, iowait = _number(fields[4]), _number(fields[5])
-    if idle is None or iowait is None:
-        return None
-    return (idle + iowait) / _CLOCK_TICKS
+    """Seconds the CPUs this process may run on (its affinity mask) spent idle or waiting for I/O since boot, from
+    ``/proc/stat``'s per-CPU lines (idle CPUs outside a cpuset are no room for this process); None without them."""
+    try:
+        allowed: set[int] | None = set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        allowed = None
+    total, seen = 0, False
+    for line in _read(proc / "stat").splitlines():
+        fields = line.split()
+        if len(fields) < 6 or not fields[0].startswith("cpu") or not fields[0][3:].isdigit():
+            continue
+        if allowed is not None and int(fields[0][3:]) not in allowed:
+            continue
+        idle, iowait = _number(fields[4]), _number(fields[5])
+        if idle is None or iowait is None:
+            continue
+        total, seen = total + idle + iowait, True
+    return total / _CLOCK_TICKS if seen else None
 
 
 def thread_times(thread_ids: Iterable[int] | None = None, *, proc: Path = Path("/proc")) -> ThreadTimes:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_runtime.cores import CoreBudget, cgroup_quota_cores, core_budget, thread_times
+from edge_runtime.cores import CoreBudget, cgroup_quota_cores, core_budget, idle_cpu_seconds, thread_times
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -94,3 +94,17 @@ def test_thread_times_count_a_busy_threads_cpu_time() -> None:
     assert (after - before).ran > 0.01
     assert after.waited >= before.waited
     assert thread_times().ran >= after.ran  # every thread of the process, this one included
+
+
+def test_idle_time_counts_only_the_cpus_this_process_may_run_on(tmp_path: Path) -> None:
+    # From the hostile review of #20: idle CPUs outside a cpuset (taskset, a container) looked like room to take a
+    # thread back, so the governor would shed and restore once a second for ever.
+    allowed = sorted(os.sched_getaffinity(0))
+    outside = max(allowed) + 1
+    lines = ["cpu  900 0 0 9000 900 0 0 0 0 0"]  # the total line is not read
+    lines += [f"cpu{cpu} 10 0 0 {100 * (cpu + 1)} {cpu} 0 0 0 0 0" for cpu in [*allowed, outside]]
+    (tmp_path / "stat").write_text("\n".join(lines) + "\nintr 1 2 3\n")
+    expected = sum(100 * (cpu + 1) + cpu for cpu in allowed) / os.sysconf("SC_CLK_TCK")
+    assert idle_cpu_seconds(proc=tmp_path) == pytest.approx(expected)
+    (tmp_path / "stat").write_text("intr 1 2 3\n")
+    assert idle_cpu_seconds(proc=tmp_path) is None

@@ -505,6 +505,7 @@ class Engine:
         keep = activation.reusable_prefix(cached, self._plan, prompt, plan)
         self._llama.n_tokens = keep  # eval() and generate() drop the KV cells past it
         self._plan = plan
+        self.governor.new_generation()
         self._pace_threads()
         limit = min(self.settings.n_batch, self.settings.n_ubatch)
         for segment, end in plan.spans(len(prompt)):

@@ -68,7 +68,6 @@ class ThreadGovernor:
         shed_above: float = 0.2,
         restore_idle_cores: float = 0.6,
         hold_s: float = 0.25,
-        pause_s: float = 1.0,
         probe_s: float = 2.0,
         probe_max_s: float = 32.0,
     ) -> None:
@@ -80,12 +79,10 @@ class ThreadGovernor:
         self._read = read
         self.window_s, self.shed_above = window_s, shed_above
         self.restore_idle_cores, self.hold_s = restore_idle_cores, hold_s
-        self.pause_s = pause_s  # a longer gap between steps is the engine idling: measure afresh after it
         self.probe_first_s, self.probe_max_s = probe_s, probe_max_s
         self._probe_after = probe_s  # since the last shed: take a thread back to try, even without idle CPU
         self._probing = False
         self._start: Reading | None = None  # the window's first reading
-        self._last_step = 0.0
         self._last_shed = float("-inf")
 
     def next_step(self) -> int:
@@ -93,18 +90,21 @@ class ThreadGovernor:
         if not self.enabled:
             return self.current
         reading = None
-        now = time.monotonic()
-        if self._start is None or now - self._last_step > self.pause_s:  # first step, or after an idle pause
+        if self._start is None:  # the first step of a generation: its window starts now
             self._start = self._read()
-        elif now - self._start.when >= self.window_s:
+        elif time.monotonic() - self._start.when >= self.window_s:  # however long one step took
             reading = self._read()
-        self._last_step = now
         if reading is not None:
             self._decide(self._start, reading)
             self._start = reading
         if self.current < self.limit:
             self.shed_steps += 1
         return self.current
+
+    def new_generation(self) -> None:
+        """A generation begins: its first window starts at its first step (the time the engine sat idle before it
+        is no measure of the device's load)."""
+        self._start = None
 
     def _decide(self, start: Reading, end: Reading) -> None:
         waited = (end.times - start.times).contention
