@@ -87,7 +87,9 @@ class _RuntimeCollector(Collector):
 def _compute(status: dict[str, Any]) -> Iterator[Metric]:
     """Threads and cores, and whether the device is too busy for them: decode rate and CPU contention."""
     yield GaugeMetricFamily(
-        "edge_rt_engine_threads", "The most threads llama.cpp decodes with (the profile's)", value=status["threads"]
+        "edge_rt_engine_threads",
+        "The most threads llama.cpp decodes with (the profile's, within the usable cores)",
+        value=status["threads"],
     )
     yield GaugeMetricFamily(
         "edge_rt_engine_threads_running",
