@@ -239,7 +239,9 @@ class DaemonProcess:
         """Whether ``edge-rt serve`` can run the candidate: a profile sets threads and the KV type, and the engine
         sheds threads exactly when the KV type allows it."""
         settings = candidate.settings
-        daemon_sheds = settings["kv_type"] in ("q8_0", "q4_0")  # a daemon sheds threads whenever the KV type allows
+        from edge_runtime.runtime.governor import thread_invariant
+
+        daemon_sheds = thread_invariant(settings["kv_type"])  # a daemon sheds threads whenever the KV type allows
         return not (candidate.nice or candidate.pool) and daemon_sheds == settings.get("shed_threads", True)
 
     @staticmethod

@@ -256,8 +256,8 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
     type=click.FloatRange(min=1),
     default=600.0,
     show_default=True,
-    help="Seconds a completion may take from arrival (queue and generation); past it the engine stops the "
-    "generation inside its current token and the client gets 504.",
+    help="Seconds a completion may take from arrival (adapter download, queue and generation); past it the "
+    "client gets 504 and the engine stops the generation inside its current token.",
 )
 @click.option("--cdn", default=None, help="Pull adapters on demand from this CDN (http(s)://, file://, hf://, oci://).")
 @click.option(

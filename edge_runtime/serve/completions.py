@@ -10,8 +10,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
@@ -25,6 +25,7 @@ from edge_runtime.serve.state import APPLIED, DAEMON, ENDED_WITH, REQUESTED, TOK
 
 __all__ = ["routes"]
 
+T = TypeVar("T")
 log = logging.getLogger("edge_runtime.serve.app")  # the daemon's request lines keep their logger name
 routes = web.RouteTableDef()
 
@@ -45,13 +46,18 @@ async def _complete(request: web.Request, *, chat: bool) -> web.StreamResponse:
     started = time.monotonic()
     daemon = request.app[DAEMON]
     parsed, prompt = await _read(request, daemon, chat=chat)
-    parsed = parsed.with_deadline(started + daemon.config.request_timeout_s)  # the engine enforces it inside a token
+    deadline = started + daemon.config.request_timeout_s
+    parsed = parsed.with_deadline(deadline)  # the engine enforces it inside a token
     produced, job = 0, None
     try:
-        await _pull_within(daemon, [a.name for a in parsed.adapters], started + daemon.config.request_timeout_s)
+        names = [a.name for a in parsed.adapters]  # a download goes on past the deadline, for the requests after
+        await _by_deadline(daemon.pull_remote(names), deadline, lambda: _download_late(daemon, names))
         job = daemon.scheduler.submit(prompt, parsed.params, parsed.adapters)
         chunks = job.chunks()
-        first = await _first_within(chunks, started + daemon.config.request_timeout_s)
+        # while queued: the engine enforces the deadline once the job runs; the finally below drops it from the queue
+        first = await _by_deadline(
+            anext(chunks, None), deadline, lambda: GenerationTimeout(deadline_s=deadline, completion_tokens=0)
+        )
         if first is None:  # dropped from the queue by a shutdown
             raise ShuttingDown("the request was still queued")
         if first.finish_reason == "cancelled" and not first.token_ids and daemon.stopping:
@@ -169,31 +175,24 @@ async def _stream(
     return response, tokens
 
 
-async def _first_within(chunks: AsyncIterator[Any], deadline: float) -> Any:
-    """The first chunk, or ``GenerationTimeout`` at ``deadline`` while the request still waits in the queue (the
-    engine enforces the deadline itself once it runs; the caller's ``finally`` drops the job from the queue)."""
+async def _by_deadline(work: Awaitable[T], deadline: float, late: Callable[[], EdgeRtError]) -> T:
+    """``work``'s result, or ``late()`` raised once ``deadline`` (``time.monotonic()`` seconds) passes; a
+    ``TimeoutError`` of the work's own (a download's ``SlowRetrieval``) passes through as it is."""
     try:
         async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as scope:
-            return await anext(chunks, None)
+            return await work
     except TimeoutError:
         if not scope.expired():
             raise
-        raise GenerationTimeout(deadline_s=deadline, completion_tokens=0) from None
+        raise late() from None
 
 
-async def _pull_within(daemon: Daemon, names: list[str], deadline: float) -> None:
-    """Wait for the downloads of remote adapters ``names`` until ``deadline`` (``time.monotonic()``); the downloads go
-    on past it for the requests after this one."""
-    try:
-        async with asyncio.timeout(max(0.0, deadline - time.monotonic())) as scope:
-            await daemon.pull_remote(names)
-    except TimeoutError:
-        if not scope.expired():  # a download's own timeout (SlowRetrieval), not the request's deadline
-            raise
-        waiting = sorted(daemon.follower.waiting) if daemon.follower is not None else []
-        raise DownloadWaitTimeout(
-            adapters=[name for name in names if name in waiting] or names, timeout_s=daemon.config.request_timeout_s
-        ) from None
+def _download_late(daemon: Daemon, names: list[str]) -> DownloadWaitTimeout:
+    """The 504 of a request whose deadline passed while adapters it asked for were still downloading."""
+    waiting = daemon.follower.waiting if daemon.follower is not None else {}
+    return DownloadWaitTimeout(
+        adapters=[name for name in names if name in waiting] or names, timeout_s=daemon.config.request_timeout_s
+    )
 
 
 async def _prompt_tokens(daemon: Daemon, parsed: openai_api.ParsedRequest) -> list[int]:
