@@ -42,6 +42,7 @@ __all__ = [
     "AUTO",
     "DEFAULT_PROFILE",
     "KV_TYPES",
+    "MAX_PARALLEL",
     "NAME_PATTERN",
     "ComputeSpec",
     "DeviceProfile",
@@ -69,6 +70,8 @@ AUTO_BUDGET_FRACTION = 0.5
 AUTO_ADAPTER_CACHE_MB = 2048
 AUTO_CTX = 2048
 AUTO_BATCH = 512
+# Sequences one context decodes together: beyond 8 a CPU gains little (llama-batched-bench, 2 cores: 2.1x at 8).
+MAX_PARALLEL = 8
 
 _NAME = re.compile(NAME_PATTERN)
 _PROFILE_PACKAGE = "device_profiles"
@@ -209,15 +212,17 @@ class StorageSpec:
 
 @dataclass(frozen=True)
 class ComputeSpec:
-    """How llama.cpp runs: CPU threads, layers offloaded to the GPU, context and batch in tokens, KV cache type."""
+    """How llama.cpp runs: CPU threads, layers offloaded to the GPU, context and batch in tokens, KV cache type,
+    and how many sequences are decoded together (``parallel``; ``"auto"`` or absent: decided from the memory plan)."""
 
     SECTION: ClassVar[str] = "compute"
 
     threads: int
     gpu_layers: int  # 0 = CPU only; more than the model's layers (999) = all of them
-    ctx: int
+    ctx: int  # tokens of KV per sequence
     batch: int
     kv_type: str
+    parallel: int | None = None  # None: auto (runtime.plan picks 1-4 from the budget)
     reserve_cores: int = 0  # cores left to the device's other work: threads never exceed usable cores minus these
 
     def threads_for(self, usable_cores: int) -> int:
@@ -242,7 +247,27 @@ class ComputeSpec:
         if kv_type not in KV_TYPES:
             raise table.invalid("kv_type", f"must be one of {', '.join(KV_TYPES)}", kv_type)
         reserve = table.integer("reserve_cores", minimum=0) if "reserve_cores" in table.data else 0
-        return cls(threads=threads, gpu_layers=gpu_layers, ctx=ctx, batch=batch, kv_type=kv_type, reserve_cores=reserve)
+        return cls(
+            threads=threads,
+            gpu_layers=gpu_layers,
+            ctx=ctx,
+            batch=batch,
+            kv_type=kv_type,
+            parallel=_parallel(table),
+            reserve_cores=reserve,
+        )
+
+
+def _parallel(table: _Table) -> int | None:
+    """``compute.parallel``: an integer from 1 to MAX_PARALLEL, or "auto" (the default)."""
+    value = table.get("parallel", AUTO)
+    if value == AUTO:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise table.invalid("parallel", f'must be an integer or "auto", not {_toml_type(value)}', value)
+    if not 1 <= value <= MAX_PARALLEL:
+        raise table.invalid("parallel", f"must be from 1 to {MAX_PARALLEL} sequences", value)
+    return value
 
 
 @dataclass(frozen=True)
@@ -326,6 +351,7 @@ class DeviceProfile:
         """The profile as JSON-ready data: the TOML schema's keys plus ``source``."""
         data = dataclasses.asdict(self)
         data["aliases"] = list(self.aliases)
+        data["compute"]["parallel"] = self.compute.parallel or AUTO
         return data
 
     def to_toml(self) -> str:

@@ -101,10 +101,11 @@ def make_profile(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path
     folder = tmp_path_factory.mktemp("profiles")
 
     def write(name: str, *, budget_mb: int, ctx: int = 2048, batch: int = 512, ram_mb: int = 16384,
-              threads: int = 2, kv_type: str = "f16") -> Path:
+              threads: int = 2, kv_type: str = "f16", parallel: int | str = 1) -> Path:
         path = folder / f"{name}.toml"
         path.write_text(_PROFILE.format(name=name, budget_mb=budget_mb, ctx=ctx, batch=batch, ram_mb=ram_mb,
-                                        threads=threads, kv_type=kv_type))
+                                        threads=threads, kv_type=kv_type,
+                                        parallel=f'"{parallel}"' if parallel == "auto" else parallel))
         return path
 
     return write
@@ -128,6 +129,7 @@ gpu_layers = 0
 ctx = {ctx}
 batch = {batch}
 kv_type = "{kv_type}"
+parallel = {parallel}
 
 [network]
 max_download_kbps = 0

@@ -255,6 +255,10 @@ RULES = [
     ("compute.reserve_cores", -1, "compute.reserve_cores", "at least 0"),
     ("compute.reserve_cores", 1.5, "compute.reserve_cores", "must be an integer, not a float"),
     ("compute.ctx", 0, "compute.ctx", "at least 256"),
+    ("compute.parallel", 0, "compute.parallel", "from 1 to 8"),
+    ("compute.parallel", 9, "compute.parallel", "from 1 to 8"),
+    ("compute.parallel", "many", "compute.parallel", 'must be an integer or "auto"'),
+    ("compute.parallel", True, "compute.parallel", 'must be an integer or "auto"'),
     ("compute.ctx", 1000, "compute.ctx", "multiple of 256"),
     ("compute.batch", 0, "compute.batch", "at least 1"),
     ("compute.batch", 4096, "compute.batch", "must not exceed compute.ctx = 2048"),
@@ -368,7 +372,7 @@ def test_cli_profiles_show_json_by_alias() -> None:
     assert shown["memory"] == {"ram_mb": 8192, "runtime_budget_mb": 3072}
     assert shown["storage"] == {"adapter_cache_mb": 4096}
     assert shown["compute"] == {"threads": 4, "gpu_layers": 999, "ctx": 4096, "batch": 512, "kv_type": "q8_0",
-                                "reserve_cores": 2}
+                                "parallel": 2, "reserve_cores": 2}
     assert shown["network"] == {"max_download_kbps": 0, "metered": False}
     assert shown["source"].endswith("jetson-orin-nano-8gb.toml")
 
@@ -397,3 +401,14 @@ def test_cli_profiles_show_reports_errors_with_exit_code_2(tmp_path: Path) -> No
     invalid = CliRunner().invoke(main, ["profiles", "show", str(path)])
     assert invalid.exit_code == 2
     assert f"error: {path}: compute.ctx = 2000: must be a multiple of 256" in invalid.output
+
+
+def test_parallel_is_auto_unless_a_profile_says_and_round_trips_through_toml(tmp_path: Path) -> None:
+    assert DeviceProfile.from_dict(_with("compute.parallel", "auto"), source="x").compute.parallel is None
+    four = DeviceProfile.from_dict(_with("compute.parallel", 4), source="x")
+    assert four.compute.parallel == 4
+    path = tmp_path / "four.toml"
+    path.write_text(four.to_toml())
+    assert load_profile(str(path)).compute == four.compute
+    assert [p.compute.parallel for p in (load_profile("phone-4gb"), load_profile("drone"), load_profile("jetson"),
+                                          load_profile("orin-nx"))] == [1, 1, 2, 4]

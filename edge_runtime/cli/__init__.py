@@ -13,7 +13,7 @@ import click
 
 from edge_runtime import __version__
 from edge_runtime.cli.cache import cache_group
-from edge_runtime.cli.common import progress_bar, request_limit_options
+from edge_runtime.cli.common import parallel_option, progress_bar, request_limit_options
 from edge_runtime.cli.common import reports_errors as _reports_errors
 from edge_runtime.cli.plan import plan
 from edge_runtime.cli.status import status
@@ -250,6 +250,7 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
 @click.option(
     "--ctx", type=click.IntRange(min=256), default=None, help="Context length in tokens [default: the profile's]."
 )
+@parallel_option
 @request_limit_options
 @click.option(
     "--request-timeout",

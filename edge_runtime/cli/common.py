@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from edge_runtime.errors import EdgeRtError
+from edge_runtime.profiles import MAX_PARALLEL
 from edge_runtime.runtime.budget import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -49,6 +50,17 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
     finally:
         if bars:
             bars[0].__exit__(None, None, None)
+
+
+def parallel_option(command: F) -> F:
+    """``--parallel N``: sequences decoded together, as ``serve`` runs them and ``plan`` counts their KV."""
+    return click.option(
+        "--parallel",
+        type=click.IntRange(min=1, max=MAX_PARALLEL),
+        default=None,
+        help="Sequences decoded together, each with its own ctx of KV cache "
+        "[default: the profile's compute.parallel; auto: from the memory plan].",
+    )(command)
 
 
 def request_limit_options(command: F) -> F:

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from edge_runtime.cli.common import reports_errors, request_limit_options
+from edge_runtime.cli.common import parallel_option, reports_errors, request_limit_options
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.models import resolve_model
 
@@ -32,6 +32,7 @@ __all__ = ["plan"]
     type=click.Path(exists=True, path_type=Path),
     help="Adapter GGUF files to fit together (repeatable).",
 )
+@parallel_option
 @request_limit_options  # as given to `serve`
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @reports_errors
@@ -41,6 +42,7 @@ def plan(
     ctx: int | None,
     adapter_mb: float | None,
     adapter_files: tuple[Path, ...],
+    parallel: int | None,
     max_body_kb: int,
     max_queue: int,
     max_connections: int | None,
@@ -61,6 +63,7 @@ def plan(
         profile,
         model_path,
         ctx=ctx,
+        parallel=parallel,
         requests=RequestLimits(max_body_bytes=max_body_kb * 1024, max_queue=max_queue, max_connections=max_connections),
     )
     base = read_header(model_path)

@@ -15,6 +15,10 @@ a running runtime (``tests/runtime/test_budget.py`` holds the plan to within 10%
   holds for sliding-window models too (gemma2/gemma3): llama-cpp-python 0.3.36 creates contexts with llama.cpp's
   default ``swa_full = true``, so the sliding-window layers' cache has ctx cells like the global layers' (not the
   window plus a micro-batch); ``tests/runtime/test_budget_gemma.py`` checks it against llama.cpp's own sizes.
+- parallel sequences: each of the ``parallel`` sequences the engine decodes together has its own KV stream of ctx
+  cells (so the KV term is parallel × ctx), its own row of output logits (vocabulary × 4 bytes) and its own
+  sampler chain; ``auto`` picks the most sequences (4, 2 or 1) whose extra KV streams take at most a quarter of
+  what one sequence's plan leaves for adapters.
 - compute: llama.cpp reserves ubatch × vocab × 4 bytes for logits, but with one output per decode only the
   activations are ever touched: measured ubatch × 16 × (n_embd + n_ff) bytes, and 12 more per unit once a prompt
   batch runs with an adapter applied (its low-rank products and scaled outputs: measured +6.5 MiB on SmolLM2 and
@@ -67,6 +71,9 @@ LORA_BYTES_PER_UBATCH_UNIT = 12  # the low-rank products and scaled outputs an a
 KQ_MASK_BYTES_PER_ELEMENT = 2  # f16 (flash attention)
 LOGITS_BYTES_PER_TOKEN = 4 + 12 + 12  # one float32 logit, two llama_token_data candidates
 MAX_UBATCH = 512
+AUTO_PARALLEL_CHOICES = (4, 2, 1)
+AUTO_PARALLEL_SHARE = 4  # extra sequences may take 1/4 of what one sequence's plan leaves for adapters
+SEQUENCE_BYTES_PER_TOKEN = 4 + 8  # a sequence's output logits row and its sampler chain's per-token state
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DEFAULT_MAX_QUEUE = 16
 REQUEST_BUFFER_COPIES = 3  # received bytes, decoded text, parsed strings
@@ -209,6 +216,7 @@ class MemoryPlan:
     ctx: int
     batch: int
     kv_type: str
+    parallel: int
     max_body_bytes: int
     max_queue: int
     request_reads: int
@@ -249,7 +257,12 @@ class MemoryPlan:
 
     def as_dict(self) -> dict[str, int | str]:
         """The plan as plain values (bytes), with the derived totals."""
-        return asdict(self) | {"fixed_bytes": self.fixed_bytes, "adapter_budget_bytes": self.adapter_budget_bytes}
+        kv_tokens = f"{self.parallel} x {self.ctx}" if self.parallel > 1 else str(self.ctx)
+        return asdict(self) | {
+            "fixed_bytes": self.fixed_bytes,
+            "adapter_budget_bytes": self.adapter_budget_bytes,
+            "kv_tokens": kv_tokens,
+        }
 
 
 @dataclass(frozen=True)
@@ -272,7 +285,7 @@ class MemoryTerm:
 MEMORY_TERMS = (
     MemoryTerm("process_bytes", "process", "process (Python, llama.cpp, tokenizer)"),
     MemoryTerm("model_bytes", "base model", "base model"),
-    MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({ctx} tokens, {kv_type})"),
+    MemoryTerm("kv_cache_bytes", "KV cache", "KV cache ({kv_tokens} tokens, {kv_type})"),
     MemoryTerm("compute_bytes", "compute", "compute buffers (batch {batch})"),
     MemoryTerm(
         "request_buffer_bytes",
@@ -291,23 +304,43 @@ def plan_memory(
     kv_type: str,
     requests: RequestLimits = DEFAULT_REQUEST_LIMITS,
     reads: int = MAX_REQUEST_READS,
+    parallel: int = 1,
 ) -> MemoryPlan:
-    """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget."""
+    """Split ``budget_bytes`` into the runtime's fixed terms and the adapter budget (``ctx`` tokens of KV for each
+    of ``parallel`` sequences)."""
     return MemoryPlan(
         budget_bytes=budget_bytes,
         process_bytes=process_bytes(shape),
         model_bytes=shape.resident_bytes,
-        kv_cache_bytes=kv_cache_bytes(shape, ctx, kv_type),
-        compute_bytes=compute_bytes(shape, batch, ctx),
+        kv_cache_bytes=kv_cache_bytes(shape, ctx * parallel, kv_type),
+        compute_bytes=compute_bytes(shape, batch, ctx) + sequence_bytes(shape, parallel),
         request_buffer_bytes=request_buffer_bytes(requests, reads),
         ctx=ctx,
         batch=batch,
         kv_type=kv_type,
+        parallel=parallel,
         max_body_bytes=requests.max_body_bytes,
         max_queue=requests.max_queue,
         request_reads=reads,
         max_connections=requests.connections,
     )
+
+
+def sequence_bytes(shape: ModelShape, parallel: int) -> int:
+    """Bytes each sequence beyond the first adds outside its KV stream: its logits row and its sampler chain."""
+    return (parallel - 1) * shape.n_vocab * SEQUENCE_BYTES_PER_TOKEN
+
+
+def auto_parallel(shape: ModelShape, *, budget_bytes: int, ctx: int, kv_type: str) -> int:
+    """Sequences to decode together when a profile says ``auto``: the most of 4, 2, 1 whose extra KV streams (and
+    logits rows) take at most a quarter of what one sequence's plan leaves for adapters."""
+    single = plan_memory(shape, budget_bytes=budget_bytes, ctx=ctx, batch=MAX_UBATCH, kv_type=kv_type)
+    room = max(0, single.adapter_budget_bytes) // AUTO_PARALLEL_SHARE
+    for parallel in AUTO_PARALLEL_CHOICES:
+        extra = (parallel - 1) * kv_cache_bytes(shape, ctx, kv_type) + sequence_bytes(shape, parallel)
+        if extra <= room:
+            return parallel
+    return 1
 
 
 def adapter_resident_bytes(path: Path | str) -> int:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +34,25 @@ class Runtime:
         *,
         model: str | Path | None = None,
         ctx: int | None = None,
+        parallel: int | None = None,
         requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
     ) -> None:
         budget.configure_allocator()
         self.profile = profile
         self.model_path = resolve_model(model)
         header = read_header(self.model_path)  # read once: the plan and the fingerprint both come from it
-        self.plan = plan_for_shape(profile, budget.ModelShape.from_header(header), ctx=ctx, requests=requests)
+        shape = budget.ModelShape.from_header(header)
+        self.plan = plan_for_shape(profile, shape, ctx=ctx, parallel=parallel, requests=requests)
         self.plan.require_fit(profile.name)
         self.base_fingerprint = base_fingerprint(header)
         self.cores = core_budget()
         warning = thread_warning(profile, self.cores)
         if warning:
             log.warning("%s", warning)
-        self.engine = Engine(self.model_path, engine_settings(profile, ctx=ctx, cores=self.cores))
+        settings = engine_settings(profile, ctx=ctx, parallel=parallel, shape=shape, cores=self.cores)
+        self.engine = Engine(self.model_path, settings)
         self.pace = Pace(self.engine_threads)
+        self.engine.on_decode_step = self.pace.step  # decode steps of every sequence, batched or alone
         self.adapters = AdapterManager(
             self.engine,
             budget_bytes=self.plan.adapter_budget_bytes,
@@ -68,16 +73,7 @@ class Runtime:
         with self.adapters.lease(adapters) as held:
             if applied is not None:
                 applied.extend(_applied(held, prompt))
-            last = None  # the first token's time includes the prompt's evaluation: the pace counts from it on
-            for chunk in self.engine.stream(
-                prompt, params, adapters=[(h.handle, h.scale) for h in held], cancel=cancel
-            ):
-                if chunk.token_ids:
-                    now = time.perf_counter()
-                    if last is not None:
-                        self.pace.step(len(chunk.token_ids), now - last)
-                    last = now
-                yield chunk
+            yield from self.engine.stream(prompt, params, adapters=[(h.handle, h.scale) for h in held], cancel=cancel)
 
     def compute_status(self) -> dict[str, Any]:
         """Threads, usable cores and why, the profile's warning if any, and over the last minute the decode rate
@@ -103,6 +99,43 @@ class Runtime:
         """Native ids of the threads that run the model: the engine's worker and the threads llama.cpp started
         (every thread of the process that Python did not start)."""
         return native_threads(self.engine.worker_thread_id)
+
+    def start(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        adapters: Sequence[AdapterRequest] = (),
+        cancel: threading.Event,
+        deliver: Callable[[Chunk | BaseException], None],
+        applied: list[AppliedAdapter] | None = None,
+    ) -> None:
+        """Queue a generation under ``adapters`` beside the others the engine runs: ``deliver`` receives each chunk
+        (the last has a ``finish_reason``) or the exception that ended it, on the engine's thread; the adapters stay
+        held until then. Raises at once what holding the adapters raises."""
+        lease = self.adapters.lease(adapters)
+        held = lease.__enter__()
+        if applied is not None:
+            applied.extend(_applied(held, prompt))
+
+        def deliver_then_release(item: Chunk | BaseException) -> None:
+            try:
+                deliver(item)
+            finally:
+                if isinstance(item, BaseException) or item.finish_reason is not None:
+                    lease.__exit__(None, None, None)
+
+        try:
+            self.engine.start(
+                prompt,
+                params,
+                adapters=[(h.handle, h.scale) for h in held],
+                cancel=cancel,
+                deliver=deliver_then_release,
+            )
+        except BaseException:
+            lease.__exit__(None, None, None)
+            raise
 
     def generate(
         self, prompt: Sequence[int], params: SamplingParams, *, adapters: Sequence[AdapterRequest] = ()

@@ -20,7 +20,7 @@ __all__ = ["EngineSettings", "engine_settings", "plan_for", "plan_for_shape", "t
 class EngineSettings:
     """How the base model and its context are set up (from a device profile, or defaults)."""
 
-    n_ctx: int = 2048
+    n_ctx: int = 2048  # tokens of KV per sequence
     n_batch: int = 512
     n_ubatch: int = 512
     n_threads: int | None = None  # None: every physical core this process may use (llama-cpp-python's: half)
@@ -30,15 +30,31 @@ class EngineSettings:
     shed_threads: bool = True  # run fewer threads while the device is busy, where answers allow (governor.py)
     pool_poll: int = 50  # builds without OpenMP: ggml's thread pool polling level, 0-100 (threadpool.py)
     pool_prio: int = 0  # ... and its workers' priority: -1 SCHED_BATCH, 0 inherited, 1-3 SCHED_FIFO (real-time)
+    parallel: int = 1  # sequences decoded together, each with its own n_ctx of KV
 
 
 def engine_settings(
-    profile: DeviceProfile, *, ctx: int | None = None, cores: CoreBudget | None = None
+    profile: DeviceProfile,
+    *,
+    ctx: int | None = None,
+    parallel: int | None = None,
+    shape: budget.ModelShape | None = None,
+    cores: CoreBudget | None = None,
 ) -> EngineSettings:
     """Context settings a profile asks for on a process that may use ``cores`` (default: as measured now; ``ctx``
-    overrides the profile's). The thread count never exceeds the usable cores minus the profile's reserved ones."""
+    and ``parallel`` override the profile's; an ``auto`` parallel is decided from the memory plan of ``shape``, or
+    is 1 without it). The thread count never exceeds the usable cores minus the profile's reserved ones."""
     compute = profile.compute
     n_ctx = ctx or compute.ctx
+    sequences = parallel or compute.parallel
+    if sequences is None:
+        sequences = (
+            1
+            if shape is None
+            else budget.auto_parallel(
+                shape, budget_bytes=profile.runtime_budget_bytes, ctx=n_ctx, kv_type=compute.kv_type
+            )
+        )
     return EngineSettings(
         n_ctx=n_ctx,
         n_batch=min(compute.batch, n_ctx),
@@ -46,6 +62,7 @@ def engine_settings(
         n_threads=compute.threads_for((cores or core_budget()).usable),
         n_gpu_layers=compute.gpu_layers,
         kv_type=compute.kv_type,
+        parallel=sequences,
     )
 
 
@@ -72,10 +89,11 @@ def plan_for(
     model_path: Path | str,
     *,
     ctx: int | None = None,
+    parallel: int | None = None,
     requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
 ) -> budget.MemoryPlan:
     """The memory plan of serving ``model_path`` under ``profile`` with the daemon's request ``limits``."""
-    return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, requests=requests)
+    return plan_for_shape(profile, budget.model_shape(model_path), ctx=ctx, parallel=parallel, requests=requests)
 
 
 def plan_for_shape(
@@ -83,10 +101,12 @@ def plan_for_shape(
     shape: budget.ModelShape,
     *,
     ctx: int | None = None,
+    parallel: int | None = None,
     requests: budget.RequestLimits = budget.DEFAULT_REQUEST_LIMITS,
 ) -> budget.MemoryPlan:
-    """The memory plan for a model of ``shape`` (read from its header) under ``profile``."""
-    settings = engine_settings(profile, ctx=ctx)
+    """The memory plan for a model of ``shape`` (read from its header) under ``profile``: ``ctx`` tokens of KV for
+    each of ``parallel`` sequences."""
+    settings = engine_settings(profile, ctx=ctx, parallel=parallel, shape=shape)
     return budget.plan_memory(
         shape,
         budget_bytes=profile.runtime_budget_bytes,
@@ -95,4 +115,5 @@ def plan_for_shape(
         kv_type=settings.kv_type,
         requests=requests,
         reads=budget.request_reads(settings.n_threads or 1),
+        parallel=settings.parallel,
     )

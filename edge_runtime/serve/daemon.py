@@ -39,6 +39,7 @@ class ServeOptions:
     api_key: str | None = None
     preload: tuple[str, ...] = ()
     ctx: int | None = None
+    parallel: int | None = None  # None: the profile's compute.parallel
     limits: RequestLimits = DEFAULT_REQUEST_LIMITS
     cdn: str | None = None
     public_key: Path | None = None
@@ -57,7 +58,13 @@ def run(options: ServeOptions, *, say: Callable[[str], None]) -> None:
     """Serve until a signal stops the daemon; ``say`` receives the operator's lines (start, refusals, stop)."""
     check_port_free(options.host, options.port)  # before loading anything: one clear line, not a traceback later
     logging.getLogger("edge_runtime").setLevel(min(logging.getLogger().level, logging.INFO))
-    runtime = Runtime(load_profile(options.profile), model=options.model, ctx=options.ctx, requests=options.limits)
+    runtime = Runtime(
+        load_profile(options.profile),
+        model=options.model,
+        ctx=options.ctx,
+        parallel=options.parallel,
+        requests=options.limits,
+    )
     started = time.monotonic()
     try:
         if options.adapters_dir is not None:

@@ -40,6 +40,38 @@ class _RuntimeCollector(Collector):
             value=self.scheduler.cancelled_jobs,
         )
         yield GaugeMetricFamily("edge_rt_queued_requests", "Requests waiting", value=self.scheduler.queued)
+        engine = self.runtime.engine
+        yield GaugeMetricFamily(
+            "edge_rt_running_sequences",
+            "Generations holding a sequence slot of the engine",
+            value=engine.running_sequences,
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_parallel_sequences", "Sequences the engine decodes together at most", value=engine.parallel
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_last_batch_size", "Sequences the last decode step decoded together", value=engine.last_batch_size
+        )
+        yield CounterMetricFamily(
+            "edge_rt_decode_steps",
+            "Decode steps (one llama_decode of generated tokens each)",
+            value=engine.decode_steps,
+        )
+        yield CounterMetricFamily(
+            "edge_rt_decode_step_tokens",
+            "Tokens decode steps decoded (over decode_steps: the mean batch size)",
+            value=engine.decode_step_tokens,
+        )
+        yield CounterMetricFamily(
+            "edge_rt_prompt_tokens_evaluated",
+            "Prompt tokens evaluated (not taken from cache)",
+            value=engine.evaluated_tokens,
+        )
+        yield CounterMetricFamily(
+            "edge_rt_prompt_tokens_shared",
+            "Prompt tokens copied from another sequence's KV",
+            value=engine.shared_tokens,
+        )
         yield GaugeMetricFamily(
             "edge_rt_reading_requests",
             "Requests whose bodies are being read, parsed or tokenized",

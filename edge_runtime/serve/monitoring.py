@@ -31,7 +31,7 @@ PAGE_ADAPTERS = 100  # adapters on the HTML page, those on the device first (a 4
 @routes.get("/v1/status")
 async def status(request: web.Request) -> web.Response:
     """What the device is doing: memory plan and RSS, adapters and their states (a page of them: ``?offset=N&limit=M``,
-    local ones first), CDN, downloads and the requests waiting for them, the running generation, recent requests."""
+    local ones first), CDN, downloads and the requests waiting for them, the running generations, recent requests."""
     offset, limit = _int_query(request, "offset", 0, 10**9), _int_query(request, "limit", STATUS_ADAPTERS, 10_000)
     return web.json_response(await asyncio.to_thread(_status, request.app[DAEMON], offset=offset, limit=limit))
 
@@ -83,13 +83,15 @@ def _status(daemon: Daemon, *, offset: int, limit: int) -> dict[str, Any]:  # ps
         "queued": daemon.scheduler.queued,
         "plan": runtime.plan.as_dict(),
         "rss_bytes": measured_rss_bytes(),
+        "parallel": runtime.engine.parallel,
+        "last_batch_size": runtime.engine.last_batch_size,
         "resident_adapter_bytes": runtime.adapters.resident_bytes,
         "adapters_total": len(every),
         "adapter_states": dict(sorted(states.items())),
         "adapters_offset": offset,
         "adapters": adapters,
         "waiting_for_downloads": 0 if follower is None else sum(follower.waiting.values()),
-        "running": None if running is None else _running(running),
+        "running": [_running(job) for job in running],
         "cdn": cdn,
         "recent": recent_json(daemon.recent),
         "compute": runtime.compute_status(),
@@ -133,7 +135,7 @@ def _adapter(body: dict[str, Any], follower: CdnFollower | None, description: st
 
 
 def _running(job: Job) -> dict[str, Any]:
-    """The generation running now: what it runs under, its tokens so far and their rate."""
+    """A generation running now: what it runs under, its tokens so far and their rate."""
     elapsed = time.monotonic() - job.started if job.started is not None else 0.0
     return {
         "adapters": "+".join(a.name for a in job.adapters) or "base",

@@ -1,8 +1,12 @@
-"""The request scheduler: a bounded queue served one generation at a time, grouped by adapter set.
+"""The request scheduler: a bounded queue feeding the engine's sequence slots, grouped by adapter set.
 
-The model has one context, so generations run one after another. The next job is the oldest one that uses the
-adapter set already applied (no switch, and its prompt prefix may still be cached) — unless some job has waited
-longer than ``max_wait_s``, in which case the oldest job goes next, so no request starves behind a busy adapter.
+The engine decodes up to ``parallel`` generations together (continuous batching: a new one joins at the next step
+boundary; the engine alternates between adapter sets step by step, see ``runtime/turns.py``). Whenever a slot is
+free, the next job is the oldest one that uses an adapter set already running or applied last (it batches with
+them, and its prompt prefix may still be cached) — unless some job has waited longer than ``max_wait_s``, in which
+case the oldest job goes next, so no request starves behind a busy adapter. A job whose adapters do not fit in the
+memory budget beside the adapters running jobs hold waits for one of them to finish (it fails only when nothing
+else runs).
 """
 
 from __future__ import annotations
@@ -11,11 +15,11 @@ import asyncio
 import itertools
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from edge_runtime.errors import QueueFull
+from edge_runtime.errors import BudgetExceeded, QueueFull
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.generation import Chunk, SamplingParams
 from edge_runtime.runtime.requests import AdapterRequest, AppliedAdapter
@@ -38,7 +42,7 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     applied: list[AppliedAdapter] = field(default_factory=list)
     generated: int = 0  # tokens the engine produced for it, delivered or not (a client may leave mid-answer)
-    started: float | None = None  # time.monotonic() when it began running
+    started: float | None = None  # time.monotonic() when it got a sequence slot
     _chunks: asyncio.Queue[object] = field(default_factory=asyncio.Queue)
 
     @property
@@ -71,6 +75,7 @@ class Scheduler:
     ) -> None:
         self.runtime = runtime
         self.max_grammar_bytes = max_grammar_bytes
+        self.parallel = runtime.engine.parallel
         self.max_queue = max_queue
         self.max_wait_s = max_wait_s
         self._pending: list[Job] = []
@@ -79,14 +84,9 @@ class Scheduler:
         self._current_key: tuple[AdapterRequest, ...] | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edge-rt-scheduler")
         self._task: asyncio.Task[None] | None = None
-        self._running: Job | None = None
+        self._running: list[Job] = []
         self.cancelled_jobs = 0  # generations stopped because their client went away or the daemon stopped
         self.decoded_tokens = 0  # tokens generated, whether or not a client received them
-
-    @property
-    def running(self) -> Job | None:
-        """The job generating now, if any."""
-        return self._running
 
     @property
     def queued_grammar_bytes(self) -> int:
@@ -95,8 +95,13 @@ class Scheduler:
 
     @property
     def queued(self) -> int:
-        """Jobs waiting (not counting the one running)."""
+        """Jobs waiting (not counting the running ones)."""
         return len(self._pending)
+
+    @property
+    def running(self) -> list[Job]:
+        """Jobs generating now, oldest first."""
+        return list(self._running)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[AdapterRequest]) -> Job:
         """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
@@ -134,9 +139,9 @@ class Scheduler:
         self._pending.clear()
 
     def cancel_running(self) -> None:
-        """Stop the running generation at its next token (it ends with finish_reason "cancelled")."""
-        if self._running is not None:
-            self._running.cancel.set()
+        """Stop the running generations at their next step (they end with finish_reason "cancelled")."""
+        for job in self._running:
+            job.cancel.set()
 
     def start(self) -> None:
         """Start serving jobs (call from the event loop)."""
@@ -152,7 +157,7 @@ class Scheduler:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        # The running generation ends at its next token (cancelled above); wait for it off the event loop.
+        # Running generations end at their next step (cancelled above); wait for the starts off the event loop.
         await asyncio.to_thread(self._executor.shutdown, wait=True)
 
     def next_job(self, now: float) -> Job:
@@ -160,13 +165,14 @@ class Scheduler:
         oldest = min(self._pending, key=lambda j: j.sequence)
         if now - oldest.enqueued > self.max_wait_s:
             return oldest
-        same = [j for j in self._pending if j.adapter_key == self._current_key]
+        keys = {self._current_key, *(j.adapter_key for j in self._running)}
+        same = [j for j in self._pending if j.adapter_key in keys]
         return min(same, key=lambda j: j.sequence) if same else oldest
 
     async def _serve(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            while not self._pending:
+            while not self._pending or len(self._running) >= self.parallel:
                 self._wakeup.clear()
                 await self._wakeup.wait()
             job = self.next_job(time.monotonic())
@@ -174,26 +180,43 @@ class Scheduler:
             if job.cancel.is_set():
                 job._chunks.put_nowait(_DONE)
                 continue
-            self._running = job
-            job.started = time.monotonic()
+            self._running.append(job)
             self._current_key = job.adapter_key
-            await loop.run_in_executor(self._executor, self._produce, job, loop)
-            self._running = None
+            job.started = time.monotonic()
+            try:
+                # Holding the adapters may load one from disk: off the event loop.
+                await loop.run_in_executor(self._executor, self._start, job, loop)
+            except BudgetExceeded as exc:
+                self._running.remove(job)
+                if not self._running:
+                    job._chunks.put_nowait(exc)
+                    job._chunks.put_nowait(_DONE)
+                    continue
+                self._pending.insert(0, job)  # its adapters fit once a running job lets go of its own
+                self._wakeup.clear()
+                await self._wakeup.wait()
+            except BaseException as exc:  # handed to the request's handler, which maps it to an HTTP error
+                self._running.remove(job)
+                job._chunks.put_nowait(exc)
+                job._chunks.put_nowait(_DONE)
 
-    def _produce(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
-        def put(item: object) -> None:
-            loop.call_soon_threadsafe(job._chunks.put_nowait, item)
-
-        try:
-            stream: Iterator[Chunk] = self.runtime.stream(
-                job.prompt, job.params, adapters=job.adapters, applied=job.applied, cancel=job.cancel
-            )
-            for chunk in stream:
-                self.decoded_tokens += len(chunk.token_ids)
-                job.generated += len(chunk.token_ids)
-                if chunk.finish_reason == "cancelled":
+    def _start(self, job: Job, loop: asyncio.AbstractEventLoop) -> None:
+        def deliver(item: Chunk | BaseException) -> None:  # on the engine's thread
+            if isinstance(item, Chunk):
+                self.decoded_tokens += len(item.token_ids)
+                job.generated += len(item.token_ids)
+                if item.finish_reason == "cancelled":
                     self.cancelled_jobs += 1
-                put(chunk)
-        except BaseException as exc:  # handed to the request's handler, which maps it to an HTTP error
-            put(exc)
-        put(_DONE)
+            loop.call_soon_threadsafe(job._chunks.put_nowait, item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                loop.call_soon_threadsafe(self._finished, job)
+
+        self.runtime.start(
+            job.prompt, job.params, adapters=job.adapters, cancel=job.cancel, deliver=deliver, applied=job.applied
+        )
+
+    def _finished(self, job: Job) -> None:
+        job._chunks.put_nowait(_DONE)
+        if job in self._running:
+            self._running.remove(job)
+        self._wakeup.set()

@@ -84,7 +84,8 @@ def render_page(status: dict[str, Any]) -> str:
         uptime=_duration(status["uptime_s"]),
         queued=status["queued"],
         waiting=status.get("waiting_for_downloads", 0),
-        running=_running(status.get("running")),
+        running=_running(status.get("running", []), status.get("parallel", 1), status.get("last_batch_size", 0)),
+        running_rows=_running_rows(status.get("running", [])),
         segments=segments,
         legend=legend,
         free=_mib(budget - used),
@@ -121,11 +122,10 @@ def _compute(compute: dict[str, Any]) -> str:
     return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 
 
-def _running(running: dict[str, Any] | None) -> str:
+def _running(running: list[dict[str, Any]], parallel: int, batch: int) -> str:
     if not running:
         return "idle"
-    rate = f", {running['tokens_per_second']:.1f} tok/s" if running.get("tokens_per_second") else ""
-    return _e(f"generating under {running['adapters']}: {running['generated_tokens']} tokens{rate}")
+    return f"generating {len(running)} of {parallel} sequences (last decode step: {batch} together)"
 
 
 def _more_row(status: dict[str, Any]) -> str:
@@ -185,6 +185,17 @@ def _cdn(cdn: dict[str, Any] | None) -> str:
     )
 
 
+def _running_rows(running: list[dict[str, Any]]) -> str:
+    rows = []
+    for r in running:
+        rate = f"{r['tokens_per_second']:.1f} tok/s" if r.get("tokens_per_second") else "-"
+        rows.append(
+            f"<tr><td>generating under {_e(r['adapters'])}</td><td>{r['prompt_tokens']}</td>"
+            f"<td>{r['generated_tokens']} tokens</td><td>{r['seconds']:.1f} s</td><td>{rate}</td></tr>"
+        )
+    return "".join(rows) or '<tr><td colspan="5">nothing generating</td></tr>'
+
+
 def _recent_rows(recent: list[dict[str, Any]]) -> str:
     rows = [
         f"<tr><td>{time.strftime('%H:%M:%S', time.localtime(r['at']))}</td><td>{_e(r['method'])} "
@@ -225,6 +236,9 @@ border-bottom: 1px solid #edf2f7; }} th {{ color: #4a5568; font-weight: 600; }}
 <table><thead><tr><th>name</th><th>state</th><th>size</th><th>sha256</th><th>users</th><th>last use</th>
 <th>about</th></tr></thead>
 <tbody>{adapters}</tbody></table>
+<h2>Generating now</h2>
+<table><thead><tr><th>adapters</th><th>prompt tokens</th><th>generated</th><th>for</th><th>tok/s</th></tr></thead>
+<tbody>{running_rows}</tbody></table>
 <h2>CDN</h2>{cdn}
 <h2>Recent requests</h2>
 <table><thead><tr><th>time</th><th>request</th><th>status</th><th>requested</th><th>ran</th><th>took</th></tr>

@@ -244,7 +244,7 @@ def test_activated_lora_matches_peft_with_the_invocation_in_the_middle(alora: di
 @pytest.mark.parametrize("start", [None, SPLIT - 1, SPLIT + 1])
 def test_an_alora_applied_from_anywhere_else_fails_the_same_check(alora: dict[str, Any], eval_engine: Engine,
                                                                    invoked_ids: list[int], start: int | None) -> None:
-    pointer = llama_cpp.llama_adapter_lora_init(eval_engine._llama.model, str(alora["gguf"]).encode())
+    pointer = llama_cpp.llama_adapter_lora_init(eval_engine._model.model, str(alora["gguf"]).encode())
     # The same weights, activated from the whole sequence (a plain LoRA) or from one token too early or too late.
     invocation = () if start is None else tuple(invoked_ids[start:start + 2])
     handle = AdapterHandle(pointer, alora["gguf"], f"shifted-{start}", invocation)

@@ -43,9 +43,10 @@ def test_kv_cache_term_is_llama_cpp_formula_for_smollm2(base_model: Path) -> Non
     assert shape.tensor_bytes == sum(t.n_bytes for t in read_header(base_model).tensors)
 
 
-def test_plan_predicts_measured_rss_within_ten_percent(make_profile: Callable[..., Path],
-                                                       adapter_files: list[Path]) -> None:
-    profile = make_profile("roomy", budget_mb=1024)
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_plan_predicts_measured_rss_within_ten_percent(make_profile: Callable[..., Path], adapter_files: list[Path],
+                                                       parallel: int) -> None:
+    profile = make_profile(f"roomy-{parallel}", budget_mb=1024, parallel=parallel)
     result = run_probe(profile, adapter_files[:3])
     # The probe serves no HTTP: the plan's request buffers (for the daemon's request bodies) stay unused.
     plan = result["plan"]

@@ -103,9 +103,9 @@ def test_a_tokenization_beside_a_generation_changes_neither_its_threads_nor_its_
         worker = threading.Thread(target=tokenize_in_a_loop)
         worker.start()
         try:
-            engine._llama.reset()  # evaluate the whole prompt again, beside the tokenization
+            engine.clear_cache()  # evaluate the whole prompt again, beside the tokenization
             beside = engine.generate(prompt, params, adapters=applied).token_ids
-            assert llama_cpp.llama_n_threads(engine._llama.ctx) == 2
+            assert llama_cpp.llama_n_threads(engine._ctx.ctx) == 2
         finally:
             stop.set()
             worker.join()

@@ -11,10 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import llama_cpp
 import pytest
 from llama_cpp import llama_grammar
 
 from edge_runtime.errors import GenerationTimeout, GrammarTooComplex
+from edge_runtime.runtime import activation
 from edge_runtime.runtime import grammar as grammar_module
 from edge_runtime.runtime.engine import Engine, EngineSettings
 from edge_runtime.runtime.generation import Chunk, SamplingParams
@@ -120,33 +122,50 @@ def test_ordinary_grammars_stay_far_below_the_limit() -> None:
 
 
 def test_accepted_grammars_give_the_answers_llama_cpps_own_grammar_sampler_gives(engine: Engine) -> None:
-    # The engine now applies the grammar in slices of the vocabulary (so a cancel can end a token); the masks are
-    # llama.cpp's own, so greedy and seeded answers are those of Llama.generate(grammar=...).
+    # The engine applies the grammar in slices of the vocabulary (so a cancel can end a token), before the sampler
+    # chain; the masks are llama.cpp's own, so greedy and seeded answers are those of one llama.cpp chain with the
+    # grammar in it (as llama-cpp-python's Llama.generate(grammar=...) builds it), sampled by llama_sampler_sample.
     prompt = engine.chat_prompt([{"role": "user", "content": "Describe a customer as JSON."}])
     for schema, params in ((None, SamplingParams(max_tokens=48)), (ORDINARY, SamplingParams(max_tokens=64)),
                            (ORDINARY, SamplingParams(max_tokens=48, temperature=0.9, seed=7, top_p=0.9))):
         grammar = engine.json_grammar(schema)
-        engine._call(engine._llama.reset)  # both evaluate the whole prompt (a reused prefix may round differently)
+        engine.clear_cache()  # both evaluate the whole prompt (a reused prefix may round differently)
         ours = engine.generate(prompt, dataclasses.replace(params, grammar=grammar))
         theirs = engine._call(_llama_cpp_grammar_tokens, engine, prompt, params, grammar, len(ours.token_ids))
-        assert ours.token_ids == theirs
+        assert ours.token_ids == theirs and len(theirs) > 5
 
 
 def _llama_cpp_grammar_tokens(engine: Engine, prompt: list[int], params: SamplingParams, grammar: str,
                               count: int) -> list[int]:
-    llama = engine._llama
-    llama.reset()
-    llama.set_seed(params.seed if params.seed is not None else 0)
-    tokens = []
-    for token in llama.generate(prompt, top_k=params.top_k, top_p=params.top_p, min_p=0.0,
-                                temp=params.temperature, repeat_penalty=1.0,
-                                grammar=llama_grammar.LlamaGrammar.from_string(grammar, verbose=False)):
-        tokens.append(int(token))
-        if len(tokens) == count:
-            break
-    llama._sampler = None
-    llama.reset()
-    return tokens
+    """Tokens of llama.cpp's own chain (penalties, grammar, then greedy or top-k/typical/top-p/min-p/temp/dist),
+    sampled with llama_sampler_sample in a free sequence of the engine's context."""
+    engine._clear_cache()
+    slot = next(s for s in engine._slots if s.owner is None)
+    chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+    add = llama_cpp.llama_sampler_chain_add
+    add(chain, llama_cpp.llama_sampler_init_penalties(engine.n_vocab, 64, 1.0, params.frequency_penalty,
+                                                      params.presence_penalty))
+    add(chain, llama_cpp.llama_sampler_init_grammar(engine._vocab, grammar.encode(), b"root"))
+    if params.temperature == 0.0:
+        add(chain, llama_cpp.llama_sampler_init_greedy())
+    else:
+        add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        add(chain, llama_cpp.llama_sampler_init_typical(1.0, 1))
+        add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+        add(chain, llama_cpp.llama_sampler_init_min_p(0.0, 1))
+        add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        add(chain, llama_cpp.llama_sampler_init_dist(params.seed))
+    try:
+        for start, stop in activation.batches(0, len(prompt), engine._prompt_batch):
+            engine._decode([(slot.seq_id, pos, prompt[pos], pos == len(prompt) - 1) for pos in range(start, stop)])
+        tokens: list[int] = []
+        while len(tokens) < count:
+            tokens.append(int(llama_cpp.llama_sampler_sample(chain, engine._ctx.ctx, -1)))
+            engine._decode([(slot.seq_id, len(prompt) + len(tokens) - 1, tokens[-1], True)])
+        return tokens
+    finally:
+        llama_cpp.llama_sampler_free(chain)
+        engine._truncate(slot, 0)
 
 
 @pytest.fixture

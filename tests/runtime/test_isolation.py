@@ -25,7 +25,7 @@ MESSAGES = [{"role": "user", "content": "List three things a drone needs."}]
 
 @pytest.fixture(scope="module")
 def profile_path(make_profile: Callable[..., Path]) -> Path:
-    return make_profile("isolation", budget_mb=1024, ctx=512)
+    return make_profile("isolation", budget_mb=1024, ctx=512, parallel=4)  # four slots: reuse picks among them
 
 
 def fresh_output(profile_path: Path, files: dict[str, Path], spec: list[AdapterSpec]) -> str:

@@ -49,8 +49,9 @@ def test_the_page_shows_what_waits_for_downloads_what_runs_and_each_adapters_upd
                                                     "kv_cache_bytes": 1, "compute_bytes": 1},
               "waiting_for_downloads": 2, "adapters_total": 3, "adapter_states": {"downloading": 1, "resident": 1,
                                                                                   "remote": 1},
-              "running": {"adapters": "legal", "prompt_tokens": 30, "generated_tokens": 12, "seconds": 2.0,
-                          "tokens_per_second": 6.0},
+              "parallel": 2, "last_batch_size": 1,
+              "running": [{"adapters": "legal", "prompt_tokens": 30, "generated_tokens": 12, "seconds": 2.0,
+                           "tokens_per_second": 6.0}],
               "adapters": [{"name": "big", "state": "downloading", "downloaded_bytes": 40, "download_total_bytes": 100,
                             "size_bytes": 100, "sha256": "ab" * 32, "users": 0, "last_used": None,
                             "download_bytes_per_second": 2_500_000, "download_eta_s": 90, "waiting_requests": 2},
@@ -59,7 +60,9 @@ def test_the_page_shows_what_waits_for_downloads_what_runs_and_each_adapters_upd
                             "updated_at": time.time() - 120, "replaced_sha256": "ef" * 32}],
               "cdn": None, "recent": [], "compute": COMPUTE}
     page = render_page(status)
-    assert "2 waiting for downloads" in page and "generating under legal: 12 tokens, 6.0 tok/s" in page
+    assert "2 waiting for downloads" in page and "generating 1 of 2 sequences (last decode step: 1 together)" in page
+    assert ("<tr><td>generating under legal</td><td>30</td><td>12 tokens</td><td>2.0 s</td><td>6.0 tok/s</td></tr>"
+            in page)
     assert re.search(r"downloading 40% at 2\.50 MB/s, [^<,]+ left, 2 requests waiting", page)
     assert "Reviews &lt;contracts&gt;" in page and "replacing <code>efefefefefef</code>" in page
     assert "2 of 3 adapters shown (1 downloading, 1 resident, 1 remote)" in page
