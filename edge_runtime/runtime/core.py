@@ -118,12 +118,12 @@ class Runtime:
         if applied is not None:
             applied.extend(_applied(held, prompt))
 
-        def deliver_then_release(item: Chunk | BaseException) -> None:
+        def release_then_deliver(item: Chunk | BaseException) -> None:
             try:
-                deliver(item)
-            finally:
                 if isinstance(item, BaseException) or item.finish_reason is not None:
-                    lease.__exit__(None, None, None)
+                    lease.__exit__(None, None, None)  # a caller that sees the end finds the adapters released
+            finally:
+                deliver(item)
 
         try:
             self.engine.start(
@@ -131,7 +131,7 @@ class Runtime:
                 params,
                 adapters=[(h.handle, h.scale) for h in held],
                 cancel=cancel,
-                deliver=deliver_then_release,
+                deliver=release_then_deliver,
             )
         except BaseException:
             lease.__exit__(None, None, None)

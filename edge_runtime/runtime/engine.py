@@ -328,8 +328,7 @@ class Engine:
 
     def _close(self) -> None:
         for running in [*self._running, *self._waiting]:
-            running.deliver(running.cancelled())
-            self._release(running)
+            self._end(running, running.cancelled())
         self._waiting.clear()
         self._set_adapters(())
         self._stack.close()
@@ -590,8 +589,7 @@ class Engine:
         except Exception as exc:  # a bug: end every generation with it rather than leave their callers waiting
             log.exception("an engine step failed; ending every running generation")
             for running in [*self._running, *self._waiting]:
-                running.deliver(exc)
-                self._release(running, forget=True)
+                self._end(running, exc, forget=True)
             self._waiting.clear()
         if self._running or self._waiting:
             self._schedule_tick()
@@ -600,12 +598,11 @@ class Engine:
         """End cancelled generations, admit waiting ones to free slots, serve one adapter set's turn."""
         self.steps += 1
         for running in [r for r in self._running if r.interrupted()]:
-            running.deliver(running.ending())
-            self._release(running)
+            self._end(running, running.ending())
         if any(r.interrupted() for r in self._waiting):
             for running in [r for r in self._waiting if r.interrupted()]:
                 self._waiting.remove(running)
-                running.deliver(running.ending())
+                self._end(running, running.ending())
         for running in self._running:
             if running.leader is not None and (running.leader.finished or not running.leader.work):
                 self._prepare(running)
@@ -636,13 +633,12 @@ class Engine:
                 return
             running = self._waiting.popleft()
             if running.interrupted():
-                running.deliver(running.ending())
+                self._end(running, running.ending())
                 continue
             try:
                 self._occupy(running, free)
             except BaseException as exc:  # the caller's deliver hands it on
-                running.deliver(exc)
-                self._release(running, forget=True)
+                self._end(running, exc, forget=True)
 
     def _occupy(self, running: Running, free: list[_Slot]) -> None:
         """Give ``running`` the free slot whose cache serves it best; prepare its prompt now, or once a sequence
@@ -694,6 +690,12 @@ class Engine:
         """Drop a slot's KV from position ``keep`` on."""
         llama_cpp.llama_memory_seq_rm(self._memory, slot.seq_id, keep, -1)
         del slot.tokens[keep:]
+
+    def _end(self, running: Running, last: Chunk | BaseException, *, forget: bool = False) -> None:
+        """Free ``running``'s slot and sampler, then hand its caller the ``last`` item: a caller that sees the end
+        finds the sequence already free."""
+        self._release(running, forget=forget)
+        running.deliver(last)
 
     def _release(self, running: Running, *, forget: bool = False) -> None:
         """Free a generation's sampler and slot (its KV stays as a cache for later prompts, unless ``forget``)."""
@@ -755,8 +757,7 @@ class Engine:
             for running in members:
                 if not running.finished:
                     running.finished = True
-                    running.deliver(exc)
-                    self._release(running, forget=True)
+                    self._end(running, exc, forget=True)
 
     def _prefill(self, running: Running) -> None:
         batch = running.work.popleft()
@@ -827,8 +828,7 @@ class Engine:
         else:
             sampled = self._sample_grammar(running, index)
             if sampled is None:  # stopped part-way through the vocabulary: no token of the grammar's came out
-                running.deliver(running.ending())
-                self._release(running)
+                self._end(running, running.ending())
                 return
             token = sampled
         end = token == self._eos or bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
@@ -839,9 +839,10 @@ class Engine:
         chunk = running.accept(token, piece, end_of_generation=end, logprobs=logprobs)
         if not end:
             self.decoded_tokens += 1
-        running.deliver(chunk)
         if running.finished:
-            self._release(running)
+            self._end(running, chunk)
+        else:
+            running.deliver(chunk)
 
     def _sample_grammar(self, running: Running, index: int) -> int | None:
         """What ``llama_sampler_sample`` gives with the grammar first in the chain, the grammar applied to the

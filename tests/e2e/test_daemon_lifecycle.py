@@ -339,3 +339,62 @@ def test_a_second_sigterm_during_the_graceful_shutdown_stops_at_once_and_says_so
         log = daemon.log_text()
         assert "a second signal during the graceful shutdown: stopping now, running requests are cut" in log
         assert re.search(r"edge-rt: stopped after \d+ s, \d+ tokens generated\n$", log), log[-400:]
+
+
+def test_a_client_leaving_a_batch_mid_stream_frees_its_sequence_and_the_others_answers_stay(
+        tmp_path: Path, serve_profile: Path, adapters_dir: Path) -> None:
+    # Issue 19: four streams decode together (--parallel 4); one client drops its connection after its first event.
+    # Its sequence is freed and the three others' streamed answers are those each gets alone.
+    with run_daemon("--profile", str(serve_profile), "--adapters-dir", str(adapters_dir), "--parallel", "4",
+                    log=tmp_path / "log") as daemon:
+        specs = [("base", "Name three rivers."), ("a", "Describe a drone."), ("base", "Write a haiku about salt.")]
+        solo = [asyncio.run(_one_stream(daemon.url, model, text)) for model, text in specs]
+        assert metric(daemon, "edge_rt_parallel_sequences") == 4
+        cancelled = metric(daemon, "edge_rt_generations_cancelled_total")
+        decoded = metric(daemon, "edge_rt_tokens_decoded_total")
+
+        async def together() -> list[tuple[str, int]]:
+            async with aiohttp.ClientSession() as session:
+                async def leaver() -> tuple[str, int]:
+                    body = {"messages": CHAT, "max_tokens": 900, "temperature": 0, "stream": True}
+                    async with session.post(f"{daemon.url}/v1/chat/completions", json=body) as response:
+                        async for line in response.content:
+                            if line.startswith(b"data: {"):
+                                break
+                        response.close()  # the client goes away mid-stream
+                    return "", 0
+
+                return list(await asyncio.gather(leaver(), *(_one_stream(daemon.url, m, t, session)
+                                                             for m, t in specs)))
+
+        results = asyncio.run(together())
+        assert results[1:] == solo
+        running = metric(daemon, "edge_rt_running_sequences")
+        deadline = time.monotonic() + 600  # a guard against a hang only
+        while metric(daemon, "edge_rt_generations_cancelled_total") == cancelled or running:
+            assert time.monotonic() < deadline, "the leaver's sequence was never freed"
+            time.sleep(0.05)
+            running = metric(daemon, "edge_rt_running_sequences")
+        assert metric(daemon, "edge_rt_generations_cancelled_total") == cancelled + 1
+        left = metric(daemon, "edge_rt_tokens_decoded_total") - decoded - sum(tokens for _, tokens in solo)
+        assert 1 <= left < 900  # it stopped when the client left, far from the 900 tokens asked for
+        assert asyncio.run(_one_stream(daemon.url, *specs[1])) == solo[1]  # and the daemon serves on
+
+
+async def _one_stream(url: str, model: str, text: str,
+                      session: aiohttp.ClientSession | None = None) -> tuple[str, int]:
+    """A greedy streamed chat answer's text and its completion tokens (from the usage chunk)."""
+    if session is None:
+        async with aiohttp.ClientSession() as own:
+            return await _one_stream(url, model, text, own)
+    body = {"model": model, "messages": [{"role": "user", "content": text}], "max_tokens": 24, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True}}
+    pieces, tokens = [], 0
+    async with session.post(f"{url}/v1/chat/completions", json=body) as response:
+        assert response.status == 200, await response.text()
+        async for line in response.content:
+            if line.startswith(b"data: {"):
+                event = json.loads(line[6:])
+                pieces += [c["delta"].get("content") or "" for c in event["choices"]]
+                tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    return "".join(pieces), tokens

@@ -7,6 +7,7 @@ when it runs batched beside others — same adapter, other adapters, an aLoRA, a
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from edge_runtime.errors import GenerationTimeout
 from edge_runtime.profiles import load_profile
+from edge_runtime.runtime import grammar as grammar_module
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import Engine
 from edge_runtime.runtime.generation import Chunk, SamplingParams
@@ -22,6 +25,16 @@ from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.runtime.turns import next_turn
 
 GREEDY = SamplingParams(max_tokens=24)
+
+
+def nested_anyof(levels: int) -> dict[str, object]:
+    """Level k is anyOf an array of exactly 1 and one of exactly 2 items of level k-1: parse states double per level."""
+    defs: dict[str, object] = {"l0": {"type": "integer"}}
+    for k in range(1, levels + 1):
+        below = {"$ref": f"#/$defs/l{k - 1}"}
+        defs[f"l{k}"] = {"anyOf": [{"type": "array", "items": below, "minItems": 1, "maxItems": 1},
+                                   {"type": "array", "items": below, "minItems": 2, "maxItems": 2}]}
+    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/l{levels}"}]}
 Ad = AdapterRequest  # short, for the tables of requests below
 
 
@@ -184,13 +197,16 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_answers_uncha
     alone = run_alone(smol, requests)
     results = [Collected() for _ in requests]
     cancels = [threading.Event() for _ in requests]
+    at_end: list[tuple[int, int]] = []  # (sequences running, requests not yet done) when the cancel reached its caller
 
     def deliver_to(index: int) -> Callable[[Chunk | BaseException], None]:
-        def deliver(item: Chunk | BaseException) -> None:
+        def deliver(item: Chunk | BaseException) -> None:  # on the engine's thread, between its steps' work
             assert isinstance(item, Chunk)
             results[index].chunks.append(item)
             if len(results[index].chunks) == 3 and index == 1:
                 cancels[1].set()  # the client went away after its third chunk
+            if item.finish_reason == "cancelled":
+                at_end.append((smol.engine.running_sequences, sum(not r.done.is_set() for r in results) - 1))
             if item.finish_reason is not None:
                 results[index].done.set()
         return deliver
@@ -202,10 +218,92 @@ def test_a_cancelled_sequence_frees_its_slot_and_leaves_the_others_answers_uncha
         assert result.done.wait(3600)  # a guard against a hang only: the machine may be very busy
     assert results[1].chunks[-1].finish_reason == "cancelled"
     assert len(results[1].tokens) < len(alone[1])
+    # Its sequence was free before its caller heard of the end, while the others were still running.
+    (running, others), = at_end
+    assert running == others and others >= 1
     assert [results[i].tokens for i in (0, 2, 3)] == [alone[i] for i in (0, 2, 3)]
     assert smol.engine.running_sequences == 0
     assert all(version.users == 0 for adapter in smol.adapters._adapters.values()
                for version in [adapter.current] if version is not None)
+
+
+@pytest.fixture
+def slow_grammar(smol: Runtime, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A grammar whose tokens take llama.cpp's sampler seconds each (12 nested anyOf levels), let through the
+    measure by a raised limit: what a grammar the measure misjudged would cost (as in test_grammar_bounds)."""
+    monkeypatch.setattr(grammar_module, "MAX_STACK_WORK", 1 << 40)
+    return smol.engine.json_grammar(nested_anyof(12))
+
+
+def start_beside_others(runtime: Runtime, grammar_request: Request, cancel: threading.Event,
+                        others: list[Request]) -> tuple[Collected, list[Collected]]:
+    """Start a grammar request and ``others`` at one step boundary; the grammar request's results come first."""
+    results = [Collected() for _ in range(1 + len(others))]
+
+    def deliver_to(result: Collected) -> Callable[[Chunk | BaseException], None]:
+        def deliver(item: Chunk | BaseException) -> None:
+            result.steps.append(runtime.engine.steps)
+            if isinstance(item, BaseException):
+                result.error = item
+            else:
+                result.chunks.append(item)
+            if isinstance(item, BaseException) or item.finish_reason is not None:
+                result.done.set()
+        return deliver
+
+    with engine_paused(runtime.engine):
+        for index, (prompt, params, adapters) in enumerate([grammar_request, *others]):
+            runtime.start(prompt, params, adapters=adapters, cancel=cancel if index == 0 else threading.Event(),
+                          deliver=deliver_to(results[index]))
+    return results[0], results[1:]
+
+
+def test_a_batched_grammar_request_ends_inside_its_token_when_cancelled(smol: Runtime, slow_grammar: str) -> None:
+    # Issue 18's cancel inside a token, now beside other sequences: the cancelled sequence stops part-way through
+    # its grammar work, within the decode step under way; the sequences decoded beside it are unchanged.
+    others: list[Request] = [(chat(smol, "Name a fruit."), SamplingParams(max_tokens=12), []),
+                             (chat(smol, "Name a river."), SamplingParams(max_tokens=12), [])]
+    alone = run_alone(smol, others)
+    slices, interrupts = smol.engine.grammar_slices, smol.engine.grammar_interrupts
+    cancel = threading.Event()
+    grammar_request: Request = (smol.engine.tokenize("["), SamplingParams(max_tokens=64, grammar=slow_grammar), [])
+    mine, theirs = start_beside_others(smol, grammar_request, cancel, others)
+    while smol.engine.grammar_slices == slices:  # its grammar work has begun (a hang guard below bounds the rest)
+        assert not mine.done.wait(0.01)
+    at_cancel_step = smol.engine.steps
+    cancel.set()
+    at_cancel = smol.engine.grammar_slices
+    for result in (mine, *theirs):
+        assert result.done.wait(3600)  # a guard against a hang only
+    assert mine.error is None and mine.chunks[-1].finish_reason == "cancelled" and len(mine.tokens) < 64
+    assert smol.engine.grammar_interrupts == interrupts + 1  # it stopped part-way through a token's vocabulary
+    assert smol.engine.grammar_slices - at_cancel <= 1  # at most the slice under way when the cancel came
+    assert mine.steps[-1] <= at_cancel_step + 1  # in the step under way, or at the next one's start
+    assert [r.tokens for r in theirs] == alone and all(r.error is None for r in theirs)
+    assert smol.engine.running_sequences == 0
+
+
+def test_a_batched_grammar_request_past_its_deadline_ends_with_a_timeout(smol: Runtime, slow_grammar: str) -> None:
+    others: list[Request] = [(chat(smol, "Name a city."), SamplingParams(max_tokens=12), []),
+                             (chat(smol, "Name a tool."), SamplingParams(max_tokens=12), [Ad("a", 1.0)])]
+    alone = run_alone(smol, others)
+    smol.adapters.ensure_resident("a")
+    interrupts = smol.engine.grammar_interrupts
+    deadline = time.monotonic() + 3.0  # the slow grammar's first tokens take seconds each: it is passed inside one
+    grammar_request: Request = (smol.engine.tokenize("["),
+                                SamplingParams(max_tokens=64, grammar=slow_grammar, deadline=deadline), [])
+    mine, theirs = start_beside_others(smol, grammar_request, threading.Event(), others)
+    while time.monotonic() <= deadline:
+        time.sleep(0.05)
+    past_deadline_step = smol.engine.steps  # a step at or after the one under way when the deadline passed
+    for result in (mine, *theirs):
+        assert result.done.wait(3600)  # a guard against a hang only
+    assert isinstance(mine.error, GenerationTimeout) and mine.error.http_status == 504
+    assert mine.error.completion_tokens == len(mine.tokens) < 64
+    assert smol.engine.grammar_interrupts == interrupts + 1
+    assert mine.steps[-1] <= past_deadline_step + 1
+    assert [r.tokens for r in theirs] == alone and all(r.error is None for r in theirs)
+    assert smol.engine.running_sequences == 0
 
 
 def test_more_requests_than_slots_wait_and_all_finish(smol: Runtime) -> None:
@@ -215,17 +313,38 @@ def test_more_requests_than_slots_wait_and_all_finish(smol: Runtime) -> None:
     assert [r.chunks[-1].finish_reason for r in results] == ["length"] * 10
 
 
+def gemma_alora(runtime: Runtime, gemma_model: Path, folder: Path) -> Path:
+    """A Gemma 3 270M aLoRA (all linear layers, rank 16, f32, a gain of 3 so that it visibly changes greedy output)
+    invoked by "\nAnswer:", converted from a PEFT folder as a user would."""
+    from peft_dirs import GEMMA_SHAPES, lora_tensors, write_peft_dir
+
+    from converters import convert_peft_to_gguf
+
+    linear = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    tensors = {k: v * 3 for k, v in lora_tensors(linear, rank=16, layers=range(18), seed=120,
+                                                   shapes=GEMMA_SHAPES).items()}
+    invocation = runtime.engine.tokenize("\nAnswer:", add_bos=False)
+    peft_dir = write_peft_dir(folder / "peft-gemma-router", tensors=tensors, r=16, lora_alpha=32,
+                              target_modules=linear, base_model_name_or_path="google/gemma-3-270m",
+                              alora_invocation_tokens=invocation)
+    return convert_peft_to_gguf(peft_dir, base=gemma_model, output=folder / "gemma-router.gguf",
+                                outtype="f32").output
+
+
 def test_same_answers_alone_and_batched_on_gemma(make_profile: Callable[..., Path], gemma_model: Path,
-                                                 gemma_adapter_files: list[Path]) -> None:
+                                                 gemma_adapter_files: list[Path], tmp_path: Path) -> None:
     profile = load_profile(str(make_profile("gemma-batching", budget_mb=2048, ctx=1024, parallel=4)))
     runtime = Runtime(profile, model=gemma_model)
     try:
         runtime.adapters.add("legal", gemma_adapter_files[0])
         runtime.adapters.add("brand", gemma_adapter_files[1])
+        runtime.adapters.add("router", gemma_alora(runtime, gemma_model, tmp_path))
         grammar = runtime.engine.json_grammar()
 
         def text(words: str) -> list[int]:  # this GGUF carries no chat template: plain prompts
             return runtime.engine.tokenize(words)
+
+        question = "The river towns traded salt, wool and timber along the valley. Where did the timber go?\nAnswer:"
 
         requests: list[Request] = [
             (text("Three things a drone needs are"), GREEDY, []),
@@ -235,11 +354,16 @@ def test_same_answers_alone_and_batched_on_gemma(make_profile: Callable[..., Pat
             (text("Once upon a time"), SamplingParams(max_tokens=24, temperature=0.9, seed=3), []),
             (text("The history of the region begins with"), GREEDY, []),
             (text("Rivers and towns:"), GREEDY, []),
+            (text(question), GREEDY, []),  # the base model and an aLoRA over one prompt: its part before the
+            (text(question), GREEDY, [Ad("router", 1.0)]),  # invocation is computed once, shared between them
         ]
         alone = run_alone(runtime, requests)
         together = run_together(runtime, requests)
         assert [r.tokens for r in together] == alone
-        assert len({tuple(t) for t in alone}) == len(alone)
+        assert len({tuple(t) for t in alone}) == len(alone)  # the aLoRA's answer is not the base model's
+        # The aLoRA request, admitted last, took the prompt's part before its invocation from the base request's KV
+        # (copied with seq_cp, or in the slot the base request left): only the invocation's few tokens were its own.
+        assert runtime.engine.last_reused_tokens >= len(text(question)) - 8
     finally:
         runtime.close()
 
