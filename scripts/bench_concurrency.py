@@ -155,7 +155,7 @@ def loadavg() -> str:
 
 
 def main() -> int:
-    global ROUNDS
+    global ROUNDS, TOKENS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of the code before batching (its PYTHONPATH), for the `today` rows")
@@ -163,8 +163,10 @@ def main() -> int:
                         help="a folder holding another llama_cpp build (pip install --target), put first on every "
                              "daemon's PYTHONPATH, e.g. one built with -DGGML_LLAMAFILE=OFF")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="requests each client sends in turn")
+    parser.add_argument("--tokens", type=int, default=TOKENS,
+                        help="tokens each request generates (a small number: a smoke run, not a measurement)")
     args = parser.parse_args()
-    ROUNDS = args.rounds
+    ROUNDS, TOKENS = args.rounds, args.tokens
     first = f"{args.llama_lib}{os.pathsep}" if args.llama_lib else ""
     here = first + str(Path(__file__).resolve().parent.parent)
     load_before = loadavg()
