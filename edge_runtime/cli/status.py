@@ -51,17 +51,20 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
     return data
 
 
+def _generating(running: list[dict[str, Any]] | dict[str, Any] | None) -> str:
+    """The generations running now, one phrase each ("idle" when none); an older daemon reports one or None."""
+    jobs = [running] if isinstance(running, dict) else running or []
+    phrases = [
+        f"generating under {job['adapters']}: {job['generated_tokens']} tokens"
+        + (f", {job['tokens_per_second']:.1f} tok/s" if job.get("tokens_per_second") else "")
+        for job in jobs
+    ]
+    return "; ".join(phrases) or "idle"
+
+
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
-    running = report.get("running")
-    now = (
-        "idle"
-        if not running
-        else (
-            f"generating under {running['adapters']}: {running['generated_tokens']} tokens"
-            + (f", {running['tokens_per_second']:.1f} tok/s" if running.get("tokens_per_second") else "")
-        )
-    )
+    now = _generating(report.get("running"))
     lines = [
         f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
         f"{report['queued']} queued, {report.get('waiting_for_downloads', 0)} waiting for downloads, {now}",

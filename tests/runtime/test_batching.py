@@ -306,6 +306,22 @@ def test_a_batched_grammar_request_past_its_deadline_ends_with_a_timeout(smol: R
     assert smol.engine.running_sequences == 0
 
 
+def test_the_decode_pace_counts_every_sequences_decoded_tokens_once(smol: Runtime) -> None:
+    # The busy-device pace (#20) counted tokens between one stream's chunks; with sequences decoded together it is
+    # fed by the engine's decode steps: each generated token after a request's first (sampled with its prompt) once.
+    assert smol.engine.on_decode_step == smol.pace.step
+    steps: list[tuple[int, float]] = []
+    smol.engine.on_decode_step = lambda tokens, seconds: steps.append((tokens, seconds))
+    try:
+        requests: list[Request] = [(chat(smol, f"Count to {n}."), SamplingParams(max_tokens=6), []) for n in range(4)]
+        results = run_together(smol, requests)
+    finally:
+        smol.engine.on_decode_step = smol.pace.step
+    assert [r.chunks[-1].finish_reason for r in results] == ["length"] * 4  # so each had 5 decode steps
+    assert sum(tokens for tokens, _ in steps) == sum(len(r.tokens) - 1 for r in results) == 4 * 5
+    assert max(tokens for tokens, _ in steps) > 1 and all(seconds > 0 for _, seconds in steps)
+
+
 def test_more_requests_than_slots_wait_and_all_finish(smol: Runtime) -> None:
     requests: list[Request] = [(chat(smol, f"Count to {n}."), SamplingParams(max_tokens=6), []) for n in range(10)]
     results = run_together(smol, requests)

@@ -1,0 +1,14 @@
+"""`edge-rt status` in the terminal: the running generations line, for this daemon's report and an older one's."""
+
+from __future__ import annotations
+
+from edge_runtime.cli.status import _generating
+
+
+def test_every_running_generation_is_listed_and_an_older_daemons_single_one_still_reads() -> None:
+    # Issue 19: /v1/status reports the generations running together as a list (it was one object or null).
+    running = [{"adapters": "legal", "generated_tokens": 12, "tokens_per_second": 6.0},
+               {"adapters": "base", "generated_tokens": 3, "tokens_per_second": None}]
+    assert _generating(running) == "generating under legal: 12 tokens, 6.0 tok/s; generating under base: 3 tokens"
+    assert _generating([]) == _generating(None) == "idle"
+    assert _generating(running[0]) == "generating under legal: 12 tokens, 6.0 tok/s"
