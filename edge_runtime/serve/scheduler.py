@@ -207,9 +207,14 @@ class Scheduler:
                 job.generated += len(item.token_ids)
                 if item.finish_reason == "cancelled":
                     self.cancelled_jobs += 1
-            loop.call_soon_threadsafe(job._chunks.put_nowait, item)
-            if isinstance(item, BaseException) or item.finish_reason is not None:
-                loop.call_soon_threadsafe(self._finished, job)
+            if loop.is_closed():  # a second signal stopped the daemon at once: the engine's close ends this
+                return
+            try:
+                loop.call_soon_threadsafe(job._chunks.put_nowait, item)
+                if isinstance(item, BaseException) or item.finish_reason is not None:
+                    loop.call_soon_threadsafe(self._finished, job)
+            except RuntimeError:  # the loop closed between the check and the call: nobody waits for this answer
+                pass
 
         self.runtime.start(
             job.prompt, job.params, adapters=job.adapters, cancel=job.cancel, deliver=deliver, applied=job.applied
