@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from scripted_governor import alternating_governor
 
 from edge_runtime.errors import GenerationTimeout
 from edge_runtime.profiles import load_profile
@@ -146,6 +147,35 @@ def test_every_answer_is_the_same_alone_and_batched_beside_others_on_smollm2(smo
     # They did run batched: decode steps carried several sequences, and eight requests shared four slots.
     assert smol.engine.decode_step_tokens - tokens > smol.engine.decode_steps - steps
     assert smol.engine.parallel == 4
+
+
+def test_batched_answers_under_a_thread_count_changing_every_step_equal_one_thread_alone(
+        make_profile: Callable[..., Path], adapter_files: list[Path], alora_files: list[Path]) -> None:
+    # Load never changes an answer: with a q8_0 KV cache (the shipped profiles') the governor may change the thread
+    # count at any step, and eight requests batched four at a time under a governor that changes it before every
+    # step get the tokens each one gets alone on one thread.
+    answers = []
+    for threads in (1, 2):
+        profile = make_profile(f"q8-batching-{threads}", budget_mb=2048, ctx=1024, parallel=4, threads=threads,
+                               kv_type="q8_0")
+        runtime = Runtime(load_profile(str(profile)))
+        try:
+            for name, path in zip(["a", "b", "c", "d"], adapter_files):
+                runtime.adapters.add(name, path)
+            runtime.adapters.add("router", alora_files[0])
+            requests = mixed_requests(runtime)
+            if threads == 1:
+                answers.append(run_alone(runtime, requests))
+                continue
+            runtime.engine.governor = alternating_governor(runtime.engine)
+            answers.append([r.tokens for r in run_together(runtime, requests)])
+            engine = runtime.engine
+            assert engine.governor.changes > 20  # the count changed at (nearly) every step
+            assert engine.decode_step_tokens > engine.decode_steps  # and the steps carried several sequences
+        finally:
+            runtime.close()
+    assert answers[0] == answers[1]
+    assert len({tuple(t) for t in answers[0]}) == len(answers[0])
 
 
 def test_four_sequences_on_one_adapter_decode_in_one_batch(smol: Runtime) -> None:

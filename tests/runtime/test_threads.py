@@ -18,12 +18,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from scripted_governor import alternating_governor
 
-from edge_runtime.cores import ThreadTimes
 from edge_runtime.profiles import load_profile
 from edge_runtime.runtime.core import Runtime
 from edge_runtime.runtime.engine import Engine, SamplingParams
-from edge_runtime.runtime.governor import Reading, ThreadGovernor
 from edge_runtime.runtime.plan import EngineSettings
 from edge_runtime.runtime.requests import AdapterRequest
 
@@ -50,24 +49,6 @@ def test_only_flash_attention_past_512_kv_cells_depends_on_the_thread_count(base
     (short_1, long_1), (short_2, long_2) = outputs[1], outputs[2]
     assert short_1 == short_2  # tokens and their log-probabilities, bit for bit
     assert long_1[1] != long_2[1]  # the split-KV decode rounds otherwise: the reason threads are fixed
-
-
-class Alternating:
-    """Readings that make a governor (window 0, no hold) shed and restore a thread at every step: the threads always
-    waited half the time they wanted a CPU, and the device always left ten cores idle."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def __call__(self) -> Reading:
-        self.count += 1
-        return Reading(times=ThreadTimes(ran=self.count, waited=self.count), idle_s=10.0 * self.count,
-                       when=float(self.count))
-
-
-def alternating_governor(engine: Engine) -> ThreadGovernor:
-    return ThreadGovernor(engine.threads, enabled=True, read=Alternating(), window_s=0.0, hold_s=0.0,
-                          probe_s=float("inf"))
 
 
 @pytest.fixture(params=["smollm2", "gemma"])
