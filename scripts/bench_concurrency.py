@@ -1,14 +1,15 @@
 """Benchmark many clients at once against one daemon, all ratios measured in this one run.
 
-Daemons (real `edge-rt serve` processes on 127.0.0.1, SmolLM2 Q4_1, 2 threads):
+Daemons (real `edge-rt serve` processes on 127.0.0.1, SmolLM2 Q4_1, 2 threads, a q8_0 KV cache as shipped):
 - ``today``: the code before batching (a checkout given by --baseline, e.g. /work/main), one client: the single-
   client decode speed and time to first token the new engine must keep (>= 0.97x);
 - ``parallel=1``: this checkout with one sequence (the phone case), one client;
 - ``parallel=4``: this checkout decoding up to four sequences together: 1, 2 and 4 clients all on one adapter, and
   4 clients each on its own adapter.
 
-Each client sends ROUNDS requests one after another (greedy, 64 generated tokens, ``ignore_eos`` is not an OpenAI
-field, so prompts are chosen to run long and the tokens actually generated are counted). Reported per case:
+Each client sends ROUNDS chat requests one after another (greedy, 64 generated tokens: ``ignore_eos`` is not an
+OpenAI field, so the prompts ask for long stories, which SmolLM2-Instruct writes past 64 tokens; the tokens actually
+generated are counted, and the first token is the first chunk with text). Reported per case:
 aggregate generated tok/s, request latency p50/p95, time to first token p50/max, and whether every client got its
 first token before any client finished; the peak RSS of the parallel=4 daemon (sampled every 5 ms from outside)
 against `edge-rt plan` for it. Prints a markdown table, the load average before and after, and a JSON line.
@@ -83,22 +84,32 @@ def percentile(values: list[float], fraction: float) -> float:
     return values[min(len(values) - 1, max(0, round(fraction * len(values) + 0.5) - 1))]
 
 
+# llama-server's adapters by id (its --lora order), for the model names the daemons serve; None: a daemon
+LLAMA_SERVER_LORA: dict[str, int] | None = None
+
+
 def stream_one(url: str, model: str, prompt: str, origin: float) -> Request:
     """One streamed completion; its first-token and end times relative to ``origin``."""
     record = Request(start=time.perf_counter() - origin)
-    body = {"model": model, "prompt": prompt, "max_tokens": TOKENS, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
-    with requests.post(f"{url}/v1/completions", json=body, stream=True, timeout=600) as response:
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": prompt}],
+                               "max_tokens": TOKENS, "temperature": 0, "stream": True,
+                               "stream_options": {"include_usage": True}}
+    if LLAMA_SERVER_LORA is not None:  # every adapter listed, the request's at scale 1 (base: all at 0)
+        body["lora"] = [{"id": i, "scale": float(name == model)} for name, i in LLAMA_SERVER_LORA.items()]
+    texts = 0
+    with requests.post(f"{url}/v1/chat/completions", json=body, stream=True, timeout=600) as response:
         response.raise_for_status()
         for line in response.iter_lines():
             if not line.startswith(b"data: ") or line == b"data: [DONE]":
                 continue
             event = json.loads(line[6:])
-            if event.get("choices") and not record.first:
-                record.first = time.perf_counter() - origin
+            if any(c.get("delta", {}).get("content") for c in event.get("choices", ())):
+                texts += 1
+                record.first = record.first or time.perf_counter() - origin
             if event.get("usage"):
                 record.tokens = int(event["usage"]["completion_tokens"])
     record.end = time.perf_counter() - origin
+    record.tokens = record.tokens or texts  # no usage in the stream: one chunk per token
     return record
 
 
@@ -145,6 +156,29 @@ def start_daemon(adapters_dir: Path, profile: Path, *, parallel: int | None, pyt
     raise RuntimeError("the daemon did not start")
 
 
+def start_llama_server(binary: Path, adapters: list[Path]) -> tuple[subprocess.Popen[bytes], str]:
+    """llama.cpp's own server on the same model and adapters: 4 slots of CTX tokens, THREADS threads, q8_0 KV."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [str(binary), "-m", str(default_model_path()), "--port", str(port), "-np", "4", "-c", str(4 * CTX),
+               "-t", str(THREADS), "-tb", str(THREADS), "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
+               "--no-kv-unified", "--lora-init-without-apply", "--no-webui"]
+    for adapter in adapters:
+        command += ["--lora", str(adapter)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(1200):
+        try:
+            if requests.get(f"{url}/health", timeout=1).ok:
+                return process, url
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("llama-server did not start")
+
+
 def stop(process: subprocess.Popen[bytes]) -> None:
     process.send_signal(signal.SIGTERM)
     process.wait(timeout=60)
@@ -155,13 +189,16 @@ def loadavg() -> str:
 
 
 def main() -> int:
-    global ROUNDS, TOKENS
+    global ROUNDS, TOKENS, LLAMA_SERVER_LORA
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--baseline", type=Path, default=None,
                         help="a checkout of the code before batching (its PYTHONPATH), for the `today` rows")
     parser.add_argument("--llama-lib", type=Path, default=None,
-                        help="a folder holding another llama_cpp build (pip install --target), put first on every "
-                             "daemon's PYTHONPATH, e.g. one built with -DGGML_LLAMAFILE=OFF")
+                        help="a folder holding another llama_cpp build (pip install --target), put first on this "
+                             "checkout's daemons' PYTHONPATH (the baseline keeps the installed one), e.g. one built "
+                             "with -DGGML_LLAMAFILE=OFF")
+    parser.add_argument("--llama-server", type=Path, default=None,
+                        help="llama.cpp's llama-server binary: the same workload against it with -np 4")
     parser.add_argument("--rounds", type=int, default=ROUNDS, help="requests each client sends in turn")
     parser.add_argument("--tokens", type=int, default=TOKENS,
                         help="tokens each request generates (a small number: a smoke run, not a measurement)")
@@ -178,11 +215,11 @@ def main() -> int:
         profile = work / "bench.toml"
         profile.write_text(f'name = "bench"\ndescription = "benchmark"\n[memory]\nram_mb = 16384\n'
                            f'runtime_budget_mb = 4096\n[storage]\nadapter_cache_mb = 1024\n[compute]\n'
-                           f'threads = {THREADS}\ngpu_layers = 0\nctx = {CTX}\nbatch = 512\nkv_type = "f16"\n'
+                           f'threads = {THREADS}\ngpu_layers = 0\nctx = {CTX}\nbatch = 512\nkv_type = "q8_0"\n'
                            f'[network]\nmax_download_kbps = 0\nmetered = false\n')
         served = work / "served"
         if args.baseline is not None:
-            process, url = start_daemon(served, profile, parallel=None, pythonpath=first + str(args.baseline),
+            process, url = start_daemon(served, profile, parallel=None, pythonpath=str(args.baseline),
                                         preload="a,b,c,d")
             try:
                 run_case(url, "warm-up", ["a"])
@@ -209,11 +246,25 @@ def main() -> int:
         finally:
             peak = sampler.stop()
             stop(process)
+        if args.llama_server is not None:
+            process, url = start_llama_server(args.llama_server, adapters)
+            LLAMA_SERVER_LORA = {name: i for i, name in enumerate("abcd")}
+            try:
+                run_case(url, "warm-up", ["a"])
+                for model, label in (("base", "base model"), ("a", "one adapter")):
+                    for clients in (1, 4):
+                        cases.append(run_case(url, f"llama-server -np 4, {clients} client(s), {label}",
+                                              [model] * clients))
+                cases.append(run_case(url, "llama-server -np 4, 4 clients, each its own adapter", ["a", "b", "c", "d"]))
+            finally:
+                LLAMA_SERVER_LORA = None
+                stop(process)
         plan = plan_for(load_profile(str(profile)), default_model_path(), parallel=4)
         predicted = plan.fixed_bytes + sum(adapter_resident_bytes(a) for a in adapters)
     load_after = loadavg()
     rows = [case.summary() for case in cases]
     print(f"llama.cpp: {llama_cpp.llama_print_system_info().decode().strip()}")
+    print(f"this checkout's daemons ran llama_cpp from: {args.llama_lib or 'the installed build (above)'}")
     print(f"load average before: {load_before}, after: {load_after}")
     print("| case | tok/s | vs 1 client | latency p50 / p95 | TTFT p50 / max | all first tokens before any end |")
     print("|---|---|---|---|---|---|")
@@ -222,7 +273,7 @@ def main() -> int:
 
     for row in rows:
         daemon, _, kind = str(row["case"]).split(", ")
-        single = find(daemon, 1, kind) or row
+        single = find(daemon, 1, "one adapter" if kind == "each its own adapter" else kind) or row
         print(f"| {row['case']} | {row['tok_s']:.1f} | {float(row['tok_s']) / float(single['tok_s']):.2f}x | "
               f"{row['latency_p50_s']:.2f} / {row['latency_p95_s']:.2f} s | "
               f"{row['ttft_p50_s'] * 1000:.0f} / {row['ttft_max_s'] * 1000:.0f} ms | "
@@ -234,6 +285,12 @@ def main() -> int:
             if today is not None and row is not None:
                 print(f"{daemon} vs today, 1 client, {kind}: decode {float(row['tok_s']) / float(today['tok_s']):.3f}x,"
                       f" TTFT p50 {float(today['ttft_p50_s']) / float(row['ttft_p50_s']):.3f}x (higher is better)")
+    by_case = {str(r["case"]): r for r in rows}
+    for label, row in by_case.items():
+        theirs = by_case.get(label.replace("parallel=4", "llama-server -np 4"))
+        if label.startswith("parallel=4") and theirs is not None:
+            print(f"{label} vs llama-server -np 4: tok/s {float(row['tok_s']) / float(theirs['tok_s']):.2f}x, "
+                  f"TTFT p50 {float(theirs['ttft_p50_s']) / float(row['ttft_p50_s']):.2f}x (higher is better)")
     print(f"peak RSS of the parallel=4 daemon: {peak / 2**20:.1f} MiB vs plan {predicted / 2**20:.1f} MiB "
           f"({peak / predicted:.2f}x)")
     print(json.dumps({"load_before": load_before, "load_after": load_after, "cases": rows,

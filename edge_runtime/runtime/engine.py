@@ -146,7 +146,11 @@ class Engine:
         self._running: list[Running] = []
         self._arrivals = itertools.count()
         self._tick_pending = False
-        self._last_served: dict[activation.Key, int] = {}
+        self._last_served: dict[activation.Key, int] = {}  # adapter set → the turn it was last served in
+        self._turn: activation.Key | None = None  # the set whose turn it is
+        self._turn_began = 0.0
+        self.turn_s = self.settings.turn_s  # how long a turn serves one set (turns.py)
+        self.turns = 0  # turns taken (a turn serves one adapter set for up to turn_s)
         self.steps = 0  # engine steps run (each serves one adapter set)
         self.decode_steps = 0  # steps that decoded generated tokens (one llama_decode each)
         self.decode_step_tokens = 0  # tokens those steps decoded: their mean batch size is this / decode_steps
@@ -611,9 +615,16 @@ class Engine:
         for running in self._running:
             if running.leader is None:
                 groups.setdefault(running.next_key, []).append(running)
-        key = turns.next_turn({k: min(r.arrival for r in g) for k, g in groups.items()}, self._last_served)
+        now = time.monotonic()
+        going_on = self._turn if now - self._turn_began < self.turn_s else None
+        key = turns.next_turn(
+            {k: min(r.arrival for r in g) for k, g in groups.items()}, self._last_served, current=going_on
+        )
         if key is not None:
-            self._last_served = {k: v for k, v in self._last_served.items() if k in groups} | {key: self.steps}
+            if key != going_on:  # a new turn
+                self.turns += 1
+                self._turn, self._turn_began = key, now
+                self._last_served = {k: v for k, v in self._last_served.items() if k in groups} | {key: self.turns}
             self._pace_threads()
             self._serve(groups[key])
 

@@ -31,6 +31,10 @@ class EngineSettings:
     pool_poll: int = 50  # builds without OpenMP: ggml's thread pool polling level, 0-100 (threadpool.py)
     pool_prio: int = 0  # ... and its workers' priority: -1 SCHED_BATCH, 0 inherited, 1-3 SCHED_FIFO (real-time)
     parallel: int = 1  # sequences decoded together, each with its own n_ctx of KV
+    # seconds one adapter set is served for before the next set's turn, when sequences need several (turns.py): a
+    # switch costs llama.cpp a graph reserve (~12 ms here), so 0.25 s turns spend ~5% on switches and a request on
+    # another set waits at most (sets - 1) turns
+    turn_s: float = 0.25
 
 
 def engine_settings(

@@ -114,6 +114,7 @@ def smol(make_profile: Callable[..., Path], adapter_files: list[Path], alora_fil
     for name, path in zip(["a", "b", "c", "d"], adapter_files):
         runtime.adapters.add(name, path)
     runtime.adapters.add("router", alora_files[0])
+    runtime.engine.turn_s = 0.0  # a new turn every step: the orders asserted below do not depend on timing
     yield runtime
     runtime.close()
 
@@ -197,6 +198,29 @@ def test_each_client_on_its_own_adapter_gets_a_first_token_before_any_finishes(s
     results = run_together(smol, requests)
     assert [r.tokens for r in results] == alone
     assert max(r.steps[0] for r in results) < min(r.steps[-1] for r in results)
+
+
+def test_a_turn_keeps_one_adapter_set_applied_for_consecutive_steps(smol: Runtime) -> None:
+    # Switching the applied set costs llama.cpp a graph reserve, so a turn serves one set for turn_s seconds. Turns
+    # of a step each switch at nearly every step; endless turns serve each set until its request ends: the same
+    # answers either way, with a switch per set instead of per step.
+    requests: list[Request] = [(chat(smol, "Describe the sea."), SamplingParams(max_tokens=20), [Ad(name)])
+                               for name in ["a", "b", "c", "d"]]
+    alone = run_alone(smol, requests)
+    switches = []
+    try:
+        for turn_s in (0.0, float("inf")):
+            smol.engine.turn_s = turn_s
+            before = smol.engine.switches
+            results = run_together(smol, requests)
+            assert [r.tokens for r in results] == alone
+            switches.append(smol.engine.switches - before)
+    finally:
+        smol.engine.turn_s = 0.0
+    assert switches[0] >= 4 * 20 - 4  # every decode step of four sets changed the applied set...
+    assert switches[1] <= 4  # ...or only when one set's request ended
+    # With endless turns the first set served had its whole answer before the last one served began.
+    assert min(r.steps[-1] for r in results) < max(r.steps[0] for r in results)
 
 
 def test_base_and_three_aloras_over_one_document_evaluate_it_once(make_profile: Callable[..., Path],
@@ -427,3 +451,7 @@ def test_turns_alternate_between_adapter_sets_and_never_starve_one() -> None:
     assert served[6:9] == ["third", "busy", "late"]  # a newcomer is served before sets already served
     assert all(len(set(served[i:i + 3])) == 3 for i in range(6, 10))  # three sets: each once every three steps
     assert next_turn({}, last) is None
+    # A turn that still has time goes on while its set has work, whoever else waits; then the least recent set.
+    assert next_turn({"busy": 0, "late": 5}, {"busy": 7, "late": 6}, current="busy") == "busy"
+    assert next_turn({"late": 5}, {"busy": 7, "late": 6}, current="busy") == "late"
+    assert next_turn({"busy": 0, "late": 5}, {"busy": 7, "late": 6}) == "late"
