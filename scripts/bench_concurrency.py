@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from edge_runtime.runtime.models import default_model_path
 from edge_runtime.runtime.plan import plan_for
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_serve import make_adapter  # noqa: E402  (a script beside this one, not a library module)
+from bench_serve import free_port, make_adapter, wait_for_health  # noqa: E402  (a script beside this one, not a library module)
 
 CTX, THREADS, TOKENS, ROUNDS = 1024, 2, 64, 3
 PROMPTS = ["Write a long story about a lighthouse keeper and the storm that changed her life.",
@@ -136,47 +135,26 @@ def run_case(url: str, label: str, models: list[str]) -> Case:
 
 def start_daemon(adapters_dir: Path, profile: Path, *, parallel: int | None, pythonpath: str,
                  preload: str) -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "edge_runtime.cli", "serve", "--profile", str(profile), "--adapters-dir",
                str(adapters_dir), "--port", str(port), "--preload", preload]
     if parallel is not None:
         command += ["--parallel", str(parallel)]
     environment = dict(os.environ, PYTHONPATH=pythonpath)
     process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the daemon did not start")
+    return process, wait_for_health(process, port, "the daemon")
 
 
 def start_llama_server(binary: Path, adapters: list[Path]) -> tuple[subprocess.Popen[bytes], str]:
     """llama.cpp's own server on the same model and adapters: 4 slots of CTX tokens, THREADS threads, q8_0 KV."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     command = [str(binary), "-m", str(default_model_path()), "--port", str(port), "-np", "4", "-c", str(4 * CTX),
                "-t", str(THREADS), "-tb", str(THREADS), "-fa", "on", "-ctk", "q8_0", "-ctv", "q8_0",
                "--no-kv-unified", "--lora-init-without-apply", "--no-webui"]
     for adapter in adapters:
         command += ["--lora", str(adapter)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(1200):
-        try:
-            if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("llama-server did not start")
+    return process, wait_for_health(process, port, "llama-server")
 
 
 def stop(process: subprocess.Popen[bytes]) -> None:

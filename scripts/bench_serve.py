@@ -250,21 +250,35 @@ def peak_rss_vs_plan(work: Path, model: Path, profile: Path) -> dict[str, float]
 
 def start_daemon(adapters_dir: Path, profile: Path, *, model: Path | None = None,
                  preload: str = "a,b") -> tuple[subprocess.Popen[bytes], str]:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "edge_runtime.cli", "serve", "--profile", str(profile),
                                 "--adapters-dir", str(adapters_dir), "--port", str(port), "--preload", preload,
                                 *(["--model", str(model)] if model else [])],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return process, wait_for_health(process, port, "the daemon")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def wait_for_health(process: subprocess.Popen[bytes], port: int, what: str, *, tries: int = 1200) -> str:
+    """The base URL of ``process`` once its /health answers 200 (every 0.1 s, ``tries`` times); killed otherwise."""
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    for _ in range(tries):
         try:
             if requests.get(f"{url}/health", timeout=1).ok:
-                return process, url
+                return url
         except requests.ConnectionError:
-            time.sleep(0.1)
-    raise RuntimeError("the daemon did not start")
+            pass
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with status {process.returncode} before answering /health")
+        time.sleep(0.1)
+    process.kill()
+    raise RuntimeError(f"{what} did not answer /health")
 
 
 def measure_memory(work: Path, profile: Path) -> dict[str, dict[str, float]]:
