@@ -80,6 +80,20 @@ def test_plan_fails_with_the_terms_and_the_fix_when_the_base_does_not_fit(make_p
     assert "Use a smaller --ctx, a quantised KV cache" in result.output
 
 
+def test_plan_parallel_counts_a_context_of_kv_per_sequence_and_names_it_in_the_fix(
+        make_profile: Callable[..., Path], base_model: Path) -> None:
+    profile = make_profile("plan-parallel", budget_mb=400, ctx=2048)  # one sequence fits, eight do not
+    one = CliRunner().invoke(main, ["plan", "--profile", str(profile)])
+    assert one.exit_code == 0, one.output
+    assert "KV cache (2048 tokens, f16)                           45.0 MiB" in one.output
+    eight = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--parallel", "8"])
+    assert eight.exit_code == 7, eight.output
+    assert kv_cache_bytes(model_shape(base_model), 8 * 2048, "f16") == 360 * MIB
+    assert "KV cache (8 x 2048 tokens, f16)                      360.0 MiB" in eight.output
+    assert "(KV cache 360.0 MiB for 8 sequences) but profile 'plan-parallel' allows 400.0 MiB" in eight.output
+    assert "Use fewer --parallel sequences (each holds a whole context of KV cache), a smaller --ctx" in eight.output
+
+
 def test_plan_ctx_option_overrides_the_profile(make_profile: Callable[..., Path]) -> None:
     profile = make_profile("plan-ctx", budget_mb=2048, ctx=8192)
     result = CliRunner().invoke(main, ["plan", "--profile", str(profile), "--ctx", "512", "--json"])

@@ -383,17 +383,22 @@ class BaseDoesNotFit(EdgeRtError, MemoryError):
     exit_code = 7
     error_type = "budget_exceeded"
 
-    def __init__(self, *, needed_bytes: int, budget_bytes: int, kv_cache_bytes: int, profile: str) -> None:
+    def __init__(
+        self, *, needed_bytes: int, budget_bytes: int, kv_cache_bytes: int, profile: str, parallel: int = 1
+    ) -> None:
         self.needed_bytes = needed_bytes
         self.budget_bytes = budget_bytes
         self.kv_cache_bytes = kv_cache_bytes
         self.profile = profile
+        self.parallel = parallel
         mib = 1 << 20
+        sequences = f" for {parallel} sequences" if parallel > 1 else ""
+        fewer = "fewer --parallel sequences (each holds a whole context of KV cache), " if parallel > 1 else ""
         super().__init__(
             f"the base model with its process, KV cache, buffers and request buffers needs {needed_bytes / mib:.1f} "
-            f"MiB (KV cache {kv_cache_bytes / mib:.1f} MiB) but profile {profile!r} allows {budget_bytes / mib:.1f} "
-            "MiB",
-            fix='Use a smaller --ctx, a quantised KV cache (kv_type = "q8_0"), smaller request limits '
+            f"MiB (KV cache {kv_cache_bytes / mib:.1f} MiB{sequences}) but profile {profile!r} allows "
+            f"{budget_bytes / mib:.1f} MiB",
+            fix=f'Use {fewer}a smaller --ctx, a quantised KV cache (kv_type = "q8_0"), smaller request limits '
             "(--max-body-kb, --max-queue, --max-connections), a smaller model or another profile",
         )
 

@@ -247,6 +247,7 @@ class MemoryPlan:
                 budget_bytes=self.budget_bytes,
                 kv_cache_bytes=self.kv_cache_bytes,
                 profile=profile,
+                parallel=self.parallel,
             )
 
     def adapters_that_fit(self, adapter_bytes: int) -> int:
