@@ -54,15 +54,18 @@ async def preload(app: web.Application) -> None:
 async def drop_queued(app: web.Application) -> None:
     """On shutdown, before aiohttp waits for handlers: queued requests get a 503 now, not a dropped connection.
 
-    The running generation gets SHUTDOWN_GRACE_S to finish, then stops at its next token and its answer ends
-    cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connection mid-response.
+    The running generations (up to ``parallel``) get SHUTDOWN_GRACE_S to finish, then stop at their next step and
+    their answers end cleanly (finish_reason "cancelled"), before aiohttp's own timeout would cut the connections
+    mid-response.
     """
     daemon = app[DAEMON]
     queue = daemon.scheduler
     daemon.stopping = True
+    running = len(queue.running)
     log.info(
-        "shutting down: %d queued requests answered 503; a running generation gets %g s to finish",
+        "shutting down: %d queued requests answered 503; %s %g s to finish",
         queue.queued,
+        "1 running generation gets" if running == 1 else f"{running} running generations get",
         SHUTDOWN_GRACE_S,
     )
     queue.drop_pending()
