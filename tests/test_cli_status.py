@@ -12,3 +12,8 @@ def test_every_running_generation_is_listed_and_an_older_daemons_single_one_stil
     assert _generating(running) == "generating under legal: 12 tokens, 6.0 tok/s; generating under base: 3 tokens"
     assert _generating([]) == _generating(None) == "idle"
     assert _generating(running[0]) == "generating under legal: 12 tokens, 6.0 tok/s"
+    # Beside this daemon's parallel and last batch size it says them as the status page does.
+    assert _generating(running, 4, 2) == ("generating 2 of 4 sequences (last decode step: 2 together): under legal: "
+                                          "12 tokens, 6.0 tok/s; under base: 3 tokens")
+    assert _generating([], 4, 0) == "idle (4 sequences at most)"
+    assert _generating([], 1, 0) == "idle (1 sequence at most)"

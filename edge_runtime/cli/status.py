@@ -51,20 +51,27 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
     return data
 
 
-def _generating(running: list[dict[str, Any]] | dict[str, Any] | None) -> str:
-    """The generations running now, one phrase each ("idle" when none); an older daemon reports one or None."""
+def _generating(
+    running: list[dict[str, Any]] | dict[str, Any] | None, parallel: int | None = None, batch: int | None = None
+) -> str:
+    """The generations running now, one phrase each ("idle" when none), after how many of the ``parallel`` sequences
+    run and the last decode step's ``batch`` as the status page says them; an older daemon reports one or None."""
     jobs = [running] if isinstance(running, dict) else running or []
     phrases = [
-        f"generating under {job['adapters']}: {job['generated_tokens']} tokens"
+        f"under {job['adapters']}: {job['generated_tokens']} tokens"
         + (f", {job['tokens_per_second']:.1f} tok/s" if job.get("tokens_per_second") else "")
         for job in jobs
     ]
-    return "; ".join(phrases) or "idle"
+    if not phrases:
+        return "idle" if parallel is None else f"idle ({parallel} sequence{'s' if parallel != 1 else ''} at most)"
+    if parallel is None:  # an older daemon
+        return "; ".join(f"generating {phrase}" for phrase in phrases)
+    return f"generating {len(jobs)} of {parallel} sequences (last decode step: {batch} together): " + "; ".join(phrases)
 
 
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
-    now = _generating(report.get("running"))
+    now = _generating(report.get("running"), report.get("parallel"), report.get("last_batch_size"))
     lines = [
         f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
         f"{report['queued']} queued, {report.get('waiting_for_downloads', 0)} waiting for downloads, {now}",

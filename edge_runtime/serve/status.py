@@ -124,7 +124,7 @@ def _compute(compute: dict[str, Any]) -> str:
 
 def _running(running: list[dict[str, Any]], parallel: int, batch: int) -> str:
     if not running:
-        return "idle"
+        return f"idle ({parallel} sequence{'s' if parallel != 1 else ''} at most)"
     return f"generating {len(running)} of {parallel} sequences (last decode step: {batch} together)"
 
 
