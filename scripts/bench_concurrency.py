@@ -177,9 +177,11 @@ def main() -> int:
                              "with -DGGML_LLAMAFILE=OFF")
     parser.add_argument("--llama-server", type=Path, default=None,
                         help="llama.cpp's llama-server binary: the same workload against it with -np 4")
-    parser.add_argument("--rounds", type=int, default=ROUNDS, help="requests each client sends in turn")
+    parser.add_argument("--rounds", type=int, default=ROUNDS,
+                        help="requests each client sends in turn (default: %(default)s)")
     parser.add_argument("--tokens", type=int, default=TOKENS,
-                        help="tokens each request generates (a small number: a smoke run, not a measurement)")
+                        help="tokens each request generates (default: %(default)s; a small number such as 8 makes a "
+                             "smoke run, not a measurement)")
     args = parser.parse_args()
     ROUNDS, TOKENS = args.rounds, args.tokens
     first = f"{args.llama_lib}{os.pathsep}" if args.llama_lib else ""
