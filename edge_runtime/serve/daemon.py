@@ -77,7 +77,7 @@ def run(options: ServeOptions, *, say: Callable[[str], None]) -> None:
             say(
                 f"edge-rt: serving {runtime.model_path.name} under profile {runtime.profile.name} "
                 f"({runtime.engine.threads} thread{'s' if runtime.engine.threads != 1 else ''}, usable cores "
-                f"{runtime.cores.describe()}) on "
+                f"{runtime.cores.describe()}), {_sequences(runtime.engine.parallel)}, on "
                 f"http://{options.host}:{options.port} with {_adapter_counts(runtime)}"
                 + (
                     f", {'offline: serving the cache of' if client.offline else 'following'} {options.cdn}"
@@ -143,6 +143,11 @@ def _cdn_client(options: ServeOptions, runtime: Runtime) -> CdnClient | None:
         offline=True if options.offline else None,
         protected=runtime.adapters.protected_names,
     )
+
+
+def _sequences(parallel: int) -> str:
+    """How many generations the engine decodes together, for the start line (``--parallel``, or the profile's)."""
+    return "one sequence at a time" if parallel == 1 else f"up to {parallel} sequences together"
 
 
 def _adapter_counts(runtime: Runtime) -> str:

@@ -49,7 +49,7 @@ def test_jetson_profile_on_one_core_warns_once_and_reports_threads_cores_rate_an
     assert (f"profile jetson-orin-nano-8gb asks for compute.threads = 4 + compute.reserve_cores = 2 but this process "
             f"may use {cores} cores: running 1 thread; on the device the profile is for") in warnings[0]
     assert "edge-rt profiles show jetson-orin-nano-8gb > my-device.toml" in warnings[0]
-    assert f"(1 thread, usable cores {cores})" in log
+    assert f"(1 thread, usable cores {cores}), up to 2 sequences together, on http://" in log  # jetson: parallel 2
     assert compute["threads"] == 1 and compute["usable_cores"] == 1 and compute["warning"] in warnings[0]
     assert compute["decode_tokens_per_second"] > 0
     assert 'id="threads-warning"' in page and "1 thread · usable cores 1 (affinity 1 CPUs" in page
@@ -62,3 +62,4 @@ def test_a_profile_within_the_usable_cores_starts_without_a_warning(tmp_path: Pa
         log = daemon.log_text()
     assert threads == min(2, usable)
     assert ("asks for compute.threads" in log) == (usable < 2)
+    assert "), one sequence at a time, on http://" in log  # phone-4gb ships parallel = 1
