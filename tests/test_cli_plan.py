@@ -107,3 +107,14 @@ def test_impossible_numbers_are_refused_before_anything_starts(args: list[str]) 
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 2
     assert "Invalid value" in result.output
+
+
+@pytest.mark.parametrize(("value", "says"), [
+    ("auto", "'auto' is not a number of sequences: give 1 to 8, or leave --parallel out to use the profile's "
+             "compute.parallel"),
+    ("0", "0 sequences: give 1 to 8"), ("9", "9 sequences: give 1 to 8")])
+def test_a_bad_parallel_is_refused_saying_what_to_give(value: str, says: str) -> None:
+    for command in ("plan", "serve"):
+        result = CliRunner().invoke(main, [command, "--parallel", value])
+        assert result.exit_code == 2
+        assert f"Invalid value for '--parallel': {says}" in result.output

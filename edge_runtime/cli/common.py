@@ -52,14 +52,37 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
             bars[0].__exit__(None, None, None)
 
 
+class _Sequences(click.ParamType):
+    """A number of sequences from 1 to MAX_PARALLEL; anything else is refused saying what to give instead."""
+
+    name = "N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                self.fail(
+                    f"{value!r} is not a number of sequences: give 1 to {MAX_PARALLEL}, or leave --parallel out to "
+                    "use the profile's compute.parallel (a profile's \"auto\" picks 4, 2 or 1 from the memory plan)",
+                    param,
+                    ctx,
+                )
+        if not 1 <= number <= MAX_PARALLEL:
+            self.fail(f"{number} sequences: give 1 to {MAX_PARALLEL}", param, ctx)
+        return number
+
+
 def parallel_option(command: F) -> F:
     """``--parallel N``: sequences decoded together, as ``serve`` runs them and ``plan`` counts their KV."""
     return click.option(
         "--parallel",
-        type=click.IntRange(min=1, max=MAX_PARALLEL),
+        type=_Sequences(),
         default=None,
-        help="Sequences decoded together, each with its own ctx of KV cache "
-        "[default: the profile's compute.parallel; auto: from the memory plan].",
+        help=f"Sequences decoded together (1-{MAX_PARALLEL}), each with its own ctx of KV cache [default: the "
+        "profile's compute.parallel; a profile's \"auto\" picks 4, 2 or 1 from the memory plan].",
     )(command)
 
 
