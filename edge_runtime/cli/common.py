@@ -52,35 +52,32 @@ def progress_bar(label: str) -> Iterator[Callable[[int, int], None]]:
             bars[0].__exit__(None, None, None)
 
 
-class _Sequences(click.ParamType):
-    """A number of sequences from 1 to MAX_PARALLEL; anything else is refused saying what to give instead."""
-
-    name = "N"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        else:
-            try:
-                number = int(str(value).strip())
-            except ValueError:
-                self.fail(
-                    f"{value!r} is not a number of sequences: give 1 to {MAX_PARALLEL}, or leave --parallel out to "
-                    "use the profile's compute.parallel (a profile's \"auto\" picks 4, 2 or 1 from the memory plan)",
-                    param,
-                    ctx,
-                )
-        if not 1 <= number <= MAX_PARALLEL:
-            self.fail(f"{number} sequences: give 1 to {MAX_PARALLEL}", param, ctx)
-        return number
+def _sequences(ctx: click.Context, param: click.Parameter, value: str | None) -> int | None:
+    """``--parallel``'s value: a number of sequences from 1 to MAX_PARALLEL (None: the profile's); anything else is
+    refused saying what to give instead."""
+    if value is None:
+        return None
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise click.BadParameter(
+            f"{value!r} is not a number of sequences: give 1 to {MAX_PARALLEL}, or leave --parallel out to use the "
+            "profile's compute.parallel (a profile's \"auto\" picks 4, 2 or 1 from the memory plan)",
+            ctx,
+            param,
+        ) from None
+    if not 1 <= number <= MAX_PARALLEL:
+        raise click.BadParameter(f"{number} sequences: give 1 to {MAX_PARALLEL}", ctx, param)
+    return number
 
 
 def parallel_option(command: F) -> F:
     """``--parallel N``: sequences decoded together, as ``serve`` runs them and ``plan`` counts their KV."""
     return click.option(
         "--parallel",
-        type=_Sequences(),
+        metavar="N",
         default=None,
+        callback=_sequences,
         help=f"Sequences decoded together (1-{MAX_PARALLEL}), each with its own ctx of KV cache [default: the "
         "profile's compute.parallel; a profile's \"auto\" picks 4, 2 or 1 from the memory plan].",
     )(command)
