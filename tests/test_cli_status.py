@@ -17,3 +17,7 @@ def test_every_running_generation_is_listed_and_an_older_daemons_single_one_stil
                                           "12 tokens, 6.0 tok/s; under base: 3 tokens")
     assert _generating([], 4, 0) == "idle (4 sequences at most)"
     assert _generating([], 1, 0) == "idle (1 sequence at most)"
+    # A step whose sequences llama.cpp computed one per llama_decode (float adapter weights on a LLAMAFILE build).
+    assert _generating(running, 4, 2, 1).startswith("generating 2 of 4 sequences (last decode step: 2 sequences, 1 per "
+                                                    "llama_decode): under legal")
+    assert _generating(running, 4, 2, 2).startswith("generating 2 of 4 sequences (last decode step: 2 together): ")

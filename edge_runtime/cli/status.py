@@ -52,10 +52,14 @@ def _fetch(url: str, api_key: str | None) -> dict[str, Any]:
 
 
 def _generating(
-    running: list[dict[str, Any]] | dict[str, Any] | None, parallel: int | None = None, batch: int | None = None
+    running: list[dict[str, Any]] | dict[str, Any] | None,
+    parallel: int | None = None,
+    batch: int | None = None,
+    rows: int | None = None,
 ) -> str:
     """The generations running now, one phrase each ("idle" when none), after how many of the ``parallel`` sequences
-    run and the last decode step's ``batch`` as the status page says them; an older daemon reports one or None."""
+    run and the last decode step's ``batch`` (at most ``rows`` per llama_decode) as the status page says them; an
+    older daemon reports one or None."""
     jobs = [running] if isinstance(running, dict) else running or []
     phrases = [
         f"under {job['adapters']}: {job['generated_tokens']} tokens"
@@ -66,12 +70,17 @@ def _generating(
         return "idle" if parallel is None else f"idle ({parallel} sequence{'s' if parallel != 1 else ''} at most)"
     if parallel is None:  # an older daemon
         return "; ".join(f"generating {phrase}" for phrase in phrases)
-    return f"generating {len(jobs)} of {parallel} sequences (last decode step: {batch} together): " + "; ".join(phrases)
+    step = (
+        f"{batch} together" if rows is None or rows >= (batch or 0) else f"{batch} sequences, {rows} per llama_decode"
+    )
+    return f"generating {len(jobs)} of {parallel} sequences (last decode step: {step}): " + "; ".join(phrases)
 
 
 def _table(url: str, report: dict[str, Any]) -> str:
     mib, plan = 1 << 20, report["plan"]
-    now = _generating(report.get("running"), report.get("parallel"), report.get("last_batch_size"))
+    now = _generating(
+        report.get("running"), report.get("parallel"), report.get("last_batch_size"), report.get("last_batch_rows")
+    )
     lines = [
         f"{report['model']} under profile {report['profile']} at {url}, up {duration(report['uptime_s'])}, "
         f"{report['queued']} queued, {report.get('waiting_for_downloads', 0)} waiting for downloads, {now}",

@@ -152,9 +152,11 @@ class Engine:
         self.turn_s = self.settings.turn_s  # how long a turn serves one set (turns.py)
         self.turns = 0  # turns taken (a turn serves one adapter set for up to turn_s)
         self.steps = 0  # engine steps run (each serves one adapter set)
-        self.decode_steps = 0  # steps that decoded generated tokens (one llama_decode each)
-        self.decode_step_tokens = 0  # tokens those steps decoded: their mean batch size is this / decode_steps
-        self.last_batch_size = 0  # sequences the last decode step decoded together
+        self.decode_steps = 0  # steps that decoded generated tokens (one token of each decoding sequence of one set)
+        self.decode_step_tokens = 0  # tokens those steps decoded: sequences per step on average is this / decode_steps
+        self.decode_calls = 0  # llama_decode calls of those steps (several when exact answers need fewer rows each)
+        self.last_batch_size = 0  # sequences the last decode step decoded
+        self.last_batch_rows = 0  # the most of them one llama_decode of that step carried (exact_decode_rows)
         self.last_reused_tokens = 0  # prompt tokens the last admitted generation took from the KV cache
         self.shared_tokens = 0  # prompt tokens taken from another slot's KV (seq_cp) since start
         self.evaluated_tokens = 0  # prompt tokens evaluated (not taken from the KV cache) since start
@@ -805,6 +807,7 @@ class Engine:
                 slot = self._slots[running.slot or 0]
                 entries.append((slot.seq_id, len(slot.tokens), running.pending or 0, True))
             self._decode(entries)
+            self.decode_calls += 1
             for running, (_, _, token, _) in zip(group, entries):
                 self._slots[running.slot or 0].tokens.append(token)
             for index, running in enumerate(group):
@@ -812,6 +815,7 @@ class Engine:
         self.decode_steps += 1
         self.decode_step_tokens += len(decoding)
         self.last_batch_size = len(decoding)
+        self.last_batch_rows = min(rows, len(decoding))
         if self.on_decode_step is not None:
             try:
                 self.on_decode_step(len(decoding), time.perf_counter() - began)

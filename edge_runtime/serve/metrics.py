@@ -50,17 +50,28 @@ class _RuntimeCollector(Collector):
             "edge_rt_parallel_sequences", "Sequences the engine decodes together at most", value=engine.parallel
         )
         yield GaugeMetricFamily(
-            "edge_rt_last_batch_size", "Sequences the last decode step decoded together", value=engine.last_batch_size
+            "edge_rt_last_batch_size", "Sequences the last decode step decoded", value=engine.last_batch_size
+        )
+        yield GaugeMetricFamily(
+            "edge_rt_last_batch_rows",
+            "The most sequences one llama_decode of the last decode step carried (fewer than last_batch_size when "
+            "exact answers need it: float adapter weights on a LLAMAFILE build, repacked base weights)",
+            value=engine.last_batch_rows,
         )
         yield CounterMetricFamily(
             "edge_rt_decode_steps",
-            "Decode steps (one llama_decode of generated tokens each)",
+            "Decode steps (one token of every decoding sequence of one adapter set)",
             value=engine.decode_steps,
         )
         yield CounterMetricFamily(
             "edge_rt_decode_step_tokens",
-            "Tokens decode steps decoded (over decode_steps: the mean batch size)",
+            "Tokens decode steps decoded (over decode_steps: sequences per step; over decode_calls: per llama_decode)",
             value=engine.decode_step_tokens,
+        )
+        yield CounterMetricFamily(
+            "edge_rt_decode_calls",
+            "llama_decode calls of the decode steps",
+            value=engine.decode_calls,
         )
         yield CounterMetricFamily(
             "edge_rt_prompt_tokens_evaluated",

@@ -85,6 +85,7 @@ def _status(daemon: Daemon, *, offset: int, limit: int) -> dict[str, Any]:  # ps
         "rss_bytes": measured_rss_bytes(),
         "parallel": runtime.engine.parallel,
         "last_batch_size": runtime.engine.last_batch_size,
+        "last_batch_rows": runtime.engine.last_batch_rows,
         "resident_adapter_bytes": runtime.adapters.resident_bytes,
         "adapters_total": len(every),
         "adapter_states": dict(sorted(states.items())),

@@ -84,7 +84,12 @@ def render_page(status: dict[str, Any]) -> str:
         uptime=_duration(status["uptime_s"]),
         queued=status["queued"],
         waiting=status.get("waiting_for_downloads", 0),
-        running=_running(status.get("running", []), status.get("parallel", 1), status.get("last_batch_size", 0)),
+        running=_running(
+            status.get("running", []),
+            status.get("parallel", 1),
+            status.get("last_batch_size", 0),
+            status.get("last_batch_rows"),
+        ),
         running_rows=_running_rows(status.get("running", [])),
         segments=segments,
         legend=legend,
@@ -122,10 +127,11 @@ def _compute(compute: dict[str, Any]) -> str:
     return line + (f'<p class="error" id="threads-warning">{_e(warning)}</p>' if warning else "")
 
 
-def _running(running: list[dict[str, Any]], parallel: int, batch: int) -> str:
+def _running(running: list[dict[str, Any]], parallel: int, batch: int, rows: int | None) -> str:
     if not running:
         return f"idle ({parallel} sequence{'s' if parallel != 1 else ''} at most)"
-    return f"generating {len(running)} of {parallel} sequences (last decode step: {batch} together)"
+    step = f"{batch} together" if rows is None or rows >= batch else f"{batch} sequences, {rows} per llama_decode"
+    return f"generating {len(running)} of {parallel} sequences (last decode step: {step})"
 
 
 def _more_row(status: dict[str, Any]) -> str:

@@ -191,6 +191,26 @@ def test_four_sequences_on_one_adapter_decode_in_one_batch(smol: Runtime) -> Non
     assert max(first_steps) < min(last_steps)
 
 
+def test_the_counters_tell_sequences_per_step_from_rows_per_llama_decode(smol: Runtime) -> None:
+    # A step serves every decoding sequence of one set, but exact answers may need fewer rows per llama_decode:
+    # f32 adapter weights on a LLAMAFILE build go one row at a time, SmolLM2's Q4_1 base batches on any build. The
+    # status page and /metrics said "4 together" for both; decode_calls and last_batch_rows tell them apart.
+    import llama_cpp
+
+    llamafile = b"LLAMAFILE = 1" in llama_cpp.llama_print_system_info()
+    prompts = ["Name a fruit.", "Name a river.", "Name a city.", "Name a tool."]
+    engine = smol.engine
+    for adapters, rows in (([], 4), ([Ad("c", 1.0)], 1 if llamafile else 4)):
+        steps, tokens, calls = engine.decode_steps, engine.decode_step_tokens, engine.decode_calls
+        requests: list[Request] = [(chat(smol, p), SamplingParams(max_tokens=12), adapters) for p in prompts]
+        results = run_together(smol, requests)
+        step_tokens, step_count = engine.decode_step_tokens - tokens, engine.decode_steps - steps
+        assert step_tokens >= sum(len(r.tokens) - 1 for r in results)  # the first token came with the prompt batch
+        assert step_count < step_tokens  # steps served several sequences either way
+        assert engine.decode_calls - calls == (step_tokens if rows == 1 else step_count)
+        assert engine.last_batch_rows == min(rows, engine.last_batch_size)
+
+
 def test_each_client_on_its_own_adapter_gets_a_first_token_before_any_finishes(smol: Runtime) -> None:
     requests: list[Request] = [(chat(smol, "Describe the sea."), SamplingParams(max_tokens=20), [Ad(name)])
                                for name in ["a", "b", "c", "d"]]

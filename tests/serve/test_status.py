@@ -64,6 +64,9 @@ def test_the_page_shows_what_waits_for_downloads_what_runs_and_each_adapters_upd
     assert ("<tr><td>generating under legal</td><td>30</td><td>12 tokens</td><td>2.0 s</td><td>6.0 tok/s</td></tr>"
             in page)
     assert "idle (2 sequences at most)" in render_page({**status, "running": []})
+    two = [status["running"][0]] * 2  # a step of two sequences that llama.cpp computed one per llama_decode
+    split = render_page({**status, "running": two, "last_batch_size": 2, "last_batch_rows": 1})
+    assert "generating 2 of 2 sequences (last decode step: 2 sequences, 1 per llama_decode)" in split
     assert re.search(r"downloading 40% at 2\.50 MB/s, [^<,]+ left, 2 requests waiting", page)
     assert "Reviews &lt;contracts&gt;" in page and "replacing <code>efefefefefef</code>" in page
     assert "2 of 3 adapters shown (1 downloading, 1 resident, 1 remote)" in page
