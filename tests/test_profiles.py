@@ -354,12 +354,14 @@ def test_cli_profiles_lists_every_profile_with_its_budgets() -> None:
     result = CliRunner().invoke(main, ["profiles"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    assert lines[0].split() == ["name", "aliases", "ram", "budget", "cache", "ctx", "gpu", "layers", "download"]
+    assert lines[0].split() == ["name", "aliases", "ram", "budget", "cache", "ctx", "parallel", "gpu", "layers",
+                                "download"]
     rows = {line.split()[0]: line for line in lines[1:]}
     assert sorted(rows) == ["auto", *sorted(SHIPPED)]
     assert rows["jetson-orin-nano-8gb"].split() == [
         "jetson-orin-nano-8gb", "jetson,", "jetson-orin-nano,", "orin-nano", "8192", "MiB", "3072", "MiB", "4096",
-        "MiB", "4096", "999", "unlimited"]
+        "MiB", "4096", "2", "999", "unlimited"]
+    assert rows["auto"].split()[9] == "auto" and rows["phone-4gb"].split()[9] == "1"  # as the README's table says
     assert rows["drone-companion-4gb"].endswith("256 kbps, metered")
     assert "rpi5, pi5, raspberry-pi-5" in rows["raspberry-pi-5-8gb"]
 

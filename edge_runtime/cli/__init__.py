@@ -195,7 +195,7 @@ def profiles(ctx: click.Context) -> None:
     """List the device profiles: the shipped ones and `auto` (this machine, the default)."""
     if ctx.invoked_subcommand is not None:
         return
-    header = ("name", "aliases", "ram", "budget", "cache", "ctx", "gpu layers", "download")
+    header = ("name", "aliases", "ram", "budget", "cache", "ctx", "parallel", "gpu layers", "download")
     rows = [header, *(_profile_row(profile) for profile in list_profiles())]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     for row in rows:
@@ -222,6 +222,7 @@ def _profile_row(profile: DeviceProfile) -> tuple[str, ...]:
         f"{profile.memory.runtime_budget_mb} MiB",
         f"{profile.storage.adapter_cache_mb} MiB",
         str(profile.compute.ctx),
+        str(profile.compute.parallel or "auto"),
         str(profile.compute.gpu_layers),
         download,
     )
