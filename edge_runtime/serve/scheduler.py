@@ -1,8 +1,8 @@
 """The request scheduler: a bounded queue feeding the engine's sequence slots, grouped by adapter set.
 
 The engine decodes up to ``parallel`` generations together (continuous batching: a new one joins at the next step
-boundary; the engine alternates between adapter sets step by step, see ``runtime/turns.py``). Whenever a slot is
-free, the next job is the oldest one that uses an adapter set already running or applied last (it batches with
+boundary; the engine serves adapter sets in turns of up to ``turn_s`` seconds, see ``runtime/turns.py``). Whenever a
+slot is free, the next job is the oldest one that uses an adapter set already running or applied last (it batches with
 them, and its prompt prefix may still be cached) — unless some job has waited longer than ``max_wait_s``, in which
 case the oldest job goes next, so no request starves behind a busy adapter. A job whose adapters do not fit in the
 memory budget beside the adapters running jobs hold waits for one of them to finish (it fails only when nothing
