@@ -27,7 +27,8 @@ MAX_STATUS_BYTES = 4 << 20
 @click.option("--json", "as_json", is_flag=True, help="Print the daemon's /v1/status document.")
 @reports_errors
 def status(url: str, api_key: str | None, as_json: bool) -> None:
-    """What a running daemon is doing: memory against its budget, adapters and their states, CDN, recent requests."""
+    """What a running daemon is doing: the generations running, memory against its budget, adapters and their states,
+    CDN, recent requests."""
     report = _fetch(url.rstrip("/") + "/v1/status", api_key)
     click.echo(json.dumps(report, indent=2) if as_json else _table(url, report))
 
