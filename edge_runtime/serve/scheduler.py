@@ -104,13 +104,16 @@ class Scheduler:
         return list(self._running)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams, adapters: Sequence[AdapterRequest]) -> Job:
-        """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting."""
-        if len(self._pending) >= self.max_queue:
-            raise QueueFull(queued=len(self._pending), limit=self.max_queue)
+        """Queue a generation; raise ``QueueFull`` when ``max_queue`` jobs are already waiting for a sequence slot
+        (jobs that free slots will take as soon as the worker gets to them are not waiting: a burst of ``parallel``
+        requests arrives faster than the worker starts them)."""
+        waiting = len(self._pending) - max(0, self.parallel - len(self._running))
+        if waiting >= self.max_queue:
+            raise QueueFull(queued=waiting, limit=self.max_queue)
         grammar = len(params.grammar or "")
         if grammar and grammar + self.queued_grammar_bytes > self.max_grammar_bytes:
             raise QueueFull(
-                queued=len(self._pending),
+                queued=max(0, waiting),
                 limit=self.max_queue,
                 grammar_bytes=self.queued_grammar_bytes,
                 grammar_limit=self.max_grammar_bytes,

@@ -58,10 +58,26 @@ def test_a_job_waiting_past_the_bound_is_served_before_grouping(runtime: Runtime
 
 def test_the_queue_is_bounded(runtime: Runtime) -> None:
     scheduler = Scheduler(runtime, max_queue=2)
-    queue(scheduler, [A, B])
+    queue(scheduler, [A, B, A])  # the first takes the engine's free sequence slot, two wait
     with pytest.raises(QueueFull) as raised:
         queue(scheduler, [A])
     assert raised.value.limit == 2 and raised.value.http_status == 503
+    assert "2 requests are already queued (limit 2)" in str(raised.value)
+
+
+def test_a_burst_is_refused_only_beyond_the_free_slots_and_the_queue(make_profile: Callable[..., Path]) -> None:
+    # Hostile review of issue 19: with --parallel 4 --max-queue 4, eight requests at once got two 503s ("4 requests
+    # are already queued") because the worker had not yet moved the first ones into their free slots.
+    runtime = Runtime(load_profile(str(make_profile("scheduler-parallel", budget_mb=1024, ctx=512, parallel=4))))
+    try:
+        scheduler = Scheduler(runtime, max_queue=1)
+        queue(scheduler, [A, B, A, B, A])  # four for the free slots, one waiting
+        assert scheduler.queued == 5
+        with pytest.raises(QueueFull) as raised:
+            queue(scheduler, [B])
+        assert "1 requests are already queued (limit 1)" in str(raised.value)
+    finally:
+        runtime.close()
 
 
 def test_queued_grammars_are_bounded_in_bytes_not_only_in_count(runtime: Runtime) -> None:
