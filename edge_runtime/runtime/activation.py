@@ -103,8 +103,29 @@ def plan(prompt: Sequence[int], adapters: Sequence[tuple[A, float]]) -> Plan[A]:
     return Plan(segments, tuple(inert))
 
 
-def reusable_prefix(cached: Sequence[int], cached_plan: Plan[A], prompt: Sequence[int], wanted: Plan[A]) -> int:
-    """Tokens of ``prompt`` whose cached KV may serve it: same tokens, computed under the same adapter sets.
+def batch_class(length: int) -> int:
+    """The class of batch a fresh run evaluates a segment of ``length`` prompt tokens in: 0 one token (as a decode
+    step evaluates a generated token), 1 a small batch, 2 a large one (``LARGE_BATCH`` tokens or more)."""
+    return 0 if length <= 1 else 2 if length >= LARGE_BATCH else 1
+
+
+def class_at(plan: Plan[A], evaluated: int, position: int) -> int:
+    """The class of batch that computed ``position`` of a sequence whose first ``evaluated`` positions are its prompt
+    (computed as a fresh run of ``plan`` computes them) and the rest generated tokens (one token per decode step)."""
+    if position >= evaluated:
+        return 0
+    for segment, end in plan.spans(evaluated):
+        if segment.start <= position < end:
+            return batch_class(end - segment.start)
+    return 0
+
+
+def reusable_prefix(
+    cached: Sequence[int], cached_plan: Plan[A], prompt: Sequence[int], wanted: Plan[A], *, cached_prompt: int = -1
+) -> int:
+    """Tokens of ``prompt`` whose cached KV may serve it: same tokens, computed under the same adapter sets, in the
+    same class of batch a fresh run of ``prompt`` computes them in (``cached_prompt``: how many of the ``cached``
+    positions were its prompt, the rest being generated tokens; -1: all of them).
 
     At least one token is left to evaluate (the logits to sample from), and what is left of a segment is evaluated
     in the class of batch a fresh run uses for it (``LARGE_BATCH``): at least 64 tokens of a segment that long, at
@@ -118,6 +139,17 @@ def reusable_prefix(cached: Sequence[int], cached_plan: Plan[A], prompt: Sequenc
         if boundary >= common:
             break
         if cached_plan.key_at(boundary) != wanted.key_at(boundary):
+            common = boundary
+            break
+    # A position's KV is reproducible only within one class of batch: a prefix a long prompt computed in a large
+    # batch does not serve a short prompt, nor does a generated token's serve a prompt (with an f16 KV cache
+    # llama.cpp's flash attention tiles 64+ queries and not fewer: a 35-token prompt's logprobs moved by 0.06).
+    evaluated = len(cached) if cached_prompt < 0 else cached_prompt
+    changes = {evaluated} | {s.start for s in cached_plan.segments} | {s.start for s in wanted.segments}
+    for boundary in sorted(changes):
+        if boundary >= common:
+            break
+        if class_at(cached_plan, evaluated, boundary) != class_at(wanted, len(prompt), boundary):
             common = boundary
             break
     for segment, end in wanted.spans(len(prompt)):

@@ -125,6 +125,7 @@ class _Slot:
 
     seq_id: int
     tokens: list[int] = field(default_factory=list)
+    prompt: int = 0  # how many of ``tokens`` were evaluated as the prompt of ``plan`` (the rest: generated tokens)
     plan: activation.Plan[AdapterHandle] = field(default_factory=lambda: activation.plan([], ()))
     owner: Running | None = None
 
@@ -509,7 +510,7 @@ class Engine:
             for start, stop in activation.batches(segment.start, end, self._prompt_batch):
                 self._decode([(slot.seq_id, pos, tokens[pos], True) for pos in range(start, stop)])
                 rows.extend(self._logits_row(index).copy() for index in range(stop - start))
-        slot.tokens, slot.plan = list(tokens), plan
+        slot.tokens, slot.plan, slot.prompt = list(tokens), plan, len(tokens)
         return np.array(rows, dtype=np.float32)
 
     def _logits_row(self, index: int) -> np.ndarray:
@@ -678,7 +679,9 @@ class Engine:
 
     def _reusable(self, slot: _Slot, running: Running) -> int:
         """Prompt tokens of ``running`` the KV ``slot`` holds may serve."""
-        return activation.reusable_prefix(slot.tokens, slot.plan, running.prompt, running.plan)
+        return activation.reusable_prefix(
+            slot.tokens, slot.plan, running.prompt, running.plan, cached_prompt=slot.prompt
+        )
 
     def _leader(self, running: Running) -> Running | None:
         """A sequence still evaluating its prompt whose KV will serve ``running`` for more tokens than any slot
@@ -705,7 +708,7 @@ class Engine:
             slot.tokens = list(source.tokens)
             self.shared_tokens += keep
         self._truncate(slot, keep)
-        slot.plan = running.plan
+        slot.plan, slot.prompt = running.plan, len(running.prompt)
         running.plan_prefill(keep, self._prompt_batch, self.n_ctx)
         self.last_reused_tokens = keep
 

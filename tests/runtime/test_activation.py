@@ -99,6 +99,24 @@ def test_what_is_left_of_a_long_segment_is_evaluated_as_a_large_batch_as_in_a_fr
     assert activation.reusable_prefix(document, base, invoked, activation.plan(invoked, [(ALORA, 1.0)])) == 300
 
 
+def test_a_prefix_is_reused_only_where_it_was_computed_in_the_batch_class_a_fresh_run_uses() -> None:
+    # Hostile review of issue 19: with an f16 KV cache, a short prompt after a long one sharing its first 24 tokens
+    # (the chat template) reused them from the long prompt's large batch and got other logprobs than fresh.
+    document = list(range(1000, 1300))
+    short = document[:24] + [5, 6, 7, 8, 9]
+    base = activation.plan(document, [])
+    assert activation.reusable_prefix(document, base, short, activation.plan(short, [])) == 0
+    # A generated token was computed by a decode step: a prompt repeating the answer evaluates it again.
+    asked, answer = list(range(20)), [90, 91, 92, 93, 94]
+    follow_up = asked + answer + [7, 8, 9]
+    cached_plan = activation.plan(asked, [])
+    assert activation.reusable_prefix(asked + answer, cached_plan, follow_up, activation.plan(follow_up, []),
+                                      cached_prompt=len(asked)) == len(asked)
+    assert activation.reusable_prefix(asked + answer, cached_plan, follow_up, activation.plan(follow_up, [])) == 25
+    # The same long prompt again still reuses all but its last large batch.
+    assert activation.reusable_prefix(document, base, document, base) == 300 - 64
+
+
 @pytest.mark.parametrize("start, end, limit, expected", [
     (0, 300, 512, [(0, 300)]),
     (0, 520, 512, [(0, 260), (260, 520)]),  # not 512 + 8: a remainder of 8 would change the batch class
