@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from schemas import nested_anyof
 from scripted_governor import alternating_governor
 
 from edge_runtime.errors import GenerationTimeout
@@ -26,16 +27,6 @@ from edge_runtime.runtime.requests import AdapterRequest
 from edge_runtime.runtime.turns import next_turn
 
 GREEDY = SamplingParams(max_tokens=24)
-
-
-def nested_anyof(levels: int) -> dict[str, object]:
-    """Level k is anyOf an array of exactly 1 and one of exactly 2 items of level k-1: parse states double per level."""
-    defs: dict[str, object] = {"l0": {"type": "integer"}}
-    for k in range(1, levels + 1):
-        below = {"$ref": f"#/$defs/l{k - 1}"}
-        defs[f"l{k}"] = {"anyOf": [{"type": "array", "items": below, "minItems": 1, "maxItems": 1},
-                                   {"type": "array", "items": below, "minItems": 2, "maxItems": 2}]}
-    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/l{levels}"}]}
 Ad = AdapterRequest  # short, for the tables of requests below
 
 

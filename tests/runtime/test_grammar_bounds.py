@@ -13,6 +13,7 @@ from typing import Any
 
 import llama_cpp
 import pytest
+from schemas import nested_anyof
 from llama_cpp import llama_grammar
 
 from edge_runtime.errors import GenerationTimeout, GrammarTooComplex
@@ -28,16 +29,6 @@ def engine(base_model: Path) -> Iterator[Engine]:
     running = Engine(base_model, EngineSettings(n_ctx=512, n_threads=2))
     yield running
     running.close()
-
-
-def nested_anyof(levels: int) -> dict[str, Any]:
-    """The hostile review's schema: level k is anyOf an array of exactly 1 and one of exactly 2 items of level k-1."""
-    defs: dict[str, Any] = {"l0": {"type": "integer"}}
-    for k in range(1, levels + 1):
-        below = {"$ref": f"#/$defs/l{k - 1}"}
-        defs[f"l{k}"] = {"anyOf": [{"type": "array", "items": below, "minItems": 1, "maxItems": 1},
-                                   {"type": "array", "items": below, "minItems": 2, "maxItems": 2}]}
-    return {"$defs": defs, "anyOf": [{"$ref": f"#/$defs/l{levels}"}]}  # (a top-level $ref leaves inner ones unread)
 
 
 def raw_grammar(schema: dict[str, Any]) -> str:
