@@ -830,7 +830,7 @@ class Engine:
         self.decode_steps += 1
         self.decode_step_tokens += len(decoding)
         self.last_batch_size = len(decoding)
-        self.last_batch_rows = min(rows, len(decoding))
+        self.last_batch_rows = max(len(group) for group in groups)
         if self.on_decode_step is not None:
             try:
                 self.on_decode_step(len(decoding), time.perf_counter() - began)
