@@ -133,6 +133,20 @@ def run_case(url: str, label: str, models: list[str]) -> Case:
     return case
 
 
+def measure(url: str, daemon: str, counts: tuple[int, ...]) -> list[Case]:
+    """After a warm-up: ``counts`` clients at once on the base model, then on one adapter; with 4 among the counts,
+    4 clients each on its own adapter."""
+    run_case(url, "warm-up", ["a"])
+    cases = [
+        run_case(url, f"{daemon}, {clients} client(s), {label}", [model] * clients)
+        for model, label in (("base", "base model"), ("a", "one adapter"))
+        for clients in counts
+    ]
+    if 4 in counts:
+        cases.append(run_case(url, f"{daemon}, 4 clients, each its own adapter", ["a", "b", "c", "d"]))
+    return cases
+
+
 def start_daemon(adapters_dir: Path, profile: Path, *, parallel: int | None, pythonpath: str,
                  preload: str) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
@@ -202,27 +216,19 @@ def main() -> int:
             process, url = start_daemon(served, profile, parallel=None, pythonpath=str(args.baseline),
                                         preload="a,b,c,d")
             try:
-                run_case(url, "warm-up", ["a"])
-                cases.append(run_case(url, "today, 1 client(s), base model", ["base"]))
-                cases.append(run_case(url, "today, 1 client(s), one adapter", ["a"]))
+                cases += measure(url, "today", (1,))
             finally:
                 stop(process)
         process, url = start_daemon(served, profile, parallel=1, pythonpath=here, preload="a,b,c,d")
         try:
-            run_case(url, "warm-up", ["a"])
-            cases.append(run_case(url, "parallel=1, 1 client(s), base model", ["base"]))
-            cases.append(run_case(url, "parallel=1, 1 client(s), one adapter", ["a"]))
+            cases += measure(url, "parallel=1", (1,))
         finally:
             stop(process)
         process, url = start_daemon(served, profile, parallel=4, pythonpath=here, preload="a,b,c,d")
         sampler = PeakRssSampler(process.pid, interval_s=0.005)
         sampler.start()
         try:
-            run_case(url, "warm-up", ["a"])
-            for model, label in (("base", "base model"), ("a", "one adapter")):
-                for clients in (1, 2, 4):
-                    cases.append(run_case(url, f"parallel=4, {clients} client(s), {label}", [model] * clients))
-            cases.append(run_case(url, "parallel=4, 4 clients, each its own adapter", ["a", "b", "c", "d"]))
+            cases += measure(url, "parallel=4", (1, 2, 4))
         finally:
             peak = sampler.stop()
             stop(process)
@@ -230,12 +236,7 @@ def main() -> int:
             process, url = start_llama_server(args.llama_server, adapters)
             LLAMA_SERVER_LORA = {name: i for i, name in enumerate("abcd")}
             try:
-                run_case(url, "warm-up", ["a"])
-                for model, label in (("base", "base model"), ("a", "one adapter")):
-                    for clients in (1, 4):
-                        cases.append(run_case(url, f"llama-server -np 4, {clients} client(s), {label}",
-                                              [model] * clients))
-                cases.append(run_case(url, "llama-server -np 4, 4 clients, each its own adapter", ["a", "b", "c", "d"]))
+                cases += measure(url, "llama-server -np 4", (1, 4))
             finally:
                 LLAMA_SERVER_LORA = None
                 stop(process)
